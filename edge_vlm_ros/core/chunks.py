@@ -1,0 +1,539 @@
+"""The controller's action-chunk logic: validation, timelines, merging and requesting ahead.
+
+ROS-free. The controller node converts each ActionChunk message into an `ActionChunk`, hands it
+to `ChunkExecutor.submit(chunk, now_ns)`, and calls `ChunkExecutor.tick(now_ns)` from its
+control-rate timer; the tick returns the action to apply, whether it is a real or a safe action,
+and whether the node should send the next request now.
+
+Timeline: action i of a chunk is scheduled for `stamp_ns + i * control_period_s`, where stamp_ns
+is the stamp of the observation the chunk answers. A tick executes, from every live chunk, the
+action scheduled nearest to the tick (so tick jitter below half a period maps to the right step,
+and the steps that went by while the server was thinking are skipped, not replayed late). All
+times are integer nanoseconds on the clock the observation stamps use (sim time in LIBERO, wall
+time on a robot): the caller must tick with the same clock.
+
+Merging, over the live chunks that schedule an action for the current step, oldest first
+(by observation stamp, then arrival):
+  latest_only          the newest chunk's action.
+  average              the plain mean.
+  weighted             an exponential blend folded from old to new, m <- a*new + (1-a)*m with
+                       a = newer_weight: weights a, a(1-a), a(1-a)^2, ... from the newest back, the
+                       oldest keeps (1-a)^(K-1). a > 0.5 favours newer chunks, a < 0.5 older ones.
+  temporal_ensembling  ACT: w_j = exp(-m * j), j = 0 for the oldest chunk, normalised. m > 0
+                       favours older predictions (ACT's choice), m < 0 newer, m = 0 is the mean.
+Every weight is positive and the weights sum to one, so a merged action stays inside the limits
+every accepted chunk was checked against.
+
+Every chunk the executor does not use gets a named verdict and a counter; nothing is dropped
+silently (LeRobot users' "observation filtered out" / "only one chunk ever runs" stalls).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .types import Outcome, StageTimings
+
+LOG = logging.getLogger(__name__)
+
+NS_PER_S = 1_000_000_000
+
+
+def _f(default: Any, description: str) -> Any:
+    """A config field whose description becomes the node's ParameterDescriptor."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"description": description})
+    return field(default=default, metadata={"description": description})
+
+
+class MergePolicy(str, enum.Enum):
+    """How overlapping chunks that schedule the same step are combined (see the module docstring)."""
+
+    LATEST_ONLY = "latest_only"
+    AVERAGE = "average"
+    WEIGHTED = "weighted"
+    TEMPORAL_ENSEMBLING = "temporal_ensembling"
+
+
+class Verdict(str, enum.Enum):
+    """What the executor did with a submitted chunk. The value is the counter's name."""
+
+    ACCEPTED = "accepted"
+    # The server answered with a failure outcome (no actions).
+    SERVER_TIMEOUT = "server_timeout"
+    SERVER_REJECTED = "server_rejected"
+    SERVER_ERROR = "server_error"
+    # Not ours, or no longer wanted.
+    DROPPED_ROBOT = "dropped_robot"              # robot_id is another robot's
+    DROPPED_EPISODE = "dropped_episode"          # answers an observation of an episode since reset
+    DROPPED_DEADLINE = "dropped_deadline"        # observation older than max_chunk_age_s on arrival
+    DROPPED_NO_FUTURE_STEPS = "dropped_no_future_steps"  # every step it schedules already went by
+    # Bad content: the chunk itself is refused.
+    REJECTED_SHAPE = "rejected_shape"            # chunk_size/len(actions) inconsistent, empty or too big
+    REJECTED_ACTION_DIM = "rejected_action_dim"  # action_dim is not the controller's
+    REJECTED_CONTROL_PERIOD = "rejected_control_period"  # period not finite and positive
+    REJECTED_NON_FINITE = "rejected_non_finite"  # NaN or inf among the actions
+    REJECTED_OUT_OF_LIMITS = "rejected_out_of_limits"    # an action outside [low, high]
+    REJECTED_FUTURE_STAMP = "rejected_future_stamp"      # stamp ahead of the controller's clock
+
+    @property
+    def accepted(self) -> bool:
+        return self is Verdict.ACCEPTED
+
+
+class TickStatus(str, enum.Enum):
+    """Where the executed action came from."""
+
+    ACTING = "acting"                # merged from live chunks
+    WAITING_FIRST = "waiting_first"  # no chunk yet this episode, within silence_timeout_s: safe action
+    STARVED = "starved"              # the chunks ran out before the next arrived: safe action
+    SERVER_SILENT = "server_silent"  # no chunk accepted for silence_timeout_s: safe action
+
+
+# Counters besides the verdicts.
+TICK_COUNTERS = ("ticks", "safe_ticks", "requests", "request_timeouts", "chunks_completed",
+                 "chunks_evicted", "episode_resets")
+
+
+@dataclass(frozen=True, eq=False)
+class ActionChunk:
+    """ROS-free mirror of msg/ActionChunk.msg. Built from the message as is, validated by the executor.
+
+    `actions` is kept flat and row-major exactly as on the wire, so a message whose chunk_size,
+    action_dim and array length disagree is still representable and gets a counted rejection
+    instead of an exception in the subscription callback.
+    """
+
+    request_id: str
+    robot_id: str
+    episode_id: str
+    stamp_ns: int                 # the observation this chunk answers; action i is for stamp + i * period
+    chunk_size: int               # N
+    action_dim: int               # A
+    actions: np.ndarray           # (N * A,) float32, row-major (N, A)
+    control_period_s: float
+    outcome: Outcome = Outcome.OK
+    reason: str = ""
+    timings: StageTimings = field(default_factory=StageTimings)
+
+    def __post_init__(self) -> None:
+        arr = np.array(self.actions, dtype=np.float32).reshape(-1)  # a private copy
+        arr.setflags(write=False)
+        object.__setattr__(self, "actions", arr)
+        object.__setattr__(self, "outcome", Outcome(self.outcome))
+        object.__setattr__(self, "stamp_ns", int(self.stamp_ns))
+        object.__setattr__(self, "chunk_size", int(self.chunk_size))
+        object.__setattr__(self, "action_dim", int(self.action_dim))
+        object.__setattr__(self, "control_period_s", float(self.control_period_s))
+
+    @classmethod
+    def from_array(cls, actions: np.ndarray | Sequence[Sequence[float]], *, request_id: str, robot_id: str,
+                   episode_id: str, stamp_ns: int, control_period_s: float,
+                   timings: StageTimings | None = None) -> "ActionChunk":
+        """An OK chunk from an (N, A) array (what the server builds from an action head's output)."""
+        a = np.asarray(actions, dtype=np.float32)
+        if a.ndim != 2:
+            raise ValueError(f"actions must be (chunk_size, action_dim), got shape {a.shape}")
+        return cls(request_id=request_id, robot_id=robot_id, episode_id=episode_id, stamp_ns=stamp_ns,
+                   chunk_size=a.shape[0], action_dim=a.shape[1], actions=a, control_period_s=control_period_s,
+                   timings=timings or StageTimings())
+
+    @classmethod
+    def failure(cls, outcome: Outcome, reason: str, *, request_id: str, robot_id: str, episode_id: str,
+                stamp_ns: int, control_period_s: float = 0.0,
+                timings: StageTimings | None = None) -> "ActionChunk":
+        """A failed answer: no actions, a non-OK outcome and the reason the robot is told."""
+        if Outcome(outcome) is Outcome.OK:
+            raise ValueError("failure() needs a non-OK outcome")
+        return cls(request_id=request_id, robot_id=robot_id, episode_id=episode_id, stamp_ns=stamp_ns,
+                   chunk_size=0, action_dim=0, actions=np.zeros(0, np.float32),
+                   control_period_s=control_period_s, outcome=outcome, reason=reason,
+                   timings=timings or StageTimings())
+
+    def matrix(self) -> np.ndarray:
+        """The actions as (N, A). Raises ValueError when the declared shape and the data disagree."""
+        if self.chunk_size * self.action_dim != self.actions.size:
+            raise ValueError(f"chunk_size {self.chunk_size} x action_dim {self.action_dim} != "
+                             f"{self.actions.size} values")
+        return self.actions.reshape(self.chunk_size, self.action_dim)
+
+
+@dataclass(frozen=True)
+class ChunkExecutorConfig:
+    action_dim: int = _f(7, "Values per action; chunks with another action_dim are rejected.")
+    control_period_s: float = _f(0.05, "Controller tick period (s). Chunks carry their own period; this "
+                                       "one paces the timer and converts *_steps settings to time.")
+    merge_policy: MergePolicy = _f(MergePolicy.LATEST_ONLY, "latest_only, average, weighted or "
+                                                            "temporal_ensembling.")
+    newer_weight: float = _f(0.7, "weighted: blend factor of the newer chunk, in (0, 1); > 0.5 favours "
+                                  "newer chunks.")
+    ensemble_m: float = _f(0.01, "temporal_ensembling: w_j = exp(-m * j), j = 0 for the oldest chunk; "
+                                 "m > 0 favours older predictions (ACT).")
+    low_water_steps: int = _f(4, "Request the next chunk when this many steps or fewer remain after the "
+                                 "current one; set it above the round-trip latency in steps.")
+    max_chunk_age_s: float = _f(1.0, "Deadline: a chunk whose observation is older than this on arrival "
+                                     "is dropped.")
+    max_future_s: float = _f(0.05, "A chunk stamped further ahead of the controller clock is rejected "
+                                   "(clock mismatch, e.g. sim time vs wall time).")
+    silence_timeout_s: float = _f(1.0, "No chunk accepted for this long: the status is server_silent.")
+    request_timeout_s: float = _f(2.0, "A request unanswered this long is given up and may be re-sent.")
+    retry_interval_s: float = _f(0.2, "After a failed answer or a request timeout, wait this long before "
+                                      "requesting again (do not hammer an overloaded server).")
+    max_chunks: int = _f(16, "Most live chunks held; the oldest is evicted beyond it.")
+    max_chunk_size: int = _f(1024, "Chunks with more actions are rejected.")
+    low: list[float] = _f([], "Per-dimension lower action limits (empty: no limit).")
+    high: list[float] = _f([], "Per-dimension upper action limits (empty: no limit).")
+    limit_tolerance: float = _f(1e-6, "Absolute slack on the limits (float32 rounding on the wire).")
+    safe_action: list[float] = _f([], "Action held when none is available (empty: zeros, i.e. zero "
+                                      "velocity for velocity control).")
+    robot_id: str = _f("", "If set, chunks for another robot_id are dropped.")
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "merge_policy", MergePolicy(self.merge_policy))
+        except ValueError:
+            raise ValueError(f"merge_policy {self.merge_policy!r}: expected one of "
+                             f"{[p.value for p in MergePolicy]}") from None
+        if self.action_dim < 1:
+            raise ValueError(f"action_dim {self.action_dim} must be >= 1")
+        for name in ("control_period_s", "max_chunk_age_s", "silence_timeout_s", "request_timeout_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} {v} must be finite and > 0")
+        for name in ("max_future_s", "retry_interval_s", "limit_tolerance"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} {v} must be finite and >= 0")
+        if not 0.0 < self.newer_weight < 1.0:
+            raise ValueError(f"newer_weight {self.newer_weight} must be in (0, 1)")
+        if not math.isfinite(self.ensemble_m) or abs(self.ensemble_m) > 50:
+            raise ValueError(f"ensemble_m {self.ensemble_m} must be finite with |m| <= 50")
+        if self.low_water_steps < 0:
+            raise ValueError(f"low_water_steps {self.low_water_steps} must be >= 0")
+        if self.max_chunks < 1 or self.max_chunk_size < 1:
+            raise ValueError(f"max_chunks {self.max_chunks} and max_chunk_size {self.max_chunk_size} must be >= 1")
+        for name in ("low", "high", "safe_action"):
+            v = [float(x) for x in getattr(self, name)]
+            object.__setattr__(self, name, v)
+            if v and len(v) != self.action_dim:
+                raise ValueError(f"{name} has {len(v)} values, action_dim is {self.action_dim}: {v}")
+            if not all(math.isfinite(x) for x in v):
+                raise ValueError(f"{name} must be finite, got {v}")
+        if bool(self.low) != bool(self.high):
+            raise ValueError(f"give both low and high limits or neither, got low={self.low} high={self.high}")
+        for d, (lo, hi) in enumerate(zip(self.low, self.high)):
+            if lo > hi:
+                raise ValueError(f"limit of dimension {d}: low {lo} > high {hi}")
+        safe = self.safe_action or [0.0] * self.action_dim
+        for d, (lo, hi) in enumerate(zip(self.low, self.high)):
+            if not lo <= safe[d] <= hi:
+                raise ValueError(f"safe action {safe} is outside the limits in dimension {d}: "
+                                 f"{safe[d]} not in [{lo}, {hi}] (set safe_action)")
+
+    def safe_action_array(self) -> np.ndarray:
+        """(A,) float64."""
+        return np.array(self.safe_action or [0.0] * self.action_dim, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    verdict: Verdict
+    detail: str = ""   # why, with the offending value; empty when accepted
+
+    @property
+    def accepted(self) -> bool:
+        return self.verdict.accepted
+
+
+@dataclass(frozen=True, eq=False)
+class TickResult:
+    action: np.ndarray        # (A,) float64: apply this now
+    status: TickStatus
+    needs_request: bool       # send the next request now (the executor counts it as in flight)
+    merged_chunks: int        # how many chunks contributed (0 for a safe action)
+    remaining_steps: int      # steps after this one the live chunks still cover (-1: none)
+    message: str = ""         # why a safe action was held
+
+    @property
+    def warning(self) -> bool:
+        """True when the action is the safe action instead of a policy action."""
+        return self.status is not TickStatus.ACTING
+
+
+@dataclass(eq=False)
+class _Live:
+    chunk: ActionChunk
+    seq: int                  # arrival order, to break ties between equal stamps
+    period_ns: int
+    matrix: np.ndarray        # (N, A) float32
+
+    def index_at(self, now_ns: int) -> int:
+        """Index of the action scheduled nearest to now (may be < 0 or >= N)."""
+        return (now_ns - self.chunk.stamp_ns + self.period_ns // 2) // self.period_ns
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.chunk.stamp_ns, self.seq)
+
+
+@dataclass
+class _InFlight:
+    request_id: str           # "" until the node reports the id it used
+    since_ns: int
+
+
+class ChunkExecutor:
+    """Runs chunks at the control rate. Thread-safe: submit() and tick() may come from different threads."""
+
+    def __init__(self, config: ChunkExecutorConfig, episode_id: str = "") -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._live: list[_Live] = []
+        self._seq = 0
+        self._counts: Counter[str] = Counter()
+        self._safe = config.safe_action_array()
+        self._low = np.asarray(config.low, np.float32) if config.low else None    # (A,)
+        self._high = np.asarray(config.high, np.float32) if config.high else None  # (A,)
+        self._episode_id = episode_id
+        self._episode_start_ns: int | None = None  # first tick or reset time of this episode
+        self._reset_at_ns: int | None = None       # observations before this belong to an old episode
+        self._last_accept_ns: int | None = None
+        self._in_flight: _InFlight | None = None
+        self._requested_for: int | None = None     # seq of the newest chunk when we last requested
+        self._next_request_ns = -(2 ** 62)
+        self._last_warn_ns: int | None = None
+
+    # ------------------------------------------------------------------ episode and requests
+
+    @property
+    def episode_id(self) -> str:
+        return self._episode_id
+
+    def reset(self, episode_id: str, now_ns: int | None = None) -> None:
+        """A new episode: forget every chunk and request; later chunks for older episodes are dropped.
+
+        With now_ns, chunks answering observations stamped before it are dropped too, even when the
+        server does not echo episode ids.
+        """
+        with self._lock:
+            self._live.clear()
+            self._episode_id = episode_id
+            self._episode_start_ns = now_ns
+            self._reset_at_ns = now_ns
+            self._last_accept_ns = None
+            self._in_flight = None
+            self._requested_for = None
+            self._next_request_ns = -(2 ** 62)
+            self._counts["episode_resets"] += 1
+
+    def note_request(self, request_id: str, now_ns: int) -> None:
+        """Record the id of the request just sent (after needs_request, or one the node sent on its own)."""
+        with self._lock:
+            self._in_flight = _InFlight(request_id, now_ns)
+
+    def cancel_request(self) -> None:
+        """The node could not send the request tick() asked for (e.g. no observation yet)."""
+        with self._lock:
+            self._in_flight = None
+            self._requested_for = None
+
+    # ------------------------------------------------------------------ chunks in
+
+    def submit(self, chunk: ActionChunk, now_ns: int) -> SubmitResult:
+        """Validate one chunk and, if good, add it to the timeline. Every outcome is counted and logged."""
+        with self._lock:
+            result = self._judge(chunk, now_ns)
+            self._counts[result.verdict.value] += 1
+            ours = result.verdict not in (Verdict.DROPPED_ROBOT, Verdict.DROPPED_EPISODE)
+            if ours and self._in_flight is not None and self._in_flight.request_id in ("", chunk.request_id):
+                self._in_flight = None
+                if not result.accepted:
+                    self._requested_for = None
+                    self._next_request_ns = now_ns + round(self.config.retry_interval_s * NS_PER_S)
+            if result.accepted:
+                self._last_accept_ns = now_ns
+        if not result.accepted:
+            LOG.warning("action chunk %s from robot %s: %s: %s", chunk.request_id, chunk.robot_id,
+                        result.verdict.value, result.detail)
+        return result
+
+    def _judge(self, c: ActionChunk, now_ns: int) -> SubmitResult:
+        cfg = self.config
+        if cfg.robot_id and c.robot_id != cfg.robot_id:
+            return SubmitResult(Verdict.DROPPED_ROBOT, f"robot_id {c.robot_id!r}, this controller is "
+                                                       f"{cfg.robot_id!r}")
+        if c.episode_id != self._episode_id:
+            return SubmitResult(Verdict.DROPPED_EPISODE, f"episode {c.episode_id!r}, current episode is "
+                                                         f"{self._episode_id!r}")
+        if self._reset_at_ns is not None and c.stamp_ns < self._reset_at_ns:
+            return SubmitResult(Verdict.DROPPED_EPISODE, f"observation stamp {c.stamp_ns} precedes the "
+                                                         f"episode reset at {self._reset_at_ns}")
+        if c.outcome is not Outcome.OK:
+            v = {Outcome.TIMEOUT: Verdict.SERVER_TIMEOUT, Outcome.REJECTED: Verdict.SERVER_REJECTED,
+                 Outcome.ERROR: Verdict.SERVER_ERROR}[c.outcome]
+            return SubmitResult(v, c.reason or f"outcome {c.outcome.name} without a reason")
+        if c.action_dim != cfg.action_dim:
+            return SubmitResult(Verdict.REJECTED_ACTION_DIM, f"action_dim {c.action_dim}, expected "
+                                                             f"{cfg.action_dim}")
+        if not 1 <= c.chunk_size <= cfg.max_chunk_size:
+            return SubmitResult(Verdict.REJECTED_SHAPE, f"chunk_size {c.chunk_size} outside "
+                                                        f"1..{cfg.max_chunk_size}")
+        if c.actions.size != c.chunk_size * c.action_dim:
+            return SubmitResult(Verdict.REJECTED_SHAPE, f"{c.actions.size} values, but chunk_size "
+                                f"{c.chunk_size} x action_dim {c.action_dim} = {c.chunk_size * c.action_dim}")
+        period_ns = round(c.control_period_s * NS_PER_S) if math.isfinite(c.control_period_s) else 0
+        if not (math.isfinite(c.control_period_s) and c.control_period_s > 0 and period_ns >= 1
+                and c.control_period_s <= 3600):
+            return SubmitResult(Verdict.REJECTED_CONTROL_PERIOD, f"control_period_s {c.control_period_s} "
+                                                                 "must be finite and in (0, 3600]")
+        m = c.matrix()  # (N, A)
+        bad = ~np.isfinite(m)
+        if bad.any():
+            i, d = map(int, np.argwhere(bad)[0])
+            return SubmitResult(Verdict.REJECTED_NON_FINITE, f"{int(bad.sum())} non-finite values, first "
+                                                             f"actions[{i}][{d}] = {m[i, d]}")
+        if self._low is not None and self._high is not None:
+            tol = np.float32(cfg.limit_tolerance)
+            out = (m < self._low - tol) | (m > self._high + tol)
+            if out.any():
+                i, d = map(int, np.argwhere(out)[0])
+                return SubmitResult(Verdict.REJECTED_OUT_OF_LIMITS,
+                                    f"{int(out.sum())} values outside the limits, first actions[{i}][{d}] = "
+                                    f"{float(m[i, d])} not in [{cfg.low[d]}, {cfg.high[d]}]")
+        ahead_ns = c.stamp_ns - now_ns
+        if ahead_ns > cfg.max_future_s * NS_PER_S:
+            return SubmitResult(Verdict.REJECTED_FUTURE_STAMP, f"observation stamp is {ahead_ns / 1e9:.3f} s "
+                                "ahead of the controller clock (do both use the same clock?)")
+        age_s = -ahead_ns / NS_PER_S
+        if age_s > cfg.max_chunk_age_s:
+            return SubmitResult(Verdict.DROPPED_DEADLINE, f"observation is {age_s:.3f} s old, deadline "
+                                                          f"{cfg.max_chunk_age_s} s")
+        live = _Live(c, self._seq, period_ns, m)
+        if live.index_at(now_ns) >= c.chunk_size:
+            return SubmitResult(Verdict.DROPPED_NO_FUTURE_STEPS, f"all {c.chunk_size} steps (period "
+                                f"{c.control_period_s} s) went by during the {age_s:.3f} s since the observation")
+        self._seq += 1
+        self._live.append(live)
+        if len(self._live) > cfg.max_chunks:
+            self._live.sort(key=lambda x: x.key)
+            del self._live[0]
+            self._counts["chunks_evicted"] += 1
+        return SubmitResult(Verdict.ACCEPTED)
+
+    # ------------------------------------------------------------------ actions out
+
+    def tick(self, now_ns: int) -> TickResult:
+        """Called at the control rate: the action to apply now, and whether to request the next chunk."""
+        cfg = self.config
+        with self._lock:
+            self._counts["ticks"] += 1
+            if self._episode_start_ns is None:
+                self._episode_start_ns = now_ns
+            # Retire the chunks whose last step went by.
+            kept = []
+            for lv in self._live:
+                if lv.index_at(now_ns) >= lv.chunk.chunk_size:
+                    self._counts["chunks_completed"] += 1
+                else:
+                    kept.append(lv)
+            self._live = sorted(kept, key=lambda x: x.key)  # oldest first
+            indexed = [(lv, lv.index_at(now_ns)) for lv in self._live]
+            # Steps still scheduled after this one (a chunk stamped slightly ahead counts in full).
+            remaining = max((lv.chunk.chunk_size - 1 - i for lv, i in indexed), default=-1)
+            covering = [(lv, i) for lv, i in indexed if i >= 0]
+            if covering:
+                action = self._merge([lv.matrix[i] for lv, i in covering])
+                status, message = TickStatus.ACTING, ""
+            else:
+                action = self._safe.copy()
+                self._counts["safe_ticks"] += 1
+                since = self._last_accept_ns if self._last_accept_ns is not None else self._episode_start_ns
+                silent_s = (now_ns - since) / NS_PER_S
+                if silent_s >= cfg.silence_timeout_s:
+                    status = TickStatus.SERVER_SILENT
+                    message = f"no action chunk accepted for {silent_s:.2f} s: holding the safe action"
+                elif self._last_accept_ns is None:
+                    status = TickStatus.WAITING_FIRST
+                    message = "waiting for the first chunk: holding the safe action"
+                else:
+                    status = TickStatus.STARVED
+                    message = "chunks ran out before the next arrived: holding the safe action"
+            needs_request = self._decide_request(now_ns, remaining)
+            warn = status is not TickStatus.ACTING and (
+                self._last_warn_ns is None or now_ns - self._last_warn_ns >= NS_PER_S)
+            if warn:
+                self._last_warn_ns = now_ns
+        if warn:
+            LOG.warning("%s (%s)", message, status.value)
+        return TickResult(action=action, status=status, needs_request=needs_request,
+                          merged_chunks=len(covering), remaining_steps=remaining, message=message)
+
+    def _decide_request(self, now_ns: int, remaining: int) -> bool:
+        cfg = self.config
+        if self._in_flight is not None:
+            if now_ns - self._in_flight.since_ns < cfg.request_timeout_s * NS_PER_S:
+                return False
+            self._counts["request_timeouts"] += 1
+            LOG.warning("request %r unanswered for %.2f s: giving up on it", self._in_flight.request_id,
+                        (now_ns - self._in_flight.since_ns) / NS_PER_S)
+            self._in_flight = None
+            self._requested_for = None
+            self._next_request_ns = now_ns + round(cfg.retry_interval_s * NS_PER_S)
+        if now_ns < self._next_request_ns:
+            return False
+        newest = self._live[-1].seq if self._live else None
+        if newest is not None:
+            # Once per chunk: only when the newest chunk drops to the low-water mark, and not again
+            # for that same chunk.
+            if remaining > cfg.low_water_steps or self._requested_for == newest:
+                return False
+        self._requested_for = newest
+        self._in_flight = _InFlight("", now_ns)
+        self._counts["requests"] += 1
+        return True
+
+    def _merge(self, rows: list[np.ndarray]) -> np.ndarray:
+        """rows: one (A,) action per covering chunk, oldest first. Returns (A,) float64."""
+        cfg = self.config
+        a = np.stack(rows).astype(np.float64)  # (K, A)
+        k = a.shape[0]
+        policy = cfg.merge_policy
+        if k == 1 or policy is MergePolicy.LATEST_ONLY:
+            return a[-1].copy()
+        if policy is MergePolicy.AVERAGE:
+            return a.mean(axis=0)
+        if policy is MergePolicy.WEIGHTED:
+            m = a[0].copy()
+            for row in a[1:]:
+                m = cfg.newer_weight * row + (1.0 - cfg.newer_weight) * m
+            return m
+        w = np.exp(-cfg.ensemble_m * np.arange(k, dtype=np.float64))  # (K,), j = 0 oldest
+        return (w[:, None] * a).sum(axis=0) / w.sum()
+
+    # ------------------------------------------------------------------ introspection
+
+    def counters(self) -> dict[str, int]:
+        """Every verdict and tick counter, zeros included (for diagnostics and the evaluation JSON)."""
+        with self._lock:
+            out = {v.value: 0 for v in Verdict}
+            out.update({n: 0 for n in TICK_COUNTERS})
+            out.update(self._counts)
+            return out
+
+    @property
+    def live_chunks(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    @property
+    def request_in_flight(self) -> bool:
+        with self._lock:
+            return self._in_flight is not None

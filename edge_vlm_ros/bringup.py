@@ -1,0 +1,177 @@
+"""Bring up the edge_vlm node set without `ros2 launch` (pip-only installs, tests, the demo).
+
+Starts the same nodes, with the same parameter files from config/, as launch/all_in_one.launch.py:
+one edge node per robot in its own namespace (/robot_0, /robot_1, ...), one server node serving all
+of them, and one controller. Each node is a real process; `NodeSet.stop()` ends exactly the
+processes it started (SIGINT, then SIGTERM, then SIGKILL).
+
+    python -m edge_vlm_ros.bringup --robots 2 --set edge.split_point=vision_block:2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROLES = ("edge", "server", "controller")
+MODULES = {"edge": "edge_vlm_ros.edge_node", "server": "edge_vlm_ros.server_node",
+           "controller": "edge_vlm_ros.controller_node"}
+PARAM_FILES = {"edge": "robot.yaml", "server": "server.yaml", "controller": "controller.yaml"}
+
+
+def config_dir() -> Path:
+    """config/ of the source tree, or share/edge_vlm_ros/config of an install."""
+    here = Path(__file__).resolve().parent
+    for c in (here.parent / "config", Path(os.environ.get("EDGE_VLM_REPO", "/nonexistent")) / "config"):
+        if (c / "server.yaml").is_file():
+            return c
+    from ament_index_python.packages import get_package_share_directory
+
+    return Path(get_package_share_directory("edge_vlm_ros")) / "config"
+
+
+def _param_arg(name: str, value: object) -> str:
+    if isinstance(value, bool):
+        v = "true" if value else "false"
+    elif isinstance(value, (list, tuple)):
+        v = "[" + ",".join(str(x) for x in value) + "]"
+    else:
+        v = str(value)
+    return f"{name}:={v}"
+
+
+@dataclass
+class NodeSpec:
+    role: str
+    namespace: str = "/"
+    params: dict[str, object] = field(default_factory=dict)
+    params_file: Path | None = None
+    name: str = ""
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", MODULES[self.role], "--ros-args", "-r", f"__ns:={self.namespace}"]
+        if self.params_file is not None:
+            cmd += ["--params-file", str(self.params_file)]
+        for k, v in self.params.items():
+            cmd += ["-p", _param_arg(k, v)]
+        return cmd
+
+
+class NodeSet:
+    """A set of node processes started together and stopped together."""
+
+    def __init__(self, specs: list[NodeSpec], env: dict[str, str] | None = None, log_dir: Path | None = None) -> None:
+        self.specs = specs
+        self.env = dict(os.environ if env is None else env)
+        self.log_dir = log_dir
+        self.procs: list[tuple[NodeSpec, subprocess.Popen]] = []
+
+    def start(self) -> "NodeSet":
+        for spec in self.specs:
+            out = None
+            if self.log_dir is not None:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                out = open(self.log_dir / f"{spec.name or spec.role}.log", "w")
+            p = subprocess.Popen(spec.command(), env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                 start_new_session=True)
+            self.procs.append((spec, p))
+        return self
+
+    def poll(self) -> list[tuple[str, int]]:
+        """(name, returncode) of processes that have exited."""
+        return [(s.name or s.role, p.returncode) for s, p in self.procs if p.poll() is not None]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            alive = [p for _, p in self.procs if p.poll() is None]
+            if not alive:
+                break
+            for p in alive:
+                try:
+                    p.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + timeout
+            for p in alive:
+                try:
+                    p.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+
+    def __enter__(self) -> "NodeSet":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def robot_names(n: int) -> list[str]:
+    return [f"robot_{i}" for i in range(n)]
+
+
+def build_specs(n_robots: int = 1, overrides: dict[str, dict[str, object]] | None = None,
+                cfg_dir: Path | None = None, with_controller: bool = True,
+                per_robot: dict[str, dict[str, object]] | None = None) -> list[NodeSpec]:
+    """The all-in-one node set: n edges (one namespace each), a server for all, a controller."""
+    cfg_dir = cfg_dir or config_dir()
+    overrides = overrides or {}
+    robots = robot_names(n_robots)
+    specs = []
+    for r in robots:
+        params = {"robot_id": r, **overrides.get("edge", {}), **(per_robot or {}).get(r, {})}
+        specs.append(NodeSpec("edge", f"/{r}", params, cfg_dir / PARAM_FILES["edge"], f"edge_{r}"))
+    specs.append(NodeSpec("server", "/", {"robots": robots, **overrides.get("server", {})},
+                          cfg_dir / PARAM_FILES["server"], "server"))
+    if with_controller:
+        specs.append(NodeSpec("controller", "/", {"robots": robots, **overrides.get("controller", {})},
+                              cfg_dir / PARAM_FILES["controller"], "controller"))
+    return specs
+
+
+def parse_sets(items: list[str]) -> dict[str, dict[str, object]]:
+    """['edge.split_point=vision_block:2', 'server.max_batch_size=4'] -> {'edge': {...}, 'server': {...}}"""
+    import yaml
+
+    out: dict[str, dict[str, object]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        role, dot, name = key.partition(".")
+        if not sep or not dot or role not in ROLES:
+            raise ValueError(f"--set {item!r}: expected <edge|server|controller>.<parameter>=<value>")
+        out.setdefault(role, {})[name] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--robots", type=int, default=1, help="number of robots (edge nodes), default 1")
+    ap.add_argument("--set", action="append", default=[], metavar="ROLE.PARAM=VALUE",
+                    help="override a parameter, e.g. edge.split_point=vision_block:2 (repeatable)")
+    ap.add_argument("--config-dir", type=Path, default=None, help="folder with robot.yaml, server.yaml, "
+                    "controller.yaml (default: the package's config/)")
+    ap.add_argument("--no-controller", action="store_true", help="do not start the controller node")
+    args = ap.parse_args(argv)
+    specs = build_specs(args.robots, parse_sets(args.set), args.config_dir, not args.no_controller)
+    nodes = NodeSet(specs).start()
+    print(f"started {len(specs)} nodes: " + ", ".join(s.name for s in specs) + " (Ctrl-C stops them)")
+    try:
+        while True:
+            dead = nodes.poll()
+            if dead:
+                print(f"node(s) exited: {dead}; stopping the rest")
+                return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        nodes.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

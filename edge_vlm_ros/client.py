@@ -1,0 +1,125 @@
+"""A small client for talking to running edge_vlm robots from Python: publish camera frames and
+prompts into a robot's namespace and collect its answers. Used by the demo, the tests, the rosbag
+replay and benchmarks; a user's own code can use it the same way.
+
+It spins its own rclpy node on a background thread; all public methods are thread-safe.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections import defaultdict
+
+import numpy as np
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from sensor_msgs.msg import Image
+from std_msgs.msg import String
+
+from edge_vlm_ros.msg import Answer, FlowControl
+
+from . import qos, topics
+from .conversions import msg_to_answer, rgb_to_image
+from .core.types import AnswerResult
+
+
+def isolated_ros_env(domain_id: int | None = None) -> dict[str, str]:
+    """Environment for a private DDS graph: own domain id, discovery limited to this host."""
+    env = dict(os.environ)
+    env["ROS_DOMAIN_ID"] = str(domain_id if domain_id is not None else random.randint(101, 199))
+    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    env.pop("ROS_LOCALHOST_ONLY", None)
+    env.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class RobotClient:
+    """Publishes to and listens on /<robot>/... for a set of robots."""
+
+    def __init__(self, robots: list[str], node_name: str = "edge_vlm_client") -> None:
+        if not rclpy.ok():
+            rclpy.init()
+        self.node = Node(node_name)
+        self.robots = list(robots)
+        self._lock = threading.Condition()
+        self.answers: dict[str, list[tuple[int, AnswerResult]]] = defaultdict(list)   # robot -> [(recv_ns, a)]
+        self.flow: dict[str, list[tuple[int, int, int]]] = defaultdict(list)          # robot -> [(ns, state, depth)]
+        self.pub_image = {r: self.node.create_publisher(Image, topics.for_robot(r, topics.CAMERA), qos.CAMERA)
+                          for r in robots}
+        self.pub_prompt = {r: self.node.create_publisher(String, topics.for_robot(r, topics.PROMPT_TEXT),
+                                                         qos.USER_PROMPT) for r in robots}
+        for r in robots:
+            self.node.create_subscription(Answer, topics.for_robot(r, topics.ANSWER),
+                                          lambda m, r=r: self._on_answer(m, r), qos.ANSWER)
+            self.node.create_subscription(FlowControl, topics.for_robot(r, topics.FLOW),
+                                          lambda m, r=r: self._on_flow(m, r), qos.FLOW)
+        self._executor = SingleThreadedExecutor()
+        self._executor.add_node(self.node)
+        self._spin = threading.Thread(target=self._executor.spin, daemon=True)
+        self._spin.start()
+
+    def _on_answer(self, msg: Answer, robot: str) -> None:
+        with self._lock:
+            self.answers[robot].append((time.time_ns(), msg_to_answer(msg)))
+            self._lock.notify_all()
+
+    def _on_flow(self, msg: FlowControl, robot: str) -> None:
+        with self._lock:
+            self.flow[robot].append((time.time_ns(), int(msg.state), int(msg.queue_depth)))
+            self._lock.notify_all()
+
+    # ---- waiting -------------------------------------------------------------------------
+    def wait_for(self, predicate, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(min(left, 0.2))
+            return True
+
+    def wait_ready(self, timeout: float = 120.0) -> bool:
+        """True once every robot's edge listens and the server has announced its flow state."""
+        def ready() -> bool:
+            return all(self.flow[r] for r in self.robots) and all(
+                self.pub_image[r].get_subscription_count() > 0 and self.pub_prompt[r].get_subscription_count() > 0
+                for r in self.robots)
+        return self.wait_for(ready, timeout)
+
+    def n_answers(self, robot: str | None = None) -> int:
+        with self._lock:
+            return sum(len(v) for k, v in self.answers.items() if robot is None or k == robot)
+
+    # ---- sending -------------------------------------------------------------------------
+    def send_image(self, robot: str, rgb: np.ndarray, stamp_ns: int | None = None) -> int:
+        stamp_ns = stamp_ns if stamp_ns is not None else time.time_ns()
+        self.pub_image[robot].publish(rgb_to_image(rgb, stamp_ns))
+        return stamp_ns
+
+    def send_raw_image(self, robot: str, msg: Image) -> None:
+        self.pub_image[robot].publish(msg)
+
+    def send_prompt(self, robot: str, text: str) -> None:
+        self.pub_prompt[robot].publish(String(data=text))
+
+    def ask(self, robot: str, rgb: np.ndarray, text: str, timeout: float = 60.0,
+            settle_s: float = 0.05) -> AnswerResult | None:
+        """Publish a frame, then a prompt for it, and wait for the robot's next answer."""
+        n0 = len(self.answers[robot])
+        self.send_image(robot, rgb)
+        time.sleep(settle_s)   # the frame must reach the edge before the prompt asks for "the newest"
+        self.send_prompt(robot, text)
+        if not self.wait_for(lambda: len(self.answers[robot]) > n0, timeout):
+            return None
+        with self._lock:
+            return self.answers[robot][n0][1]
+
+    def close(self) -> None:
+        self._executor.shutdown(timeout_sec=1.0)
+        self.node.destroy_node()

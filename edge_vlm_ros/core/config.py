@@ -1,0 +1,142 @@
+"""Configuration of every component: one frozen dataclass each, validated on construction.
+
+These are the single source of configuration. Nodes declare their ROS parameters from these fields
+(the `description` metadata becomes the ParameterDescriptor), config/*.yaml sets them, and the
+bring-up tool and tests build the same dataclasses from the same YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from .types import SplitPoint
+
+
+def _f(default: Any, description: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"description": description})
+    return field(default=default, metadata={"description": description})
+
+
+DEFAULT_MODEL = "default"  # resolved by tools.default_model to the embedded default model folder
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    robot_id: str = _f("robot_0", "Identifier of this robot; carried in every message.")
+    model_path: str = _f(DEFAULT_MODEL, "Hugging Face hub id or local folder of the VLM; 'default' = the "
+                                        "embedded default model.")
+    dtype: str = _f("float32", "Model dtype on the robot: float32, float16 or bfloat16.")
+    device: str = _f("cpu", "Torch device of the edge half, e.g. cpu or cuda:0.")
+    split_point: str = _f("projector", "Where the model is cut: projector, vision_block:<k>, or none "
+                                       "(cloud-only: the image is sent).")
+    codec: str = _f("raw", "Feature codec: raw (tensor bytes), vq (codebook indices); with split none: "
+                           "jpeg or image.")
+    codec_dtype: str = _f("float32", "raw codec: float32, float16 or bfloat16 on the wire.")
+    jpeg_quality: int = _f(90, "jpeg codec quality 1..100.")
+    codebook_path: str = _f("", "vq codec: codebook file (the server must hold the same one).")
+    request_mode: str = _f("prompt", "prompt: one request per prompt message, on the newest frame; "
+                                     "continuous: every frame (up to max_rate_hz) with standing_prompt.")
+    standing_prompt: str = _f("Describe the image.", "Prompt used in continuous mode until a prompt "
+                                                     "message replaces it.")
+    max_rate_hz: float = _f(0.0, "continuous mode: most requests per second (0 = every frame).")
+    max_prompt_chars: int = _f(2000, "Prompts longer than this are rejected on the robot.")
+    max_new_tokens: int = _f(0, "Tokens to generate per request (0 = the server's default).")
+    frame_wait_s: float = _f(2.0, "prompt mode: how long a prompt waits for a first camera frame.")
+    max_pending_prompts: int = _f(8, "Bound of the prompt queue on the robot (oldest dropped, answered "
+                                     "rejected).")
+
+    def __post_init__(self) -> None:
+        sp = SplitPoint.parse(self.split_point)
+        if self.request_mode not in ("prompt", "continuous"):
+            raise ValueError(f"request_mode {self.request_mode!r}: expected 'prompt' or 'continuous'")
+        if sp.kind == "none" and self.codec not in ("jpeg", "image"):
+            raise ValueError(f"split_point none sends the image: codec must be jpeg or image, got {self.codec!r}")
+        if sp.kind != "none" and self.codec in ("jpeg", "image"):
+            raise ValueError(f"codec {self.codec!r} only goes with split_point none, got {self.split_point!r}")
+        if self.codec == "vq" and not self.codebook_path:
+            raise ValueError("codec vq needs codebook_path")
+        if self.codec_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"codec_dtype {self.codec_dtype!r}: expected float32, float16 or bfloat16")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality {self.jpeg_quality} outside 1..100")
+        if self.max_rate_hz < 0 or self.frame_wait_s <= 0 or self.max_pending_prompts < 1:
+            raise ValueError(f"bad rate/wait/bound: max_rate_hz={self.max_rate_hz}, frame_wait_s="
+                             f"{self.frame_wait_s}, max_pending_prompts={self.max_pending_prompts}")
+        if self.max_prompt_chars < 1 or self.max_new_tokens < 0:
+            raise ValueError(f"max_prompt_chars={self.max_prompt_chars}, max_new_tokens={self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    server_id: str = _f("server", "Identifier of this server in FlowControl messages.")
+    robots: list[str] = _f(["robot_0"], "Robot namespaces served; topics are /<robot>/edge_vlm/*. The "
+                                        "robot_id in each message must equal its namespace.")
+    model_path: str = _f(DEFAULT_MODEL, "Hugging Face hub id or local folder; must be the edge's model "
+                                        "(checked by fingerprint).")
+    dtype: str = _f("float32", "Model dtype on the server.")
+    device: str = _f("cpu", "Torch device, e.g. cuda:0.")
+    codebook_paths: list[str] = _f([], "vq codebooks this server can decode (matched by content hash).")
+    max_batch_size: int = _f(8, "Most requests generated together.")
+    max_batch_wait_ms: float = _f(5.0, "How long the batch worker waits for more requests after the first.")
+    pause_threshold: int = _f(16, "Matched-queue depth at which PAUSE is published.")
+    resume_threshold: int = _f(4, "Matched-queue depth at which RESUME follows a PAUSE (hysteresis).")
+    queue_capacity: int = _f(64, "Hard bound of the matched queue; beyond it requests are rejected "
+                                 "(overload). Leave room above pause_threshold for requests in flight.")
+    inbox_capacity: int = _f(256, "Bound of the receive inbox between callbacks and the matcher thread.")
+    match_ttl_s: float = _f(10.0, "A prompt or features waiting longer than this for its partner times out.")
+    max_pending: int = _f(256, "Most unmatched halves held; the oldest times out beyond it.")
+    max_prompt_chars: int = _f(2000, "Longer prompts are rejected.")
+    max_prompt_tokens: int = _f(256, "Prompts with more text tokens are rejected.")
+    default_max_new_tokens: int = _f(32, "Tokens generated when the prompt does not say.")
+    max_new_tokens_limit: int = _f(256, "Largest max_new_tokens a prompt may ask for.")
+    ignore_eos: bool = _f(False, "Always generate max_new_tokens (benchmarks, equality tests).")
+
+    def __post_init__(self) -> None:
+        # YAML cannot type an empty list, so config files write [""]: empty entries mean nothing.
+        object.__setattr__(self, "codebook_paths", [p for p in self.codebook_paths if p])
+        if not self.robots or len(set(self.robots)) != len(self.robots):
+            raise ValueError(f"robots must be a non-empty list of distinct names, got {self.robots!r}")
+        for r in self.robots:
+            if not r.replace("_", "").isalnum():
+                raise ValueError(f"robot name {r!r} must be a valid ROS namespace token ([A-Za-z0-9_])")
+        if self.max_batch_size < 1 or self.max_batch_wait_ms < 0:
+            raise ValueError(f"max_batch_size={self.max_batch_size}, max_batch_wait_ms={self.max_batch_wait_ms}")
+        if not 0 <= self.resume_threshold < self.pause_threshold <= self.queue_capacity:
+            raise ValueError("need 0 <= resume_threshold < pause_threshold <= queue_capacity, got "
+                             f"{self.resume_threshold}, {self.pause_threshold}, {self.queue_capacity}")
+        if self.inbox_capacity < 1 or self.max_pending < 1 or self.match_ttl_s <= 0:
+            raise ValueError(f"inbox_capacity={self.inbox_capacity}, max_pending={self.max_pending}, "
+                             f"match_ttl_s={self.match_ttl_s}")
+        if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
+            raise ValueError(f"default_max_new_tokens={self.default_max_new_tokens} must be in "
+                             f"1..max_new_tokens_limit={self.max_new_tokens_limit}")
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    robots: list[str] = _f(["robot_0"], "Robot namespaces whose answers this controller consumes.")
+    answer_log_path: str = _f("", "If set, every answer is appended to this JSONL file.")
+
+    def __post_init__(self) -> None:
+        if not self.robots:
+            raise ValueError("robots must not be empty")
+
+
+def field_descriptions(cls: type) -> dict[str, tuple[Any, str]]:
+    """{name: (default, description)} of a config dataclass, for declaring ROS parameters."""
+    out = {}
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        out[f.name] = (default, f.metadata.get("description", ""))
+    return out
+
+
+def from_mapping(cls: type, values: dict[str, Any]):
+    """Build a config from a mapping (YAML ros__parameters), rejecting unknown keys."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} parameters {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**values)

@@ -1,0 +1,74 @@
+"""The robot's half (seed 000, Algorithm 1), free of ROS: image -> features at the split point -> codec.
+
+`EdgeEncoder.encode` is what the edge node runs on its worker thread for each request. For split
+point `none` (cloud-only baseline) no model is loaded on the robot: the image itself is coded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+
+import numpy as np
+import torch
+
+from .codec import FeatureCodec, make_codec
+from .config import EdgeConfig
+from .split import VLMAdapter, drop_language_model, load_vlm
+from .types import FeaturePacket, SplitPoint
+
+LOG = logging.getLogger(__name__)
+
+
+class EdgeEncoder:
+    def __init__(self, robot_id: str, split: SplitPoint, codec: FeatureCodec, adapter: VLMAdapter | None) -> None:
+        if split.kind != "none" and adapter is None:
+            raise ValueError(f"split point {split} needs the model on the robot")
+        if adapter is not None:
+            adapter.check_split(split)
+        self.robot_id = robot_id
+        self.split = split
+        self.codec = codec
+        self.adapter = adapter
+        self.fingerprint = adapter.fingerprint if adapter is not None else ""
+        self._seq = itertools.count()
+        self._session = uuid.uuid4().hex[:8]
+
+    @classmethod
+    def from_config(cls, cfg: EdgeConfig, model_path: str) -> "EdgeEncoder":
+        """Load what the robot needs: for a model split, the model without its language model."""
+        split = SplitPoint.parse(cfg.split_point)
+        adapter = None
+        if split.kind != "none":
+            adapter = load_vlm(model_path, dtype=cfg.dtype, device=cfg.device)
+            drop_language_model(adapter)
+        if cfg.codec in ("jpeg", "image"):
+            codec = make_codec(cfg.codec, quality=cfg.jpeg_quality)
+        elif cfg.codec == "raw":
+            codec = make_codec("raw", dtype=cfg.codec_dtype)
+        else:
+            codec = make_codec(cfg.codec, codebook=cfg.codebook_path, model_fingerprint=adapter.fingerprint
+                               if adapter else "", adapter=adapter, split=split)
+        return cls(cfg.robot_id, split, codec, adapter)
+
+    def new_request_id(self) -> str:
+        return f"{self.robot_id}-{self._session}-{next(self._seq)}"
+
+    @torch.no_grad()
+    def encode(self, rgb: np.ndarray, request_id: str, stamp_ns: int) -> FeaturePacket:
+        """rgb: (H, W, 3) uint8. Returns the packet to publish (sent_at is set by the caller)."""
+        t0 = time.perf_counter()
+        if self.split.kind == "none":
+            enc = self.codec.encode(rgb)
+            t1 = t0
+        else:
+            px = self.adapter.preprocess(rgb)
+            t1 = time.perf_counter()
+            feats = self.adapter.edge_forward(px, self.split)            # (T, D)
+            enc = self.codec.encode(feats)
+        t2 = time.perf_counter()
+        return FeaturePacket(request_id=request_id, robot_id=self.robot_id, split_point=str(self.split),
+                             model_fingerprint=self.fingerprint, encoded=enc, stamp_ns=stamp_ns,
+                             edge_preprocess_ms=(t1 - t0) * 1e3, edge_encode_ms=(t2 - t1) * 1e3)

@@ -1,0 +1,366 @@
+"""The server's request engine (seed 000, Algorithm 2), free of ROS.
+
+Threads:
+- callers (ROS subscription callbacks) hand prompts and features to `submit_*`, which only does
+  O(1) checks and puts them in a bounded inbox: callbacks never block;
+- the matcher thread validates and decodes each half, tokenizes prompts, matches halves by
+  request_id (TTL eviction), pushes matched requests to the matched queue and drives PAUSE/RESUME;
+- the batch thread takes batches (max size, max wait), runs the rest of the vision encoder and the
+  language model with left padding, and emits one answer per request.
+
+Every request ends in exactly one `AnswerResult` passed to `emit_answer(route, answer)`; `route`
+is the robot namespace the request arrived on, so answers go back to the robot that asked.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .codec import FeatureCodec, is_image_codec, make_codec, unknown_codec
+from .config import ServerConfig
+from .flow import BoundedQueue, DropPolicy, FlowController, FlowEvent
+from .matcher import Matcher
+from .split import GenerateItem, VLMAdapter, check_features
+from .types import (AnswerResult, FeaturePacket, Outcome, PromptRequest, RequestError, SplitPoint,
+                    StageTimings, rejected)
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class _PromptEntry:
+    prompt: PromptRequest
+    route: str
+    input_ids: list[int]
+    max_new_tokens: int
+
+
+@dataclass
+class _FeatureEntry:
+    packet: FeaturePacket
+    route: str
+    received_ns: int
+    received_t: float
+    split: SplitPoint
+    data: torch.Tensor           # decoded features (T, D), or an (H, W, 3) uint8 image for split none
+    decode_ms: float
+
+
+@dataclass
+class _Matched:
+    prompt: _PromptEntry
+    features: _FeatureEntry
+    matched_t: float
+
+
+@dataclass
+class ServerStats:
+    prompts: int = 0
+    features: int = 0
+    answered: collections.Counter = field(default_factory=collections.Counter)   # by outcome name
+    reasons: collections.Counter = field(default_factory=collections.Counter)    # by short reason
+    batches: int = 0
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+    max_matched_depth: int = 0
+
+    def as_dict(self) -> dict:
+        return {"prompts": self.prompts, "features": self.features, "answered": dict(self.answered),
+                "reasons": dict(self.reasons), "batches": self.batches,
+                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "max_matched_depth": self.max_matched_depth}
+
+
+class ServerEngine:
+    def __init__(self, adapter: VLMAdapter, cfg: ServerConfig,
+                 emit_answer: Callable[[str, AnswerResult], None],
+                 emit_flow: Callable[[FlowEvent], None] | None = None,
+                 codebooks: dict[str, FeatureCodec] | None = None) -> None:
+        self.adapter = adapter
+        self.cfg = cfg
+        self._emit_answer = emit_answer
+        self.inbox: BoundedQueue[tuple] = BoundedQueue(cfg.inbox_capacity, DropPolicy.REJECT_NEWEST, "inbox")
+        self.matched: BoundedQueue[_Matched] = BoundedQueue(cfg.queue_capacity, DropPolicy.REJECT_NEWEST, "matched")
+        self.flow = FlowController(cfg.pause_threshold, cfg.resume_threshold, emit_flow)
+        self.matcher: Matcher[_PromptEntry, _FeatureEntry] = Matcher(cfg.match_ttl_s, cfg.max_pending)
+        self.stats = ServerStats()
+        self._stats_lock = threading.Lock()
+        self._vq_codecs = dict(codebooks or {})      # codebook hash -> codec
+        self._codecs: dict[tuple[str, str], FeatureCodec] = {}
+        # Recently answered request ids (bounded): a late partner of an answered request is dropped
+        # instead of waiting for its TTL and answering the same request twice.
+        self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._finished_cap = 4 * cfg.max_pending + cfg.queue_capacity
+        self._running = False
+        self._threads: list[threading.Thread] = []
+        # The number of visual tokens the LLM receives per image is fixed for a model.
+        blank = np.full((adapter.image_size, adapter.image_size, 3), 127, np.uint8)
+        self.n_image_tokens = int(adapter.server_forward_images([blank]).shape[1])
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._running = True
+        for target, name in ((self._match_loop, "edge_vlm_matcher"), (self._batch_loop, "edge_vlm_batcher")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._running = False
+        self.inbox.wake()
+        self.matched.wake()
+        for t in self._threads:
+            t.join(timeout=30)
+        self._threads.clear()
+        for item in self.inbox.drain():
+            self._answer_error_for_item(item, Outcome.ERROR, "server shutting down")
+        for m in self.matched.drain():
+            self._finish(m.prompt.route, m.prompt.prompt, Outcome.ERROR, "server shutting down")
+        for e in self.matcher.drain():
+            self._answer_expired(e.item, e.reason, Outcome.ERROR)
+
+    # ---- entry points (callback threads: never block) ----------------------------------------
+    def submit_prompt(self, prompt: PromptRequest, route: str) -> None:
+        with self._stats_lock:
+            self.stats.prompts += 1
+        if not self._check_route(prompt.robot_id, route, prompt.request_id, prompt.stamp_ns):
+            return
+        ok, _ = self.inbox.put(("prompt", prompt, route, time.time_ns(), time.monotonic()))
+        if not ok:
+            self._reply(route, prompt.request_id, prompt.robot_id, prompt.stamp_ns, Outcome.REJECTED,
+                        f"server inbox full ({self.inbox.capacity}): overloaded")
+
+    def submit_features(self, packet: FeaturePacket, route: str, received_ns: int | None = None) -> None:
+        with self._stats_lock:
+            self.stats.features += 1
+        received_ns = received_ns if received_ns is not None else time.time_ns()
+        if not self._check_route(packet.robot_id, route, packet.request_id, packet.stamp_ns):
+            return
+        ok, _ = self.inbox.put(("features", packet, route, received_ns, time.monotonic()))
+        if not ok:
+            self._reply(route, packet.request_id, packet.robot_id, packet.stamp_ns, Outcome.REJECTED,
+                        f"server inbox full ({self.inbox.capacity}): overloaded")
+
+    def _check_route(self, robot_id: str, route: str, request_id: str, stamp_ns: int) -> bool:
+        if route not in self.cfg.robots:
+            LOG.error("message on unknown route %r dropped", route)
+            return False
+        if robot_id != route:
+            self._reply(route, request_id, robot_id, stamp_ns, Outcome.REJECTED,
+                        f"robot_id {robot_id!r} does not match the namespace {route!r} it was sent on")
+            return False
+        return True
+
+    # ---- matcher thread ----------------------------------------------------------------------
+    def _match_loop(self) -> None:
+        next_sweep = 0.0
+        while self._running:
+            item = self.inbox.get(timeout=0.05)
+            if item is not None:
+                try:
+                    self._handle(item)
+                except RequestError as e:
+                    self._answer_error_for_item(item, e.outcome, e.reason)
+                except Exception as e:  # a bug must not stop the server: answer and log it
+                    LOG.error("matcher failed on %s: %s\n%s", item[0], e, traceback.format_exc())
+                    self._answer_error_for_item(item, Outcome.ERROR, f"server error: {type(e).__name__}: {e}")
+            now = time.monotonic()
+            if now >= next_sweep:
+                next_sweep = now + 0.1
+                for e in self.matcher.evict_expired():
+                    self._answer_expired(e.item, e.reason, Outcome.TIMEOUT)
+
+    def _handle(self, item: tuple) -> None:
+        kind, msg, route, received_ns, received_t = item
+        with self._stats_lock:
+            late = msg.request_id in self._finished
+            if late:
+                self.stats.reasons["late half of an answered request (dropped)"] += 1
+        if late:
+            LOG.info("dropping %s of already answered request %s", kind, msg.request_id)
+            return
+        if kind == "prompt":
+            entry = self._prepare_prompt(msg, route)
+            try:
+                pair, expired = self.matcher.add_prompt(msg.request_id, entry)
+            except ValueError as e:  # duplicate request_id: answer it, but leave the original pending
+                self._reply(route, msg.request_id, msg.robot_id, msg.stamp_ns, Outcome.REJECTED, str(e), mark=False)
+                return
+        else:
+            try:
+                entry = self._prepare_features(msg, route, received_ns, received_t)
+            except RequestError:
+                # The prompt (if it came) will never be matched: forget it so it gets no second answer.
+                self.matcher.discard(msg.request_id)
+                raise
+            try:
+                pair, expired = self.matcher.add_features(msg.request_id, entry)
+            except ValueError as e:
+                self._reply(route, msg.request_id, msg.robot_id, msg.stamp_ns, Outcome.REJECTED, str(e), mark=False)
+                return
+        for e in expired:
+            self._answer_expired(e.item, e.reason, Outcome.TIMEOUT)
+        if pair is not None:
+            p, f = pair
+            m = _Matched(p, f, time.monotonic())
+            ok, _ = self.matched.put(m)
+            if not ok:
+                self._finish(route, p.prompt, Outcome.REJECTED,
+                             f"matched queue full ({self.matched.capacity}): overloaded")
+                return
+            depth = len(self.matched)
+            with self._stats_lock:
+                self.stats.max_matched_depth = max(self.stats.max_matched_depth, depth)
+            self.flow.update(depth)
+
+    def _prepare_prompt(self, p: PromptRequest, route: str) -> _PromptEntry:
+        cfg = self.cfg
+        if len(p.text) > cfg.max_prompt_chars:
+            raise rejected(f"prompt has {len(p.text)} characters, limit {cfg.max_prompt_chars}")
+        if p.task not in ("vqa", ""):
+            raise rejected(f"task {p.task!r} is not served by this server (it serves 'vqa')")
+        n_text = self.adapter.count_text_tokens(p.text)
+        if n_text > cfg.max_prompt_tokens:
+            raise rejected(f"prompt has {n_text} tokens, limit {cfg.max_prompt_tokens}")
+        n_new = p.max_new_tokens or cfg.default_max_new_tokens
+        if n_new > cfg.max_new_tokens_limit:
+            raise rejected(f"max_new_tokens {n_new} exceeds the server's limit {cfg.max_new_tokens_limit}")
+        ids = self.adapter.prompt_ids(p.text, self.n_image_tokens)
+        return _PromptEntry(p, route, ids, n_new)
+
+    def _codec(self, name: str, enc_hash: str) -> FeatureCodec:
+        if name == "vq":
+            codec = self._vq_codecs.get(enc_hash)
+            if codec is None:
+                raise rejected(f"codebook hash {enc_hash!r} is not held by this server (it holds "
+                               f"{sorted(self._vq_codecs) or 'none'})")
+            return codec
+        key = (name, "")
+        if key not in self._codecs:
+            try:
+                self._codecs[key] = make_codec(name)
+            except ValueError:
+                raise unknown_codec(name) from None
+        return self._codecs[key]
+
+    def _prepare_features(self, f: FeaturePacket, route: str, received_ns: int, received_t: float) -> _FeatureEntry:
+        try:
+            split = SplitPoint.parse(f.split_point)
+        except ValueError as e:
+            raise rejected(str(e)) from None
+        try:
+            self.adapter.check_split(split)
+        except ValueError as e:
+            raise rejected(str(e)) from None
+        enc = f.encoded
+        image = is_image_codec(enc.codec)
+        if image != (split.kind == "none"):
+            raise rejected(f"codec {enc.codec!r} does not go with split point {split}")
+        if not image and f.model_fingerprint != self.adapter.fingerprint:
+            raise rejected(f"model fingerprint {f.model_fingerprint!r} is not this server's "
+                           f"{self.adapter.fingerprint!r}: edge and server run different models")
+        t0 = time.perf_counter()
+        data = self._codec(enc.codec, enc.codebook_hash).decode(enc)
+        if not image:
+            check_features(self.adapter, split, data)
+        return _FeatureEntry(f, route, received_ns, received_t, split, data, (time.perf_counter() - t0) * 1e3)
+
+    # ---- batch thread ------------------------------------------------------------------------
+    def _batch_loop(self) -> None:
+        cfg = self.cfg
+        while self._running:
+            batch, t_first = self.matched.get_batch(cfg.max_batch_size, cfg.max_batch_wait_ms / 1e3, 0.1)
+            if not batch:
+                continue
+            self.flow.update(len(self.matched))
+            try:
+                self._run_batch(batch, t_first)
+            except Exception as e:
+                LOG.error("batch of %d failed: %s\n%s", len(batch), e, traceback.format_exc())
+                for m in batch:
+                    self._finish(m.prompt.route, m.prompt.prompt, Outcome.ERROR,
+                                 f"server error during generation: {type(e).__name__}: {e}")
+
+    def _run_batch(self, batch: list[_Matched], t_first: float) -> None:
+        t_closed = time.monotonic()
+        # Rest of the vision encoder, batched per split point.
+        t0 = time.perf_counter()
+        tokens: dict[int, torch.Tensor] = {}
+        groups: dict[str, list[int]] = collections.defaultdict(list)
+        for i, m in enumerate(batch):
+            groups[str(m.features.split)].append(i)
+        for key, idx in groups.items():
+            split = batch[idx[0]].features.split
+            if split.kind == "none":
+                out = self.adapter.server_forward_images([batch[i].features.data.numpy() for i in idx])
+            else:
+                out = self.adapter.server_forward(torch.stack([batch[i].features.data for i in idx]), split)
+            for j, i in enumerate(idx):
+                tokens[i] = out[j]
+        vision_ms = (time.perf_counter() - t0) * 1e3
+        items = [GenerateItem(m.prompt.input_ids, tokens[i], m.prompt.max_new_tokens) for i, m in enumerate(batch)]
+        t_gen = time.monotonic()
+        min_new = max(it.max_new_tokens for it in items) if self.cfg.ignore_eos else 0
+        outs = self.adapter.generate(items, min_new_tokens=min_new)
+        generate_ms = (time.monotonic() - t_gen) * 1e3
+        with self._stats_lock:
+            self.stats.batches += 1
+            self.stats.batch_sizes[len(batch)] += 1
+        for m, toks in zip(batch, outs):
+            f = m.features
+            timings = StageTimings(
+                edge_preprocess_ms=f.packet.edge_preprocess_ms,
+                edge_encode_ms=f.packet.edge_encode_ms,
+                transport_ms=max(0.0, (f.received_ns - f.packet.sent_at_ns) / 1e6) if f.packet.sent_at_ns else 0.0,
+                server_decode_ms=f.decode_ms + vision_ms,
+                queue_wait_ms=max(0.0, t_first - m.matched_t) * 1e3,
+                batch_ms=(t_closed - max(t_first, m.matched_t)) * 1e3 + (t_gen - t_closed) * 1e3 - vision_ms,
+                generate_ms=generate_ms,
+                server_total_ms=(time.monotonic() - f.received_t) * 1e3,
+                batch_size=len(batch))
+            self._finish(m.prompt.route, m.prompt.prompt, Outcome.OK, "", toks, timings)
+
+    # ---- answers -----------------------------------------------------------------------------
+    def _finish(self, route: str, p: PromptRequest, outcome: Outcome, reason: str,
+                tokens: list[int] | None = None, timings: StageTimings | None = None) -> None:
+        text = self.adapter.decode_text(tokens) if tokens else ""
+        self._reply(route, p.request_id, p.robot_id, p.stamp_ns, outcome, reason, text, tokens or [], timings)
+
+    def _reply(self, route: str, request_id: str, robot_id: str, stamp_ns: int, outcome: Outcome, reason: str,
+               text: str = "", tokens: list[int] | None = None, timings: StageTimings | None = None,
+               mark: bool = True) -> None:
+        with self._stats_lock:
+            if mark:
+                self._finished[request_id] = None
+            while len(self._finished) > self._finished_cap:
+                self._finished.popitem(last=False)
+            self.stats.answered[outcome.name.lower()] += 1
+            if reason:
+                self.stats.reasons[reason.split(":")[0][:60]] += 1
+        if outcome is not Outcome.OK:
+            LOG.warning("request %s from %s: %s: %s", request_id, route, outcome.name.lower(), reason)
+        ans = AnswerResult(request_id, robot_id, outcome, reason, text, list(tokens or []), stamp_ns,
+                           timings or StageTimings())
+        try:
+            self._emit_answer(route, ans)
+        except Exception as e:
+            LOG.error("emitting answer for %s failed: %s", request_id, e)
+
+    def _answer_error_for_item(self, item: tuple, outcome: Outcome, reason: str) -> None:
+        kind, msg, route = item[0], item[1], item[2]
+        self._reply(route, msg.request_id, msg.robot_id, msg.stamp_ns, outcome, reason)
+
+    def _answer_expired(self, entry: object, reason: str, outcome: Outcome) -> None:
+        if isinstance(entry, _PromptEntry):
+            self._finish(entry.route, entry.prompt, outcome, reason)
+        elif isinstance(entry, _FeatureEntry):
+            p = entry.packet
+            self._reply(entry.route, p.request_id, p.robot_id, p.stamp_ns, outcome, reason)

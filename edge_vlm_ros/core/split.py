@@ -1,0 +1,426 @@
+"""Load a Hugging Face VLM and cut it into an edge half and a server half that share its weights.
+
+Split points (see types.SplitPoint):
+- `projector`: the edge runs the whole vision tower and the projector and ships the visual tokens
+  the language model consumes (seed 000).
+- `vision_block:k`: the edge runs the vision embeddings (and pre-LayerNorm) and the first k encoder
+  blocks and ships the residual stream; the server runs the remaining blocks and the projector
+  (seed 003). k=0 ships the (normalized) output of the embeddings / pre-LayerNorm.
+- `none`: cloud-only; the edge ships the image and the server runs everything.
+
+The halves are computed from the model's own modules in the order the model's forward uses them,
+so with a lossless codec the server's generated tokens equal `model.generate` on the same image and
+prompt. Families: LLaVA (`LlavaForConditionalGeneration`: CLIP + projector + Llama/Qwen2...) and
+Idefics3 (SmolVLM). A family is an adapter class; adding one means implementing the abstract methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .types import Outcome, RequestError, SplitPoint, rejected
+
+LOG = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class GenerateItem:
+    """One matched request as the language model sees it."""
+
+    input_ids: list[int]           # prompt tokens, image placeholders already expanded
+    image_features: torch.Tensor   # (n_image_tokens, text_hidden), in the model's dtype
+    max_new_tokens: int
+
+
+class VLMAdapter(ABC):
+    """A model family: where its vision modules are and how its prompt is built."""
+
+    family: str = ""
+
+    def __init__(self, model: torch.nn.Module, processor, source: str) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.source = source
+        self.dtype: torch.dtype = next(model.parameters()).dtype
+        self.device: torch.device = next(model.parameters()).device
+        self.fingerprint = model_fingerprint(model, self.family)
+        self.image_token_id = int(self.tokenizer.convert_tokens_to_ids(self.image_token))
+        self._embed = model.get_input_embeddings()
+        self.eos_token_id = model.generation_config.eos_token_id
+        pad = model.generation_config.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_id
+        self.pad_token_id = int(pad if not isinstance(pad, list) else pad[0])
+
+    # ---- vision --------------------------------------------------------------------------
+    image_token: str = "<image>"
+
+    @property
+    @abstractmethod
+    def num_vision_blocks(self) -> int:
+        """Encoder blocks whose output the model uses (the valid k are 0..this)."""
+
+    @abstractmethod
+    def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB -> pixel tensor for one image, in the model's dtype and device."""
+
+    @abstractmethod
+    def _embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels -> (B, T, Dv): embeddings (+ pre-LayerNorm), the k=0 residual stream."""
+
+    @abstractmethod
+    def _blocks(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Run encoder blocks [start, stop) on the residual stream h: (B, T, Dv)."""
+
+    @abstractmethod
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """Residual stream after the last used block (B, T, Dv) -> visual tokens (B, N, Dt)."""
+
+    def vision_block_layer_norms(self, k: int) -> torch.nn.Module:
+        """The layer_norm1 of block k (for codec placements inside a block)."""
+        return self._layers()[k].layer_norm1
+
+    @abstractmethod
+    def _layers(self) -> torch.nn.ModuleList: ...
+
+    def check_split(self, split: SplitPoint) -> None:
+        if split.kind == "vision_block" and not 0 <= split.block <= self.num_vision_blocks:
+            raise ValueError(f"split point {split}: k must be in 0..{self.num_vision_blocks} for this model")
+
+    @torch.no_grad()
+    def edge_forward(self, pixels: torch.Tensor, split: SplitPoint) -> torch.Tensor:
+        """The robot's half for one image: returns (T, D) at the split point."""
+        self.check_split(split)
+        if split.kind == "none":
+            raise ValueError("split point 'none' has no edge half: the image itself is sent")
+        h = self._embed_image(pixels)                                    # (1, T, Dv)
+        if split.kind == "vision_block":
+            return self._blocks(h, 0, split.block)[0]
+        h = self._blocks(h, 0, self.num_vision_blocks)
+        return self._head(h)[0]                                          # (N, Dt)
+
+    @torch.no_grad()
+    def server_forward(self, feats: torch.Tensor, split: SplitPoint) -> torch.Tensor:
+        """The server's vision half for a batch: feats (B, T, D) at the split -> (B, N, Dt) tokens."""
+        self.check_split(split)
+        feats = feats.to(self.device, self.dtype)
+        if split.kind == "projector":
+            return feats
+        if split.kind == "vision_block":
+            h = self._blocks(feats, split.block, self.num_vision_blocks)
+            return self._head(h)
+        raise ValueError("split point 'none': use server_forward_images")
+
+    @torch.no_grad()
+    def server_forward_images(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Cloud-only: whole vision side on the server. images: RGB uint8 -> (B, N, Dt)."""
+        px = torch.cat([self.preprocess(im) for im in images], 0)
+        h = self._embed_image(px)
+        return self._head(self._blocks(h, 0, self.num_vision_blocks))
+
+    @torch.no_grad()
+    def edge_output_shape(self, split: SplitPoint) -> tuple[int, ...]:
+        """Shape (T, D) the edge ships at `split` (computed once on a blank image)."""
+        key = str(split)
+        cache = self.__dict__.setdefault("_shape_cache", {})
+        if key not in cache:
+            blank = np.full((self.image_size, self.image_size, 3), 127, np.uint8)
+            cache[key] = tuple(self.edge_forward(self.preprocess(blank), split).shape)
+        return cache[key]
+
+    @property
+    @abstractmethod
+    def image_size(self) -> int: ...
+
+    # ---- text ----------------------------------------------------------------------------
+    @abstractmethod
+    def image_placeholder(self, n_tokens: int) -> str:
+        """What the processor puts in the text for one image of n_tokens visual tokens."""
+
+    def prompt_text(self, question: str) -> str:
+        """The full prompt string with one image placeholder, via the checkpoint's chat template."""
+        if getattr(self.processor, "chat_template", None):
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return f"USER: {self.image_token}\n{question} ASSISTANT:"
+
+    def prompt_ids(self, question: str, n_image_tokens: int) -> list[int]:
+        """Token ids of the prompt with the image placeholder expanded, exactly as the processor does."""
+        text = self.prompt_text(question)
+        if text.count(self.image_token) != 1:
+            raise ValueError(f"prompt template must contain exactly one {self.image_token}: {text!r}")
+        text = text.replace(self.image_token, self.image_placeholder(n_image_tokens))
+        return list(self.tokenizer(text)["input_ids"])
+
+    def count_text_tokens(self, question: str) -> int:
+        return len(self.tokenizer(question, add_special_tokens=False)["input_ids"])
+
+    @torch.no_grad()
+    def generate(self, items: list[GenerateItem], min_new_tokens: int = 0) -> list[list[int]]:
+        """Greedy generation for a batch, left-padded. Returns each request's new tokens (eos cut)."""
+        if not items:
+            return []
+        embeds, masks = [], []
+        for it in items:
+            ids = torch.tensor(it.input_ids, dtype=torch.long, device=self.device)
+            e = self._embed(ids)                                         # (T, Dt)
+            slots = ids == self.image_token_id
+            if int(slots.sum()) != it.image_features.shape[0]:
+                raise RequestError(Outcome.ERROR, f"prompt has {int(slots.sum())} image slots but "
+                                                  f"{it.image_features.shape[0]} visual tokens arrived")
+            e = e.masked_scatter(slots[:, None], it.image_features.to(e.dtype))
+            embeds.append(e)
+            masks.append(torch.ones(len(it.input_ids), dtype=torch.long, device=self.device))
+        t_max = max(e.shape[0] for e in embeds)
+        pad_vec = self._embed(torch.tensor([self.pad_token_id], device=self.device))[0]
+        batch = torch.stack([torch.cat([pad_vec.expand(t_max - e.shape[0], -1), e]) for e in embeds])
+        mask = torch.stack([torch.cat([torch.zeros(t_max - m.shape[0], dtype=torch.long, device=self.device), m])
+                            for m in masks])                             # (B, T)
+        n_new = max(it.max_new_tokens for it in items)
+        out = self.model.generate(inputs_embeds=batch, attention_mask=mask, max_new_tokens=n_new,
+                                  min_new_tokens=min(min_new_tokens, n_new), do_sample=False,
+                                  pad_token_id=self.pad_token_id)
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        results = []
+        for row, it in zip(out.tolist(), items):
+            row = row[: it.max_new_tokens]
+            if min_new_tokens < it.max_new_tokens:
+                for i, t in enumerate(row):
+                    if t in eos:
+                        row = row[:i]
+                        break
+            results.append(row)
+        return results
+
+    def decode_text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    # ---- the unsplit reference ---------------------------------------------------------------
+    @torch.no_grad()
+    def monolithic_generate(self, rgb: np.ndarray, question: str, max_new_tokens: int,
+                            min_new_tokens: int = 0) -> list[int]:
+        """The unsplit model through its own processor and `generate`: the ground truth."""
+        inputs = self.processor(images=[self._reference_image(rgb)], text=self.prompt_text(question),
+                                return_tensors="pt").to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                  do_sample=False, pad_token_id=self.pad_token_id)
+        row = out[0, inputs["input_ids"].shape[1]:].tolist()
+        if min_new_tokens < max_new_tokens:
+            eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+            for i, t in enumerate(row):
+                if t in eos:
+                    return row[:i]
+        return row
+
+    def _reference_image(self, rgb: np.ndarray) -> np.ndarray:
+        return rgb
+
+
+class LlavaAdapter(VLMAdapter):
+    """LlavaForConditionalGeneration: CLIP vision tower, MLP projector, any causal LM."""
+
+    family = "llava"
+
+    def __init__(self, model, processor, source: str) -> None:
+        cfg = model.config
+        if not isinstance(cfg.vision_feature_layer, int):
+            raise ValueError(f"vision_feature_layer {cfg.vision_feature_layer!r}: only a single layer is supported")
+        vt = model.model.vision_tower
+        self._vt = getattr(vt, "vision_model", vt)
+        n_layers = len(self._vt.encoder.layers)
+        vfl = cfg.vision_feature_layer
+        # hidden_states[i] is the stream after i blocks (0 = after pre-LayerNorm).
+        self._n_used = vfl if vfl >= 0 else n_layers + 1 + vfl
+        self._strategy = cfg.vision_feature_select_strategy
+        super().__init__(model, processor, source)
+        self.image_token = getattr(processor, "image_token", "<image>")
+        self.image_token_id = int(cfg.image_token_index)
+
+    @property
+    def num_vision_blocks(self) -> int:
+        return self._n_used
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.vision_config.image_size)
+
+    def _layers(self) -> torch.nn.ModuleList:
+        return self._vt.encoder.layers
+
+    def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
+        px = self.processor.image_processor(images=[rgb], return_tensors="pt")["pixel_values"]
+        return px.to(self.device, self.dtype)                          # (1, 3, S, S)
+
+    def _embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._vt.pre_layrnorm(self._vt.embeddings(pixels))
+
+    def _blocks(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        for layer in self._vt.encoder.layers[start:stop]:
+            h = layer(h, None)
+        return h
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        if self._strategy == "default":
+            h = h[:, 1:]                                                 # drop CLS
+        return self.model.model.multi_modal_projector(h)
+
+    def image_placeholder(self, n_tokens: int) -> str:
+        return self.image_token * n_tokens
+
+
+class Idefics3Adapter(VLMAdapter):
+    """Idefics3ForConditionalGeneration (SmolVLM): SigLIP-style encoder, pixel-shuffle connector.
+
+    Frames are resized to the square the processor uses (image splitting off), so every image is one
+    tile with a fixed token count and a full patch mask; the reference path applies the same resize.
+    """
+
+    family = "idefics3"
+
+    def __init__(self, model, processor, source: str) -> None:
+        self._vm = model.model.vision_model
+        super().__init__(model, processor, source)
+        self.image_token = getattr(processor, "image_token", "<image>")
+        self.image_token_id = int(model.config.image_token_id)
+        ip = processor.image_processor
+        if getattr(ip, "do_image_splitting", False):
+            raise ValueError("Idefics3 with do_image_splitting=True gives a variable token count; "
+                             "save the processor with do_image_splitting=False")
+
+    @property
+    def num_vision_blocks(self) -> int:
+        return len(self._vm.encoder.layers)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.vision_config.image_size)
+
+    def _layers(self) -> torch.nn.ModuleList:
+        return self._vm.encoder.layers
+
+    def _reference_image(self, rgb: np.ndarray) -> np.ndarray:
+        import cv2
+
+        s = self.image_size
+        if rgb.shape[:2] == (s, s):
+            return rgb
+        return cv2.resize(rgb, (s, s), interpolation=cv2.INTER_AREA)
+
+    def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
+        out = self.processor.image_processor(images=[[self._reference_image(rgb)]], return_tensors="pt")
+        px = out["pixel_values"][:, 0]                                   # (1, 3, S, S): one tile
+        return px.to(self.device, self.dtype)
+
+    def _mask(self, h: torch.Tensor):
+        from transformers.masking_utils import create_bidirectional_mask
+
+        full = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        return create_bidirectional_mask(config=self._vm.config, inputs_embeds=h, attention_mask=full)
+
+    def _embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        p = self._vm.config.patch_size
+        pam = torch.ones((pixels.shape[0], pixels.shape[2] // p, pixels.shape[3] // p),
+                         dtype=torch.bool, device=pixels.device)
+        return self._vm.embeddings(pixel_values=pixels, patch_attention_mask=pam)
+
+    def _blocks(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        mask = self._mask(h)
+        for layer in self._vm.encoder.layers[start:stop]:
+            h = layer(h, mask)
+        return h
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.model.connector(self._vm.post_layernorm(h))
+
+    def image_placeholder(self, n_tokens: int) -> str:
+        p = self.processor
+        return f"{p.fake_image_token}{p.global_image_tag}{p.image_token * n_tokens}{p.fake_image_token}"
+
+
+ADAPTERS: dict[str, type[VLMAdapter]] = {
+    "LlavaForConditionalGeneration": LlavaAdapter,
+    "Idefics3ForConditionalGeneration": Idefics3Adapter,
+}
+
+
+def model_fingerprint(model: torch.nn.Module, family: str) -> str:
+    """Content fingerprint of a model: config, parameter names and shapes, and a sample of values.
+
+    Values are sampled (64 per tensor, rounded to float16) so the fingerprint is cheap for 7B models
+    and equal for the same checkpoint loaded in float32 on one host and float16 on another.
+    """
+    h = hashlib.sha256(family.encode())
+    cfg = model.config.to_dict()
+    for k in ("dtype", "torch_dtype", "transformers_version", "_name_or_path", "_attn_implementation_autoset"):
+        cfg.pop(k, None)
+    for sub in ("vision_config", "text_config"):
+        if isinstance(cfg.get(sub), dict):
+            for k in ("dtype", "torch_dtype", "transformers_version", "_name_or_path"):
+                cfg[sub].pop(k, None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 64)
+        sample = flat[::step][:64].to("cpu", torch.float16).float().numpy()
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(sample.tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_vlm(source: str | Path, *, dtype: str = "float32", device: str = "cpu",
+             attn_implementation: str | None = "eager") -> VLMAdapter:
+    """Load a VLM from a hub id or a local folder and wrap it in its family adapter.
+
+    `from_pretrained` is the same call for a user's checkpoint, a hub id on a machine that can
+    download, and the tiny/reference models this project builds.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    src = str(source)
+    config = AutoConfig.from_pretrained(src)
+    archs = getattr(config, "architectures", None) or []
+    cls_name = next((a for a in archs if a in ADAPTERS), None)
+    if cls_name is None:
+        raise ValueError(f"model {src!r} has architectures {archs}; supported: {sorted(ADAPTERS)}")
+    kwargs = {"dtype": DTYPES[dtype]}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(src, **kwargs).to(device).eval()
+    processor = AutoProcessor.from_pretrained(src)
+    processor.tokenizer.padding_side = "left"
+    adapter = ADAPTERS[cls_name](model, processor, src)
+    LOG.info("loaded %s (%s, %s on %s), fingerprint %s", src, adapter.family, dtype, device, adapter.fingerprint)
+    return adapter
+
+
+def drop_language_model(adapter: VLMAdapter) -> None:
+    """Free the language model on the robot: the edge half never runs it (fingerprint is kept)."""
+    inner = adapter.model.model
+    if hasattr(inner, "language_model"):
+        inner.language_model = torch.nn.Module()
+    if hasattr(adapter.model, "lm_head"):
+        adapter.model.lm_head = torch.nn.Module()
+
+
+def check_features(adapter: VLMAdapter, split: SplitPoint, feats: torch.Tensor) -> None:
+    """Validate decoded features against what this model's edge half produces at `split`."""
+    want = adapter.edge_output_shape(split)
+    if tuple(feats.shape) != want:
+        raise rejected(f"features of shape {list(feats.shape)} do not fit split point {split} of this "
+                       f"model, which expects {list(want)}")

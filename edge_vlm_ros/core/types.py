@@ -1,0 +1,135 @@
+"""Core data types shared by the edge, the server and the single-process reference.
+
+ROS-free mirrors of the messages in msg/: nodes convert messages to these at the boundary and back.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+
+class Outcome(enum.IntEnum):
+    """Terminal outcome of a request; values equal the Answer.OUTCOME_* constants."""
+
+    OK = 0
+    TIMEOUT = 1
+    REJECTED = 2
+    ERROR = 3
+
+
+class RequestError(Exception):
+    """A request cannot be served; carries the outcome and the reason the robot is told."""
+
+    def __init__(self, outcome: Outcome, reason: str) -> None:
+        super().__init__(reason)
+        self.outcome = outcome
+        self.reason = reason
+
+
+def rejected(reason: str) -> RequestError:
+    return RequestError(Outcome.REJECTED, reason)
+
+
+_SPLIT_RE = re.compile(r"^(projector|none|vision_block:(\d+))$")
+
+
+@dataclass(frozen=True)
+class SplitPoint:
+    """Where the model is cut. kind: 'projector' | 'vision_block' | 'none'; block: k for vision_block."""
+
+    kind: str
+    block: int = 0
+
+    @staticmethod
+    def parse(text: str) -> "SplitPoint":
+        m = _SPLIT_RE.match(text.strip())
+        if m is None:
+            raise ValueError(f"unknown split point {text!r}: expected 'projector', 'none' or 'vision_block:<k>'")
+        if m.group(2) is not None:
+            return SplitPoint("vision_block", int(m.group(2)))
+        return SplitPoint(m.group(1))
+
+    def __str__(self) -> str:
+        return f"vision_block:{self.block}" if self.kind == "vision_block" else self.kind
+
+
+@dataclass
+class StageTimings:
+    """Milliseconds per stage (see msg/StageTimings.msg)."""
+
+    edge_preprocess_ms: float = 0.0
+    edge_encode_ms: float = 0.0
+    transport_ms: float = 0.0
+    server_decode_ms: float = 0.0
+    queue_wait_ms: float = 0.0
+    batch_ms: float = 0.0
+    generate_ms: float = 0.0
+    server_total_ms: float = 0.0
+    batch_size: int = 0
+
+
+@dataclass
+class EncodedTensor:
+    """A tensor as it crosses the wire: bytes plus everything needed to decode and validate them."""
+
+    codec: str
+    dtype: str                 # dtype of the decoded tensor
+    shape: tuple[int, ...]     # shape of the decoded tensor
+    payload: bytes
+    side_info: bytes = b""
+    codebook_hash: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+
+    def params_text(self) -> str:
+        return ";".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+
+    @staticmethod
+    def parse_params(text: str) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for item in filter(None, text.split(";")):
+            k, sep, v = item.partition("=")
+            if not sep or not k:
+                raise ValueError(f"malformed codec_params item {item!r} in {text!r}")
+            out[k] = v
+        return out
+
+    def payload_bytes(self) -> int:
+        """Bytes the server needs besides the message header: payload plus side information."""
+        return len(self.payload) + len(self.side_info)
+
+
+@dataclass
+class PromptRequest:
+    request_id: str
+    robot_id: str
+    text: str
+    stamp_ns: int = 0
+    task: str = "vqa"
+    max_new_tokens: int = 0
+
+
+@dataclass
+class FeaturePacket:
+    request_id: str
+    robot_id: str
+    split_point: str
+    model_fingerprint: str
+    encoded: EncodedTensor
+    stamp_ns: int = 0
+    sent_at_ns: int = 0
+    edge_preprocess_ms: float = 0.0
+    edge_encode_ms: float = 0.0
+
+
+@dataclass
+class AnswerResult:
+    request_id: str
+    robot_id: str
+    outcome: Outcome
+    reason: str = ""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    stamp_ns: int = 0
+    timings: StageTimings = field(default_factory=StageTimings)

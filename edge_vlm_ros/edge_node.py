@@ -1,0 +1,194 @@
+"""Robot-side node (seed 000, Algorithm 1): camera frame + prompt -> Prompt now, features when encoded.
+
+Subscribes (relative, so one instance per robot namespace):
+  camera/image_raw (sensor_msgs/Image), edge_vlm/prompt_text (std_msgs/String),
+  edge_vlm/flow_control (FlowControl, from the server)
+Publishes: edge_vlm/prompt (Prompt), edge_vlm/features (VisualFeatures),
+  edge_vlm/answer (Answer, only for requests that fail on the robot itself)
+
+Threads: ROS callbacks only store the newest frame, queue prompts and record the flow state; the
+worker thread encodes. While the server says PAUSE the worker encodes nothing and only the newest
+frame is kept.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import traceback
+
+import rclpy
+from rclpy.node import Node
+from sensor_msgs.msg import Image
+from std_msgs.msg import String
+
+from edge_vlm_ros.msg import Answer, FlowControl, Prompt, VisualFeatures
+
+from . import qos, topics
+from .conversions import answer_to_msg, features_to_msg, image_to_rgb, prompt_to_msg, stamp_to_ns
+from .core.config import EdgeConfig
+from .core.edge import EdgeEncoder
+from .core.types import AnswerResult, Outcome, PromptRequest
+from .params import declare_config
+from .tools.default_model import resolve
+
+
+class EdgeNode(Node):
+    def __init__(self) -> None:
+        super().__init__("edge_vlm_edge")
+        self.cfg: EdgeConfig = declare_config(self, EdgeConfig)
+        model = resolve(self.cfg.model_path)
+        self.get_logger().info(f"robot {self.cfg.robot_id}: split {self.cfg.split_point}, codec {self.cfg.codec}, "
+                               f"model {model}")
+        self.encoder = EdgeEncoder.from_config(self.cfg, model)
+
+        self._lock = threading.Condition()
+        self._frame: Image | None = None
+        self._frame_seq = 0               # increments per frame received
+        self._used_seq = 0                # frame seq of the last request (continuous mode)
+        self._prompts: collections.deque[tuple[str, float]] = collections.deque()
+        self._standing_prompt = self.cfg.standing_prompt
+        self._paused = False
+        self._last_request_t = 0.0
+        self._running = True
+        self.counters = collections.Counter()
+
+        self.pub_prompt = self.create_publisher(Prompt, topics.PROMPT, qos.REQUEST)
+        self.pub_features = self.create_publisher(VisualFeatures, topics.FEATURES, qos.FEATURES)
+        self.pub_answer = self.create_publisher(Answer, topics.ANSWER, qos.ANSWER)
+        self.create_subscription(Image, topics.CAMERA, self._on_image, qos.CAMERA)
+        self.create_subscription(String, topics.PROMPT_TEXT, self._on_prompt, qos.USER_PROMPT)
+        self.create_subscription(FlowControl, topics.FLOW, self._on_flow, qos.FLOW)
+        self.create_timer(10.0, self._log_counters)
+        self._worker = threading.Thread(target=self._work, name="edge_vlm_encoder", daemon=True)
+        self._worker.start()
+
+    # ---- callbacks (never block) -------------------------------------------------------------
+    def _on_image(self, msg: Image) -> None:
+        with self._lock:
+            if self._paused and self._frame is not None and self._frame_seq != self._used_seq:
+                self.counters["frames_replaced_while_paused"] += 1
+            self._frame = msg
+            self._frame_seq += 1
+            self.counters["frames"] += 1
+            self._lock.notify_all()
+
+    def _on_prompt(self, msg: String) -> None:
+        text = msg.data
+        if len(text) > self.cfg.max_prompt_chars:
+            self.counters["prompts_rejected_too_long"] += 1
+            self._local_answer(self.encoder.new_request_id(), 0, Outcome.REJECTED,
+                               f"prompt has {len(text)} characters, limit {self.cfg.max_prompt_chars}")
+            return
+        with self._lock:
+            if self.cfg.request_mode == "continuous":
+                self._standing_prompt = text
+                return
+            if len(self._prompts) >= self.cfg.max_pending_prompts:
+                old, _ = self._prompts.popleft()
+                self.counters["prompts_dropped_queue_full"] += 1
+                self._local_answer(self.encoder.new_request_id(), 0, Outcome.REJECTED,
+                                   f"robot prompt queue full ({self.cfg.max_pending_prompts}); dropped: {old[:40]!r}")
+            self._prompts.append((text, time.monotonic()))
+            self._lock.notify_all()
+
+    def _on_flow(self, msg: FlowControl) -> None:
+        with self._lock:
+            paused = msg.state == FlowControl.PAUSE
+            if paused != self._paused:
+                self.get_logger().info(f"server {msg.server_id}: {'PAUSE' if paused else 'RESUME'} "
+                                       f"(queue depth {msg.queue_depth})")
+                self.counters["pauses" if paused else "resumes"] += 1
+            self._paused = paused
+            self._lock.notify_all()
+
+    # ---- worker thread -----------------------------------------------------------------------
+    def _next_job(self) -> tuple[str, Image] | None:
+        """Under the lock: the next (prompt, frame) to encode, or None to keep waiting."""
+        if self._paused:
+            return None
+        if self.cfg.request_mode == "continuous":
+            if self._frame is None or self._frame_seq == self._used_seq:
+                return None
+            if self.cfg.max_rate_hz > 0 and time.monotonic() - self._last_request_t < 1.0 / self.cfg.max_rate_hz:
+                return None
+            self._used_seq = self._frame_seq
+            return self._standing_prompt, self._frame
+        while self._prompts:
+            text, t = self._prompts[0]
+            if self._frame is not None:
+                self._prompts.popleft()
+                self._used_seq = self._frame_seq
+                return text, self._frame
+            if time.monotonic() - t > self.cfg.frame_wait_s:
+                self._prompts.popleft()
+                self.counters["prompts_without_frame"] += 1
+                self._local_answer(self.encoder.new_request_id(), 0, Outcome.ERROR,
+                                   f"no camera frame on {self.resolve_topic_name(topics.CAMERA)} within "
+                                   f"{self.cfg.frame_wait_s:g} s")
+                continue
+            return None
+        return None
+
+    def _work(self) -> None:
+        while self._running:
+            with self._lock:
+                job = self._next_job()
+                if job is None:
+                    self._lock.wait(timeout=0.05)
+                    continue
+            text, frame = job
+            self._last_request_t = time.monotonic()
+            self._request(text, frame)
+
+    def _request(self, text: str, frame: Image) -> None:
+        rid = self.encoder.new_request_id()
+        stamp_ns = stamp_to_ns(frame.header.stamp)
+        try:
+            rgb = image_to_rgb(frame)
+        except ValueError as e:
+            self.counters["bad_images"] += 1
+            self._local_answer(rid, stamp_ns, Outcome.ERROR, f"camera frame unreadable: {e}")
+            return
+        # Algorithm 1: the prompt goes out first, so the server tokenizes while we encode.
+        self.pub_prompt.publish(prompt_to_msg(PromptRequest(rid, self.cfg.robot_id, text, stamp_ns, "vqa",
+                                                            self.cfg.max_new_tokens)))
+        try:
+            packet = self.encoder.encode(rgb, rid, stamp_ns)
+        except Exception as e:
+            self.counters["encode_errors"] += 1
+            self.get_logger().error(f"encoding {rid} failed: {e}\n{traceback.format_exc()}")
+            self._local_answer(rid, stamp_ns, Outcome.ERROR, f"edge encoding failed: {type(e).__name__}: {e}")
+            return
+        self.pub_features.publish(features_to_msg(packet, time.time_ns()))
+        self.counters["requests"] += 1
+
+    def _local_answer(self, rid: str, stamp_ns: int, outcome: Outcome, reason: str) -> None:
+        self.get_logger().warning(f"{rid}: {outcome.name.lower()}: {reason}")
+        self.pub_answer.publish(answer_to_msg(AnswerResult(rid, self.cfg.robot_id, outcome, reason, stamp_ns=stamp_ns)))
+
+    def _log_counters(self) -> None:
+        self.get_logger().info(f"counters: {dict(self.counters)} paused={self._paused}")
+
+    def destroy_node(self) -> None:
+        self._running = False
+        self._worker.join(timeout=5)
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> int:
+    rclpy.init(args=args)
+    node = EdgeNode()
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""Server node (seed 000, Algorithm 2): matches prompts with features, batches, generates, answers.
+
+For each robot r in the `robots` parameter:
+  subscribes /r/edge_vlm/prompt (Prompt) and /r/edge_vlm/features (VisualFeatures)
+  publishes  /r/edge_vlm/answer (Answer) and /r/edge_vlm/flow_control (FlowControl)
+Callbacks convert and hand over to core.server.ServerEngine (bounded inbox; never block); matching
+and batching run on the engine's worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import traceback
+
+import rclpy
+from rclpy.node import Node
+
+from edge_vlm_ros.msg import Answer, FlowControl, Prompt, VisualFeatures
+
+from . import qos, topics
+from .conversions import answer_to_msg, msg_to_features, msg_to_prompt, ns_to_stamp
+from .core.config import ServerConfig
+from .core.flow import FlowEvent, FlowState
+from .core.server import ServerEngine
+from .core.split import load_vlm
+from .core.types import AnswerResult, Outcome, RequestError
+from .params import declare_config
+from .tools.default_model import resolve
+
+
+def load_codebooks(paths: list[str], fingerprint: str) -> dict:
+    """vq codecs by codebook hash; empty when no codebook is configured."""
+    if not paths:
+        return {}
+    from .core.vq import load_server_codecs
+
+    return load_server_codecs(paths, fingerprint)
+
+
+class ServerNode(Node):
+    def __init__(self) -> None:
+        super().__init__("edge_vlm_server")
+        self.cfg: ServerConfig = declare_config(self, ServerConfig)
+        model = resolve(self.cfg.model_path)
+        self.get_logger().info(f"loading {model} for robots {self.cfg.robots}")
+        adapter = load_vlm(model, dtype=self.cfg.dtype, device=self.cfg.device)
+        codebooks = load_codebooks(self.cfg.codebook_paths, adapter.fingerprint)
+        self._answer_pubs = {r: self.create_publisher(Answer, topics.for_robot(r, topics.ANSWER), qos.ANSWER)
+                             for r in self.cfg.robots}
+        self._flow_pubs = {r: self.create_publisher(FlowControl, topics.for_robot(r, topics.FLOW), qos.FLOW)
+                           for r in self.cfg.robots}
+        self._flow_state = FlowState.RESUME
+        self._flow_depth = 0
+        self._pub_lock = threading.Lock()
+        self.engine = ServerEngine(adapter, self.cfg, self._emit_answer, self._emit_flow, codebooks)
+        for r in self.cfg.robots:
+            self.create_subscription(Prompt, topics.for_robot(r, topics.PROMPT),
+                                     lambda m, r=r: self._on_prompt(m, r), qos.REQUEST)
+            self.create_subscription(VisualFeatures, topics.for_robot(r, topics.FEATURES),
+                                     lambda m, r=r: self._on_features(m, r), qos.FEATURES)
+        self.engine.start()
+        self._publish_flow()
+        self.create_timer(1.0, self._publish_flow)      # periodic state, beside transient-local
+        self.create_timer(10.0, self._log_stats)
+        self.get_logger().info(f"serving {adapter.family} model {adapter.fingerprint}, "
+                               f"{self.engine.n_image_tokens} visual tokens/image, ready")
+
+    def _on_prompt(self, msg: Prompt, route: str) -> None:
+        try:
+            self.engine.submit_prompt(msg_to_prompt(msg), route)
+        except RequestError as e:
+            self._reply_invalid(msg, route, e)
+
+    def _on_features(self, msg: VisualFeatures, route: str) -> None:
+        received = time.time_ns()
+        try:
+            self.engine.submit_features(msg_to_features(msg), route, received)
+        except RequestError as e:
+            self._reply_invalid(msg, route, e)
+
+    def _reply_invalid(self, msg, route: str, e: RequestError) -> None:
+        self.get_logger().warning(f"invalid message on {route}: {e.reason}")
+        ans = AnswerResult(msg.request_id[:128], msg.robot_id[:128], e.outcome, e.reason)
+        ans.stamp_ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        self._emit_answer(route, ans)
+
+    def _emit_answer(self, route: str, ans: AnswerResult) -> None:
+        try:
+            self._answer_pubs[route].publish(answer_to_msg(ans))
+        except Exception as e:
+            self.get_logger().error(f"publishing answer {ans.request_id}: {e}\n{traceback.format_exc()}")
+
+    def _emit_flow(self, event: FlowEvent) -> None:
+        self._flow_state, self._flow_depth = event.state, event.depth
+        self.get_logger().info(f"{event.state.name} at matched-queue depth {event.depth}")
+        self._publish_flow()
+
+    def _publish_flow(self) -> None:
+        with self._pub_lock:
+            msg = FlowControl()
+            msg.header.stamp = ns_to_stamp(time.time_ns())
+            msg.server_id = self.cfg.server_id
+            msg.state = int(self._flow_state)
+            msg.queue_depth = len(self.engine.matched)
+            msg.pause_threshold = self.cfg.pause_threshold
+            msg.resume_threshold = self.cfg.resume_threshold
+            for pub in self._flow_pubs.values():
+                pub.publish(msg)
+
+    def _log_stats(self) -> None:
+        self.get_logger().info("stats " + json.dumps(self.engine.stats.as_dict()))
+
+    def destroy_node(self) -> None:
+        self.engine.stop()
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> int:
+    rclpy.init(args=args)
+    node = ServerNode()
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,13 @@
+"""Topic names. Robot-side names are relative, so each robot's nodes live in its own namespace;
+the server addresses robot r as /<r>/edge_vlm/<name>."""
+
+CAMERA = "camera/image_raw"          # sensor_msgs/Image, input of the edge node
+PROMPT_TEXT = "edge_vlm/prompt_text"  # std_msgs/String, a user's or a task's prompt for this robot
+PROMPT = "edge_vlm/prompt"           # edge_vlm_ros/Prompt, edge -> server
+FEATURES = "edge_vlm/features"       # edge_vlm_ros/VisualFeatures, edge -> server
+ANSWER = "edge_vlm/answer"           # edge_vlm_ros/Answer, server (and edge, for local failures) -> robot
+FLOW = "edge_vlm/flow_control"       # edge_vlm_ros/FlowControl, server -> robot
+
+
+def for_robot(robot: str, name: str) -> str:
+    return f"/{robot}/{name}"

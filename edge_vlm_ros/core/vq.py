@@ -1,0 +1,644 @@
+"""Vector-quantization feature codec ("vq"): codebook indices on the wire instead of features.
+
+The edge maps every token (row of a (T, D) feature) to its nearest codeword and sends the index;
+the server looks the codeword up. Variants, all described by one `Codebook` (core/codebook.py):
+- one codebook (stages=1, groups=1): the AlignedVQ setting, ceil(log2 K) bits per token;
+- residual VQ (stages>1): stage s quantizes what stages < s left over; decode sums the stages;
+- grouped VQ (groups>1): the D channels are split into equal contiguous groups, each quantized
+  with its own codebook.
+Index stream order is stage-major, then group, then token: idx[s, g, t].
+
+Payload, declared in `EncodedTensor.params`:
+- entropy=none: indices bit-packed at bits=ceil(log2 K) each, LSB first, zero padding to a byte;
+  exactly ceil(S*G*T*bits/8) bytes.
+- entropy=static / adaptive: the same indices through a range coder (written here, LZMA-style
+  carry propagation, 32-bit range, 16-bit frequency totals). The model for stream (s, g) starts
+  from the codebook's training usage counts, so the prior costs no bytes on the wire; "adaptive"
+  also raises the frequency of every index it has coded, which pays off when an image repeats
+  codewords (flat regions). The encoder falls back to fixed width (and says entropy=none) when
+  coding would not be shorter, so a coded payload is never longer than the fixed-width one.
+
+`decode` validates before decoding: codec name, codebook hash, dtype, shape against the codebook
+dim, params, exact payload length (or a well-formed, fully consumed range-coded stream) and
+indices in [0, K); anything wrong raises RequestError(REJECTED) with the reason. side_info is not
+interpreted here: placements that need per-token LayerNorm statistics put them there with
+`pack_token_stats` and read them with `unpack_token_stats`, and it counts in payload_bytes().
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .codebook import Codebook, load_codebook
+from .codec import TORCH_DTYPES, FeatureCodec, check_shape, dtype_name, register_codec
+from .types import EncodedTensor, rejected
+
+LOG = logging.getLogger(__name__)
+
+ENTROPY_MODES = ("none", "static", "adaptive")
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+# ---- bit packing ------------------------------------------------------------------------------
+
+
+def packed_size(count: int, bits: int) -> int:
+    """Bytes of `count` indices at `bits` bits each."""
+    return (count * bits + 7) // 8
+
+
+def pack_indices(indices: np.ndarray, bits: int) -> bytes:
+    """Pack non-negative integers < 2**bits into ceil(n*bits/8) bytes, LSB first, zero padded."""
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bit width {bits} outside 1..16")
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or idx.dtype.kind not in "iu":
+        raise ValueError(f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= (1 << bits)):
+        raise ValueError(f"indices span [{int(idx.min())}, {int(idx.max())}], outside [0, {1 << bits}) "
+                         f"for {bits} bits")
+    shifts = np.arange(bits, dtype=np.uint32)
+    bitmat = ((idx.astype(np.uint32)[:, None] >> shifts) & 1).astype(np.uint8)   # (n, bits)
+    return np.packbits(bitmat.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_indices(data: bytes, bits: int, count: int) -> np.ndarray:
+    """Inverse of pack_indices; the length must be exact and the padding bits zero. (count,) int64."""
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bit width {bits} outside 1..16")
+    if count < 0:
+        raise ValueError(f"index count {count} is negative")
+    need = packed_size(count, bits)
+    if len(data) != need:
+        raise ValueError(f"packed indices are {len(data)} bytes, {count} indices at {bits} bits need {need}")
+    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")  # (8 * len,)
+    if flat[count * bits:].any():
+        raise ValueError("packed indices have non-zero padding bits")
+    bitmat = flat[: count * bits].reshape(count, bits).astype(np.int64)            # (n, bits)
+    return bitmat @ (np.int64(1) << np.arange(bits, dtype=np.int64))
+
+
+# ---- range coder ------------------------------------------------------------------------------
+
+PROB_BITS = 16
+PROB_TOTAL = 1 << PROB_BITS          # frequency total of every model (range >= 2**24 => r >= 256)
+ADAPT_PRIOR_TOTAL = 1 << 14          # adaptive models start from the prior at this total ...
+ADAPT_INC = 32                       # ... and add this much to each coded index, halving at PROB_TOTAL
+_TOP = 1 << 24
+_MASK32 = 0xFFFFFFFF
+
+
+class RangeEncoder:
+    """Range encoder with carry propagation (the LZMA scheme); `finish` returns the bytes."""
+
+    def __init__(self) -> None:
+        self.low = 0
+        self.range = _MASK32
+        self.cache = 0
+        self.cache_size = 1
+        self.out = bytearray()
+
+    def _shift_low(self) -> None:
+        low = self.low
+        if low < 0xFF000000 or low > _MASK32:
+            carry = low >> 32
+            temp = self.cache
+            while True:
+                self.out.append((temp + carry) & 0xFF)
+                temp = 0xFF
+                self.cache_size -= 1
+                if self.cache_size == 0:
+                    break
+            self.cache = (low >> 24) & 0xFF
+        self.cache_size += 1
+        self.low = (low & 0x00FFFFFF) << 8
+
+    def encode(self, cum: int, freq: int, total: int) -> None:
+        r = self.range // total
+        self.low += r * cum
+        self.range = r * freq
+        while self.range < _TOP:
+            self.range <<= 8
+            self._shift_low()
+
+    def finish(self) -> bytes:
+        # Any value in [low, low + range) decodes the same; take the one with the most trailing zero
+        # bytes, which the decoder supplies itself past the end of the stream.
+        for j in (4, 3, 2, 1, 0):
+            mask = (1 << (8 * j)) - 1
+            v = (self.low + mask) & ~mask
+            if v < self.low + self.range:
+                self.low = v
+                break
+        for _ in range(5):
+            self._shift_low()
+        if self.out[0] != 0:  # the byte above the first 32-bit window can never be reached
+            raise AssertionError("range coder: leading byte is not zero")
+        out = bytes(self.out[1:])
+        return out.rstrip(b"\x00")
+
+
+class RangeDecoder:
+    """Decoder for RangeEncoder streams; reads zeros past the end; raises ValueError if corrupt.
+
+    It also follows the encoder's `low` (modulo 2**32), so `check_end` can tell whether the stream
+    is the canonical one the encoder writes: no trailing bytes, no padding, nothing that decodes
+    the same but is longer.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+        self.range = _MASK32
+        self.low = 0
+        self.code = 0
+        self.r = 1
+        for _ in range(4):
+            self.code = (self.code << 8) | self._next()
+
+    def _next(self) -> int:
+        b = self.data[self.pos] if self.pos < len(self.data) else 0
+        self.pos += 1
+        return b
+
+    def target(self, total: int) -> int:
+        self.r = self.range // total
+        v = self.code // self.r
+        if v >= total:
+            raise ValueError("range-coded stream is corrupt (code outside the interval)")
+        return v
+
+    def consume(self, cum: int, freq: int) -> None:
+        self.code -= self.r * cum
+        self.low = (self.low + self.r * cum) & _MASK32
+        self.range = self.r * freq
+        while self.range < _TOP:
+            self.code = (self.code << 8) | self._next()
+            self.low = (self.low << 8) & _MASK32
+            self.range <<= 8
+
+    def check_end(self) -> None:
+        """The stream must be exactly what the encoder produced for these symbols."""
+        if len(self.data) > self.pos:
+            raise ValueError(f"range-coded stream has {len(self.data) - self.pos} trailing bytes")
+        if self.data and self.data[-1] == 0:
+            raise ValueError("range-coded stream ends with a zero byte (not canonical)")
+        for j in (4, 3, 2, 1, 0):        # the final value RangeEncoder.finish picks
+            mask = (1 << (8 * j)) - 1
+            v = (self.low + mask) & ~mask
+            if v < self.low + self.range:
+                break
+        if self.code != v - self.low:
+            raise ValueError("range-coded stream has trailing bytes or a non-canonical end")
+
+
+def quantize_prior(counts: np.ndarray, total: int) -> np.ndarray:
+    """Integer frequencies >= 1 summing to `total`, proportional to counts (uniform if all zero).
+
+    Integer arithmetic only, so the edge and the server derive identical tables on any CPU.
+    """
+    c = np.asarray(counts, dtype=np.int64)
+    k = c.size
+    if k > total:
+        raise ValueError(f"cannot give {k} symbols a frequency >= 1 within a total of {total}")
+    s = int(c.sum())
+    if s == 0:
+        f = np.full(k, total // k, dtype=np.int64)
+        f[: total - int(f.sum())] += 1
+        return f
+    spare = total - k
+    # c * spare can overflow int64 only for counts beyond 2**47; Python ints avoid the question.
+    f = np.array([1 + (int(ci) * spare) // s for ci in c], dtype=np.int64)
+    rest = total - int(f.sum())
+    order = np.argsort(-c, kind="stable")          # most used first, ties by index
+    f[order[:rest]] += 1
+    return f
+
+
+class StaticModel:
+    """Fixed frequencies; symbol lookup by bisection over the cumulative table."""
+
+    def __init__(self, freqs: np.ndarray) -> None:
+        self.freq = [int(v) for v in freqs]
+        self.cum = [0]
+        for v in self.freq:
+            self.cum.append(self.cum[-1] + v)
+        self.total = self.cum[-1]
+
+    def interval(self, s: int) -> tuple[int, int]:
+        return self.cum[s], self.freq[s]
+
+    def find(self, v: int) -> int:
+        return bisect.bisect_right(self.cum, v) - 1
+
+    def update(self, s: int) -> None:
+        pass
+
+
+class AdaptiveModel:
+    """Frequencies that grow with use (Fenwick tree for cumulative sums), halved at PROB_TOTAL."""
+
+    def __init__(self, freqs: np.ndarray, inc: int = ADAPT_INC, limit: int = PROB_TOTAL) -> None:
+        self.inc = inc
+        self.limit = limit
+        self.freq = [int(v) for v in freqs]
+        self.k = len(self.freq)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        tree = [0] * (self.k + 1)
+        for i, v in enumerate(self.freq, start=1):
+            tree[i] += v
+            j = i + (i & -i)
+            if j <= self.k:
+                tree[j] += tree[i]
+        self.tree = tree
+        self.total = sum(self.freq)
+        self.top = 1 << (self.k.bit_length() - 1)
+
+    def _prefix(self, s: int) -> int:
+        acc, i, tree = 0, s, self.tree
+        while i > 0:
+            acc += tree[i]
+            i -= i & -i
+        return acc
+
+    def interval(self, s: int) -> tuple[int, int]:
+        return self._prefix(s), self.freq[s]
+
+    def find(self, v: int) -> int:
+        pos, step, tree, k = 0, self.top, self.tree, self.k
+        while step:
+            nxt = pos + step
+            if nxt <= k and tree[nxt] <= v:
+                pos = nxt
+                v -= tree[nxt]
+            step >>= 1
+        return pos
+
+    def update(self, s: int) -> None:
+        self.freq[s] += self.inc
+        self.total += self.inc
+        if self.total > self.limit:
+            self.freq = [(v + 1) >> 1 for v in self.freq]
+            self._rebuild()
+            return
+        i, tree, k, inc = s + 1, self.tree, self.k, self.inc
+        while i <= k:
+            tree[i] += inc
+            i += i & -i
+
+
+Model = StaticModel | AdaptiveModel
+
+
+def range_encode(streams: list[np.ndarray], models: list[Model]) -> bytes:
+    """Code each 1-D index stream with its own (fresh) model, one after the other, into one stream."""
+    enc = RangeEncoder()
+    for seq, model in zip(streams, models):
+        for s in seq.tolist():
+            cum, freq = model.interval(s)
+            enc.encode(cum, freq, model.total)
+            model.update(s)
+    return enc.finish()
+
+
+def range_decode(data: bytes, counts: list[int], models: list[Model]) -> list[np.ndarray]:
+    """Inverse of range_encode for streams of the given lengths; ValueError on a corrupt stream."""
+    dec = RangeDecoder(data)
+    out = []
+    for n, model in zip(counts, models):
+        seq = np.empty(n, dtype=np.int64)
+        for t in range(n):
+            v = dec.target(model.total)
+            s = model.find(v)
+            cum, freq = model.interval(s)
+            dec.consume(cum, freq)
+            model.update(s)
+            seq[t] = s
+        out.append(seq)
+    dec.check_end()
+    return out
+
+
+# ---- nearest-codeword search ------------------------------------------------------------------
+
+
+class NearestCodeword:
+    """argmin_k |x - c_k|^2 via the matmul trick: argmin_k (|c_k|^2 - 2 x.c_k), |c_k|^2 cached.
+
+    float32 throughout: bfloat16 picks wrong codewords (measured). Ties go to the lowest index.
+    """
+
+    def __init__(self, codewords: torch.Tensor, chunk_rows: int = 4096, device: str = "cpu") -> None:
+        if codewords.ndim != 2:
+            raise ValueError(f"codewords must be (K, d), got {tuple(codewords.shape)}")
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows={chunk_rows}: must be >= 1")
+        self.device = torch.device(device)
+        cw = codewords.detach().to(self.device, torch.float32)
+        self.ct = cw.t().contiguous()                        # (d, K)
+        self.c_norm = (cw * cw).sum(dim=1).unsqueeze(0)      # (1, K)
+        self.chunk_rows = chunk_rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, d) float32 on self.device -> (N,) int64 on self.device."""
+        out = torch.empty(x.shape[0], dtype=torch.int64, device=self.device)
+        for s in range(0, x.shape[0], self.chunk_rows):
+            xc = x[s:s + self.chunk_rows]
+            scores = torch.addmm(self.c_norm, xc, self.ct, beta=1.0, alpha=-2.0)  # (c, K)
+            out[s:s + xc.shape[0]] = scores.argmin(dim=1)
+        return out
+
+
+# ---- per-token statistics in side_info -------------------------------------------------------
+
+STATS_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+
+
+def pack_token_stats(mean: torch.Tensor, std: torch.Tensor, dtype: str = "float16") -> bytes:
+    """Per-token LayerNorm mean and std (T,) each -> bytes: T means then T stds, little-endian.
+
+    What a server needs to rebuild the residual stream from a post-LayerNorm feature:
+    x = (y - beta) / gamma * std + mean. float16 costs 4 bytes a token (relative error ~5e-4);
+    float32 8 bytes.
+    """
+    if dtype not in STATS_DTYPES:
+        raise ValueError(f"token stats dtype {dtype!r}: expected one of {sorted(STATS_DTYPES)}")
+    m = mean.detach().to("cpu", torch.float64).reshape(-1)
+    sd = std.detach().to("cpu", torch.float64).reshape(-1)
+    if m.shape != sd.shape:
+        raise ValueError(f"mean has {m.numel()} values, std {sd.numel()}")
+    with np.errstate(over="ignore"):   # overflow to inf is reported just below
+        arr = np.concatenate([m.numpy(), sd.numpy()]).astype(STATS_DTYPES[dtype])   # (2T,)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"token stats are not finite in {dtype} (|value| up to "
+                         f"{float(max(m.abs().max(), sd.abs().max()))})")
+    if (arr[m.numel():] <= 0).any():
+        raise ValueError(f"token std must be > 0 in {dtype}, smallest is {float(sd.min())}")
+    return arr.tobytes()
+
+
+def unpack_token_stats(side_info: bytes, n_tokens: int,
+                       dtype: str = "float16") -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of pack_token_stats -> mean (T,), std (T,) float32; RequestError(REJECTED) if bad."""
+    if dtype not in STATS_DTYPES:
+        raise rejected(f"token stats dtype {dtype!r}: expected one of {sorted(STATS_DTYPES)}")
+    item = STATS_DTYPES[dtype].itemsize
+    if n_tokens < 1 or len(side_info) != 2 * n_tokens * item:
+        raise rejected(f"side_info is {len(side_info)} bytes, {n_tokens} tokens of {dtype} mean and std "
+                       f"need {2 * max(n_tokens, 0) * item}")
+    arr = np.frombuffer(side_info, dtype=STATS_DTYPES[dtype]).astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise rejected("side_info token stats contain NaN or inf")
+    mean, std = arr[:n_tokens], arr[n_tokens:]
+    if (std <= 0).any():
+        raise rejected(f"side_info token std must be > 0, got {float(std.min())}")
+    return torch.from_numpy(mean.copy()), torch.from_numpy(std.copy())
+
+
+# ---- the codec --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VQConfig:
+    """Options of the "vq" codec as configuration gives them (make_codec("vq", **options))."""
+
+    codebook: str                  # path of a .safetensors / .npz codebook (core/codebook.py)
+    entropy: str = "none"          # "none" (fixed width), "static" or "adaptive" (range coded)
+    model_fingerprint: str = ""    # the model this process runs; the codebook must match ("" = no check)
+    placement: str = ""            # the split placement; the codebook must match ("" = no check)
+    device: str = "cpu"            # where the nearest-codeword search runs on the edge
+    chunk_rows: int = 4096         # tokens per distance block in the search
+
+    def __post_init__(self) -> None:
+        if not self.codebook:
+            raise ValueError("vq codec needs a codebook path (option 'codebook')")
+        if self.entropy not in ENTROPY_MODES:
+            raise ValueError(f"vq entropy {self.entropy!r}: expected one of {ENTROPY_MODES}")
+        if self.chunk_rows < 1:
+            raise ValueError(f"vq chunk_rows={self.chunk_rows}: must be >= 1")
+        try:
+            torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"vq device {self.device!r}: {e}") from None
+
+
+class VQCodec(FeatureCodec):
+    """Encode (..., T, D) features to codebook indices; decode indices to codewords."""
+
+    name = "vq"
+
+    def __init__(self, codebook: Codebook, entropy: str = "none", device: str = "cpu",
+                 chunk_rows: int = 4096) -> None:
+        if entropy not in ENTROPY_MODES:
+            raise ValueError(f"vq entropy {entropy!r}: expected one of {ENTROPY_MODES}")
+        self.codebook = codebook
+        self.entropy = entropy
+        self.device = torch.device(device)
+        cb = codebook
+        self._cw = cb.codewords                                             # (S, G, K, dg) cpu
+        self._search = [[NearestCodeword(cb.codewords[s, g], chunk_rows, device) for g in range(cb.groups)]
+                        for s in range(cb.stages)]
+        self._cw_dev = cb.codewords.to(self.device)
+        counts = cb.counts.numpy()                                          # (S, G, K)
+        self._static_freqs = [[quantize_prior(counts[s, g], PROB_TOTAL) for g in range(cb.groups)]
+                              for s in range(cb.stages)]
+        self._static_models = [[StaticModel(f) for f in row] for row in self._static_freqs]
+        self._adapt_freqs = [[quantize_prior(counts[s, g], ADAPT_PRIOR_TOTAL) for g in range(cb.groups)]
+                             for s in range(cb.stages)]
+
+    @property
+    def codebook_hash(self) -> str:
+        return self.codebook.content_hash
+
+    def describe(self) -> str:
+        return f"vq(entropy={self.entropy}, {self.codebook.describe()})"
+
+    # ---- quantization ----------------------------------------------------------------------
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, D) -> indices (S, G, T) int64 on the CPU."""
+        cb = self.codebook
+        dg = cb.group_dim
+        resid = x.detach().to(self.device, torch.float32)                   # (T, D)
+        out = torch.empty(cb.stages, cb.groups, x.shape[0], dtype=torch.int64)
+        for s in range(cb.stages):
+            recon = torch.empty_like(resid) if s + 1 < cb.stages else None
+            for g in range(cb.groups):
+                part = resid[:, g * dg:(g + 1) * dg].contiguous()           # (T, dg)
+                idx = self._search[s][g](part)                              # (T,)
+                out[s, g] = idx.cpu()
+                if recon is not None:
+                    recon[:, g * dg:(g + 1) * dg] = self._cw_dev[s, g][idx]
+            if recon is not None:
+                resid = resid - recon
+        return out
+
+    def dequantize(self, idx: torch.Tensor) -> torch.Tensor:
+        """indices (S, G, T) -> (T, D) float32: the sum over stages of the concatenated groups."""
+        cb = self.codebook
+        parts = [torch.cat([self._cw[s, g][idx[s, g]] for g in range(cb.groups)], dim=1)
+                 for s in range(cb.stages)]                                 # S x (T, D)
+        out = parts[0]
+        for p in parts[1:]:
+            out = out + p
+        return out
+
+    # ---- wire ------------------------------------------------------------------------------
+
+    def _models(self, mode: str) -> list[Model]:
+        if mode == "static":
+            return [m for row in self._static_models for m in row]
+        return [AdaptiveModel(f) for row in self._adapt_freqs for f in row]
+
+    def encode(self, x: torch.Tensor) -> EncodedTensor:
+        """x: (..., T, D) float features at the split point -> indices on the wire."""
+        cb = self.codebook
+        if x.ndim < 2 or x.shape[-1] != cb.dim:
+            raise ValueError(f"vq codec expects (..., T, {cb.dim}) features, got {tuple(x.shape)}")
+        dt = dtype_name(x.dtype)
+        if dt not in FLOAT_DTYPES:
+            raise ValueError(f"vq codec encodes floating-point features, got {dt}")
+        flat = x.reshape(-1, cb.dim)                                        # (T, D)
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError("vq codec input contains NaN or inf")
+        idx = self.quantize(flat).numpy()                                   # (S, G, T)
+        fixed = pack_indices(idx.reshape(-1), cb.bits)
+        mode, payload = "none", fixed
+        if self.entropy != "none":
+            coded = range_encode(list(idx.reshape(cb.stages * cb.groups, -1)), self._models(self.entropy))
+            if len(coded) < len(fixed):
+                mode, payload = self.entropy, coded
+        return EncodedTensor(codec=self.name, dtype=dt, shape=tuple(int(s) for s in x.shape), payload=payload,
+                             side_info=b"", codebook_hash=cb.content_hash,
+                             params={"bits": str(cb.bits), "entropy": mode})
+
+    def decode(self, enc: EncodedTensor) -> torch.Tensor:
+        cb = self.codebook
+        if enc.codec != self.name:
+            raise rejected(f"vq decoder got a {enc.codec!r} payload")
+        if enc.codebook_hash != cb.content_hash:
+            got = enc.codebook_hash or "(none)"
+            raise rejected(f"codebook hash mismatch: got {got}, server has {cb.content_hash}")
+        if enc.dtype not in FLOAT_DTYPES:
+            raise rejected(f"vq decodes to float32, float16 or bfloat16, message says {enc.dtype!r}")
+        shape = check_shape(enc.shape)
+        if len(shape) < 2 or shape[-1] != cb.dim:
+            raise rejected(f"vq shape {list(shape)} must be (..., T, {cb.dim}) for this codebook")
+        n_tokens = math.prod(shape[:-1])
+        extra = sorted(set(enc.params) - {"bits", "entropy"})
+        if extra:
+            raise rejected(f"vq params {extra} are unknown (params {enc.params})")
+        if enc.params.get("bits") != str(cb.bits):
+            raise rejected(f"vq bits={enc.params.get('bits')!r}, codebook K={cb.k} needs {cb.bits}")
+        mode = enc.params.get("entropy")
+        if mode not in ENTROPY_MODES:
+            raise rejected(f"vq entropy={mode!r}: expected one of {ENTROPY_MODES}")
+        n_streams = cb.stages * cb.groups
+        fixed_len = packed_size(n_streams * n_tokens, cb.bits)
+        try:
+            if mode == "none":
+                if len(enc.payload) != fixed_len:
+                    raise ValueError(f"payload is {len(enc.payload)} bytes, {n_tokens} tokens x {cb.stages} "
+                                     f"stages x {cb.groups} groups at {cb.bits} bits need {fixed_len}")
+                flat = unpack_indices(enc.payload, cb.bits, n_streams * n_tokens)
+                bad = int((flat >= cb.k).sum())
+                if bad:
+                    raise ValueError(f"{bad} indices are >= K={cb.k} (largest {int(flat.max())})")
+            else:
+                if len(enc.payload) >= fixed_len:
+                    raise ValueError(f"{mode}-coded payload is {len(enc.payload)} bytes, not shorter than "
+                                     f"the fixed-width {fixed_len}")
+                streams = range_decode(enc.payload, [n_tokens] * n_streams, self._models(mode))
+                flat = np.concatenate(streams)
+        except ValueError as e:
+            raise rejected(f"vq payload rejected: {e}") from None
+        idx = torch.from_numpy(flat).reshape(cb.stages, cb.groups, n_tokens)
+        out = self.dequantize(idx)                                           # (T, D) float32
+        return out.to(TORCH_DTYPES[enc.dtype]).reshape(shape)
+
+
+def index_bits_per_token(enc: EncodedTensor) -> float:
+    """Payload bits per token (all stages and groups together) of an encoded "vq" tensor."""
+    n_tokens = math.prod(enc.shape[:-1])
+    return 8.0 * len(enc.payload) / max(1, n_tokens)
+
+
+# ---- registry ---------------------------------------------------------------------------------
+
+_CACHE: dict[tuple[str, int, int, str | None, str | None], Codebook] = {}
+_CACHE_MAX = 4
+_CACHE_LOCK = threading.Lock()
+
+
+def cached_codebook(path: str | os.PathLike[str], model_fingerprint: str = "", placement: str = "") -> Codebook:
+    """load_codebook, remembered per (file, mtime, size, expectations) so codecs share one copy."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_mtime_ns, st.st_size, model_fingerprint or None, placement or None)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    cb = load_codebook(p, expected_fingerprint=model_fingerprint or None, expected_placement=placement or None)
+    with _CACHE_LOCK:
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = cb
+    return cb
+
+
+def make_vq_codec(codebook: str | os.PathLike[str] | Codebook = "", entropy: str = "none",
+                  model_fingerprint: str = "", placement: str = "", device: str = "cpu",
+                  chunk_rows: int | str = 4096, adapter: object = None, split: object = None) -> VQCodec:
+    """Factory behind make_codec("vq", ...). `codebook` is a file path or an already loaded Codebook.
+
+    The codebook must belong to `model_fingerprint` and `placement` when they are given; `adapter`
+    (anything with a `.fingerprint`) and `split` (a SplitPoint or its text) are shorthands for
+    them. Unknown options are a TypeError: a misspelt option must not be silently ignored.
+    """
+    if not model_fingerprint and adapter is not None:
+        model_fingerprint = str(getattr(adapter, "fingerprint", "") or "")
+    if not placement and split is not None:
+        placement = str(split)
+    if isinstance(codebook, Codebook):
+        cfg = VQConfig("<in memory>", entropy, model_fingerprint, placement, device, int(chunk_rows))
+        cb = codebook
+        if cfg.model_fingerprint and cb.model_fingerprint != cfg.model_fingerprint:
+            raise ValueError(f"codebook was trained for model {cb.model_fingerprint!r}, this model is "
+                             f"{cfg.model_fingerprint!r}")
+        if cfg.placement and cb.placement != cfg.placement:
+            raise ValueError(f"codebook was trained at placement {cb.placement!r}, the split uses "
+                             f"{cfg.placement!r}")
+    else:
+        cfg = VQConfig(str(codebook), entropy, model_fingerprint, placement, device, int(chunk_rows))
+        cb = cached_codebook(cfg.codebook, cfg.model_fingerprint, cfg.placement)
+    return VQCodec(cb, entropy=cfg.entropy, device=cfg.device, chunk_rows=cfg.chunk_rows)
+
+
+def load_server_codecs(paths: list[str], model_fingerprint: str, device: str = "cpu") -> dict[str, VQCodec]:
+    """The server's vq decoders, keyed by codebook content hash (what each message carries).
+
+    Every codebook must belong to `model_fingerprint`; a bad file raises ValueError at start-up.
+    The placement is not checked here: the server decodes whatever split the message names, and
+    each codebook's `placement` says which split it belongs to.
+    """
+    out: dict[str, VQCodec] = {}
+    for p in paths:
+        codec = make_vq_codec(p, model_fingerprint=model_fingerprint, device=device)
+        if codec.codebook_hash in out:
+            LOG.warning("codebook %s is listed twice (same content as an earlier path)", p)
+        out[codec.codebook_hash] = codec
+    return out
+
+
+register_codec("vq", make_vq_codec)

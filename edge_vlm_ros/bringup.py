@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,8 +79,10 @@ class NodeSet:
             if self.log_dir is not None:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 out = open(self.log_dir / f"{spec.name or spec.role}.log", "w")
+            # cwd outside any source tree: `python -m` puts the cwd first on sys.path, and a source
+            # checkout there would shadow the installed package (which holds the generated msg/).
             p = subprocess.Popen(spec.command(), env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                 start_new_session=True)
+                                 start_new_session=True, cwd=str(self.log_dir or tempfile.gettempdir()))
             self.procs.append((spec, p))
         return self
 

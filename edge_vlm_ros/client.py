@@ -20,7 +20,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
-from edge_vlm_ros.msg import Answer, FlowControl
+from edge_vlm_ros.msg import Answer, FlowControl, Prompt
 
 from . import qos, topics
 from .conversions import msg_to_answer, rgb_to_image
@@ -42,13 +42,17 @@ class RobotClient:
     """Publishes to and listens on /<robot>/... for a set of robots."""
 
     def __init__(self, robots: list[str], node_name: str = "edge_vlm_client") -> None:
-        if not rclpy.ok():
-            rclpy.init()
-        self.node = Node(node_name)
+        # An own context: it reads ROS_DOMAIN_ID now, so clients of different domains can follow
+        # one another (tests) or coexist in one process.
+        self._context = rclpy.Context()
+        rclpy.init(context=self._context)
+        self.node = Node(node_name, context=self._context)
         self.robots = list(robots)
         self._lock = threading.Condition()
         self.answers: dict[str, list[tuple[int, AnswerResult]]] = defaultdict(list)   # robot -> [(recv_ns, a)]
         self.flow: dict[str, list[tuple[int, int, int]]] = defaultdict(list)          # robot -> [(ns, state, depth)]
+        self.sent: dict[str, list[str]] = defaultdict(list)       # robot -> request ids its edge sent to the server
+        self.sent_ns: dict[str, list[int]] = defaultdict(list)    # robot -> when each of those was seen here
         self.pub_image = {r: self.node.create_publisher(Image, topics.for_robot(r, topics.CAMERA), qos.CAMERA)
                           for r in robots}
         self.pub_prompt = {r: self.node.create_publisher(String, topics.for_robot(r, topics.PROMPT_TEXT),
@@ -58,7 +62,9 @@ class RobotClient:
                                           lambda m, r=r: self._on_answer(m, r), qos.ANSWER)
             self.node.create_subscription(FlowControl, topics.for_robot(r, topics.FLOW),
                                           lambda m, r=r: self._on_flow(m, r), qos.FLOW)
-        self._executor = SingleThreadedExecutor()
+            self.node.create_subscription(Prompt, topics.for_robot(r, topics.PROMPT),
+                                          lambda m, r=r: self._on_sent(m, r), qos.REQUEST)
+        self._executor = SingleThreadedExecutor(context=self._context)
         self._executor.add_node(self.node)
         self._spin = threading.Thread(target=self._executor.spin, daemon=True)
         self._spin.start()
@@ -66,6 +72,12 @@ class RobotClient:
     def _on_answer(self, msg: Answer, robot: str) -> None:
         with self._lock:
             self.answers[robot].append((time.time_ns(), msg_to_answer(msg)))
+            self._lock.notify_all()
+
+    def _on_sent(self, msg: Prompt, robot: str) -> None:
+        with self._lock:
+            self.sent[robot].append(msg.request_id)
+            self.sent_ns[robot].append(time.time_ns())
             self._lock.notify_all()
 
     def _on_flow(self, msg: FlowControl, robot: str) -> None:
@@ -84,13 +96,18 @@ class RobotClient:
                 self._lock.wait(min(left, 0.2))
             return True
 
-    def wait_ready(self, timeout: float = 120.0) -> bool:
-        """True once every robot's edge listens and the server has announced its flow state."""
+    def wait_ready(self, timeout: float = 120.0, abort=None) -> bool:
+        """True once every robot's edge listens and the server has announced its flow state.
+
+        `abort()` returning true (e.g. a node process died) ends the wait early with False.
+        """
         def ready() -> bool:
+            if abort is not None and abort():
+                return True
             return all(self.flow[r] for r in self.robots) and all(
                 self.pub_image[r].get_subscription_count() > 0 and self.pub_prompt[r].get_subscription_count() > 0
                 for r in self.robots)
-        return self.wait_for(ready, timeout)
+        return self.wait_for(ready, timeout) and not (abort is not None and abort())
 
     def n_answers(self, robot: str | None = None) -> int:
         with self._lock:
@@ -123,3 +140,4 @@ class RobotClient:
     def close(self) -> None:
         self._executor.shutdown(timeout_sec=1.0)
         self.node.destroy_node()
+        self._context.try_shutdown()

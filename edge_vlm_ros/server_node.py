@@ -10,6 +10,7 @@ and batching run on the engine's worker threads.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import traceback
@@ -64,6 +65,8 @@ class ServerNode(Node):
         self._publish_flow()
         self.create_timer(1.0, self._publish_flow)      # periodic state, beside transient-local
         self.create_timer(10.0, self._log_stats)
+        if self.cfg.stats_path:
+            self.create_timer(1.0, self._write_stats)
         self.get_logger().info(f"serving {adapter.family} model {adapter.fingerprint}, "
                                f"{self.engine.n_image_tokens} visual tokens/image, ready")
 
@@ -112,8 +115,20 @@ class ServerNode(Node):
     def _log_stats(self) -> None:
         self.get_logger().info("stats " + json.dumps(self.engine.stats.as_dict()))
 
+    def _write_stats(self) -> None:
+        stats = self.engine.stats.as_dict()
+        stats.update(flow_state=self._flow_state.name, pauses=self.engine.flow.pauses,
+                     matched_depth=len(self.engine.matched), pause_threshold=self.cfg.pause_threshold,
+                     inbox_dropped=self.engine.inbox.dropped, matched_dropped=self.engine.matched.dropped)
+        tmp = self.cfg.stats_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(stats, f)
+        os.replace(tmp, self.cfg.stats_path)
+
     def destroy_node(self) -> None:
         self.engine.stop()
+        if self.cfg.stats_path:
+            self._write_stats()
         super().destroy_node()
 
 

@@ -92,6 +92,8 @@ class ServerConfig:
     default_max_new_tokens: int = _f(32, "Tokens generated when the prompt does not say.")
     max_new_tokens_limit: int = _f(256, "Largest max_new_tokens a prompt may ask for.")
     ignore_eos: bool = _f(False, "Always generate max_new_tokens (benchmarks, equality tests).")
+    stats_path: str = _f("", "If set, the server writes its counters as JSON to this file every second "
+                             "and at shutdown.")
 
     def __post_init__(self) -> None:
         # YAML cannot type an empty list, so config files write [""]: empty entries mean nothing.

@@ -11,12 +11,15 @@ Index stream order is stage-major, then group, then token: idx[s, g, t].
 Payload, declared in `EncodedTensor.params`:
 - entropy=none: indices bit-packed at bits=ceil(log2 K) each, LSB first, zero padding to a byte;
   exactly ceil(S*G*T*bits/8) bytes.
-- entropy=static / adaptive: the same indices through a range coder (written here, LZMA-style
-  carry propagation, 32-bit range, 16-bit frequency totals). The model for stream (s, g) starts
-  from the codebook's training usage counts, so the prior costs no bytes on the wire; "adaptive"
-  also raises the frequency of every index it has coded, which pays off when an image repeats
-  codewords (flat regions). The encoder falls back to fixed width (and says entropy=none) when
-  coding would not be shorter, so a coded payload is never longer than the fixed-width one.
+- entropy=static / adaptive: the same indices through a range coder (written here: LZMA-style
+  carry propagation, 48-bit range, 24-bit frequency totals). Stream (s, g) is modelled from the
+  codebook's training usage counts, so the prior costs no bytes on the wire. "static" codes with
+  that prior as is (near the usage entropy, e.g. ~8.5 of 12 bits); "adaptive" mixes it with the
+  counts of what the stream has coded so far, which pays off when an image repeats codewords
+  (flat regions), with a prior weight the encoder picks per stream (2 bits on the wire). The
+  encoder falls back to fixed width (and says entropy=none) when coding would not be shorter, so a
+  coded payload is never longer than the fixed-width one, and the decoder accepts only the
+  canonical stream the encoder writes (no trailing or padding bytes).
 
 `decode` validates before decoding: codec name, codebook hash, dtype, shape against the codebook
 dim, params, exact payload length (or a well-formed, fully consumed range-coded stream) and
@@ -88,28 +91,38 @@ def unpack_indices(data: bytes, bits: int, count: int) -> np.ndarray:
 
 # ---- range coder ------------------------------------------------------------------------------
 
-PROB_BITS = 16
-PROB_TOTAL = 1 << PROB_BITS          # frequency total of every model (range >= 2**24 => r >= 256)
-ADAPT_PRIOR_TOTAL = 1 << 14          # adaptive models start from the prior at this total ...
-ADAPT_INC = 32                       # ... and add this much to each coded index, halving at PROB_TOTAL
-_TOP = 1 << 24
-_MASK32 = 0xFFFFFFFF
+# A 48-bit range (renormalised a byte at a time below 2**40) leaves r = range // total >= 2**16 for
+# 24-bit frequency totals, so the coder loses < 2**-16 bits per symbol to rounding and the priors
+# keep their resolution even for K = 65536. Python integers make the wide arithmetic free.
+_WINDOW_BYTES = 6
+_WINDOW = 8 * _WINDOW_BYTES
+_TOP = 1 << (_WINDOW - 8)
+_MASK = (1 << _WINDOW) - 1
+PROB_BITS = 24
+PROB_TOTAL = 1 << PROB_BITS          # frequency total of the static models (and the adaptive limit)
+# Adaptive models are a Dirichlet mixture: p(s) ~ lambda * prior(s) + (times s was coded so far).
+# Which prior weight lambda pays depends on the image (flat scenes repeat codewords, busy ones do
+# not), so the encoder picks one of these per stream, from the exact code length it would get,
+# and sends the choice as the stream's first symbol (2 bits).
+ADAPT_LAMBDAS = (16, 64, 256, 1024)
+ADAPT_UNIT = 1 << 12                 # frequency added per coded index; the prior totals lambda * this
 
 
 class RangeEncoder:
-    """Range encoder with carry propagation (the LZMA scheme); `finish` returns the bytes."""
+    """Range encoder with carry propagation (the LZMA scheme, widened to 48 bits); `finish` returns
+    the bytes."""
 
     def __init__(self) -> None:
         self.low = 0
-        self.range = _MASK32
+        self.range = _MASK
         self.cache = 0
         self.cache_size = 1
         self.out = bytearray()
 
     def _shift_low(self) -> None:
         low = self.low
-        if low < 0xFF000000 or low > _MASK32:
-            carry = low >> 32
+        if low < (0xFF << (_WINDOW - 8)) or low > _MASK:
+            carry = low >> _WINDOW
             temp = self.cache
             while True:
                 self.out.append((temp + carry) & 0xFF)
@@ -117,9 +130,9 @@ class RangeEncoder:
                 self.cache_size -= 1
                 if self.cache_size == 0:
                     break
-            self.cache = (low >> 24) & 0xFF
+            self.cache = (low >> (_WINDOW - 8)) & 0xFF
         self.cache_size += 1
-        self.low = (low & 0x00FFFFFF) << 8
+        self.low = (low & (_TOP - 1)) << 8
 
     def encode(self, cum: int, freq: int, total: int) -> None:
         r = self.range // total
@@ -132,36 +145,39 @@ class RangeEncoder:
     def finish(self) -> bytes:
         # Any value in [low, low + range) decodes the same; take the one with the most trailing zero
         # bytes, which the decoder supplies itself past the end of the stream.
-        for j in (4, 3, 2, 1, 0):
-            mask = (1 << (8 * j)) - 1
-            v = (self.low + mask) & ~mask
-            if v < self.low + self.range:
-                self.low = v
-                break
-        for _ in range(5):
+        self.low = _final_value(self.low, self.range)
+        for _ in range(_WINDOW_BYTES + 1):
             self._shift_low()
-        if self.out[0] != 0:  # the byte above the first 32-bit window can never be reached
+        if self.out[0] != 0:  # the byte above the first window can never be reached
             raise AssertionError("range coder: leading byte is not zero")
-        out = bytes(self.out[1:])
-        return out.rstrip(b"\x00")
+        return bytes(self.out[1:]).rstrip(b"\x00")
+
+
+def _final_value(low: int, rng: int) -> int:
+    for j in range(_WINDOW_BYTES, -1, -1):
+        mask = (1 << (8 * j)) - 1
+        v = (low + mask) & ~mask
+        if v < low + rng:
+            return v
+    raise AssertionError("unreachable: j = 0 always fits")
 
 
 class RangeDecoder:
     """Decoder for RangeEncoder streams; reads zeros past the end; raises ValueError if corrupt.
 
-    It also follows the encoder's `low` (modulo 2**32), so `check_end` can tell whether the stream
-    is the canonical one the encoder writes: no trailing bytes, no padding, nothing that decodes
-    the same but is longer.
+    It also follows the encoder's `low` (modulo the window), so `check_end` can tell whether the
+    stream is the canonical one the encoder writes: no trailing bytes, no padding, nothing that
+    decodes the same but is longer.
     """
 
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.pos = 0
-        self.range = _MASK32
+        self.range = _MASK
         self.low = 0
         self.code = 0
         self.r = 1
-        for _ in range(4):
+        for _ in range(_WINDOW_BYTES):
             self.code = (self.code << 8) | self._next()
 
     def _next(self) -> int:
@@ -178,11 +194,11 @@ class RangeDecoder:
 
     def consume(self, cum: int, freq: int) -> None:
         self.code -= self.r * cum
-        self.low = (self.low + self.r * cum) & _MASK32
+        self.low = (self.low + self.r * cum) & _MASK
         self.range = self.r * freq
         while self.range < _TOP:
             self.code = (self.code << 8) | self._next()
-            self.low = (self.low << 8) & _MASK32
+            self.low = (self.low << 8) & _MASK
             self.range <<= 8
 
     def check_end(self) -> None:
@@ -191,12 +207,7 @@ class RangeDecoder:
             raise ValueError(f"range-coded stream has {len(self.data) - self.pos} trailing bytes")
         if self.data and self.data[-1] == 0:
             raise ValueError("range-coded stream ends with a zero byte (not canonical)")
-        for j in (4, 3, 2, 1, 0):        # the final value RangeEncoder.finish picks
-            mask = (1 << (8 * j)) - 1
-            v = (self.low + mask) & ~mask
-            if v < self.low + self.range:
-                break
-        if self.code != v - self.low:
+        if self.code != _final_value(self.low, self.range) - self.low:
             raise ValueError("range-coded stream has trailing bytes or a non-canonical end")
 
 
@@ -215,8 +226,10 @@ def quantize_prior(counts: np.ndarray, total: int) -> np.ndarray:
         f[: total - int(f.sum())] += 1
         return f
     spare = total - k
-    # c * spare can overflow int64 only for counts beyond 2**47; Python ints avoid the question.
-    f = np.array([1 + (int(ci) * spare) // s for ci in c], dtype=np.int64)
+    if int(c.max()) < (1 << 62) // max(spare, 1):
+        f = 1 + (c * spare) // s
+    else:  # products beyond int64: Python integers
+        f = np.array([1 + (int(ci) * spare) // s for ci in c], dtype=np.int64)
     rest = total - int(f.sum())
     order = np.argsort(-c, kind="stable")          # most used first, ties by index
     f[order[:rest]] += 1
@@ -246,12 +259,21 @@ class StaticModel:
 class AdaptiveModel:
     """Frequencies that grow with use (Fenwick tree for cumulative sums), halved at PROB_TOTAL."""
 
-    def __init__(self, freqs: np.ndarray, inc: int = ADAPT_INC, limit: int = PROB_TOTAL) -> None:
+    def __init__(self, freqs: np.ndarray, inc: int = ADAPT_UNIT, limit: int = PROB_TOTAL) -> None:
+        if inc < 1 or int(np.sum(freqs)) > limit:
+            raise ValueError(f"adaptive model: inc={inc}, prior total {int(np.sum(freqs))} > limit {limit}")
         self.inc = inc
         self.limit = limit
         self.freq = [int(v) for v in freqs]
         self.k = len(self.freq)
         self._rebuild()
+
+    def clone(self) -> "AdaptiveModel":
+        """A fresh copy (models are stateful: every stream starts from the untouched prior)."""
+        m = AdaptiveModel.__new__(AdaptiveModel)
+        m.inc, m.limit, m.k, m.top, m.total = self.inc, self.limit, self.k, self.top, self.total
+        m.freq, m.tree = list(self.freq), list(self.tree)
+        return m
 
     def _rebuild(self) -> None:
         tree = [0] * (self.k + 1)
@@ -327,6 +349,92 @@ def range_decode(data: bytes, counts: list[int], models: list[Model]) -> list[np
         out.append(seq)
     dec.check_end()
     return out
+
+
+def adaptive_code_bits(seq: np.ndarray, prior: np.ndarray, inc: int) -> float:
+    """Bits an AdaptiveModel(prior, inc) spends on seq (exact while the model is not halved).
+
+    The sequential probabilities multiply to a ratio of rising factorials that does not depend on
+    the order of the symbols: prod_s Gamma(a_s + n_s) / Gamma(a_s) / (Gamma(A + n) / Gamma(A)),
+    with a_s = prior_s / inc and A = sum(a_s).
+    """
+    syms, n_s = np.unique(seq, return_counts=True)
+    a = prior[syms] / inc
+    big_a = float(prior.sum()) / inc
+    nats = sum(math.lgamma(ai) - math.lgamma(ai + ni) for ai, ni in zip(a.tolist(), n_s.tolist()))
+    nats += math.lgamma(big_a + len(seq)) - math.lgamma(big_a)
+    return nats / math.log(2)
+
+
+class IndexCoder:
+    """Lossless coding of the index streams of one codebook, priors from its usage counts.
+
+    counts: (n_streams, K) int; stream i is coded with priors from counts[i]. Modes:
+    "static": fixed prior; "adaptive": per stream, a 2-bit choice of lambda (ADAPT_LAMBDAS), then
+    the Dirichlet-mixture model with that prior weight.
+    """
+
+    def __init__(self, counts: np.ndarray) -> None:
+        if counts.ndim != 2:
+            raise ValueError(f"counts must be (n_streams, K), got {counts.shape}")
+        self.static = [StaticModel(quantize_prior(c, PROB_TOTAL)) for c in counts]
+        self.priors = [[quantize_prior(c, lam * ADAPT_UNIT) for lam in ADAPT_LAMBDAS] for c in counts]
+        self._base: dict[tuple[int, int], AdaptiveModel] = {}
+
+    def _adaptive(self, stream: int, choice: int) -> AdaptiveModel:
+        key = (stream, choice)
+        if key not in self._base:   # built on first use (O(K) Python), then cloned
+            self._base[key] = AdaptiveModel(self.priors[stream][choice], ADAPT_UNIT)
+        return self._base[key].clone()
+
+    def choose(self, stream: int, seq: np.ndarray) -> int:
+        """Index into ADAPT_LAMBDAS of the prior weight that codes seq shortest."""
+        bits = [adaptive_code_bits(seq, p, ADAPT_UNIT) for p in self.priors[stream]]
+        return int(np.argmin(bits))
+
+    def encode(self, streams: list[np.ndarray], mode: str) -> bytes:
+        enc = RangeEncoder()
+        for i, seq in enumerate(streams):
+            if mode == "static":
+                model: Model = self.static[i]
+            elif mode == "adaptive":
+                choice = self.choose(i, seq)
+                enc.encode(choice, 1, len(ADAPT_LAMBDAS))
+                model = self._adaptive(i, choice)
+            else:
+                raise ValueError(f"entropy mode {mode!r}: expected 'static' or 'adaptive'")
+            for s in seq.tolist():
+                cum, freq = model.interval(s)
+                enc.encode(cum, freq, model.total)
+                model.update(s)
+        return enc.finish()
+
+    def decode(self, data: bytes, lengths: list[int], mode: str) -> list[np.ndarray]:
+        """Inverse of encode; ValueError if the stream is corrupt or not canonical."""
+        if len(lengths) != len(self.static):
+            raise ValueError(f"{len(lengths)} stream lengths for {len(self.static)} streams")
+        dec = RangeDecoder(data)
+        out = []
+        for i, n in enumerate(lengths):
+            if mode == "static":
+                model: Model = self.static[i]
+            elif mode == "adaptive":
+                choice = dec.target(len(ADAPT_LAMBDAS))
+                dec.consume(choice, 1)
+                model = self._adaptive(i, choice)
+            else:
+                raise ValueError(f"entropy mode {mode!r}: expected 'static' or 'adaptive'")
+            seq = np.empty(n, dtype=np.int64)
+            for t in range(n):
+                v = dec.target(model.total)
+                s = model.find(v)
+                cum, freq = model.interval(s)
+                dec.consume(cum, freq)
+                model.update(s)
+                seq[t] = s
+            out.append(seq)
+        dec.check_end()
+        return out
 
 
 # ---- nearest-codeword search ------------------------------------------------------------------
@@ -449,12 +557,7 @@ class VQCodec(FeatureCodec):
         self._search = [[NearestCodeword(cb.codewords[s, g], chunk_rows, device) for g in range(cb.groups)]
                         for s in range(cb.stages)]
         self._cw_dev = cb.codewords.to(self.device)
-        counts = cb.counts.numpy()                                          # (S, G, K)
-        self._static_freqs = [[quantize_prior(counts[s, g], PROB_TOTAL) for g in range(cb.groups)]
-                              for s in range(cb.stages)]
-        self._static_models = [[StaticModel(f) for f in row] for row in self._static_freqs]
-        self._adapt_freqs = [[quantize_prior(counts[s, g], ADAPT_PRIOR_TOTAL) for g in range(cb.groups)]
-                             for s in range(cb.stages)]
+        self._coder = IndexCoder(cb.counts.numpy().reshape(cb.stages * cb.groups, cb.k))
 
     @property
     def codebook_hash(self) -> str:
@@ -495,11 +598,6 @@ class VQCodec(FeatureCodec):
 
     # ---- wire ------------------------------------------------------------------------------
 
-    def _models(self, mode: str) -> list[Model]:
-        if mode == "static":
-            return [m for row in self._static_models for m in row]
-        return [AdaptiveModel(f) for row in self._adapt_freqs for f in row]
-
     def encode(self, x: torch.Tensor) -> EncodedTensor:
         """x: (..., T, D) float features at the split point -> indices on the wire."""
         cb = self.codebook
@@ -515,7 +613,7 @@ class VQCodec(FeatureCodec):
         fixed = pack_indices(idx.reshape(-1), cb.bits)
         mode, payload = "none", fixed
         if self.entropy != "none":
-            coded = range_encode(list(idx.reshape(cb.stages * cb.groups, -1)), self._models(self.entropy))
+            coded = self._coder.encode(list(idx.reshape(cb.stages * cb.groups, -1)), self.entropy)
             if len(coded) < len(fixed):
                 mode, payload = self.entropy, coded
         return EncodedTensor(codec=self.name, dtype=dt, shape=tuple(int(s) for s in x.shape), payload=payload,
@@ -558,7 +656,7 @@ class VQCodec(FeatureCodec):
                 if len(enc.payload) >= fixed_len:
                     raise ValueError(f"{mode}-coded payload is {len(enc.payload)} bytes, not shorter than "
                                      f"the fixed-width {fixed_len}")
-                streams = range_decode(enc.payload, [n_tokens] * n_streams, self._models(mode))
+                streams = self._coder.decode(enc.payload, [n_tokens] * n_streams, mode)
                 flat = np.concatenate(streams)
         except ValueError as e:
             raise rejected(f"vq payload rejected: {e}") from None

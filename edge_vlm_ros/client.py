@@ -107,7 +107,12 @@ class RobotClient:
             return all(self.flow[r] for r in self.robots) and all(
                 self.pub_image[r].get_subscription_count() > 0 and self.pub_prompt[r].get_subscription_count() > 0
                 for r in self.robots)
-        return self.wait_for(ready, timeout) and not (abort is not None and abort())
+        ok = self.wait_for(ready, timeout) and not (abort is not None and abort())
+        if ok:
+            # Our writers see the readers before the readers have matched our writers (discovery is
+            # not symmetric); a message sent in that gap is lost even when reliable. Let it settle.
+            time.sleep(1.0)
+        return ok
 
     def n_answers(self, robot: str | None = None) -> int:
         with self._lock:

@@ -28,6 +28,7 @@ def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env,
         pub_f = node.create_publisher(VisualFeatures, topics.for_robot("robot_0", topics.FEATURES), qos.FEATURES)
         pub_p = node.create_publisher(Prompt, topics.for_robot("robot_0", topics.PROMPT), qos.REQUEST)
         assert client.wait_for(lambda: pub_f.get_subscription_count() and pub_p.get_subscription_count(), 20)
+        time.sleep(1.5)   # the server's readers must also match these new writers (see RobotClient.wait_ready)
 
         def send(rid, mutate=None, prompt=True, features=True, text="what is it ?"):
             if prompt:

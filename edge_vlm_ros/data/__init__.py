@@ -1,0 +1,1 @@
+"""Data sets the reference model is trained and measured on (ROS-free)."""

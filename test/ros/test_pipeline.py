@@ -101,9 +101,10 @@ def test_backpressure_pause_resume_bounded_queue_all_answered(ros_env, tmp_path)
         time.sleep(1.5)
         import json
         stats = json.loads(stats_path.read_text())
-        # Beyond the threshold only what was already in flight: per robot one request being encoded
-        # and one in transit when PAUSE arrived.
-        assert stats["max_matched_depth"] <= pause + 2 * len(client.robots), stats
+        # Beyond the threshold only what was already in flight when PAUSE was published: per robot a
+        # request in transit, one being encoded, and one started while PAUSE itself was in transit
+        # (frames come every 33 ms; on a loaded 2-core machine delivery can take that long).
+        assert stats["max_matched_depth"] <= pause + 3 * len(client.robots), stats
         assert stats["pauses"] >= 1
         for r in client.robots:
             answers = {a.request_id: a for _, a in client.answers[r]}

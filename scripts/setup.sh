@@ -41,8 +41,21 @@ REQ_STAMP="$(sha "${REQ_FILES[@]}")-$USE_SYSTEM_ROS"
 if [ "$(cat "$VENV/.edge_vlm_requirements" 2>/dev/null)" != "$REQ_STAMP" ]; then
   log "installing pinned requirements (torch, transformers, ROS 2 wheels, colcon); first time ~1-2 min"
   "$VPY" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-  args=(-r "$REPO/requirements/base.txt" -c "$REPO/requirements/constraints.txt")
-  [ "$USE_SYSTEM_ROS" = 0 ] && args+=(-r "$REPO/requirements/ros-wheels.txt")
+  if [ "$USE_SYSTEM_ROS" = 0 ]; then
+    args=(-r "$REPO/requirements/base.txt" -c "$REPO/requirements/constraints.txt"
+          -r "$REPO/requirements/ros-wheels.txt")
+  else
+    # The distribution's message packages are compiled against its own numpy (1.x on Humble):
+    # a numpy 2 in the venv would shadow it and break their typesupport, so keep the system's
+    # numpy (and OpenCV) and pin everything else.
+    filtered="$VENV/.edge_vlm_filtered"
+    mkdir -p "$filtered"
+    grep -v -E '^(numpy|opencv-python-headless)==' "$REPO/requirements/base.txt" > "$filtered/base.txt"
+    grep -v -E '^(numpy|opencv-python-headless|ros-[a-z0-9-]+|colcon-[a-z0-9-]+|catkin-pkg)==' \
+      "$REPO/requirements/constraints.txt" > "$filtered/constraints.txt"
+    args=(-r "$filtered/base.txt" -c "$filtered/constraints.txt")
+    command -v colcon >/dev/null || { log "system ROS 2 mode needs colcon (apt install python3-colcon-common-extensions)"; exit 1; }
+  fi
   "$VPY" -m pip install -q --disable-pip-version-check "${args[@]}" 2>&1 | grep -v "^WARNING: Location" || true
   "$VPY" -c "import torch, transformers" || { log "pip install failed"; exit 1; }
   echo "$REQ_STAMP" > "$VENV/.edge_vlm_requirements"

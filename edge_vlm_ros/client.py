@@ -64,6 +64,7 @@ class RobotClient:
                                           lambda m, r=r: self._on_flow(m, r), qos.FLOW)
             self.node.create_subscription(Prompt, topics.for_robot(r, topics.PROMPT),
                                           lambda m, r=r: self._on_sent(m, r), qos.REQUEST)
+        self.last_prompt_ns = 0
         self._executor = SingleThreadedExecutor(context=self._context)
         self._executor.add_node(self.node)
         self._spin = threading.Thread(target=self._executor.spin, daemon=True)
@@ -136,6 +137,7 @@ class RobotClient:
         n0 = len(self.answers[robot])
         self.send_image(robot, rgb)
         time.sleep(settle_s)   # the frame must reach the edge before the prompt asks for "the newest"
+        self.last_prompt_ns = time.time_ns()
         self.send_prompt(robot, text)
         if not self.wait_for(lambda: len(self.answers[robot]) > n0, timeout):
             return None

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{r}] no answer within {args.timeout:g} s")
                     rows.append(None)
                     continue
-                e2e = (time.time_ns() - a.stamp_ns) / 1e6   # camera frame stamp -> answer here
+                e2e = (time.time_ns() - client.last_prompt_ns) / 1e6   # prompt sent -> answer here
                 t = a.timings
                 mark = "ok " if a.text.strip().lower() == expected.lower() else "   "
                 print(f"[{r}] Q: {question}\n        A: {a.text!r} (expected {expected!r}) {mark}"

@@ -196,9 +196,9 @@ def pixels(adapter: VLMAdapter, batch: Sequence[Example]) -> torch.Tensor:
 def batch_loss(adapter: VLMAdapter, split: SplitPoint, avq: AlignedVQ, batch: Sequence[Example],
                quantize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(answer cross-entropy, commitment loss) for a batch, through the AlignedVQ bottleneck."""
-    feats = edge_features(adapter, split, pixels(adapter, batch))        # (B, T, D), no grad
+    feats, stats = edge_features(adapter, split, pixels(adapter, batch))  # (B, T, D), no grad
     out = avq(feats, quantize=quantize)
-    vis = server_tokens(adapter, split, out.features)                   # (B, N, Dt)
+    vis = server_tokens(adapter, split, out.features, stats)            # (B, N, Dt)
     n_img = int(vis.shape[1])
     embed = adapter.model.get_input_embeddings()
     seqs, labs = [], []
@@ -259,16 +259,25 @@ def exact_match(adapter: VLMAdapter, split: SplitPoint, examples: Sequence[Examp
     """Fraction of questions whose greedy answer equals the gold answer, exactly as robots would get it:
     edge_forward -> edge part -> codec encode/decode (or lossless) -> server part -> server_forward -> generate."""
     correct = 0
+    with_stats = bool(getattr(split, "needs_token_stats", False))
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        feats = []
+        feats, stats = [], []
         for ex in chunk:
-            f = adapter.edge_forward(adapter.preprocess(ex.image), split)  # (T, D)
+            px = adapter.preprocess(ex.image)
+            if with_stats:   # vision_block:k/ln1 ships per-token LayerNorm statistics beside the features
+                f, st = adapter.edge_forward_stats(px, split)             # (T, D), (T, 2)
+                stats.append(st)
+            else:
+                f = adapter.edge_forward(px, split)                       # (T, D)
             f = apply_alignedvq(edge_part, f)
             if codec is not None:
                 f = codec.decode(codec.encode(f))
             feats.append(apply_alignedvq(server_part, f))
-        vis = adapter.server_forward(torch.stack(feats), split)          # (B, N, Dt)
+        if with_stats:
+            vis = adapter.server_forward(torch.stack(feats), split, torch.stack(stats))
+        else:
+            vis = adapter.server_forward(torch.stack(feats), split)      # (B, N, Dt)
         items = [GenerateItem(adapter.prompt_ids(ex.question, int(vis.shape[1])), vis[j], max_new_tokens)
                  for j, ex in enumerate(chunk)]
         for ex, toks in zip(chunk, adapter.generate(items)):
@@ -402,7 +411,8 @@ def finetune(cfg: FinetuneConfig, adapter: VLMAdapter | None = None) -> Finetune
     with torch.no_grad():
         usage_set = train.first(cfg.usage_images)
         for i in range(0, len(usage_set), cfg.batch_size):
-            idx = avq(edge_features(adapter, split, pixels(adapter, usage_set[i:i + cfg.batch_size]))).indices
+            feats, _ = edge_features(adapter, split, pixels(adapter, usage_set[i:i + cfg.batch_size]))
+            idx = avq(feats).indices
             for s in range(idx.shape[0]):
                 for g in range(idx.shape[1]):
                     counts[s, g] += torch.bincount(idx[s, g], minlength=base.k).cpu()
@@ -455,7 +465,8 @@ def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="model folder or hub id (load_vlm)")
     ap.add_argument("--codebook", required=True, help="k-means codebook to start from (.safetensors/.npz)")
-    ap.add_argument("--placement", required=True, help="split point: vision_block:<k> or projector")
+    ap.add_argument("--placement", required=True, help="split point: vision_block:<k>, vision_block:<k>/ln1 (where the "
+                    "model split supports it) or projector")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--data", default="generate", help="dataset folder (make_dataset) or 'generate'")
     ap.add_argument("--data-seed", type=int, default=d["data_seed"].default)

@@ -205,17 +205,61 @@ def test_gated_linear_part_matches_module_bit_for_bit() -> None:
     assert torch.equal(part(x), m(x).detach())
 
 
-# ---- a short fine-tune of a tiny LLaVA --------------------------------------------------------------
+# ---- a tiny LLaVA -----------------------------------------------------------------------------------
 
-def test_finetune_tiny_llava_reduces_loss_and_parts_load_back(tmp_path: Path) -> None:
-    from edge_vlm_ros.core.split import load_vlm
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from edge_vlm_ros.core.tiny_models import build_tiny_llava
+
+    torch.set_num_threads(1)
+    return build_tiny_llava(tmp_path_factory.mktemp("alignedvq") / "llava")
+
+
+def _placements() -> list[str]:
+    from edge_vlm_ros.core.types import SplitPoint
+
+    out = ["vision_block:0", "vision_block:2", "projector"]
+    if hasattr(SplitPoint("vision_block"), "needs_token_stats"):   # the ln1 placement, where the split has it
+        out.append("vision_block:1/ln1")
+    return out
+
+
+def test_training_halves_equal_the_split_models_halves(tiny_llava: Path) -> None:
+    """edge_features / server_tokens (batched, differentiable) compute what edge_forward / server_forward do."""
+    import numpy as np
+
+    from edge_vlm_ros.core.alignedvq import edge_features, server_tokens
+    from edge_vlm_ros.core.split import load_vlm
+    from edge_vlm_ros.core.types import SplitPoint
+
+    adapter = load_vlm(tiny_llava)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
+    px = torch.cat([adapter.preprocess(im) for im in images])
+    for text in _placements():
+        split = SplitPoint.parse(text)
+        feats, stats = edge_features(adapter, split, px)
+        got = server_tokens(adapter, split, feats, stats)
+        for b, im in enumerate(images):
+            p1 = adapter.preprocess(im)
+            if stats is not None:
+                f, st = adapter.edge_forward_stats(p1, split)
+                torch.testing.assert_close(stats[b], st, rtol=1e-5, atol=1e-5)
+                want = adapter.server_forward(f[None], split, st[None])[0]
+            else:
+                f = adapter.edge_forward(p1, split)
+                want = adapter.server_forward(f[None], split)[0]
+            torch.testing.assert_close(feats[b], f, rtol=1e-5, atol=1e-5, msg=text)
+            torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4, msg=text)
+
+
+def test_finetune_tiny_llava_reduces_loss_and_parts_load_back(tiny_llava: Path, tmp_path: Path) -> None:
+    from edge_vlm_ros.core.split import load_vlm
     from edge_vlm_ros.core.types import SplitPoint
     from edge_vlm_ros.tools.finetune_alignedvq import (Examples, FinetuneConfig, batch_loss, exact_match,
                                                        finetune)
 
-    torch.set_num_threads(1)
-    model = build_tiny_llava(tmp_path / "llava")
+    model = tiny_llava
     out = tmp_path / "avq"
     cfg = FinetuneConfig(model=str(model), codebook=str(tmp_path / "base.safetensors"), placement="vision_block:1",
                          out=str(out), steps=20, batch_size=8, lora_rank=4, make_codebook=32, calib_scenes=24,

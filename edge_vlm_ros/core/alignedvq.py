@@ -35,7 +35,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,9 @@ from torch import nn
 
 from .codebook import Codebook, load_codebook
 from .types import SplitPoint
+
+if TYPE_CHECKING:
+    from .split import VLMAdapter
 
 LOG = logging.getLogger(__name__)
 
@@ -481,7 +484,7 @@ def apply_alignedvq(part: DLPPart | None, feats: torch.Tensor) -> torch.Tensor:
     return feats if part is None else part(feats)
 
 
-def apply_lora(adapter, lora_dir: str | os.PathLike[str]) -> None:
+def apply_lora(adapter: VLMAdapter, lora_dir: str | os.PathLike[str]) -> None:
     """Merge a LoRA adapter folder (peft save_pretrained) into the adapter's model, in place.
 
     The model fingerprint stays the base model's: the edge (which never runs the language model)
@@ -503,7 +506,7 @@ def apply_lora(adapter, lora_dir: str | os.PathLike[str]) -> None:
 # ---- differentiable halves of the split model ---------------------------------------------------
 
 
-def edge_features(adapter, split: SplitPoint,
+def edge_features(adapter: VLMAdapter, split: SplitPoint,
                   pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, 3, H, W) -> features (B, T, D) at the split point and, where the split ships them
     (`vision_block:k/ln1`), per-token LayerNorm statistics (B, T, 2); no gradient (the robot's half
@@ -526,7 +529,7 @@ def edge_features(adapter, split: SplitPoint,
     raise ValueError(f"split point {split} has no features to quantize")
 
 
-def server_tokens(adapter, split: SplitPoint, feats: torch.Tensor,
+def server_tokens(adapter: VLMAdapter, split: SplitPoint, feats: torch.Tensor,
                   token_stats: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T, D) at the split (+ stats for ln1) -> (B, N, Dt) visual tokens, differentiable w.r.t.
     feats. The same computation as VLMAdapter.server_forward."""

@@ -50,7 +50,9 @@ from ..core.vq import VQCodec
 
 LOG = logging.getLogger(__name__)
 
-LORA_TARGETS = r".*language_model.*\.(q_proj|v_proj)"   # the LLM only: CLIP has q_proj/v_proj too
+# The language model only (LLaVA: model.language_model, Idefics3: model.text_model); the vision
+# towers have q_proj / v_proj too and stay frozen.
+LORA_TARGETS = r".*\.(language_model|text_model)\..*\.(q_proj|v_proj)"
 CODEBOOK_NAME = "codebook.safetensors"
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROLES = ("edge", "server", "controller")
 MODULES = {"edge": "edge_vlm_ros.edge_node", "server": "edge_vlm_ros.server_node",
-           "controller": "edge_vlm_ros.controller_node"}
+           "controller": "edge_vlm_ros.controller_node", "libero_bridge": "edge_vlm_ros.libero_bridge_node"}
 PARAM_FILES = {"edge": "robot.yaml", "server": "server.yaml", "controller": "controller.yaml"}
 
 
@@ -54,11 +54,12 @@ class NodeSpec:
     params: dict[str, object] = field(default_factory=dict)
     params_file: Path | None = None
     name: str = ""
+    extra_params_files: list[Path] = field(default_factory=list)   # applied after params_file, in order
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", MODULES[self.role], "--ros-args", "-r", f"__ns:={self.namespace}"]
-        if self.params_file is not None:
-            cmd += ["--params-file", str(self.params_file)]
+        for f in ([self.params_file] if self.params_file is not None else []) + list(self.extra_params_files):
+            cmd += ["--params-file", str(f)]
         for k, v in self.params.items():
             cmd += ["-p", _param_arg(k, v)]
         return cmd

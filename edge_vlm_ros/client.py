@@ -17,13 +17,14 @@ import numpy as np
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 
-from edge_vlm_ros.msg import Answer, FlowControl, Prompt
+from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, FlowControl, Prompt, RobotAction
 
 from . import qos, topics
-from .conversions import msg_to_answer, rgb_to_image
+from .conversions import msg_to_answer, msg_to_chunk, ns_to_stamp, rgb_to_image
+from .core.chunks import ActionChunk
 from .core.types import AnswerResult
 
 
@@ -41,7 +42,7 @@ def isolated_ros_env(domain_id: int | None = None) -> dict[str, str]:
 class RobotClient:
     """Publishes to and listens on /<robot>/... for a set of robots."""
 
-    def __init__(self, robots: list[str], node_name: str = "edge_vlm_client") -> None:
+    def __init__(self, robots: list[str], node_name: str = "edge_vlm_client", actions: bool = False) -> None:
         # An own context: it reads ROS_DOMAIN_ID now, so clients of different domains can follow
         # one another (tests) or coexist in one process.
         self._context = rclpy.Context()
@@ -64,6 +65,22 @@ class RobotClient:
                                           lambda m, r=r: self._on_flow(m, r), qos.FLOW)
             self.node.create_subscription(Prompt, topics.for_robot(r, topics.PROMPT),
                                           lambda m, r=r: self._on_sent(m, r), qos.REQUEST)
+        # actions=True: also the VLA topics (action chunks, executed actions, episodes; robot state out).
+        self.chunks: dict[str, list[tuple[int, ActionChunk]]] = defaultdict(list)     # robot -> [(recv_ns, c)]
+        self.actions: dict[str, list[tuple[int, RobotAction]]] = defaultdict(list)    # robot -> [(recv_ns, m)]
+        self.episodes: dict[str, list[Episode]] = defaultdict(list)
+        self.pub_state = {}
+        if actions:
+            for r in robots:
+                self.node.create_subscription(ActionChunkMsg, topics.for_robot(r, topics.ACTION_CHUNK),
+                                              lambda m, r=r: self._append(self.chunks[r], msg_to_chunk(m)),
+                                              qos.ACTION_CHUNK)
+                self.node.create_subscription(RobotAction, topics.for_robot(r, topics.ACTION),
+                                              lambda m, r=r: self._append(self.actions[r], m), qos.ACTION)
+                self.node.create_subscription(Episode, topics.for_robot(r, topics.EPISODE),
+                                              lambda m, r=r: self._append(self.episodes[r], m, False), qos.EPISODE)
+                self.pub_state[r] = self.node.create_publisher(JointState, topics.for_robot(r, topics.ROBOT_STATE),
+                                                               qos.ROBOT_STATE)
         self.last_prompt_ns = 0
         self._executor = SingleThreadedExecutor(context=self._context)
         self._executor.add_node(self.node)
@@ -74,6 +91,18 @@ class RobotClient:
         with self._lock:
             self.answers[robot].append((time.time_ns(), msg_to_answer(msg)))
             self._lock.notify_all()
+
+    def _append(self, target: list, item, stamped: bool = True) -> None:
+        with self._lock:
+            target.append((time.time_ns(), item) if stamped else item)
+            self._lock.notify_all()
+
+    def send_state(self, robot: str, position: list[float], stamp_ns: int | None = None) -> None:
+        """Publish a robot_state (sensor_msgs/JointState position) into the robot's namespace."""
+        m = JointState()
+        m.header.stamp = ns_to_stamp(stamp_ns if stamp_ns is not None else time.time_ns())
+        m.position = [float(x) for x in position]
+        self.pub_state[robot].publish(m)
 
     def _on_sent(self, msg: Prompt, robot: str) -> None:
         with self._lock:

@@ -3,22 +3,41 @@
 Subscribes /<robot>/edge_vlm/answer for each robot in `robots`, logs every answer with its outcome
 and per-stage timings, counts outcomes, and (answer_log_path) appends each answer as one JSON line.
 The first terminal outcome of a request id is the one acted on; a repeated id is logged and counted.
+
+With `actions: true` it also executes action chunks, one core.chunks.ChunkExecutor per robot (its
+parameters are the ChunkExecutorConfig fields, declared beside ControllerConfig's):
+  subscribes /r/edge_vlm/action_chunk (ActionChunk), /r/sim/episode (Episode), and with
+             tick_source robot_state also /r/robot_state (JointState)
+  publishes  /r/edge_vlm/action (RobotAction) once per tick: the merged action or the safe action,
+             with its status; /r/edge_vlm/prompt_text (String) with the instruction whenever the
+             executor reaches the low-water mark (the robot's edge node, task "action", turns it
+             into a request on its newest frame)
+Ticks come from a wall-clock timer (a real robot) or from each robot_state message, on its stamp
+(the lock-step LIBERO bridge, whose clock is sim time). Chunks of an episode that has been reset,
+late chunks (deadline), and rejected chunks (NaN/inf, action_dim, limits) are logged and counted; the
+safe action is held, with a throttled warning, whenever no chunk covers the tick.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
+import os
 import time
 from dataclasses import asdict
 
 import rclpy
 from rclpy.node import Node
 
-from edge_vlm_ros.msg import Answer
+from sensor_msgs.msg import JointState
+from std_msgs.msg import String
+
+from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, RobotAction
 
 from . import qos, topics
-from .conversions import msg_to_answer
+from .conversions import msg_to_answer, msg_to_chunk, ns_to_stamp, stamp_to_ns
+from .core.chunks import ChunkExecutor, ChunkExecutorConfig, TickStatus
 from .core.config import ControllerConfig
 from .core.types import Outcome
 from .params import declare_config
@@ -45,6 +64,104 @@ class ControllerNode(Node):
             self.create_subscription(Answer, topics.for_robot(r, topics.ANSWER),
                                      lambda m, r=r: self._on_answer(m, r), qos.ANSWER)
         self.get_logger().info(f"consuming answers of {self.cfg.robots}")
+        self._robots: dict[str, _RobotActions] = {}
+        if self.cfg.actions:
+            self._setup_actions()
+
+    # ---- action chunks -----------------------------------------------------------------------
+    def _setup_actions(self) -> None:
+        base = declare_config(self, ChunkExecutorConfig)
+        self.executor_config = base
+        for r in self.cfg.robots:
+            ra = _RobotActions(r, ChunkExecutor(dataclasses.replace(base, robot_id=r)), self.cfg.instruction)
+            ra.pub_action = self.create_publisher(RobotAction, topics.for_robot(r, topics.ACTION), qos.ACTION)
+            ra.pub_prompt = self.create_publisher(String, topics.for_robot(r, topics.PROMPT_TEXT), qos.USER_PROMPT)
+            self.create_subscription(ActionChunkMsg, topics.for_robot(r, topics.ACTION_CHUNK),
+                                     lambda m, ra=ra: self._on_chunk(m, ra), qos.ACTION_CHUNK)
+            self.create_subscription(Episode, topics.for_robot(r, topics.EPISODE),
+                                     lambda m, ra=ra: self._on_episode(m, ra), qos.EPISODE)
+            if self.cfg.tick_source == "robot_state":
+                self.create_subscription(JointState, topics.for_robot(r, topics.ROBOT_STATE),
+                                         lambda m, ra=ra: self._on_state(m, ra), qos.ROBOT_STATE)
+            self._robots[r] = ra
+        if self.cfg.tick_source == "timer":
+            self.create_timer(base.control_period_s, self._on_timer)
+        if self.cfg.stats_path:
+            self.create_timer(1.0, self._write_stats)
+        self.get_logger().info(f"executing action chunks for {self.cfg.robots}: merge {base.merge_policy.value}, "
+                               f"low water {base.low_water_steps} steps, ticks from {self.cfg.tick_source}")
+
+    def _now_ns(self, ra: "_RobotActions") -> int:
+        """The executor's clock: wall time, or the newest robot_state stamp (sim time)."""
+        if self.cfg.tick_source == "timer":
+            return time.time_ns()
+        return ra.last_state_ns if ra.last_state_ns is not None else 0
+
+    def _on_timer(self) -> None:
+        now = time.time_ns()
+        for ra in self._robots.values():
+            self._tick(ra, now)
+
+    def _on_state(self, msg: JointState, ra: "_RobotActions") -> None:
+        ra.last_state_ns = stamp_to_ns(msg.header.stamp)
+        self._tick(ra, ra.last_state_ns)
+
+    def _tick(self, ra: "_RobotActions", now_ns: int) -> None:
+        res = ra.executor.tick(now_ns)
+        out = RobotAction()
+        out.header.stamp = ns_to_stamp(now_ns)
+        out.robot_id, out.episode_id = ra.robot, ra.executor.episode_id
+        out.status = _STATUS[res.status]
+        out.action = [float(x) for x in res.action]
+        out.merged_chunks, out.remaining_steps = int(res.merged_chunks), int(res.remaining_steps)
+        ra.pub_action.publish(out)
+        ra.statuses[res.status.value] += 1
+        if res.warning and (ra.last_warn_ns is None or time.monotonic_ns() - ra.last_warn_ns > 2_000_000_000):
+            ra.last_warn_ns = time.monotonic_ns()
+            self.get_logger().warning(f"[{ra.robot}] {res.message} ({res.status.value})")
+        if res.needs_request:
+            if not ra.instruction:
+                ra.executor.cancel_request()
+                ra.counts["requests_without_instruction"] += 1
+                return
+            ra.pub_prompt.publish(String(data=ra.instruction))
+            ra.request_wall_ns = time.time_ns()
+
+    def _on_chunk(self, msg: ActionChunkMsg, ra: "_RobotActions") -> None:
+        now_wall = time.time_ns()
+        chunk = msg_to_chunk(msg)
+        result = ra.executor.submit(chunk, self._now_ns(ra))
+        if chunk.robot_id == ra.robot and ra.request_wall_ns is not None:
+            ra.latencies_ms.append((now_wall - ra.request_wall_ns) / 1e6)
+            ra.server_ms.append(chunk.timings.server_total_ms)
+            ra.request_wall_ns = None
+        if not result.accepted:
+            self.get_logger().warning(f"[{ra.robot}] action chunk {chunk.request_id}: {result.verdict.value}: "
+                                      f"{result.detail}")
+
+    def _on_episode(self, msg: Episode, ra: "_RobotActions") -> None:
+        if msg.status != Episode.STATUS_RUNNING or msg.episode_id == ra.executor.episode_id:
+            return
+        ra.executor.reset(msg.episode_id, stamp_to_ns(msg.header.stamp))
+        ra.request_wall_ns = None
+        if msg.instruction:
+            ra.instruction = msg.instruction
+        self.get_logger().info(f"[{ra.robot}] episode {msg.episode_id}: {ra.instruction!r}")
+
+    def action_stats(self) -> dict:
+        out = {}
+        for r, ra in self._robots.items():
+            lat = sorted(ra.latencies_ms)
+            out[r] = {"counters": ra.executor.counters(), "statuses": dict(ra.statuses), "other": dict(ra.counts),
+                      "chunk_latency_ms": list(ra.latencies_ms), "server_total_ms": list(ra.server_ms),
+                      "chunk_latency_p50_ms": _pct(lat, 50), "chunk_latency_p99_ms": _pct(lat, 99)}
+        return out
+
+    def _write_stats(self) -> None:
+        tmp = self.cfg.stats_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"answers": dict(self.counts), "robots": self.action_stats()}, f)
+        os.replace(tmp, self.cfg.stats_path)
 
     def _on_answer(self, msg: Answer, robot: str) -> None:
         now_ns = time.time_ns()
@@ -75,7 +192,38 @@ class ControllerNode(Node):
     def destroy_node(self) -> None:
         if self._log is not None:
             self._log.close()
+        if self.cfg.actions and self.cfg.stats_path:
+            self._write_stats()
         super().destroy_node()
+
+
+_STATUS = {TickStatus.ACTING: RobotAction.STATUS_ACTING, TickStatus.WAITING_FIRST: RobotAction.STATUS_WAITING_FIRST,
+           TickStatus.STARVED: RobotAction.STATUS_STARVED, TickStatus.SERVER_SILENT: RobotAction.STATUS_SERVER_SILENT}
+
+
+def _pct(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    i = min(len(sorted_values) - 1, max(0, int(round(q / 100 * (len(sorted_values) - 1)))))
+    return float(sorted_values[i])
+
+
+@dataclasses.dataclass(eq=False)
+class _RobotActions:
+    """One robot's executor and what the node keeps beside it (bounded)."""
+
+    robot: str
+    executor: ChunkExecutor
+    instruction: str
+    pub_action: object = None
+    pub_prompt: object = None
+    last_state_ns: int | None = None
+    request_wall_ns: int | None = None
+    last_warn_ns: int | None = None
+    latencies_ms: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=10000))
+    server_ms: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=10000))
+    statuses: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
 def main(args: list[str] | None = None) -> int:

@@ -6,10 +6,13 @@ import numpy as np
 from builtin_interfaces.msg import Time
 from sensor_msgs.msg import Image
 
-from edge_vlm_ros.msg import Answer, Prompt, StageTimings as StageTimingsMsg, VisualFeatures
+from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Prompt, StageTimings as StageTimingsMsg, VisualFeatures
 
+from .core.chunks import ActionChunk
 from .core.types import (AnswerResult, EncodedTensor, FeaturePacket, Outcome, PromptRequest, StageTimings,
                          rejected)
+
+MAX_PROPRIO = 4096   # values of proprioception a Prompt may carry
 
 MAX_ID_CHARS = 128
 
@@ -79,14 +82,21 @@ def prompt_to_msg(p: PromptRequest) -> Prompt:
     m.header.stamp = ns_to_stamp(p.stamp_ns)
     m.request_id, m.robot_id, m.text, m.task = p.request_id, p.robot_id, p.text, p.task
     m.max_new_tokens = int(p.max_new_tokens)
+    m.episode_id = p.episode_id
+    m.proprio = [float(x) for x in p.proprio]
     return m
 
 
 def msg_to_prompt(m: Prompt) -> PromptRequest:
     _check_id("request_id", m.request_id)
     _check_id("robot_id", m.robot_id)
+    if len(m.proprio) > MAX_PROPRIO:
+        raise rejected(f"proprio has {len(m.proprio)} values, limit {MAX_PROPRIO}")
+    if len(m.episode_id) > MAX_ID_CHARS:
+        raise rejected(f"episode_id must be at most {MAX_ID_CHARS} characters, got {len(m.episode_id)}")
     return PromptRequest(request_id=m.request_id, robot_id=m.robot_id, text=m.text, task=m.task,
-                         max_new_tokens=int(m.max_new_tokens), stamp_ns=stamp_to_ns(m.header.stamp))
+                         max_new_tokens=int(m.max_new_tokens), stamp_ns=stamp_to_ns(m.header.stamp),
+                         episode_id=m.episode_id, proprio=tuple(float(x) for x in m.proprio))
 
 
 def features_to_msg(f: FeaturePacket, sent_at_ns: int) -> VisualFeatures:
@@ -155,3 +165,28 @@ def msg_to_answer(m: Answer) -> AnswerResult:
     return AnswerResult(request_id=m.request_id, robot_id=m.robot_id, outcome=Outcome(int(m.outcome)),
                         reason=m.reason, text=m.text, token_ids=[int(t) for t in m.token_ids],
                         stamp_ns=stamp_to_ns(m.header.stamp), timings=msg_to_timings(m.timings))
+
+
+def chunk_to_msg(c: ActionChunk) -> ActionChunkMsg:
+    m = ActionChunkMsg()
+    m.header.stamp = ns_to_stamp(c.stamp_ns)
+    m.request_id, m.robot_id, m.episode_id = c.request_id, c.robot_id, c.episode_id
+    m.outcome, m.reason = int(c.outcome), c.reason
+    m.chunk_size, m.action_dim = int(c.chunk_size), int(c.action_dim)
+    m.actions = np.ascontiguousarray(c.actions, dtype=np.float32)   # float32[] from an array: no loop
+    m.control_period_s = float(c.control_period_s)
+    m.timings = timings_to_msg(c.timings)
+    return m
+
+
+def msg_to_chunk(m: ActionChunkMsg) -> ActionChunk:
+    """As received: shape and values are judged by the ChunkExecutor (a counted verdict, no exception)."""
+    try:
+        outcome = Outcome(int(m.outcome))
+    except ValueError:
+        outcome = Outcome.ERROR
+    return ActionChunk(request_id=m.request_id[:MAX_ID_CHARS], robot_id=m.robot_id[:MAX_ID_CHARS],
+                       episode_id=m.episode_id[:MAX_ID_CHARS], stamp_ns=stamp_to_ns(m.header.stamp),
+                       chunk_size=int(m.chunk_size), action_dim=int(m.action_dim),
+                       actions=np.asarray(m.actions, dtype=np.float32), control_period_s=float(m.control_period_s),
+                       outcome=outcome, reason=m.reason, timings=msg_to_timings(m.timings))

@@ -3,8 +3,15 @@
 Subscribes (relative, so one instance per robot namespace):
   camera/image_raw (sensor_msgs/Image), edge_vlm/prompt_text (std_msgs/String),
   edge_vlm/flow_control (FlowControl, from the server)
+  with task "action" also: robot_state (sensor_msgs/JointState, proprio when send_proprio) and
+  sim/episode (Episode: the episode id each request is stamped with)
 Publishes: edge_vlm/prompt (Prompt), edge_vlm/features (VisualFeatures),
-  edge_vlm/answer (Answer, only for requests that fail on the robot itself)
+  edge_vlm/answer (Answer, only for requests that fail on the robot itself; with task "action" such
+  failures go out as an ActionChunk on edge_vlm/action_chunk instead)
+
+Task "action": every prompt message is an action request. Its text is the instruction (the
+controller sends it when its chunk executor reaches the low-water mark); the request goes out as a
+Prompt with task "action", the current episode id and, with send_proprio, the newest robot state.
 
 Threads: ROS callbacks only store the newest frame, queue prompts and record the flow state; the
 worker thread encodes. While the server says PAUSE the worker encodes nothing and only the newest
@@ -20,13 +27,14 @@ import traceback
 
 import rclpy
 from rclpy.node import Node
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 
-from edge_vlm_ros.msg import Answer, FlowControl, Prompt, VisualFeatures
+from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, FlowControl, Prompt, VisualFeatures
 
 from . import qos, topics
-from .conversions import answer_to_msg, features_to_msg, image_to_rgb, prompt_to_msg, stamp_to_ns
+from .conversions import answer_to_msg, chunk_to_msg, features_to_msg, image_to_rgb, prompt_to_msg, stamp_to_ns
+from .core.chunks import ActionChunk
 from .core.config import EdgeConfig
 from .core.edge import EdgeEncoder
 from .core.types import AnswerResult, Outcome, PromptRequest
@@ -57,6 +65,12 @@ class EdgeNode(Node):
         self.pub_prompt = self.create_publisher(Prompt, topics.PROMPT, qos.REQUEST)
         self.pub_features = self.create_publisher(VisualFeatures, topics.FEATURES, qos.FEATURES)
         self.pub_answer = self.create_publisher(Answer, topics.ANSWER, qos.ANSWER)
+        self._episode_id = ""
+        self._state: JointState | None = None
+        if self.cfg.task == "action":
+            self.pub_chunk = self.create_publisher(ActionChunkMsg, topics.ACTION_CHUNK, qos.ACTION_CHUNK)
+            self.create_subscription(Episode, topics.EPISODE, self._on_episode, qos.EPISODE)
+            self.create_subscription(JointState, topics.ROBOT_STATE, self._on_state, qos.ROBOT_STATE)
         self.create_subscription(Image, topics.CAMERA, self._on_image, qos.CAMERA)
         self.create_subscription(String, topics.PROMPT_TEXT, self._on_prompt, qos.USER_PROMPT)
         self.create_subscription(FlowControl, topics.FLOW, self._on_flow, qos.FLOW)
@@ -92,6 +106,15 @@ class EdgeNode(Node):
                                    f"robot prompt queue full ({self.cfg.max_pending_prompts}); dropped: {old[:40]!r}")
             self._prompts.append((text, time.monotonic()))
             self._lock.notify_all()
+
+    def _on_episode(self, msg: Episode) -> None:
+        with self._lock:
+            if msg.status == Episode.STATUS_RUNNING:
+                self._episode_id = msg.episode_id
+
+    def _on_state(self, msg: JointState) -> None:
+        with self._lock:
+            self._state = msg
 
     def _on_flow(self, msg: FlowControl) -> None:
         with self._lock:
@@ -151,9 +174,18 @@ class EdgeNode(Node):
             self.counters["bad_images"] += 1
             self._local_answer(rid, stamp_ns, Outcome.ERROR, f"camera frame unreadable: {e}")
             return
+        episode_id, proprio = "", ()
+        if self.cfg.task == "action":
+            with self._lock:
+                episode_id, state = self._episode_id, self._state
+            if self.cfg.send_proprio:
+                if state is None:
+                    self.counters["requests_without_state"] += 1
+                else:
+                    proprio = tuple(float(x) for x in state.position)
         # Algorithm 1: the prompt goes out first, so the server tokenizes while we encode.
-        self.pub_prompt.publish(prompt_to_msg(PromptRequest(rid, self.cfg.robot_id, text, stamp_ns, "vqa",
-                                                            self.cfg.max_new_tokens)))
+        self.pub_prompt.publish(prompt_to_msg(PromptRequest(rid, self.cfg.robot_id, text, stamp_ns, self.cfg.task,
+                                                            self.cfg.max_new_tokens, episode_id, proprio)))
         try:
             packet = self.encoder.encode(rgb, rid, stamp_ns)
         except Exception as e:
@@ -166,6 +198,11 @@ class EdgeNode(Node):
 
     def _local_answer(self, rid: str, stamp_ns: int, outcome: Outcome, reason: str) -> None:
         self.get_logger().warning(f"{rid}: {outcome.name.lower()}: {reason}")
+        if self.cfg.task == "action":
+            self.pub_chunk.publish(chunk_to_msg(ActionChunk.failure(
+                outcome, reason, request_id=rid, robot_id=self.cfg.robot_id, episode_id=self._episode_id,
+                stamp_ns=stamp_ns)))
+            return
         self.pub_answer.publish(answer_to_msg(AnswerResult(rid, self.cfg.robot_id, outcome, reason, stamp_ns=stamp_ns)))
 
     def _log_counters(self) -> None:

@@ -13,6 +13,15 @@ from .core.config import field_descriptions
 C = TypeVar("C")
 
 
+def _array_type(annotation: str) -> int:
+    """ROS array type of a list field from its annotation ('list[float]', 'list[int]', 'list[str]')."""
+    if "float" in annotation:
+        return ParameterType.PARAMETER_DOUBLE_ARRAY
+    if "int" in annotation:
+        return ParameterType.PARAMETER_INTEGER_ARRAY
+    return ParameterType.PARAMETER_STRING_ARRAY
+
+
 def _type_of(default) -> int:
     if isinstance(default, bool):
         return ParameterType.PARAMETER_BOOL
@@ -27,13 +36,23 @@ def _type_of(default) -> int:
 
 def declare_config(node: Node, cls: type[C]) -> C:
     """Declare every field of `cls` as a parameter (with its description) and return the config."""
+    import enum
+    from dataclasses import fields
+
+    annotations = {f.name: str(f.type) for f in fields(cls)}  # type: ignore[arg-type]
     values = {}
     for name, (default, description) in field_descriptions(cls).items():
-        desc = ParameterDescriptor(description=description, type=_type_of(default))
+        if isinstance(default, enum.Enum):
+            default = default.value
+        ptype = _array_type(annotations[name]) if isinstance(default, list) else _type_of(default)
+        desc = ParameterDescriptor(description=description, type=ptype)
         if isinstance(default, list) and not default:
             from rclpy.parameter import Parameter
 
-            node.declare_parameter(name, Parameter.Type.STRING_ARRAY, desc)
+            kind = {ParameterType.PARAMETER_DOUBLE_ARRAY: Parameter.Type.DOUBLE_ARRAY,
+                    ParameterType.PARAMETER_INTEGER_ARRAY: Parameter.Type.INTEGER_ARRAY}.get(
+                        ptype, Parameter.Type.STRING_ARRAY)
+            node.declare_parameter(name, kind, desc)
             try:
                 values[name] = list(node.get_parameter(name).value or [])
             except ParameterUninitializedException:

@@ -3,6 +3,7 @@
 For each robot r in the `robots` parameter:
   subscribes /r/edge_vlm/prompt (Prompt) and /r/edge_vlm/features (VisualFeatures)
   publishes  /r/edge_vlm/answer (Answer) and /r/edge_vlm/flow_control (FlowControl)
+             /r/edge_vlm/action_chunk (ActionChunk), for prompts with task "action" (action_head_path)
 Callbacks convert and hand over to core.server.ServerEngine (bounded inbox; never block); matching
 and batching run on the engine's worker threads.
 """
@@ -18,10 +19,12 @@ import traceback
 import rclpy
 from rclpy.node import Node
 
-from edge_vlm_ros.msg import Answer, FlowControl, Prompt, VisualFeatures
+from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, FlowControl, Prompt, VisualFeatures
 
 from . import qos, topics
-from .conversions import answer_to_msg, msg_to_features, msg_to_prompt, ns_to_stamp
+from .conversions import answer_to_msg, chunk_to_msg, msg_to_features, msg_to_prompt, ns_to_stamp
+from .core.action_heads import load_action_head
+from .core.chunks import ActionChunk
 from .core.config import ServerConfig
 from .core.flow import FlowEvent, FlowState
 from .core.server import ServerEngine
@@ -52,10 +55,20 @@ class ServerNode(Node):
                              for r in self.cfg.robots}
         self._flow_pubs = {r: self.create_publisher(FlowControl, topics.for_robot(r, topics.FLOW), qos.FLOW)
                            for r in self.cfg.robots}
+        self._chunk_pubs = {r: self.create_publisher(ActionChunkMsg, topics.for_robot(r, topics.ACTION_CHUNK),
+                                                     qos.ACTION_CHUNK) for r in self.cfg.robots}
+        head = None
+        if self.cfg.action_head_path:
+            head = load_action_head(self.cfg.action_head_path, device=self.cfg.device, dtype=adapter.dtype)
+            hc = head.config
+            self.get_logger().info(f"action head {hc.kind.value} from {self.cfg.action_head_path}: chunk "
+                                   f"{hc.chunk_size} x {hc.action_dim}, period {hc.control_period_s} s, "
+                                   f"proprio {hc.proprio_dim if hc.use_proprio else 'no'}")
         self._flow_state = FlowState.RESUME
         self._flow_depth = 0
         self._pub_lock = threading.Lock()
-        self.engine = ServerEngine(adapter, self.cfg, self._emit_answer, self._emit_flow, codebooks)
+        self.engine = ServerEngine(adapter, self.cfg, self._emit_answer, self._emit_flow, codebooks,
+                                   emit_chunk=self._emit_chunk, action_head=head)
         for r in self.cfg.robots:
             self.create_subscription(Prompt, topics.for_robot(r, topics.PROMPT),
                                      lambda m, r=r: self._on_prompt(m, r), qos.REQUEST)
@@ -85,9 +98,21 @@ class ServerNode(Node):
 
     def _reply_invalid(self, msg, route: str, e: RequestError) -> None:
         self.get_logger().warning(f"invalid message on {route}: {e.reason}")
+        stamp_ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        if isinstance(msg, Prompt) and msg.task == "action":
+            self._emit_chunk(route, ActionChunk.failure(e.outcome, e.reason, request_id=msg.request_id[:128],
+                                                        robot_id=msg.robot_id[:128],
+                                                        episode_id=msg.episode_id[:128], stamp_ns=stamp_ns))
+            return
         ans = AnswerResult(msg.request_id[:128], msg.robot_id[:128], e.outcome, e.reason)
-        ans.stamp_ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        ans.stamp_ns = stamp_ns
         self._emit_answer(route, ans)
+
+    def _emit_chunk(self, route: str, chunk: ActionChunk) -> None:
+        try:
+            self._chunk_pubs[route].publish(chunk_to_msg(chunk))
+        except Exception as e:
+            self.get_logger().error(f"publishing action chunk {chunk.request_id}: {e}\n{traceback.format_exc()}")
 
     def _emit_answer(self, route: str, ans: AnswerResult) -> None:
         try:

@@ -7,6 +7,11 @@ PROMPT = "edge_vlm/prompt"           # edge_vlm_ros/Prompt, edge -> server
 FEATURES = "edge_vlm/features"       # edge_vlm_ros/VisualFeatures, edge -> server
 ANSWER = "edge_vlm/answer"           # edge_vlm_ros/Answer, server (and edge, for local failures) -> robot
 FLOW = "edge_vlm/flow_control"       # edge_vlm_ros/FlowControl, server -> robot
+ACTION_CHUNK = "edge_vlm/action_chunk"  # edge_vlm_ros/ActionChunk, server -> robot (task "action")
+ACTION = "edge_vlm/action"           # edge_vlm_ros/RobotAction, controller -> robot/sim, one per control tick
+ROBOT_STATE = "robot_state"          # sensor_msgs/JointState, robot/sim -> edge (proprio) and controller (ticks)
+WRIST_CAMERA = "camera/wrist/image_raw"  # sensor_msgs/Image, the sim's wrist camera
+EPISODE = "sim/episode"              # edge_vlm_ros/Episode, sim bridge -> edge, controller, evaluation
 
 
 def for_robot(robot: str, name: str) -> str:

@@ -46,6 +46,11 @@ class EdgeConfig:
     frame_wait_s: float = _f(2.0, "prompt mode: how long a prompt waits for a first camera frame.")
     max_pending_prompts: int = _f(8, "Bound of the prompt queue on the robot (oldest dropped, answered "
                                      "rejected).")
+    task: str = _f("vqa", "vqa: prompts get text answers; action: each prompt message is an action request "
+                          "(its text the instruction) answered with an ActionChunk.")
+    send_proprio: bool = _f(False, "task action: attach the newest robot_state (sensor_msgs/JointState "
+                                   "position) to each request as proprioception.")
+
 
     def __post_init__(self) -> None:
         sp = SplitPoint.parse(self.split_point)
@@ -66,6 +71,8 @@ class EdgeConfig:
                              f"{self.frame_wait_s}, max_pending_prompts={self.max_pending_prompts}")
         if self.max_prompt_chars < 1 or self.max_new_tokens < 0:
             raise ValueError(f"max_prompt_chars={self.max_prompt_chars}, max_new_tokens={self.max_new_tokens}")
+        if self.task not in ("vqa", "action"):
+            raise ValueError(f"task {self.task!r}: expected 'vqa' or 'action'")
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,9 @@ class ServerConfig:
     ignore_eos: bool = _f(False, "Always generate max_new_tokens (benchmarks, equality tests).")
     stats_path: str = _f("", "If set, the server writes its counters as JSON to this file every second "
                              "and at shutdown.")
+    action_head_path: str = _f("", "Folder of an action head (action_head_config.json + safetensors) for "
+                                   "prompts with task 'action'; empty: serve vqa only.")
+
 
     def __post_init__(self) -> None:
         # YAML cannot type an empty list, so config files write [""]: empty entries mean nothing.
@@ -118,12 +128,67 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class ControllerConfig:
+    """The controller node. With `actions` it also declares every chunks.ChunkExecutorConfig field."""
+
     robots: list[str] = _f(["robot_0"], "Robot namespaces whose answers this controller consumes.")
     answer_log_path: str = _f("", "If set, every answer is appended to this JSONL file.")
+    actions: bool = _f(False, "Execute action chunks: per robot, request chunks (edge task 'action'), merge "
+                              "them and publish edge_vlm/action at the control rate.")
+    tick_source: str = _f("timer", "timer: tick every control_period_s on the wall clock (a real robot); "
+                                   "robot_state: tick once per robot_state message on its stamp (lock-step sim).")
+    instruction: str = _f("", "Instruction sent with each action request until an Episode message gives one.")
+    stats_path: str = _f("", "If set, action counters and chunk latencies are written here as JSON every "
+                             "second and at shutdown.")
 
     def __post_init__(self) -> None:
         if not self.robots:
             raise ValueError("robots must not be empty")
+        if self.tick_source not in ("timer", "robot_state"):
+            raise ValueError(f"tick_source {self.tick_source!r}: expected 'timer' or 'robot_state'")
+
+
+@dataclass(frozen=True)
+class LiberoBridgeConfig:
+    """The LIBERO sim bridge: which episodes it runs and how it renders and steps them."""
+
+    robot_id: str = _f("robot_0", "Robot name (its namespace); carried in logs and episode ids.")
+    suite: str = _f("libero_spatial", "LIBERO suite: libero_spatial, libero_object, libero_goal, libero_10, ...")
+    task_ids: list[int] = _f([0], "Task indices of the suite to run, in order.")
+    trials: int = _f(1, "Episodes per task; trial i starts from the suite's bundled init state i.")
+    first_trial: int = _f(0, "Index of the first init state used.")
+    max_steps: int = _f(220, "Control steps before an episode ends as a failure (LIBERO-spatial: 220).")
+    settle_steps: int = _f(10, "Steps of the safe action after each reset while objects settle (not counted).")
+    image_size: int = _f(128, "Camera height and width in pixels.")
+    wrist_camera: bool = _f(True, "Also publish the wrist camera on camera/wrist/image_raw.")
+    image_flip: str = _f("vertical", "The renderer's images are upside down (OpenGL origin): vertical gives the "
+                                     "true camera image; rotate180 matches openpi's and LeRobot's LIBERO datasets.")
+    control_period_s: float = _f(0.05, "Sim time per control step (LIBERO runs at 20 Hz).")
+    action_timeout_s: float = _f(30.0, "Wall time to wait for the controller's action for a step; then the safe "
+                                       "action is applied and counted.")
+    safe_action: list[float] = _f([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0], "Action applied while settling and on "
+                                                                          "an action timeout (gripper open).")
+    seed: int = _f(7, "Simulator seed.")
+    start_delay_s: float = _f(0.0, "Wait this long after start-up before the first episode (subscribers).")
+    wait_for_subscribers_s: float = _f(120.0, "Wait up to this long for a subscriber of edge_vlm/action and of "
+                                              "the camera before the first episode.")
+    shutdown_when_done: bool = _f(False, "Exit after the plan is done (otherwise stay up, idle).")
+    stats_path: str = _f("", "If set, per-episode results are written here as JSON.")
+
+    def __post_init__(self) -> None:
+        if not self.task_ids or any(t < 0 for t in self.task_ids):
+            raise ValueError(f"task_ids must be a non-empty list of indices >= 0, got {self.task_ids}")
+        if self.trials < 1 or self.first_trial < 0 or self.max_steps < 1 or self.settle_steps < 0:
+            raise ValueError(f"trials={self.trials}, first_trial={self.first_trial}, max_steps={self.max_steps}, "
+                             f"settle_steps={self.settle_steps}")
+        if not 16 <= self.image_size <= 1024:
+            raise ValueError(f"image_size {self.image_size} outside 16..1024")
+        if not (self.control_period_s > 0 and self.action_timeout_s > 0):
+            raise ValueError(f"control_period_s={self.control_period_s}, action_timeout_s={self.action_timeout_s}")
+        if self.image_flip not in ("vertical", "rotate180"):
+            raise ValueError(f"image_flip {self.image_flip!r}: expected 'vertical' or 'rotate180'")
+        object.__setattr__(self, "safe_action", [float(x) for x in self.safe_action])
+        if len(self.safe_action) != 7:
+            raise ValueError(f"safe_action needs 7 values (LIBERO OSC_POSE + gripper), got {self.safe_action}")
 
 
 def field_descriptions(cls: type) -> dict[str, tuple[Any, str]]:

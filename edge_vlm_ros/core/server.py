@@ -10,6 +10,12 @@ Threads:
 
 Every request ends in exactly one `AnswerResult` passed to `emit_answer(route, answer)`; `route`
 is the robot namespace the request arrived on, so answers go back to the robot that asked.
+
+Task "action" (a vision-language-action model): a prompt with task "action" is matched and batched
+like a VQA request; the batch thread runs the language model once over the batch's action requests
+and the configured action head (core.vla.VLAPolicy) turns it into a chunk per request. Such a
+request ends in exactly one `ActionChunk` passed to `emit_chunk(route, chunk)` instead of an
+answer, failures included (timeouts, rejections, errors carry the outcome and no actions).
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ from .codec import FeatureCodec, is_image_codec, make_codec, unknown_codec
 from .config import ServerConfig
 from .flow import BoundedQueue, DropPolicy, FlowController, FlowEvent
 from .matcher import Matcher
+from .chunks import ActionChunk
 from .split import GenerateItem, VLMAdapter, check_features
 from .types import (AnswerResult, FeaturePacket, Outcome, PromptRequest, RequestError, SplitPoint,
                     StageTimings, rejected)
+from .vla import ActionItem, VLAPolicy
 
 LOG = logging.getLogger(__name__)
 
@@ -42,6 +50,7 @@ class _PromptEntry:
     route: str
     input_ids: list[int]
     max_new_tokens: int
+    proprio: np.ndarray | None = None     # task "action": validated against the action head
 
 
 @dataclass
@@ -83,10 +92,19 @@ class ServerEngine:
     def __init__(self, adapter: VLMAdapter, cfg: ServerConfig,
                  emit_answer: Callable[[str, AnswerResult], None],
                  emit_flow: Callable[[FlowEvent], None] | None = None,
-                 codebooks: dict[str, FeatureCodec] | None = None) -> None:
+                 codebooks: dict[str, FeatureCodec] | None = None,
+                 emit_chunk: Callable[[str, ActionChunk], None] | None = None,
+                 action_head=None) -> None:
         self.adapter = adapter
         self.cfg = cfg
         self._emit_answer = emit_answer
+        self._emit_chunk = emit_chunk
+        # task "action": the policy (LM + head), and the open action requests (request_id ->
+        # episode_id) so that every way a request can end answers it with an ActionChunk.
+        self.policy = VLAPolicy(adapter, action_head) if action_head is not None else None
+        if self.policy is not None and emit_chunk is None:
+            raise ValueError("an action head needs emit_chunk to publish its chunks")
+        self._action_requests: collections.OrderedDict[str, str] = collections.OrderedDict()
         self.inbox: BoundedQueue[tuple] = BoundedQueue(cfg.inbox_capacity, DropPolicy.REJECT_NEWEST, "inbox")
         self.matched: BoundedQueue[_Matched] = BoundedQueue(cfg.queue_capacity, DropPolicy.REJECT_NEWEST, "matched")
         self.flow = FlowController(cfg.pause_threshold, cfg.resume_threshold, emit_flow)
@@ -131,6 +149,10 @@ class ServerEngine:
     def submit_prompt(self, prompt: PromptRequest, route: str) -> None:
         with self._stats_lock:
             self.stats.prompts += 1
+            if prompt.task == "action" and prompt.request_id not in self._action_requests:
+                self._action_requests[prompt.request_id] = prompt.episode_id
+                while len(self._action_requests) > self._finished_cap:
+                    self._action_requests.popitem(last=False)
         if not self._check_route(prompt.robot_id, route, prompt.request_id, prompt.stamp_ns):
             return
         ok, _ = self.inbox.put(("prompt", prompt, route, time.time_ns(), time.monotonic()))
@@ -225,11 +247,18 @@ class ServerEngine:
         cfg = self.cfg
         if len(p.text) > cfg.max_prompt_chars:
             raise rejected(f"prompt has {len(p.text)} characters, limit {cfg.max_prompt_chars}")
-        if p.task not in ("vqa", ""):
-            raise rejected(f"task {p.task!r} is not served by this server (it serves 'vqa')")
+        served = ("vqa", "", "action") if self.policy is not None else ("vqa", "")
+        if p.task not in served:
+            raise rejected(f"task {p.task!r} is not served by this server (it serves {served[0]!r}"
+                           + (", 'action'" if self.policy is not None else "; no action_head_path configured")
+                           + ")")
         n_text = self.adapter.count_text_tokens(p.text)
         if n_text > cfg.max_prompt_tokens:
             raise rejected(f"prompt has {n_text} tokens, limit {cfg.max_prompt_tokens}")
+        if p.task == "action":
+            assert self.policy is not None
+            proprio = self.policy.check_proprio(p.proprio)
+            return _PromptEntry(p, route, self.adapter.prompt_ids(p.text, self.n_image_tokens), 0, proprio)
         n_new = p.max_new_tokens or cfg.default_max_new_tokens
         if n_new > cfg.max_new_tokens_limit:
             raise rejected(f"max_new_tokens {n_new} exceeds the server's limit {cfg.max_new_tokens_limit}")
@@ -306,15 +335,26 @@ class ServerEngine:
             for j, i in enumerate(idx):
                 tokens[i] = out[j]
         vision_ms = (time.perf_counter() - t0) * 1e3
-        items = [GenerateItem(m.prompt.input_ids, tokens[i], m.prompt.max_new_tokens) for i, m in enumerate(batch)]
+        # One batch may hold both tasks: text generation and the action head each run once over
+        # their own rows (the vision half above was shared).
+        text_idx = [i for i, m in enumerate(batch) if m.prompt.prompt.task != "action"]
+        action_idx = [i for i, m in enumerate(batch) if m.prompt.prompt.task == "action"]
+        results: dict[int, object] = {}
         t_gen = time.monotonic()
-        min_new = max(it.max_new_tokens for it in items) if self.cfg.ignore_eos else 0
-        outs = self.adapter.generate(items, min_new_tokens=min_new)
+        if text_idx:
+            items = [GenerateItem(batch[i].prompt.input_ids, tokens[i], batch[i].prompt.max_new_tokens)
+                     for i in text_idx]
+            min_new = max(it.max_new_tokens for it in items) if self.cfg.ignore_eos else 0
+            results.update(zip(text_idx, self.adapter.generate(items, min_new_tokens=min_new)))
+        if action_idx:
+            assert self.policy is not None
+            acts = [ActionItem(batch[i].prompt.input_ids, tokens[i], batch[i].prompt.proprio) for i in action_idx]
+            results.update(zip(action_idx, self.policy.predict(acts)))
         generate_ms = (time.monotonic() - t_gen) * 1e3
         with self._stats_lock:
             self.stats.batches += 1
             self.stats.batch_sizes[len(batch)] += 1
-        for m, toks in zip(batch, outs):
+        for i, m in enumerate(batch):
             f = m.features
             timings = StageTimings(
                 edge_preprocess_ms=f.packet.edge_preprocess_ms,
@@ -326,13 +366,41 @@ class ServerEngine:
                 generate_ms=generate_ms,
                 server_total_ms=(time.monotonic() - f.received_t) * 1e3,
                 batch_size=len(batch))
-            self._finish(m.prompt.route, m.prompt.prompt, Outcome.OK, "", toks, timings)
+            out = results[i]
+            if isinstance(out, RequestError):
+                self._finish(m.prompt.route, m.prompt.prompt, out.outcome, out.reason, None, timings)
+            elif isinstance(out, np.ndarray):
+                self._finish_action(m.prompt.route, m.prompt.prompt, out, timings)
+            else:
+                self._finish(m.prompt.route, m.prompt.prompt, Outcome.OK, "", out, timings)
 
     # ---- answers -----------------------------------------------------------------------------
     def _finish(self, route: str, p: PromptRequest, outcome: Outcome, reason: str,
                 tokens: list[int] | None = None, timings: StageTimings | None = None) -> None:
         text = self.adapter.decode_text(tokens) if tokens else ""
         self._reply(route, p.request_id, p.robot_id, p.stamp_ns, outcome, reason, text, tokens or [], timings)
+
+    def _finish_action(self, route: str, p: PromptRequest, chunk: np.ndarray, timings: StageTimings) -> None:
+        """An action request served: its chunk (N, A) goes out as an OK ActionChunk."""
+        assert self.policy is not None
+        with self._stats_lock:
+            self._finished[p.request_id] = None
+            while len(self._finished) > self._finished_cap:
+                self._finished.popitem(last=False)
+            self._action_requests.pop(p.request_id, None)
+            self.stats.answered["ok"] += 1
+            self.stats.answered["action_chunks"] += 1
+        c = ActionChunk.from_array(chunk, request_id=p.request_id, robot_id=p.robot_id, episode_id=p.episode_id,
+                                   stamp_ns=p.stamp_ns, control_period_s=self.policy.control_period_s,
+                                   timings=timings)
+        self._emit_chunk_safely(route, c)
+
+    def _emit_chunk_safely(self, route: str, c: ActionChunk) -> None:
+        try:
+            assert self._emit_chunk is not None
+            self._emit_chunk(route, c)
+        except Exception as e:
+            LOG.error("emitting action chunk for %s failed: %s", c.request_id, e)
 
     def _reply(self, route: str, request_id: str, robot_id: str, stamp_ns: int, outcome: Outcome, reason: str,
                text: str = "", tokens: list[int] | None = None, timings: StageTimings | None = None,
@@ -345,8 +413,18 @@ class ServerEngine:
             self.stats.answered[outcome.name.lower()] += 1
             if reason:
                 self.stats.reasons[reason.split(":")[0][:60]] += 1
+            # An action request is answered with an ActionChunk, failures too (a duplicate id's
+            # rejection, mark=False, leaves the original request open).
+            episode = (self._action_requests.pop(request_id, None) if mark
+                       else self._action_requests.get(request_id))
         if outcome is not Outcome.OK:
             LOG.warning("request %s from %s: %s: %s", request_id, route, outcome.name.lower(), reason)
+        if episode is not None and self._emit_chunk is not None:
+            self._emit_chunk_safely(route, ActionChunk.failure(
+                outcome if outcome is not Outcome.OK else Outcome.ERROR, reason or "no chunk produced",
+                request_id=request_id, robot_id=robot_id, episode_id=episode, stamp_ns=stamp_ns,
+                timings=timings))
+            return
         ans = AnswerResult(request_id, robot_id, outcome, reason, text, list(tokens or []), stamp_ns,
                            timings or StageTimings())
         try:

@@ -171,6 +171,30 @@ class VLMAdapter(ABC):
         """Greedy generation for a batch, left-padded. Returns each request's new tokens (eos cut)."""
         if not items:
             return []
+        batch, mask = self.build_inputs(items)
+        n_new = max(it.max_new_tokens for it in items)
+        out = self.model.generate(inputs_embeds=batch, attention_mask=mask, max_new_tokens=n_new,
+                                  min_new_tokens=min(min_new_tokens, n_new), do_sample=False,
+                                  pad_token_id=self.pad_token_id)
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        results = []
+        for row, it in zip(out.tolist(), items):
+            row = row[: it.max_new_tokens]
+            if min_new_tokens < it.max_new_tokens:
+                for i, t in enumerate(row):
+                    if t in eos:
+                        row = row[:i]
+                        break
+            results.append(row)
+        return results
+
+    @torch.no_grad()
+    def build_inputs(self, items: list[GenerateItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM input of a batch: image features merged into the prompt embeddings, left-padded.
+
+        Returns (inputs_embeds (B, T, Dt), attention_mask (B, T)); shared by text generation and the
+        action heads (core.vla), so both see exactly the same prefix.
+        """
         embeds, masks = [], []
         for it in items:
             ids = torch.tensor(it.input_ids, dtype=torch.long, device=self.device)
@@ -187,21 +211,7 @@ class VLMAdapter(ABC):
         batch = torch.stack([torch.cat([pad_vec.expand(t_max - e.shape[0], -1), e]) for e in embeds])
         mask = torch.stack([torch.cat([torch.zeros(t_max - m.shape[0], dtype=torch.long, device=self.device), m])
                             for m in masks])                             # (B, T)
-        n_new = max(it.max_new_tokens for it in items)
-        out = self.model.generate(inputs_embeds=batch, attention_mask=mask, max_new_tokens=n_new,
-                                  min_new_tokens=min(min_new_tokens, n_new), do_sample=False,
-                                  pad_token_id=self.pad_token_id)
-        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
-        results = []
-        for row, it in zip(out.tolist(), items):
-            row = row[: it.max_new_tokens]
-            if min_new_tokens < it.max_new_tokens:
-                for i, t in enumerate(row):
-                    if t in eos:
-                        row = row[:i]
-                        break
-            results.append(row)
-        return results
+        return batch, mask
 
     def decode_text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()

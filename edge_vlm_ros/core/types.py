@@ -108,6 +108,8 @@ class PromptRequest:
     stamp_ns: int = 0
     task: str = "vqa"
     max_new_tokens: int = 0
+    episode_id: str = ""                    # task "action": echoed in the ActionChunk
+    proprio: tuple[float, ...] = ()         # task "action": robot state (empty: none)
 
 
 @dataclass

@@ -1,0 +1,150 @@
+"""Action chunks through real nodes in real processes over real DDS: the server's action head, the
+controller's safe behaviour when the server goes silent, and a LIBERO episode in lock step."""
+
+import json
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge_vlm_ros.bringup import NodeSet
+from edge_vlm_ros.client import RobotClient
+from edge_vlm_ros.core.types import Outcome
+from edge_vlm_ros.msg import Episode, RobotAction
+from edge_vlm_ros.tools.tiny_vla import build_tiny_vla
+from edge_vlm_ros.vla_bringup import vla_specs
+
+from ros_harness import running
+
+CHUNK = 8
+SAFE = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+
+
+@pytest.fixture(scope="module")
+def tiny_vla(tmp_path_factory):
+    # A chunk period of 0.2 s: on a loaded 2-core machine a round trip can take a few hundred ms,
+    # and a chunk whose steps all went by on arrival would be dropped (correctly, but not tested here).
+    return build_tiny_vla(tmp_path_factory.mktemp("vla"), chunk_size=CHUNK, control_period_s=0.2)
+
+
+def _image(seed, size=64):
+    return np.random.RandomState(seed).randint(0, 256, (size, size, 3), np.uint8)
+
+
+def _overrides(model, head, **controller):
+    return {"edge": {"model_path": str(model), "task": "action", "send_proprio": True},
+            "server": {"model_path": str(model), "action_head_path": str(head)},
+            "controller": controller}
+
+
+def test_action_chunk_request_through_real_nodes(ros_env, tmp_path, tiny_vla):
+    model, head = tiny_vla
+    with running(ros_env, tmp_path, 1, _overrides(model, head), client_actions=True) as (_, client):
+        # The head takes proprioception and none was sent yet: a failure chunk, not silence.
+        client.send_image("robot_0", _image(0))
+        time.sleep(0.1)
+        client.send_prompt("robot_0", "pick up the black bowl")
+        assert client.wait_for(lambda: len(client.chunks["robot_0"]) >= 1, 60), "no chunk"
+        bad = client.chunks["robot_0"][0][1]
+        assert bad.outcome is Outcome.REJECTED and "proprio" in bad.reason, bad
+        assert bad.chunk_size == 0
+        # With a robot state: a chunk of the head's shape, inside the head's limits.
+        client.send_state("robot_0", list(np.linspace(-0.5, 0.5, 8)))
+        stamp = client.send_image("robot_0", _image(1))
+        time.sleep(0.2)
+        client.send_prompt("robot_0", "pick up the black bowl")
+        assert client.wait_for(lambda: len(client.chunks["robot_0"]) >= 2, 60), "no second chunk"
+        ok = client.chunks["robot_0"][1][1]
+        assert ok.outcome is Outcome.OK, ok.reason
+        assert ok.matrix().shape == (CHUNK, 7)
+        assert np.isfinite(ok.actions).all() and np.abs(ok.actions).max() <= 1.0
+        assert ok.stamp_ns == stamp and ok.robot_id == "robot_0"
+        assert ok.control_period_s == pytest.approx(0.2)
+        assert ok.timings.generate_ms > 0 and ok.timings.batch_size >= 1
+
+
+def test_controller_holds_safe_action_when_server_goes_silent(ros_env, tmp_path, tiny_vla):
+    model, head = tiny_vla
+    stats = tmp_path / "controller_stats.json"
+    ctl = dict(actions=True, tick_source="timer", instruction="pick up the black bowl", control_period_s=0.05,
+               silence_timeout_s=1.0, max_chunk_age_s=5.0, low_water_steps=4, request_timeout_s=3.0,
+               stats_path=str(stats))
+    specs_overrides = _overrides(model, head, **ctl)
+    with running(ros_env, tmp_path, 1, specs_overrides, with_controller=True, client_actions=True) as (nodes, client):
+        stop = threading.Event()
+
+        def camera():  # 10 Hz frames and robot states, stamped with the wall clock like a robot
+            i = 0
+            while not stop.is_set():
+                now = time.time_ns()
+                client.send_state("robot_0", [0.1] * 8, now)
+                client.send_image("robot_0", _image(i % 5), now)
+                i += 1
+                time.sleep(0.1)
+
+        cam = threading.Thread(target=camera)
+        cam.start()
+        try:
+            def statuses():
+                return [m.status for _, m in client.actions["robot_0"]]
+            assert client.wait_for(lambda: RobotAction.STATUS_ACTING in statuses(), 60), \
+                f"controller never acted: {sorted(set(statuses()))}"
+            # The server goes silent (its process is stopped).
+            server = next(p for s, p in nodes.procs if s.role == "server")
+            server.send_signal(signal.SIGINT)
+            server.wait(15)
+            n0 = len(client.actions["robot_0"])
+            assert client.wait_for(lambda: RobotAction.STATUS_SERVER_SILENT in statuses()[n0:], 20), \
+                "controller never reported the server silent"
+            time.sleep(0.5)
+            last = client.actions["robot_0"][-1][1]
+            assert last.status == RobotAction.STATUS_SERVER_SILENT
+            assert list(last.action) == pytest.approx(SAFE)
+            # It keeps ticking at the control rate with the safe action.
+            n1 = len(client.actions["robot_0"])
+            time.sleep(1.0)
+            assert len(client.actions["robot_0"]) - n1 >= 10
+            assert all(m.status != RobotAction.STATUS_ACTING for _, m in client.actions["robot_0"][n1:])
+        finally:
+            stop.set()
+            cam.join()
+    rec = json.loads(stats.read_text())["robots"]["robot_0"]
+    assert rec["counters"]["accepted"] >= 1 and rec["statuses"]["server_silent"] >= 10
+    assert rec["chunk_latency_p50_ms"] is not None
+
+
+def test_libero_episode_through_real_nodes(ros_env, tmp_path, tiny_vla):
+    from edge_vlm_ros.core.libero_sim import LiberoUnavailable, import_libero
+
+    try:
+        import_libero()
+    except LiberoUnavailable as e:
+        pytest.skip(str(e))
+    model, head = tiny_vla
+    bridge_stats = tmp_path / "bridge.json"
+    overrides = _overrides(model, head, tick_source="robot_state")
+    overrides["libero_bridge"] = {"max_steps": 4, "settle_steps": 0, "trials": 1, "image_size": 64,
+                                  "wrist_camera": False, "stats_path": str(bridge_stats), "action_timeout_s": 30.0}
+    env = dict(ros_env, MUJOCO_GL="egl")
+    nodes = NodeSet(vla_specs(str(model), str(head), overrides=overrides), env=env, log_dir=tmp_path / "logs").start()
+    client = RobotClient(["robot_0"], "test_actions_client", actions=True)
+    try:
+        def ended():
+            return [e for e in client.episodes["robot_0"] if e.status in (Episode.STATUS_SUCCESS, Episode.STATUS_FAILURE,
+                                                                            Episode.STATUS_ERROR)]
+        ok = client.wait_for(lambda: ended() or bool(nodes.poll()), 150)
+        logs = {p.name: p.read_text()[-1500:] for p in (tmp_path / "logs").glob("*.log")}
+        assert ok and ended(), f"no episode end; exited: {nodes.poll()}; logs: {logs}"
+        end = ended()[0]
+        assert end.status == Episode.STATUS_FAILURE and end.steps == 4, (end.status, end.steps, end.reason)
+        assert client.wait_for(lambda: any(e.status == Episode.STATUS_DONE for e in client.episodes["robot_0"]), 20)
+        rec = json.loads(bridge_stats.read_text())
+        assert rec["summary"]["episodes"] == 1 and rec["episodes"][0]["status"] == "failure"
+        # The controller answered every step in time (no safe action substituted by the bridge).
+        assert rec["episodes"][0]["action_timeouts"] == 0
+        assert len(client.actions["robot_0"]) >= 4
+    finally:
+        client.close()
+        nodes.stop()

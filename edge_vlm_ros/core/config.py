@@ -29,13 +29,18 @@ class EdgeConfig:
                                         "embedded default model.")
     dtype: str = _f("float32", "Model dtype on the robot: float32, float16 or bfloat16.")
     device: str = _f("cpu", "Torch device of the edge half, e.g. cpu or cuda:0.")
-    split_point: str = _f("projector", "Where the model is cut: projector, vision_block:<k>, or none "
-                                       "(cloud-only: the image is sent).")
+    split_point: str = _f("projector", "Where the model is cut: projector, vision_block:<k> (after k "
+                                       "blocks), vision_block:<k>/ln1 (after block k's layer_norm1, with "
+                                       "per-token mean and std as side info), or none (cloud-only: the image "
+                                       "is sent).")
     codec: str = _f("raw", "Feature codec: raw (tensor bytes), vq (codebook indices); with split none: "
                            "jpeg or image.")
     codec_dtype: str = _f("float32", "raw codec: float32, float16 or bfloat16 on the wire.")
     jpeg_quality: int = _f(90, "jpeg codec quality 1..100.")
     codebook_path: str = _f("", "vq codec: codebook file (the server must hold the same one).")
+    token_stats_dtype: str = _f("float16", "Split vision_block:<k>/ln1: dtype of the per-token LayerNorm "
+                                           "mean and std in side_info: float16 (4 bytes a token) or float32 "
+                                           "(8 bytes a token, exact to ~3e-7).")
     request_mode: str = _f("prompt", "prompt: one request per prompt message, on the newest frame; "
                                      "continuous: every frame (up to max_rate_hz) with standing_prompt.")
     standing_prompt: str = _f("Describe the image.", "Prompt used in continuous mode until a prompt "
@@ -64,6 +69,8 @@ class EdgeConfig:
             raise ValueError("codec vq needs codebook_path")
         if self.codec_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"codec_dtype {self.codec_dtype!r}: expected float32, float16 or bfloat16")
+        if self.token_stats_dtype not in ("float16", "float32"):
+            raise ValueError(f"token_stats_dtype {self.token_stats_dtype!r}: expected float16 or float32")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality {self.jpeg_quality} outside 1..100")
         if self.max_rate_hz < 0 or self.frame_wait_s <= 0 or self.max_pending_prompts < 1:

@@ -2,6 +2,9 @@
 
 `EdgeEncoder.encode` is what the edge node runs on its worker thread for each request. For split
 point `none` (cloud-only baseline) no model is loaded on the robot: the image itself is coded.
+For a split inside a block (`vision_block:k/ln1`) the per-token LayerNorm mean and std go into
+side_info (`pack_token_stats`, `token_stats_dtype`): the server cannot rebuild the residual stream
+without them, and they count in the bytes on the wire like the payload.
 """
 
 from __future__ import annotations
@@ -17,21 +20,26 @@ import torch
 from .codec import FeatureCodec, make_codec
 from .config import EdgeConfig
 from .split import VLMAdapter, drop_language_model, load_vlm
+from .vq import STATS_DTYPES, pack_token_stats
 from .types import FeaturePacket, SplitPoint
 
 LOG = logging.getLogger(__name__)
 
 
 class EdgeEncoder:
-    def __init__(self, robot_id: str, split: SplitPoint, codec: FeatureCodec, adapter: VLMAdapter | None) -> None:
+    def __init__(self, robot_id: str, split: SplitPoint, codec: FeatureCodec, adapter: VLMAdapter | None,
+                 token_stats_dtype: str = "float16") -> None:
         if split.kind != "none" and adapter is None:
             raise ValueError(f"split point {split} needs the model on the robot")
+        if token_stats_dtype not in STATS_DTYPES:
+            raise ValueError(f"token_stats_dtype {token_stats_dtype!r}: expected one of {sorted(STATS_DTYPES)}")
         if adapter is not None:
             adapter.check_split(split)
         self.robot_id = robot_id
         self.split = split
         self.codec = codec
         self.adapter = adapter
+        self.token_stats_dtype = token_stats_dtype
         self.fingerprint = adapter.fingerprint if adapter is not None else ""
         self._seq = itertools.count()
         self._session = uuid.uuid4().hex[:8]
@@ -51,7 +59,7 @@ class EdgeEncoder:
         else:
             codec = make_codec(cfg.codec, codebook=cfg.codebook_path, model_fingerprint=adapter.fingerprint
                                if adapter else "", adapter=adapter, split=split)
-        return cls(cfg.robot_id, split, codec, adapter)
+        return cls(cfg.robot_id, split, codec, adapter, token_stats_dtype=cfg.token_stats_dtype)
 
     def new_request_id(self) -> str:
         return f"{self.robot_id}-{self._session}-{next(self._seq)}"
@@ -66,8 +74,10 @@ class EdgeEncoder:
         else:
             px = self.adapter.preprocess(rgb)
             t1 = time.perf_counter()
-            feats = self.adapter.edge_forward(px, self.split)            # (T, D)
+            feats, stats = self.adapter.edge_forward_stats(px, self.split)   # (T, D), (T, 2) or None
             enc = self.codec.encode(feats)
+            if stats is not None:
+                enc.side_info = pack_token_stats(stats[:, 0], stats[:, 1], self.token_stats_dtype)
         t2 = time.perf_counter()
         return FeaturePacket(request_id=request_id, robot_id=self.robot_id, split_point=str(self.split),
                              model_fingerprint=self.fingerprint, encoded=enc, stamp_ns=stamp_ns,

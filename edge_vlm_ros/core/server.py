@@ -37,6 +37,7 @@ from .flow import BoundedQueue, DropPolicy, FlowController, FlowEvent
 from .matcher import Matcher
 from .chunks import ActionChunk
 from .split import GenerateItem, VLMAdapter, check_features
+from .vq import unpack_token_stats
 from .types import (AnswerResult, FeaturePacket, Outcome, PromptRequest, RequestError, SplitPoint,
                     StageTimings, rejected)
 from .vla import ActionItem, VLAPolicy
@@ -62,6 +63,7 @@ class _FeatureEntry:
     split: SplitPoint
     data: torch.Tensor           # decoded features (T, D), or an (H, W, 3) uint8 image for split none
     decode_ms: float
+    token_stats: torch.Tensor | None = None   # (T, 2) [mean, std] from side_info, splits inside a block
 
 
 @dataclass
@@ -86,6 +88,37 @@ class ServerStats:
                 "reasons": dict(self.reasons), "batches": self.batches,
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                 "max_matched_depth": self.max_matched_depth}
+
+
+def check_placement(codec: FeatureCodec, split: SplitPoint) -> None:
+    """A codebook decodes only the placement it was trained at: its codewords mean nothing elsewhere."""
+    cb = getattr(codec, "codebook", None)
+    placement = getattr(cb, "placement", "")
+    if placement and placement != str(split):
+        raise rejected(f"codebook {cb.content_hash[:12]} was trained at placement {placement!r}, but the "
+                       f"message's split point is {str(split)!r}: placement mismatch")
+
+
+def token_stats_from_side_info(split: SplitPoint, side_info: bytes, n_tokens: int) -> torch.Tensor | None:
+    """side_info -> (T, 2) [mean, std] where the split needs them; side_info must be empty elsewhere.
+
+    The stats dtype follows from the length (4 bytes a token: float16, 8: float32), so no extra
+    codec parameter is needed and a length that fits neither is rejected.
+    """
+    if not split.needs_token_stats:
+        if side_info:
+            raise rejected(f"side_info of {len(side_info)} bytes is not expected at split point {split}")
+        return None
+    if len(side_info) == 4 * n_tokens:
+        dtype = "float16"
+    elif len(side_info) == 8 * n_tokens:
+        dtype = "float32"
+    else:
+        raise rejected(f"split point {split} needs per-token LayerNorm mean and std in side_info: "
+                       f"{4 * n_tokens} (float16) or {8 * n_tokens} (float32) bytes for {n_tokens} tokens, "
+                       f"got {len(side_info)}")
+    mean, std = unpack_token_stats(side_info, n_tokens, dtype)          # RequestError if bad
+    return torch.stack([mean, std], dim=-1)
 
 
 class ServerEngine:
@@ -297,10 +330,17 @@ class ServerEngine:
             raise rejected(f"model fingerprint {f.model_fingerprint!r} is not this server's "
                            f"{self.adapter.fingerprint!r}: edge and server run different models")
         t0 = time.perf_counter()
-        data = self._codec(enc.codec, enc.codebook_hash).decode(enc)
+        codec = self._codec(enc.codec, enc.codebook_hash)
+        check_placement(codec, split)
+        data = codec.decode(enc)
+        stats = None
         if not image:
             check_features(self.adapter, split, data)
-        return _FeatureEntry(f, route, received_ns, received_t, split, data, (time.perf_counter() - t0) * 1e3)
+            stats = token_stats_from_side_info(split, enc.side_info, int(data.shape[0]))
+        elif enc.side_info:
+            raise rejected(f"side_info of {len(enc.side_info)} bytes is not expected with codec {enc.codec!r}")
+        return _FeatureEntry(f, route, received_ns, received_t, split, data, (time.perf_counter() - t0) * 1e3,
+                             stats)
 
     # ---- batch thread ------------------------------------------------------------------------
     def _batch_loop(self) -> None:
@@ -331,7 +371,9 @@ class ServerEngine:
             if split.kind == "none":
                 out = self.adapter.server_forward_images([batch[i].features.data.numpy() for i in idx])
             else:
-                out = self.adapter.server_forward(torch.stack([batch[i].features.data for i in idx]), split)
+                stats = (torch.stack([batch[i].features.token_stats for i in idx])
+                         if split.needs_token_stats else None)             # (B, T, 2)
+                out = self.adapter.server_forward(torch.stack([batch[i].features.data for i in idx]), split, stats)
             for j, i in enumerate(idx):
                 tokens[i] = out[j]
         vision_ms = (time.perf_counter() - t0) * 1e3

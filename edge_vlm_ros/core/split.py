@@ -6,6 +6,11 @@ Split points (see types.SplitPoint):
 - `vision_block:k`: the edge runs the vision embeddings (and pre-LayerNorm) and the first k encoder
   blocks and ships the residual stream; the server runs the remaining blocks and the projector
   (seed 003). k=0 ships the (normalized) output of the embeddings / pre-LayerNorm.
+- `vision_block:k/ln1`: inside block k, after its layer_norm1 (AlignedVQ's placement). The edge
+  ships y = layer_norm1(x) of the residual stream x after k blocks, plus per-token mean and std of
+  x (`layer_norm_stats`), which the server needs: block k computes x + attn(y), and y alone does not
+  determine x. The server rebuilds x = (y - beta) / gamma * std + mean (`invert_layer_norm`) for
+  the residual and feeds the y it received to the attention as is (see `_finish_block`).
 - `none`: cloud-only; the edge ships the image and the server runs everything.
 
 The halves are computed from the model's own modules in the order the model's forward uses them,
@@ -94,9 +99,36 @@ class VLMAdapter(ABC):
     @abstractmethod
     def _layers(self) -> torch.nn.ModuleList: ...
 
+    def _attn_mask(self, h: torch.Tensor) -> torch.Tensor | None:
+        """The attention mask the encoder blocks get for a residual stream h (B, T, Dv)."""
+        return None
+
     def check_split(self, split: SplitPoint) -> None:
         if split.kind == "vision_block" and not 0 <= split.block <= self.num_vision_blocks:
             raise ValueError(f"split point {split}: k must be in 0..{self.num_vision_blocks} for this model")
+        if split.sub == "ln1":
+            if split.block >= self.num_vision_blocks:
+                raise ValueError(f"split point {split}: block {split.block} is not run by this model (blocks "
+                                 f"0..{self.num_vision_blocks - 1} are)")
+            ln = self.vision_block_layer_norms(split.block)
+            w = getattr(ln, "weight", None)
+            # Inverting the LayerNorm divides by its weight: a zero channel loses x for good.
+            if w is not None and float(w.detach().abs().min()) < 1e-6:
+                raise ValueError(f"split point {split}: layer_norm1 of block {split.block} has a weight of "
+                                 f"{float(w.detach().abs().min()):.3g}; the residual stream cannot be rebuilt")
+
+    def _finish_block(self, k: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Block k given its residual input x and the layer_norm1 output y, both (B, T, Dv).
+
+        The same steps as the encoder layers' forward (CLIPEncoderLayer, Idefics3EncoderLayer:
+        x + attn(ln1(x)), then + mlp(ln2(.))), with y standing in for ln1(x): the attention gets
+        exactly the y that crossed the wire (a codeword, for vq), the residual gets the rebuilt x.
+        test/core/test_vq_placements.py checks this equals the model's own layer.
+        """
+        layer = self._layers()[k]
+        a, _ = layer.self_attn(hidden_states=y, attention_mask=self._attn_mask(x))
+        h = x + a
+        return h + layer.mlp(layer.layer_norm2(h))
 
     @torch.no_grad()
     def edge_forward(self, pixels: torch.Tensor, split: SplitPoint) -> torch.Tensor:
@@ -104,19 +136,48 @@ class VLMAdapter(ABC):
         self.check_split(split)
         if split.kind == "none":
             raise ValueError("split point 'none' has no edge half: the image itself is sent")
-        h = self._embed_image(pixels)                                    # (1, T, Dv)
-        if split.kind == "vision_block":
-            return self._blocks(h, 0, split.block)[0]
-        h = self._blocks(h, 0, self.num_vision_blocks)
-        return self._head(h)[0]                                          # (N, Dt)
+        return self.edge_forward_stats(pixels, split)[0]
 
     @torch.no_grad()
-    def server_forward(self, feats: torch.Tensor, split: SplitPoint) -> torch.Tensor:
-        """The server's vision half for a batch: feats (B, T, D) at the split -> (B, N, Dt) tokens."""
+    def edge_forward_stats(self, pixels: torch.Tensor,
+                           split: SplitPoint) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The robot's half with its side information: (T, D) features and, where the split needs
+        them (`split.needs_token_stats`), per-token (T, 2) float32 [mean, std] of the residual."""
         self.check_split(split)
+        if split.kind == "none":
+            raise ValueError("split point 'none' has no edge half: the image itself is sent")
+        h = self._embed_image(pixels)                                    # (1, T, Dv)
+        if split.kind == "vision_block":
+            h = self._blocks(h, 0, split.block)
+            if split.sub == "ln1":
+                ln = self.vision_block_layer_norms(split.block)
+                return ln(h)[0], layer_norm_stats(h, ln)[0]
+            return h[0], None
+        h = self._blocks(h, 0, self.num_vision_blocks)
+        return self._head(h)[0], None                                    # (N, Dt)
+
+    @torch.no_grad()
+    def server_forward(self, feats: torch.Tensor, split: SplitPoint,
+                       token_stats: torch.Tensor | None = None) -> torch.Tensor:
+        """The server's vision half for a batch: feats (B, T, D) at the split -> (B, N, Dt) tokens.
+
+        token_stats (B, T, 2) [mean, std]: required exactly where `split.needs_token_stats`.
+        """
+        self.check_split(split)
+        if (token_stats is not None) != split.needs_token_stats:
+            raise ValueError(f"split point {split} {'needs' if split.needs_token_stats else 'takes no'} "
+                             f"per-token LayerNorm statistics")
         feats = feats.to(self.device, self.dtype)
         if split.kind == "projector":
             return feats
+        if split.sub == "ln1":
+            if tuple(token_stats.shape) != (*feats.shape[:-1], 2):
+                raise ValueError(f"token_stats of shape {list(token_stats.shape)} do not fit features "
+                                 f"{list(feats.shape)}: expected {[*feats.shape[:-1], 2]}")
+            k = split.block
+            x = invert_layer_norm(feats, self.vision_block_layer_norms(k), token_stats.to(self.device))
+            h = self._finish_block(k, x.to(self.dtype), feats)
+            return self._head(self._blocks(h, k + 1, self.num_vision_blocks))
         if split.kind == "vision_block":
             h = self._blocks(feats, split.block, self.num_vision_blocks)
             return self._head(h)
@@ -346,6 +407,9 @@ class Idefics3Adapter(VLMAdapter):
                          dtype=torch.bool, device=pixels.device)
         return self._vm.embeddings(pixel_values=pixels, patch_attention_mask=pam)
 
+    def _attn_mask(self, h: torch.Tensor):
+        return self._mask(h)
+
     def _blocks(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         mask = self._mask(h)
         for layer in self._vm.encoder.layers[start:stop]:
@@ -364,6 +428,28 @@ ADAPTERS: dict[str, type[VLMAdapter]] = {
     "LlavaForConditionalGeneration": LlavaAdapter,
     "Idefics3ForConditionalGeneration": Idefics3Adapter,
 }
+
+
+def layer_norm_stats(x: torch.Tensor, ln: torch.nn.Module) -> torch.Tensor:
+    """Per-token statistics of x (..., T, D) that `ln` normalizes with -> (..., T, 2) float32:
+    [mean, std] with std = sqrt(var + eps), the exact divisor LayerNorm uses."""
+    xf = x.float()
+    mean = xf.mean(dim=-1)
+    var = xf.var(dim=-1, unbiased=False)
+    return torch.stack([mean, torch.sqrt(var + float(ln.eps))], dim=-1)
+
+
+def invert_layer_norm(y: torch.Tensor, ln: torch.nn.Module, stats: torch.Tensor) -> torch.Tensor:
+    """x = (y - beta) / gamma * std + mean: the input of LayerNorm `ln` from its output y (..., T, D)
+    and `layer_norm_stats` (..., T, 2). float32; exact up to rounding (~3e-7 relative)."""
+    yf = y.float()
+    w = getattr(ln, "weight", None)
+    b = getattr(ln, "bias", None)
+    if b is not None:
+        yf = yf - b.float()
+    if w is not None:
+        yf = yf / w.float()
+    return yf * stats[..., 1:2].float() + stats[..., 0:1].float()
 
 
 def model_fingerprint(model: torch.nn.Module, family: str) -> str:

@@ -32,27 +32,49 @@ def rejected(reason: str) -> RequestError:
     return RequestError(Outcome.REJECTED, reason)
 
 
-_SPLIT_RE = re.compile(r"^(projector|none|vision_block:(\d+))$")
+_SPLIT_RE = re.compile(r"^(projector|none|vision_block:(\d+)(?:/([a-z0-9_]+))?)$")
+# Positions inside a block a split may name after "vision_block:<k>/". "ln1": after block k's
+# layer_norm1; the edge ships layer_norm1(x) plus per-token mean and std of x (side_info), which
+# the server needs to rebuild the residual stream x that block k adds its attention output to.
+SUB_POSITIONS = ("ln1",)
 
 
 @dataclass(frozen=True)
 class SplitPoint:
-    """Where the model is cut. kind: 'projector' | 'vision_block' | 'none'; block: k for vision_block."""
+    """Where the model is cut (and where a codec sits: a codebook's placement is str(split)).
+
+    kind: 'projector' | 'vision_block' | 'none'; block: k for vision_block; sub: '' for the block
+    boundary (the residual stream after k blocks) or a position inside block k (SUB_POSITIONS).
+    Text forms: 'projector', 'none', 'vision_block:<k>', 'vision_block:<k>/ln1'.
+    """
 
     kind: str
     block: int = 0
+    sub: str = ""
 
     @staticmethod
     def parse(text: str) -> "SplitPoint":
         m = _SPLIT_RE.match(text.strip())
         if m is None:
-            raise ValueError(f"unknown split point {text!r}: expected 'projector', 'none' or 'vision_block:<k>'")
+            raise ValueError(f"unknown split point {text!r}: expected 'projector', 'none', 'vision_block:<k>' "
+                             f"or 'vision_block:<k>/<position>' with position in {SUB_POSITIONS}")
         if m.group(2) is not None:
-            return SplitPoint("vision_block", int(m.group(2)))
+            sub = m.group(3) or ""
+            if sub and sub not in SUB_POSITIONS:
+                raise ValueError(f"split point {text!r}: position {sub!r} inside a block is not one of "
+                                 f"{SUB_POSITIONS}")
+            return SplitPoint("vision_block", int(m.group(2)), sub)
         return SplitPoint(m.group(1))
 
+    @property
+    def needs_token_stats(self) -> bool:
+        """True where the wire must carry per-token LayerNorm mean and std (side_info)."""
+        return self.sub == "ln1"
+
     def __str__(self) -> str:
-        return f"vision_block:{self.block}" if self.kind == "vision_block" else self.kind
+        if self.kind != "vision_block":
+            return self.kind
+        return f"vision_block:{self.block}/{self.sub}" if self.sub else f"vision_block:{self.block}"
 
 
 @dataclass

@@ -1,0 +1,136 @@
+"""Action throughput and chunk latency: the split pipeline (edge + server with the action head, real
+processes over DDS) against the unsplit reference in one process, same model, same machine, for
+several chunk sizes (seed 001, Fig. 3's axis).
+
+    python -m edge_vlm_ros.tools.bench_vla --chunk-sizes 1 8 16 --requests 30 --out results/bench_vla.json
+
+One request at a time (closed loop, like a robot waiting on its next chunk). Latency: split = prompt
+published -> ActionChunk received (edge preprocessing, encoding, DDS both ways, server); monolithic
+= image -> chunk in `VLAPolicy.act`. actions/s = chunk_size / mean latency (seed 001's throughput).
+Warm-up requests are not measured. Without --model a tiny random LLaVA is built. Both sides use
+--threads torch threads (the node processes get OMP_NUM_THREADS): on a shared CPU, torch's default
+of one thread per core spins against other processes and was measured 100x slower here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _stats(lat_ms: list[float], chunk: int) -> dict:
+    a = np.asarray(lat_ms)
+    return {"n": int(a.size), "latency_ms_p50": float(np.percentile(a, 50)), "latency_ms_p99": float(np.percentile(a, 99)),
+            "latency_ms_mean": float(a.mean()), "actions_per_s": float(chunk / (a.mean() / 1e3))}
+
+
+def _images(n: int, size: int) -> list[np.ndarray]:
+    return [np.random.RandomState(i).randint(0, 256, (size, size, 3), np.uint8) for i in range(n)]
+
+
+def bench_monolithic(model: str, head: str, n: int, warmup: int, size: int) -> dict:
+    from edge_vlm_ros.core.action_heads import load_action_head
+    from edge_vlm_ros.core.split import load_vlm
+    from edge_vlm_ros.core.vla import VLAPolicy
+
+    adapter = load_vlm(model)
+    pol = VLAPolicy(adapter, load_action_head(head))
+    state = np.zeros(pol.config.proprio_dim, np.float32) if pol.config.use_proprio else None
+    lat = []
+    for i, img in enumerate(_images(n + warmup, size)):
+        t0 = time.perf_counter()
+        pol.act(img, "pick up the black bowl and place it on the plate", state)
+        if i >= warmup:
+            lat.append((time.perf_counter() - t0) * 1e3)
+    return _stats(lat, pol.chunk_size)
+
+
+def bench_split(model: str, head: str, n: int, warmup: int, size: int, chunk: int, work: Path,
+                threads: int) -> dict:
+    from edge_vlm_ros.bringup import NodeSet
+    from edge_vlm_ros.client import RobotClient, isolated_ros_env
+    from edge_vlm_ros.core.types import Outcome
+    from edge_vlm_ros.vla_bringup import vla_specs
+
+    env = isolated_ros_env()
+    env["OMP_NUM_THREADS"] = str(threads)
+    for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "RMW_IMPLEMENTATION"):
+        os.environ[k] = env[k]
+    specs = vla_specs(model, head, with_bridge=False, with_controller=False,
+                      overrides={"server": {"max_batch_wait_ms": 0.0}})
+    nodes = NodeSet(specs, env=env, log_dir=work / f"logs_split_{chunk}").start()
+    client = RobotClient(["robot_0"], "edge_vlm_bench_vla", actions=True)
+    lat, failed = [], 0
+    try:
+        if not client.wait_ready(180, abort=lambda: bool(nodes.poll())):
+            raise RuntimeError(f"nodes not ready: {nodes.poll()}; logs in {work}")
+        client.send_state("robot_0", [0.0] * 8)
+        for i, img in enumerate(_images(n + warmup, size)):
+            k = len(client.chunks["robot_0"])
+            client.send_image("robot_0", img)
+            time.sleep(0.02)             # the frame reaches the edge before the request asks for "the newest"
+            t0 = time.perf_counter()
+            client.send_prompt("robot_0", "pick up the black bowl and place it on the plate")
+            if not client.wait_for(lambda: len(client.chunks["robot_0"]) > k, 60):
+                raise RuntimeError("no chunk within 60 s")
+            dt = (time.perf_counter() - t0) * 1e3
+            c = client.chunks["robot_0"][k][1]
+            if c.outcome is not Outcome.OK:
+                failed += 1
+                continue
+            if i >= warmup:
+                lat.append(dt)
+    finally:
+        client.close()
+        nodes.stop()
+    out = _stats(lat, chunk)
+    out["failed"] = failed
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chunk-sizes", type=int, nargs="+", default=[1, 8, 16])
+    ap.add_argument("--kind", choices=["continuous", "discrete"], default="continuous")
+    ap.add_argument("--requests", type=int, default=30, help="measured requests per configuration")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--image-size", type=int, default=128, help="camera frame size sent by the robot")
+    ap.add_argument("--model", default="", help="VLM folder (default: a tiny random LLaVA)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (both sides)")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from edge_vlm_ros.tools.tiny_vla import build_tiny_vla
+
+    work = Path(tempfile.mkdtemp(prefix="bench_vla_"))
+    rows = []
+    for n in args.chunk_sizes:
+        model, head = build_tiny_vla(work, chunk_size=n, kind=args.kind, model_path=args.model or None)
+        mono = bench_monolithic(str(model), str(head), args.requests, args.warmup, args.image_size)
+        split = bench_split(str(model), str(head), args.requests, args.warmup, args.image_size, n, work,
+                            args.threads)
+        row = {"chunk_size": n, "kind": args.kind, "monolithic": mono, "split": split,
+               "split_over_monolithic_actions_per_s": split["actions_per_s"] / mono["actions_per_s"]}
+        rows.append(row)
+        print(f"chunk {n:3d} {args.kind}: monolithic {mono['actions_per_s']:8.1f} actions/s (p50 "
+              f"{mono['latency_ms_p50']:.1f} ms, p99 {mono['latency_ms_p99']:.1f}) | split {split['actions_per_s']:8.1f} "
+              f"actions/s (p50 {split['latency_ms_p50']:.1f} ms, p99 {split['latency_ms_p99']:.1f}) | ratio "
+              f"{row['split_over_monolithic_actions_per_s']:.2f}", file=sys.stderr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"model": args.model or "tiny random LLaVA", "requests": args.requests,
+                                    "image_size": args.image_size, "threads": args.threads, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -56,7 +56,6 @@ class EdgeConfig:
     send_proprio: bool = _f(False, "task action: attach the newest robot_state (sensor_msgs/JointState "
                                    "position) to each request as proprioception.")
 
-
     def __post_init__(self) -> None:
         sp = SplitPoint.parse(self.split_point)
         if self.request_mode not in ("prompt", "continuous"):
@@ -110,7 +109,6 @@ class ServerConfig:
                              "and at shutdown.")
     action_head_path: str = _f("", "Folder of an action head (action_head_config.json + safetensors) for "
                                    "prompts with task 'action'; empty: serve vqa only.")
-
 
     def __post_init__(self) -> None:
         # YAML cannot type an empty list, so config files write [""]: empty entries mean nothing.

@@ -50,6 +50,11 @@ class ServerNode(Node):
         model = resolve(self.cfg.model_path)
         self.get_logger().info(f"loading {model} for robots {self.cfg.robots}")
         adapter = load_vlm(model, dtype=self.cfg.dtype, device=self.cfg.device)
+        if self.cfg.lora_path:
+            from .core.alignedvq import apply_lora
+
+            apply_lora(adapter, self.cfg.lora_path)
+            self.get_logger().info(f"merged LoRA {self.cfg.lora_path} into the language model")
         codebooks = load_codebooks(self.cfg.codebook_paths, adapter.fingerprint)
         self._answer_pubs = {r: self.create_publisher(Answer, topics.for_robot(r, topics.ANSWER), qos.ANSWER)
                              for r in self.cfg.robots}

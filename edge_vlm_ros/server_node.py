@@ -29,7 +29,7 @@ from .core.config import ServerConfig
 from .core.flow import FlowEvent, FlowState
 from .core.server import ServerEngine
 from .core.split import load_vlm
-from .core.types import AnswerResult, Outcome, RequestError
+from .core.types import AnswerResult, RequestError
 from .params import declare_config
 from .tools.default_model import resolve
 

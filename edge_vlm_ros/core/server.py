@@ -479,7 +479,7 @@ class ServerEngine:
             LOG.error("emitting answer for %s failed: %s", request_id, e)
 
     def _answer_error_for_item(self, item: tuple, outcome: Outcome, reason: str) -> None:
-        kind, msg, route = item[0], item[1], item[2]
+        msg, route = item[1], item[2]
         self._reply(route, msg.request_id, msg.robot_id, msg.stamp_ns, outcome, reason)
 
     def _answer_expired(self, entry: object, reason: str, outcome: Outcome) -> None:

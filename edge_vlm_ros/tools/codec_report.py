@@ -50,7 +50,7 @@ from ..core.server import check_placement, token_stats_from_side_info
 from ..core.split import GenerateItem, VLMAdapter, load_vlm
 from ..core.types import EncodedTensor, FeaturePacket, SplitPoint
 from ..core.vq import VQCodec, pack_token_stats
-from .calibrate_codebook import folder_images, generated_images
+from .calibrate_codebook import folder_images
 
 LOG = logging.getLogger(__name__)
 

@@ -177,7 +177,6 @@ def test_bad_inputs_rejected() -> None:
 
 def test_discrete_bins_round_trip_within_half_a_bin() -> None:
     head = build_action_head(disc_cfg())
-    tok = head.tokenizer
     rng = np.random.default_rng(0)
     low, high = np.array(LOW), np.array(HIGH)
     acts = low + (high - low) * rng.random((8, N, A))

@@ -13,7 +13,7 @@ from edge_vlm_ros.core.flow import FlowState
 from edge_vlm_ros.core.server import ServerEngine
 from edge_vlm_ros.core.split import load_vlm
 from edge_vlm_ros.core.tiny_models import build_tiny_llava
-from edge_vlm_ros.core.types import EncodedTensor, Outcome, PromptRequest, SplitPoint
+from edge_vlm_ros.core.types import Outcome, PromptRequest, SplitPoint
 
 
 @pytest.fixture(scope="module")

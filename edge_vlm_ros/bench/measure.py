@@ -27,17 +27,32 @@ STAGES = ("edge_preprocess_ms", "edge_encode_ms", "transport_ms", "server_decode
 
 
 class Probe(RobotClient):
-    def __init__(self, robots: list[str], node_name: str = "edge_vlm_bench") -> None:
+    def __init__(self, robots: list[str], node_name: str = "edge_vlm_bench", decode_features: bool = False) -> None:
         super().__init__(robots, node_name)
         self._feat_lock = threading.Lock()
         self.feature_bytes: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)  # robot -> [(ns, n)]
+        # decode_features: also keep request_id -> (frame stamp, sent_at) of every VisualFeatures, so
+        # frame -> features-on-server = sent_at + Answer.transport_ms - stamp (one host clock)
+        self.decode_features = decode_features
+        self.feature_sent: dict[str, tuple[int, int]] = {}
         for r in robots:
             self.node.create_subscription(VisualFeatures, topics.for_robot(r, topics.FEATURES),
                                           lambda m, r=r: self._on_features(m, r), qos.FEATURES, raw=True)
 
     def _on_features(self, raw: bytes, robot: str) -> None:
+        t = time.time_ns()
+        sent = None
+        if self.decode_features:
+            from rclpy.serialization import deserialize_message
+
+            from ..conversions import stamp_to_ns
+
+            m = deserialize_message(raw, VisualFeatures)
+            sent = (m.request_id, stamp_to_ns(m.header.stamp), stamp_to_ns(m.sent_at))
         with self._feat_lock:
-            self.feature_bytes[robot].append((time.time_ns(), len(raw)))
+            self.feature_bytes[robot].append((t, len(raw)))
+            if sent is not None:
+                self.feature_sent[sent[0]] = sent[1:]
 
     def features_since(self, robots: list[str], t0_ns: int) -> list[int]:
         with self._feat_lock:

@@ -65,3 +65,28 @@ def full_model(root: Path | None = None) -> tuple[str, str]:
     _write_note(path, "random weights of LLaVA-1.5-7B shapes (benchmark full mode): answers are meaningless",
                 family="llava", language_model="llama")
     return str(path), desc
+
+
+QUICK_VQ = dict(placement="projector", k=4096, generated=128, iters=20, seed=0)
+
+
+def quick_codebook(model: str, root: Path | None = None) -> tuple[str, str]:
+    """A vq codebook for the quick model at the quick mode's split point (projector), calibrated once
+    with tools/calibrate_codebook on training-split scenes (the benchmark frames are test-split)."""
+    import os
+    import subprocess
+    import sys
+
+    c = QUICK_VQ
+    path = (root or cache_dir()) / f"bench-quick-llava-vq-{c['placement']}-k{c['k']}.safetensors"
+    desc = (f"K={c['k']} at {c['placement']}, calibrated on {c['generated']} training-split scenes "
+            f"({c['iters']} Lloyd iterations, seed {c['seed']})")
+    if not path.is_file():
+        cmd = [sys.executable, "-m", "edge_vlm_ros.tools.calibrate_codebook", "--model", model,
+               "--placement", c["placement"], "--generated", str(c["generated"]), "--k", str(c["k"]),
+               "--iters", str(c["iters"]), "--seed", str(c["seed"]), "--threads", "1", "--no-progress",
+               "--out", str(path)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        if res.returncode != 0 or not path.is_file():
+            raise RuntimeError(f"calibrate_codebook failed ({res.returncode}): {res.stderr[-2000:]}")
+    return str(path), desc

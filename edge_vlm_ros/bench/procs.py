@@ -56,7 +56,10 @@ class ProcessGroup:
         self.procs: list[Proc] = []
         log_dir.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Proc:
+    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None, cpus: str | None = None) -> Proc:
+        """cpus: pin the process to these CPUs (taskset -c, e.g. "0"), as if it had a device of its own."""
+        if cpus:
+            cmd = ["taskset", "-c", cpus, *cmd]
         out = open(self.log_dir / f"{name}.log", "w")
         p = subprocess.Popen(cmd, env=env or self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         out.close()

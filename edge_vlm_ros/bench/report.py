@@ -36,15 +36,26 @@ def plots(res: dict, out: Path) -> list[str]:
         made.append("batch_sweep.png")
     cs = res.get("cloud_vs_split") or {}
     if cs.get("cloud_only") and cs.get("split"):
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-        names = ["cloud-only", "split"]
-        thr = [cs["cloud_only"].get("requests_per_s") or 0, cs["split"].get("requests_per_s") or 0]
-        a1.bar(names, thr, color=["#888", "#2a7"])
-        if cs.get("bound") and thr[0]:
-            a1.axhline(thr[0] * cs["bound"], ls="--", color="k", label=f"bound x{cs['bound']:.2f}")
-            a1.legend()
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        runs = [("shared CPUs", cs)]
+        cp = res.get("cloud_vs_split_pinned") or {}
+        if cp.get("cloud_only") and cp.get("split"):
+            runs.append(("pinned (edge CPU 0, server CPU 1)", cp))
+        w = 0.38
+        for j, (label, c) in enumerate(runs):
+            thr = [c["cloud_only"].get("requests_per_s") or 0, c["split"].get("requests_per_s") or 0]
+            xs = [i + (j - (len(runs) - 1) / 2) * w for i in range(2)]
+            bars = a1.bar(xs, thr, width=w, color=["#999", "#2a7"] if j == 0 else ["#666", "#185"],
+                          edgecolor="k", hatch="" if j == 0 else "//")
+            a1.text(sum(xs) / 2, max(thr) * 1.02, f"{label}\ngain x{_fmt(c.get('gain'))} / bound x{_fmt(c.get('bound'))}",
+                    ha="center", va="bottom", fontsize=7)
+            if c.get("bound") and thr[0]:
+                a1.plot([xs[1] - w / 2, xs[1] + w / 2], [thr[0] * c["bound"]] * 2, "k--", lw=1.2)
+            del bars
+        a1.set_xticks([0, 1], ["cloud-only", "split"])
         a1.set_ylabel("requests / s")
-        a1.set_title(f"Throughput (gain x{_fmt(cs.get('gain'))})")
+        a1.set_ylim(0, a1.get_ylim()[1] * 1.25)
+        a1.set_title("Throughput (dashed: cloud-only x bound)", fontsize=10)
         t1 = cs.get("table_one") or {}
         parts = [t1.get("vision_fraction") or 0, t1.get("llm_fraction") or 0, t1.get("overhead_fraction") or 0]
         a2.barh(["cloud-only"], [parts[0]], color="#c84", label="vision")
@@ -138,6 +149,20 @@ def markdown(res: dict) -> str:
               f"Measured gain **x{_fmt(cs.get('gain'), 3)}** against the bound (t_vision + t_llm) / max = "
               f"x{_fmt(cs.get('bound'), 3)}: gain/bound {_fmt(cs.get('gain_over_bound'), 3)}, "
               f"(gain-1)/(bound-1) {_fmt(cs.get('extra_over_possible'), 3)}.", ""]
+        cp = res.get("cloud_vs_split_pinned") or {}
+        if cp.get("cloud_only"):
+            t1p = cp.get("table_one") or {}
+            L += [f"Pinned run ({cp.get('cpus')}): the fair emulation of two devices on one machine.", "",
+                  "| config (pinned) | requests/s | e2e p50 / p90 / p99 ms | outcomes | pauses |", "|---|---|---|---|---|"]
+            for k in ("cloud_only", "split"):
+                x = cp.get(k) or {}
+                e = x.get("e2e_ms") or {}
+                L.append(f"| {k} | {_fmt(x.get('requests_per_s'))} | {_fmt(e.get('p50'), 1)} / {_fmt(e.get('p90'), 1)} / "
+                         f"{_fmt(e.get('p99'), 1)} | {x.get('outcomes_all')} | {x.get('pauses')} |")
+            L += ["", f"Pinned: vision {_fmt(100 * (t1p.get('vision_fraction') or 0), 1)}%, LLM "
+                  f"{_fmt(100 * (t1p.get('llm_fraction') or 0), 1)}% of the cloud-only server's time; gain "
+                  f"**x{_fmt(cp.get('gain'), 3)}** against bound x{_fmt(cp.get('bound'), 3)}: gain/bound "
+                  f"{_fmt(cp.get('gain_over_bound'), 3)}, (gain-1)/(bound-1) {_fmt(cp.get('extra_over_possible'), 3)}.", ""]
         for k in ("cloud_only", "split"):
             st = (cs.get(k) or {}).get("stages_ms") or {}
             L.append(f"- {k} stages (mean ms): " + ", ".join(f"{n.replace('_ms', '')} {_fmt(v.get('mean'), 1)}"
@@ -157,15 +182,18 @@ def markdown(res: dict) -> str:
         L += ["## Rate-limited links", "", f"Not run: {lk.get('skipped') or lk.get('error')}", ""]
     if lk.get("rates"):
         codecs = lk.get("codecs", {})
-        L += ["## Rate-limited links (tbf veth between namespaces; p50 ms, frame -> features on server / "
-              "-> answer)", "", "| Mbit/s | " + " | ".join(codecs.values()) + " |",
-              "|---|" + "---|" * len(codecs)]
+        L += ["## Rate-limited links (tbf veth between namespaces, one request at a time)", "",
+              f"{lk.get('layout', '')}. Cells: frame -> features on server p50 / p90, then frame -> answer "
+              f"p50 / p90 (ms), {lk.get('n')} requests per cell.", "",
+              "| Mbit/s | " + " | ".join(codecs.values()) + " |", "|---|" + "---|" * len(codecs)]
         for rate in sorted(lk["rates"], key=lambda k: int(k)):
             cells = []
             for robot in codecs:
                 x = lk["rates"][rate].get(robot, {})
-                cells.append(f"{_fmt((x.get('features_on_server_ms') or {}).get('p50'), 0)} / "
-                             f"{_fmt((x.get('answer_ms') or {}).get('p50'), 0)}")
+                f, a = x.get("features_on_server_ms") or {}, x.get("answer_ms") or {}
+                bad = {k: v for k, v in (x.get("outcomes") or {}).items() if k != "ok"}
+                cells.append(f"{_fmt(f.get('p50'), 0)} / {_fmt(f.get('p90'), 0)}; {_fmt(a.get('p50'), 0)} / "
+                             f"{_fmt(a.get('p90'), 0)}" + (f" {bad}" if bad else ""))
             L.append(f"| {int(rate) / 1000:g} | " + " | ".join(cells) + " |")
         first = lk["rates"][sorted(lk["rates"], key=lambda k: int(k))[0]]
         L += ["", "Bytes on the wire per request (serialized VisualFeatures): " +

@@ -14,7 +14,7 @@ def test_quick_subset_writes_complete_results(ros_env, tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "edge_vlm_ros.bench.run", "--mode", "quick", "--out", str(out),
            "--model", ensure(), "--sections", "sweep,graph", "--robots", "1,2", "--warmup", "2",
-           "--measured", "6", "--sweep-batches", "1,2", "--max-new-tokens", "4"]
+           "--measured", "6", "--sweep-batches", "1,2", "--max-new-tokens", "4", "--pinned", "no"]
     proc = subprocess.run(cmd, env=ros_env, capture_output=True, text=True, timeout=150, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())

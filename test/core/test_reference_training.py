@@ -1,0 +1,121 @@
+"""A short training run of the reference recipe on a tiny config: loss goes down, the folder loads and answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edge_vlm_ros.data.scenes import QUESTION_TYPES, write_dataset
+from edge_vlm_ros.tools import evaluate_reference as E
+from edge_vlm_ros.tools import train_reference as T
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("scenes")
+    write_dataset(root, seed=1, n_train=12, n_val=4, n_test=4)
+    return root
+
+
+def _tiny(data_dir: Path, out: Path, **kw) -> T.TrainConfig:
+    base = dict(data=str(data_dir), out=str(out), seed=0, steps=20, batch_size=8, lr=1e-2, warmup_steps=2,
+                vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=1, threads=1,
+                checkpoint_every=10, eval_every=10, eval_examples=8, limit_train=16, progress=False)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def test_twenty_steps_lower_the_loss_and_the_folder_loads_and_generates(data_dir, tmp_path) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    threads = torch.get_num_threads()
+    try:
+        result = T.train(_tiny(data_dir, tmp_path / "model"))
+    finally:
+        torch.set_num_threads(threads)
+    assert result.steps_done == 20 and not result.stopped_early
+    assert np.mean(result.losses[-3:]) < 0.7 * np.mean(result.losses[:3]), result.losses
+    assert (tmp_path / "model-checkpoints" / "step-000010" / "training_state.pt").is_file()
+    note = json.loads((tmp_path / "model" / "EDGE_VLM_MODEL.json").read_text())
+    assert note["family"] == "llava" and note["trained_steps"] == 20
+
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "model")
+    assert model.generation_config.max_new_tokens == T.MAX_NEW_TOKENS
+    image = np.zeros((64, 64, 3), np.uint8)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many shapes are there?"}]}],
+        add_generation_prompt=True)
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    out = model.generate(**inputs, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+    res = E.evaluate(tmp_path / "model", data_dir, "test", batch_size=4, limit=6, threads=1, progress=False)
+    assert res.n == 6 and 0.0 <= res.overall <= 1.0 and set(res.per_type) <= set(QUESTION_TYPES)
+    E.update_card(tmp_path / "model", res, "cmd")
+    assert "| **overall** | 6 |" in (tmp_path / "model" / "README.md").read_text()
+
+
+def test_labels_cover_only_the_answer_and_eos(data_dir, tmp_path) -> None:
+    from transformers import AutoProcessor
+
+    T.build_model(_tiny(data_dir, tmp_path / "m"), tmp_path / "m")
+    processor = AutoProcessor.from_pretrained(tmp_path / "m")
+    images = [np.zeros((64, 64, 3), np.uint8)] * 2
+    b = T.collate(processor, images, ["what color is the star?", "where is the red circle?"], ["red", "bottom right"])
+    tok = processor.tokenizer
+    for i, answer in enumerate(["red", "bottom right"]):
+        kept = b["labels"][i][b["labels"][i] != -100].tolist()
+        assert kept == tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert tok.decode(kept, skip_special_tokens=True).strip() == answer
+        real = b["attention_mask"][i].bool()
+        assert b["position_ids"][i][real].tolist() == list(range(int(real.sum())))  # left padding, own positions
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert ((b["input_ids"] == image_id).sum(1) == (64 // T.TrainConfig(data="d", out="o").patch_size) ** 2).all()
+
+
+def test_conversation_batches_are_what_the_chat_template_renders(data_dir, tmp_path) -> None:
+    T.build_model(_tiny(data_dir, tmp_path / "m"), tmp_path / "m")
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tmp_path / "m")
+    data = T.VqaExamples(data_dir, "validation")
+    batcher = T.ConversationBatcher(processor, data.images)
+    convs = T.conversations(data, np.array([0, 1]), 3, step=0, seed=0)
+    batch = batcher.build([0, 1], convs)
+    for i, conv in enumerate(convs):
+        messages = []
+        for k, (q, a) in enumerate(conv):
+            content = ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": q}]
+            messages += [{"role": "user", "content": content},
+                         {"role": "assistant", "content": [{"type": "text", "text": " " + a}]}]
+        text = processor.apply_chat_template(messages)
+        ids = processor(images=[data.images[i]], text=[text], return_tensors="pt")["input_ids"][0]
+        assert batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist() == ids.tolist()
+        labelled = batch["labels"][i][batch["labels"][i] != -100]
+        assert processor.tokenizer.decode(labelled) == "".join(f" {a}</s>" for _, a in conv)
+    single = T.collate(processor, [data.images[0]], [convs[0][0][0]], [convs[0][0][1]])
+    one = batcher.build([0], [convs[0][:1]])
+    assert all(torch.equal(single[k], one[k]) for k in single if k != "pixel_values")
+    assert torch.allclose(single["pixel_values"], one["pixel_values"], atol=1e-5, rtol=0)
+
+
+def test_same_seed_same_run(data_dir, tmp_path) -> None:
+    threads = torch.get_num_threads()
+    try:
+        a = T.train(_tiny(data_dir, tmp_path / "a", steps=6, eval_examples=0))
+        b = T.train(_tiny(data_dir, tmp_path / "b", steps=6, eval_examples=0))
+    finally:
+        torch.set_num_threads(threads)
+    assert a.losses == b.losses
+
+
+def test_config_rejects_bad_values(tmp_path) -> None:
+    with pytest.raises(ValueError, match="60"):
+        T.TrainConfig(data="d", out="o", image_size=60, patch_size=8)
+    with pytest.raises(ValueError, match="-1"):
+        T.TrainConfig(data="d", out="o", steps=-1)

@@ -119,3 +119,15 @@ def test_config_rejects_bad_values(tmp_path) -> None:
         T.TrainConfig(data="d", out="o", image_size=60, patch_size=8)
     with pytest.raises(ValueError, match="-1"):
         T.TrainConfig(data="d", out="o", steps=-1)
+
+
+def test_resume_continues_exactly_where_the_checkpoint_left_off(data_dir, tmp_path) -> None:
+    threads = torch.get_num_threads()
+    try:
+        cfg = _tiny(data_dir, tmp_path / "r", steps=10, checkpoint_every=5, eval_examples=0)
+        full = T.train(cfg)
+        assert T.latest_checkpoint(cfg).name == "step-000005"
+        resumed = T.train(cfg, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed.losses == full.losses[5:]

@@ -148,3 +148,85 @@ def test_libero_episode_through_real_nodes(ros_env, tmp_path, tiny_vla):
     finally:
         client.close()
         nodes.stop()
+
+
+_FAULTY_BRIDGE = '''
+"""The real LIBERO bridge node with a fault injected into the real simulator: step number
+FAIL_AT of the first episode raises, as a MuJoCo instability would. Named so: a test fixture."""
+import json, sys
+import edge_vlm_ros.libero_bridge_node as bridge
+from edge_vlm_ros.core.libero_sim import LiberoSim
+
+LOG_PATH, FAIL_AT = sys.argv[1], int(sys.argv[2])
+
+
+class FaultInjectedLiberoSim(LiberoSim):
+    episodes = 0
+    steps = 0
+
+    def start(self, task_id, trial, fresh_env=False):
+        FaultInjectedLiberoSim.episodes += 1
+        FaultInjectedLiberoSim.steps = 0
+        with open(LOG_PATH, "a") as f:
+            f.write(json.dumps({"episode": self.episodes, "trial": trial, "fresh_env": fresh_env}) + "\\n")
+        return super().start(task_id, trial, fresh_env)
+
+    def step(self, action):
+        FaultInjectedLiberoSim.steps += 1
+        if self.episodes == 1 and self.steps == FAIL_AT:
+            raise RuntimeError("injected fault: MuJoCo simulation unstable")
+        return super().step(action)
+
+
+bridge.LiberoSim = FaultInjectedLiberoSim
+sys.exit(bridge.main(sys.argv[3:]))
+'''
+
+
+def test_libero_bridge_survives_a_simulator_error(ros_env, tmp_path):
+    """An exception inside env.step ends that episode as ERROR (reported on sim/episode and in the
+    stats) and the bridge rebuilds the env and runs the next episode to its normal end."""
+    import os
+    import subprocess
+    import sys
+
+    from edge_vlm_ros.core.libero_sim import LiberoUnavailable, import_libero
+
+    try:
+        import_libero()
+    except LiberoUnavailable as e:
+        pytest.skip(str(e))
+    script = tmp_path / "faulty_bridge.py"
+    script.write_text(_FAULTY_BRIDGE)
+    starts, stats = tmp_path / "starts.jsonl", tmp_path / "bridge.json"
+    params = {"robot_id": "robot_0", "trials": 2, "max_steps": 3, "settle_steps": 0, "image_size": 32,
+              "wrist_camera": False, "action_timeout_s": 0.05, "wait_for_subscribers_s": 0.1,
+              "stats_path": str(stats), "shutdown_when_done": True}
+    args = ["--ros-args", "-r", "__ns:=/robot_0"]
+    for k, v in params.items():
+        args += ["-p", f"{k}:={str(v).lower() if isinstance(v, bool) else v}"]
+    env = dict(os.environ, **ros_env, MUJOCO_GL="egl")
+    log = open(tmp_path / "bridge.log", "w")
+    proc = subprocess.Popen([sys.executable, str(script), str(starts), "2", *args], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        rc = proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+    out = (tmp_path / "bridge.log").read_text()
+    assert rc == 0, out[-3000:]
+    rec = json.loads(stats.read_text())
+    eps = rec["episodes"]
+    assert [e["status"] for e in eps] == ["error", "failure"], out[-3000:]
+    assert "injected fault" in eps[0]["reason"] and eps[0]["steps"] == 1
+    assert eps[1]["steps"] == 3 and eps[1]["action_timeouts"] == 3      # no controller: safe action held
+    assert rec["summary"]["error"] == 1 and rec["summary"]["failure"] == 1
+    started = [json.loads(line) for line in starts.read_text().splitlines()]
+    assert [s["fresh_env"] for s in started] == [False, True]           # rebuilt after the error

@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 import threading
 import time
@@ -261,6 +262,7 @@ def run_monolithic(adapter: VLMAdapter, items: list[VqaItem], batch_size: int, p
 
 
 def score(preds: list[str], items: list[VqaItem]) -> dict[str, Any]:
+    """Exact match overall and per type; `_correct` (per question) is used by the findings, not saved."""
     right = {t: 0 for t in QUESTION_TYPES}
     total = {t: 0 for t in QUESTION_TYPES}
     for p, it in zip(preds, items):
@@ -268,7 +270,8 @@ def score(preds: list[str], items: list[VqaItem]) -> dict[str, Any]:
         right[it.type] += int(p == it.answer.strip())
     n = sum(total.values())
     return {"accuracy": sum(right.values()) / n,
-            "per_type": {t: right[t] / total[t] for t in QUESTION_TYPES if total[t]}, "questions": n}
+            "per_type": {t: right[t] / total[t] for t in QUESTION_TYPES if total[t]}, "questions": n,
+            "_correct": [p == it.answer.strip() for p, it in zip(preds, items)]}
 
 
 # ---- rows --------------------------------------------------------------------------------------
@@ -326,19 +329,48 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> tuple[int, int, float]:
+    """Paired comparison on the same questions: (a right & b wrong, b right & a wrong, z statistic)."""
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    z = (only_a - only_b) / math.sqrt(only_a + only_b) if only_a + only_b else 0.0
+    return only_a, only_b, z
+
+
 def findings(report: dict[str, Any]) -> list[str]:
-    """Normalized vs unnormalized quantization (seed 003's claim), read off the rows, whichever way it goes."""
+    """Normalized vs unnormalized quantization (seed 003's claim), read off the rows, whichever way it goes.
+
+    Each layer_norm1 row is paired with the residual row of the same block and K; the difference is
+    tested with McNemar's test on the same questions (|z| > 1.96: significant at 5%).
+    """
     rows = {(r["placement"], r["k"]): r for r in report["rows"] if r["family"] == "vq"}
     out = []
+    wins = losses = ties = 0
     for (pl, k), r in sorted(rows.items()):
         sp = SplitPoint.parse(pl)
         if sp.kind == "vision_block" and sp.sub == "ln1":
             base = rows.get((f"vision_block:{sp.block}", k))
             if base:
                 d = 100 * (r["accuracy"] - base["accuracy"])
-                out.append(f"K={k}, block {sp.block}: layer_norm1 (normalized, {r['bytes_per_image']:.0f} B) "
-                           f"{100 * r['accuracy']:.1f}% vs residual (unnormalized, {base['bytes_per_image']:.0f} B) "
-                           f"{100 * base['accuracy']:.1f}%: {d:+.1f} points")
+                line = (f"K={k}, block {sp.block}: layer_norm1 (normalized, {r['bytes_per_image']:.0f} B) "
+                        f"{100 * r['accuracy']:.1f}% vs residual (unnormalized, {base['bytes_per_image']:.0f} B) "
+                        f"{100 * base['accuracy']:.1f}%: {d:+.1f} points")
+                if "_correct" in r and "_correct" in base:
+                    a, b, z = mcnemar(r["_correct"], base["_correct"])
+                    sig = abs(z) > 1.96
+                    line += f" (McNemar: {a} vs {b} discordant questions, z={z:+.2f}, " + \
+                        ("significant" if sig else "not significant") + " at 5%)"
+                    if not sig:
+                        ties += 1
+                    elif z > 0:
+                        wins += 1
+                    else:
+                        losses += 1
+                out.append(line)
+    if wins + losses + ties:
+        out.append(f"normalized (layer_norm1) vs unnormalized (residual) at the same block and K: better in {wins}, "
+                   f"worse in {losses}, no significant difference in {ties} of {wins + losses + ties} pairs; "
+                   "the layer_norm1 rows also carry the per-token mean/std as side info")
     return out
 
 
@@ -469,6 +501,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
               "rows": results,
               "command": "python -m edge_vlm_ros.tools.accuracy_study " + " ".join(args.argv)}
     report["findings"] = findings(report)
+    for r in results:
+        r.pop("_correct", None)
     return report
 
 

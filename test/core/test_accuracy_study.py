@@ -64,7 +64,10 @@ def test_study_rows_are_complete_lossless_rows_equal_monolithic_and_bytes_are_wh
     ln1 = [r for r in vq if r["placement"].endswith("/ln1")]
     assert all(r["side_info_bytes"] > 0 for r in ln1)          # the per-token mean/std travel and count
     assert all(r["side_info_bytes"] == 0 for r in vq if r not in ln1)
-    assert len(report["findings"]) == 2                         # one per K: ln1 vs residual at block 1
+    # one per K (ln1 vs residual at block 1, with its paired test) and the summary
+    assert len(report["findings"]) == 3 and all("McNemar" in f for f in report["findings"][:2])
+    assert "of 2 pairs" in report["findings"][2]
+    assert not any("_correct" in r for r in report["rows"])
     md = (out / "accuracy.md").read_text()
     assert "| monolithic |" in md and "vq vision_block:1/ln1 K=32" in md
     assert (out / "accuracy_vs_bytes.png").stat().st_size > 10_000
@@ -105,3 +108,11 @@ def test_split_bag_holds_every_question_before_its_frame(data_dir):
         assert frame.topic == "/camera/image_raw" and isinstance(frame.content, ImageFrame)
         assert prompt.log_time_ns < frame.log_time_ns
         np.testing.assert_array_equal(frame.content.rgb, load_image(data_dir, rec["image"]))
+
+
+def test_mcnemar_counts_discordant_pairs():
+    a = [True, True, False, True, False, True]
+    b = [True, False, False, False, True, True]
+    only_a, only_b, z = A.mcnemar(a, b)
+    assert (only_a, only_b) == (2, 1) and z == pytest.approx(1 / 3 ** 0.5)
+    assert A.mcnemar(a, a) == (0, 0, 0.0)

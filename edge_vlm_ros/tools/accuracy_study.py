@@ -318,13 +318,15 @@ def lossless_splits(adapter: VLMAdapter) -> list[SplitPoint]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = ["| configuration | placement | K | bytes/image | accuracy | " + " | ".join(QUESTION_TYPES) +
-             " | = monolithic |", "|---|---|---:|---:|---:|" + "---:|" * len(QUESTION_TYPES) + "---:|"]
+    lines = ["| configuration | placement | K | bytes/image | of which payload | accuracy | " +
+             " | ".join(QUESTION_TYPES) + " | = monolithic |",
+             "|---|---|---:|---:|---:|---:|" + "---:|" * len(QUESTION_TYPES) + "---:|"]
     for r in report["rows"]:
         per = " | ".join(f"{100 * r['per_type'].get(t, float('nan')):.1f}" for t in QUESTION_TYPES)
         same = "" if r["family"] == "monolithic" else f"{100 * r['same_as_monolithic']:.1f}%"
         b = "-" if r["bytes_per_image"] is None else f"{r['bytes_per_image']:,.0f}"
-        lines.append(f"| {r['name']} | {r['placement']} | {r['k'] or ''} | {b} | **{100 * r['accuracy']:.1f}%** | "
+        pay = "-" if r.get("payload_bytes") is None else f"{r['payload_bytes']:,.0f}"
+        lines.append(f"| {r['name']} | {r['placement']} | {r['k'] or ''} | {b} | {pay} | **{100 * r['accuracy']:.1f}%** | "
                      f"{per} | {same} |")
     return "\n".join(lines)
 
@@ -387,7 +389,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for r in report["rows"]:
         if r["bytes_per_image"] is None:
             continue
-        key = r["family"] if r["family"] != "vq" else f"vq @ {r['placement_kind']}"
+        key = r["family"] if r["family"] != "vq" else f"vq {r['placement']} ({r['placement_kind']})"
         groups.setdefault(key, []).append(r)
     markers = "osD^v<>pP*Xh"
     for i, (key, rs) in enumerate(sorted(groups.items())):

@@ -205,7 +205,7 @@ def test_libero_bridge_survives_a_simulator_error(ros_env, tmp_path):
     args = ["--ros-args", "-r", "__ns:=/robot_0"]
     for k, v in params.items():
         args += ["-p", f"{k}:={str(v).lower() if isinstance(v, bool) else v}"]
-    env = dict(os.environ, **ros_env, MUJOCO_GL="egl")
+    env = {**os.environ, **ros_env, "MUJOCO_GL": "egl"}
     log = open(tmp_path / "bridge.log", "w")
     proc = subprocess.Popen([sys.executable, str(script), str(starts), "2", *args], env=env, stdout=log,
                             stderr=subprocess.STDOUT, cwd=tmp_path)

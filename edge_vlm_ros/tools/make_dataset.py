@@ -77,9 +77,16 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     summary = write_dataset(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
                             questions_per_scene=args.questions_per_scene, image_size=args.image_size)
+    bags = []
     for split in filter(None, (x.strip() for x in args.bag_splits.split(","))):
         bag = write_split_bag(args.out, split, args.bag_rate, args.bag_storage)
+        bags.append(bag.name)
         print(f"wrote {bag}")
+    if bags:
+        with open(Path(args.out) / "README.md", "a") as f:
+            f.write(f"- Rosbag2 ({args.bag_storage}, {args.bag_rate:g} Hz): {', '.join(f'`{b}`' for b in bags)}, one "
+                    "sensor_msgs/Image (rgb8) per question on `/camera/image_raw`, its question just before it "
+                    "as std_msgs/String on `/edge_vlm/prompt_text`, in the order of `<split>.jsonl`.\n")
     print(json.dumps(summary["splits"], indent=1))
     print(f"wrote {args.out} in {time.perf_counter() - t0:.1f} s")
 

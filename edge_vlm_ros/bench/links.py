@@ -15,8 +15,9 @@ is six ~64 KB UDP datagrams sent back to back; when the receiving edge is slow t
 (the CPU is shared) the kernel drops one (UDP RcvbufErrors, counted per rate in the robot
 namespace, where net.core.rmem_default cannot be raised) and best effort never repairs it. So the
 worker publishes a short burst of freshly stamped frames before each prompt, makes the request
-again when the edge answered with a frame older than the burst (all of it dropped), and measures
-every latency from the stamp of the frame the edge actually used (Answer.header.stamp):
+again when the edge answered with a frame older than the burst (all of it dropped; after ATTEMPTS
+tries the request is counted as `stale_frame` and left out of the latencies), and measures every
+latency from the stamp of the frame the edge actually used (Answer.header.stamp):
   frame -> features on server = sent_at (VisualFeatures) + transport_ms (Answer) - frame stamp
                               = the server's receive time - frame stamp, both on this host's clock;
   frame -> answer             = answer received (robot side) - frame stamp.
@@ -44,13 +45,29 @@ CODECS = {  # robot name -> edge parameters
 }
 LABELS = {"robot_raw": "raw image", "robot_jpeg90": "JPEG-90", "robot_jpeg10": "JPEG-10",
           "robot_fp16": "fp16 features", "robot_vq": "vq"}
+CODEC_KEYS = {"raw": "robot_raw", "jpeg90": "robot_jpeg90", "jpeg10": "robot_jpeg10", "fp16": "robot_fp16",
+              "vq": "robot_vq"}
 FRAME_BURST = 4        # freshly stamped frames published before each prompt
-FRAME_SPACING_S = 0.05
+FRAME_SPACING_S = 0.1  # lets the edge drain its socket between ~6-datagram frames
+LINK_BURST_BYTES = 1600  # tbf bucket: one full Ethernet frame (netns_link.sh's minimum)
+ATTEMPTS = 5           # requests per measurement before a lost-frame request is counted as stale_frame
+
+
+def robot_side_env(env: dict[str, str]) -> dict[str, str]:
+    """The robot namespace's processes (worker = camera, edge) keep Fast DDS's shared-memory transport
+    next to UDPv4, so camera frames go from the camera to the edge through shared memory as on a
+    robot, instead of as ~6 best-effort 64 KB loopback datagrams each that overflow the edge's UDP
+    receive buffer. The server stays UDPv4-only: Fast DDS uses shared memory only when both sides
+    have it, so everything between robot and server still crosses the shaped veth."""
+    return {**env, "FASTDDS_BUILTIN_TRANSPORTS": "DEFAULT"}
 
 
 def set_rate(link: LinkConfig, rate_kbit: int) -> None:
+    # A one-frame bucket: with the script's default (>= 4 KB) a small message leaves at line rate
+    # after an idle gap (the requests are spaced), so JPEG-10 or VQ would not see the rate at all;
+    # a real narrow link serializes every packet at its rate.
     res = subprocess.run(["bash", str(find_link_script()), "up", link.ns_a, link.ns_b, str(rate_kbit),
-                          "--net", link.net], capture_output=True, text=True)
+                          "--net", link.net, "--burst-bytes", str(LINK_BURST_BYTES)], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"netns_link.sh up at {rate_kbit} kbit/s failed: {res.stderr.strip()}")
 
@@ -70,6 +87,15 @@ def backlog_bytes(link: LinkConfig) -> int:
         m = re.search(r"backlog (\d+)b", out)
         total += int(m.group(1)) if m else 0
     return total
+
+
+def shaped_bytes_sent(link: LinkConfig) -> int:
+    """Bytes the robot -> server shaper has sent so far (`tc -s qdisc` "Sent N bytes"): what really
+    crossed the link, to check against the messages' sizes."""
+    out = subprocess.run(["tc", "-n", link.ns_a, "-s", "qdisc", "show", "dev", _ifname(link.ns_b)],
+                         capture_output=True, text=True).stdout
+    m = re.search(r"Sent (\d+) bytes", out)
+    return int(m.group(1)) if m else 0
 
 
 def drain(link: LinkConfig, timeout_s: float, quiet_s: float = 0.3) -> float:
@@ -124,7 +150,7 @@ def worker(spec: dict) -> int:
         images = [np.load(p) for p in spec["images"]]
         question = spec["question"]
 
-        def one(robot: str, i: int, timeout: float, attempts: int = 3) -> dict:
+        def one(robot: str, i: int, timeout: float, attempts: int = ATTEMPTS) -> dict:
             result["drain_s"] = result.get("drain_s", 0.0) + drain(link, timeout)
             n0 = probe.n_answers(robot)
             sent = []
@@ -145,6 +171,10 @@ def worker(spec: dict) -> int:
                 # stamp would count idle time as latency, so the request is made again
                 result["stale_frame_retries"] = result.get("stale_frame_retries", 0) + 1
                 return one(robot, i, timeout, attempts - 1)
+            if a.outcome.name == "OK" and a.stamp_ns not in sent:
+                # still an older frame after every attempt: the answer is fine, but its latency
+                # would be measured from a frame published seconds earlier; counted, not timed
+                return {"outcome": "stale_frame", "reason": "every frame of the last burst was lost"}
             x = {"outcome": a.outcome.name.lower(), "reason": a.reason,
                  "frame_used": sent.index(a.stamp_ns) if a.stamp_ns in sent else None,
                  "answer_ms": (t - a.stamp_ns) / 1e6, "transport_ms": a.timings.transport_ms}
@@ -163,9 +193,9 @@ def worker(spec: dict) -> int:
             per = {}
             for robot in robots:
                 t_feat0 = time.time_ns()
-                udp0 = udp_counters()
+                udp0, up0 = udp_counters(), shaped_bytes_sent(link)
                 runs = [one(robot, i, spec["timeout_s"]) for i in range(spec["n"])]
-                udp1 = udp_counters()
+                udp1, up1 = udp_counters(), shaped_bytes_sent(link)
                 ok = [x for x in runs if x["outcome"] == "ok"]
                 sizes = probe.features_since([robot], t_feat0)
                 per[robot] = {"codec": LABELS.get(robot, robot), "requests": len(runs),
@@ -176,6 +206,7 @@ def worker(spec: dict) -> int:
                               "features_bytes": round(sum(sizes) / len(sizes), 1) if sizes else None,
                               "feature_messages": len(sizes),
                               "frames_used": [x.get("frame_used") for x in ok],
+                              "link_up_bytes_per_request": round((up1 - up0) / max(1, len(runs)), 1),
                               "udp_robot_ns": {k: udp1.get(k, 0) - udp0.get(k, 0)
                                                for k in ("InDatagrams", "RcvbufErrors", "InErrors")}}
                 print(f"[links] {rate} kbit/s {robot}: {per[robot]['answer_ms']['p50']} ms "
@@ -225,7 +256,8 @@ def _one_codec(robot: str, edge_params: dict, *, model: str, images: list[Path],
         wpath.unlink(missing_ok=True)
         wlog = open(log_dir / f"links_worker_{robot}.log", "w")
         w = link.popen(cfg.ns_a, [sys.executable, "-m", "edge_vlm_ros.bench.links", "--worker", str(spec_path)],
-                       env=link.env(cfg.ns_a, base=env, domain_id=domain_id), stdout=wlog, stderr=subprocess.STDOUT)
+                       env=robot_side_env(link.env(cfg.ns_a, base=env, domain_id=domain_id)),
+                       stdout=wlog, stderr=subprocess.STDOUT)
         budget = ready_timeout + (warmup + n * len(rates_kbit)) * (2 * timeout_s + 1) + 30
         deadline = time.monotonic() + budget
         server_rss = None
@@ -261,8 +293,12 @@ def _one_codec(robot: str, edge_params: dict, *, model: str, images: list[Path],
 def run_links(*, model: str, images: list[Path], question: str, rates_mbit: list[float], n: int, warmup: int,
               max_new_tokens: int, timeout_s: float, log_dir: Path, out_dir: Path, env: dict[str, str],
               domain_id: int, server_params: dict, edge_device: str = "cpu", vq_codebook: str = "",
-              vq_placement: str = "projector", ready_timeout: float = 120.0) -> dict:
-    """One fresh link + server + worker per codec (see the module docstring); always torn down."""
+              vq_placement: str = "projector", ready_timeout: float = 120.0,
+              codecs: list[str] | None = None) -> dict:
+    """One fresh link + server + worker per codec (see the module docstring); always torn down.
+
+    codecs: a subset of CODEC_KEYS (default all).
+    """
     from ..bag.netns import netns_supported
 
     ok, why = netns_supported()
@@ -274,6 +310,12 @@ def run_links(*, model: str, images: list[Path], question: str, rates_mbit: list
         edge_params["robot_vq"] = {"split_point": vq_placement, "codec": "vq", "codebook_path": vq_codebook}
     else:
         vq_note = "vq skipped: no codebook given (--vq-codebook PATH, trained for this model)"
+    if codecs:
+        unknown = [c for c in codecs if c not in CODEC_KEYS]
+        if unknown:
+            raise ValueError(f"unknown link codecs {unknown}; known: {sorted(CODEC_KEYS)}")
+        wanted = {CODEC_KEYS[c] for c in codecs}
+        edge_params = {r: p for r, p in edge_params.items() if r in wanted}
     robots = list(edge_params)
     rates_kbit = sorted({int(round(r * 1000)) for r in rates_mbit}, reverse=True)
     result: dict = {"rates_mbit": rates_mbit, "codecs": {r: LABELS[r] for r in robots}, "n": n, "warmup": warmup,

@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--link-rates", default="", help="Mbit/s, e.g. 4,1,0.25")
     ap.add_argument("--link-n", type=int, default=None, help="requests per codec and rate")
     ap.add_argument("--vq-codebook", default="", help="codebook file for the vq codec in the link run")
+    ap.add_argument("--link-codecs", default="", help="subset of raw,jpeg90,jpeg10,fp16,vq for the link run")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process")
     ap.add_argument("--pinned", choices=("auto", "yes", "no"), default="auto",
                     help="also run cloud-only vs split with the server on CPU 1 and the robot side on CPU 0 "
@@ -322,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                            server_params={"model_path": model, "ignore_eos": True, "device": args.device,
                                           "dtype": p["dtype"], "default_max_new_tokens": p["max_new_tokens"],
                                           "max_batch_size": 1},
-                           edge_device=args.device, vq_codebook=vq_codebook)
+                           edge_device=args.device, vq_codebook=vq_codebook,
+                           codecs=[c.strip() for c in args.link_codecs.split(",") if c.strip()] or None)
         except Exception as e:
             lk = {"error": f"{type(e).__name__}: {e}"}
         lk["ratios"] = link_ratios(lk)

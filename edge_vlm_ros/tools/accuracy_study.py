@@ -59,6 +59,7 @@ from ..data.scenes import QUESTION_TYPES, VqaItem, iter_split, read_split, load_
 LOG = logging.getLogger(__name__)
 
 ROBOT = "robot_0"
+STALL_S = 600.0   # a configuration that answers nothing for this long is a bug, not a slow model
 
 
 @dataclass
@@ -213,14 +214,21 @@ def run_pipeline(row: Row, edge_adapter: VLMAdapter, server_adapter: VLMAdapter,
         bar = tqdm(total=n, desc=f"{row.name}: server", disable=not progress, leave=False)
         for i, it in enumerate(items):
             with cond:     # bounded in flight: never more than the engine's queues hold
+                stalled_since = time.monotonic()
                 while i - len(answers) >= window:
+                    before = len(answers)
                     cond.wait(1.0)
+                    if len(answers) != before:
+                        stalled_since = time.monotonic()
+                    elif time.monotonic() - stalled_since > STALL_S:
+                        raise RuntimeError(f"{row.name}: no answer for {STALL_S:.0f} s with {i - len(answers)} "
+                                           "requests in flight")
                 bar.update(len(answers) - bar.n)
             rid = f"q-{i}"
             engine.submit_prompt(PromptRequest(rid, ROBOT, it.question, 0, "vqa", max_new_tokens), ROBOT)
             engine.submit_features(dataclasses.replace(packets[image_of[i]], request_id=rid), ROBOT)
         with cond:
-            deadline = time.monotonic() + 600
+            deadline = time.monotonic() + STALL_S
             while len(answers) < n and time.monotonic() < deadline:
                 cond.wait(1.0)
         bar.update(len(answers) - bar.n)

@@ -27,7 +27,6 @@ import os
 import time
 from dataclasses import asdict
 
-import rclpy
 from rclpy.node import Node
 
 from sensor_msgs.msg import JointState
@@ -41,6 +40,7 @@ from .core.chunks import ChunkExecutor, ChunkExecutorConfig, TickStatus
 from .core.config import ControllerConfig
 from .core.types import Outcome
 from .params import declare_config
+from .spin import run_node
 
 
 def format_answer(a, end_to_end_ms: float) -> str:
@@ -227,15 +227,7 @@ class _RobotActions:
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
-    node = ControllerNode()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    run_node(ControllerNode, args)
     return 0
 
 

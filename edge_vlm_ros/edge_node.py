@@ -25,7 +25,6 @@ import threading
 import time
 import traceback
 
-import rclpy
 from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
@@ -40,6 +39,7 @@ from .core.edge import EdgeEncoder
 from .core.types import AnswerResult, Outcome, PromptRequest
 from .params import declare_config
 from .tools.default_model import resolve
+from .spin import run_node
 
 
 class EdgeNode(Node):
@@ -215,15 +215,7 @@ class EdgeNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
-    node = EdgeNode()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    run_node(EdgeNode, args)
     return 0
 
 

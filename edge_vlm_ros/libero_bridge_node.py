@@ -30,7 +30,6 @@ import traceback
 import uuid
 
 import numpy as np
-import rclpy
 from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 
@@ -41,6 +40,7 @@ from .conversions import ns_to_stamp, rgb_to_image, stamp_to_ns
 from .core.config import LiberoBridgeConfig
 from .core.libero_sim import ACTION_DIM, STATE_NAMES, LiberoSim
 from .params import declare_config
+from .spin import run_node
 
 _STATUS_NAMES = {Episode.STATUS_RUNNING: "running", Episode.STATUS_SUCCESS: "success",
                  Episode.STATUS_FAILURE: "failure", Episode.STATUS_ERROR: "error", Episode.STATUS_DONE: "done"}
@@ -226,18 +226,7 @@ class LiberoBridgeNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
-    node = LiberoBridgeNode()
-    try:
-        while rclpy.ok():
-            rclpy.spin_once(node, timeout_sec=0.1)
-            if node.cfg.shutdown_when_done and node.done.is_set():
-                break
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    run_node(LiberoBridgeNode, args, done=lambda n: n.cfg.shutdown_when_done and n.done.is_set())
     return 0
 
 

@@ -20,7 +20,6 @@ import time
 import traceback
 from collections import Counter
 
-import rclpy
 from rclpy.node import Node
 from rclpy.publisher import Publisher
 from rosgraph_msgs.msg import Clock
@@ -34,6 +33,7 @@ from .bag.io import (COMPRESSED_IMAGE_TYPE, IMAGE_TYPE, STRING_TYPE, BagReplayer
 from .conversions import ns_to_stamp, rgb_to_image
 from .core.replay_config import ReplayConfig
 from .params import declare_config
+from .spin import run_node
 
 _IMAGE_TYPES = (IMAGE_TYPE, COMPRESSED_IMAGE_TYPE)
 
@@ -191,18 +191,8 @@ class ReplayNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
-    node = ReplayNode()
-    try:
-        while rclpy.ok() and not (node.cfg.shutdown_when_done and node.done.is_set()):
-            rclpy.spin_once(node, timeout_sec=0.1)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
-    finally:
-        failed = node.failed
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 1 if failed else 0
+    node = run_node(ReplayNode, args, done=lambda n: n.cfg.shutdown_when_done and n.done.is_set())
+    return 1 if node.failed else 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import threading
 import time
 import traceback
 
-import rclpy
 from rclpy.node import Node
 
 from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, FlowControl, Prompt, VisualFeatures
@@ -32,6 +31,7 @@ from .core.split import load_vlm
 from .core.types import AnswerResult, RequestError
 from .params import declare_config
 from .tools.default_model import resolve
+from .spin import run_node
 
 
 def load_codebooks(paths: list[str], fingerprint: str) -> dict:
@@ -163,15 +163,7 @@ class ServerNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
-    node = ServerNode()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    run_node(ServerNode, args)
     return 0
 
 

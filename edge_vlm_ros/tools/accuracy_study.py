@@ -54,7 +54,7 @@ from ..core.edge import EdgeEncoder
 from ..core.server import ServerEngine
 from ..core.split import VLMAdapter, load_vlm
 from ..core.types import AnswerResult, Outcome, PromptRequest, SplitPoint
-from ..data.scenes import QUESTION_TYPES, VqaItem, iter_split, read_split, load_image
+from ..data.scenes import QUESTION_TYPES, VqaItem, load_image, read_split
 
 LOG = logging.getLogger(__name__)
 
@@ -89,15 +89,24 @@ class Row:
 
 
 def load_questions(data: str | Path, split: str, limit: int = 0) -> tuple[list[VqaItem], list[int]]:
-    """The split's questions and, per question, the index of its image among the split's distinct images."""
-    items = list(iter_split(data, split))
+    """The split's questions and, per question, the index of its image among the split's distinct
+    images (each image read once; with a limit, only the images of the kept questions)."""
     recs = read_split(data, split)
     if limit:
-        items, recs = items[:limit], recs[:limit]
-    if not items:
+        recs = recs[:limit]
+    if not recs:
         raise ValueError(f"split {split!r} of {data} has no questions")
     index: dict[str, int] = {}
-    image_of = [index.setdefault(r["image"], len(index)) for r in recs]
+    images: list[np.ndarray] = []
+    items, image_of = [], []
+    for r in recs:
+        j = index.setdefault(r["image"], len(index))
+        if j == len(images):
+            img = load_image(data, r["image"])
+            img.setflags(write=False)
+            images.append(img)
+        items.append(VqaItem(images[j], r["question"], r["answer"], r["type"]))
+        image_of.append(j)
     return items, image_of
 
 
@@ -271,15 +280,16 @@ def run_monolithic(adapter: VLMAdapter, items: list[VqaItem], batch_size: int, p
 
 def score(preds: list[str], items: list[VqaItem]) -> dict[str, Any]:
     """Exact match overall and per type; `_correct` (per question) is used by the findings, not saved."""
+    correct = [p == it.answer.strip() for p, it in zip(preds, items)]
     right = {t: 0 for t in QUESTION_TYPES}
     total = {t: 0 for t in QUESTION_TYPES}
-    for p, it in zip(preds, items):
+    for ok, it in zip(correct, items):
         total[it.type] += 1
-        right[it.type] += int(p == it.answer.strip())
+        right[it.type] += int(ok)
     n = sum(total.values())
     return {"accuracy": sum(right.values()) / n,
             "per_type": {t: right[t] / total[t] for t in QUESTION_TYPES if total[t]}, "questions": n,
-            "_correct": [p == it.answer.strip() for p, it in zip(preds, items)]}
+            "_correct": correct}
 
 
 # ---- rows --------------------------------------------------------------------------------------
@@ -297,7 +307,7 @@ def default_placements(adapter: VLMAdapter) -> list[SplitPoint]:
         pts.append(SplitPoint.parse(f"vision_block:{k}/ln1"))
     pts.append(SplitPoint("projector"))
     out = []
-    for p in pts:
+    for p in dict.fromkeys(pts):      # a 1- or 2-block tower names some placements twice
         try:
             adapter.check_split(p)
             out.append(p)

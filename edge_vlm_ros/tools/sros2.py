@@ -42,6 +42,7 @@ import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from edge_vlm_ros import topics
 
@@ -120,7 +121,10 @@ def _infra(publish: list[str], subscribe: list[str]) -> tuple[tuple[str, ...], t
 def robot_enclave(robot: str, root: str = ENCLAVE_ROOT) -> Enclave:
     r = check_robot(robot)
     ns = f"/{r}"
-    t = lambda name: topics.for_robot(r, name)  # noqa: E731
+
+    def t(name: str) -> str:
+        return topics.for_robot(r, name)
+
     # Edge node: requests out, local failures as answers (chunks in action mode), sensors and flow in.
     edge = Profile(EDGE_NODE, ns, *_infra(
         [t(topics.PROMPT), t(topics.FEATURES), t(topics.ANSWER), t(topics.ACTION_CHUNK)],
@@ -222,7 +226,7 @@ def restrict_private_keys(keystore: Path) -> list[Path]:
 
 def setup_script(keystore: Path, encl: list[Enclave], policy: Path, domain_id: int) -> str:
     cmds = setup_commands(keystore, encl, policy)
-    q = lambda argv: " ".join(shlex.quote(a) for a in argv)  # noqa: E731
+    q = shlex.join
     ks = shlex.quote(str(keystore))
     lines = ["#!/usr/bin/env bash",
              "# SROS2 keystore, enclaves and permissions for edge_vlm_ros (written by",
@@ -253,7 +257,7 @@ def sros2_available() -> bool:
 
 
 def run_setup(keystore: Path, encl: list[Enclave], domain_id: int, execute: bool | None = None,
-              log=print) -> dict:
+              log: Callable[[str], None] = print) -> dict:
     """Writes policy and script into `keystore`; runs the commands when sros2 is available (or
     `execute` says so). Returns what was written and whether the commands ran."""
     keystore = keystore.expanduser().resolve()
@@ -275,7 +279,7 @@ def run_setup(keystore: Path, encl: list[Enclave], domain_id: int, execute: bool
         if argv[2] == "create_keystore" and is_keystore(keystore):
             log(f"keystore {keystore} exists: kept")
             continue
-        log("+ " + " ".join(shlex.quote(a) for a in argv))
+        log("+ " + shlex.join(argv))
         r = subprocess.run(argv, env=env, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")

@@ -243,3 +243,17 @@ def test_setup_with_real_sros2_creates_enclaves_with_exact_permissions(tmp_path)
         assert got["subscribe"] == {"rt" + t for t in exp[e.path]["subscribe"]} | {f"rq{s}Request" for s in services}
     # A second run keeps the keystore (sros2 refuses to create one twice) and succeeds.
     assert sros2.run_setup(ks, encl, domain_id=42, log=lambda s: None)["ran"]
+
+
+def test_private_keys_become_owner_only_and_links_are_left(tmp_path):
+    (tmp_path / "private").mkdir()
+    enc = tmp_path / "enclaves" / "edge_vlm" / "robot_0"
+    enc.mkdir(parents=True)
+    for f in (tmp_path / "private" / "ca.key.pem", enc / "key.pem", enc / "cert.pem"):
+        f.write_text("x")
+        f.chmod(0o644)
+    (tmp_path / "private" / "identity_ca.key.pem").symlink_to("ca.key.pem")
+    keys = sros2.restrict_private_keys(tmp_path)
+    assert sorted(keys) == sorted([tmp_path / "private" / "ca.key.pem", enc / "key.pem"])
+    assert stat.S_IMODE((enc / "key.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE((enc / "cert.pem").stat().st_mode) == 0o644

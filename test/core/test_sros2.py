@@ -196,6 +196,12 @@ def test_cli_policy_and_bad_input(tmp_path, capsys):
     assert sros2.main(["policy", "--robots", "robot-0"]) == 2
     assert "'robot-0'" in capsys.readouterr().err
     assert sros2.main(["setup", "--keystore", str(tmp_path / "k"), "--robots", "r", "--domain-id", "300"]) == 2
+    assert sros2.main(["setup", "--keystore", str(tmp_path / "k"), "--robots", "robot_0", "--replay",
+                       "--domain-id", "5", "--script-only"]) == 0
+    script = (tmp_path / "k" / sros2.SCRIPT_FILE).read_text()
+    assert "export ROS_DOMAIN_ID=5" in script and "create_enclave" in script and "/edge_vlm/replay" in script
+    assert "nothing was created" in capsys.readouterr().out
+    assert not (tmp_path / "k" / "enclaves").exists()
 
 
 def _sros2_schema() -> Path | None:

@@ -39,7 +39,7 @@ from .core.edge import EdgeEncoder
 from .core.types import AnswerResult, Outcome, PromptRequest
 from .params import declare_config
 from .tools.default_model import resolve
-from .spin import run_node
+from .spin import exit_node, run_node
 
 
 class EdgeNode(Node):
@@ -220,4 +220,4 @@ def main(args: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_node(main())

@@ -31,7 +31,7 @@ from .core.split import load_vlm
 from .core.types import AnswerResult, RequestError
 from .params import declare_config
 from .tools.default_model import resolve
-from .spin import run_node
+from .spin import exit_node, run_node
 
 
 def load_codebooks(paths: list[str], fingerprint: str) -> dict:
@@ -168,4 +168,4 @@ def main(args: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_node(main())

@@ -167,12 +167,16 @@ class ServerEngine:
             t.start()
             self._threads.append(t)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 1.5) -> None:
+        """Stop the threads and answer everything still queued. Bounded: a batch still generating
+        after `timeout` s is left to its daemon thread (its late answers are dropped with the
+        node), so a node stops within its 2 s budget whatever the model size."""
         self._running = False
         self.inbox.wake()
         self.matched.wake()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout=30)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         self._threads.clear()
         for item in self.inbox.drain():
             self._answer_error_for_item(item, Outcome.ERROR, "server shutting down")

@@ -209,19 +209,21 @@ def _set_parent_death_signal(sig: int) -> bool:
         return False
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+def die_with_parent(sig: int = signal.SIGTERM, use_prctl: bool = True) -> bool:
     """In a child started through ChildProcesses: get `sig` when the launcher dies, however it dies.
 
     Arms the kernel's parent-death signal (Linux) and a daemon thread that polls the parent pid (the
     portable fallback), then checks the parent is still the launcher, so a launcher that died
     before this call is noticed too. PARENT_ENV is removed from os.environ: it names this process's
     parent, not that of anything this process starts. Returns False when no launcher is registered
-    (started by hand, by `ros2 run` or `ros2 launch`)."""
+    (started by hand, by `ros2 run` or `ros2 launch`). use_prctl=False leaves only the watch thread
+    (how it behaves where prctl does not exist)."""
     value = os.environ.pop(PARENT_ENV, "")
     if not value.isdigit():
         return False
     parent = int(value)
-    _set_parent_death_signal(sig)
+    if use_prctl:
+        _set_parent_death_signal(sig)
 
     def orphaned() -> bool:
         return os.getppid() != parent

@@ -1,0 +1,160 @@
+"""processes.py with plain Python child processes (no ROS): stop escalation, launcher exit codes,
+children that end with their launcher (parent-death signal, and the parent-watch fallback alone)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from edge_vlm_ros.processes import PARENT_ENV, ChildProcesses, child_env
+
+# `python -S` would skip the venv's site hooks; the children need the package, so the normal start.
+PY = [sys.executable, "-c"]
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie (an orphan's zombie waits for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float) -> float | None:
+    """Seconds until pid is gone, None if it is still alive after timeout."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if not _alive(pid):
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    return None
+
+
+def _read_line(p: subprocess.Popen, timeout: float = 30.0) -> str:
+    t0 = time.monotonic()
+    line = p.stdout.readline()
+    assert line, f"no output within {timeout} s (exit {p.poll()})"
+    assert time.monotonic() - t0 < timeout
+    return line.decode().strip()
+
+
+def test_stop_escalates_int_term_kill_and_touches_only_its_own():
+    obedient = "import time\nprint('up', flush=True)\ntime.sleep(60)\n"   # dies of SIGINT
+    stubborn = ("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\ntime.sleep(60)\n")
+    bystander = subprocess.Popen([*PY, obedient], stdout=subprocess.PIPE)
+    children = ChildProcesses()
+    try:
+        a = children.start("obedient", [*PY, obedient], stdout=subprocess.PIPE)
+        b = children.start("stubborn", [*PY, stubborn], stdout=subprocess.PIPE)
+        for p in (a, b, bystander):
+            assert _read_line(p) == "up"
+        t0 = time.monotonic()
+        children.stop(int_grace=0.5, term_grace=0.5)
+        took = time.monotonic() - t0
+        assert a.returncode == -signal.SIGINT and b.returncode == -signal.SIGKILL, (a.returncode, b.returncode)
+        assert took < 5.0, took
+        assert children.poll() == [("obedient", -signal.SIGINT), ("stubborn", -signal.SIGKILL)]
+        assert bystander.poll() is None, "a process the set did not start was touched"
+    finally:
+        bystander.kill()
+        bystander.wait()
+        children.stop()
+
+
+def test_children_run_in_their_own_session_with_the_parent_registered():
+    children = ChildProcesses()
+    try:
+        p = children.start("env", [*PY, f"import os; print(os.getsid(0), os.environ['{PARENT_ENV}'], flush=True)"],
+                           stdout=subprocess.PIPE)
+        sid, parent = _read_line(p).split()
+        assert int(sid) == p.pid and int(parent) == os.getpid()
+        assert child_env({})[PARENT_ENV] == str(os.getpid())
+    finally:
+        children.stop()
+
+
+# A launcher (first process) that starts a child calling die_with_parent, prints the child's pid,
+# then sleeps until killed. The child optionally runs without prctl (the watch-thread fallback),
+# and arms itself only after `arm_delay` s (so the launcher can die before it arms).
+_LAUNCHER = textwrap.dedent("""
+    import subprocess, sys, time
+    from edge_vlm_ros.processes import ChildProcesses
+    child = '''
+    import os, sys, time
+    import edge_vlm_ros.processes as P
+    time.sleep(float(sys.argv[2]))
+    P.die_with_parent(use_prctl=sys.argv[1] == "prctl")
+    assert P.PARENT_ENV not in os.environ
+    time.sleep(60)
+    '''
+    c = ChildProcesses().start("child", [sys.executable, "-c", child, sys.argv[1], sys.argv[2]])
+    print(c.pid, flush=True)
+    time.sleep(float(sys.argv[3]))
+""")
+
+
+@pytest.mark.parametrize("mode", ["prctl", "no-prctl"])
+def test_child_ends_when_its_launcher_is_sigkilled(mode):
+    launcher = subprocess.Popen([*PY, _LAUNCHER, mode, "0", "60"], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        child = int(_read_line(launcher))
+        time.sleep(2.0)                          # the child has armed itself (it imports only the stdlib)
+        assert _alive(child)
+        launcher.kill()
+        launcher.wait()
+        took = _wait_gone(child, 5.0)
+        assert took is not None, f"child {child} ({mode}) outlived its SIGKILLed launcher"
+        # the kernel's signal is immediate; the watch thread polls every 0.5 s
+        assert took < (1.0 if mode == "prctl" else 2.0), took
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+
+def test_child_whose_launcher_died_before_it_armed_stops_at_once():
+    # the launcher exits right after starting the child; the child arms itself 1.5 s later
+    launcher = subprocess.Popen([*PY, _LAUNCHER, "prctl", "1.5", "0"], stdout=subprocess.PIPE, start_new_session=True)
+    child = int(_read_line(launcher))
+    assert launcher.wait(30) == 0
+    took = _wait_gone(child, 10.0)
+    assert took is not None, f"orphaned child {child} kept running"
+
+
+_STOPPABLE = textwrap.dedent("""
+    import sys, time
+    from edge_vlm_ros.processes import ChildProcesses, launcher_main
+
+    @launcher_main
+    def main():
+        children = ChildProcesses()
+        try:
+            c = children.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+            print(c.pid, flush=True)
+            time.sleep(60)
+            return 0
+        finally:
+            children.stop()
+
+    sys.exit(main())
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_launcher_main_stops_its_children_and_exits_128_plus_signal(sig):
+    launcher = subprocess.Popen([*PY, _STOPPABLE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+    try:
+        child = int(_read_line(launcher))
+        launcher.send_signal(sig)
+        assert launcher.wait(20) == 128 + sig
+        assert not _alive(child)
+        assert f"stopped by {signal.Signals(sig).name}" in launcher.stderr.read().decode()
+    finally:
+        launcher.kill()
+        launcher.wait()

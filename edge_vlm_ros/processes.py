@@ -9,9 +9,10 @@ with `ChildProcesses` and wraps its `main` in `@launcher_main`:
   children are being stopped is remembered, not raised, so the stop always finishes.
 - Each child runs in its own session (a terminal's Ctrl-C reaches only the launcher, which stops
   the children in order) and learns its launcher's pid from `EDGE_VLM_PARENT_PID`. The child calls
-  `die_with_parent()` when it starts: the kernel then sends it SIGTERM when the launcher dies, even
-  by SIGKILL (Linux PR_SET_PDEATHSIG), and a thread watching the parent pid does the same where
-  prctl is unavailable. A child whose launcher died before it armed itself stops at once.
+  `die_with_parent()` when it starts (the package's __init__ does, on the first import of
+  edge_vlm_ros, before torch or rclpy load): the kernel then sends it SIGTERM when the launcher
+  dies, even by SIGKILL (Linux PR_SET_PDEATHSIG), and a thread watching the parent pid does the
+  same where prctl is unavailable. A child whose launcher died before it armed itself stops at once.
 
 A node process (spin.run_node) uses `NodeStop`: the same three signals end its spin loop, and the
 node is destroyed and rclpy shut down before the process exits with code 0.

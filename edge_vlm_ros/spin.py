@@ -5,8 +5,8 @@ same way: the spin loop stops within one spin period, the node is destroyed (its
 stopped, its model dropped), rclpy is shut down (the DDS participant goes away) and main returns 0.
 rclpy's own signal handlers are not installed: they cover SIGINT and SIGTERM only, and a stop
 that arrives while the model is still loading should end the process rather than wait for it.
-A node started by one of this package's launchers also stops when that launcher dies
-(processes.die_with_parent). A node module ends with `exit_node(main())`: after the clean shutdown
+A node started by one of this package's launchers also stops when that launcher dies (armed when
+the package is first imported: processes.die_with_parent). A node module ends with `exit_node(main())`: after the clean shutdown
 the process exits without Python's interpreter teardown, which with torch loaded took 2-5 s on a
 loaded 2-core machine and frees nothing the operating system does not free at exit.
 """
@@ -24,7 +24,7 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
-from .processes import NodeStop, Stopped, die_with_parent
+from .processes import NodeStop, Stopped
 
 N = TypeVar("N", bound=Node)
 SPIN_PERIOD_S = 0.1   # the longest a stop signal waits for the spin loop to notice it
@@ -42,7 +42,6 @@ def run_node(factory: Callable[[], N], args: list[str] | None = None,
     node: N | None = None
     executor: SingleThreadedExecutor | None = None
     try:
-        die_with_parent()
         node = factory()
         executor = SingleThreadedExecutor()
         executor.add_node(node)

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from ..bag.netns import LinkConfig, find_link_script
-from ..processes import die_with_parent, launcher_main, stop_processes
+from ..processes import launcher_main, stop_processes
 
 CODECS = {  # robot name -> edge parameters
     "robot_raw": {"split_point": "none", "codec": "image"},
@@ -354,7 +354,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="link benchmark worker (started by edge_vlm_ros.bench.run)")
     ap.add_argument("--worker", type=Path, required=True, help="spec JSON written by run_links")
     args = ap.parse_args(argv)
-    die_with_parent()   # the benchmark that started this worker died: stop (and stop the edge)
     return worker(json.loads(args.worker.read_text()))
 
 

@@ -87,7 +87,7 @@ def quick_codebook(model: str, root: Path | None = None) -> tuple[str, str]:
                "--placement", c["placement"], "--generated", str(c["generated"]), "--k", str(c["k"]),
                "--iters", str(c["iters"]), "--seed", str(c["seed"]), "--threads", "1", "--no-progress",
                "--out", str(path)]
-        # child_env: the tool ends with this process even if this one is SIGKILLed
+        # child_env: the tool ends with this process even if this one is SIGKILLed (see processes)
         res = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
         if res.returncode != 0 or not path.is_file():
             raise RuntimeError(f"calibrate_codebook failed ({res.returncode}): {res.stderr[-2000:]}")

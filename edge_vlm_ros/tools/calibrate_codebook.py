@@ -31,7 +31,6 @@ import torch
 from ..core.kmeans import INITS
 from ..core.split import VLMAdapter, drop_language_model, load_vlm
 from ..core.types import SplitPoint
-from ..processes import die_with_parent
 from .train_codebook import evaluate_codebook, train_codebook
 
 LOG = logging.getLogger(__name__)
@@ -118,7 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, default=None, help="also write the JSON summary here")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    die_with_parent()   # started by a benchmark: end with it
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

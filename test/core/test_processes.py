@@ -81,14 +81,17 @@ def test_children_run_in_their_own_session_with_the_parent_registered():
 
 # A launcher (first process) that starts a child calling die_with_parent, prints the child's pid,
 # then sleeps until killed. The child optionally runs without prctl (the watch-thread fallback),
-# and arms itself only after `arm_delay` s (so the launcher can die before it arms).
+# and arms itself only after `arm_delay` s (so the launcher can die before it arms; importing the
+# package would arm it at once, which test_importing_the_package_arms_a_child checks).
 _LAUNCHER = textwrap.dedent("""
     import subprocess, sys, time
     from edge_vlm_ros.processes import ChildProcesses
     child = '''
     import os, sys, time
+    held = os.environ.pop("EDGE_VLM_PARENT_PID")   # so that importing the package does not arm it yet
     import edge_vlm_ros.processes as P
     time.sleep(float(sys.argv[2]))
+    os.environ[P.PARENT_ENV] = held
     P.die_with_parent(use_prctl=sys.argv[1] == "prctl")
     assert P.PARENT_ENV not in os.environ
     time.sleep(60)
@@ -145,7 +148,7 @@ _STOPPABLE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_launcher_main_stops_its_children_and_exits_128_plus_signal(sig):
     launcher = subprocess.Popen([*PY, _STOPPABLE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
@@ -155,6 +158,26 @@ def test_launcher_main_stops_its_children_and_exits_128_plus_signal(sig):
         assert launcher.wait(20) == 128 + sig
         assert not _alive(child)
         assert f"stopped by {signal.Signals(sig).name}" in launcher.stderr.read().decode()
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+
+def test_importing_the_package_arms_a_child():
+    """A node's launcher may die while the node still imports torch: the package's first import
+    arms the parent-death signal, so the child ends then, not once its imports are done."""
+    code = "import time\nimport edge_vlm_ros\ntime.sleep(60)\n"
+    launcher = subprocess.Popen([*PY, "import subprocess, sys, time\nfrom edge_vlm_ros.processes import ChildProcesses\n"
+                                 f"c = ChildProcesses().start('c', [sys.executable, '-c', {code!r}])\n"
+                                 "print(c.pid, flush=True)\ntime.sleep(60)\n"],
+                                stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        child = int(_read_line(launcher))
+        time.sleep(2.0)
+        assert _alive(child)
+        launcher.kill()
+        launcher.wait()
+        assert _wait_gone(child, 5.0) is not None, "the child outlived its launcher"
     finally:
         launcher.kill()
         launcher.wait()

@@ -210,6 +210,19 @@ def _set_parent_death_signal(sig: int) -> bool:
         return False
 
 
+def _ancestors(pid: int) -> list[int]:
+    """pid and its ancestors up to init, from /proc (empty where /proc does not exist)."""
+    out: list[int] = []
+    while pid > 1 and len(out) < 64:
+        out.append(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return out
+
+
 def die_with_parent(sig: int = signal.SIGTERM, use_prctl: bool = True) -> bool:
     """In a child started through ChildProcesses: get `sig` when the launcher dies, however it dies.
 
@@ -227,7 +240,9 @@ def die_with_parent(sig: int = signal.SIGTERM, use_prctl: bool = True) -> bool:
         _set_parent_death_signal(sig)
 
     def orphaned() -> bool:
-        return os.getppid() != parent
+        # `taskset` and `ip netns exec` exec the command, so the launcher is the direct parent; a
+        # wrapper that forks instead sits between them, and then the launcher is a further ancestor
+        return os.getppid() != parent and parent not in _ancestors(os.getppid())
 
     def watch() -> None:
         while not orphaned():

@@ -181,3 +181,35 @@ def test_importing_the_package_arms_a_child():
     finally:
         launcher.kill()
         launcher.wait()
+
+
+def test_a_child_behind_a_forking_wrapper_lives_with_its_launcher_and_dies_with_it():
+    """`sh -c 'python ...; true'` forks: the launcher is the child's grandparent. The child must not
+    take that for a dead launcher, and must still stop when the launcher dies (watch thread)."""
+    code = "import time\nimport edge_vlm_ros\ntime.sleep(60)\n"
+    launcher = subprocess.Popen([*PY, "import shlex, subprocess, sys, time\n"
+                                 "from edge_vlm_ros.processes import ChildProcesses\n"
+                                 f"cmd = shlex.join([sys.executable, '-c', {code!r}]) + '; true'\n"
+                                 "w = ChildProcesses().start('wrapper', ['sh', '-c', cmd])\n"
+                                 "print(w.pid, flush=True)\ntime.sleep(60)\n"],
+                                stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        wrapper = int(_read_line(launcher))
+        deadline = time.monotonic() + 30
+        kids: list[int] = []
+        while not kids and time.monotonic() < deadline:
+            try:
+                kids = [int(x) for x in open(f"/proc/{wrapper}/task/{wrapper}/children").read().split()]
+            except FileNotFoundError:
+                pass
+            time.sleep(0.1)
+        assert kids, "the wrapper started no child"
+        child = kids[0]
+        time.sleep(3.0)                       # imported and armed by now
+        assert _alive(child), "the child took its grandparent launcher for a dead one"
+        launcher.kill()
+        launcher.wait()
+        assert _wait_gone(child, 5.0) is not None, "the child outlived its launcher"
+    finally:
+        launcher.kill()
+        launcher.wait()

@@ -39,7 +39,7 @@ from .core.edge import EdgeEncoder
 from .core.types import AnswerResult, Outcome, PromptRequest
 from .params import declare_config
 from .tools.default_model import resolve
-from .spin import exit_node, run_node
+from .spin import WORKER_JOIN_S, exit_node, run_node
 
 
 class EdgeNode(Node):
@@ -210,7 +210,7 @@ class EdgeNode(Node):
 
     def destroy_node(self) -> None:
         self._running = False
-        self._worker.join(timeout=5)
+        self._worker.join(timeout=WORKER_JOIN_S)
         super().destroy_node()
 
 

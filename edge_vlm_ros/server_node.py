@@ -31,7 +31,7 @@ from .core.split import load_vlm
 from .core.types import AnswerResult, RequestError
 from .params import declare_config
 from .tools.default_model import resolve
-from .spin import exit_node, run_node
+from .spin import WORKER_JOIN_S, exit_node, run_node
 
 
 def load_codebooks(paths: list[str], fingerprint: str) -> dict:
@@ -156,7 +156,7 @@ class ServerNode(Node):
         os.replace(tmp, self.cfg.stats_path)
 
     def destroy_node(self) -> None:
-        self.engine.stop()
+        self.engine.stop(timeout=WORKER_JOIN_S)
         if self.cfg.stats_path:
             self._write_stats()
         super().destroy_node()

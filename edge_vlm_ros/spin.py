@@ -28,6 +28,10 @@ from .processes import NodeStop, Stopped
 
 N = TypeVar("N", bound=Node)
 SPIN_PERIOD_S = 0.1   # the longest a stop signal waits for the spin loop to notice it
+# How long destroy_node waits for a node's worker thread (an encode, a simulator reset, a batch):
+# the workers are daemon threads, so one still busy after this ends with the process, and the
+# node keeps its 2 s budget from a stop signal to exit whatever the model or simulator.
+WORKER_JOIN_S = 1.0
 
 
 def run_node(factory: Callable[[], N], args: list[str] | None = None,

@@ -167,10 +167,10 @@ class ServerEngine:
             t.start()
             self._threads.append(t)
 
-    def stop(self, timeout: float = 1.5) -> None:
-        """Stop the threads and answer everything still queued. Bounded: a batch still generating
-        after `timeout` s is left to its daemon thread (its late answers are dropped with the
-        node), so a node stops within its 2 s budget whatever the model size."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the threads and answer everything still queued, waiting up to `timeout` s in all
+        for a batch in progress. A node passes a short timeout to keep its 2 s stop budget: a batch
+        still generating then is left to its daemon thread and ends with the process."""
         self._running = False
         self.inbox.wake()
         self.matched.wake()

@@ -58,6 +58,7 @@ def bench_split(model: str, head: str, n: int, warmup: int, size: int, chunk: in
                 threads: int) -> dict:
     from edge_vlm_ros.bringup import NodeSet
     from edge_vlm_ros.client import RobotClient, isolated_ros_env
+    from edge_vlm_ros.core.auth import resolve_keys_dir
     from edge_vlm_ros.core.types import Outcome
     from edge_vlm_ros.vla_bringup import vla_specs
 
@@ -72,7 +73,8 @@ def bench_split(model: str, head: str, n: int, warmup: int, size: int, chunk: in
     lat, failed = [], 0
     try:
         nodes.start()
-        client = RobotClient(["robot_0"], "edge_vlm_bench_vla", actions=True)
+        client = RobotClient(["robot_0"], "edge_vlm_bench_vla", actions=True,
+                             auth_keys_dir=str(resolve_keys_dir(None)))
         if not client.wait_ready(180, abort=lambda: bool(nodes.poll())):
             raise RuntimeError(f"nodes not ready: {nodes.poll()}; logs in {work}")
         client.send_state("robot_0", [0.0] * 8)

@@ -69,6 +69,7 @@ def _summarise(episodes: list[dict], suite: str) -> dict:
 def run_split(args, model: str, head: str, suite: str, work: Path) -> dict:
     from edge_vlm_ros.bringup import NodeSet
     from edge_vlm_ros.client import RobotClient, isolated_ros_env
+    from edge_vlm_ros.core.auth import resolve_keys_dir
     from edge_vlm_ros.msg import Episode
     from edge_vlm_ros.vla_bringup import vla_specs
     from tqdm import tqdm
@@ -94,7 +95,7 @@ def run_split(args, model: str, head: str, suite: str, work: Path) -> dict:
     t_start = t_end = None
     try:
         nodes.start()
-        client = RobotClient(["robot_0"], "edge_vlm_eval", actions=True)
+        client = RobotClient(["robot_0"], "edge_vlm_eval", actions=True, auth_keys_dir=str(resolve_keys_dir(None)))
         bar = tqdm(total=total, desc=f"{suite} (split)", unit="ep", file=sys.stderr)
         seen = 0
         deadline = time.monotonic() + args.timeout_s

@@ -45,8 +45,10 @@ class Launched:
     def __init__(self, module: str, args: list[str], env: dict[str, str], tmp_path, name: str) -> None:
         self.token = uuid.uuid4().hex
         self.log = tmp_path / f"{name}.log"
+        self.keys_dir = tmp_path / "keys"      # the launcher creates its robots' keys here
+        env = {**env, MARK: self.token, "EDGE_VLM_KEYS_DIR": str(self.keys_dir)}
         with open(self.log, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", module, *args], env={**env, MARK: self.token},
+            self.proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                          cwd=str(tmp_path))
         self.seen: dict[int, psutil.Process] = {}
@@ -119,8 +121,8 @@ class Launched:
         return ast.literal_eval(m.group(1))
 
 
-def _wait_ready(robots, timeout=READY_S, abort=None):
-    client = RobotClient(robots, f"test_signals_{os.getpid()}")
+def _wait_ready(robots, keys_dir, timeout=READY_S, abort=None):
+    client = RobotClient(robots, f"test_signals_{os.getpid()}", auth_keys_dir=str(keys_dir))
     try:
         assert client.wait_ready(timeout, abort=abort), "nodes not ready"
     except BaseException:
@@ -131,12 +133,12 @@ def _wait_ready(robots, timeout=READY_S, abort=None):
 
 # ---- nodes --------------------------------------------------------------------------------------
 def test_each_node_answers_sigterm_with_exit_0_within_2s_and_leaves_the_graph(ros_env, tmp_path):
-    specs = build_specs(1, with_controller=True)
+    specs = build_specs(1, with_controller=True, keys_dir=tmp_path / "keys")
     nodes = NodeSet(specs, env=ros_env, log_dir=tmp_path / "logs")
     client = None
     try:
         nodes.start()
-        client = _wait_ready(["robot_0"], abort=lambda: bool(nodes.poll()))
+        client = _wait_ready(["robot_0"], tmp_path / "keys", abort=lambda: bool(nodes.poll()))
         graph = lambda: {n for n, _ in client.node.get_node_names_and_namespaces()}  # noqa: E731
         assert client.wait_for(lambda: {"edge_vlm_edge", "edge_vlm_server", "edge_vlm_controller"} <= graph(), 60)
         ros_name = {"edge": "edge_vlm_edge", "server": "edge_vlm_server", "controller": "edge_vlm_controller"}
@@ -170,7 +172,7 @@ def test_bringup_stop_signal_stops_every_node_cleanly(sig, ros_env, tmp_path):
     client = None
     try:
         run.wait_children(3)
-        client = _wait_ready(["robot_0"], abort=lambda: run.proc.poll() is not None)
+        client = _wait_ready(["robot_0"], run.keys_dir, abort=lambda: run.proc.poll() is not None)
         gone, exited = run.signal_and_check(sig, CHILDREN_GONE_S)
     finally:
         if client is not None:
@@ -186,7 +188,7 @@ def test_sigkilled_bringup_leaves_no_node_behind(ros_env, tmp_path):
     client = None
     try:
         run.wait_children(3)
-        client = _wait_ready(["robot_0"], abort=lambda: run.proc.poll() is not None)
+        client = _wait_ready(["robot_0"], run.keys_dir, abort=lambda: run.proc.poll() is not None)
         gone, _ = run.signal_and_check(signal.SIGKILL, ORPHANS_GONE_S)
     finally:
         if client is not None:

@@ -45,7 +45,7 @@ from .core.config import ControllerConfig
 from .core.types import Outcome
 from .msg_auth import make_message_auth
 from .params import declare_config
-from .spin import run_node
+from .spin import exit_node, run_node
 
 
 def format_answer(a, end_to_end_ms: float) -> str:
@@ -246,4 +246,4 @@ def main(args: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_node(main())

@@ -44,7 +44,7 @@ from .core.types import AnswerResult, Outcome, PromptRequest
 from .msg_auth import make_message_auth
 from .params import declare_config
 from .tools.default_model import resolve
-from .spin import run_node
+from .spin import WORKER_JOIN_S, exit_node, run_node
 
 
 class EdgeNode(Node):
@@ -225,7 +225,7 @@ class EdgeNode(Node):
 
     def destroy_node(self) -> None:
         self._running = False
-        self._worker.join(timeout=5)
+        self._worker.join(timeout=WORKER_JOIN_S)
         super().destroy_node()
 
 
@@ -235,4 +235,4 @@ def main(args: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_node(main())

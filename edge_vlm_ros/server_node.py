@@ -35,7 +35,7 @@ from .core.types import AnswerResult, RequestError
 from .msg_auth import make_message_auth
 from .params import declare_config
 from .tools.default_model import resolve
-from .spin import run_node
+from .spin import WORKER_JOIN_S, exit_node, run_node
 
 
 def load_codebooks(paths: list[str], fingerprint: str) -> dict:
@@ -169,7 +169,7 @@ class ServerNode(Node):
         os.replace(tmp, self.cfg.stats_path)
 
     def destroy_node(self) -> None:
-        self.engine.stop()
+        self.engine.stop(timeout=WORKER_JOIN_S)
         if self.cfg.stats_path:
             self._write_stats()
         super().destroy_node()
@@ -181,4 +181,4 @@ def main(args: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_node(main())

@@ -180,12 +180,16 @@ class ServerEngine:
             t.start()
             self._threads.append(t)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the threads and answer everything still queued, waiting up to `timeout` s in all
+        for a batch in progress. A node passes a short timeout to keep its 2 s stop budget: a batch
+        still generating then is left to its daemon thread and ends with the process."""
         self._running = False
         self.inbox.wake()
         self.matched.wake()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout=30)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         self._threads.clear()
         for item in self.inbox.drain():
             self._answer_error_for_item(item, Outcome.ERROR, "server shutting down")

@@ -1,0 +1,186 @@
+"""Faults with real processes over real DDS: two robots ask steadily while (a) the server is SIGKILLed
+mid-stream and restarted, (b) one edge is SIGKILLed and restarted, (c) the server is SIGKILLed while
+it holds the robots paused. Every request must end in exactly one outcome (counted per request id
+over all robots), and the edges must recover by themselves.
+
+The figures (messages, outcomes, times) are printed and written to <tmp>/chaos.json.
+"""
+
+import collections
+import json
+import threading
+import time
+
+import numpy as np
+
+from edge_vlm_ros.core.types import Outcome
+
+from ros_harness import running
+
+ROBOTS = ["robot_0", "robot_1"]
+ASK_PERIOD_S = 0.4          # each robot asks this often
+REQUEST_TIMEOUT_S, GRACE_S = 3.0, 1.0
+HEARTBEAT_S, LEASE_S = 0.3, 1.5
+DOWN_S = 2.0                # how long a killed node stays down
+
+
+def _image(seed, size=32):
+    return np.random.RandomState(seed).randint(0, 256, (size, size, 3), np.uint8)
+
+
+class Askers:
+    """One thread per robot: a frame, then a prompt, every ASK_PERIOD_S; `burst` queues several at once."""
+
+    def __init__(self, client):
+        self.client = client
+        self.stop = threading.Event()
+        self.prompts = collections.Counter()      # prompt messages sent, per robot
+        self._burst = {r: 0 for r in ROBOTS}
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(r, k), daemon=True) for k, r in enumerate(ROBOTS)]
+
+    def _run(self, robot, k):
+        i = 0
+        while not self.stop.is_set():
+            self.client.send_image(robot, _image(100 * k + i % 5))
+            time.sleep(0.05)
+            with self._lock:
+                n, self._burst[robot] = 1 + self._burst[robot], 0
+            for _ in range(n):
+                self.client.send_prompt(robot, f"what is in the image ? {i}")
+                self.prompts[robot] += 1
+            i += 1
+            self.stop.wait(ASK_PERIOD_S)
+
+    def burst(self, n):
+        with self._lock:
+            for r in ROBOTS:
+                self._burst[r] = n
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def _answers(client):
+    with client._lock:
+        return [(r, ns, a) for r in ROBOTS for ns, a in client.answers[r]]
+
+
+def _first_ok_after(client, robot, t_ns, timeout):
+    """Seconds from t_ns to the first OK answer of a request the robot published after t_ns."""
+    def found():
+        sent_after = {rid for rid, ns in zip(client.sent[robot], client.sent_ns[robot]) if ns > t_ns}
+        oks = [ns for ns, a in client.answers[robot] if a.outcome is Outcome.OK and a.request_id in sent_after]
+        return min(oks) if oks else None
+    assert client.wait_for(lambda: found() is not None, timeout), \
+        f"{robot}: no OK answer within {timeout} s after the restart"
+    with client._lock:
+        return (found() - t_ns) / 1e9
+
+
+def _unavailable_after(client, robot, t_ns):
+    return [(ns, a) for ns, a in client.answers[robot]
+            if ns > t_ns and a.outcome is Outcome.TIMEOUT and "server unavailable" in a.reason]
+
+
+def test_chaos_every_request_one_outcome_and_edges_recover(ros_env, tmp_path):
+    overrides = {"edge": {"request_timeout_s": REQUEST_TIMEOUT_S, "deadline_grace_s": GRACE_S,
+                          "server_lease_s": LEASE_S},
+                 # A slowish server (one request at a time) that a burst of prompts drives into PAUSE.
+                 "server": {"heartbeat_period_s": HEARTBEAT_S, "lease_s": LEASE_S, "max_batch_size": 1,
+                            "default_max_new_tokens": 24, "ignore_eos": True, "pause_threshold": 3,
+                            "resume_threshold": 1, "match_ttl_s": 10.0}}
+    figures: dict = {"phases": {}}
+    t_start = time.monotonic()
+    with running(ros_env, tmp_path, len(ROBOTS), overrides) as (nodes, client):
+        with Askers(client) as askers:
+            _faults(nodes, client, askers, figures)
+        _settle_and_check(client, askers, figures, tmp_path, t_start)
+
+
+def _faults(nodes, client, askers, figures):
+    for r in ROBOTS:
+        _first_ok_after(client, r, 0, 60)
+
+    # (a) the server is SIGKILLed mid-stream, stays down DOWN_S, and is restarted.
+    t_kill = time.time_ns()
+    nodes.kill("server")
+    time.sleep(DOWN_S)
+    t_restart = time.time_ns()
+    nodes.restart("server")
+    figures["phases"]["a_server_killed"] = {r: {"first_ok_after_restart_s": _first_ok_after(client, r, t_restart, 90)}
+                                            for r in ROBOTS}
+    for r in ROBOTS:   # while it was down, the robots were told so (not left waiting)
+        assert client.wait_for(lambda: _unavailable_after(client, r, t_kill), 10), \
+            f"{r}: no 'server unavailable' outcome while the server was down"
+
+    # (b) one edge is SIGKILLed and restarted; the other robot keeps being served.
+    t_kill = time.time_ns()
+    nodes.kill("edge_robot_0")
+    time.sleep(DOWN_S)
+    t_restart = time.time_ns()
+    nodes.restart("edge_robot_0")
+    with client._lock:
+        ok_1 = sum(1 for ns, a in client.answers["robot_1"] if a.outcome is Outcome.OK and t_kill <= ns <= t_restart)
+    figures["phases"]["b_edge_killed"] = {
+        "robot_0": {"first_ok_after_restart_s": _first_ok_after(client, "robot_0", t_restart, 90)},
+        "robot_1": {"ok_while_robot_0_down": ok_1}}
+
+    # (c) a burst drives the server into PAUSE; it is SIGKILLed while the robots are paused.
+    t_burst = time.time_ns()
+    askers.burst(8)
+    assert client.wait_for(lambda: any(ns > t_burst and s == 1 for r in ROBOTS for ns, s, _ in client.flow[r]),
+                           60), "the server never published PAUSE"
+    t_kill = time.time_ns()
+    nodes.kill("server")
+    paused = [r for r in ROBOTS if client.flow[r] and client.flow[r][-1][1] == 1]
+    # The PAUSE lapses with the dead server's lease: new requests are answered "server unavailable".
+    resumed = {}
+    for r in ROBOTS:
+        assert client.wait_for(lambda: _unavailable_after(client, r, t_kill), REQUEST_TIMEOUT_S + 10), \
+            f"{r}: still held after its paused server died"
+        resumed[r] = (_unavailable_after(client, r, t_kill)[0][0] - t_kill) / 1e9
+    time.sleep(max(0.0, DOWN_S - (time.time_ns() - t_kill) / 1e9))
+    t_restart = time.time_ns()
+    nodes.restart("server")
+    figures["phases"]["c_server_killed_while_pausing"] = {
+        r: {"paused_at_kill": r in paused, "first_server_unavailable_after_kill_s": resumed[r],
+            "first_ok_after_restart_s": _first_ok_after(client, r, t_restart, 90)} for r in ROBOTS}
+
+
+def _settle_and_check(client, askers, figures, tmp_path, t_start):
+    """Askers stopped: every request still open ends within its deadline + grace; then count."""
+    t_stop = time.time_ns()
+    with client._lock:
+        sent = {rid: r for r in ROBOTS for rid in client.sent[r]}
+
+    def settled():
+        got = {a.request_id for _, _, a in _answers(client)}
+        return all(rid in got for rid in sent)
+    client.wait_for(settled, REQUEST_TIMEOUT_S + GRACE_S + 5)
+    time.sleep(GRACE_S + 0.5)        # anything arriving now would be a second outcome
+    answers = _answers(client)
+    per_id = collections.Counter(a.request_id for _, _, a in answers)
+    missing = sorted(rid for rid in sent if rid not in per_id)
+    twice = {rid: n for rid, n in per_id.items() if n > 1}
+    kinds = collections.Counter()
+    for _, _, a in answers:
+        reason = a.reason.split(":")[0].split(";")[0][:50] if a.reason else ""
+        kinds[f"{a.outcome.name.lower()}" + (f" ({reason})" if reason else "")] += 1
+    figures.update(prompt_messages=dict(askers.prompts), requests_published=len(sent), outcomes=len(answers),
+                   request_ids_with_outcome=len(per_id), without_outcome=len(missing), with_two_outcomes=len(twice),
+                   outcome_kinds=dict(kinds), settle_s=(time.time_ns() - t_stop) / 1e9,
+                   wall_s=time.monotonic() - t_start)
+    (tmp_path / "chaos.json").write_text(json.dumps(figures, indent=1))
+    print("chaos figures:", json.dumps(figures, indent=1))
+    assert not missing, f"{len(missing)} of {len(sent)} published requests got no outcome: {missing[:5]}"
+    assert not twice, f"requests with two outcomes: {twice}"
+    # Every prompt message given to a live edge ended in an outcome: published or answered on the robot.
+    assert len(per_id) >= len(sent)

@@ -181,8 +181,11 @@ class EdgeNode(Node):
         if v is None:
             return
         self.counters[f"server_{v.status.value}" + ("_paused" if v.paused else "")] += 1
-        log = self.get_logger().warning if v.status is LeaseStatus.EXPIRED else self.get_logger().info
-        log(f"server state: {v.describe()}")
+        # (rclpy fixes a call site's severity: one call per severity)
+        if v.status is LeaseStatus.EXPIRED:
+            self.get_logger().warning(f"server state: {v.describe()}")
+        else:
+            self.get_logger().info(f"server state: {v.describe()}")
 
     # ---- worker thread -----------------------------------------------------------------------
     def _next_job(self) -> tuple[str, Image, int] | None:

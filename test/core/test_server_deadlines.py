@@ -43,12 +43,12 @@ class Server:
 
     def request(self, deadline_in_s, prompt=True, features=True, text="what is it ?"):
         rid = self.edge.new_request_id()
+        pkt = self.edge.encode(np.zeros((32, 32, 3), np.uint8), rid, 0)   # first: it may be slow here
         deadline = time.time_ns() + round(deadline_in_s * 1e9)
+        pkt.deadline_ns = deadline
         if prompt:
             self.engine.submit_prompt(PromptRequest(rid, "r0", text, deadline_ns=deadline), "r0")
         if features:
-            pkt = self.edge.encode(np.zeros((32, 32, 3), np.uint8), rid, 0)
-            pkt.deadline_ns = deadline
             self.engine.submit_features(pkt, "r0")
         return rid, deadline
 

@@ -198,3 +198,63 @@ def _settle_and_check(client, askers, figures, tmp_path, t_start):
     # and answered, or answered on the robot: queue full, queued past its deadline, server unavailable).
     n_1 = sum(1 for r, _, a in answers if r == "robot_1")
     assert n_1 == askers.prompts["robot_1"], (n_1, askers.prompts["robot_1"])
+
+
+def test_controller_holds_safe_action_and_acts_again_after_server_restart(ros_env, tmp_path):
+    from edge_vlm_ros.msg import RobotAction
+    from edge_vlm_ros.tools.tiny_vla import build_tiny_vla
+
+    model, head = build_tiny_vla(tmp_path / "vla", chunk_size=8, control_period_s=0.2)
+    safe = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+    overrides = {"edge": {"model_path": str(model), "task": "action", "send_proprio": True,
+                          "request_timeout_s": REQUEST_TIMEOUT_S, "deadline_grace_s": GRACE_S},
+                 "server": {"model_path": str(model), "action_head_path": str(head),
+                            "heartbeat_period_s": HEARTBEAT_S, "lease_s": LEASE_S},
+                 "controller": dict(actions=True, tick_source="timer", instruction="pick up the black bowl",
+                                    control_period_s=0.05, silence_timeout_s=1.0, max_chunk_age_s=5.0,
+                                    request_timeout_s=3.0, safe_action=safe)}
+    with running(ros_env, tmp_path, 1, overrides, with_controller=True, client_actions=True) as (nodes, client):
+        stop = threading.Event()
+
+        def camera():  # 10 Hz frames and robot states, wall-clock stamps like a robot
+            i = 0
+            while not stop.is_set():
+                now = time.time_ns()
+                client.send_state("robot_0", [0.1] * 8, now)
+                client.send_image("robot_0", _image(i % 5, 64), now)
+                i += 1
+                time.sleep(0.1)
+
+        def statuses_after(t_ns):
+            return [m.status for ns, m in client.actions["robot_0"] if ns > t_ns]
+        cam = threading.Thread(target=camera)
+        cam.start()
+        try:
+            assert client.wait_for(lambda: RobotAction.STATUS_ACTING in statuses_after(0), 60), "never acted"
+            t_kill = time.time_ns()
+            nodes.kill("server")
+            assert client.wait_for(lambda: RobotAction.STATUS_SERVER_SILENT in statuses_after(t_kill), 20)
+            last = client.actions["robot_0"][-1][1]
+            assert last.status == RobotAction.STATUS_SERVER_SILENT and list(last.action) == safe
+            time.sleep(DOWN_S)
+            t_restart = time.time_ns()
+            nodes.restart("server")
+            assert client.wait_for(lambda: RobotAction.STATUS_ACTING in statuses_after(t_restart), 90), \
+                f"controller did not act again after the restart: {sorted(set(statuses_after(t_restart)))}"
+            with client._lock:
+                t_act = min(ns for ns, m in client.actions["robot_0"]
+                            if ns > t_restart and m.status == RobotAction.STATUS_ACTING)
+                t_silent = min(ns for ns, m in client.actions["robot_0"]
+                               if ns > t_kill and m.status == RobotAction.STATUS_SERVER_SILENT)
+                during = [m for ns, m in client.actions["robot_0"] if t_silent <= ns < t_act]
+            # The chunk in hand ran out, then only the safe action until the restarted server's chunks came.
+            assert during and all(m.status != RobotAction.STATUS_ACTING and list(m.action) == safe for m in during)
+            assert not nodes.poll(), f"a node exited: {nodes.poll()}"
+            chunk_outcomes = collections.Counter(c.outcome.name.lower() for ns, c in client.chunks["robot_0"]
+                                                 if t_kill < ns < t_act)
+            print(f"controller: silent {(t_silent - t_kill) / 1e9:.1f} s after the kill, acting again "
+                  f"{(t_act - t_restart) / 1e9:.1f} s after the server restart; "
+                  f"{len(during)} safe actions held meanwhile; chunk outcomes meanwhile {dict(chunk_outcomes)}")
+        finally:
+            stop.set()
+            cam.join()

@@ -51,10 +51,10 @@ class Heard(enum.Enum):
     """What an outcome heard on the robot's own answer topic meant."""
 
     CLOSED = "closed"                  # the first outcome of an open request: it is done now
-    ECHO = "echo"                      # the robot's own local outcome, heard back
     LATE = "late_after_timeout"        # an outcome for a request the robot already timed out (a second outcome)
     DUPLICATE = "duplicate"            # a second outcome from elsewhere for a request already closed
-    UNKNOWN = "unknown"                # not a request of this robot process (another run, a restarted edge)
+    UNKNOWN = "unknown"                # not an open request of this robot process: the robot's own local
+                                       # outcomes heard back, or another process's (a restarted edge)
 
 
 class RequestTracker:
@@ -97,16 +97,6 @@ class RequestTracker:
             self.counts["opened"] += 1
             return True
 
-    def close_locally(self, request_id: str) -> OpenRequest | None:
-        """The robot itself ends the request (e.g. encoding failed). Returns the entry when it was open,
-        None when an outcome already exists (then the caller must publish nothing)."""
-        with self._lock:
-            entry = self._open.pop(request_id, None)
-            if entry is not None:
-                self._remember_closed(request_id, "local")
-                self.counts["closed_locally"] += 1
-            return entry
-
     def heard(self, request_id: str) -> Heard:
         """An outcome for `request_id` was heard on the robot's answer topic."""
         with self._lock:
@@ -118,11 +108,11 @@ class RequestTracker:
             if how is None:
                 result = Heard.UNKNOWN
             elif how == "timeout":
+                # Our own TIMEOUT heard back is the first message after expiry: not a second outcome.
+                self._closed[request_id] = "timeout_echoed"
+                result = Heard.UNKNOWN
+            elif how == "timeout_echoed":
                 result = Heard.LATE
-            elif how == "local":
-                # Our own local outcome comes back once; anything after that is a second outcome.
-                self._closed[request_id] = "local_echoed"
-                result = Heard.ECHO
             else:
                 result = Heard.DUPLICATE
             self.counts[result.value] += 1

@@ -18,8 +18,8 @@ from edge_vlm_ros.core.types import Outcome
 from ros_harness import running
 
 ROBOTS = ["robot_0", "robot_1"]
-ASK_PERIOD_S = 0.4          # each robot asks this often
-REQUEST_TIMEOUT_S, GRACE_S = 3.0, 1.0
+ASK_PERIOD_S = 0.5          # each robot asks this often
+REQUEST_TIMEOUT_S, GRACE_S = 5.0, 1.0
 HEARTBEAT_S, LEASE_S = 0.3, 1.5
 DOWN_S = 2.0                # how long a killed node stays down
 

@@ -161,7 +161,7 @@ class EdgeNode(Node):
         for e in self.tracker.expire():
             self.counters["timeouts_no_answer"] += 1
             why = (f"server unavailable: {view.describe()}" if view.status is not LeaseStatus.ALIVE
-                   else f"no answer from {view.describe()}")
+                   else f"no answer from the server ({view.describe()})")
             self._local_answer(e.request_id, e.stamp_ns, Outcome.TIMEOUT,
                                f"{why}; no outcome by the request's deadline ({self.cfg.request_timeout_s:g} s) "
                                f"+ {self.cfg.deadline_grace_s:g} s grace", episode_id=e.episode_id)

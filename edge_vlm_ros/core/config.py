@@ -69,6 +69,13 @@ class EdgeConfig:
     server_lease_s: float = _f(3.0, "Server liveness: a server that sends no FlowControl heartbeat for this "
                                     "long (when its message gives no lease_s) is gone: its PAUSE lapses and "
                                     "new requests get TIMEOUT 'server unavailable' at once.")
+    auth: bool = _f(True, "Authenticate every message between robot and server (HMAC-SHA256 with the "
+                          "robot's key). false lets any process on the DDS domain forge them; it is logged.")
+    auth_keys_dir: str = _f("", "Folder of the per-robot key files <robot>.key (create them with "
+                                "python -m edge_vlm_ros.tools.keys create); empty: $EDGE_VLM_KEYS_DIR or "
+                                "~/.config/edge_vlm_ros/keys.")
+    auth_max_age_s: float = _f(10.0, "Freshness window: a message stamped further than this from the "
+                                     "receiver's clock is dropped (the hosts' clocks must agree within it).")
 
     def __post_init__(self) -> None:
         sp = SplitPoint.parse(self.split_point)
@@ -100,6 +107,8 @@ class EdgeConfig:
         if not (math.isfinite(self.deadline_grace_s) and self.deadline_grace_s >= 0) or self.max_in_flight < 1:
             raise ValueError(f"deadline_grace_s={self.deadline_grace_s} (finite, >= 0), max_in_flight="
                              f"{self.max_in_flight} (>= 1)")
+        if self.auth_max_age_s <= 0:
+            raise ValueError(f"auth_max_age_s={self.auth_max_age_s} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,15 @@ class ServerConfig:
     heartbeat_period_s: float = _f(1.0, "FlowControl is republished this often: the server's heartbeat.")
     lease_s: float = _f(3.0, "Lease announced in each FlowControl: robots that hear no heartbeat for this "
                              "long treat the server as gone (its PAUSE lapses). At least 2 heartbeat periods.")
+    max_pending_per_robot: int = _f(64, "Most unmatched halves held for one robot; beyond it that robot's "
+                                        "oldest half times out, so one robot cannot displace another's.")
+    auth: bool = _f(True, "Authenticate every message between robot and server (HMAC-SHA256 with the "
+                          "robot's key). false lets any process on the DDS domain forge them; it is logged.")
+    auth_keys_dir: str = _f("", "Folder of the per-robot key files <robot>.key (create them with "
+                                "python -m edge_vlm_ros.tools.keys create); empty: $EDGE_VLM_KEYS_DIR or "
+                                "~/.config/edge_vlm_ros/keys.")
+    auth_max_age_s: float = _f(10.0, "Freshness window: a message stamped further than this from the "
+                                     "receiver's clock is dropped (the hosts' clocks must agree within it).")
 
     def __post_init__(self) -> None:
         # YAML cannot type an empty list, so config files write [""]: empty entries mean nothing.
@@ -156,6 +174,9 @@ class ServerConfig:
                 and math.isfinite(self.lease_s) and self.lease_s >= 2 * self.heartbeat_period_s):
             raise ValueError(f"need heartbeat_period_s > 0 and lease_s >= 2 * heartbeat_period_s, got "
                              f"{self.heartbeat_period_s}, {self.lease_s}")
+        if self.max_pending_per_robot < 1 or self.auth_max_age_s <= 0:
+            raise ValueError(f"max_pending_per_robot={self.max_pending_per_robot}, "
+                             f"auth_max_age_s={self.auth_max_age_s}")
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
             raise ValueError(f"default_max_new_tokens={self.default_max_new_tokens} must be in "
                              f"1..max_new_tokens_limit={self.max_new_tokens_limit}")
@@ -174,12 +195,21 @@ class ControllerConfig:
     instruction: str = _f("", "Instruction sent with each action request until an Episode message gives one.")
     stats_path: str = _f("", "If set, action counters and chunk latencies are written here as JSON every "
                              "second and at shutdown.")
+    auth: bool = _f(True, "Authenticate every message between robot and server (HMAC-SHA256 with the "
+                          "robot's key). false lets any process on the DDS domain forge them; it is logged.")
+    auth_keys_dir: str = _f("", "Folder of the per-robot key files <robot>.key (create them with "
+                                "python -m edge_vlm_ros.tools.keys create); empty: $EDGE_VLM_KEYS_DIR or "
+                                "~/.config/edge_vlm_ros/keys.")
+    auth_max_age_s: float = _f(10.0, "Freshness window: a message stamped further than this from the "
+                                     "receiver's clock is dropped (the hosts' clocks must agree within it).")
 
     def __post_init__(self) -> None:
         if not self.robots:
             raise ValueError("robots must not be empty")
         if self.tick_source not in ("timer", "robot_state"):
             raise ValueError(f"tick_source {self.tick_source!r}: expected 'timer' or 'robot_state'")
+        if self.auth_max_age_s <= 0:
+            raise ValueError(f"auth_max_age_s={self.auth_max_age_s} must be > 0")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ Threads:
   language model with left padding, and emits one answer per request.
 
 Every request ends in exactly one `AnswerResult` passed to `emit_answer(route, answer)`; `route`
-is the robot namespace the request arrived on, so answers go back to the robot that asked.
+is the robot namespace the request arrived on, so answers go back to the robot that asked. A request
+is known by (route, request_id): ids are unique per robot only, and nothing one robot sends can
+match, displace or finish another robot's request.
 
 Deadlines: a request whose halves carry a deadline (wall clock, see msg/Prompt.msg) is never
 answered after it: past the deadline it is dropped wherever it is (on arrival, in the matched queue,
@@ -154,11 +156,12 @@ class ServerEngine:
         self.policy = VLAPolicy(adapter, action_head) if action_head is not None else None
         if self.policy is not None and emit_chunk is None:
             raise ValueError("an action head needs emit_chunk to publish its chunks")
-        self._action_requests: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._action_requests: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
         self.inbox: BoundedQueue[tuple] = BoundedQueue(cfg.inbox_capacity, DropPolicy.REJECT_NEWEST, "inbox")
         self.matched: BoundedQueue[_Matched] = BoundedQueue(cfg.queue_capacity, DropPolicy.REJECT_NEWEST, "matched")
         self.flow = FlowController(cfg.pause_threshold, cfg.resume_threshold, emit_flow)
-        self.matcher: Matcher[_PromptEntry, _FeatureEntry] = Matcher(cfg.match_ttl_s, cfg.max_pending)
+        self.matcher: Matcher[_PromptEntry, _FeatureEntry] = Matcher(
+            cfg.match_ttl_s, cfg.max_pending, max_pending_per_group=cfg.max_pending_per_robot)
         self.stats = ServerStats()
         self._stats_lock = threading.Lock()
         self._vq_codecs = dict(codebooks or {})      # codebook hash -> codec
@@ -167,9 +170,9 @@ class ServerEngine:
         self._codecs: dict[tuple[str, str], FeatureCodec] = {}
         # Recently answered request ids (bounded): a late partner of an answered request is dropped
         # instead of waiting for its TTL and answering the same request twice.
-        self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._finished: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._finished_cap = 4 * cfg.max_pending + cfg.queue_capacity
-        # Unmatched halves by deadline: (deadline_ns, seq, request_id, entry); entries whose half was
+        # Unmatched halves by deadline: (deadline_ns, seq, (route, request_id), entry); entries whose half was
         # matched since are skipped when they come due. Bounded: pruned to the pending ones when large.
         self._due: list[tuple[int, int, str, object]] = []
         self._due_seq = 0
@@ -205,12 +208,14 @@ class ServerEngine:
     def submit_prompt(self, prompt: PromptRequest, route: str) -> None:
         with self._stats_lock:
             self.stats.prompts += 1
-            if prompt.task == "action" and prompt.request_id not in self._action_requests:
-                self._action_requests[prompt.request_id] = prompt.episode_id
-                while len(self._action_requests) > self._finished_cap:
-                    self._action_requests.popitem(last=False)
         if not self._check_route(prompt.robot_id, route, prompt.request_id, prompt.stamp_ns):
             return
+        with self._stats_lock:
+            key = (route, prompt.request_id)
+            if prompt.task == "action" and key not in self._action_requests:
+                self._action_requests[key] = prompt.episode_id
+                while len(self._action_requests) > self._finished_cap:
+                    self._action_requests.popitem(last=False)
         ok, _ = self.inbox.put(("prompt", prompt, route, time.time_ns(), time.monotonic()))
         if not ok:
             self._reply(route, prompt.request_id, prompt.robot_id, prompt.stamp_ns, Outcome.REJECTED,
@@ -232,8 +237,9 @@ class ServerEngine:
             LOG.error("message on unknown route %r dropped", route)
             return False
         if robot_id != route:
+            # mark=False: this message must not finish the request of that id on this route.
             self._reply(route, request_id, robot_id, stamp_ns, Outcome.REJECTED,
-                        f"robot_id {robot_id!r} does not match the namespace {route!r} it was sent on")
+                        f"robot_id {robot_id!r} does not match the namespace {route!r} it was sent on", mark=False)
             return False
         return True
 
@@ -259,10 +265,11 @@ class ServerEngine:
 
     def _handle(self, item: tuple) -> None:
         kind, msg, route, received_ns, received_t = item
-        if self._drop_past_deadline(msg.request_id, msg.deadline_ns, "arrival"):
+        key = (route, msg.request_id)
+        if self._drop_past_deadline(route, msg.request_id, msg.deadline_ns, "arrival"):
             return
         with self._stats_lock:
-            late = msg.request_id in self._finished
+            late = key in self._finished
             if late:
                 self.stats.reasons["late half of an answered request (dropped)"] += 1
         if late:
@@ -271,7 +278,7 @@ class ServerEngine:
         if kind == "prompt":
             entry = self._prepare_prompt(msg, route)
             try:
-                pair, expired = self.matcher.add_prompt(msg.request_id, entry)
+                pair, expired = self.matcher.add_prompt(key, entry)
             except ValueError as e:  # duplicate request_id: answer it, but leave the original pending
                 self._reply(route, msg.request_id, msg.robot_id, msg.stamp_ns, Outcome.REJECTED, str(e), mark=False)
                 return
@@ -280,17 +287,17 @@ class ServerEngine:
                 entry = self._prepare_features(msg, route, received_ns, received_t)
             except RequestError:
                 # The prompt (if it came) will never be matched: forget it so it gets no second answer.
-                self.matcher.discard(msg.request_id)
+                self.matcher.discard(key)
                 raise
             try:
-                pair, expired = self.matcher.add_features(msg.request_id, entry)
+                pair, expired = self.matcher.add_features(key, entry)
             except ValueError as e:
                 self._reply(route, msg.request_id, msg.robot_id, msg.stamp_ns, Outcome.REJECTED, str(e), mark=False)
                 return
         for e in expired:
             self._answer_expired(e.item, e.reason, Outcome.TIMEOUT)
         if pair is None and msg.deadline_ns:
-            self._push_due(msg.deadline_ns, msg.request_id, entry)
+            self._push_due(msg.deadline_ns, key, entry)
         if pair is not None:
             p, f = pair
             m = _Matched(p, f, time.monotonic())
@@ -380,7 +387,7 @@ class ServerEngine:
                 continue
             self.flow.update(len(self.matched))
             batch = [m for m in batch if not self._drop_past_deadline(
-                m.prompt.prompt.request_id, m.prompt.prompt.deadline_ns, "queued")]
+                m.prompt.route, m.prompt.prompt.request_id, m.prompt.prompt.deadline_ns, "queued")]
             if not batch:
                 continue
             try:
@@ -452,7 +459,7 @@ class ServerEngine:
     # ---- answers -----------------------------------------------------------------------------
     def _finish(self, route: str, p: PromptRequest, outcome: Outcome, reason: str,
                 tokens: list[int] | None = None, timings: StageTimings | None = None) -> None:
-        if self._drop_past_deadline(p.request_id, p.deadline_ns, "answer"):
+        if self._drop_past_deadline(route, p.request_id, p.deadline_ns, "answer"):
             return
         text = self.adapter.decode_text(tokens) if tokens else ""
         self._reply(route, p.request_id, p.robot_id, p.stamp_ns, outcome, reason, text, tokens or [], timings)
@@ -460,13 +467,13 @@ class ServerEngine:
     def _finish_action(self, route: str, p: PromptRequest, chunk: np.ndarray, timings: StageTimings) -> None:
         """An action request served: its chunk (N, A) goes out as an OK ActionChunk."""
         assert self.policy is not None
-        if self._drop_past_deadline(p.request_id, p.deadline_ns, "answer"):
+        if self._drop_past_deadline(route, p.request_id, p.deadline_ns, "answer"):
             return
         with self._stats_lock:
-            self._finished[p.request_id] = None
+            self._finished[(route, p.request_id)] = None
             while len(self._finished) > self._finished_cap:
                 self._finished.popitem(last=False)
-            self._action_requests.pop(p.request_id, None)
+            self._action_requests.pop((route, p.request_id), None)
             self.stats.answered["ok"] += 1
             self.stats.answered["action_chunks"] += 1
         c = ActionChunk.from_array(chunk, request_id=p.request_id, robot_id=p.robot_id, episode_id=p.episode_id,
@@ -484,9 +491,10 @@ class ServerEngine:
     def _reply(self, route: str, request_id: str, robot_id: str, stamp_ns: int, outcome: Outcome, reason: str,
                text: str = "", tokens: list[int] | None = None, timings: StageTimings | None = None,
                mark: bool = True) -> None:
+        key = (route, request_id)
         with self._stats_lock:
             if mark:
-                self._finished[request_id] = None
+                self._finished[key] = None
             while len(self._finished) > self._finished_cap:
                 self._finished.popitem(last=False)
             self.stats.answered[outcome.name.lower()] += 1
@@ -494,8 +502,8 @@ class ServerEngine:
                 self.stats.reasons[reason.split(":")[0][:60]] += 1
             # An action request is answered with an ActionChunk, failures too (a duplicate id's
             # rejection, mark=False, leaves the original request open).
-            episode = (self._action_requests.pop(request_id, None) if mark
-                       else self._action_requests.get(request_id))
+            episode = (self._action_requests.pop(key, None) if mark
+                       else self._action_requests.get(key))
         if outcome is not Outcome.OK:
             LOG.warning("request %s from %s: %s: %s", request_id, route, outcome.name.lower(), reason)
         if episode is not None and self._emit_chunk is not None:
@@ -513,7 +521,7 @@ class ServerEngine:
 
     def _answer_error_for_item(self, item: tuple, outcome: Outcome, reason: str) -> None:
         msg, route = item[1], item[2]
-        if self._drop_past_deadline(msg.request_id, msg.deadline_ns, "answer"):
+        if self._drop_past_deadline(route, msg.request_id, msg.deadline_ns, "answer"):
             return
         self._reply(route, msg.request_id, msg.robot_id, msg.stamp_ns, outcome, reason)
 
@@ -522,30 +530,31 @@ class ServerEngine:
             self._finish(entry.route, entry.prompt, outcome, reason)
         elif isinstance(entry, _FeatureEntry):
             p = entry.packet
-            if self._drop_past_deadline(p.request_id, p.deadline_ns, "answer"):
+            if self._drop_past_deadline(entry.route, p.request_id, p.deadline_ns, "answer"):
                 return
             self._reply(entry.route, p.request_id, p.robot_id, p.stamp_ns, outcome, reason)
 
     # ---- deadlines ---------------------------------------------------------------------------
-    def _drop_past_deadline(self, request_id: str, deadline_ns: int, where: str) -> bool:
+    def _drop_past_deadline(self, route: str, request_id: str, deadline_ns: int, where: str) -> bool:
         """True (and the request is closed here without an answer) when its deadline has passed:
         the robot answers TIMEOUT itself, so an answer now would be its second outcome."""
         if not deadline_ns or time.time_ns() <= deadline_ns:
             return False
         with self._stats_lock:
             self.stats.past_deadline[where] += 1
-            self._finished[request_id] = None
+            self._finished[(route, request_id)] = None
             while len(self._finished) > self._finished_cap:
                 self._finished.popitem(last=False)
-            self._action_requests.pop(request_id, None)
+            self._action_requests.pop((route, request_id), None)
         LOG.info("request %s dropped unanswered (%s): past its deadline by %.3f s", request_id, where,
                  (time.time_ns() - deadline_ns) / 1e9)
         return True
 
-    def _push_due(self, deadline_ns: int, request_id: str, entry: object) -> None:
-        """Matcher thread: remember an unmatched half so it is answered before its deadline."""
+    def _push_due(self, deadline_ns: int, key: tuple[str, str], entry: object) -> None:
+        """Matcher thread: remember an unmatched half, by its (route, request_id) key, so it is answered
+        before its deadline."""
         self._due_seq += 1
-        heapq.heappush(self._due, (deadline_ns, self._due_seq, request_id, entry))
+        heapq.heappush(self._due, (deadline_ns, self._due_seq, key, entry))
         if len(self._due) > 2 * self.cfg.max_pending + 64:
             self._due = [d for d in self._due if self.matcher.has(d[2])]
             heapq.heapify(self._due)
@@ -554,8 +563,8 @@ class ServerEngine:
         """Matcher thread: answer TIMEOUT for halves still unmatched close to their deadline."""
         horizon = time.time_ns() + DEADLINE_MARGIN_NS
         while self._due and self._due[0][0] <= horizon:
-            deadline_ns, _, rid, entry = heapq.heappop(self._due)
-            if self.matcher.discard(rid):
+            deadline_ns, _, key, entry = heapq.heappop(self._due)
+            if self.matcher.discard(key):
                 half = "prompt" if isinstance(entry, _PromptEntry) else "features"
                 partner = "features" if half == "prompt" else "prompt"
                 self._answer_expired(entry, f"{half} waited for its {partner}, which did not arrive before "

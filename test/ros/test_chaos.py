@@ -152,6 +152,7 @@ def _faults(nodes, client, askers, figures):
     t_kill = time.time_ns()
     nodes.kill("server")
     paused = [r for r in ROBOTS if client.flow[r] and client.flow[r][-1][1] == 1]
+    assert paused, "no robot was paused when the server was killed"
     # The PAUSE lapses with the dead server's lease: new requests are answered "server unavailable".
     resumed = {}
     for r in ROBOTS:

@@ -12,6 +12,7 @@ stop the nodes and exit with 128 + the signal number; a node whose bringup died 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -101,6 +102,29 @@ class NodeSet:
             self.stop()
             raise
         return self
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int | None:
+        """Send `sig` to the running process of node `name` (a fault, e.g. SIGKILL) and wait for it."""
+        for spec, p in self.procs:
+            if (spec.name or spec.role) == name and p.poll() is None:
+                p.send_signal(sig)
+                try:
+                    return p.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    return None
+        raise ValueError(f"no running node named {name!r}")
+
+    def restart(self, name: str, params: dict[str, object] | None = None) -> None:
+        """Start node `name` again (after it exited), with `params` layered over its own; its log is appended."""
+        i = next(i for i, (s, _) in enumerate(self.procs) if (s.name or s.role) == name)
+        spec, old = self.procs[i]
+        if old.poll() is None:
+            raise ValueError(f"node {name!r} is still running (pid {old.pid})")
+        spec = dataclasses.replace(spec, params={**spec.params, **(params or {})})
+        out = open(self.log_dir / f"{name}.log", "a") if self.log_dir is not None else None
+        p = subprocess.Popen(spec.command(), env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                             start_new_session=True, cwd=str(self.log_dir or tempfile.gettempdir()))
+        self.procs[i] = (spec, p)
 
     def poll(self) -> list[tuple[str, int]]:
         """(name, returncode) of processes that have exited."""

@@ -13,6 +13,13 @@ is the robot namespace the request arrived on, so answers go back to the robot t
 is known by (route, request_id): ids are unique per robot only, and nothing one robot sends can
 match, displace or finish another robot's request.
 
+Deadlines: a request whose halves carry a deadline (wall clock, see msg/Prompt.msg) is never
+answered after it: past the deadline it is dropped wherever it is (on arrival, in the matched queue,
+when its answer is ready) and counted in `stats.past_deadline`, because the robot answers TIMEOUT
+itself once the deadline and its grace have passed and a late answer would be a second outcome. A
+half whose partner has not come is answered TIMEOUT shortly before its deadline (if its TTL has not
+already expired), so a request whose robot died half-way still gets its one outcome in time.
+
 Task "action" (a vision-language-action model): a prompt with task "action" is matched and batched
 like a VQA request; the batch thread runs the language model once over the batch's action requests
 and the configured action head (core.vla.VLAPolicy) turns it into a chunk per request. Such a
@@ -23,6 +30,7 @@ answer, failures included (timeouts, rejections, errors carry the outcome and no
 from __future__ import annotations
 
 import collections
+import heapq
 import logging
 import threading
 import time
@@ -87,12 +95,15 @@ class ServerStats:
     batches: int = 0
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
     max_matched_depth: int = 0
+    # Requests dropped unanswered because their deadline passed, by where: "arrival", "queued",
+    # "answer" (the answer was ready too late).
+    past_deadline: collections.Counter = field(default_factory=collections.Counter)
 
     def as_dict(self) -> dict:
         return {"prompts": self.prompts, "features": self.features, "answered": dict(self.answered),
                 "reasons": dict(self.reasons), "batches": self.batches,
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-                "max_matched_depth": self.max_matched_depth}
+                "max_matched_depth": self.max_matched_depth, "past_deadline": dict(self.past_deadline)}
 
 
 def check_placement(codec: FeatureCodec, split: SplitPoint) -> None:
@@ -124,6 +135,11 @@ def token_stats_from_side_info(split: SplitPoint, side_info: bytes, n_tokens: in
                        f"got {len(side_info)}")
     mean, std = unpack_token_stats(side_info, n_tokens, dtype)          # RequestError if bad
     return torch.stack([mean, std], dim=-1)
+
+
+# An unmatched half is answered TIMEOUT this long before its request's deadline: the sweep runs every
+# 0.1 s, and the answer must leave before the deadline passes or it would be dropped.
+DEADLINE_MARGIN_NS = 300_000_000
 
 
 class ServerEngine:
@@ -158,6 +174,10 @@ class ServerEngine:
         # instead of waiting for its TTL and answering the same request twice.
         self._finished: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._finished_cap = 4 * cfg.max_pending + cfg.queue_capacity
+        # Unmatched halves by deadline: (deadline_ns, seq, (route, request_id), entry); entries whose half was
+        # matched since are skipped when they come due. Bounded: pruned to the pending ones when large.
+        self._due: list[tuple[int, int, str, object]] = []
+        self._due_seq = 0
         self._running = False
         self._threads: list[threading.Thread] = []
         # No idle waiting: the prompt arrives before its features (the robot sends it before it
@@ -255,6 +275,7 @@ class ServerEngine:
                 next_sweep = now + 0.1
                 for e in self.matcher.evict_expired():
                     self._answer_expired(e.item, e.reason, Outcome.TIMEOUT)
+                self._sweep_deadlines()
             self._arrivals = self._expected_arrivals()
 
     def _expected_arrivals(self) -> list[tuple[float, float]]:
@@ -285,6 +306,8 @@ class ServerEngine:
     def _handle(self, item: tuple) -> None:
         kind, msg, route, received_ns, received_t = item
         key = (route, msg.request_id)
+        if self._drop_past_deadline(route, msg.request_id, msg.deadline_ns, "arrival"):
+            return
         with self._stats_lock:
             late = key in self._finished
             if late:
@@ -314,6 +337,8 @@ class ServerEngine:
                 return
         for e in expired:
             self._answer_expired(e.item, e.reason, Outcome.TIMEOUT)
+        if pair is None and msg.deadline_ns:
+            self._push_due(msg.deadline_ns, key, entry)
         if pair is not None:
             p, f = pair
             if p.received_t and f.received_t >= p.received_t:
@@ -407,6 +432,10 @@ class ServerEngine:
             if not batch:
                 continue
             self.flow.update(len(self.matched))
+            batch = [m for m in batch if not self._drop_past_deadline(
+                m.prompt.route, m.prompt.prompt.request_id, m.prompt.prompt.deadline_ns, "queued")]
+            if not batch:
+                continue
             try:
                 self._run_batch(batch, t_first)
             except Exception as e:
@@ -476,12 +505,16 @@ class ServerEngine:
     # ---- answers -----------------------------------------------------------------------------
     def _finish(self, route: str, p: PromptRequest, outcome: Outcome, reason: str,
                 tokens: list[int] | None = None, timings: StageTimings | None = None) -> None:
+        if self._drop_past_deadline(route, p.request_id, p.deadline_ns, "answer"):
+            return
         text = self.adapter.decode_text(tokens) if tokens else ""
         self._reply(route, p.request_id, p.robot_id, p.stamp_ns, outcome, reason, text, tokens or [], timings)
 
     def _finish_action(self, route: str, p: PromptRequest, chunk: np.ndarray, timings: StageTimings) -> None:
         """An action request served: its chunk (N, A) goes out as an OK ActionChunk."""
         assert self.policy is not None
+        if self._drop_past_deadline(route, p.request_id, p.deadline_ns, "answer"):
+            return
         with self._stats_lock:
             self._finished[(route, p.request_id)] = None
             while len(self._finished) > self._finished_cap:
@@ -534,6 +567,8 @@ class ServerEngine:
 
     def _answer_error_for_item(self, item: tuple, outcome: Outcome, reason: str) -> None:
         msg, route = item[1], item[2]
+        if self._drop_past_deadline(route, msg.request_id, msg.deadline_ns, "answer"):
+            return
         self._reply(route, msg.request_id, msg.robot_id, msg.stamp_ns, outcome, reason)
 
     def _answer_expired(self, entry: object, reason: str, outcome: Outcome) -> None:
@@ -541,4 +576,42 @@ class ServerEngine:
             self._finish(entry.route, entry.prompt, outcome, reason)
         elif isinstance(entry, _FeatureEntry):
             p = entry.packet
+            if self._drop_past_deadline(entry.route, p.request_id, p.deadline_ns, "answer"):
+                return
             self._reply(entry.route, p.request_id, p.robot_id, p.stamp_ns, outcome, reason)
+
+    # ---- deadlines ---------------------------------------------------------------------------
+    def _drop_past_deadline(self, route: str, request_id: str, deadline_ns: int, where: str) -> bool:
+        """True (and the request is closed here without an answer) when its deadline has passed:
+        the robot answers TIMEOUT itself, so an answer now would be its second outcome."""
+        if not deadline_ns or time.time_ns() <= deadline_ns:
+            return False
+        with self._stats_lock:
+            self.stats.past_deadline[where] += 1
+            self._finished[(route, request_id)] = None
+            while len(self._finished) > self._finished_cap:
+                self._finished.popitem(last=False)
+            self._action_requests.pop((route, request_id), None)
+        LOG.info("request %s dropped unanswered (%s): past its deadline by %.3f s", request_id, where,
+                 (time.time_ns() - deadline_ns) / 1e9)
+        return True
+
+    def _push_due(self, deadline_ns: int, key: tuple[str, str], entry: object) -> None:
+        """Matcher thread: remember an unmatched half, by its (route, request_id) key, so it is answered
+        before its deadline."""
+        self._due_seq += 1
+        heapq.heappush(self._due, (deadline_ns, self._due_seq, key, entry))
+        if len(self._due) > 2 * self.cfg.max_pending + 64:
+            self._due = [d for d in self._due if self.matcher.has(d[2])]
+            heapq.heapify(self._due)
+
+    def _sweep_deadlines(self) -> None:
+        """Matcher thread: answer TIMEOUT for halves still unmatched close to their deadline."""
+        horizon = time.time_ns() + DEADLINE_MARGIN_NS
+        while self._due and self._due[0][0] <= horizon:
+            deadline_ns, _, key, entry = heapq.heappop(self._due)
+            if self.matcher.discard(key):
+                half = "prompt" if isinstance(entry, _PromptEntry) else "features"
+                partner = "features" if half == "prompt" else "prompt"
+                self._answer_expired(entry, f"{half} waited for its {partner}, which did not arrive before "
+                                            f"the request's deadline", Outcome.TIMEOUT)

@@ -100,6 +100,15 @@ class ServerConfig:
     inbox_capacity: int = _f(256, "Bound of the receive inbox between callbacks and the matcher thread.")
     match_ttl_s: float = _f(10.0, "A prompt or features waiting longer than this for its partner times out.")
     max_pending: int = _f(256, "Most unmatched halves held; the oldest times out beyond it.")
+    max_bytes_per_robot: int = _f(128 * 1024 * 1024, "Most bytes of unmatched halves (decoded features or "
+                                                     "images, their payloads, prompts) held for one robot; "
+                                                     "a half beyond it is rejected before it is decoded.")
+    max_payload_bytes: int = _f(64 * 1024 * 1024, "Largest payload + side_info of one VisualFeatures "
+                                                  "message; larger ones are rejected on arrival, unqueued.")
+    max_image_side: int = _f(4096, "Split none: largest image height or width accepted (read from the "
+                                   "message and the JPEG frame header before decoding).")
+    max_image_pixels: int = _f(3840 * 2160, "Split none: most pixels (H x W) an image may have; checked "
+                                            "before decoding (a JPEG's frame header included).")
     max_prompt_chars: int = _f(2000, "Longer prompts are rejected.")
     max_prompt_tokens: int = _f(256, "Prompts with more text tokens are rejected.")
     default_max_new_tokens: int = _f(32, "Tokens generated when the prompt does not say.")
@@ -128,6 +137,10 @@ class ServerConfig:
         if self.inbox_capacity < 1 or self.max_pending < 1 or self.match_ttl_s <= 0:
             raise ValueError(f"inbox_capacity={self.inbox_capacity}, max_pending={self.max_pending}, "
                              f"match_ttl_s={self.match_ttl_s}")
+        for name in ("max_bytes_per_robot", "max_payload_bytes", "max_image_side", "max_image_pixels",
+                     "max_prompt_chars", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
             raise ValueError(f"default_max_new_tokens={self.default_max_new_tokens} must be in "
                              f"1..max_new_tokens_limit={self.max_new_tokens_limit}")

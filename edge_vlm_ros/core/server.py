@@ -390,16 +390,18 @@ class ServerEngine:
         except RequestError:
             self._count_reject("header")
             raise
+        # side_info (per-token statistics, small) is checked before the payload is decoded too.
+        stats = None
+        if not image:
+            stats = token_stats_from_side_info(split, enc.side_info, int(enc.shape[0]))
+        elif enc.side_info:
+            raise rejected(f"side_info of {len(enc.side_info)} bytes is not expected with codec {enc.codec!r}")
         nbytes = codec.decoded_nbytes(enc) + enc.payload_bytes()
         self._check_room(route, f.request_id, "features", nbytes)
         data = codec.decode(enc, limits)
-        stats = None
         if not image:
             check_features(self.adapter, split, data)
-            stats = token_stats_from_side_info(split, enc.side_info, int(data.shape[0]))
             data = apply_alignedvq(self._dlp_post.get(enc.codebook_hash), data)
-        elif enc.side_info:
-            raise rejected(f"side_info of {len(enc.side_info)} bytes is not expected with codec {enc.codec!r}")
         return _FeatureEntry(f, route, received_ns, received_t, split, data, (time.perf_counter() - t0) * 1e3,
                              stats, nbytes)
 

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from edge_vlm_ros.core import codec as codec_mod
 from edge_vlm_ros.core import vq as vq_mod
 from edge_vlm_ros.core.codebook import Codebook
 from edge_vlm_ros.core.codec import DecodeLimits, ImageCodec, RawCodec, make_codec, read_jpeg_header

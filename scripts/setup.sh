@@ -137,4 +137,12 @@ fi
   set +u; . "$REPO/env.sh"
   python -m edge_vlm_ros.tools.default_model --ensure
 )
+
+# ---- 6. authentication keys for the robots of the demo and of a one-host bring-up ------------
+# Existing keys are never replaced. On a real fleet, create them once and copy each robot's key to
+# that robot and to the server (README, "Message authentication").
+(
+  set +u; . "$REPO/env.sh"
+  python -m edge_vlm_ros.tools.keys create --robots robot_0 robot_1 robot_2 robot_3 >/dev/null
+)
 log "ready: . $REPO/env.sh"

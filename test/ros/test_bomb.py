@@ -18,8 +18,10 @@ import numpy as np
 
 from edge_vlm_ros import qos, topics
 from edge_vlm_ros.conversions import features_to_msg
+from edge_vlm_ros.core.auth import load_key
 from edge_vlm_ros.core.types import EncodedTensor, FeaturePacket, Outcome
 from edge_vlm_ros.msg import VisualFeatures
+from edge_vlm_ros.msg_auth import sign_with_key
 from ros_harness import running
 
 MB = 1024 * 1024
@@ -44,9 +46,10 @@ def proc_kb(pid: int, field: str) -> int:
     raise AssertionError(f"{field} not in /proc/{pid}/status")
 
 
-def publish(pub, msg) -> None:
-    """Every hostile message goes out here (the one place to sign them once messages carry auth)."""
-    pub.publish(msg)
+def publish(pub, msg, robot: str, keys_dir) -> None:
+    """Every hostile message goes out here, signed with the robot's own key: what is tested is what
+    the server does with authenticated but malformed messages (a robot's bug or a stolen key)."""
+    pub.publish(sign_with_key(msg, robot, load_key(keys_dir, robot)))
 
 
 def test_bombs_and_oversize_messages_are_rejected_without_hurting_another_robot(ros_env, tmp_path):
@@ -97,7 +100,7 @@ def test_bombs_and_oversize_messages_are_rejected_without_hurting_another_robot(
                 enc, _ = kinds[name]
                 pkt = FeaturePacket(rid, "robot_0", "none", "", enc, time.time_ns())
                 sent[rid] = name
-                publish(pub, features_to_msg(pkt, time.time_ns()))
+                publish(pub, features_to_msg(pkt, time.time_ns()), "robot_0", tmp_path / "keys")
                 stop.wait(0.25 if name == "oversize" else 0.03)
 
         attacker = threading.Thread(target=attack, daemon=True)

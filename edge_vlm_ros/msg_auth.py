@@ -10,6 +10,8 @@ distribution) agree on them.
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
 import logging
 import struct
 import time
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .core.auth import Authenticator, Verdict, compute_mac, new_stamp_and_nonce
+from .core.auth import Authenticator, Verdict, new_stamp_and_nonce
 
 LOG = logging.getLogger(__name__)
 
@@ -35,6 +37,27 @@ def _u32(n: int) -> bytes:
     return struct.pack("<I", n)
 
 
+class _Sink:
+    """Where canonical bytes go: small fields are gathered, large arrays are passed on without a
+    copy (a megabyte of features goes straight from the message's buffer into the MAC)."""
+
+    def __init__(self, update) -> None:
+        self._update = update
+        self._buf = bytearray()
+
+    def write(self, data) -> None:
+        if len(data) >= 4096:
+            self.flush()
+            self._update(data)
+        else:
+            self._buf += data
+
+    def flush(self) -> None:
+        if self._buf:
+            self._update(bytes(self._buf))
+            self._buf.clear()
+
+
 def _element_type(ftype: str) -> str | None:
     """'sequence<float>' / 'sequence<uint8, 10>' / 'float[3]' -> 'float'; None for a non-array."""
     if ftype.startswith("sequence<") and ftype.endswith(">"):
@@ -44,15 +67,15 @@ def _element_type(ftype: str) -> str | None:
     return None
 
 
-def _encode_str(value: str, out: bytearray) -> None:
+def _encode_str(value: str, out: _Sink) -> None:
     b = value.encode("utf-8", "surrogatepass")
-    out += _u32(len(b))
-    out += b
+    out.write(_u32(len(b)))
+    out.write(b)
 
 
-def _encode_value(value: Any, ftype: str, out: bytearray) -> None:
+def _encode_value(value: Any, ftype: str, out: _Sink) -> None:
     if ftype in _SCALARS:
-        out += struct.pack(_SCALARS[ftype], value)
+        out.write(struct.pack(_SCALARS[ftype], value))
         return
     if ftype.startswith(("string", "wstring")):
         _encode_str(value, out)
@@ -60,44 +83,59 @@ def _encode_value(value: Any, ftype: str, out: bytearray) -> None:
     elem = _element_type(ftype)
     if elem is not None:
         if elem in _NP:
-            arr = np.asarray(value if not isinstance(value, (bytes, bytearray)) else np.frombuffer(value, np.uint8))
-            data = arr.astype(_NP[elem], copy=False).tobytes()
-            out += _u32(len(arr))
-            out += data
+            if isinstance(value, (bytes, bytearray, memoryview)) or (hasattr(value, "typecode") and value.typecode == "B"):
+                arr = np.frombuffer(value, np.uint8)
+            else:
+                arr = np.asarray(value)
+            arr = np.ascontiguousarray(arr.astype(_NP[elem], copy=False))
+            out.write(_u32(len(arr)))
+            out.write(memoryview(arr).cast("B"))
             return
         items = list(value)
-        out += _u32(len(items))
+        out.write(_u32(len(items)))
         for v in items:
             _encode_value(v, elem, out)
         return
     _encode_msg(value, out, top=False)          # a nested message type, e.g. std_msgs/Header
 
 
-def _encode_msg(msg: Any, out: bytearray, top: bool) -> None:
+def _encode_msg(msg: Any, out: _Sink, top: bool) -> None:
     for name, ftype in msg.get_fields_and_field_types().items():
         value = getattr(msg, name)
         if top and name == "auth":
             _encode_str(value.key_id, out)
-            out += struct.pack("<qQ", value.stamp_ns, value.nonce)
+            out.write(struct.pack("<qQ", value.stamp_ns, value.nonce))
             continue
         _encode_value(value, ftype, out)
 
 
+def _feed(msg: Any, update) -> None:
+    cls = type(msg)
+    sink = _Sink(update)
+    sink.write(f"{cls.__module__.split('.')[0]}/msg/{cls.__name__}".encode() + b"\0")
+    _encode_msg(msg, sink, top=True)
+    sink.flush()
+
+
 def canonical_bytes(msg: Any) -> bytes:
     """The bytes a MAC covers: the type name and every field except auth.mac."""
-    cls = type(msg)
-    out = bytearray(f"{cls.__module__.split('.')[0]}/msg/{cls.__name__}".encode())
-    out += b"\0"
-    _encode_msg(msg, out, top=True)
-    return bytes(out)
+    parts: list[bytes] = []
+    _feed(msg, lambda b: parts.append(bytes(b)))
+    return b"".join(parts)
+
+
+def message_mac(key: bytes, msg: Any) -> bytes:
+    """HMAC-SHA256 of msg's canonical bytes, streamed (no copy of large arrays)."""
+    h = hmac.new(key, digestmod=hashlib.sha256)
+    _feed(msg, h.update)
+    return h.digest()
 
 
 def sign_with_key(msg: Any, key_id: str, key: bytes) -> Any:
     """Fill msg.auth (key id, fresh stamp and nonce, MAC) with `key`; returns msg."""
     stamp, nonce = new_stamp_and_nonce()
     msg.auth.key_id, msg.auth.stamp_ns, msg.auth.nonce = key_id, stamp, nonce
-    msg.auth.mac = b""
-    msg.auth.mac = compute_mac(key, canonical_bytes(msg))
+    msg.auth.mac = message_mac(key, msg)
     return msg
 
 
@@ -126,12 +164,16 @@ class MessageAuth:
             return Verdict.OK
         assert self.auth is not None
         a = msg.auth
+        key = self.auth.keys.get(a.key_id)
+        if not a.mac or key is None or a.key_id != expected_key_id:
+            return self.auth.verify(a.key_id, expected_key_id, int(a.stamp_ns), int(a.nonce), b"", bytes(a.mac))
         try:
-            data = canonical_bytes(msg)
+            expected = message_mac(key, msg)
         except Exception as e:   # a field value the encoder cannot take: not a message we signed
             LOG.debug("canonical bytes failed: %s", e)
             return Verdict.BAD_MAC
-        return self.auth.verify(a.key_id, expected_key_id, int(a.stamp_ns), int(a.nonce), data, bytes(a.mac))
+        return self.auth.verify_mac(a.key_id, expected_key_id, int(a.stamp_ns), int(a.nonce), expected,
+                                    bytes(a.mac))
 
     def check(self, msg: Any, expected_key_id: str, what: str, logger: Any = None) -> bool:
         """True if `msg` may be used. Otherwise counts and (throttled) logs the drop."""

@@ -15,7 +15,7 @@ VENV="${EDGE_VLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/edge_vlm_ros/venv}"
 PY="${PYTHON:-python3}"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-sha() { sha256sum "$@" 2>/dev/null | sha256sum | cut -c1-16; }
+sha() { cat "$@" 2>/dev/null | sha256sum | cut -c1-16; }   # contents only: the stamp must not depend on where the checkout is
 
 USE_SYSTEM_ROS=0
 if [ -n "${ROS_DISTRO:-}" ] && "$PY" -c "import rclpy" >/dev/null 2>&1; then

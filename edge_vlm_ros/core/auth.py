@@ -202,7 +202,18 @@ class Authenticator:
         key = self.keys.get(key_id)
         if key is None:
             return Verdict.UNKNOWN_KEY
-        if len(mac) != MAC_BYTES or not hmac.compare_digest(compute_mac(key, data), bytes(mac)):
+        return self.verify_mac(key_id, expected_key_id, stamp_ns, nonce, compute_mac(key, data), mac)
+
+    def verify_mac(self, key_id: str, expected_key_id: str, stamp_ns: int, nonce: int, expected_mac: bytes,
+                   mac: bytes) -> Verdict:
+        """As verify, with the MAC of the canonical bytes already computed (streamed) by the caller."""
+        if not mac:
+            return Verdict.UNSIGNED
+        if key_id != expected_key_id:
+            return Verdict.WRONG_KEY
+        if key_id not in self.keys:
+            return Verdict.UNKNOWN_KEY
+        if len(mac) != MAC_BYTES or not hmac.compare_digest(expected_mac, bytes(mac)):
             return Verdict.BAD_MAC
         # Only a message with a valid MAC may enter the replay cache: forgeries cannot fill it.
         with self._lock:

@@ -58,6 +58,8 @@ class _PromptEntry:
     input_ids: list[int]
     max_new_tokens: int
     proprio: np.ndarray | None = None     # task "action": validated against the action head
+    received_t: float = 0.0               # monotonic arrival: with the robot's usual prompt->features
+                                          # gap it says when the features are expected
     nbytes: int = 0                       # counted against max_bytes_per_robot while unmatched
 
 
@@ -172,6 +174,14 @@ class ServerEngine:
         self._finished_cap = 4 * cfg.max_pending + cfg.queue_capacity
         self._running = False
         self._threads: list[threading.Thread] = []
+        # No idle waiting: the prompt arrives before its features (the robot sends it before it
+        # encodes), so the matcher knows which features are coming and, from each robot's recent
+        # prompt->features gap, roughly when. The batch worker waits for company only until the next
+        # expected arrival, and not at all when none is expected within max_batch_wait_ms.
+        self._gap_s: dict[str, float] = {}               # route -> EWMA of prompt->features seconds
+        # (earliest, latest) expected arrival of each pending prompt's features; the matcher thread
+        # replaces the whole list, the batch worker only reads it.
+        self._arrivals: list[tuple[float, float]] = []
         # The number of visual tokens the LLM receives per image is fixed for a model.
         blank = np.full((adapter.image_size, adapter.image_size, 3), 127, np.uint8)
         self.n_image_tokens = int(adapter.server_forward_images([blank]).shape[1])
@@ -261,6 +271,32 @@ class ServerEngine:
                 next_sweep = now + 0.1
                 for e in self.matcher.evict_expired():
                     self._answer_expired(e.item, e.reason, Outcome.TIMEOUT)
+            self._arrivals = self._expected_arrivals()
+
+    def _expected_arrivals(self) -> list[tuple[float, float]]:
+        """When each pending prompt's features are expected (matcher thread): its arrival plus the
+        robot's usual gap, give or take half the gap (at least 2 ms). A robot whose gap is not known
+        yet may send any time up to the batch deadline."""
+        out = []
+        for _, _, entry in self.matcher.pending_prompts():
+            gap = self._gap_s.get(entry.route)
+            if gap is None:
+                out.append((float("-inf"), float("inf")))
+                continue
+            slack = max(0.5 * gap, 0.002)
+            t = entry.received_t + gap
+            out.append((t - slack, t + slack))
+        return out
+
+    def _wait_until(self, deadline: float) -> float:
+        """For the batch worker: until when waiting for another request can gain. Only features
+        expected before the deadline are worth waiting for; overdue ones (a lost message, a stalled
+        robot) are not."""
+        if len(self.inbox):
+            return deadline            # halves being decoded right now may complete a pair
+        now = time.monotonic()
+        due = [late for early, late in self._arrivals if early <= deadline and late >= now]
+        return min(due) if due else float("-inf")
 
     def _handle(self, item: tuple) -> None:
         kind, msg, route, received_ns, received_t = item
@@ -274,6 +310,7 @@ class ServerEngine:
             return
         if kind == "prompt":
             entry = self._prepare_prompt(msg, route)
+            entry.received_t = received_t
             try:
                 pair, expired = self.matcher.add_prompt(key, entry)
             except ValueError as e:  # duplicate request_id: answer it, but leave the original pending
@@ -300,6 +337,10 @@ class ServerEngine:
             p, f = pair
             self._release(p.route, p.prompt.request_id, "prompt")
             self._release(f.route, f.packet.request_id, "features")
+            if p.received_t and f.received_t >= p.received_t:
+                gap = f.received_t - p.received_t
+                old = self._gap_s.get(route)
+                self._gap_s[route] = gap if old is None else 0.8 * old + 0.2 * gap
             m = _Matched(p, f, time.monotonic())
             ok, _ = self.matched.put(m)
             if not ok:
@@ -450,7 +491,8 @@ class ServerEngine:
     def _batch_loop(self) -> None:
         cfg = self.cfg
         while self._running:
-            batch, t_first = self.matched.get_batch(cfg.max_batch_size, cfg.max_batch_wait_ms / 1e3, 0.1)
+            batch, t_first = self.matched.get_batch(cfg.max_batch_size, cfg.max_batch_wait_ms / 1e3, 0.1,
+                                                    wait_until=self._wait_until)
             if not batch:
                 continue
             self.flow.update(len(self.matched))

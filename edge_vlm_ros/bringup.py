@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -122,8 +123,12 @@ class NodeSet:
             raise ValueError(f"node {name!r} is still running (pid {old.pid})")
         spec = dataclasses.replace(spec, params={**spec.params, **(params or {})})
         out = open(self.log_dir / f"{name}.log", "a") if self.log_dir is not None else None
-        p = subprocess.Popen(spec.command(), env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                             start_new_session=True, cwd=str(self.log_dir or tempfile.gettempdir()))
+        try:   # through ChildProcesses, so stop() and the parent-death handling cover it too
+            p = self._children.start(name, spec.command(), stdout=out, stderr=subprocess.STDOUT if out else None,
+                                     cwd=str(self.log_dir or tempfile.gettempdir()))
+        finally:
+            if out is not None:
+                out.close()
         self.procs[i] = (spec, p)
 
     def poll(self) -> list[tuple[str, int]]:

@@ -87,7 +87,7 @@ class ControllerNode(Node):
                                      lambda m, ra=ra: self._on_chunk(m, ra), qos.ACTION_CHUNK)
             self.create_subscription(Episode, topics.for_robot(r, topics.EPISODE),
                                      lambda m, ra=ra: self._on_episode(m, ra), qos.EPISODE)
-            if self.cfg.tick_source == "robot_state":
+            if self.cfg.tick_source == "robot_state" or base.jump_reference == "state":
                 self.create_subscription(JointState, topics.for_robot(r, topics.ROBOT_STATE),
                                          lambda m, ra=ra: self._on_state(m, ra), qos.ROBOT_STATE)
             self._robots[r] = ra
@@ -110,6 +110,10 @@ class ControllerNode(Node):
             self._tick(ra, now)
 
     def _on_state(self, msg: JointState, ra: "_RobotActions") -> None:
+        if self.executor_config.jump_reference == "state":
+            ra.executor.observe_state(msg.position)     # the jump check's reference (counted if unusable)
+        if self.cfg.tick_source != "robot_state":
+            return
         ra.last_state_ns = stamp_to_ns(msg.header.stamp)
         self._tick(ra, ra.last_state_ns)
 

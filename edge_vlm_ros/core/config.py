@@ -130,6 +130,15 @@ class ServerConfig:
     inbox_capacity: int = _f(256, "Bound of the receive inbox between callbacks and the matcher thread.")
     match_ttl_s: float = _f(10.0, "A prompt or features waiting longer than this for its partner times out.")
     max_pending: int = _f(256, "Most unmatched halves held; the oldest times out beyond it.")
+    max_bytes_per_robot: int = _f(128 * 1024 * 1024, "Most bytes of unmatched halves (decoded features or "
+                                                     "images, their payloads, prompts) held for one robot; "
+                                                     "a half beyond it is rejected before it is decoded.")
+    max_payload_bytes: int = _f(64 * 1024 * 1024, "Largest payload + side_info of one VisualFeatures "
+                                                  "message; larger ones are rejected on arrival, unqueued.")
+    max_image_side: int = _f(4096, "Split none: largest image height or width accepted (read from the "
+                                   "message and the JPEG frame header before decoding).")
+    max_image_pixels: int = _f(3840 * 2160, "Split none: most pixels (H x W) an image may have; checked "
+                                            "before decoding (a JPEG's frame header included).")
     max_prompt_chars: int = _f(2000, "Longer prompts are rejected.")
     max_prompt_tokens: int = _f(256, "Prompts with more text tokens are rejected.")
     default_max_new_tokens: int = _f(32, "Tokens generated when the prompt does not say.")
@@ -174,6 +183,10 @@ class ServerConfig:
                 and math.isfinite(self.lease_s) and self.lease_s >= 2 * self.heartbeat_period_s):
             raise ValueError(f"need heartbeat_period_s > 0 and lease_s >= 2 * heartbeat_period_s, got "
                              f"{self.heartbeat_period_s}, {self.lease_s}")
+        for name in ("max_bytes_per_robot", "max_payload_bytes", "max_image_side", "max_image_pixels",
+                     "max_prompt_chars", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_pending_per_robot < 1 or self.auth_max_age_s <= 0:
             raise ValueError(f"max_pending_per_robot={self.max_pending_per_robot}, "
                              f"auth_max_age_s={self.auth_max_age_s}")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import heapq
 import logging
+import math
 import threading
 import time
 import traceback
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 
 from .alignedvq import apply_alignedvq, load_server_parts
-from .codec import FeatureCodec, is_image_codec, make_codec, unknown_codec
+from .codec import DecodeLimits, FeatureCodec, is_image_codec, make_codec, unknown_codec
 from .config import ServerConfig
 from .flow import BoundedQueue, DropPolicy, FlowController, FlowEvent
 from .matcher import Matcher
@@ -55,6 +56,8 @@ from .vla import ActionItem, VLAPolicy
 
 LOG = logging.getLogger(__name__)
 
+MAX_PROPRIO = 1024   # values of a prompt's proprioception vector, checked before numpy sees it
+
 
 @dataclass
 class _PromptEntry:
@@ -65,6 +68,7 @@ class _PromptEntry:
     proprio: np.ndarray | None = None     # task "action": validated against the action head
     received_t: float = 0.0               # monotonic arrival: with the robot's usual prompt->features
                                           # gap it says when the features are expected
+    nbytes: int = 0                       # counted against max_bytes_per_robot while unmatched
 
 
 @dataclass
@@ -77,6 +81,7 @@ class _FeatureEntry:
     data: torch.Tensor           # decoded features (T, D), or an (H, W, 3) uint8 image for split none
     decode_ms: float
     token_stats: torch.Tensor | None = None   # (T, 2) [mean, std] from side_info, splits inside a block
+    nbytes: int = 0                           # counted against max_bytes_per_robot while unmatched
 
 
 @dataclass
@@ -98,12 +103,17 @@ class ServerStats:
     # Requests dropped unanswered because their deadline passed, by where: "arrival", "queued",
     # "answer" (the answer was ready too late).
     past_deadline: collections.Counter = field(default_factory=collections.Counter)
+    # Halves refused by the checks before decoding, by check (payload_bytes, declared_shape, header,
+    # held_bytes, prompt_chars, ...), and the most bytes of unmatched halves held per robot.
+    validation_rejects: collections.Counter = field(default_factory=collections.Counter)
+    max_held_bytes: collections.Counter = field(default_factory=collections.Counter)
 
     def as_dict(self) -> dict:
         return {"prompts": self.prompts, "features": self.features, "answered": dict(self.answered),
                 "reasons": dict(self.reasons), "batches": self.batches,
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-                "max_matched_depth": self.max_matched_depth, "past_deadline": dict(self.past_deadline)}
+                "max_matched_depth": self.max_matched_depth, "past_deadline": dict(self.past_deadline),
+                "validation_rejects": dict(self.validation_rejects), "max_held_bytes": dict(self.max_held_bytes)}
 
 
 def check_placement(codec: FeatureCodec, split: SplitPoint) -> None:
@@ -170,6 +180,10 @@ class ServerEngine:
         # AlignedVQ post-dequantization projections, by the hash of the codebook they belong to.
         self._dlp_post = load_server_parts(cfg.codebook_paths, adapter.fingerprint) if cfg.codebook_paths else {}
         self._codecs: dict[tuple[str, str], FeatureCodec] = {}
+        # Unmatched halves held in the matcher, (route, request_id, half) -> bytes, and their sum per
+        # robot (max_bytes_per_robot). Matcher thread only.
+        self._held: dict[tuple[str, str, str], int] = {}
+        self._held_bytes: collections.Counter[str] = collections.Counter()
         # Recently answered request ids (bounded): a late partner of an answered request is dropped
         # instead of waiting for its TTL and answering the same request twice.
         self._finished: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
@@ -240,6 +254,12 @@ class ServerEngine:
             self.stats.features += 1
         received_ns = received_ns if received_ns is not None else time.time_ns()
         if not self._check_route(packet.robot_id, route, packet.request_id, packet.stamp_ns):
+            return
+        if packet.encoded.payload_bytes() > self.cfg.max_payload_bytes:   # never queued
+            self._count_reject("payload_bytes")
+            self._reply(route, packet.request_id, packet.robot_id, packet.stamp_ns, Outcome.REJECTED,
+                        f"features carry {packet.encoded.payload_bytes()} bytes of payload and side_info, "
+                        f"limit {self.cfg.max_payload_bytes}")
             return
         ok, _ = self.inbox.put(("features", packet, route, received_ns, time.monotonic()))
         if not ok:
@@ -329,18 +349,23 @@ class ServerEngine:
             except RequestError:
                 # The prompt (if it came) will never be matched: forget it so it gets no second answer.
                 self.matcher.discard(key)
+                self._release(route, msg.request_id, "prompt")
                 raise
             try:
                 pair, expired = self.matcher.add_features(key, entry)
             except ValueError as e:
                 self._reply(route, msg.request_id, msg.robot_id, msg.stamp_ns, Outcome.REJECTED, str(e), mark=False)
                 return
+        if pair is None:
+            self._hold(route, msg.request_id, kind, entry.nbytes)
         for e in expired:
             self._answer_expired(e.item, e.reason, Outcome.TIMEOUT)
         if pair is None and msg.deadline_ns:
             self._push_due(msg.deadline_ns, key, entry)
         if pair is not None:
             p, f = pair
+            self._release(p.route, p.prompt.request_id, "prompt")
+            self._release(f.route, f.packet.request_id, "features")
             if p.received_t and f.received_t >= p.received_t:
                 gap = f.received_t - p.received_t
                 old = self._gap_s.get(route)
@@ -357,9 +382,22 @@ class ServerEngine:
             self.flow.update(depth)
 
     def _prepare_prompt(self, p: PromptRequest, route: str) -> _PromptEntry:
+        entry = self._prepare_prompt_entry(p, route)
+        # Text (UTF-8, at most 4 bytes a character) and its token ids are what the prompt holds.
+        entry.nbytes = 4 * len(p.text) + 8 * len(entry.input_ids) + 4 * len(p.proprio)
+        self._check_room(route, p.request_id, "prompt", entry.nbytes)
+        return entry
+
+    def _prepare_prompt_entry(self, p: PromptRequest, route: str) -> _PromptEntry:
         cfg = self.cfg
+        # Cheap length checks first: characters (so bytes <= 4x), then the proprioception vector,
+        # before the tokenizer or numpy sees them.
         if len(p.text) > cfg.max_prompt_chars:
+            self._count_reject("prompt_chars")
             raise rejected(f"prompt has {len(p.text)} characters, limit {cfg.max_prompt_chars}")
+        if len(p.proprio) > MAX_PROPRIO:
+            self._count_reject("proprio_length")
+            raise rejected(f"proprio has {len(p.proprio)} values, limit {MAX_PROPRIO}")
         served = ("vqa", "", "action") if self.policy is not None else ("vqa", "")
         if p.task not in served:
             raise rejected(f"task {p.task!r} is not served by this server (it serves {served[0]!r}"
@@ -412,16 +450,71 @@ class ServerEngine:
         t0 = time.perf_counter()
         codec = self._codec(enc.codec, enc.codebook_hash)
         check_placement(codec, split)
-        data = codec.decode(enc)
+        # Everything the message declares is checked against this model's caps before a byte is
+        # decoded: features must have exactly the shape this model's edge half ships at the split,
+        # images fit the configured side and pixel caps (a JPEG's own frame header included).
+        if not image:
+            want = self.adapter.edge_output_shape(split)
+            if tuple(int(d) for d in enc.shape) != tuple(want):
+                self._count_reject("declared_shape")
+                raise rejected(f"features declare shape {list(enc.shape)}, but split point {split} of this "
+                               f"model ships exactly {list(want)}")
+            limits = DecodeLimits(max_elements=math.prod(want))
+        else:
+            limits = DecodeLimits(max_image_side=self.cfg.max_image_side, max_image_pixels=self.cfg.max_image_pixels)
+        try:
+            codec.check_header(enc, limits)
+        except RequestError:
+            self._count_reject("header")
+            raise
+        # side_info (per-token statistics, small) is checked before the payload is decoded too.
         stats = None
         if not image:
-            check_features(self.adapter, split, data)
-            stats = token_stats_from_side_info(split, enc.side_info, int(data.shape[0]))
-            data = apply_alignedvq(self._dlp_post.get(enc.codebook_hash), data)
+            stats = token_stats_from_side_info(split, enc.side_info, int(enc.shape[0]))
         elif enc.side_info:
             raise rejected(f"side_info of {len(enc.side_info)} bytes is not expected with codec {enc.codec!r}")
+        nbytes = codec.decoded_nbytes(enc) + enc.payload_bytes()
+        self._check_room(route, f.request_id, "features", nbytes)
+        data = codec.decode(enc, limits)
+        if not image:
+            check_features(self.adapter, split, data)
+            data = apply_alignedvq(self._dlp_post.get(enc.codebook_hash), data)
         return _FeatureEntry(f, route, received_ns, received_t, split, data, (time.perf_counter() - t0) * 1e3,
-                             stats)
+                             stats, nbytes)
+
+    # ---- bytes held per robot (matcher thread) -------------------------------------------------
+    def _count_reject(self, check: str) -> None:
+        with self._stats_lock:
+            self.stats.validation_rejects[check] += 1
+
+    def _check_room(self, route: str, request_id: str, half: str, nbytes: int) -> None:
+        """Reject a half that would be held unmatched beyond its robot's max_bytes_per_robot."""
+        partner = "features" if half == "prompt" else "prompt"
+        if (route, request_id, partner) in self._held:
+            return      # its partner is waiting: it matches at once and is not held
+        held = self._held_bytes[route]
+        if held + nbytes > self.cfg.max_bytes_per_robot:
+            self._count_reject("held_bytes")
+            raise rejected(f"robot {route!r} already has {held} bytes of unmatched halves held; this {half} "
+                           f"needs {nbytes} more, limit max_bytes_per_robot={self.cfg.max_bytes_per_robot}")
+
+    def _hold(self, route: str, request_id: str, half: str, nbytes: int) -> None:
+        key = (route, request_id, half)
+        if key in self._held:
+            return
+        self._held[key] = nbytes
+        self._held_bytes[route] += nbytes
+        with self._stats_lock:
+            self.stats.max_held_bytes[route] = max(self.stats.max_held_bytes[route], self._held_bytes[route])
+
+    def _release(self, route: str, request_id: str, half: str) -> None:
+        nbytes = self._held.pop((route, request_id, half), None)
+        if nbytes is not None:
+            self._held_bytes[route] -= nbytes
+
+    def held_bytes(self, route: str) -> int:
+        """Bytes of unmatched halves held for a robot now."""
+        return self._held_bytes[route]
 
     # ---- batch thread ------------------------------------------------------------------------
     def _batch_loop(self) -> None:
@@ -573,9 +666,11 @@ class ServerEngine:
 
     def _answer_expired(self, entry: object, reason: str, outcome: Outcome) -> None:
         if isinstance(entry, _PromptEntry):
+            self._release(entry.route, entry.prompt.request_id, "prompt")
             self._finish(entry.route, entry.prompt, outcome, reason)
         elif isinstance(entry, _FeatureEntry):
             p = entry.packet
+            self._release(entry.route, p.request_id, "features")
             if self._drop_past_deadline(entry.route, p.request_id, p.deadline_ns, "answer"):
                 return
             self._reply(entry.route, p.request_id, p.robot_id, p.stamp_ns, outcome, reason)

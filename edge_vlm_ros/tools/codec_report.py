@@ -102,6 +102,8 @@ def cdr_size(p: FeaturePacket, frame_id: str = "") -> int:
     off += 8                                   # sent_at
     align(8)
     off += 16                                  # edge_preprocess_ms, edge_encode_ms
+    align(4)
+    off += 8                                   # deadline
     # auth (MessageAuth), as signed on the wire: key_id = robot_id, int64 stamp, uint64 nonce, 32-byte MAC
     string(p.robot_id)
     align(8)

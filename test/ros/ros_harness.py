@@ -17,7 +17,13 @@ def running(env, tmp_path, n_robots, overrides, per_robot=None, with_controller=
     try:
         client = RobotClient([s.params["robot_id"] for s in specs if s.role == "edge"], f"test_client_{os.getpid()}",
                              actions=client_actions)
-        if not client.wait_ready(ready_timeout, abort=lambda: bool(nodes.poll())):
+        # A question round trip proves each edge hears us; only where a question does not change what the
+        # edges do (request mode, text answers, nobody else asking).
+        edge = {**overrides.get("edge", {})}
+        probe = (edge.get("request_mode", "request") == "request" and edge.get("task", "vqa") == "vqa"
+                 and not with_controller and not any("request_mode" in v or "task" in v
+                                                     for v in (per_robot or {}).values()))
+        if not client.wait_ready(ready_timeout, abort=lambda: bool(nodes.poll()), probe=probe):
             logs = {p.name: p.read_text()[-2000:] for p in (tmp_path / "logs").glob("*.log")}
             raise AssertionError(f"nodes not ready; exited: {nodes.poll()}; logs: {logs}")
         yield nodes, client

@@ -63,6 +63,7 @@ class RobotClient:
         self._lock = threading.Condition()
         self.answers: dict[str, list[tuple[int, AnswerResult]]] = defaultdict(list)   # robot -> [(recv_ns, a)]
         self.flow: dict[str, list[tuple[int, int, int]]] = defaultdict(list)          # robot -> [(ns, state, depth)]
+        self.flow_stamps: dict[str, list[int]] = defaultdict(list)   # robot -> header stamp of each flow message
         self.sent: dict[str, list[str]] = defaultdict(list)       # robot -> request ids its edge sent to the server
         self.sent_ns: dict[str, list[int]] = defaultdict(list)    # robot -> when each of those was seen here
         # robot -> [(recv_ns, request_id, frame stamp_ns, text)] for every Prompt its edge announced
@@ -142,6 +143,7 @@ class RobotClient:
     def _on_flow(self, msg: FlowControl, robot: str) -> None:
         with self._lock:
             self.flow[robot].append((time.time_ns(), int(msg.state), int(msg.queue_depth)))
+            self.flow_stamps[robot].append(stamp_to_ns(msg.header.stamp))
             self._lock.notify_all()
 
     # ---- waiting -------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 import os
 from contextlib import contextmanager
 
+import pytest
+
 from edge_vlm_ros.bringup import NodeSet, build_specs
 from edge_vlm_ros.client import RobotClient
 
@@ -31,3 +33,29 @@ def running(env, tmp_path, n_robots, overrides, per_robot=None, with_controller=
         if client is not None:
             client.close()
         nodes.stop()
+
+
+def require_libero() -> None:
+    """LIBERO is part of the set-up; a missing or broken install fails the test. It skips (with the
+    reason) only where setup was told to leave LIBERO out: EDGE_VLM_WITH_LIBERO=0."""
+    from edge_vlm_ros.core.libero_sim import LiberoUnavailable, import_libero
+
+    try:
+        import_libero()
+    except LiberoUnavailable as e:
+        if os.environ.get("EDGE_VLM_WITH_LIBERO", "1") == "0":
+            pytest.skip(f"EDGE_VLM_WITH_LIBERO=0: setup left LIBERO out ({e})")
+        raise
+
+
+def assert_one_outcome_each(client, sent=None):
+    """After the fact (all answers in): per robot, every request its edge announced got exactly one
+    answer, and no answer came for a request it did not announce. `sent`: robot -> ids, if not the
+    client's record of announced requests."""
+    import collections
+
+    for r in client.robots:
+        want = collections.Counter(client.sent[r] if sent is None else sent[r])
+        got = collections.Counter(a.request_id for _, a in client.answers[r])
+        assert got == want, {"robot": r, "twice": {k: v for k, v in got.items() if v > 1},
+                             "missing": sorted(set(want) - set(got)), "unasked": sorted(set(got) - set(want))}

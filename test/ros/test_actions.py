@@ -16,7 +16,7 @@ from edge_vlm_ros.msg import Episode, RobotAction
 from edge_vlm_ros.tools.tiny_vla import build_tiny_vla
 from edge_vlm_ros.vla_bringup import vla_specs
 
-from ros_harness import running
+from ros_harness import require_libero, running
 
 CHUNK = 8
 SAFE = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]
@@ -116,12 +116,7 @@ def test_controller_holds_safe_action_when_server_goes_silent(ros_env, tmp_path,
 
 
 def test_libero_episode_through_real_nodes(ros_env, tmp_path, tiny_vla):
-    from edge_vlm_ros.core.libero_sim import LiberoUnavailable, import_libero
-
-    try:
-        import_libero()
-    except LiberoUnavailable as e:
-        pytest.skip(str(e))
+    require_libero()
     model, head = tiny_vla
     bridge_stats = tmp_path / "bridge.json"
     overrides = _overrides(model, head, tick_source="robot_state")
@@ -190,12 +185,7 @@ def test_libero_bridge_survives_a_simulator_error(ros_env, tmp_path):
     import subprocess
     import sys
 
-    from edge_vlm_ros.core.libero_sim import LiberoUnavailable, import_libero
-
-    try:
-        import_libero()
-    except LiberoUnavailable as e:
-        pytest.skip(str(e))
+    require_libero()
     script = tmp_path / "faulty_bridge.py"
     script.write_text(_FAULTY_BRIDGE)
     starts, stats = tmp_path / "starts.jsonl", tmp_path / "bridge.json"

@@ -201,7 +201,7 @@ class RobotClient:
                 self.send_image(robot, rgb, self._fresh_stamp())
                 time.sleep(0.05)
                 self.send_prompt(robot, PROBE_TEXT)
-                if self.wait_for(lambda: len(self.probe_answers[robot]) > n0 or aborted(),
+                if self.wait_for(lambda n0=n0: len(self.probe_answers[robot]) > n0 or aborted(),
                                  min(5.0, max(0.0, deadline - time.monotonic()))):
                     return not aborted()
             return False
@@ -261,7 +261,7 @@ class RobotClient:
                 while True:
                     found: list = []
 
-                    def event() -> bool:
+                    def event(found: list = found) -> bool:
                         found[:] = self._ask_event(robot, text, ours, handled, i_prompt, i_answer)
                         return bool(found)
                     if not self.wait_for(event, max(0.0, deadline - time.monotonic())):

@@ -387,7 +387,7 @@ class ServerEngine:
         groups: dict[str, list[int]] = collections.defaultdict(list)
         for i, m in enumerate(batch):
             groups[str(m.features.split)].append(i)
-        for key, idx in groups.items():
+        for idx in groups.values():
             split = batch[idx[0]].features.split
             if split.kind == "none":
                 out = self.adapter.server_forward_images([batch[i].features.data.numpy() for i in idx])
@@ -464,7 +464,7 @@ class ServerEngine:
         try:
             assert self._emit_chunk is not None
             self._emit_chunk(route, c)
-        except Exception as e:  # noqa: BLE001  the engine must keep serving; counted, and a test checks it
+        except Exception as e:  # the engine must keep serving; counted, and a test checks it
             with self._stats_lock:
                 self.stats.emit_errors += 1
             LOG.error("emitting action chunk for %s failed: %s\n%s", c.request_id, e, traceback.format_exc())
@@ -508,7 +508,7 @@ class ServerEngine:
                            timings or StageTimings())
         try:
             self._emit_answer(route, ans)
-        except Exception as e:  # noqa: BLE001  the engine must keep serving; counted, and a test checks it
+        except Exception as e:  # the engine must keep serving; counted, and a test checks it
             with self._stats_lock:
                 self.stats.emit_errors += 1
             LOG.error("emitting answer for %s failed: %s\n%s", request_id, e, traceback.format_exc())

@@ -32,8 +32,13 @@ from .core.types import AnswerResult
 LOG = logging.getLogger(__name__)
 
 def isolated_ros_env(domain_id: int | None = None) -> dict[str, str]:
-    """Environment for a private DDS graph: own domain id, discovery limited to this host."""
+    """Environment for a private DDS graph, discovery limited to this host. The domain id: the one
+    passed, else the ROS_DOMAIN_ID this process was given (a test run's or CI job's private domain:
+    programs started inside it stay inside it), else a random one."""
     env = dict(os.environ)
+    given = os.environ.get("ROS_DOMAIN_ID", "").strip()
+    if domain_id is None and given:
+        domain_id = int(given)
     env["ROS_DOMAIN_ID"] = str(domain_id if domain_id is not None else random.randint(101, 199))
     env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     env.pop("ROS_LOCALHOST_ONLY", None)
@@ -157,15 +162,15 @@ class RobotClient:
                 self._lock.wait(min(left, 0.2))
             return True
 
-    def wait_ready(self, timeout: float = 120.0, abort=None, probe: bool = False) -> bool:
+    def wait_ready(self, timeout: float = 120.0, abort=None, probe: bool | list[str] = False) -> bool:
         """True once every robot's edge and the server are matched with this client both ways.
 
         On the graph: our camera and prompt writers see the edge's readers, our answer, prompt and
         flow readers see their writers, and the server's (transient-local) flow state has arrived.
         Discovery is not symmetric: our writer can see a reader before that reader accepts our
         writer's messages, so with `probe` each robot is also asked one question (PROBE_TEXT) until
-        it answers: a round trip through exactly the paths ask() uses. The probe's records are kept
-        apart (`probe_answers`). Use it for edges in request mode; in continuous mode a prompt
+        it answers: a round trip through exactly the paths ask() uses (a list: only those robots;
+        a probe gives the edge a camera frame). The probe's records are kept apart (`probe_answers`). Use it for edges in request mode; in continuous mode a prompt
         replaces the standing one. `abort()` returning true (e.g. a node process died) ends the wait
         early with False.
         """
@@ -183,7 +188,7 @@ class RobotClient:
         if not self.wait_for(matched, timeout) or aborted():
             return False
         if probe:
-            for r in self.robots:
+            for r in (self.robots if probe is True else probe):
                 if not self._probe(r, deadline, aborted):
                     return False
         return not aborted()

@@ -78,12 +78,6 @@ def machine() -> str:
 PINNED = {"server": "1", "robot": "0"}  # --pinned run: the server on CPU 1, edges + camera replay on CPU 0
 
 
-def _given_domain() -> int | None:
-    """The ROS_DOMAIN_ID this run was given (a test's private domain), or None for a random one."""
-    d = os.environ.get("ROS_DOMAIN_ID", "").strip()
-    return int(d) if d else None
-
-
 def run_graph(p: dict, model: str, bag: Path, best_b: int, out: Path, device: str, errors: list[str],
               pinned: bool = False, robot_counts: list[int] | None = None) -> dict:
     """pinned: every robot-side process (edges, replay) on CPU 0 and the server on CPU 1 (taskset),
@@ -93,7 +87,7 @@ def run_graph(p: dict, model: str, bag: Path, best_b: int, out: Path, device: st
     from .measure import Probe, summarise, table_one
     from .procs import ProcessGroup, bench_env, node_command
 
-    env = bench_env(isolated_ros_env(_given_domain()), p["threads"])
+    env = bench_env(isolated_ros_env(), p["threads"])
     for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "RMW_IMPLEMENTATION"):
         os.environ[k] = env[k]
     os.environ.pop("ROS_LOCALHOST_ONLY", None)
@@ -314,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             f = out / f"link_frame_{i}.npy"
             np.save(f, img)
             paths.append(f)
-        env = bench_env(isolated_ros_env(_given_domain()), p["threads"])
+        env = bench_env(isolated_ros_env(), p["threads"])
         vq_codebook, vq_desc = args.vq_codebook, args.vq_codebook
         if not vq_codebook and not args.model and args.mode == "quick":
             try:

@@ -11,7 +11,7 @@ from edge_vlm_ros.client import RobotClient
 
 @contextmanager
 def running(env, tmp_path, n_robots, overrides, per_robot=None, with_controller=False, ready_timeout=120,
-            client_actions=False):
+            client_actions=False, probe=None):
     """Start the node set, a client, wait until every node is up; stop everything afterwards."""
     specs = build_specs(n_robots, overrides, with_controller=with_controller, per_robot=per_robot)
     nodes = NodeSet(specs, env=env, log_dir=tmp_path / "logs").start()
@@ -22,9 +22,10 @@ def running(env, tmp_path, n_robots, overrides, per_robot=None, with_controller=
         # A question round trip proves each edge hears us; only where a question does not change what the
         # edges do (request mode, text answers, nobody else asking).
         edge = {**overrides.get("edge", {})}
-        probe = (edge.get("request_mode", "request") == "request" and edge.get("task", "vqa") == "vqa"
-                 and not with_controller and not any("request_mode" in v or "task" in v
-                                                     for v in (per_robot or {}).values()))
+        if probe is None:
+            probe = (edge.get("request_mode", "request") == "request" and edge.get("task", "vqa") == "vqa"
+                     and not with_controller and not any("request_mode" in v or "task" in v
+                                                         for v in (per_robot or {}).values()))
         if not client.wait_ready(ready_timeout, abort=lambda: bool(nodes.poll()), probe=probe):
             logs = {p.name: p.read_text()[-2000:] for p in (tmp_path / "logs").glob("*.log")}
             raise AssertionError(f"nodes not ready; exited: {nodes.poll()}; logs: {logs}")

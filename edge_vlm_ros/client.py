@@ -250,10 +250,20 @@ class RobotClient:
         limit, or was dropped from its full queue) is returned as it is. One ask at a time per
         robot (others wait); thread-safe.
         """
+        return self._ask(robot, rgb, text, timeout, settle_s, attempts, self.answers)
+
+    def ask_action(self, robot: str, rgb: np.ndarray, text: str, timeout: float = 60.0,
+                   settle_s: float = 0.05, attempts: int = 3) -> ActionChunk | None:
+        """Like ask, for an edge with task "action" (a client made with actions=True): the
+        ActionChunk for exactly this instruction and frame, or None."""
+        return self._ask(robot, rgb, text, timeout, settle_s, attempts, self.chunks)
+
+    def _ask(self, robot: str, rgb: np.ndarray, text: str, timeout: float, settle_s: float, attempts: int,
+             records: dict) -> AnswerResult | ActionChunk | None:
         deadline = time.monotonic() + timeout
         with self._ask_locks[robot]:
             with self._lock:
-                i_prompt, i_answer = len(self.prompts[robot]), len(self.answers[robot])
+                i_prompt, i_answer = len(self.prompts[robot]), len(records[robot])
             ours: set[int] = set()            # stamps of the frames this ask sent
             handled: set[str] = set()         # request ids already dealt with
             for attempt in range(attempts):
@@ -267,7 +277,7 @@ class RobotClient:
                     found: list = []
 
                     def event(found: list = found) -> bool:
-                        found[:] = self._ask_event(robot, text, ours, handled, i_prompt, i_answer)
+                        found[:] = self._ask_event(records[robot], robot, text, ours, handled, i_prompt, i_answer)
                         return bool(found)
                     if not self.wait_for(event, max(0.0, deadline - time.monotonic())):
                         return None
@@ -286,16 +296,16 @@ class RobotClient:
                     break
             return None
 
-    def _ask_event(self, robot: str, text: str, ours: set[int], handled: set[str], i_prompt: int,
+    def _ask_event(self, replies: list, robot: str, text: str, ours: set[int], handled: set[str], i_prompt: int,
                    i_answer: int) -> tuple[str, str, AnswerResult] | tuple[()]:
         """Under the lock: what the records say about an ask so far (see ask)."""
-        by_id = {a.request_id: a for _, a in self.answers[robot][i_answer:]}
+        by_id = {a.request_id: a for _, a in replies[i_answer:]}
         for _, rid, stamp, t in self.prompts[robot][i_prompt:]:
             if t != text or rid in handled or rid not in by_id:
                 continue
             return ("ours" if stamp in ours else "other_frame", rid, by_id[rid])
         announced = {rid for _, rid, _, _ in self.prompts[robot]}
-        for _, a in self.answers[robot][i_answer:]:
+        for _, a in replies[i_answer:]:
             if a.request_id in announced or a.request_id in handled or a.stamp_ns != 0:
                 continue
             # Edge-local outcomes carry no frame; these reasons name our question (its length, its text).

@@ -2,8 +2,9 @@
 
 Each test gets its own ROS_DOMAIN_ID and localhost-only discovery, and every process a test starts
 is stopped by the fixture (by its own handle, nothing else). A domain id is taken by holding an
-exclusive lock on /tmp/edge_vlm_ros_domains/<id>.lock for the rest of the test run, so two runs on
-one machine (two checkouts, two CI jobs) never share a domain and never hear each other.
+exclusive lock on /tmp/edge_vlm_ros_domains/<id>.lock for as long as the test runs (its processes
+are stopped before the lock goes), so two runs on one machine (two checkouts, two CI jobs) never
+share a domain and never hear each other.
 """
 
 import fcntl
@@ -15,11 +16,11 @@ import pytest
 from edge_vlm_ros.client import isolated_ros_env
 
 LOCK_DIR = Path("/tmp/edge_vlm_ros_domains")
-DOMAINS = range(1, 200)      # Fast DDS ports stay valid up to domain 232
-_held = []                   # open lock files: released when this process ends
+DOMAINS = range(20, 100)     # valid for Fast DDS (up to 232); clear of what older checkouts' formula used
 
 
-def _allocate_domain() -> int:
+def _allocate_domain():
+    """(domain id, the open lock file that holds it)."""
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
     start = random.randrange(len(DOMAINS))
     for i in range(len(DOMAINS)):
@@ -30,16 +31,19 @@ def _allocate_domain() -> int:
         except BlockingIOError:
             f.close()
             continue
-        _held.append(f)
-        return d
+        return d, f
     raise RuntimeError(f"every DDS domain id in {DOMAINS} is held by another test run ({LOCK_DIR})")
 
 
 @pytest.fixture
 def ros_env(monkeypatch):
-    env = isolated_ros_env(_allocate_domain())
+    domain, lock = _allocate_domain()
+    env = isolated_ros_env(domain)
     for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "RMW_IMPLEMENTATION"):
         monkeypatch.setenv(k, env[k])
     monkeypatch.delenv("ROS_LOCALHOST_ONLY", raising=False)
-    return env
+    try:
+        yield env
+    finally:
+        lock.close()     # releases the domain (the test's processes are stopped by now)
 

@@ -49,6 +49,13 @@ def require_libero() -> None:
         raise
 
 
+def wait_all_answered(client, timeout):
+    """Until every request each robot's edge announced has an answer (True), or timeout (False)."""
+    def done():
+        return all(set(client.sent[r]) <= {a.request_id for _, a in client.answers[r]} for r in client.robots)
+    return client.wait_for(done, timeout)
+
+
 def assert_one_outcome_each(client, sent=None):
     """After the fact (all answers in): per robot, every request its edge announced got exactly one
     answer, and no answer came for a request it did not announce. `sent`: robot -> ids, if not the

@@ -12,7 +12,7 @@ from edge_vlm_ros.core.split import load_vlm
 from edge_vlm_ros.core.tiny_models import build_tiny_idefics3, build_tiny_llava
 from edge_vlm_ros.core.types import Outcome
 
-from ros_harness import assert_one_outcome_each, running
+from ros_harness import assert_one_outcome_each, running, wait_all_answered
 
 N_NEW = 8
 SPLITS = {"robot_0": ("projector", "raw"), "robot_1": ("vision_block:0", "raw"),
@@ -120,6 +120,7 @@ def test_backpressure_pause_resume_bounded_queue_all_answered(ros_env, tmp_path)
         sent = {r: list(client.sent[r]) for r in client.robots}
         total = sum(len(v) for v in sent.values())
         assert client.wait_for(lambda: client.n_answers() >= total, 120), (client.n_answers(), total)
+        assert wait_all_answered(client, 60)    # also those the edges started after the cameras stopped
         assert client.wait_for(lambda: all(client.flow[r] and client.flow[r][-1][1] == 0 for r in client.robots), 30), \
             "RESUME did not follow"
     stats = json.loads(stats_path.read_text())    # written by the server as it stopped

@@ -72,9 +72,9 @@ class ChunkHarness:
     def request(self, text="pick up the bowl", proprio=(0.0,) * 8, task="action", features=True):
         rid = self.edge.new_request_id()
         self.asked.append(rid)
+        pkt = self.edge.encode(np.zeros((32, 32, 3), np.uint8), rid, 123)   # before the prompt's TTL starts
         self.engine.submit_prompt(PromptRequest(rid, "r0", text, 123, task, 0, "ep1", tuple(proprio)), "r0")
         if features:
-            pkt = self.edge.encode(np.zeros((32, 32, 3), np.uint8), rid, 123)
             pkt.sent_at_ns = time.time_ns()
             self.engine.submit_features(pkt, "r0")
         with self.cv:

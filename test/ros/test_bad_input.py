@@ -45,12 +45,12 @@ def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env,
 
         def send(rid, mutate=None, prompt=True, features=True, text="what is it ?"):
             ids["robot_0"].append(rid)
+            pkt = enc.encode(img, rid, time.time_ns())   # first: on a loaded machine it can take a while
+            if mutate:
+                mutate(pkt)
             if prompt:
                 _publish(pub_p, prompt_to_msg(PromptRequest(rid, "robot_0", text, time.time_ns())))
             if features:
-                pkt = enc.encode(img, rid, time.time_ns())
-                if mutate:
-                    mutate(pkt)
                 _publish(pub_f, features_to_msg(pkt, time.time_ns()))
 
         def answered(rid):

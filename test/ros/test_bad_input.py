@@ -19,14 +19,17 @@ from edge_vlm_ros.core.codec import make_codec
 from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.core.split import load_vlm
 from edge_vlm_ros.core.types import Outcome, PromptRequest, SplitPoint
+from edge_vlm_ros.core.auth import load_key
 from edge_vlm_ros.msg import Prompt, VisualFeatures
+from edge_vlm_ros.msg_auth import sign_with_key
 from edge_vlm_ros.tools.default_model import ensure
 from ros_harness import running
 
 
-def _publish(pub, msg):
-    """Every hand-made robot -> server message goes out here (one place to sign them)."""
-    pub.publish(msg)
+def _publish(pub, msg, keys_dir):
+    """Every hand-made robot -> server message goes out here, signed with robot_0's key: bad input
+    from the robot itself, authenticated."""
+    pub.publish(sign_with_key(msg, "robot_0", load_key(keys_dir, "robot_0")))
 
 
 def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env, tmp_path):
@@ -49,9 +52,9 @@ def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env,
             if mutate:
                 mutate(pkt)
             if prompt:
-                _publish(pub_p, prompt_to_msg(PromptRequest(rid, "robot_0", text, time.time_ns())))
+                _publish(pub_p, prompt_to_msg(PromptRequest(rid, "robot_0", text, time.time_ns())), tmp_path / "keys")
             if features:
-                _publish(pub_f, features_to_msg(pkt, time.time_ns()))
+                _publish(pub_f, features_to_msg(pkt, time.time_ns()), tmp_path / "keys")
 
         def answered(rid):
             return any(a.request_id == rid for _, a in client.answers["robot_0"])

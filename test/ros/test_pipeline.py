@@ -67,7 +67,7 @@ def test_two_robots_concurrently_every_request_answered_and_routed(ros_env, tmp_
         got = [a for _, a in client.answers[r]]
         assert len(got) == n_each == len(client.sent[r]), f"{r}: {len(got)} answers, {len(client.sent[r])} sent"
         assert all(a.outcome is Outcome.OK for a in got), [a.reason for a in got]
-        assert all(a.robot_id == r for a in got)
+        assert all(a.robot_id == r and len(a.request_id) == 32 for a in got)   # 128 random bits, hex
     assert_one_outcome_each(client)
 
 

@@ -186,7 +186,15 @@ def test_features_before_prompt_still_match(harness):
     assert harness.wait(rid)[1].outcome is Outcome.OK
 
 
-def test_duplicate_request_ids_rejected_and_the_original_served(harness):
+def test_duplicate_request_ids_rejected_and_the_original_served(adapter):
+    harness = Harness(adapter, match_ttl_s=30)    # the originals wait for their partners meanwhile
+    try:
+        _duplicates(harness)
+    finally:
+        harness.stop_and_check()
+
+
+def _duplicates(harness):
     rid = _rid()
     harness.prompt(rid, count=2)             # the original, and (below) the duplicate's rejection
     harness.prompt(rid, text="a second prompt with the same id", count=0)
@@ -255,9 +263,9 @@ def test_stop_answers_every_open_request_server_shutting_down(adapter, monkeypat
         lonely = _rid()
         h.prompt(lonely)                                  # waits in the matcher for its features
         deadline = time.monotonic() + 20
-        while (len(h.engine.matched) < 2 or not h.engine.matcher.has(lonely)) and time.monotonic() < deadline:
+        while (len(h.engine.matched) < 2 or not h.engine.matcher.has(("r0", lonely))) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert len(h.engine.matched) == 2 and h.engine.matcher.has(lonely)
+        assert len(h.engine.matched) == 2 and h.engine.matcher.has(("r0", lonely))
         stopper.start()
         while h.engine._running and time.monotonic() < deadline:   # stop() has begun
             time.sleep(0.01)

@@ -50,7 +50,11 @@ def test_quick_subset_writes_complete_results(ros_env, tmp_path):
     # the cloud-only robot sends a JPEG; the split robot sends features of the model's shape
     assert cs["cloud_only"]["stages_ms"]["edge_encode_ms"]["mean"] < cs["split"]["stages_ms"]["edge_encode_ms"]["mean"]
     t1 = cs["table_one"]
-    assert abs(t1["vision_fraction"] + t1["llm_fraction"] + t1["overhead_fraction"] - 1) < 0.01
+    # Table I recomputed from its parts. (The fractions may sum past 1 on a 6-request window: a batch
+    # that began before the window counts in it. The overhead is what is left, never negative.)
+    assert t1["overhead_fraction"] == pytest.approx(max(0.0, 1 - t1["vision_fraction"] - t1["llm_fraction"]), abs=0.002)
+    assert t1["vision_fraction"] / t1["llm_fraction"] == pytest.approx(
+        t1["t_vision_ms_per_request"] / t1["t_llm_ms_per_request"], rel=0.01)
     # the bound recomputed from the per-request vision and language-model times it is defined by
     t_v, t_llm = t1["t_vision_ms_per_request"], t1["t_llm_ms_per_request"]
     assert t_v > 0 and t_llm > 0

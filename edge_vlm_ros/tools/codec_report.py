@@ -45,6 +45,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from ..core.auth import MAC_BYTES
 from ..core.codec import FeatureCodec, make_codec
 from ..core.server import check_placement, token_stats_from_side_info
 from ..core.split import GenerateItem, VLMAdapter, load_vlm
@@ -53,8 +54,6 @@ from ..core.vq import VQCodec, pack_token_stats
 from .calibrate_codebook import folder_images
 
 LOG = logging.getLogger(__name__)
-
-from ..core.auth import MAC_BYTES
 
 FIXED_QUESTION = "describe the image ."
 

@@ -19,7 +19,9 @@ CAMERA = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=Reliab
                     durability=DurabilityPolicy.VOLATILE)
 USER_PROMPT = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
 REQUEST = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
-FEATURES = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=4, reliability=ReliabilityPolicy.RELIABLE)
+# Depth 8: a burst of other parties' (unauthenticated) samples must not push a robot's genuine
+# features out of the server's reader history before its callback drops them.
+FEATURES = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=8, reliability=ReliabilityPolicy.RELIABLE)
 ANSWER = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=20, reliability=ReliabilityPolicy.RELIABLE)
 FLOW = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
                   durability=DurabilityPolicy.TRANSIENT_LOCAL)

@@ -87,8 +87,7 @@ def main() -> None:
         forged = sign_with_key(features(rid, v), ins, insider_key)      # claims the victim's key
         forged.auth.key_id = v
         pub_f.publish(forged)
-        pub_f.publish(features(rid, v, shape=(n + 3, d)))               # malformed, unsigned
-        sent["unsigned_or_wrong_key"] += 6
+        sent["unsigned_or_wrong_key"] += 5
         # On its own robot's topic its key is valid: halves naming the victim and its request id.
         pub_ip.publish(sign_with_key(prompt(rid, v), ins, insider_key))
         pub_if.publish(sign_with_key(features(rid, v), ins, insider_key))
@@ -136,7 +135,9 @@ def main() -> None:
         pub_flow.publish(f)
         pub_flow.publish(sign_with_key(f, ins, insider_key))
         sent["pause"] += 2
-        attack(secrets.token_hex(16), None)                              # made-up ids
+        rid = secrets.token_hex(16)                                      # made-up ids
+        pub_p.publish(prompt(rid, v))
+        pub_f.publish(sign_with_key(features(rid, v), ins, insider_key))
         sent["random_ids"] += 1
     with open(args.out, "w") as fh:
         json.dump(dict(sent), fh)

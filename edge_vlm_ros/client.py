@@ -23,9 +23,10 @@ from std_msgs.msg import String
 from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, FlowControl, Prompt, RobotAction
 
 from . import qos, topics
-from .conversions import msg_to_answer, msg_to_chunk, ns_to_stamp, rgb_to_image
+from .conversions import flow_paused, msg_to_answer, msg_to_chunk, ns_to_stamp, rgb_to_image
 from .core.chunks import ActionChunk
 from .core.types import AnswerResult
+from .guard import CallbackGuard
 
 
 def isolated_ros_env(domain_id: int | None = None) -> dict[str, str]:
@@ -58,13 +59,15 @@ class RobotClient:
                           for r in robots}
         self.pub_prompt = {r: self.node.create_publisher(String, topics.for_robot(r, topics.PROMPT_TEXT),
                                                          qos.USER_PROMPT) for r in robots}
+        # A bad message is counted and logged by the guard; it must not end the spin thread.
+        self.guard = CallbackGuard(self.node)
         for r in robots:
-            self.node.create_subscription(Answer, topics.for_robot(r, topics.ANSWER),
-                                          lambda m, r=r: self._on_answer(m, r), qos.ANSWER)
-            self.node.create_subscription(FlowControl, topics.for_robot(r, topics.FLOW),
-                                          lambda m, r=r: self._on_flow(m, r), qos.FLOW)
-            self.node.create_subscription(Prompt, topics.for_robot(r, topics.PROMPT),
-                                          lambda m, r=r: self._on_sent(m, r), qos.REQUEST)
+            self.guard.subscribe(Answer, topics.for_robot(r, topics.ANSWER),
+                                 lambda m, r=r: self._on_answer(m, r), qos.ANSWER)
+            self.guard.subscribe(FlowControl, topics.for_robot(r, topics.FLOW),
+                                 lambda m, r=r: self._on_flow(m, r), qos.FLOW)
+            self.guard.subscribe(Prompt, topics.for_robot(r, topics.PROMPT),
+                                 lambda m, r=r: self._on_sent(m, r), qos.REQUEST)
         # actions=True: also the VLA topics (action chunks, executed actions, episodes; robot state out).
         self.chunks: dict[str, list[tuple[int, ActionChunk]]] = defaultdict(list)     # robot -> [(recv_ns, c)]
         self.actions: dict[str, list[tuple[int, RobotAction]]] = defaultdict(list)    # robot -> [(recv_ns, m)]
@@ -72,13 +75,12 @@ class RobotClient:
         self.pub_state = {}
         if actions:
             for r in robots:
-                self.node.create_subscription(ActionChunkMsg, topics.for_robot(r, topics.ACTION_CHUNK),
-                                              lambda m, r=r: self._append(self.chunks[r], msg_to_chunk(m)),
-                                              qos.ACTION_CHUNK)
-                self.node.create_subscription(RobotAction, topics.for_robot(r, topics.ACTION),
-                                              lambda m, r=r: self._append(self.actions[r], m), qos.ACTION)
-                self.node.create_subscription(Episode, topics.for_robot(r, topics.EPISODE),
-                                              lambda m, r=r: self._append(self.episodes[r], m, False), qos.EPISODE)
+                self.guard.subscribe(ActionChunkMsg, topics.for_robot(r, topics.ACTION_CHUNK),
+                                     lambda m, r=r: self._append(self.chunks[r], msg_to_chunk(m)), qos.ACTION_CHUNK)
+                self.guard.subscribe(RobotAction, topics.for_robot(r, topics.ACTION),
+                                     lambda m, r=r: self._append(self.actions[r], m), qos.ACTION)
+                self.guard.subscribe(Episode, topics.for_robot(r, topics.EPISODE),
+                                     lambda m, r=r: self._append(self.episodes[r], m, False), qos.EPISODE)
                 self.pub_state[r] = self.node.create_publisher(JointState, topics.for_robot(r, topics.ROBOT_STATE),
                                                                qos.ROBOT_STATE)
         self.last_prompt_ns = 0
@@ -112,7 +114,7 @@ class RobotClient:
 
     def _on_flow(self, msg: FlowControl, robot: str) -> None:
         with self._lock:
-            self.flow[robot].append((time.time_ns(), int(msg.state), int(msg.queue_depth)))
+            self.flow[robot].append((time.time_ns(), int(flow_paused(msg)), int(msg.queue_depth)))
             self._lock.notify_all()
 
     # ---- waiting -------------------------------------------------------------------------

@@ -125,3 +125,15 @@ def variants(base: Any) -> Iterator[tuple[str, Any]]:
 
 def count_variants(base: Any) -> int:
     return sum(len(v) for _, v in leaves(base)) + 1
+
+
+def largest_field(msg: Any) -> int:
+    """Length of the longest string or sequence field of msg, nested messages included."""
+    best = 0
+    for name, ftype in msg.get_fields_and_field_types().items():
+        v = getattr(msg, name)
+        if leaf_values(ftype) is None:
+            best = max(best, largest_field(v))
+        elif hasattr(v, "__len__"):
+            best = max(best, len(v))
+    return best

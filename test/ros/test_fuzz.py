@@ -23,8 +23,8 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 
 from edge_vlm_ros import qos, topics
-from edge_vlm_ros.conversions import (answer_to_msg, chunk_to_msg, features_to_msg, ns_to_stamp, prompt_to_msg,
-                                      rgb_to_image)
+from edge_vlm_ros.conversions import (answer_to_msg, chunk_to_msg, features_to_msg, flow_paused, msg_to_answer,
+                                      msg_to_features, msg_to_prompt, ns_to_stamp, prompt_to_msg, rgb_to_image)
 from edge_vlm_ros.core.chunks import ActionChunk
 from edge_vlm_ros.core.codec import make_codec
 from edge_vlm_ros.core.edge import EdgeEncoder
@@ -34,7 +34,7 @@ from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, Flo
 from edge_vlm_ros.msg import VisualFeatures
 from edge_vlm_ros.tools.default_model import ensure
 
-from fuzz_messages import variants
+from fuzz_messages import largest_field, variants
 from ros_harness import running
 
 ROBOT = "robot_0"
@@ -78,25 +78,39 @@ class Fuzzer:
         return self._pubs[key]
 
     def send(self, target: str, pub, msg) -> None:
-        """Publish msg as it is and, for the authenticated types when signing exists, signed."""
+        """Publish msg as it is and, for the authenticated types when signing exists, signed.
+
+        Reliable topics are paced so that a receiver's KEEP_LAST history (flow control keeps one)
+        never overwrites a variant it has not taken: a pause after each message, and for a large
+        one (fragmented; a lost fragment waits for the writer's next heartbeat) its acknowledgement."""
         out = [msg]
         if self.sign is not None and "auth" in msg.get_fields_and_field_types():
             out.append(self.sign(msg))
+        profile = pub.qos_profile
+        large = largest_field(msg) >= 4096
         for m in out:
             pub.publish(m)
             self.sent[target] += 1
-            if self.sent[target] % 8 == 0 and pub.qos_profile.reliability == qos.REQUEST.reliability:
-                pub.wait_for_all_acked(Duration(seconds=10))   # pace: never overrun the receiver's history
+            if profile.reliability == qos.REQUEST.reliability:
+                if large:
+                    pub.wait_for_all_acked(Duration(seconds=15))
+                time.sleep(0.1 if profile.depth <= 1 else 0.02)
 
-    def feed(self, target: str, msg_type, topic, profile, base, between=None) -> int:
+    def feed(self, target: str, msg_type, topic, profile, base, between=None, convert=None) -> int:
+        """Send every variant of base; with `convert` (the receiver's conversion), return how many
+        of them it refuses (raises), i.e. how many refusals the receiver must count."""
         pub = self.publisher(msg_type, topic, profile)
-        n = 0
+        refused = 0
         for _, m in variants(base):
+            if convert is not None:
+                try:
+                    convert(m)
+                except Exception:
+                    refused += 1
             self.send(target, pub, m)
-            n += 1
             if between is not None:
                 between()
-        return n
+        return refused
 
 
 def wait_quiet(client, quiet_s=3.0, timeout=120.0) -> None:
@@ -159,9 +173,11 @@ def test_fuzz_server_edge_controller_and_client(ros_env, tmp_path):
         # server: both request halves, from good ones (a real encoder's features)
         now = time.time_ns()
         p = prompt_to_msg(PromptRequest(fuzz_id(1), ROBOT, "what is it ?", now))
-        fz.feed("server", Prompt, topics.for_robot(ROBOT, topics.PROMPT), qos.REQUEST, p)
+        n_bad_prompts = fz.feed("server", Prompt, topics.for_robot(ROBOT, topics.PROMPT), qos.REQUEST, p,
+                                convert=msg_to_prompt)
         f = features_to_msg(enc.encode(img, fuzz_id(2), now), time.time_ns())
-        fz.feed("server", VisualFeatures, topics.for_robot(ROBOT, topics.FEATURES), qos.FEATURES, f)
+        n_bad_features = fz.feed("server", VisualFeatures, topics.for_robot(ROBOT, topics.FEATURES), qos.FEATURES, f,
+                                 convert=msg_to_features)
 
         # edge: frames (each followed by a prompt, so the worker converts it), prompts, flow control
         text_pub = fz.publisher(String, topics.for_robot(ROBOT, topics.PROMPT_TEXT), qos.USER_PROMPT)
@@ -182,12 +198,14 @@ def test_fuzz_server_edge_controller_and_client(ros_env, tmp_path):
         flow = FlowControl()
         flow.header.stamp = ns_to_stamp(time.time_ns())
         flow.server_id, flow.state = "fuzz", FlowControl.RESUME
-        fz.feed("edge+client", FlowControl, topics.for_robot(ROBOT, topics.FLOW), qos.FLOW, flow)
+        n_bad_flow = fz.feed("edge+client", FlowControl, topics.for_robot(ROBOT, topics.FLOW), qos.FLOW, flow,
+                             convert=flow_paused)
         wait_quiet(client)
 
         # controller and RobotClient: answers (outcome 99 among them)
         a = answer_to_msg(AnswerResult(fuzz_id(3), ROBOT, Outcome.OK, "", "fuzz", [1, 2], stamp_ns=time.time_ns()))
-        fz.feed("controller+client", Answer, topics.for_robot(ROBOT, topics.ANSWER), qos.ANSWER, a)
+        n_bad_answers = fz.feed("controller+client", Answer, topics.for_robot(ROBOT, topics.ANSWER), qos.ANSWER, a,
+                                convert=msg_to_answer)
         wait_quiet(client)
         _report("server/edge/controller/client", fz, t0)
 
@@ -203,12 +221,15 @@ def test_fuzz_server_edge_controller_and_client(ros_env, tmp_path):
 
         # the fuzz reached the conversions: refusals were counted, by the nodes and by the client
         assert client.wait_for(lambda: (tmp_path / "server.json").exists(), 10)
+        # Every refusal the conversions make in-process was counted by the receiving node: each
+        # variant arrived and was judged there (signed copies only, where messages are signed).
         server_bad = json.loads((tmp_path / "server.json").read_text())["bad_messages"]
-        assert server_bad.get(topics.for_robot(ROBOT, topics.PROMPT), {}).get("rejected", 0) > 0, server_bad
-        assert server_bad.get(topics.for_robot(ROBOT, topics.FEATURES), {}).get("rejected", 0) > 0, server_bad
+        assert n_bad_prompts > 10 and n_bad_features > 10 and n_bad_answers > 10 and n_bad_flow > 5
+        assert server_bad[topics.for_robot(ROBOT, topics.PROMPT)] == {"rejected": n_bad_prompts}, server_bad
+        assert server_bad[topics.for_robot(ROBOT, topics.FEATURES)] == {"rejected": n_bad_features}, server_bad
         counts = client.guard.counts()
-        assert counts.get(topics.for_robot(ROBOT, topics.ANSWER), {}).get("ValueError", 0) > 0, counts
-        assert counts.get(topics.for_robot(ROBOT, topics.FLOW), {}).get("ValueError", 0) > 0, counts
+        assert counts[topics.for_robot(ROBOT, topics.ANSWER)] == {"ValueError": n_bad_answers}, counts
+        assert counts[topics.for_robot(ROBOT, topics.FLOW)] == {"ValueError": n_bad_flow}, counts
         print("server bad messages", server_bad, "client bad messages", counts)
     controller_log = _read(tmp_path / "logs" / "controller.log")
     assert f"bad message on {topics.for_robot(ROBOT, topics.ANSWER)} (ValueError" in controller_log

@@ -121,11 +121,19 @@ def robot_names(n: int) -> list[str]:
 
 def build_specs(n_robots: int = 1, overrides: dict[str, dict[str, object]] | None = None,
                 cfg_dir: Path | None = None, with_controller: bool = True,
-                per_robot: dict[str, dict[str, object]] | None = None) -> list[NodeSpec]:
-    """The all-in-one node set: n edges (one namespace each), a server for all, a controller."""
+                per_robot: dict[str, dict[str, object]] | None = None,
+                keys_dir: Path | str | None = None) -> list[NodeSpec]:
+    """The all-in-one node set: n edges (one namespace each), a server for all, a controller.
+
+    `keys_dir`: the folder of the robots' authentication keys, passed to every node as
+    auth_keys_dir (an explicit override of that parameter wins)."""
     cfg_dir = cfg_dir or config_dir()
-    overrides = overrides or {}
+    overrides = {role: dict(v) for role, v in (overrides or {}).items()}
+    if keys_dir is not None:
+        for role in ROLES:
+            overrides.setdefault(role, {}).setdefault("auth_keys_dir", str(keys_dir))
     robots = robot_names(n_robots)
+    ensure_launcher_keys(robots, overrides, keys_dir)
     specs = []
     for r in robots:
         params = {"robot_id": r, **overrides.get("edge", {}), **(per_robot or {}).get(r, {})}
@@ -136,6 +144,17 @@ def build_specs(n_robots: int = 1, overrides: dict[str, dict[str, object]] | Non
         specs.append(NodeSpec("controller", "/", {"robots": robots, **overrides.get("controller", {})},
                               cfg_dir / PARAM_FILES["controller"], "controller"))
     return specs
+
+
+def ensure_launcher_keys(robots: list[str], overrides: dict[str, dict[str, object]],
+                         keys_dir: Path | str | None) -> None:
+    """A launcher on one host creates the keys its robots and server need (never replacing one),
+    unless authentication is switched off for every role."""
+    if all(overrides.get(role, {}).get("auth", True) is False for role in ROLES):
+        return
+    from .core.auth import ensure_keys
+
+    ensure_keys(keys_dir or overrides.get("server", {}).get("auth_keys_dir") or None, robots)
 
 
 def parse_sets(items: list[str]) -> dict[str, dict[str, object]]:
@@ -160,8 +179,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config-dir", type=Path, default=None, help="folder with robot.yaml, server.yaml, "
                     "controller.yaml (default: the package's config/)")
     ap.add_argument("--no-controller", action="store_true", help="do not start the controller node")
+    ap.add_argument("--keys-dir", type=Path, default=None, help="folder of the robots' authentication keys "
+                    "(default: $EDGE_VLM_KEYS_DIR or ~/.config/edge_vlm_ros/keys); missing keys are created")
+    ap.add_argument("--no-auth", action="store_true", help="run without message authentication (any process "
+                    "on the DDS domain can then forge requests and answers)")
     args = ap.parse_args(argv)
-    specs = build_specs(args.robots, parse_sets(args.set), args.config_dir, not args.no_controller)
+    sets = parse_sets(args.set)
+    if args.no_auth:
+        for role in ROLES:
+            sets.setdefault(role, {})["auth"] = False
+    else:
+        from .core.auth import ensure_keys, resolve_keys_dir
+
+        keys_dir = resolve_keys_dir(args.keys_dir)
+        for path in ensure_keys(keys_dir, robot_names(args.robots)):
+            print(f"created authentication key {path}")
+    specs = build_specs(args.robots, sets, args.config_dir, not args.no_controller,
+                        keys_dir=None if args.no_auth else resolve_keys_dir(args.keys_dir))
     nodes = NodeSet(specs).start()
     print(f"started {len(specs)} nodes: " + ", ".join(s.name for s in specs) + " (Ctrl-C stops them)")
     try:

@@ -3,6 +3,11 @@ prompts into a robot's namespace and collect its answers. Used by the demo, the 
 replay and benchmarks; a user's own code can use it the same way.
 
 It spins its own rclpy node on a background thread; all public methods are thread-safe.
+
+Given the robots' keys (`auth_keys_dir`), it keeps only Answers, ActionChunks, FlowControl and
+Prompts that carry a valid MAC under the robot's key, so what it reports is what the server (or the
+robot's edge) really said; drops are counted in `auth_dropped`. Without keys it cannot tell a forged
+message from a real one.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from . import qos, topics
 from .conversions import flow_paused, msg_to_answer, msg_to_chunk, ns_to_stamp, rgb_to_image
 from .core.chunks import ActionChunk
 from .core.types import AnswerResult
+from .core.auth import Authenticator
 from .guard import CallbackGuard
+from .msg_auth import MessageAuth
 
 
 def isolated_ros_env(domain_id: int | None = None) -> dict[str, str]:
@@ -43,13 +50,16 @@ def isolated_ros_env(domain_id: int | None = None) -> dict[str, str]:
 class RobotClient:
     """Publishes to and listens on /<robot>/... for a set of robots."""
 
-    def __init__(self, robots: list[str], node_name: str = "edge_vlm_client", actions: bool = False) -> None:
+    def __init__(self, robots: list[str], node_name: str = "edge_vlm_client", actions: bool = False,
+                 auth_keys_dir: str | None = None, auth_max_age_s: float = 10.0) -> None:
         # An own context: it reads ROS_DOMAIN_ID now, so clients of different domains can follow
         # one another (tests) or coexist in one process.
         self._context = rclpy.Context()
         rclpy.init(context=self._context)
         self.node = Node(node_name, context=self._context)
         self.robots = list(robots)
+        self.msg_auth = (MessageAuth(Authenticator.load(auth_keys_dir, self.robots, auth_max_age_s))
+                         if auth_keys_dir is not None else MessageAuth(None))
         self._lock = threading.Condition()
         self.answers: dict[str, list[tuple[int, AnswerResult]]] = defaultdict(list)   # robot -> [(recv_ns, a)]
         self.flow: dict[str, list[tuple[int, int, int]]] = defaultdict(list)          # robot -> [(ns, state, depth)]
@@ -76,7 +86,7 @@ class RobotClient:
         if actions:
             for r in robots:
                 self.guard.subscribe(ActionChunkMsg, topics.for_robot(r, topics.ACTION_CHUNK),
-                                     lambda m, r=r: self._append(self.chunks[r], msg_to_chunk(m)), qos.ACTION_CHUNK)
+                                     lambda m, r=r: self._on_chunk(m, r), qos.ACTION_CHUNK)
                 self.guard.subscribe(RobotAction, topics.for_robot(r, topics.ACTION),
                                      lambda m, r=r: self._append(self.actions[r], m), qos.ACTION)
                 self.guard.subscribe(Episode, topics.for_robot(r, topics.EPISODE),
@@ -89,7 +99,23 @@ class RobotClient:
         self._spin = threading.Thread(target=self._executor.spin, daemon=True)
         self._spin.start()
 
+    @property
+    def auth_dropped(self) -> dict[str, dict[str, int]]:
+        """{robot: {reason: n}} of messages dropped for failing authentication."""
+        with self._lock:
+            return self.msg_auth.dropped_by_robot()
+
+    def _authentic(self, msg, robot: str, what: str) -> bool:
+        with self._lock:
+            return self.msg_auth.check(msg, robot, what, self.node.get_logger())
+
+    def _on_chunk(self, msg: ActionChunkMsg, robot: str) -> None:
+        if self._authentic(msg, robot, "ActionChunk"):
+            self._append(self.chunks[robot], msg_to_chunk(msg))
+
     def _on_answer(self, msg: Answer, robot: str) -> None:
+        if not self._authentic(msg, robot, "Answer"):
+            return
         with self._lock:
             self.answers[robot].append((time.time_ns(), msg_to_answer(msg)))
             self._lock.notify_all()
@@ -107,12 +133,16 @@ class RobotClient:
         self.pub_state[robot].publish(m)
 
     def _on_sent(self, msg: Prompt, robot: str) -> None:
+        if not self._authentic(msg, robot, "Prompt"):
+            return
         with self._lock:
             self.sent[robot].append(msg.request_id)
             self.sent_ns[robot].append(time.time_ns())
             self._lock.notify_all()
 
     def _on_flow(self, msg: FlowControl, robot: str) -> None:
+        if not self._authentic(msg, robot, "FlowControl"):
+            return
         with self._lock:
             self.flow[robot].append((time.time_ns(), int(flow_paused(msg)), int(msg.queue_depth)))
             self._lock.notify_all()

@@ -16,6 +16,10 @@ Ticks come from a wall-clock timer (a real robot) or from each robot_state messa
 (the lock-step LIBERO bridge, whose clock is sim time). Chunks of an episode that has been reset,
 late chunks (deadline), and rejected chunks (NaN/inf, action_dim, limits) are logged and counted; the
 safe action is held, with a throttled warning, whenever no chunk covers the tick.
+
+With `auth` (the default) an Answer or ActionChunk is used only if it carries a valid MAC under the
+key of the robot whose topic it arrived on (signed by the server, or by the robot's own edge for its
+local failures); anything else is dropped and counted, and never executed.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from .core.chunks import ChunkExecutor, ChunkExecutorConfig, TickStatus
 from .core.config import ControllerConfig
 from .core.types import Outcome
 from .guard import CallbackGuard
+from .msg_auth import make_message_auth
 from .params import declare_config
 from .spin import run_node
 
@@ -58,6 +63,8 @@ class ControllerNode(Node):
     def __init__(self) -> None:
         super().__init__("edge_vlm_controller")
         self.cfg: ControllerConfig = declare_config(self, ControllerConfig)
+        self.msg_auth = make_message_auth(self.cfg.auth, self.cfg.auth_keys_dir, self.cfg.robots,
+                                          self.cfg.auth_max_age_s, self.get_logger())
         self.counts: collections.Counter = collections.Counter()
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._log = open(self.cfg.answer_log_path, "a", buffering=1) if self.cfg.answer_log_path else None
@@ -130,6 +137,9 @@ class ControllerNode(Node):
             ra.request_wall_ns = time.time_ns()
 
     def _on_chunk(self, msg: ActionChunkMsg, ra: "_RobotActions") -> None:
+        if not self.msg_auth.check(msg, ra.robot, "ActionChunk", self.get_logger()):
+            ra.counts["chunks_unauthenticated"] += 1
+            return
         now_wall = time.time_ns()
         chunk = msg_to_chunk(msg)
         result = ra.executor.submit(chunk, self._now_ns(ra))
@@ -164,11 +174,14 @@ class ControllerNode(Node):
         tmp = self.cfg.stats_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"answers": dict(self.counts), "robots": self.action_stats(),
-                       "bad_messages": self.guard.counts()}, f)
+                       "auth_dropped": self.msg_auth.dropped_by_robot(), "bad_messages": self.guard.counts()}, f)
         os.replace(tmp, self.cfg.stats_path)
 
     def _on_answer(self, msg: Answer, robot: str) -> None:
         now_ns = time.time_ns()
+        if not self.msg_auth.check(msg, robot, "Answer", self.get_logger()):
+            self.counts["unauthenticated"] += 1
+            return
         a = msg_to_answer(msg)
         if a.request_id in self._seen:
             self.counts["duplicate"] += 1

@@ -64,13 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"edge": {"model_path": model, "split_point": args.split, "codec": codec,
                           "max_new_tokens": args.max_new_tokens},
                  "server": {"model_path": model}}
-    specs = build_specs(args.robots, overrides)
+    from .core.auth import resolve_keys_dir
+
+    keys_dir = resolve_keys_dir(None)
+    specs = build_specs(args.robots, overrides, keys_dir=keys_dir)    # creates missing robot keys
+    print(f"message authentication: on (per-robot HMAC keys in {keys_dir})")
     print(f"starting {len(specs)} nodes in ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']} (logs: {log_dir})")
     robots = [s.params["robot_id"] for s in specs if s.role == "edge"]
     nodes = NodeSet(specs, env=env, log_dir=log_dir).start()
     client = None
     try:
-        client = RobotClient(robots, "edge_vlm_demo")
+        client = RobotClient(robots, "edge_vlm_demo", auth_keys_dir=str(keys_dir))
         if not client.wait_ready(args.timeout, abort=lambda: bool(nodes.poll())):
             print(f"nodes did not come up within {args.timeout:g} s; exited: {nodes.poll()}; see {log_dir}")
             return 1
@@ -99,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         if ok:
             print(f"end-to-end p50 {statistics.median(r[1] for r in ok):.1f} ms over {len(ok)} requests "
                   f"(split {args.split}, codec {codec})")
+        dropped = client.auth_dropped
+        if dropped:
+            print(f"messages dropped for failing authentication: {dropped}")
         if note:
             print(f"NOTE: {note}")
         return 0 if len(ok) == len(rows) else 1

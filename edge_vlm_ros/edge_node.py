@@ -13,6 +13,10 @@ Task "action": every prompt message is an action request. Its text is the instru
 controller sends it when its chunk executor reaches the low-water mark); the request goes out as a
 Prompt with task "action", the current episode id and, with send_proprio, the newest robot state.
 
+Authentication (`auth`, the default): every Prompt, VisualFeatures and local failure it publishes is
+signed with the robot's key; a FlowControl is honoured only with a valid MAC under that key (a
+stranger cannot pause the robot).
+
 Threads: ROS callbacks only store the newest frame, queue prompts and record the flow state; the
 worker thread encodes. While the server says PAUSE the worker encodes nothing and only the newest
 frame is kept.
@@ -39,6 +43,7 @@ from .core.config import EdgeConfig
 from .core.edge import EdgeEncoder
 from .core.types import AnswerResult, Outcome, PromptRequest
 from .guard import CallbackGuard
+from .msg_auth import make_message_auth
 from .params import declare_config
 from .tools.default_model import resolve
 from .spin import run_node
@@ -48,6 +53,8 @@ class EdgeNode(Node):
     def __init__(self) -> None:
         super().__init__("edge_vlm_edge")
         self.cfg: EdgeConfig = declare_config(self, EdgeConfig)
+        self.msg_auth = make_message_auth(self.cfg.auth, self.cfg.auth_keys_dir, [self.cfg.robot_id],
+                                          self.cfg.auth_max_age_s, self.get_logger())
         model = resolve(self.cfg.model_path)
         self.get_logger().info(f"robot {self.cfg.robot_id}: split {self.cfg.split_point}, codec {self.cfg.codec}, "
                                f"model {model}")
@@ -123,6 +130,9 @@ class EdgeNode(Node):
             self._state = msg
 
     def _on_flow(self, msg: FlowControl) -> None:
+        if not self.msg_auth.check(msg, self.cfg.robot_id, "FlowControl", self.get_logger()):
+            self.counters["flow_unauthenticated"] += 1
+            return
         with self._lock:
             paused = flow_paused(msg)
             if paused != self._paused:
@@ -190,8 +200,8 @@ class EdgeNode(Node):
                 else:
                     proprio = tuple(float(x) for x in state.position)
         # Algorithm 1: the prompt goes out first, so the server tokenizes while we encode.
-        self.pub_prompt.publish(prompt_to_msg(PromptRequest(rid, self.cfg.robot_id, text, stamp_ns, self.cfg.task,
-                                                            self.cfg.max_new_tokens, episode_id, proprio)))
+        self.pub_prompt.publish(self._signed(prompt_to_msg(PromptRequest(
+            rid, self.cfg.robot_id, text, stamp_ns, self.cfg.task, self.cfg.max_new_tokens, episode_id, proprio))))
         try:
             packet = self.encoder.encode(rgb, rid, stamp_ns)
         except Exception as e:
@@ -199,20 +209,25 @@ class EdgeNode(Node):
             self.get_logger().error(f"encoding {rid} failed: {e}\n{traceback.format_exc()}")
             self._local_answer(rid, stamp_ns, Outcome.ERROR, f"edge encoding failed: {type(e).__name__}: {e}")
             return
-        self.pub_features.publish(features_to_msg(packet, time.time_ns()))
+        self.pub_features.publish(self._signed(features_to_msg(packet, time.time_ns())))
         self.counters["requests"] += 1
 
     def _local_answer(self, rid: str, stamp_ns: int, outcome: Outcome, reason: str) -> None:
         self.get_logger().warning(f"{rid}: {outcome.name.lower()}: {reason}")
         if self.cfg.task == "action":
-            self.pub_chunk.publish(chunk_to_msg(ActionChunk.failure(
+            self.pub_chunk.publish(self._signed(chunk_to_msg(ActionChunk.failure(
                 outcome, reason, request_id=rid, robot_id=self.cfg.robot_id, episode_id=self._episode_id,
-                stamp_ns=stamp_ns)))
+                stamp_ns=stamp_ns))))
             return
-        self.pub_answer.publish(answer_to_msg(AnswerResult(rid, self.cfg.robot_id, outcome, reason, stamp_ns=stamp_ns)))
+        self.pub_answer.publish(self._signed(answer_to_msg(
+            AnswerResult(rid, self.cfg.robot_id, outcome, reason, stamp_ns=stamp_ns))))
+
+    def _signed(self, msg):
+        return self.msg_auth.sign(msg, self.cfg.robot_id)
 
     def _log_counters(self) -> None:
-        self.get_logger().info(f"counters: {dict(self.counters)} paused={self._paused}")
+        self.get_logger().info(f"counters: {dict(self.counters)} paused={self._paused} "
+                               f"auth_dropped={self.msg_auth.dropped_by_robot()}")
 
     def destroy_node(self) -> None:
         self._running = False

@@ -5,7 +5,10 @@ For each robot r in the `robots` parameter:
   publishes  /r/edge_vlm/answer (Answer) and /r/edge_vlm/flow_control (FlowControl)
              /r/edge_vlm/action_chunk (ActionChunk), for prompts with task "action" (action_head_path)
 Callbacks convert and hand over to core.server.ServerEngine (bounded inbox; never block); matching
-and batching run on the engine's worker threads.
+and batching run on the engine's worker threads. With `auth` (the default) a Prompt or
+VisualFeatures must carry a valid MAC under the key of the robot whose topic it arrived on, or it is
+dropped (counted per robot and reason) before it can reach the engine; everything published to robot
+r is signed with r's key.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .core.server import ServerEngine
 from .core.split import load_vlm
 from .core.types import AnswerResult, RequestError
 from .guard import CallbackGuard
+from .msg_auth import make_message_auth
 from .params import declare_config
 from .tools.default_model import resolve
 from .spin import run_node
@@ -48,6 +52,8 @@ class ServerNode(Node):
     def __init__(self) -> None:
         super().__init__("edge_vlm_server")
         self.cfg: ServerConfig = declare_config(self, ServerConfig)
+        self.msg_auth = make_message_auth(self.cfg.auth, self.cfg.auth_keys_dir, self.cfg.robots,
+                                          self.cfg.auth_max_age_s, self.get_logger())
         model = resolve(self.cfg.model_path)
         self.get_logger().info(f"loading {model} for robots {self.cfg.robots}")
         adapter = load_vlm(model, dtype=self.cfg.dtype, device=self.cfg.device)
@@ -91,6 +97,8 @@ class ServerNode(Node):
                                f"{self.engine.n_image_tokens} visual tokens/image, ready")
 
     def _on_prompt(self, msg: Prompt, route: str) -> None:
+        if not self.msg_auth.check(msg, route, "Prompt", self.get_logger()):
+            return
         try:
             self.engine.submit_prompt(msg_to_prompt(msg), route)
         except RequestError as e:
@@ -98,6 +106,8 @@ class ServerNode(Node):
 
     def _on_features(self, msg: VisualFeatures, route: str) -> None:
         received = time.time_ns()
+        if not self.msg_auth.check(msg, route, "VisualFeatures", self.get_logger()):
+            return
         try:
             self.engine.submit_features(msg_to_features(msg), route, received)
         except RequestError as e:
@@ -118,13 +128,13 @@ class ServerNode(Node):
 
     def _emit_chunk(self, route: str, chunk: ActionChunk) -> None:
         try:
-            self._chunk_pubs[route].publish(chunk_to_msg(chunk))
+            self._chunk_pubs[route].publish(self.msg_auth.sign(chunk_to_msg(chunk), route))
         except Exception as e:
             self.get_logger().error(f"publishing action chunk {chunk.request_id}: {e}\n{traceback.format_exc()}")
 
     def _emit_answer(self, route: str, ans: AnswerResult) -> None:
         try:
-            self._answer_pubs[route].publish(answer_to_msg(ans))
+            self._answer_pubs[route].publish(self.msg_auth.sign(answer_to_msg(ans), route))
         except Exception as e:
             self.get_logger().error(f"publishing answer {ans.request_id}: {e}\n{traceback.format_exc()}")
 
@@ -135,25 +145,27 @@ class ServerNode(Node):
 
     def _publish_flow(self) -> None:
         with self._pub_lock:
-            msg = FlowControl()
-            msg.header.stamp = ns_to_stamp(time.time_ns())
-            msg.server_id = self.cfg.server_id
-            msg.state = int(self._flow_state)
-            msg.queue_depth = len(self.engine.matched)
-            msg.pause_threshold = self.cfg.pause_threshold
-            msg.resume_threshold = self.cfg.resume_threshold
-            for pub in self._flow_pubs.values():
-                pub.publish(msg)
+            for robot, pub in self._flow_pubs.items():
+                msg = FlowControl()
+                msg.header.stamp = ns_to_stamp(time.time_ns())
+                msg.server_id = self.cfg.server_id
+                msg.state = int(self._flow_state)
+                msg.queue_depth = len(self.engine.matched)
+                msg.pause_threshold = self.cfg.pause_threshold
+                msg.resume_threshold = self.cfg.resume_threshold
+                pub.publish(self.msg_auth.sign(msg, robot))     # each robot's copy under its own key
 
     def _log_stats(self) -> None:
-        self.get_logger().info("stats " + json.dumps(self.engine.stats.as_dict()))
+        self.get_logger().info("stats " + json.dumps(self.engine.stats.as_dict())
+                               + f" auth_dropped={json.dumps(self.msg_auth.dropped_by_robot())}")
 
     def _write_stats(self) -> None:
         stats = self.engine.stats.as_dict()
         stats.update(flow_state=self._flow_state.name, pauses=self.engine.flow.pauses,
                      matched_depth=len(self.engine.matched), pause_threshold=self.cfg.pause_threshold,
                      inbox_dropped=self.engine.inbox.dropped, matched_dropped=self.engine.matched.dropped,
-                     bad_messages=self.guard.counts())
+                     auth=self.msg_auth.enabled, auth_accepted=self.msg_auth.accepted,
+                     auth_dropped=self.msg_auth.dropped_by_robot(), bad_messages=self.guard.counts())
         tmp = self.cfg.stats_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(stats, f)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bringup import PARAM_FILES, NodeSpec, config_dir
+from .bringup import PARAM_FILES, NodeSpec, config_dir, ensure_launcher_keys
 
 
 def vla_specs(model_path: str, action_head_path: str, robots: tuple[str, ...] = ("robot_0",),
@@ -17,6 +17,7 @@ def vla_specs(model_path: str, action_head_path: str, robots: tuple[str, ...] = 
     cfg_dir = cfg_dir or config_dir()
     vla = [cfg_dir / "vla.yaml"]
     o = overrides or {}
+    ensure_launcher_keys(list(robots), o, None)
     specs = []
     for r in robots:
         specs.append(NodeSpec("edge", f"/{r}", {"robot_id": r, "model_path": model_path, **o.get("edge", {})},

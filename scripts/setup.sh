@@ -15,7 +15,7 @@ VENV="${EDGE_VLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/edge_vlm_ros/venv}"
 PY="${PYTHON:-python3}"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-sha() { sha256sum "$@" 2>/dev/null | sha256sum | cut -c1-16; }
+sha() { cat "$@" 2>/dev/null | sha256sum | cut -c1-16; }   # contents only: the stamp must not depend on where the checkout is
 
 USE_SYSTEM_ROS=0
 if [ -n "${ROS_DISTRO:-}" ] && "$PY" -c "import rclpy" >/dev/null 2>&1; then
@@ -136,5 +136,13 @@ fi
 (
   set +u; . "$REPO/env.sh"
   python -m edge_vlm_ros.tools.default_model --ensure
+)
+
+# ---- 6. authentication keys for the robots of the demo and of a one-host bring-up ------------
+# Existing keys are never replaced. On a real fleet, create them once and copy each robot's key to
+# that robot and to the server (README, "Message authentication").
+(
+  set +u; . "$REPO/env.sh"
+  python -m edge_vlm_ros.tools.keys create --robots robot_0 robot_1 robot_2 robot_3 >/dev/null
 )
 log "ready: . $REPO/env.sh"

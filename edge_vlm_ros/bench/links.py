@@ -132,6 +132,8 @@ def worker(spec: dict) -> int:
     out = Path(spec["out"])
     link = LinkConfig(**spec["link"])
     robots = list(spec["robots"])
+    from ..core.auth import ensure_keys
+    ensure_keys(None, robots)   # the nodes authenticate with the default keys
     group = ProcessGroup(dict(os.environ), Path(spec["log_dir"]))
     result: dict = {"rates": {}, "errors": []}
     probe = None

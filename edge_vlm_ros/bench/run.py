@@ -97,6 +97,8 @@ def run_graph(p: dict, model: str, bag: Path, best_b: int, out: Path, device: st
     cpu_server, cpu_robot = (PINNED["server"], PINNED["robot"]) if pinned else (None, None)
     split_robots = SPLIT_ROBOTS[:n_robots]
     robots = [CLOUD_ROBOT] + split_robots
+    from ..core.auth import ensure_keys
+    ensure_keys(None, robots)   # the nodes authenticate with the default keys
     cfgd = config_dir()
     group = ProcessGroup(env, out / "logs" / tag)
     res: dict = {"server_max_batch_size": best_b,

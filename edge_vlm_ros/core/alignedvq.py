@@ -510,40 +510,13 @@ def edge_features(adapter: VLMAdapter, split: SplitPoint,
                   pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, 3, H, W) -> features (B, T, D) at the split point and, where the split ships them
     (`vision_block:k/ln1`), per-token LayerNorm statistics (B, T, 2); no gradient (the robot's half
-    is frozen). The same computation as VLMAdapter.edge_forward, batched."""
-    adapter.check_split(split)
+    is frozen). The deployed edge half itself (VLMAdapter.edge_half)."""
     with torch.no_grad():
-        h = adapter._embed_image(pixels)                                  # (B, T, Dv)
-        if split.kind == "vision_block":
-            h = adapter._blocks(h, 0, split.block)
-            if getattr(split, "sub", "") == "ln1":
-                from .split import layer_norm_stats
-
-                ln = adapter.vision_block_layer_norms(split.block)
-                return ln(h), layer_norm_stats(h, ln)
-            if getattr(split, "sub", ""):
-                raise ValueError(f"split point {split}: position {split.sub!r} is not supported here")
-            return h, None
-        if split.kind == "projector":
-            return adapter._head(adapter._blocks(h, 0, adapter.num_vision_blocks)), None
-    raise ValueError(f"split point {split} has no features to quantize")
+        return adapter.edge_half(pixels, split)
 
 
 def server_tokens(adapter: VLMAdapter, split: SplitPoint, feats: torch.Tensor,
                   token_stats: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T, D) at the split (+ stats for ln1) -> (B, N, Dt) visual tokens, differentiable w.r.t.
-    feats. The same computation as VLMAdapter.server_forward."""
-    if split.kind == "projector":
-        return feats
-    if split.kind == "vision_block":
-        k = split.block
-        if getattr(split, "sub", "") == "ln1":
-            from .split import invert_layer_norm
-
-            if token_stats is None:
-                raise ValueError(f"split point {split} needs per-token LayerNorm statistics")
-            x = invert_layer_norm(feats, adapter.vision_block_layer_norms(k), token_stats)
-            h = adapter._finish_block(k, x.to(feats.dtype), feats)
-            return adapter._head(adapter._blocks(h, k + 1, adapter.num_vision_blocks))
-        return adapter._head(adapter._blocks(feats, k, adapter.num_vision_blocks))
-    raise ValueError(f"split point {split} has no server vision half")
+    feats. The deployed server half itself (VLMAdapter.server_half)."""
+    return adapter.server_half(feats, split, token_stats)

@@ -55,6 +55,13 @@ class EdgeConfig:
                           "(its text the instruction) answered with an ActionChunk.")
     send_proprio: bool = _f(False, "task action: attach the newest robot_state (sensor_msgs/JointState "
                                    "position) to each request as proprioception.")
+    auth: bool = _f(True, "Authenticate every message between robot and server (HMAC-SHA256 with the "
+                          "robot's key). false lets any process on the DDS domain forge them; it is logged.")
+    auth_keys_dir: str = _f("", "Folder of the per-robot key files <robot>.key (create them with "
+                                "python -m edge_vlm_ros.tools.keys create); empty: $EDGE_VLM_KEYS_DIR or "
+                                "~/.config/edge_vlm_ros/keys.")
+    auth_max_age_s: float = _f(10.0, "Freshness window: a message stamped further than this from the "
+                                     "receiver's clock is dropped (the hosts' clocks must agree within it).")
 
     def __post_init__(self) -> None:
         sp = SplitPoint.parse(self.split_point)
@@ -79,6 +86,8 @@ class EdgeConfig:
             raise ValueError(f"max_prompt_chars={self.max_prompt_chars}, max_new_tokens={self.max_new_tokens}")
         if self.task not in ("vqa", "action"):
             raise ValueError(f"task {self.task!r}: expected 'vqa' or 'action'")
+        if self.auth_max_age_s <= 0:
+            raise ValueError(f"auth_max_age_s={self.auth_max_age_s} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,15 @@ class ServerConfig:
                             "model at start-up; empty = none. It changes answers for every request.")
     action_head_path: str = _f("", "Folder of an action head (action_head_config.json + safetensors) for "
                                    "prompts with task 'action'; empty: serve vqa only.")
+    max_pending_per_robot: int = _f(64, "Most unmatched halves held for one robot; beyond it that robot's "
+                                        "oldest half times out, so one robot cannot displace another's.")
+    auth: bool = _f(True, "Authenticate every message between robot and server (HMAC-SHA256 with the "
+                          "robot's key). false lets any process on the DDS domain forge them; it is logged.")
+    auth_keys_dir: str = _f("", "Folder of the per-robot key files <robot>.key (create them with "
+                                "python -m edge_vlm_ros.tools.keys create); empty: $EDGE_VLM_KEYS_DIR or "
+                                "~/.config/edge_vlm_ros/keys.")
+    auth_max_age_s: float = _f(10.0, "Freshness window: a message stamped further than this from the "
+                                     "receiver's clock is dropped (the hosts' clocks must agree within it).")
 
     def __post_init__(self) -> None:
         # YAML cannot type an empty list, so config files write [""]: empty entries mean nothing.
@@ -128,6 +146,9 @@ class ServerConfig:
         if self.inbox_capacity < 1 or self.max_pending < 1 or self.match_ttl_s <= 0:
             raise ValueError(f"inbox_capacity={self.inbox_capacity}, max_pending={self.max_pending}, "
                              f"match_ttl_s={self.match_ttl_s}")
+        if self.max_pending_per_robot < 1 or self.auth_max_age_s <= 0:
+            raise ValueError(f"max_pending_per_robot={self.max_pending_per_robot}, "
+                             f"auth_max_age_s={self.auth_max_age_s}")
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
             raise ValueError(f"default_max_new_tokens={self.default_max_new_tokens} must be in "
                              f"1..max_new_tokens_limit={self.max_new_tokens_limit}")
@@ -146,12 +167,21 @@ class ControllerConfig:
     instruction: str = _f("", "Instruction sent with each action request until an Episode message gives one.")
     stats_path: str = _f("", "If set, action counters and chunk latencies are written here as JSON every "
                              "second and at shutdown.")
+    auth: bool = _f(True, "Authenticate every message between robot and server (HMAC-SHA256 with the "
+                          "robot's key). false lets any process on the DDS domain forge them; it is logged.")
+    auth_keys_dir: str = _f("", "Folder of the per-robot key files <robot>.key (create them with "
+                                "python -m edge_vlm_ros.tools.keys create); empty: $EDGE_VLM_KEYS_DIR or "
+                                "~/.config/edge_vlm_ros/keys.")
+    auth_max_age_s: float = _f(10.0, "Freshness window: a message stamped further than this from the "
+                                     "receiver's clock is dropped (the hosts' clocks must agree within it).")
 
     def __post_init__(self) -> None:
         if not self.robots:
             raise ValueError("robots must not be empty")
         if self.tick_source not in ("timer", "robot_state"):
             raise ValueError(f"tick_source {self.tick_source!r}: expected 'timer' or 'robot_state'")
+        if self.auth_max_age_s <= 0:
+            raise ValueError(f"auth_max_age_s={self.auth_max_age_s} must be > 0")
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,9 @@ without them, and they count in the bytes on the wire like the payload.
 
 from __future__ import annotations
 
-import itertools
 import logging
+import secrets
 import time
-import uuid
 
 import numpy as np
 import torch
@@ -43,8 +42,6 @@ class EdgeEncoder:
         self.token_stats_dtype = token_stats_dtype
         self.dlp_edge = dlp_edge          # AlignedVQ pre-quantization projection, None for plain VQ
         self.fingerprint = adapter.fingerprint if adapter is not None else ""
-        self._seq = itertools.count()
-        self._session = uuid.uuid4().hex[:8]
 
     @classmethod
     def from_config(cls, cfg: EdgeConfig, model_path: str) -> "EdgeEncoder":
@@ -69,7 +66,9 @@ class EdgeEncoder:
         return cls(cfg.robot_id, split, codec, adapter, token_stats_dtype=cfg.token_stats_dtype, dlp_edge=dlp_edge)
 
     def new_request_id(self) -> str:
-        return f"{self.robot_id}-{self._session}-{next(self._seq)}"
+        """128 random bits: an id another party on the domain cannot predict (the server matches
+        on (robot_id, request_id), and authenticated messages carry it under the robot's key)."""
+        return secrets.token_hex(16)
 
     @torch.no_grad()
     def encode(self, rgb: np.ndarray, request_id: str, stamp_ns: int) -> FeaturePacket:

@@ -9,7 +9,9 @@ Threads:
   language model with left padding, and emits one answer per request.
 
 Every request ends in exactly one `AnswerResult` passed to `emit_answer(route, answer)`; `route`
-is the robot namespace the request arrived on, so answers go back to the robot that asked.
+is the robot namespace the request arrived on, so answers go back to the robot that asked. A request
+is known by (route, request_id): ids are unique per robot only, and nothing one robot sends can
+match, displace or finish another robot's request.
 
 Task "action" (a vision-language-action model): a prompt with task "action" is matched and batched
 like a VQA request; the batch thread runs the language model once over the batch's action requests
@@ -138,11 +140,12 @@ class ServerEngine:
         self.policy = VLAPolicy(adapter, action_head) if action_head is not None else None
         if self.policy is not None and emit_chunk is None:
             raise ValueError("an action head needs emit_chunk to publish its chunks")
-        self._action_requests: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._action_requests: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
         self.inbox: BoundedQueue[tuple] = BoundedQueue(cfg.inbox_capacity, DropPolicy.REJECT_NEWEST, "inbox")
         self.matched: BoundedQueue[_Matched] = BoundedQueue(cfg.queue_capacity, DropPolicy.REJECT_NEWEST, "matched")
         self.flow = FlowController(cfg.pause_threshold, cfg.resume_threshold, emit_flow)
-        self.matcher: Matcher[_PromptEntry, _FeatureEntry] = Matcher(cfg.match_ttl_s, cfg.max_pending)
+        self.matcher: Matcher[_PromptEntry, _FeatureEntry] = Matcher(
+            cfg.match_ttl_s, cfg.max_pending, max_pending_per_group=cfg.max_pending_per_robot)
         self.stats = ServerStats()
         self._stats_lock = threading.Lock()
         self._vq_codecs = dict(codebooks or {})      # codebook hash -> codec
@@ -151,7 +154,7 @@ class ServerEngine:
         self._codecs: dict[tuple[str, str], FeatureCodec] = {}
         # Recently answered request ids (bounded): a late partner of an answered request is dropped
         # instead of waiting for its TTL and answering the same request twice.
-        self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._finished: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._finished_cap = 4 * cfg.max_pending + cfg.queue_capacity
         self._running = False
         self._threads: list[threading.Thread] = []
@@ -185,12 +188,14 @@ class ServerEngine:
     def submit_prompt(self, prompt: PromptRequest, route: str) -> None:
         with self._stats_lock:
             self.stats.prompts += 1
-            if prompt.task == "action" and prompt.request_id not in self._action_requests:
-                self._action_requests[prompt.request_id] = prompt.episode_id
-                while len(self._action_requests) > self._finished_cap:
-                    self._action_requests.popitem(last=False)
         if not self._check_route(prompt.robot_id, route, prompt.request_id, prompt.stamp_ns):
             return
+        with self._stats_lock:
+            key = (route, prompt.request_id)
+            if prompt.task == "action" and key not in self._action_requests:
+                self._action_requests[key] = prompt.episode_id
+                while len(self._action_requests) > self._finished_cap:
+                    self._action_requests.popitem(last=False)
         ok, _ = self.inbox.put(("prompt", prompt, route, time.time_ns(), time.monotonic()))
         if not ok:
             self._reply(route, prompt.request_id, prompt.robot_id, prompt.stamp_ns, Outcome.REJECTED,
@@ -212,8 +217,9 @@ class ServerEngine:
             LOG.error("message on unknown route %r dropped", route)
             return False
         if robot_id != route:
+            # mark=False: this message must not finish the request of that id on this route.
             self._reply(route, request_id, robot_id, stamp_ns, Outcome.REJECTED,
-                        f"robot_id {robot_id!r} does not match the namespace {route!r} it was sent on")
+                        f"robot_id {robot_id!r} does not match the namespace {route!r} it was sent on", mark=False)
             return False
         return True
 
@@ -238,8 +244,9 @@ class ServerEngine:
 
     def _handle(self, item: tuple) -> None:
         kind, msg, route, received_ns, received_t = item
+        key = (route, msg.request_id)
         with self._stats_lock:
-            late = msg.request_id in self._finished
+            late = key in self._finished
             if late:
                 self.stats.reasons["late half of an answered request (dropped)"] += 1
         if late:
@@ -248,7 +255,7 @@ class ServerEngine:
         if kind == "prompt":
             entry = self._prepare_prompt(msg, route)
             try:
-                pair, expired = self.matcher.add_prompt(msg.request_id, entry)
+                pair, expired = self.matcher.add_prompt(key, entry)
             except ValueError as e:  # duplicate request_id: answer it, but leave the original pending
                 self._reply(route, msg.request_id, msg.robot_id, msg.stamp_ns, Outcome.REJECTED, str(e), mark=False)
                 return
@@ -257,10 +264,10 @@ class ServerEngine:
                 entry = self._prepare_features(msg, route, received_ns, received_t)
             except RequestError:
                 # The prompt (if it came) will never be matched: forget it so it gets no second answer.
-                self.matcher.discard(msg.request_id)
+                self.matcher.discard(key)
                 raise
             try:
-                pair, expired = self.matcher.add_features(msg.request_id, entry)
+                pair, expired = self.matcher.add_features(key, entry)
             except ValueError as e:
                 self._reply(route, msg.request_id, msg.robot_id, msg.stamp_ns, Outcome.REJECTED, str(e), mark=False)
                 return
@@ -430,10 +437,10 @@ class ServerEngine:
         """An action request served: its chunk (N, A) goes out as an OK ActionChunk."""
         assert self.policy is not None
         with self._stats_lock:
-            self._finished[p.request_id] = None
+            self._finished[(route, p.request_id)] = None
             while len(self._finished) > self._finished_cap:
                 self._finished.popitem(last=False)
-            self._action_requests.pop(p.request_id, None)
+            self._action_requests.pop((route, p.request_id), None)
             self.stats.answered["ok"] += 1
             self.stats.answered["action_chunks"] += 1
         c = ActionChunk.from_array(chunk, request_id=p.request_id, robot_id=p.robot_id, episode_id=p.episode_id,
@@ -451,9 +458,10 @@ class ServerEngine:
     def _reply(self, route: str, request_id: str, robot_id: str, stamp_ns: int, outcome: Outcome, reason: str,
                text: str = "", tokens: list[int] | None = None, timings: StageTimings | None = None,
                mark: bool = True) -> None:
+        key = (route, request_id)
         with self._stats_lock:
             if mark:
-                self._finished[request_id] = None
+                self._finished[key] = None
             while len(self._finished) > self._finished_cap:
                 self._finished.popitem(last=False)
             self.stats.answered[outcome.name.lower()] += 1
@@ -461,8 +469,8 @@ class ServerEngine:
                 self.stats.reasons[reason.split(":")[0][:60]] += 1
             # An action request is answered with an ActionChunk, failures too (a duplicate id's
             # rejection, mark=False, leaves the original request open).
-            episode = (self._action_requests.pop(request_id, None) if mark
-                       else self._action_requests.get(request_id))
+            episode = (self._action_requests.pop(key, None) if mark
+                       else self._action_requests.get(key))
         if outcome is not Outcome.OK:
             LOG.warning("request %s from %s: %s: %s", request_id, route, outcome.name.lower(), reason)
         if episode is not None and self._emit_chunk is not None:

@@ -143,18 +143,25 @@ class VLMAdapter(ABC):
                            split: SplitPoint) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The robot's half with its side information: (T, D) features and, where the split needs
         them (`split.needs_token_stats`), per-token (T, 2) float32 [mean, std] of the residual."""
+        feats, stats = self.edge_half(pixels, split)
+        return feats[0], (stats[0] if stats is not None else None)
+
+    def edge_half(self, pixels: torch.Tensor, split: SplitPoint) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The one implementation of the robot's half, batched: (B, 3, H, W) -> features (B, T, D) at
+        the split and, where the split ships them, per-token (B, T, 2) [mean, std]. Gradients follow
+        the caller's mode (the nodes run it under no_grad; training may not)."""
         self.check_split(split)
         if split.kind == "none":
             raise ValueError("split point 'none' has no edge half: the image itself is sent")
-        h = self._embed_image(pixels)                                    # (1, T, Dv)
+        h = self._embed_image(pixels)                                    # (B, T, Dv)
         if split.kind == "vision_block":
             h = self._blocks(h, 0, split.block)
             if split.sub == "ln1":
                 ln = self.vision_block_layer_norms(split.block)
-                return ln(h)[0], layer_norm_stats(h, ln)[0]
-            return h[0], None
+                return ln(h), layer_norm_stats(h, ln)
+            return h, None
         h = self._blocks(h, 0, self.num_vision_blocks)
-        return self._head(h)[0], None                                    # (N, Dt)
+        return self._head(h), None                                       # (B, N, Dt)
 
     @torch.no_grad()
     def server_forward(self, feats: torch.Tensor, split: SplitPoint,
@@ -168,20 +175,30 @@ class VLMAdapter(ABC):
             raise ValueError(f"split point {split} {'needs' if split.needs_token_stats else 'takes no'} "
                              f"per-token LayerNorm statistics")
         feats = feats.to(self.device, self.dtype)
+        if split.sub == "ln1" and tuple(token_stats.shape) != (*feats.shape[:-1], 2):
+            raise ValueError(f"token_stats of shape {list(token_stats.shape)} do not fit features "
+                             f"{list(feats.shape)}: expected {[*feats.shape[:-1], 2]}")
+        if split.kind == "none":
+            raise ValueError("split point 'none': use server_forward_images")
+        return self.server_half(feats, split, token_stats.to(self.device) if token_stats is not None else None)
+
+    def server_half(self, feats: torch.Tensor, split: SplitPoint,
+                    token_stats: torch.Tensor | None = None) -> torch.Tensor:
+        """The one implementation of the server's vision half, batched: (B, T, D) at the split (+ stats
+        (B, T, 2) for ln1) -> (B, N, Dt) visual tokens. Differentiable w.r.t. feats (AlignedVQ training
+        runs it with gradients; the server under no_grad)."""
         if split.kind == "projector":
             return feats
+        if split.kind != "vision_block":
+            raise ValueError(f"split point {split} has no server vision half")
+        k = split.block
         if split.sub == "ln1":
-            if tuple(token_stats.shape) != (*feats.shape[:-1], 2):
-                raise ValueError(f"token_stats of shape {list(token_stats.shape)} do not fit features "
-                                 f"{list(feats.shape)}: expected {[*feats.shape[:-1], 2]}")
-            k = split.block
-            x = invert_layer_norm(feats, self.vision_block_layer_norms(k), token_stats.to(self.device))
-            h = self._finish_block(k, x.to(self.dtype), feats)
+            if token_stats is None:
+                raise ValueError(f"split point {split} needs per-token LayerNorm statistics")
+            x = invert_layer_norm(feats, self.vision_block_layer_norms(k), token_stats)
+            h = self._finish_block(k, x.to(feats.dtype), feats)
             return self._head(self._blocks(h, k + 1, self.num_vision_blocks))
-        if split.kind == "vision_block":
-            h = self._blocks(feats, split.block, self.num_vision_blocks)
-            return self._head(h)
-        raise ValueError("split point 'none': use server_forward_images")
+        return self._head(self._blocks(feats, k, self.num_vision_blocks))
 
     @torch.no_grad()
     def server_forward_images(self, images: list[np.ndarray]) -> torch.Tensor:

@@ -56,6 +56,7 @@ def bench_split(model: str, head: str, n: int, warmup: int, size: int, chunk: in
                 threads: int) -> dict:
     from edge_vlm_ros.bringup import NodeSet
     from edge_vlm_ros.client import RobotClient, isolated_ros_env
+    from edge_vlm_ros.core.auth import resolve_keys_dir
     from edge_vlm_ros.core.types import Outcome
     from edge_vlm_ros.vla_bringup import vla_specs
 
@@ -66,7 +67,7 @@ def bench_split(model: str, head: str, n: int, warmup: int, size: int, chunk: in
     specs = vla_specs(model, head, with_bridge=False, with_controller=False,
                       overrides={"server": {"max_batch_wait_ms": 0.0}})
     nodes = NodeSet(specs, env=env, log_dir=work / f"logs_split_{chunk}").start()
-    client = RobotClient(["robot_0"], "edge_vlm_bench_vla", actions=True)
+    client = RobotClient(["robot_0"], "edge_vlm_bench_vla", actions=True, auth_keys_dir=str(resolve_keys_dir(None)))
     lat, failed = [], 0
     try:
         if not client.wait_ready(180, abort=lambda: bool(nodes.poll())):

@@ -54,6 +54,8 @@ from .calibrate_codebook import folder_images
 
 LOG = logging.getLogger(__name__)
 
+from ..core.auth import MAC_BYTES
+
 FIXED_QUESTION = "describe the image ."
 
 
@@ -100,6 +102,11 @@ def cdr_size(p: FeaturePacket, frame_id: str = "") -> int:
     off += 8                                   # sent_at
     align(8)
     off += 16                                  # edge_preprocess_ms, edge_encode_ms
+    # auth (MessageAuth), as signed on the wire: key_id = robot_id, int64 stamp, uint64 nonce, 32-byte MAC
+    string(p.robot_id)
+    align(8)
+    off += 16
+    seq(MAC_BYTES, 1)
     return 4 + off
 
 
@@ -111,8 +118,12 @@ class MessageSizer:
             from rclpy.serialization import serialize_message
 
             from ..conversions import features_to_msg
-            self._ser = lambda p: len(serialize_message(features_to_msg(p, time.time_ns())))
-            self.method = "rclpy.serialization.serialize_message(VisualFeatures)"
+            from ..msg_auth import sign_with_key
+
+            # Signed as the edge signs it: the MAC and its header are bytes the receiver needs.
+            self._ser = lambda p: len(serialize_message(sign_with_key(features_to_msg(p, time.time_ns()),
+                                                                      p.robot_id, bytes(32))))
+            self.method = "rclpy.serialization.serialize_message(VisualFeatures), signed"
         except Exception as e:  # no ROS in this environment: count the fields instead
             LOG.info("rclpy not importable (%s): message sizes computed from the CDR field layout", e)
             self._ser = cdr_size

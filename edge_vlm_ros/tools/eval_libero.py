@@ -67,6 +67,7 @@ def _summarise(episodes: list[dict], suite: str) -> dict:
 def run_split(args, model: str, head: str, suite: str, work: Path) -> dict:
     from edge_vlm_ros.bringup import NodeSet
     from edge_vlm_ros.client import RobotClient, isolated_ros_env
+    from edge_vlm_ros.core.auth import resolve_keys_dir
     from edge_vlm_ros.msg import Episode
     from edge_vlm_ros.vla_bringup import vla_specs
     from tqdm import tqdm
@@ -87,7 +88,7 @@ def run_split(args, model: str, head: str, suite: str, work: Path) -> dict:
     specs = vla_specs(model, head, overrides=overrides)
     total = len(args.tasks) * args.trials
     nodes = NodeSet(specs, env=env, log_dir=work / f"logs_{suite}").start()
-    client = RobotClient(["robot_0"], "edge_vlm_eval", actions=True)
+    client = RobotClient(["robot_0"], "edge_vlm_eval", actions=True, auth_keys_dir=str(resolve_keys_dir(None)))
     peaks: dict[str, float | None] = {}
     t_start = t_end = None
     try:

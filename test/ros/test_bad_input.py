@@ -11,7 +11,9 @@ from edge_vlm_ros.core.codec import make_codec
 from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.core.split import load_vlm
 from edge_vlm_ros.core.types import Outcome, PromptRequest, SplitPoint
+from edge_vlm_ros.core.auth import load_key
 from edge_vlm_ros.msg import Prompt, VisualFeatures
+from edge_vlm_ros.msg_auth import sign_with_key
 from edge_vlm_ros.tools.default_model import ensure
 from ros_harness import running
 
@@ -30,14 +32,19 @@ def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env,
         assert client.wait_for(lambda: pub_f.get_subscription_count() and pub_p.get_subscription_count(), 20)
         time.sleep(1.5)   # the server's readers must also match these new writers (see RobotClient.wait_ready)
 
+        key = load_key(tmp_path / "keys", "robot_0")   # bad input from the robot itself: authenticated
+
+        def sign(msg):
+            return sign_with_key(msg, "robot_0", key)
+
         def send(rid, mutate=None, prompt=True, features=True, text="what is it ?"):
             if prompt:
-                pub_p.publish(prompt_to_msg(PromptRequest(rid, "robot_0", text, time.time_ns())))
+                pub_p.publish(sign(prompt_to_msg(PromptRequest(rid, "robot_0", text, time.time_ns()))))
             if features:
                 pkt = enc.encode(img, rid, time.time_ns())
                 if mutate:
                     mutate(pkt)
-                pub_f.publish(features_to_msg(pkt, time.time_ns()))
+                pub_f.publish(sign(features_to_msg(pkt, time.time_ns())))
 
         cases = {
             "bad-size": (dict(mutate=lambda p: setattr(p.encoded, "payload", p.encoded.payload[:-6])),

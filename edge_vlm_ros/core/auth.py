@@ -1,0 +1,220 @@
+"""Message authentication between robots and the server, free of ROS.
+
+Any process on a DDS domain can publish on any topic. Without authentication a stranger could
+answer a robot's question with its own image, reject a genuine request, pause every robot, or make
+a controller execute its actions. Each robot therefore shares one secret key with the server
+(a file per robot, readable only by its owner). Every message between them carries
+
+    key_id    the robot whose key signed it,
+    stamp_ns  the sender's wall clock (a freshness window bounds replays in time),
+    nonce     64 random bits (a replay cache rejects a second copy inside the window),
+    mac       HMAC-SHA256 over the message's canonical bytes (everything above included).
+
+The receiver verifies before it looks at anything else and drops what fails, counted per robot and
+reason. Only standard primitives are used (hmac, hashlib, secrets); comparison is constant-time.
+Clocks of robot and server must agree to within the window (NTP/chrony keep hosts within
+milliseconds; the default window is 10 s).
+
+How a ROS message becomes canonical bytes lives beside the nodes (edge_vlm_ros.msg_auth); this
+module holds keys, the MAC, freshness and replay state.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import stat
+import time
+from pathlib import Path
+
+KEY_BYTES = 32
+MAC_BYTES = 32
+_ID_RE = re.compile(r"^[A-Za-z0-9_]{1,128}$")   # a ROS namespace component: safe as a file name too
+
+
+class Verdict(str, enum.Enum):
+    """What the receiver concluded about a message."""
+
+    OK = "ok"
+    UNSIGNED = "unsigned"            # no MAC at all
+    UNKNOWN_KEY = "unknown_key"      # signed with a key this receiver does not hold
+    WRONG_KEY = "wrong_key"          # signed with another robot's key than the topic's robot
+    BAD_MAC = "bad_mac"              # forged or altered
+    STALE = "stale"                  # stamp outside the freshness window
+    REPLAY = "replay"                # this (key, nonce) was seen inside the window
+
+    @property
+    def accepted(self) -> bool:
+        return self is Verdict.OK
+
+
+def default_keys_dir() -> Path:
+    """$EDGE_VLM_KEYS_DIR, else $XDG_CONFIG_HOME/edge_vlm_ros/keys (~/.config/edge_vlm_ros/keys)."""
+    env = os.environ.get("EDGE_VLM_KEYS_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "edge_vlm_ros" / "keys"
+
+
+def resolve_keys_dir(keys_dir: str | os.PathLike | None) -> Path:
+    return Path(keys_dir) if keys_dir else default_keys_dir()
+
+
+def _check_id(robot_id: str) -> None:
+    if not _ID_RE.match(robot_id):
+        raise ValueError(f"robot id {robot_id!r} cannot name a key: use 1..128 of [A-Za-z0-9_]")
+
+
+def key_path(keys_dir: str | os.PathLike | None, robot_id: str) -> Path:
+    _check_id(robot_id)
+    return resolve_keys_dir(keys_dir) / f"{robot_id}.key"
+
+
+def create_key(keys_dir: str | os.PathLike | None, robot_id: str, overwrite: bool = False) -> Path:
+    """Write a new random key for `robot_id` (mode 0600 in a 0700 directory). Returns its path.
+
+    An existing key is kept unless `overwrite` (rotating a key means copying the new file to the
+    robot and the server)."""
+    path = key_path(keys_dir, robot_id)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.exists() and not overwrite:
+        return path
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, (secrets.token_hex(KEY_BYTES) + "\n").encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def ensure_keys(keys_dir: str | os.PathLike | None, robot_ids: list[str]) -> list[Path]:
+    """Create the keys that are missing (never replaces one); returns the paths created."""
+    created = []
+    for r in robot_ids:
+        if not key_path(keys_dir, r).exists():
+            created.append(create_key(keys_dir, r))
+    return created
+
+
+def load_key(keys_dir: str | os.PathLike | None, robot_id: str) -> bytes:
+    """The key of `robot_id`. Refuses a missing, malformed, or group/world-accessible key file."""
+    path = key_path(keys_dir, robot_id)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no key for robot {robot_id!r} at {path}: create one with "
+            f"`python -m edge_vlm_ros.tools.keys create --robots {robot_id} --dir {path.parent}` and copy it "
+            f"to the robot and the server (or run with auth:=false, which lets any process on the DDS "
+            f"domain forge messages)") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise PermissionError(f"key file {path} is accessible by group or others (mode "
+                              f"{stat.S_IMODE(st.st_mode):o}): run `chmod 600 {path}`")
+    text = path.read_text().strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"key file {path} does not hold hex digits") from None
+    if len(key) < 16:
+        raise ValueError(f"key file {path} holds {len(key)} bytes; at least 16 are needed")
+    return key
+
+
+def compute_mac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def new_stamp_and_nonce() -> tuple[int, int]:
+    return time.time_ns(), secrets.randbits(64)
+
+
+class ReplayGuard:
+    """Freshness window plus a bounded cache of recent nonces per key.
+
+    A nonce is remembered while its stamp is inside the window. When a key's cache is full, the
+    oldest entry is dropped and its stamp becomes a floor: anything not newer than the floor is
+    refused, so a forgotten nonce can never be replayed (the cost is refusing reordered messages
+    older than the floor, which only a flood of more than `capacity` messages per window causes).
+    """
+
+    def __init__(self, max_age_s: float, capacity: int = 4096,
+                 clock=time.time_ns) -> None:
+        if max_age_s <= 0 or capacity < 1:
+            raise ValueError(f"max_age_s={max_age_s}, capacity={capacity}")
+        self.max_age_ns = int(max_age_s * 1e9)
+        self.capacity = capacity
+        self.clock = clock
+        self._seen: dict[str, collections.OrderedDict[int, int]] = {}
+        self._floor: dict[str, int] = {}
+
+    def check(self, key_id: str, stamp_ns: int, nonce: int) -> Verdict:
+        now = self.clock()
+        if abs(now - stamp_ns) > self.max_age_ns:
+            return Verdict.STALE
+        seen = self._seen.setdefault(key_id, collections.OrderedDict())
+        if nonce in seen or stamp_ns <= self._floor.get(key_id, -1):
+            return Verdict.REPLAY
+        horizon = now - self.max_age_ns
+        while seen and next(iter(seen.values())) < horizon:
+            seen.popitem(last=False)
+        while len(seen) >= self.capacity:
+            _, old = seen.popitem(last=False)
+            self._floor[key_id] = max(self._floor.get(key_id, -1), old)
+        seen[nonce] = stamp_ns
+        return Verdict.OK
+
+
+class Authenticator:
+    """Signs and verifies for a set of robot keys. Thread-safe for concurrent callbacks."""
+
+    def __init__(self, keys: dict[str, bytes], max_age_s: float = 10.0, replay_capacity: int = 4096) -> None:
+        self.keys = dict(keys)
+        self.guard = ReplayGuard(max_age_s, replay_capacity)
+        import threading
+
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, keys_dir: str | os.PathLike | None, robots: list[str], max_age_s: float = 10.0) -> "Authenticator":
+        return cls({r: load_key(keys_dir, r) for r in robots}, max_age_s)
+
+    def mac(self, key_id: str, data: bytes) -> bytes:
+        key = self.keys.get(key_id)
+        if key is None:
+            raise KeyError(f"no key for {key_id!r} (holding {sorted(self.keys)})")
+        return compute_mac(key, data)
+
+    def verify(self, key_id: str, expected_key_id: str, stamp_ns: int, nonce: int, data: bytes,
+               mac: bytes) -> Verdict:
+        """`data` must already cover key_id, stamp and nonce (the canonical bytes)."""
+        if not mac:
+            return Verdict.UNSIGNED
+        if key_id != expected_key_id:
+            return Verdict.WRONG_KEY
+        key = self.keys.get(key_id)
+        if key is None:
+            return Verdict.UNKNOWN_KEY
+        return self.verify_mac(key_id, expected_key_id, stamp_ns, nonce, compute_mac(key, data), mac)
+
+    def verify_mac(self, key_id: str, expected_key_id: str, stamp_ns: int, nonce: int, expected_mac: bytes,
+                   mac: bytes) -> Verdict:
+        """As verify, with the MAC of the canonical bytes already computed (streamed) by the caller."""
+        if not mac:
+            return Verdict.UNSIGNED
+        if key_id != expected_key_id:
+            return Verdict.WRONG_KEY
+        if key_id not in self.keys:
+            return Verdict.UNKNOWN_KEY
+        if len(mac) != MAC_BYTES or not hmac.compare_digest(expected_mac, bytes(mac)):
+            return Verdict.BAD_MAC
+        # Only a message with a valid MAC may enter the replay cache: forgeries cannot fill it.
+        with self._lock:
+            return self.guard.check(key_id, stamp_ns, nonce)

@@ -1,0 +1,210 @@
+"""Signing and verifying the package's messages (the ROS side of edge_vlm_ros.core.auth).
+
+Canonical bytes: the message type's name, then every field in definition order, each encoded by its
+declared type (fixed-width little-endian numbers, length-prefixed strings and sequences, nested
+messages recursively), with `auth.mac` left out. They are computed from the field values, not from
+the middleware's serialization, so a robot on Fast DDS and a server on Cyclone DDS (or another
+distribution) agree on them.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import logging
+import struct
+import time
+from typing import Any
+
+import numpy as np
+
+from .core.auth import Authenticator, Verdict, new_stamp_and_nonce
+
+LOG = logging.getLogger(__name__)
+
+_SCALARS = {
+    "boolean": "<?", "octet": "<B", "byte": "<B", "char": "<B", "uint8": "<B", "int8": "<b",
+    "uint16": "<H", "int16": "<h", "uint32": "<I", "int32": "<i", "uint64": "<Q", "int64": "<q",
+    "float": "<f", "double": "<d", "float32": "<f", "float64": "<d",
+}
+_NP = {"boolean": "<u1", "octet": "<u1", "byte": "<u1", "char": "<u1", "uint8": "<u1", "int8": "<i1",
+       "uint16": "<u2", "int16": "<i2", "uint32": "<u4", "int32": "<i4", "uint64": "<u8", "int64": "<i8",
+       "float": "<f4", "double": "<f8", "float32": "<f4", "float64": "<f8"}
+
+
+def _u32(n: int) -> bytes:
+    return struct.pack("<I", n)
+
+
+class _Sink:
+    """Where canonical bytes go: small fields are gathered, large arrays are passed on without a
+    copy (a megabyte of features goes straight from the message's buffer into the MAC)."""
+
+    def __init__(self, update) -> None:
+        self._update = update
+        self._buf = bytearray()
+
+    def write(self, data) -> None:
+        if len(data) >= 4096:
+            self.flush()
+            self._update(data)
+        else:
+            self._buf += data
+
+    def flush(self) -> None:
+        if self._buf:
+            self._update(bytes(self._buf))
+            self._buf.clear()
+
+
+def _element_type(ftype: str) -> str | None:
+    """'sequence<float>' / 'sequence<uint8, 10>' / 'float[3]' -> 'float'; None for a non-array."""
+    if ftype.startswith("sequence<") and ftype.endswith(">"):
+        return ftype[len("sequence<"):-1].split(",")[0].strip()
+    if ftype.endswith("]") and "[" in ftype:
+        return ftype[: ftype.index("[")]
+    return None
+
+
+def _encode_str(value: str, out: _Sink) -> None:
+    b = value.encode("utf-8", "surrogatepass")
+    out.write(_u32(len(b)))
+    out.write(b)
+
+
+def _encode_value(value: Any, ftype: str, out: _Sink) -> None:
+    if ftype in _SCALARS:
+        out.write(struct.pack(_SCALARS[ftype], value))
+        return
+    if ftype.startswith(("string", "wstring")):
+        _encode_str(value, out)
+        return
+    elem = _element_type(ftype)
+    if elem is not None:
+        if elem in _NP:
+            if isinstance(value, (bytes, bytearray, memoryview)) or (hasattr(value, "typecode") and value.typecode == "B"):
+                arr = np.frombuffer(value, np.uint8)
+            else:
+                arr = np.asarray(value)
+            arr = np.ascontiguousarray(arr.astype(_NP[elem], copy=False))
+            out.write(_u32(len(arr)))
+            out.write(memoryview(arr).cast("B"))
+            return
+        items = list(value)
+        out.write(_u32(len(items)))
+        for v in items:
+            _encode_value(v, elem, out)
+        return
+    _encode_msg(value, out, top=False)          # a nested message type, e.g. std_msgs/Header
+
+
+def _encode_msg(msg: Any, out: _Sink, top: bool) -> None:
+    for name, ftype in msg.get_fields_and_field_types().items():
+        value = getattr(msg, name)
+        if top and name == "auth":
+            _encode_str(value.key_id, out)
+            out.write(struct.pack("<qQ", value.stamp_ns, value.nonce))
+            continue
+        _encode_value(value, ftype, out)
+
+
+def _feed(msg: Any, update) -> None:
+    cls = type(msg)
+    sink = _Sink(update)
+    sink.write(f"{cls.__module__.split('.')[0]}/msg/{cls.__name__}".encode() + b"\0")
+    _encode_msg(msg, sink, top=True)
+    sink.flush()
+
+
+def canonical_bytes(msg: Any) -> bytes:
+    """The bytes a MAC covers: the type name and every field except auth.mac."""
+    parts: list[bytes] = []
+    _feed(msg, lambda b: parts.append(bytes(b)))
+    return b"".join(parts)
+
+
+def message_mac(key: bytes, msg: Any) -> bytes:
+    """HMAC-SHA256 of msg's canonical bytes, streamed (no copy of large arrays)."""
+    h = hmac.new(key, digestmod=hashlib.sha256)
+    _feed(msg, h.update)
+    return h.digest()
+
+
+def sign_with_key(msg: Any, key_id: str, key: bytes) -> Any:
+    """Fill msg.auth (key id, fresh stamp and nonce, MAC) with `key`; returns msg."""
+    stamp, nonce = new_stamp_and_nonce()
+    msg.auth.key_id, msg.auth.stamp_ns, msg.auth.nonce = key_id, stamp, nonce
+    msg.auth.mac = message_mac(key, msg)
+    return msg
+
+
+class MessageAuth:
+    """One per node: signs what it publishes, verifies what it receives, counts what it drops.
+
+    With `enabled` false nothing is signed or checked (an explicit choice the node logs loudly).
+    """
+
+    def __init__(self, auth: Authenticator | None, log_period_s: float = 5.0) -> None:
+        self.auth = auth
+        self.enabled = auth is not None
+        self.dropped: collections.Counter[tuple[str, str]] = collections.Counter()   # (robot, reason) -> n
+        self.accepted = 0
+        self._log_period_s = log_period_s
+        self._last_log: dict[tuple[str, str], float] = {}
+
+    def sign(self, msg: Any, key_id: str) -> Any:
+        if self.enabled:
+            assert self.auth is not None
+            sign_with_key(msg, key_id, self.auth.keys[key_id])
+        return msg
+
+    def verify(self, msg: Any, expected_key_id: str) -> Verdict:
+        if not self.enabled:
+            return Verdict.OK
+        assert self.auth is not None
+        a = msg.auth
+        key = self.auth.keys.get(a.key_id)
+        if not a.mac or key is None or a.key_id != expected_key_id:
+            return self.auth.verify(a.key_id, expected_key_id, int(a.stamp_ns), int(a.nonce), b"", bytes(a.mac))
+        try:
+            expected = message_mac(key, msg)
+        except Exception as e:   # a field value the encoder cannot take: not a message we signed
+            LOG.debug("canonical bytes failed: %s", e)
+            return Verdict.BAD_MAC
+        return self.auth.verify_mac(a.key_id, expected_key_id, int(a.stamp_ns), int(a.nonce), expected,
+                                    bytes(a.mac))
+
+    def check(self, msg: Any, expected_key_id: str, what: str, logger: Any = None) -> bool:
+        """True if `msg` may be used. Otherwise counts and (throttled) logs the drop."""
+        verdict = self.verify(msg, expected_key_id)
+        if verdict.accepted:
+            self.accepted += 1
+            return True
+        key = (expected_key_id, verdict.value)
+        self.dropped[key] += 1
+        now = time.monotonic()
+        if now - self._last_log.get(key, -1e9) >= self._log_period_s:
+            self._last_log[key] = now
+            text = (f"dropped {what} on robot {expected_key_id!r}'s topic: {verdict.value} "
+                    f"(key_id {str(msg.auth.key_id)[:40]!r}); {self.dropped[key]} such drops so far")
+            (logger.warning if logger is not None else LOG.warning)(text)
+        return False
+
+    def dropped_by_robot(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (robot, reason), n in sorted(self.dropped.items()):
+            out.setdefault(robot, {})[reason] = n
+        return out
+
+
+def make_message_auth(enabled: bool, keys_dir: str, robots: list[str], max_age_s: float,
+                      logger: Any = None) -> MessageAuth:
+    """Load the robots' keys (FileNotFoundError/PermissionError with the fix if missing) or, when
+    disabled, say loudly what that means."""
+    if not enabled:
+        text = ("message authentication is OFF (auth: false): any process on this DDS domain can forge "
+                "requests, answers, flow control and action chunks")
+        (logger.warning if logger is not None else LOG.warning)(text)
+        return MessageAuth(None)
+    return MessageAuth(Authenticator.load(keys_dir, robots, max_age_s))

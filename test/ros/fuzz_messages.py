@@ -19,7 +19,7 @@ import math
 import re
 from typing import Any, Iterator
 
-HUGE = 1 << 18          # elements of a huge string or sequence
+HUGE = 1 << 15          # elements of a huge string or sequence
 ODD_STRINGS = ["", "\u0000", "a\u0000b", "\ufeff\ufffe\uffff", "\U0010ffff\U0001f916", "\u202eevil\u202c",
                "%s%n{0}{}\n\r\t\x1b[2J", "../../etc/passwd", "x" * 129, "y" * HUGE]
 

@@ -421,6 +421,7 @@ def test_fuzz_libero_bridge(ros_env, tmp_path):
         _stop(proc)
         client.close()
     ep = json.loads(stats.read_text())["episodes"][0]
+    print("bridge episode:", {k: ep.get(k) for k in ("steps", "status", "bad_actions", "action_timeouts", "wall_s")})
     assert ep["steps"] == len(cases) + n_after and ep["status"] == "failure", ep
     assert ep["bad_actions"] >= 5, ep                     # empty, huge, NaN, inf, ... arrays: the safe action
     assert ep["action_timeouts"] <= 10, ep               # only the variants stamped with no step's time

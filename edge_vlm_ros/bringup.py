@@ -3,7 +3,8 @@
 Starts the same nodes, with the same parameter files from config/, as launch/all_in_one.launch.py:
 one edge node per robot in its own namespace (/robot_0, /robot_1, ...), one server node serving all
 of them, and one controller. Each node is a real process; `NodeSet.stop()` ends exactly the
-processes it started (SIGINT, then SIGTERM, then SIGKILL).
+processes it started (SIGINT, then SIGTERM, then SIGKILL). SIGINT, SIGTERM and SIGHUP to bringup
+stop the nodes and exit with 128 + the signal number; a node whose bringup died stops itself.
 
     python -m edge_vlm_ros.bringup --robots 2 --set edge.split_point=vision_block:2
 """
@@ -11,6 +12,7 @@ processes it started (SIGINT, then SIGTERM, then SIGKILL).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import subprocess
@@ -19,6 +21,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .processes import INT_GRACE_S, ChildProcesses, launcher_main
 
 ROLES = ("edge", "server", "controller")
 MODULES = {"edge": "edge_vlm_ros.edge_node", "server": "edge_vlm_ros.server_node",
@@ -66,47 +70,76 @@ class NodeSpec:
 
 
 class NodeSet:
-    """A set of node processes started together and stopped together."""
+    """A set of node processes started together and stopped together (processes.ChildProcesses:
+    each in its own session, each stopping itself when this process dies)."""
 
     def __init__(self, specs: list[NodeSpec], env: dict[str, str] | None = None, log_dir: Path | None = None) -> None:
         self.specs = specs
         self.env = dict(os.environ if env is None else env)
         self.log_dir = log_dir
         self.procs: list[tuple[NodeSpec, subprocess.Popen]] = []
+        self._children = ChildProcesses(self.env)
 
     def start(self) -> "NodeSet":
-        for spec in self.specs:
-            out = None
-            if self.log_dir is not None:
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                out = open(self.log_dir / f"{spec.name or spec.role}.log", "w")
-            # cwd outside any source tree: `python -m` puts the cwd first on sys.path, and a source
-            # checkout there would shadow the installed package (which holds the generated msg/).
-            p = subprocess.Popen(spec.command(), env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                 start_new_session=True, cwd=str(self.log_dir or tempfile.gettempdir()))
-            self.procs.append((spec, p))
+        """Start every node; if one cannot be started (or a stop signal arrives), the ones already
+        started are stopped again before the error propagates."""
+        try:
+            for spec in self.specs:
+                out = None
+                if self.log_dir is not None:
+                    self.log_dir.mkdir(parents=True, exist_ok=True)
+                    out = open(self.log_dir / f"{spec.name or spec.role}.log", "w")
+                # cwd outside any source tree: `python -m` puts the cwd first on sys.path, and a source
+                # checkout there would shadow the installed package (which holds the generated msg/).
+                try:
+                    p = self._children.start(spec.name or spec.role, spec.command(), stdout=out,
+                                             stderr=subprocess.STDOUT if out else None,
+                                             cwd=str(self.log_dir or tempfile.gettempdir()))
+                finally:
+                    if out is not None:
+                        out.close()      # the child has its own copy
+                self.procs.append((spec, p))
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int | None:
+        """Send `sig` to the running process of node `name` (a fault, e.g. SIGKILL) and wait for it."""
+        for spec, p in self.procs:
+            if (spec.name or spec.role) == name and p.poll() is None:
+                p.send_signal(sig)
+                try:
+                    return p.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    return None
+        raise ValueError(f"no running node named {name!r}")
+
+    def restart(self, name: str, params: dict[str, object] | None = None) -> None:
+        """Start node `name` again (after it exited), with `params` layered over its own; its log is appended."""
+        i = next(i for i, (s, _) in enumerate(self.procs) if (s.name or s.role) == name)
+        spec, old = self.procs[i]
+        if old.poll() is None:
+            raise ValueError(f"node {name!r} is still running (pid {old.pid})")
+        spec = dataclasses.replace(spec, params={**spec.params, **(params or {})})
+        out = open(self.log_dir / f"{name}.log", "a") if self.log_dir is not None else None
+        try:   # through ChildProcesses, so stop() and the parent-death handling cover it too
+            p = self._children.start(name, spec.command(), stdout=out, stderr=subprocess.STDOUT if out else None,
+                                     cwd=str(self.log_dir or tempfile.gettempdir()))
+        finally:
+            if out is not None:
+                out.close()
+        self.procs[i] = (spec, p)
 
     def poll(self) -> list[tuple[str, int]]:
         """(name, returncode) of processes that have exited."""
         return [(s.name or s.role, p.returncode) for s, p in self.procs if p.poll() is not None]
 
-    def stop(self, timeout: float = 10.0) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-            alive = [p for _, p in self.procs if p.poll() is None]
-            if not alive:
-                break
-            for p in alive:
-                try:
-                    p.send_signal(sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + timeout
-            for p in alive:
-                try:
-                    p.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
+    def stop(self, timeout: float = INT_GRACE_S) -> dict[str, int | None]:
+        """Stop exactly the started nodes: SIGINT, up to `timeout` s, then SIGTERM, then SIGKILL.
+        Returns {name: exit code}: 0 for a node that shut down cleanly, -N for one killed by signal N."""
+        self._children.stop(int_grace=timeout)
+        return {s.name or s.role: p.returncode for s, p in self.procs}
 
     def __enter__(self) -> "NodeSet":
         return self.start()
@@ -171,6 +204,7 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, object]]:
     return out
 
 
+@launcher_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--robots", type=int, default=1, help="number of robots (edge nodes), default 1")
@@ -196,19 +230,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"created authentication key {path}")
     specs = build_specs(args.robots, sets, args.config_dir, not args.no_controller,
                         keys_dir=None if args.no_auth else resolve_keys_dir(args.keys_dir))
-    nodes = NodeSet(specs).start()
-    print(f"started {len(specs)} nodes: " + ", ".join(s.name for s in specs) + " (Ctrl-C stops them)")
+    nodes = NodeSet(specs)
     try:
+        nodes.start()
+        print(f"started {len(specs)} nodes: " + ", ".join(s.name for s in specs)
+              + " (Ctrl-C, SIGTERM or SIGHUP stops them; exit code 128 + the signal)", flush=True)
         while True:
             dead = nodes.poll()
             if dead:
                 print(f"node(s) exited: {dead}; stopping the rest")
                 return 1
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        return 0
     finally:
-        nodes.stop()
+        print(f"stopped: {nodes.stop()} (exit codes)", flush=True)
 
 
 if __name__ == "__main__":

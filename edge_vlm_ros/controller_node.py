@@ -46,7 +46,7 @@ from .core.types import Outcome
 from .guard import CallbackGuard
 from .msg_auth import make_message_auth
 from .params import declare_config
-from .spin import run_node
+from .spin import exit_node, run_node
 
 
 def format_answer(a, end_to_end_ms: float) -> str:
@@ -89,7 +89,7 @@ class ControllerNode(Node):
                                  lambda m, ra=ra: self._on_chunk(m, ra), qos.ACTION_CHUNK)
             self.guard.subscribe(Episode, topics.for_robot(r, topics.EPISODE),
                                  lambda m, ra=ra: self._on_episode(m, ra), qos.EPISODE)
-            if self.cfg.tick_source == "robot_state":
+            if self.cfg.tick_source == "robot_state" or base.jump_reference == "state":
                 self.guard.subscribe(JointState, topics.for_robot(r, topics.ROBOT_STATE),
                                      lambda m, ra=ra: self._on_state(m, ra), qos.ROBOT_STATE)
             self._robots[r] = ra
@@ -112,6 +112,10 @@ class ControllerNode(Node):
             self._tick(ra, now)
 
     def _on_state(self, msg: JointState, ra: "_RobotActions") -> None:
+        if self.executor_config.jump_reference == "state":
+            ra.executor.observe_state(msg.position)     # the jump check's reference (counted if unusable)
+        if self.cfg.tick_source != "robot_state":
+            return
         ra.last_state_ns = stamp_to_ns(msg.header.stamp)
         self._tick(ra, ra.last_state_ns)
 
@@ -249,4 +253,4 @@ def main(args: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_node(main())

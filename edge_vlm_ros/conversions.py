@@ -191,6 +191,7 @@ def prompt_to_msg(p: PromptRequest) -> Prompt:
     m.max_new_tokens = int(p.max_new_tokens)
     m.episode_id = p.episode_id
     m.proprio = [float(x) for x in p.proprio]
+    m.deadline = ns_to_stamp(p.deadline_ns)
     return m
 
 
@@ -210,7 +211,8 @@ def msg_to_prompt(m: Prompt) -> PromptRequest:
             raise rejected(f"proprio[{i}] = {x} is not finite")
     return PromptRequest(request_id=m.request_id, robot_id=m.robot_id, text=m.text, task=m.task,
                          max_new_tokens=int(m.max_new_tokens), stamp_ns=_rejected_stamp(m.header.stamp),
-                         episode_id=m.episode_id, proprio=proprio)
+                         episode_id=m.episode_id, proprio=proprio,
+                         deadline_ns=_rejected_stamp(m.deadline, "deadline"))
 
 
 def features_to_msg(f: FeaturePacket, sent_at_ns: int) -> VisualFeatures:
@@ -225,6 +227,7 @@ def features_to_msg(f: FeaturePacket, sent_at_ns: int) -> VisualFeatures:
     m.side_info = e.side_info
     m.sent_at = ns_to_stamp(sent_at_ns)
     m.edge_preprocess_ms, m.edge_encode_ms = float(f.edge_preprocess_ms), float(f.edge_encode_ms)
+    m.deadline = ns_to_stamp(f.deadline_ns)
     return m
 
 
@@ -255,7 +258,7 @@ def msg_to_features(m: VisualFeatures) -> FeaturePacket:
     return FeaturePacket(request_id=m.request_id, robot_id=m.robot_id, split_point=m.split_point,
                          model_fingerprint=m.model_fingerprint, encoded=enc, stamp_ns=stamp_ns,
                          sent_at_ns=sent_ns, edge_preprocess_ms=float(m.edge_preprocess_ms),
-                         edge_encode_ms=float(m.edge_encode_ms))
+                         edge_encode_ms=float(m.edge_encode_ms), deadline_ns=_rejected_stamp(m.deadline, "deadline"))
 
 
 def timings_to_msg(t: StageTimings) -> StageTimingsMsg:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from .core.tiny_models import model_note
+from .processes import launcher_main
 from .tools.default_model import ensure, resolve
 
 
@@ -35,6 +36,7 @@ def _samples(n: int, seed: int, robot_index: int):
     return out[:n]
 
 
+@launcher_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--robots", type=int, default=2, help="number of robots (default 2)")
@@ -71,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"message authentication: on (per-robot HMAC keys in {keys_dir})")
     print(f"starting {len(specs)} nodes in ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']} (logs: {log_dir})")
     robots = [s.params["robot_id"] for s in specs if s.role == "edge"]
-    nodes = NodeSet(specs, env=env, log_dir=log_dir).start()
+    nodes = NodeSet(specs, env=env, log_dir=log_dir)
     client = None
     try:
+        nodes.start()
         client = RobotClient(robots, "edge_vlm_demo", auth_keys_dir=str(keys_dir))
         if not client.wait_ready(args.timeout, abort=lambda: bool(nodes.poll())):
             print(f"nodes did not come up within {args.timeout:g} s; exited: {nodes.poll()}; see {log_dir}")

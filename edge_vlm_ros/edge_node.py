@@ -5,9 +5,19 @@ Subscribes (relative, so one instance per robot namespace):
   edge_vlm/flow_control (FlowControl, from the server)
   with task "action" also: robot_state (sensor_msgs/JointState, proprio when send_proprio) and
   sim/episode (Episode: the episode id each request is stamped with)
+  edge_vlm/answer (Answer) and, with task "action", edge_vlm/action_chunk (ActionChunk): the outcomes
+  of its own requests, so it knows which are done
 Publishes: edge_vlm/prompt (Prompt), edge_vlm/features (VisualFeatures),
-  edge_vlm/answer (Answer, only for requests that fail on the robot itself; with task "action" such
+  edge_vlm/answer (Answer, only for requests that end on the robot itself; with task "action" such
   failures go out as an ActionChunk on edge_vlm/action_chunk instead)
+
+One outcome per request even when the server never answers (core.requests): every request carries a
+deadline (request_timeout_s after its prompt arrived, wall clock, in the Prompt and VisualFeatures);
+the edge tracks the requests it published until it hears their outcome, and answers TIMEOUT itself
+for any still open at deadline + deadline_grace_s (the server never answers after the deadline, so
+there is never a second outcome). FlowControl is the server's heartbeat: a PAUSE lapses when no
+heartbeat comes for the server's lease; then new and queued requests get TIMEOUT "server
+unavailable" at once, without being published, until a server is heard again.
 
 Task "action": every prompt message is an action request. Its text is the instruction (the
 controller sends it when its chunk executor reaches the low-water mark); the request goes out as a
@@ -41,12 +51,13 @@ from .conversions import (answer_to_msg, check_episode, check_proprio_state, chu
 from .core.chunks import ActionChunk
 from .core.config import EdgeConfig
 from .core.edge import EdgeEncoder
+from .core.requests import Heard, LeaseStatus, RequestTracker, ServerLease
 from .core.types import AnswerResult, Outcome, PromptRequest
 from .guard import CallbackGuard
 from .msg_auth import make_message_auth
 from .params import declare_config
 from .tools.default_model import resolve
-from .spin import run_node
+from .spin import WORKER_JOIN_S, exit_node, run_node
 
 
 class EdgeNode(Node):
@@ -64,9 +75,11 @@ class EdgeNode(Node):
         self._frame: Image | None = None
         self._frame_seq = 0               # increments per frame received
         self._used_seq = 0                # frame seq of the last request (continuous mode)
-        self._prompts: collections.deque[tuple[str, float]] = collections.deque()
+        # (text, arrival monotonic time, deadline wall-clock ns)
+        self._prompts: collections.deque[tuple[str, float, int]] = collections.deque()
         self._standing_prompt = self.cfg.standing_prompt
-        self._paused = False
+        self.tracker = RequestTracker(self.cfg.max_in_flight, self.cfg.deadline_grace_s)
+        self.lease = ServerLease(self.cfg.server_lease_s)
         self._last_request_t = 0.0
         self._running = True
         self.counters = collections.Counter()
@@ -84,6 +97,11 @@ class EdgeNode(Node):
         self.guard.subscribe(Image, topics.CAMERA, self._on_image, qos.CAMERA)
         self.guard.subscribe(String, topics.PROMPT_TEXT, self._on_prompt, qos.USER_PROMPT)
         self.guard.subscribe(FlowControl, topics.FLOW, self._on_flow, qos.FLOW)
+        # Our own outcomes (the server's and ours): which requests are done.
+        self.guard.subscribe(Answer, topics.ANSWER, self._on_answer, qos.ANSWER)
+        if self.cfg.task == "action":
+            self.guard.subscribe(ActionChunkMsg, topics.ACTION_CHUNK, self._on_chunk, qos.ACTION_CHUNK)
+        self.create_timer(0.1, self._check_deadlines)
         self.create_timer(10.0, self._log_counters)
         self._worker = threading.Thread(target=self._work, name="edge_vlm_encoder", daemon=True)
         self._worker.start()
@@ -92,7 +110,7 @@ class EdgeNode(Node):
     def _on_image(self, msg: Image) -> None:
         stamp_to_ns(msg.header.stamp)   # the request's stamp: refused here, where the guard counts it
         with self._lock:
-            if self._paused and self._frame is not None and self._frame_seq != self._used_seq:
+            if self.lease.paused and self._frame is not None and self._frame_seq != self._used_seq:
                 self.counters["frames_replaced_while_paused"] += 1
             self._frame = msg
             self._frame_seq += 1
@@ -111,11 +129,11 @@ class EdgeNode(Node):
                 self._standing_prompt = text
                 return
             if len(self._prompts) >= self.cfg.max_pending_prompts:
-                old, _ = self._prompts.popleft()
+                old, _, _ = self._prompts.popleft()
                 self.counters["prompts_dropped_queue_full"] += 1
                 self._local_answer(self.encoder.new_request_id(), 0, Outcome.REJECTED,
                                    f"robot prompt queue full ({self.cfg.max_pending_prompts}); dropped: {old[:40]!r}")
-            self._prompts.append((text, time.monotonic()))
+            self._prompts.append((text, time.monotonic(), self.tracker.deadline_after(self.cfg.request_timeout_s)))
             self._lock.notify_all()
 
     def _on_episode(self, msg: Episode) -> None:
@@ -133,19 +151,70 @@ class EdgeNode(Node):
         if not self.msg_auth.check(msg, self.cfg.robot_id, "FlowControl", self.get_logger()):
             self.counters["flow_unauthenticated"] += 1
             return
+        # An unknown state raises here (counted by the guard): it neither pauses nor renews the lease.
+        self.lease.renew(msg.server_id, flow_paused(msg), float(msg.lease_s))
+        self._log_lease_change()
         with self._lock:
-            paused = flow_paused(msg)
-            if paused != self._paused:
-                self.get_logger().info(f"server {msg.server_id}: {'PAUSE' if paused else 'RESUME'} "
-                                       f"(queue depth {msg.queue_depth})")
-                self.counters["pauses" if paused else "resumes"] += 1
-            self._paused = paused
             self._lock.notify_all()
 
+    def _on_answer(self, msg: Answer) -> None:
+        # Only an authenticated outcome closes a request: a forged one must not rob it of its TIMEOUT.
+        if not self.msg_auth.check(msg, self.cfg.robot_id, "Answer", self.get_logger()):
+            self.counters["answers_unauthenticated"] += 1
+            return
+        self._outcome_heard(msg.request_id, "answer")
+
+    def _on_chunk(self, msg: ActionChunkMsg) -> None:
+        if not self.msg_auth.check(msg, self.cfg.robot_id, "ActionChunk", self.get_logger()):
+            self.counters["chunks_unauthenticated"] += 1
+            return
+        self._outcome_heard(msg.request_id, "action chunk")
+
+    def _outcome_heard(self, request_id: str, kind: str) -> None:
+        heard = self.tracker.heard(request_id)
+        if heard in (Heard.LATE, Heard.DUPLICATE):
+            # Should never happen (the server drops requests past their deadline): counted, visible.
+            self.counters[f"outcomes_{heard.value}"] += 1
+            self.get_logger().warning(f"{request_id}: second outcome ({kind}, {heard.value})",
+                                      throttle_duration_sec=2.0)
+
+    # ---- deadlines and server liveness (timer) ----------------------------------------------
+    def _check_deadlines(self) -> None:
+        self._log_lease_change()
+        view = self.lease.view()
+        for e in self.tracker.expire():
+            self.counters["timeouts_no_answer"] += 1
+            why = (f"server unavailable: {view.describe()}" if view.status is not LeaseStatus.ALIVE
+                   else f"no answer from the server ({view.describe()})")
+            self._local_answer(e.request_id, e.stamp_ns, Outcome.TIMEOUT,
+                               f"{why}; no outcome by the request's deadline ({self.cfg.request_timeout_s:g} s) "
+                               f"+ {self.cfg.deadline_grace_s:g} s grace", episode_id=e.episode_id)
+        now_ns = time.time_ns()
+        expired = []
+        with self._lock:
+            while self._prompts and self._prompts[0][2] <= now_ns:
+                expired.append(self._prompts.popleft())
+        for text, t, _ in expired:
+            self.counters["timeouts_queued"] += 1
+            self._local_answer(self.encoder.new_request_id(), 0, Outcome.TIMEOUT,
+                               f"waited {time.monotonic() - t:.1f} s in the robot's prompt queue "
+                               f"({view.describe()}); request deadline {self.cfg.request_timeout_s:g} s")
+
+    def _log_lease_change(self) -> None:
+        v = self.lease.changed()
+        if v is None:
+            return
+        self.counters[f"server_{v.status.value}" + ("_paused" if v.paused else "")] += 1
+        # (rclpy fixes a call site's severity: one call per severity)
+        if v.status is LeaseStatus.EXPIRED:
+            self.get_logger().warning(f"server state: {v.describe()}")
+        else:
+            self.get_logger().info(f"server state: {v.describe()}")
+
     # ---- worker thread -----------------------------------------------------------------------
-    def _next_job(self) -> tuple[str, Image] | None:
-        """Under the lock: the next (prompt, frame) to encode, or None to keep waiting."""
-        if self._paused:
+    def _next_job(self) -> tuple[str, Image, int] | None:
+        """Under the lock: the next (prompt, frame, deadline_ns) to encode, or None to keep waiting."""
+        if self.lease.paused:
             return None
         if self.cfg.request_mode == "continuous":
             if self._frame is None or self._frame_seq == self._used_seq:
@@ -153,13 +222,13 @@ class EdgeNode(Node):
             if self.cfg.max_rate_hz > 0 and time.monotonic() - self._last_request_t < 1.0 / self.cfg.max_rate_hz:
                 return None
             self._used_seq = self._frame_seq
-            return self._standing_prompt, self._frame
+            return self._standing_prompt, self._frame, self.tracker.deadline_after(self.cfg.request_timeout_s)
         while self._prompts:
-            text, t = self._prompts[0]
+            text, t, deadline_ns = self._prompts[0]
             if self._frame is not None:
                 self._prompts.popleft()
                 self._used_seq = self._frame_seq
-                return text, self._frame
+                return text, self._frame, deadline_ns
             if time.monotonic() - t > self.cfg.frame_wait_s:
                 self._prompts.popleft()
                 self.counters["prompts_without_frame"] += 1
@@ -177,13 +246,20 @@ class EdgeNode(Node):
                 if job is None:
                     self._lock.wait(timeout=0.05)
                     continue
-            text, frame = job
+            text, frame, deadline_ns = job
             self._last_request_t = time.monotonic()
-            self._request(text, frame)
+            self._request(text, frame, deadline_ns)
 
-    def _request(self, text: str, frame: Image) -> None:
+    def _request(self, text: str, frame: Image, deadline_ns: int) -> None:
         rid = self.encoder.new_request_id()
         stamp_ns = stamp_to_ns(frame.header.stamp)
+        view = self.lease.view()
+        if view.status is LeaseStatus.EXPIRED:
+            # Known gone: answer now instead of encoding for nobody (and nothing is published, so no
+            # server can answer it too).
+            self.counters["requests_server_unavailable"] += 1
+            self._local_answer(rid, stamp_ns, Outcome.TIMEOUT, f"server unavailable: {view.describe()}")
+            return
         try:
             rgb = image_to_rgb(frame)
         except ValueError as e:
@@ -199,25 +275,36 @@ class EdgeNode(Node):
                     self.counters["requests_without_state"] += 1
                 else:
                     proprio = tuple(float(x) for x in state.position)
+        if not self.tracker.open(rid, deadline_ns, stamp_ns, episode_id):
+            self.counters["requests_refused_in_flight"] += 1
+            self._local_answer(rid, stamp_ns, Outcome.REJECTED, f"{len(self.tracker)} requests of this robot "
+                               f"await their outcome (max_in_flight {self.cfg.max_in_flight})")
+            return
         # Algorithm 1: the prompt goes out first, so the server tokenizes while we encode.
         self.pub_prompt.publish(self._signed(prompt_to_msg(PromptRequest(
-            rid, self.cfg.robot_id, text, stamp_ns, self.cfg.task, self.cfg.max_new_tokens, episode_id, proprio))))
+            rid, self.cfg.robot_id, text, stamp_ns, self.cfg.task, self.cfg.max_new_tokens, episode_id, proprio,
+            deadline_ns=deadline_ns))))
         try:
             packet = self.encoder.encode(rgb, rid, stamp_ns)
         except Exception as e:
             self.counters["encode_errors"] += 1
-            self.get_logger().error(f"encoding {rid} failed: {e}\n{traceback.format_exc()}")
-            self._local_answer(rid, stamp_ns, Outcome.ERROR, f"edge encoding failed: {type(e).__name__}: {e}")
+            # The prompt is out: the server answers it TIMEOUT when its features do not come (or the
+            # robot does, at the deadline). An ERROR from here as well would be a second outcome.
+            self.get_logger().error(f"encoding {rid} failed (its outcome will be a timeout): {e}\n"
+                                    f"{traceback.format_exc()}")
             return
+        packet.deadline_ns = deadline_ns
         self.pub_features.publish(self._signed(features_to_msg(packet, time.time_ns())))
         self.counters["requests"] += 1
 
-    def _local_answer(self, rid: str, stamp_ns: int, outcome: Outcome, reason: str) -> None:
-        self.get_logger().warning(f"{rid}: {outcome.name.lower()}: {reason}")
+    def _local_answer(self, rid: str, stamp_ns: int, outcome: Outcome, reason: str,
+                      episode_id: str | None = None) -> None:
+        """Publish an outcome decided on the robot (the one outcome of `rid`: callers make sure)."""
+        self.get_logger().warning(f"{rid}: {outcome.name.lower()}: {reason}", throttle_duration_sec=1.0)
         if self.cfg.task == "action":
             self.pub_chunk.publish(self._signed(chunk_to_msg(ActionChunk.failure(
-                outcome, reason, request_id=rid, robot_id=self.cfg.robot_id, episode_id=self._episode_id,
-                stamp_ns=stamp_ns))))
+                outcome, reason, request_id=rid, robot_id=self.cfg.robot_id,
+                episode_id=self._episode_id if episode_id is None else episode_id, stamp_ns=stamp_ns))))
             return
         self.pub_answer.publish(self._signed(answer_to_msg(
             AnswerResult(rid, self.cfg.robot_id, outcome, reason, stamp_ns=stamp_ns))))
@@ -226,12 +313,13 @@ class EdgeNode(Node):
         return self.msg_auth.sign(msg, self.cfg.robot_id)
 
     def _log_counters(self) -> None:
-        self.get_logger().info(f"counters: {dict(self.counters)} paused={self._paused} "
+        self.get_logger().info(f"counters: {dict(self.counters)} requests: {dict(self.tracker.counts)} "
+                               f"open={len(self.tracker)} {self.lease.view().describe()} "
                                f"auth_dropped={self.msg_auth.dropped_by_robot()}")
 
     def destroy_node(self) -> None:
         self._running = False
-        self._worker.join(timeout=5)
+        self._worker.join(timeout=WORKER_JOIN_S)
         super().destroy_node()
 
 
@@ -241,4 +329,4 @@ def main(args: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_node(main())

@@ -41,7 +41,7 @@ from .core.config import LiberoBridgeConfig
 from .core.libero_sim import ACTION_DIM, STATE_NAMES, LiberoSim
 from .guard import CallbackGuard
 from .params import declare_config
-from .spin import run_node
+from .spin import WORKER_JOIN_S, exit_node, run_node
 
 _STATUS_NAMES = {Episode.STATUS_RUNNING: "running", Episode.STATUS_SUCCESS: "success",
                  Episode.STATUS_FAILURE: "failure", Episode.STATUS_ERROR: "error", Episode.STATUS_DONE: "done"}
@@ -224,7 +224,7 @@ class LiberoBridgeNode(Node):
         self._running = False
         with self._cv:
             self._cv.notify_all()
-        self._worker.join(timeout=10)
+        self._worker.join(timeout=WORKER_JOIN_S)
         super().destroy_node()
 
 
@@ -234,4 +234,4 @@ def main(args: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_node(main())

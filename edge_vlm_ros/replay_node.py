@@ -34,7 +34,7 @@ from .conversions import flow_paused, ns_to_stamp, rgb_to_image
 from .core.replay_config import ReplayConfig
 from .guard import CallbackGuard
 from .params import declare_config
-from .spin import run_node
+from .spin import WORKER_JOIN_S, exit_node, run_node
 
 _IMAGE_TYPES = (IMAGE_TYPE, COMPRESSED_IMAGE_TYPE)
 
@@ -188,7 +188,7 @@ class ReplayNode(Node):
         self._stop.set()
         if self._replayer is not None:
             self._replayer.stop()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=WORKER_JOIN_S)
         super().destroy_node()
 
 
@@ -198,4 +198,4 @@ def main(args: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_node(main())

@@ -2,7 +2,8 @@
 
 For each robot r in the `robots` parameter:
   subscribes /r/edge_vlm/prompt (Prompt) and /r/edge_vlm/features (VisualFeatures)
-  publishes  /r/edge_vlm/answer (Answer) and /r/edge_vlm/flow_control (FlowControl)
+  publishes  /r/edge_vlm/answer (Answer) and /r/edge_vlm/flow_control (FlowControl; republished every
+             heartbeat_period_s as the server's heartbeat, with the lease robots hold it alive for)
              /r/edge_vlm/action_chunk (ActionChunk), for prompts with task "action" (action_head_path)
 Callbacks convert and hand over to core.server.ServerEngine (bounded inbox; never block); matching
 and batching run on the engine's worker threads. With `auth` (the default) a Prompt or
@@ -36,7 +37,7 @@ from .guard import CallbackGuard
 from .msg_auth import make_message_auth
 from .params import declare_config
 from .tools.default_model import resolve
-from .spin import run_node
+from .spin import WORKER_JOIN_S, exit_node, run_node
 
 
 def load_codebooks(paths: list[str], fingerprint: str) -> dict:
@@ -89,7 +90,9 @@ class ServerNode(Node):
                                  lambda m, r=r: self._on_features(m, r), qos.FEATURES)
         self.engine.start()
         self._publish_flow()
-        self.create_timer(1.0, self._publish_flow)      # periodic state, beside transient-local
+        # The heartbeat: the flow state republished every period with the lease it grants (robots that
+        # hear none for lease_s treat this server as gone, and its PAUSE with it).
+        self.create_timer(self.cfg.heartbeat_period_s, self._publish_flow)
         self.create_timer(10.0, self._log_stats)
         if self.cfg.stats_path:
             self.create_timer(1.0, self._write_stats)
@@ -153,6 +156,7 @@ class ServerNode(Node):
                 msg.queue_depth = len(self.engine.matched)
                 msg.pause_threshold = self.cfg.pause_threshold
                 msg.resume_threshold = self.cfg.resume_threshold
+                msg.lease_s = float(self.cfg.lease_s)
                 pub.publish(self.msg_auth.sign(msg, robot))     # each robot's copy under its own key
 
     def _log_stats(self) -> None:
@@ -172,7 +176,7 @@ class ServerNode(Node):
         os.replace(tmp, self.cfg.stats_path)
 
     def destroy_node(self) -> None:
-        self.engine.stop()
+        self.engine.stop(timeout=WORKER_JOIN_S)
         if self.cfg.stats_path:
             self._write_stats()
         super().destroy_node()
@@ -184,4 +188,4 @@ def main(args: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_node(main())

@@ -4,6 +4,10 @@
 
 Every argument overrides the parameter of the same name from params_file (config/replay.yaml of
 the installed package by default); see `ros2 param describe /edge_vlm_replay <name>`.
+
+SROS2: the node runs in the enclave `enclave` (default /edge_vlm/replay; the policy has it with
+`python -m edge_vlm_ros.tools.sros2 setup --replay`), used only when the user exports
+ROS_SECURITY_KEYSTORE, ROS_SECURITY_ENABLE=true and ROS_SECURITY_STRATEGY.
 """
 
 import os
@@ -35,6 +39,8 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("preload", default_value="false",
                               description="Decode the whole bag into memory before playing."),
         DeclareLaunchArgument("log_level", default_value="info", description="Logging level of the node."),
+        DeclareLaunchArgument("enclave", default_value="/edge_vlm/replay",
+                              description="SROS2 enclave of the node (used only with ROS_SECURITY_ENABLE=true)."),
     ]
     overrides = {
         "bag_path": LaunchConfiguration("bag_path"),
@@ -47,5 +53,6 @@ def generate_launch_description() -> LaunchDescription:
     }
     node = Node(package="edge_vlm_ros", executable="replay_node", name="edge_vlm_replay", output="screen",
                 parameters=[LaunchConfiguration("params_file"), overrides],
-                arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level")])
+                arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level")],
+                ros_arguments=["--enclave", LaunchConfiguration("enclave")])
     return LaunchDescription(args + [node])

@@ -4,6 +4,11 @@ each node's own file from config/, then config/vla.yaml, then the arguments belo
 
     ros2 launch edge_vlm_ros vla.launch.py action_head_path:=/path/to/head model_path:=/path/to/vlm
     ros2 launch edge_vlm_ros vla.launch.py action_head_path:=... sim:=none tick_source:=timer  # a real robot
+
+SROS2: every node runs in its enclave under `enclave_root`, a LIBERO bridge in its robot's (keystore
+and policy from `python -m edge_vlm_ros.tools.sros2 setup --robots robot_0 ...`); security is on only
+when the user exports ROS_SECURITY_KEYSTORE, ROS_SECURITY_ENABLE=true and ROS_SECURITY_STRATEGY. `auth` and
+`auth_keys_dir` are the message authentication parameters of the edge, server and controller nodes.
 """
 
 import os
@@ -13,6 +18,20 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
+
+
+def _enclave_root(context) -> str:
+    root = LaunchConfiguration("enclave_root").perform(context).rstrip("/")
+    if not root.startswith("/"):
+        raise ValueError(f"enclave_root must be an absolute namespace such as /edge_vlm, got {root!r}")
+    return root
+
+
+def _auth():
+    """Message authentication parameters, for the edge, server and controller nodes."""
+    return {"auth": ParameterValue(LaunchConfiguration("auth"), value_type=bool),
+            "auth_keys_dir": ParameterValue(LaunchConfiguration("auth_keys_dir"), value_type=str)}
 
 
 def _nodes(context):
@@ -28,26 +47,31 @@ def _nodes(context):
     sim = LaunchConfiguration("sim").perform(context)
     if sim not in ("libero", "none"):
         raise ValueError(f"sim must be libero or none, got {sim!r}")
+    root = _enclave_root(context)
     robots = [f"robot_{i}" for i in range(n)]
     nodes = []
     for r in robots:
         nodes.append(Node(package="edge_vlm_ros", executable="edge_node", name="edge_vlm_edge", namespace=r,
                           output="screen", parameters=[os.path.join(cfg, "robot.yaml"), vla,
-                                                       {"robot_id": r, "model_path": model}]))
+                                                       {"robot_id": r, "model_path": model, **_auth()}],
+                          ros_arguments=["--enclave", f"{root}/{r}"]))
         if sim == "libero":
             nodes.append(Node(package="edge_vlm_ros", executable="libero_bridge_node", name="edge_vlm_libero_bridge",
                               namespace=r, output="screen",
                               parameters=[vla, {"robot_id": r,
                                                 "suite": LaunchConfiguration("suite").perform(context)}],
-                              additional_env={"MUJOCO_GL": "egl"}))
+                              additional_env={"MUJOCO_GL": "egl"}, ros_arguments=["--enclave", f"{root}/{r}"]))
     nodes.append(Node(package="edge_vlm_ros", executable="server_node", name="edge_vlm_server", output="screen",
                       parameters=[os.path.join(cfg, "server.yaml"), vla,
-                                  {"robots": robots, "model_path": model, "action_head_path": head}]))
+                                  {"robots": robots, "model_path": model, "action_head_path": head, **_auth()}],
+                      ros_arguments=["--enclave", f"{root}/server"]))
     nodes.append(Node(package="edge_vlm_ros", executable="controller_node", name="edge_vlm_controller",
                       output="screen", parameters=[os.path.join(cfg, "controller.yaml"), vla,
                                                    {"robots": robots,
                                                     "tick_source": LaunchConfiguration("tick_source").perform(context),
-                                                    "merge_policy": LaunchConfiguration("merge_policy").perform(context)}]))
+                                                    "merge_policy": LaunchConfiguration("merge_policy").perform(context),
+                                                    **_auth()}],
+                      ros_arguments=["--enclave", f"{root}/controller"]))
     return nodes
 
 
@@ -68,5 +92,13 @@ def generate_launch_description() -> LaunchDescription:
                               description="Controller ticks: robot_state (lock step with the sim) or timer"),
         DeclareLaunchArgument("merge_policy", default_value="temporal_ensembling",
                               description="latest_only | average | weighted | temporal_ensembling"),
+        DeclareLaunchArgument("enclave_root", default_value="/edge_vlm",
+                              description="SROS2 enclaves: <root>/robot_<i> per robot, <root>/server, "
+                                          "<root>/controller (used only with ROS_SECURITY_ENABLE=true)"),
+        DeclareLaunchArgument("auth", default_value="true",
+                              description="Message authentication (HMAC with each robot's key); false is an "
+                                          "explicit, logged opt-out"),
+        DeclareLaunchArgument("auth_keys_dir", default_value="",
+                              description="Folder of the per-robot keys; empty = the package default"),
         OpaqueFunction(function=_nodes),
     ])

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from ..processes import child_env, stop_processes
+
 logger = logging.getLogger(__name__)
 
 _NS_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -171,16 +173,9 @@ class NetnsLink:
         logger.info("%s", res.stderr.strip())
 
     def down(self) -> None:
-        """Stop the processes started through this object, then delete both namespaces."""
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """Stop the processes started through this object (SIGINT, SIGTERM, SIGKILL), then delete
+        both namespaces."""
+        stop_processes(self._procs)
         self._procs.clear()
         res = self._script("down", self.config.ns_a, self.config.ns_b)
         if res.returncode != 0:
@@ -236,9 +231,12 @@ class NetnsLink:
     def popen(
         self, ns: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None, **kwargs: object
     ) -> subprocess.Popen[bytes]:
-        """subprocess.Popen inside ns, stopped again by down(); env as in run()."""
+        """subprocess.Popen inside ns, stopped again by down(); env as in run(). In its own session,
+        with this process registered as its parent (processes.child_env; `ip netns exec` execs the
+        command, so a child calling die_with_parent stops when this process dies)."""
         proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
-            self.command(ns, argv), env=dict(env) if env is not None else self.env(ns), **kwargs
+            self.command(ns, argv), env=child_env(dict(env) if env is not None else self.env(ns)),
+            start_new_session=True, **kwargs
         )
         self._procs.append(proc)
         return proc

@@ -29,13 +29,13 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from ..bag.netns import LinkConfig, find_link_script
+from ..processes import launcher_main, stop_processes
 
 CODECS = {  # robot name -> edge parameters
     "robot_raw": {"split_point": "none", "codec": "image"},
@@ -125,10 +125,6 @@ def worker(spec: dict) -> int:
     from .measure import Probe, latency_summary
     from .procs import ProcessGroup, node_command
 
-    def _term(*_):
-        raise SystemExit(143)  # run the finally below: stop the edge this worker started
-
-    signal.signal(signal.SIGTERM, _term)
     out = Path(spec["out"])
     link = LinkConfig(**spec["link"])
     robots = list(spec["robots"])
@@ -271,12 +267,7 @@ def _one_codec(robot: str, edge_params: dict, *, model: str, images: list[Path],
         server_rss = peak_rss_mb(server.pid) or server_rss
         if w.poll() is None:
             res["error"] = f"{robot}: link worker did not finish within {budget:.0f} s (server exit {server.poll()})"
-            w.terminate()  # its SIGTERM handler stops the edge it started
-            try:
-                w.wait(20)
-            except subprocess.TimeoutExpired:
-                w.kill()
-                w.wait()
+            stop_processes([w], int_grace=20.0)  # on SIGINT the worker stops the edge it started
         server_log.close()
         wlog.close()
     # link.down() (the with block) stopped the worker and the server and deleted the namespaces
@@ -360,6 +351,7 @@ def subprocess_stdout():
     return subprocess.STDOUT
 
 
+@launcher_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="link benchmark worker (started by edge_vlm_ros.bench.run)")
     ap.add_argument("--worker", type=Path, required=True, help="spec JSON written by run_links")

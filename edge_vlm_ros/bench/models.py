@@ -73,9 +73,10 @@ QUICK_VQ = dict(placement="projector", k=4096, generated=128, iters=20, seed=0)
 def quick_codebook(model: str, root: Path | None = None) -> tuple[str, str]:
     """A vq codebook for the quick model at the quick mode's split point (projector), calibrated once
     with tools/calibrate_codebook on training-split scenes (the benchmark frames are test-split)."""
-    import os
     import subprocess
     import sys
+
+    from ..processes import child_env
 
     c = QUICK_VQ
     path = (root or cache_dir()) / f"bench-quick-llava-vq-{c['placement']}-k{c['k']}.safetensors"
@@ -86,7 +87,8 @@ def quick_codebook(model: str, root: Path | None = None) -> tuple[str, str]:
                "--placement", c["placement"], "--generated", str(c["generated"]), "--k", str(c["k"]),
                "--iters", str(c["iters"]), "--seed", str(c["seed"]), "--threads", "1", "--no-progress",
                "--out", str(path)]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        # child_env: the tool ends with this process even if this one is SIGKILLed (see processes)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
         if res.returncode != 0 or not path.is_file():
             raise RuntimeError(f"calibrate_codebook failed ({res.returncode}): {res.stderr[-2000:]}")
     return str(path), desc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..bringup import _param_arg
+from ..processes import INT_GRACE_S, ChildProcesses
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -48,21 +48,24 @@ class Proc:
 
 
 class ProcessGroup:
-    """Started together, stopped together (SIGINT, SIGTERM, SIGKILL); never touches other processes."""
+    """Started together, stopped together (SIGINT, SIGTERM, SIGKILL); never touches other processes.
+    Each process runs in its own session and stops itself if the benchmark dies
+    (processes.ChildProcesses)."""
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
         self.env = env
         self.log_dir = log_dir
         self.procs: list[Proc] = []
+        self._children = ChildProcesses(env)
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None, cpus: str | None = None) -> Proc:
-        """cpus: pin the process to these CPUs (taskset -c, e.g. "0"), as if it had a device of its own."""
+        """cpus: pin the process to these CPUs (taskset -c, e.g. "0"), as if it had a device of its own.
+        taskset execs the command, so the process started is the node itself."""
         if cpus:
             cmd = ["taskset", "-c", cpus, *cmd]
-        out = open(self.log_dir / f"{name}.log", "w")
-        p = subprocess.Popen(cmd, env=env or self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        out.close()
+        with open(self.log_dir / f"{name}.log", "w") as out:
+            p = self._children.start(name, cmd, env=env or self.env, stdout=out, stderr=subprocess.STDOUT)
         proc = Proc(name, p)
         self.procs.append(proc)
         return proc
@@ -76,21 +79,11 @@ class ProcessGroup:
             if v is not None:
                 p.peak_rss_mb = max(v, p.peak_rss_mb or 0.0)
 
-    def stop_one(self, proc: Proc, timeout: float = 10.0) -> int | None:
+    def stop_one(self, proc: Proc, timeout: float = INT_GRACE_S) -> int | None:
         v = peak_rss_mb(proc.popen.pid)
         if v is not None:
             proc.peak_rss_mb = max(v, proc.peak_rss_mb or 0.0)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-            if proc.popen.poll() is not None:
-                break
-            try:
-                proc.popen.send_signal(sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
+        self._children.stop([proc.popen], int_grace=timeout)
         return proc.popen.returncode
 
     def wait_exit(self, proc: Proc, timeout: float) -> int | None:
@@ -102,25 +95,10 @@ class ProcessGroup:
             time.sleep(0.2)
         return proc.popen.poll()
 
-    def stop(self, timeout: float = 10.0) -> dict[str, float | None]:
+    def stop(self, timeout: float = INT_GRACE_S) -> dict[str, float | None]:
         """Stop every process; returns {name: peak RSS MB}."""
         self.sample_rss()
-        alive = [p for p in self.procs if p.popen.poll() is None]
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-            alive = [p for p in alive if p.popen.poll() is None]
-            if not alive:
-                break
-            for p in alive:
-                try:
-                    p.popen.send_signal(sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + timeout
-            for p in alive:
-                try:
-                    p.popen.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
+        self._children.stop(int_grace=timeout)
         return {p.name: (round(p.peak_rss_mb, 1) if p.peak_rss_mb else None) for p in self.procs}
 
     def __enter__(self) -> "ProcessGroup":

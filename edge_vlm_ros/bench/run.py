@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..processes import launcher_main
+
 MODES = {
     # quick: tiny models, a few minutes on a 2-core CPU
     "quick": dict(max_new_tokens=12, fps=30.0, warmup=8, measured=40, sweep_batches=[1, 2, 4, 8, 16],
@@ -205,6 +207,7 @@ def run_graph(p: dict, model: str, bag: Path, best_b: int, out: Path, device: st
     return res
 
 
+@launcher_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=sorted(MODES), default="quick")

@@ -26,6 +26,19 @@ every accepted chunk was checked against.
 
 Every chunk the executor does not use gets a named verdict and a counter; nothing is dropped
 silently (LeRobot users' "observation filtered out" / "only one chunk ever runs" stalls).
+
+Motion safety beyond the limits (both off by default: what a safe step is depends on the action
+space, e.g. LIBERO's gripper legitimately flips from -1 to +1 in one step):
+  jump check   a chunk whose first action to run (the one scheduled at arrival) is further than
+               max_jump (per dimension) or max_jump_norm (Euclidean) from the reference is rejected
+               (verdict rejected_jump). The reference is the measured robot state
+               (jump_reference "state", given with observe_state, in the action's space) or the
+               last executed action ("last_action", the safe action included); with "state" and no
+               state measured yet, the last executed action.
+  rate limit   per tick, the executed action may move at most max_rate (per dimension) from the
+               previous tick's. rate_limit_mode "clamp" moves it by at most max_rate toward the
+               merged action (counted rate_clamped); "reject" discards the chunks that asked for the
+               step, holds the safe action instead (counted rate_rejected, chunks_rate_rejected).
 """
 
 from __future__ import annotations
@@ -83,6 +96,7 @@ class Verdict(str, enum.Enum):
     REJECTED_NON_FINITE = "rejected_non_finite"  # NaN or inf among the actions
     REJECTED_OUT_OF_LIMITS = "rejected_out_of_limits"    # an action outside [low, high]
     REJECTED_FUTURE_STAMP = "rejected_future_stamp"      # stamp ahead of the controller's clock
+    REJECTED_JUMP = "rejected_jump"              # first action too far from the robot state / last action
 
     @property
     def accepted(self) -> bool:
@@ -100,7 +114,8 @@ class TickStatus(str, enum.Enum):
 
 # Counters besides the verdicts.
 TICK_COUNTERS = ("ticks", "safe_ticks", "requests", "request_timeouts", "chunks_completed",
-                 "chunks_evicted", "episode_resets")
+                 "chunks_evicted", "episode_resets", "rate_clamped", "rate_rejected", "chunks_rate_rejected",
+                 "states_unusable")
 
 
 @dataclass(frozen=True, eq=False)
@@ -195,6 +210,18 @@ class ChunkExecutorConfig:
     safe_action: list[float] = _f([], "Action held when none is available (empty: zeros, i.e. zero "
                                       "velocity for velocity control).")
     robot_id: str = _f("", "If set, chunks for another robot_id are dropped.")
+    max_jump: list[float] = _f([], "Jump check, per dimension: a chunk whose first action to run differs from "
+                                   "the reference by more than this is rejected (0 or empty: no limit).")
+    max_jump_norm: float = _f(0.0, "Jump check on the Euclidean norm of the difference to the reference "
+                                   "(0: off).")
+    jump_reference: str = _f("last_action", "What the jump check compares against: last_action (the last "
+                                            "executed action, safe action included) or state (the measured "
+                                            "robot state, same space as the actions; last action until one "
+                                            "is measured).")
+    max_rate: list[float] = _f([], "Rate limit, per dimension: most change of the executed action from one "
+                                   "tick to the next (0 or empty: no limit).")
+    rate_limit_mode: str = _f("clamp", "clamp: move at most max_rate toward the merged action; reject: "
+                                       "discard the chunks asking for a faster change and hold the safe action.")
 
     def __post_init__(self) -> None:
         try:
@@ -220,13 +247,22 @@ class ChunkExecutorConfig:
             raise ValueError(f"low_water_steps {self.low_water_steps} must be >= 0")
         if self.max_chunks < 1 or self.max_chunk_size < 1:
             raise ValueError(f"max_chunks {self.max_chunks} and max_chunk_size {self.max_chunk_size} must be >= 1")
-        for name in ("low", "high", "safe_action"):
+        for name in ("low", "high", "safe_action", "max_jump", "max_rate"):
             v = [float(x) for x in getattr(self, name)]
             object.__setattr__(self, name, v)
             if v and len(v) != self.action_dim:
                 raise ValueError(f"{name} has {len(v)} values, action_dim is {self.action_dim}: {v}")
             if not all(math.isfinite(x) for x in v):
                 raise ValueError(f"{name} must be finite, got {v}")
+        for name in ("max_jump", "max_rate"):
+            if any(x < 0 for x in getattr(self, name)):
+                raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
+        if not (math.isfinite(self.max_jump_norm) and self.max_jump_norm >= 0):
+            raise ValueError(f"max_jump_norm {self.max_jump_norm} must be finite and >= 0 (0: off)")
+        if self.jump_reference not in ("last_action", "state"):
+            raise ValueError(f"jump_reference {self.jump_reference!r}: expected 'last_action' or 'state'")
+        if self.rate_limit_mode not in ("clamp", "reject"):
+            raise ValueError(f"rate_limit_mode {self.rate_limit_mode!r}: expected 'clamp' or 'reject'")
         if bool(self.low) != bool(self.high):
             raise ValueError(f"give both low and high limits or neither, got low={self.low} high={self.high}")
         for d, (lo, hi) in enumerate(zip(self.low, self.high)):
@@ -241,6 +277,13 @@ class ChunkExecutorConfig:
     def safe_action_array(self) -> np.ndarray:
         """(A,) float64."""
         return np.array(self.safe_action or [0.0] * self.action_dim, dtype=np.float64)
+
+
+def _limit_array(values: list[float]) -> np.ndarray | None:
+    """Per-dimension limits (0 = none) as an (A,) float64 array with inf for none; None if all are off."""
+    if not values or not any(values):
+        return None
+    return np.array([v if v > 0 else np.inf for v in values], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -310,6 +353,11 @@ class ChunkExecutor:
         self._requested_for: int | None = None     # seq of the newest chunk when we last requested
         self._next_request_ns = -(2 ** 62)
         self._last_warn_ns: int | None = None
+        # Motion safety: per-dimension limits as (A,) arrays with inf for "no limit", or None if off.
+        self._max_jump = _limit_array(config.max_jump)
+        self._max_rate = _limit_array(config.max_rate)
+        self._last_action: np.ndarray | None = None   # (A,) what the last tick returned
+        self._state: np.ndarray | None = None         # (A,) the newest measured robot state
 
     # ------------------------------------------------------------------ episode and requests
 
@@ -332,7 +380,21 @@ class ChunkExecutor:
             self._in_flight = None
             self._requested_for = None
             self._next_request_ns = -(2 ** 62)
+            self._last_action = None
+            self._state = None
             self._counts["episode_resets"] += 1
+
+    def observe_state(self, state: Sequence[float] | np.ndarray) -> bool:
+        """The measured robot state, the jump check's reference with jump_reference "state".
+
+        Only a finite state of action_dim values is used (returns False and counts it otherwise)."""
+        s = np.asarray(state, dtype=np.float64).reshape(-1)
+        with self._lock:
+            if s.size != self.config.action_dim or not np.isfinite(s).all():
+                self._counts["states_unusable"] += 1
+                return False
+            self._state = s
+            return True
 
     def note_request(self, request_id: str, now_ns: int) -> None:
         """Record the id of the request just sent (after needs_request, or one the node sent on its own)."""
@@ -417,9 +479,13 @@ class ChunkExecutor:
             return SubmitResult(Verdict.DROPPED_DEADLINE, f"observation is {age_s:.3f} s old, deadline "
                                                           f"{cfg.max_chunk_age_s} s")
         live = _Live(c, self._seq, period_ns, m)
-        if live.index_at(now_ns) >= c.chunk_size:
+        first = live.index_at(now_ns)
+        if first >= c.chunk_size:
             return SubmitResult(Verdict.DROPPED_NO_FUTURE_STEPS, f"all {c.chunk_size} steps (period "
                                 f"{c.control_period_s} s) went by during the {age_s:.3f} s since the observation")
+        jump = self._jump(m[max(0, first)], max(0, first))
+        if jump:
+            return SubmitResult(Verdict.REJECTED_JUMP, jump)
         self._seq += 1
         self._live.append(live)
         if len(self._live) > cfg.max_chunks:
@@ -427,6 +493,48 @@ class ChunkExecutor:
             del self._live[0]
             self._counts["chunks_evicted"] += 1
         return SubmitResult(Verdict.ACCEPTED)
+
+    def _jump(self, row: np.ndarray, i: int) -> str:
+        """Why the chunk's first action to run (row i) jumps too far from the reference; "" if it does not."""
+        cfg = self.config
+        if self._max_jump is None and not cfg.max_jump_norm:
+            return ""
+        if cfg.jump_reference == "state" and self._state is not None:
+            ref, name = self._state, "the measured robot state"
+        elif self._last_action is not None:
+            ref, name = self._last_action, "the last executed action"
+        else:
+            return ""   # nothing executed or measured yet this episode
+        diff = row.astype(np.float64) - ref
+        if self._max_jump is not None:
+            over = np.abs(diff) > self._max_jump
+            if over.any():
+                d = int(np.argmax(over))
+                return (f"actions[{i}][{d}] = {float(row[d])} is {abs(float(diff[d])):.6g} from {name} "
+                        f"({float(ref[d])}), max_jump {cfg.max_jump[d]}")
+        norm = float(np.linalg.norm(diff))
+        if cfg.max_jump_norm and norm > cfg.max_jump_norm:
+            return f"actions[{i}] is {norm:.6g} (Euclidean) from {name}, max_jump_norm {cfg.max_jump_norm}"
+        return ""
+
+    def _rate_limit(self, action: np.ndarray, covering: list) -> tuple[np.ndarray, str]:
+        """Apply the per-tick rate limit to a merged action. Returns (action, "" or why it was rejected)."""
+        if self._max_rate is None or self._last_action is None:
+            return action, ""
+        delta = action - self._last_action
+        over = np.abs(delta) > self._max_rate
+        if not over.any():
+            return action, ""
+        d = int(np.argmax(over))
+        if self.config.rate_limit_mode == "clamp":
+            self._counts["rate_clamped"] += 1
+            return self._last_action + np.clip(delta, -self._max_rate, self._max_rate), ""
+        self._counts["rate_rejected"] += 1
+        dropped = {id(lv) for lv, _ in covering}
+        self._live = [lv for lv in self._live if id(lv) not in dropped]
+        self._counts["chunks_rate_rejected"] += len(dropped)
+        return action, (f"action change {abs(float(delta[d])):.6g} in dimension {d} exceeds max_rate "
+                        f"{self.config.max_rate[d]}: {len(dropped)} chunk(s) rejected, holding the safe action")
 
     # ------------------------------------------------------------------ actions out
 
@@ -449,10 +557,19 @@ class ChunkExecutor:
             # Steps still scheduled after this one (a chunk stamped slightly ahead counts in full).
             remaining = max((lv.chunk.chunk_size - 1 - i for lv, i in indexed), default=-1)
             covering = [(lv, i) for lv, i in indexed if i >= 0]
+            rate_rejected = ""
             if covering:
                 action = self._merge([lv.matrix[i] for lv, i in covering])
+                action, rate_rejected = self._rate_limit(action, covering)
                 status, message = TickStatus.ACTING, ""
-            else:
+            if rate_rejected:
+                # The chunks are gone; the robot holds the safe action (reported as starved).
+                action = self._safe.copy()
+                self._counts["safe_ticks"] += 1
+                status, message = TickStatus.STARVED, rate_rejected
+                covering = []
+                remaining = max((lv.chunk.chunk_size - 1 - lv.index_at(now_ns) for lv in self._live), default=-1)
+            elif not covering:
                 action = self._safe.copy()
                 self._counts["safe_ticks"] += 1
                 since = self._last_accept_ns if self._last_accept_ns is not None else self._episode_start_ns
@@ -466,6 +583,7 @@ class ChunkExecutor:
                 else:
                     status = TickStatus.STARVED
                     message = "chunks ran out before the next arrived: holding the safe action"
+            self._last_action = action.copy()
             needs_request = self._decide_request(now_ns, remaining)
             warn = status is not TickStatus.ACTING and (
                 self._last_warn_ns is None or now_ns - self._last_warn_ns >= NS_PER_S)

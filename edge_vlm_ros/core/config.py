@@ -7,6 +7,7 @@ bring-up tool and tests build the same dataclasses from the same YAML.
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -55,6 +56,19 @@ class EdgeConfig:
                           "(its text the instruction) answered with an ActionChunk.")
     send_proprio: bool = _f(False, "task action: attach the newest robot_state (sensor_msgs/JointState "
                                    "position) to each request as proprioception.")
+    request_timeout_s: float = _f(30.0, "Every request gets its outcome within this (from its prompt's "
+                                        "arrival) plus deadline_grace_s: the Prompt carries the deadline "
+                                        "(wall clock), the server never answers after it, and the robot "
+                                        "answers TIMEOUT itself once deadline_grace_s has passed too. Prompts "
+                                        "still queued on the robot (PAUSE) at the deadline get TIMEOUT.")
+    deadline_grace_s: float = _f(1.0, "Covers an answer's transit and the offset between the robot's and "
+                                      "the server's wall clocks (keep them synchronised, NTP/chrony, well "
+                                      "within this).")
+    max_in_flight: int = _f(128, "Most published requests awaiting their outcome; beyond it new requests "
+                                 "are rejected on the robot (bounds the edge's request table).")
+    server_lease_s: float = _f(3.0, "Server liveness: a server that sends no FlowControl heartbeat for this "
+                                    "long (when its message gives no lease_s) is gone: its PAUSE lapses and "
+                                    "new requests get TIMEOUT 'server unavailable' at once.")
     auth: bool = _f(True, "Authenticate every message between robot and server (HMAC-SHA256 with the "
                           "robot's key). false lets any process on the DDS domain forge them; it is logged.")
     auth_keys_dir: str = _f("", "Folder of the per-robot key files <robot>.key (create them with "
@@ -86,6 +100,13 @@ class EdgeConfig:
             raise ValueError(f"max_prompt_chars={self.max_prompt_chars}, max_new_tokens={self.max_new_tokens}")
         if self.task not in ("vqa", "action"):
             raise ValueError(f"task {self.task!r}: expected 'vqa' or 'action'")
+        for name in ("request_timeout_s", "server_lease_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} {v} must be finite and > 0")
+        if not (math.isfinite(self.deadline_grace_s) and self.deadline_grace_s >= 0) or self.max_in_flight < 1:
+            raise ValueError(f"deadline_grace_s={self.deadline_grace_s} (finite, >= 0), max_in_flight="
+                             f"{self.max_in_flight} (>= 1)")
         if self.auth_max_age_s <= 0:
             raise ValueError(f"auth_max_age_s={self.auth_max_age_s} must be > 0")
 
@@ -109,6 +130,15 @@ class ServerConfig:
     inbox_capacity: int = _f(256, "Bound of the receive inbox between callbacks and the matcher thread.")
     match_ttl_s: float = _f(10.0, "A prompt or features waiting longer than this for its partner times out.")
     max_pending: int = _f(256, "Most unmatched halves held; the oldest times out beyond it.")
+    max_bytes_per_robot: int = _f(128 * 1024 * 1024, "Most bytes of unmatched halves (decoded features or "
+                                                     "images, their payloads, prompts) held for one robot; "
+                                                     "a half beyond it is rejected before it is decoded.")
+    max_payload_bytes: int = _f(64 * 1024 * 1024, "Largest payload + side_info of one VisualFeatures "
+                                                  "message; larger ones are rejected on arrival, unqueued.")
+    max_image_side: int = _f(4096, "Split none: largest image height or width accepted (read from the "
+                                   "message and the JPEG frame header before decoding).")
+    max_image_pixels: int = _f(3840 * 2160, "Split none: most pixels (H x W) an image may have; checked "
+                                            "before decoding (a JPEG's frame header included).")
     max_prompt_chars: int = _f(2000, "Longer prompts are rejected.")
     max_prompt_tokens: int = _f(256, "Prompts with more text tokens are rejected.")
     default_max_new_tokens: int = _f(32, "Tokens generated when the prompt does not say.")
@@ -120,6 +150,9 @@ class ServerConfig:
                             "model at start-up; empty = none. It changes answers for every request.")
     action_head_path: str = _f("", "Folder of an action head (action_head_config.json + safetensors) for "
                                    "prompts with task 'action'; empty: serve vqa only.")
+    heartbeat_period_s: float = _f(1.0, "FlowControl is republished this often: the server's heartbeat.")
+    lease_s: float = _f(3.0, "Lease announced in each FlowControl: robots that hear no heartbeat for this "
+                             "long treat the server as gone (its PAUSE lapses). At least 2 heartbeat periods.")
     max_pending_per_robot: int = _f(64, "Most unmatched halves held for one robot; beyond it that robot's "
                                         "oldest half times out, so one robot cannot displace another's.")
     auth: bool = _f(True, "Authenticate every message between robot and server (HMAC-SHA256 with the "
@@ -146,6 +179,14 @@ class ServerConfig:
         if self.inbox_capacity < 1 or self.max_pending < 1 or self.match_ttl_s <= 0:
             raise ValueError(f"inbox_capacity={self.inbox_capacity}, max_pending={self.max_pending}, "
                              f"match_ttl_s={self.match_ttl_s}")
+        if not (math.isfinite(self.heartbeat_period_s) and self.heartbeat_period_s > 0
+                and math.isfinite(self.lease_s) and self.lease_s >= 2 * self.heartbeat_period_s):
+            raise ValueError(f"need heartbeat_period_s > 0 and lease_s >= 2 * heartbeat_period_s, got "
+                             f"{self.heartbeat_period_s}, {self.lease_s}")
+        for name in ("max_bytes_per_robot", "max_payload_bytes", "max_image_side", "max_image_pixels",
+                     "max_prompt_chars", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_pending_per_robot < 1 or self.auth_max_age_s <= 0:
             raise ValueError(f"max_pending_per_robot={self.max_pending_per_robot}, "
                              f"auth_max_age_s={self.auth_max_age_s}")

@@ -55,9 +55,13 @@ class BoundedQueue(Generic[T]):
                 self._cond.wait(timeout)
             return self._items.popleft() if self._items else None
 
-    def get_batch(self, max_items: int, max_wait_s: float, first_timeout: float) -> tuple[list[T], float]:
+    def get_batch(self, max_items: int, max_wait_s: float, first_timeout: float,
+                  wait_until: Callable[[float], float] | None = None) -> tuple[list[T], float]:
         """Wait up to first_timeout for one item, then up to max_wait_s more to fill max_items.
 
+        `wait_until(deadline)`, if given, says until when waiting can gain (the monotonic time by which
+        the next item is expected, capped at deadline; <= now: nothing is coming in time) and is asked
+        again whenever an item arrives: the batch closes at once when nobody else is coming.
         Returns (items, t_first): t_first is the monotonic time the batch started forming.
         """
         with self._cond:
@@ -68,7 +72,8 @@ class BoundedQueue(Generic[T]):
             t_first = time.monotonic()
             deadline = t_first + max_wait_s
             while len(self._items) < max_items:
-                left = deadline - time.monotonic()
+                until = deadline if wait_until is None else min(deadline, wait_until(deadline))
+                left = until - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)

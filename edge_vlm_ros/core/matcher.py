@@ -98,6 +98,10 @@ class Matcher(Generic[P, F]):
         if self._per_group[g] <= 0:
             del self._per_group[g]
 
+    def pending_prompts(self):
+        """(key, time added, prompt) of every prompt still waiting for its features, oldest first."""
+        return ((k, t, item) for k, (t, item) in self._prompts.items())
+
     def pending_of(self, group: Hashable) -> int:
         return self._per_group.get(group, 0)
 

@@ -13,6 +13,13 @@ is the robot namespace the request arrived on, so answers go back to the robot t
 is known by (route, request_id): ids are unique per robot only, and nothing one robot sends can
 match, displace or finish another robot's request.
 
+Deadlines: a request whose halves carry a deadline (wall clock, see msg/Prompt.msg) is never
+answered after it: past the deadline it is dropped wherever it is (on arrival, in the matched queue,
+when its answer is ready) and counted in `stats.past_deadline`, because the robot answers TIMEOUT
+itself once the deadline and its grace have passed and a late answer would be a second outcome. A
+half whose partner has not come is answered TIMEOUT shortly before its deadline (if its TTL has not
+already expired), so a request whose robot died half-way still gets its one outcome in time.
+
 Task "action" (a vision-language-action model): a prompt with task "action" is matched and batched
 like a VQA request; the batch thread runs the language model once over the batch's action requests
 and the configured action head (core.vla.VLAPolicy) turns it into a chunk per request. Such a
@@ -23,7 +30,9 @@ answer, failures included (timeouts, rejections, errors carry the outcome and no
 from __future__ import annotations
 
 import collections
+import heapq
 import logging
+import math
 import threading
 import time
 import traceback
@@ -34,7 +43,7 @@ import numpy as np
 import torch
 
 from .alignedvq import apply_alignedvq, load_server_parts
-from .codec import FeatureCodec, is_image_codec, make_codec, unknown_codec
+from .codec import DecodeLimits, FeatureCodec, is_image_codec, make_codec, unknown_codec
 from .config import ServerConfig
 from .flow import BoundedQueue, DropPolicy, FlowController, FlowEvent
 from .matcher import Matcher
@@ -47,6 +56,8 @@ from .vla import ActionItem, VLAPolicy
 
 LOG = logging.getLogger(__name__)
 
+MAX_PROPRIO = 1024   # values of a prompt's proprioception vector, checked before numpy sees it
+
 
 @dataclass
 class _PromptEntry:
@@ -55,6 +66,9 @@ class _PromptEntry:
     input_ids: list[int]
     max_new_tokens: int
     proprio: np.ndarray | None = None     # task "action": validated against the action head
+    received_t: float = 0.0               # monotonic arrival: with the robot's usual prompt->features
+                                          # gap it says when the features are expected
+    nbytes: int = 0                       # counted against max_bytes_per_robot while unmatched
 
 
 @dataclass
@@ -67,6 +81,7 @@ class _FeatureEntry:
     data: torch.Tensor           # decoded features (T, D), or an (H, W, 3) uint8 image for split none
     decode_ms: float
     token_stats: torch.Tensor | None = None   # (T, 2) [mean, std] from side_info, splits inside a block
+    nbytes: int = 0                           # counted against max_bytes_per_robot while unmatched
 
 
 @dataclass
@@ -85,12 +100,20 @@ class ServerStats:
     batches: int = 0
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
     max_matched_depth: int = 0
+    # Requests dropped unanswered because their deadline passed, by where: "arrival", "queued",
+    # "answer" (the answer was ready too late).
+    past_deadline: collections.Counter = field(default_factory=collections.Counter)
+    # Halves refused by the checks before decoding, by check (payload_bytes, declared_shape, header,
+    # held_bytes, prompt_chars, ...), and the most bytes of unmatched halves held per robot.
+    validation_rejects: collections.Counter = field(default_factory=collections.Counter)
+    max_held_bytes: collections.Counter = field(default_factory=collections.Counter)
 
     def as_dict(self) -> dict:
         return {"prompts": self.prompts, "features": self.features, "answered": dict(self.answered),
                 "reasons": dict(self.reasons), "batches": self.batches,
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-                "max_matched_depth": self.max_matched_depth}
+                "max_matched_depth": self.max_matched_depth, "past_deadline": dict(self.past_deadline),
+                "validation_rejects": dict(self.validation_rejects), "max_held_bytes": dict(self.max_held_bytes)}
 
 
 def check_placement(codec: FeatureCodec, split: SplitPoint) -> None:
@@ -124,6 +147,11 @@ def token_stats_from_side_info(split: SplitPoint, side_info: bytes, n_tokens: in
     return torch.stack([mean, std], dim=-1)
 
 
+# An unmatched half is answered TIMEOUT this long before its request's deadline: the sweep runs every
+# 0.1 s, and the answer must leave before the deadline passes or it would be dropped.
+DEADLINE_MARGIN_NS = 300_000_000
+
+
 class ServerEngine:
     def __init__(self, adapter: VLMAdapter, cfg: ServerConfig,
                  emit_answer: Callable[[str, AnswerResult], None],
@@ -152,12 +180,28 @@ class ServerEngine:
         # AlignedVQ post-dequantization projections, by the hash of the codebook they belong to.
         self._dlp_post = load_server_parts(cfg.codebook_paths, adapter.fingerprint) if cfg.codebook_paths else {}
         self._codecs: dict[tuple[str, str], FeatureCodec] = {}
+        # Unmatched halves held in the matcher, (route, request_id, half) -> bytes, and their sum per
+        # robot (max_bytes_per_robot). Matcher thread only.
+        self._held: dict[tuple[str, str, str], int] = {}
+        self._held_bytes: collections.Counter[str] = collections.Counter()
         # Recently answered request ids (bounded): a late partner of an answered request is dropped
         # instead of waiting for its TTL and answering the same request twice.
         self._finished: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._finished_cap = 4 * cfg.max_pending + cfg.queue_capacity
+        # Unmatched halves by deadline: (deadline_ns, seq, (route, request_id), entry); entries whose half was
+        # matched since are skipped when they come due. Bounded: pruned to the pending ones when large.
+        self._due: list[tuple[int, int, str, object]] = []
+        self._due_seq = 0
         self._running = False
         self._threads: list[threading.Thread] = []
+        # No idle waiting: the prompt arrives before its features (the robot sends it before it
+        # encodes), so the matcher knows which features are coming and, from each robot's recent
+        # prompt->features gap, roughly when. The batch worker waits for company only until the next
+        # expected arrival, and not at all when none is expected within max_batch_wait_ms.
+        self._gap_s: dict[str, float] = {}               # route -> EWMA of prompt->features seconds
+        # (earliest, latest) expected arrival of each pending prompt's features; the matcher thread
+        # replaces the whole list, the batch worker only reads it.
+        self._arrivals: list[tuple[float, float]] = []
         # The number of visual tokens the LLM receives per image is fixed for a model.
         blank = np.full((adapter.image_size, adapter.image_size, 3), 127, np.uint8)
         self.n_image_tokens = int(adapter.server_forward_images([blank]).shape[1])
@@ -170,12 +214,16 @@ class ServerEngine:
             t.start()
             self._threads.append(t)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the threads and answer everything still queued, waiting up to `timeout` s in all
+        for a batch in progress. A node passes a short timeout to keep its 2 s stop budget: a batch
+        still generating then is left to its daemon thread and ends with the process."""
         self._running = False
         self.inbox.wake()
         self.matched.wake()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout=30)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         self._threads.clear()
         for item in self.inbox.drain():
             self._answer_error_for_item(item, Outcome.ERROR, "server shutting down")
@@ -206,6 +254,12 @@ class ServerEngine:
             self.stats.features += 1
         received_ns = received_ns if received_ns is not None else time.time_ns()
         if not self._check_route(packet.robot_id, route, packet.request_id, packet.stamp_ns):
+            return
+        if packet.encoded.payload_bytes() > self.cfg.max_payload_bytes:   # never queued
+            self._count_reject("payload_bytes")
+            self._reply(route, packet.request_id, packet.robot_id, packet.stamp_ns, Outcome.REJECTED,
+                        f"features carry {packet.encoded.payload_bytes()} bytes of payload and side_info, "
+                        f"limit {self.cfg.max_payload_bytes}")
             return
         ok, _ = self.inbox.put(("features", packet, route, received_ns, time.monotonic()))
         if not ok:
@@ -241,10 +295,39 @@ class ServerEngine:
                 next_sweep = now + 0.1
                 for e in self.matcher.evict_expired():
                     self._answer_expired(e.item, e.reason, Outcome.TIMEOUT)
+                self._sweep_deadlines()
+            self._arrivals = self._expected_arrivals()
+
+    def _expected_arrivals(self) -> list[tuple[float, float]]:
+        """When each pending prompt's features are expected (matcher thread): its arrival plus the
+        robot's usual gap, give or take half the gap (at least 2 ms). A robot whose gap is not known
+        yet may send any time up to the batch deadline."""
+        out = []
+        for _, _, entry in self.matcher.pending_prompts():
+            gap = self._gap_s.get(entry.route)
+            if gap is None:
+                out.append((float("-inf"), float("inf")))
+                continue
+            slack = max(0.5 * gap, 0.002)
+            t = entry.received_t + gap
+            out.append((t - slack, t + slack))
+        return out
+
+    def _wait_until(self, deadline: float) -> float:
+        """For the batch worker: until when waiting for another request can gain. Only features
+        expected before the deadline are worth waiting for; overdue ones (a lost message, a stalled
+        robot) are not."""
+        if len(self.inbox):
+            return deadline            # halves being decoded right now may complete a pair
+        now = time.monotonic()
+        due = [late for early, late in self._arrivals if early <= deadline and late >= now]
+        return min(due) if due else float("-inf")
 
     def _handle(self, item: tuple) -> None:
         kind, msg, route, received_ns, received_t = item
         key = (route, msg.request_id)
+        if self._drop_past_deadline(route, msg.request_id, msg.deadline_ns, "arrival"):
+            return
         with self._stats_lock:
             late = key in self._finished
             if late:
@@ -254,6 +337,7 @@ class ServerEngine:
             return
         if kind == "prompt":
             entry = self._prepare_prompt(msg, route)
+            entry.received_t = received_t
             try:
                 pair, expired = self.matcher.add_prompt(key, entry)
             except ValueError as e:  # duplicate request_id: answer it, but leave the original pending
@@ -265,16 +349,27 @@ class ServerEngine:
             except RequestError:
                 # The prompt (if it came) will never be matched: forget it so it gets no second answer.
                 self.matcher.discard(key)
+                self._release(route, msg.request_id, "prompt")
                 raise
             try:
                 pair, expired = self.matcher.add_features(key, entry)
             except ValueError as e:
                 self._reply(route, msg.request_id, msg.robot_id, msg.stamp_ns, Outcome.REJECTED, str(e), mark=False)
                 return
+        if pair is None:
+            self._hold(route, msg.request_id, kind, entry.nbytes)
         for e in expired:
             self._answer_expired(e.item, e.reason, Outcome.TIMEOUT)
+        if pair is None and msg.deadline_ns:
+            self._push_due(msg.deadline_ns, key, entry)
         if pair is not None:
             p, f = pair
+            self._release(p.route, p.prompt.request_id, "prompt")
+            self._release(f.route, f.packet.request_id, "features")
+            if p.received_t and f.received_t >= p.received_t:
+                gap = f.received_t - p.received_t
+                old = self._gap_s.get(route)
+                self._gap_s[route] = gap if old is None else 0.8 * old + 0.2 * gap
             m = _Matched(p, f, time.monotonic())
             ok, _ = self.matched.put(m)
             if not ok:
@@ -287,9 +382,22 @@ class ServerEngine:
             self.flow.update(depth)
 
     def _prepare_prompt(self, p: PromptRequest, route: str) -> _PromptEntry:
+        entry = self._prepare_prompt_entry(p, route)
+        # Text (UTF-8, at most 4 bytes a character) and its token ids are what the prompt holds.
+        entry.nbytes = 4 * len(p.text) + 8 * len(entry.input_ids) + 4 * len(p.proprio)
+        self._check_room(route, p.request_id, "prompt", entry.nbytes)
+        return entry
+
+    def _prepare_prompt_entry(self, p: PromptRequest, route: str) -> _PromptEntry:
         cfg = self.cfg
+        # Cheap length checks first: characters (so bytes <= 4x), then the proprioception vector,
+        # before the tokenizer or numpy sees them.
         if len(p.text) > cfg.max_prompt_chars:
+            self._count_reject("prompt_chars")
             raise rejected(f"prompt has {len(p.text)} characters, limit {cfg.max_prompt_chars}")
+        if len(p.proprio) > MAX_PROPRIO:
+            self._count_reject("proprio_length")
+            raise rejected(f"proprio has {len(p.proprio)} values, limit {MAX_PROPRIO}")
         served = ("vqa", "", "action") if self.policy is not None else ("vqa", "")
         if p.task not in served:
             raise rejected(f"task {p.task!r} is not served by this server (it serves {served[0]!r}"
@@ -342,25 +450,85 @@ class ServerEngine:
         t0 = time.perf_counter()
         codec = self._codec(enc.codec, enc.codebook_hash)
         check_placement(codec, split)
-        data = codec.decode(enc)
+        # Everything the message declares is checked against this model's caps before a byte is
+        # decoded: features must have exactly the shape this model's edge half ships at the split,
+        # images fit the configured side and pixel caps (a JPEG's own frame header included).
+        if not image:
+            want = self.adapter.edge_output_shape(split)
+            if tuple(int(d) for d in enc.shape) != tuple(want):
+                self._count_reject("declared_shape")
+                raise rejected(f"features declare shape {list(enc.shape)}, but split point {split} of this "
+                               f"model ships exactly {list(want)}")
+            limits = DecodeLimits(max_elements=math.prod(want))
+        else:
+            limits = DecodeLimits(max_image_side=self.cfg.max_image_side, max_image_pixels=self.cfg.max_image_pixels)
+        try:
+            codec.check_header(enc, limits)
+        except RequestError:
+            self._count_reject("header")
+            raise
+        # side_info (per-token statistics, small) is checked before the payload is decoded too.
         stats = None
         if not image:
-            check_features(self.adapter, split, data)
-            stats = token_stats_from_side_info(split, enc.side_info, int(data.shape[0]))
-            data = apply_alignedvq(self._dlp_post.get(enc.codebook_hash), data)
+            stats = token_stats_from_side_info(split, enc.side_info, int(enc.shape[0]))
         elif enc.side_info:
             raise rejected(f"side_info of {len(enc.side_info)} bytes is not expected with codec {enc.codec!r}")
+        nbytes = codec.decoded_nbytes(enc) + enc.payload_bytes()
+        self._check_room(route, f.request_id, "features", nbytes)
+        data = codec.decode(enc, limits)
+        if not image:
+            check_features(self.adapter, split, data)
+            data = apply_alignedvq(self._dlp_post.get(enc.codebook_hash), data)
         return _FeatureEntry(f, route, received_ns, received_t, split, data, (time.perf_counter() - t0) * 1e3,
-                             stats)
+                             stats, nbytes)
+
+    # ---- bytes held per robot (matcher thread) -------------------------------------------------
+    def _count_reject(self, check: str) -> None:
+        with self._stats_lock:
+            self.stats.validation_rejects[check] += 1
+
+    def _check_room(self, route: str, request_id: str, half: str, nbytes: int) -> None:
+        """Reject a half that would be held unmatched beyond its robot's max_bytes_per_robot."""
+        partner = "features" if half == "prompt" else "prompt"
+        if (route, request_id, partner) in self._held:
+            return      # its partner is waiting: it matches at once and is not held
+        held = self._held_bytes[route]
+        if held + nbytes > self.cfg.max_bytes_per_robot:
+            self._count_reject("held_bytes")
+            raise rejected(f"robot {route!r} already has {held} bytes of unmatched halves held; this {half} "
+                           f"needs {nbytes} more, limit max_bytes_per_robot={self.cfg.max_bytes_per_robot}")
+
+    def _hold(self, route: str, request_id: str, half: str, nbytes: int) -> None:
+        key = (route, request_id, half)
+        if key in self._held:
+            return
+        self._held[key] = nbytes
+        self._held_bytes[route] += nbytes
+        with self._stats_lock:
+            self.stats.max_held_bytes[route] = max(self.stats.max_held_bytes[route], self._held_bytes[route])
+
+    def _release(self, route: str, request_id: str, half: str) -> None:
+        nbytes = self._held.pop((route, request_id, half), None)
+        if nbytes is not None:
+            self._held_bytes[route] -= nbytes
+
+    def held_bytes(self, route: str) -> int:
+        """Bytes of unmatched halves held for a robot now."""
+        return self._held_bytes[route]
 
     # ---- batch thread ------------------------------------------------------------------------
     def _batch_loop(self) -> None:
         cfg = self.cfg
         while self._running:
-            batch, t_first = self.matched.get_batch(cfg.max_batch_size, cfg.max_batch_wait_ms / 1e3, 0.1)
+            batch, t_first = self.matched.get_batch(cfg.max_batch_size, cfg.max_batch_wait_ms / 1e3, 0.1,
+                                                    wait_until=self._wait_until)
             if not batch:
                 continue
             self.flow.update(len(self.matched))
+            batch = [m for m in batch if not self._drop_past_deadline(
+                m.prompt.route, m.prompt.prompt.request_id, m.prompt.prompt.deadline_ns, "queued")]
+            if not batch:
+                continue
             try:
                 self._run_batch(batch, t_first)
             except Exception as e:
@@ -430,12 +598,16 @@ class ServerEngine:
     # ---- answers -----------------------------------------------------------------------------
     def _finish(self, route: str, p: PromptRequest, outcome: Outcome, reason: str,
                 tokens: list[int] | None = None, timings: StageTimings | None = None) -> None:
+        if self._drop_past_deadline(route, p.request_id, p.deadline_ns, "answer"):
+            return
         text = self.adapter.decode_text(tokens) if tokens else ""
         self._reply(route, p.request_id, p.robot_id, p.stamp_ns, outcome, reason, text, tokens or [], timings)
 
     def _finish_action(self, route: str, p: PromptRequest, chunk: np.ndarray, timings: StageTimings) -> None:
         """An action request served: its chunk (N, A) goes out as an OK ActionChunk."""
         assert self.policy is not None
+        if self._drop_past_deadline(route, p.request_id, p.deadline_ns, "answer"):
+            return
         with self._stats_lock:
             self._finished[(route, p.request_id)] = None
             while len(self._finished) > self._finished_cap:
@@ -488,11 +660,53 @@ class ServerEngine:
 
     def _answer_error_for_item(self, item: tuple, outcome: Outcome, reason: str) -> None:
         msg, route = item[1], item[2]
+        if self._drop_past_deadline(route, msg.request_id, msg.deadline_ns, "answer"):
+            return
         self._reply(route, msg.request_id, msg.robot_id, msg.stamp_ns, outcome, reason)
 
     def _answer_expired(self, entry: object, reason: str, outcome: Outcome) -> None:
         if isinstance(entry, _PromptEntry):
+            self._release(entry.route, entry.prompt.request_id, "prompt")
             self._finish(entry.route, entry.prompt, outcome, reason)
         elif isinstance(entry, _FeatureEntry):
             p = entry.packet
+            self._release(entry.route, p.request_id, "features")
+            if self._drop_past_deadline(entry.route, p.request_id, p.deadline_ns, "answer"):
+                return
             self._reply(entry.route, p.request_id, p.robot_id, p.stamp_ns, outcome, reason)
+
+    # ---- deadlines ---------------------------------------------------------------------------
+    def _drop_past_deadline(self, route: str, request_id: str, deadline_ns: int, where: str) -> bool:
+        """True (and the request is closed here without an answer) when its deadline has passed:
+        the robot answers TIMEOUT itself, so an answer now would be its second outcome."""
+        if not deadline_ns or time.time_ns() <= deadline_ns:
+            return False
+        with self._stats_lock:
+            self.stats.past_deadline[where] += 1
+            self._finished[(route, request_id)] = None
+            while len(self._finished) > self._finished_cap:
+                self._finished.popitem(last=False)
+            self._action_requests.pop((route, request_id), None)
+        LOG.info("request %s dropped unanswered (%s): past its deadline by %.3f s", request_id, where,
+                 (time.time_ns() - deadline_ns) / 1e9)
+        return True
+
+    def _push_due(self, deadline_ns: int, key: tuple[str, str], entry: object) -> None:
+        """Matcher thread: remember an unmatched half, by its (route, request_id) key, so it is answered
+        before its deadline."""
+        self._due_seq += 1
+        heapq.heappush(self._due, (deadline_ns, self._due_seq, key, entry))
+        if len(self._due) > 2 * self.cfg.max_pending + 64:
+            self._due = [d for d in self._due if self.matcher.has(d[2])]
+            heapq.heapify(self._due)
+
+    def _sweep_deadlines(self) -> None:
+        """Matcher thread: answer TIMEOUT for halves still unmatched close to their deadline."""
+        horizon = time.time_ns() + DEADLINE_MARGIN_NS
+        while self._due and self._due[0][0] <= horizon:
+            deadline_ns, _, key, entry = heapq.heappop(self._due)
+            if self.matcher.discard(key):
+                half = "prompt" if isinstance(entry, _PromptEntry) else "features"
+                partner = "features" if half == "prompt" else "prompt"
+                self._answer_expired(entry, f"{half} waited for its {partner}, which did not arrive before "
+                                            f"the request's deadline", Outcome.TIMEOUT)

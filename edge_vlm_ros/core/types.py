@@ -132,6 +132,7 @@ class PromptRequest:
     max_new_tokens: int = 0
     episode_id: str = ""                    # task "action": echoed in the ActionChunk
     proprio: tuple[float, ...] = ()         # task "action": robot state (empty: none)
+    deadline_ns: int = 0                    # wall clock; the server never answers after it (0: none)
 
 
 @dataclass
@@ -145,6 +146,7 @@ class FeaturePacket:
     sent_at_ns: int = 0
     edge_preprocess_ms: float = 0.0
     edge_encode_ms: float = 0.0
+    deadline_ns: int = 0                    # the request's deadline, as in its prompt (0: none)
 
 
 @dataclass

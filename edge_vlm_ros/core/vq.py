@@ -18,14 +18,20 @@ Payload, declared in `EncodedTensor.params`:
   counts of what the stream has coded so far, which pays off when an image repeats codewords
   (flat regions), with a prior weight the encoder picks per stream (2 bits on the wire). The
   encoder falls back to fixed width (and says entropy=none) when coding would not be shorter, so a
-  coded payload is never longer than the fixed-width one, and the decoder accepts only the
-  canonical stream the encoder writes (no trailing or padding bytes).
+  coded payload is never longer than the fixed-width one. After the last stream the coder writes
+  a CRC-32 of all indices (two uniform 16-bit symbols, 4 bytes): almost any byte string is the
+  range code of *some* index sequence, so without it a few percent of random payloads of the right
+  length decoded as valid features. The decoder accepts a coded payload only if it decodes to
+  exactly the declared number of indices, the check matches, and the stream ends exactly where
+  the encoder's would (no trailing or padding bytes, the canonical end).
 
-`decode` validates before decoding: codec name, codebook hash, dtype, shape against the codebook
-dim, params, exact payload length (or a well-formed, fully consumed range-coded stream) and
-indices in [0, K); anything wrong raises RequestError(REJECTED) with the reason. side_info is not
-interpreted here: placements that need per-token LayerNorm statistics put them there with
-`pack_token_stats` and read them with `unpack_token_stats`, and it counts in payload_bytes().
+`check_header` validates what a message declares before anything is decoded: codec name, codebook
+hash, dtype, shape against the codebook dim and the receiver's element cap, params, payload length
+(exact for fixed width, shorter than fixed width when coded). `decode` runs it, then decodes and
+checks indices in [0, K) and that the decoded tensor is finite in its dtype; anything wrong raises
+RequestError(REJECTED) with the reason. side_info is not interpreted here: placements that need
+per-token LayerNorm statistics put them there with `pack_token_stats` and read them with
+`unpack_token_stats`, and it counts in payload_bytes().
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import logging
 import math
 import os
 import threading
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +49,8 @@ import numpy as np
 import torch
 
 from .codebook import Codebook, load_codebook
-from .codec import TORCH_DTYPES, FeatureCodec, check_shape, dtype_name, register_codec
+from .codec import (DEFAULT_LIMITS, TORCH_DTYPES, DecodeLimits, FeatureCodec, check_finite, check_shape,
+                    dtype_name, register_codec)
 from .types import EncodedTensor, rejected
 
 LOG = logging.getLogger(__name__)
@@ -106,6 +114,7 @@ PROB_TOTAL = 1 << PROB_BITS          # frequency total of the static models (and
 # and sends the choice as the stream's first symbol (2 bits).
 ADAPT_LAMBDAS = (16, 64, 256, 1024)
 ADAPT_UNIT = 1 << 12                 # frequency added per coded index; the prior totals lambda * this
+CHECK_BITS = 32                      # CRC-32 of the indices after the last stream of a coded payload
 
 
 class RangeEncoder:
@@ -407,10 +416,13 @@ class IndexCoder:
                 cum, freq = model.interval(s)
                 enc.encode(cum, freq, model.total)
                 model.update(s)
+        crc = index_crc(streams)
+        enc.encode(crc >> 16, 1, 1 << 16)
+        enc.encode(crc & 0xFFFF, 1, 1 << 16)
         return enc.finish()
 
     def decode(self, data: bytes, lengths: list[int], mode: str) -> list[np.ndarray]:
-        """Inverse of encode; ValueError if the stream is corrupt or not canonical."""
+        """Inverse of encode; ValueError if the stream is corrupt, fails its check or is not canonical."""
         if len(lengths) != len(self.static):
             raise ValueError(f"{len(lengths)} stream lengths for {len(self.static)} streams")
         dec = RangeDecoder(data)
@@ -433,8 +445,25 @@ class IndexCoder:
                 model.update(s)
                 seq[t] = s
             out.append(seq)
+        crc = 0
+        for _ in range(2):
+            half = dec.target(1 << 16)
+            dec.consume(half, 1)
+            crc = (crc << 16) | half
+        want = index_crc(out)
+        if crc != want:
+            raise ValueError(f"range-coded stream fails its check (CRC-32 0x{crc:08x}, the decoded "
+                             f"indices give 0x{want:08x}): corrupt or not a vq payload")
         dec.check_end()
         return out
+
+
+def index_crc(streams: list[np.ndarray]) -> int:
+    """CRC-32 of the index streams, in order, as little-endian uint32 values."""
+    crc = 0
+    for seq in streams:
+        crc = zlib.crc32(np.ascontiguousarray(seq, dtype="<u4").tobytes(), crc)
+    return crc
 
 
 # ---- nearest-codeword search ------------------------------------------------------------------
@@ -620,7 +649,7 @@ class VQCodec(FeatureCodec):
                              side_info=b"", codebook_hash=cb.content_hash,
                              params={"bits": str(cb.bits), "entropy": mode})
 
-    def decode(self, enc: EncodedTensor) -> torch.Tensor:
+    def check_header(self, enc: EncodedTensor, limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[int, ...]:
         cb = self.codebook
         if enc.codec != self.name:
             raise rejected(f"vq decoder got a {enc.codec!r} payload")
@@ -629,7 +658,7 @@ class VQCodec(FeatureCodec):
             raise rejected(f"codebook hash mismatch: got {got}, server has {cb.content_hash}")
         if enc.dtype not in FLOAT_DTYPES:
             raise rejected(f"vq decodes to float32, float16 or bfloat16, message says {enc.dtype!r}")
-        shape = check_shape(enc.shape)
+        shape = check_shape(enc.shape, limits.max_elements)
         if len(shape) < 2 or shape[-1] != cb.dim:
             raise rejected(f"vq shape {list(shape)} must be (..., T, {cb.dim}) for this codebook")
         n_tokens = math.prod(shape[:-1])
@@ -641,28 +670,36 @@ class VQCodec(FeatureCodec):
         mode = enc.params.get("entropy")
         if mode not in ENTROPY_MODES:
             raise rejected(f"vq entropy={mode!r}: expected one of {ENTROPY_MODES}")
+        fixed_len = packed_size(cb.stages * cb.groups * n_tokens, cb.bits)
+        if mode == "none" and len(enc.payload) != fixed_len:
+            raise rejected(f"vq payload rejected: payload is {len(enc.payload)} bytes, {n_tokens} tokens x "
+                           f"{cb.stages} stages x {cb.groups} groups at {cb.bits} bits need {fixed_len}")
+        if mode != "none" and len(enc.payload) >= fixed_len:
+            raise rejected(f"vq payload rejected: {mode}-coded payload is {len(enc.payload)} bytes, not shorter "
+                           f"than the fixed-width {fixed_len}")
+        return shape
+
+    def decode(self, enc: EncodedTensor, limits: DecodeLimits = DEFAULT_LIMITS) -> torch.Tensor:
+        shape = self.check_header(enc, limits)
+        cb = self.codebook
+        n_tokens = math.prod(shape[:-1])
         n_streams = cb.stages * cb.groups
-        fixed_len = packed_size(n_streams * n_tokens, cb.bits)
+        mode = enc.params["entropy"]
         try:
             if mode == "none":
-                if len(enc.payload) != fixed_len:
-                    raise ValueError(f"payload is {len(enc.payload)} bytes, {n_tokens} tokens x {cb.stages} "
-                                     f"stages x {cb.groups} groups at {cb.bits} bits need {fixed_len}")
                 flat = unpack_indices(enc.payload, cb.bits, n_streams * n_tokens)
                 bad = int((flat >= cb.k).sum())
                 if bad:
                     raise ValueError(f"{bad} indices are >= K={cb.k} (largest {int(flat.max())})")
             else:
-                if len(enc.payload) >= fixed_len:
-                    raise ValueError(f"{mode}-coded payload is {len(enc.payload)} bytes, not shorter than "
-                                     f"the fixed-width {fixed_len}")
                 streams = self._coder.decode(enc.payload, [n_tokens] * n_streams, mode)
                 flat = np.concatenate(streams)
         except ValueError as e:
             raise rejected(f"vq payload rejected: {e}") from None
         idx = torch.from_numpy(flat).reshape(cb.stages, cb.groups, n_tokens)
         out = self.dequantize(idx)                                           # (T, D) float32
-        return out.to(TORCH_DTYPES[enc.dtype]).reshape(shape)
+        # A codebook's float32 codewords may overflow float16 (or their residual sums anything).
+        return check_finite(out.to(TORCH_DTYPES[enc.dtype]).reshape(shape), "vq features")
 
 
 def index_bits_per_token(enc: EncodedTensor) -> float:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_vlm_ros.processes import launcher_main
+
 
 def _stats(lat_ms: list[float], chunk: int) -> dict:
     a = np.asarray(lat_ms)
@@ -66,10 +68,13 @@ def bench_split(model: str, head: str, n: int, warmup: int, size: int, chunk: in
         os.environ[k] = env[k]
     specs = vla_specs(model, head, with_bridge=False, with_controller=False,
                       overrides={"server": {"max_batch_wait_ms": 0.0}})
-    nodes = NodeSet(specs, env=env, log_dir=work / f"logs_split_{chunk}").start()
-    client = RobotClient(["robot_0"], "edge_vlm_bench_vla", actions=True, auth_keys_dir=str(resolve_keys_dir(None)))
+    nodes = NodeSet(specs, env=env, log_dir=work / f"logs_split_{chunk}")
+    client = None
     lat, failed = [], 0
     try:
+        nodes.start()
+        client = RobotClient(["robot_0"], "edge_vlm_bench_vla", actions=True,
+                             auth_keys_dir=str(resolve_keys_dir(None)))
         if not client.wait_ready(180, abort=lambda: bool(nodes.poll())):
             raise RuntimeError(f"nodes not ready: {nodes.poll()}; logs in {work}")
         client.send_state("robot_0", [0.0] * 8)
@@ -89,13 +94,15 @@ def bench_split(model: str, head: str, n: int, warmup: int, size: int, chunk: in
             if i >= warmup:
                 lat.append(dt)
     finally:
-        client.close()
+        if client is not None:
+            client.close()
         nodes.stop()
     out = _stats(lat, chunk)
     out["failed"] = failed
     return out
 
 
+@launcher_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--chunk-sizes", type=int, nargs="+", default=[1, 8, 16])

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from edge_vlm_ros.processes import launcher_main
+
 
 def peak_memory_mb(pid: int | str = "self") -> float | None:
     """VmHWM (peak resident set) of a live process, in MiB."""
@@ -87,11 +89,13 @@ def run_split(args, model: str, head: str, suite: str, work: Path) -> dict:
         os.environ[k] = env[k]           # the client below joins the same private graph
     specs = vla_specs(model, head, overrides=overrides)
     total = len(args.tasks) * args.trials
-    nodes = NodeSet(specs, env=env, log_dir=work / f"logs_{suite}").start()
-    client = RobotClient(["robot_0"], "edge_vlm_eval", actions=True, auth_keys_dir=str(resolve_keys_dir(None)))
+    nodes = NodeSet(specs, env=env, log_dir=work / f"logs_{suite}")
+    client = None
     peaks: dict[str, float | None] = {}
     t_start = t_end = None
     try:
+        nodes.start()
+        client = RobotClient(["robot_0"], "edge_vlm_eval", actions=True, auth_keys_dir=str(resolve_keys_dir(None)))
         bar = tqdm(total=total, desc=f"{suite} (split)", unit="ep", file=sys.stderr)
         seen = 0
         deadline = time.monotonic() + args.timeout_s
@@ -119,7 +123,8 @@ def run_split(args, model: str, head: str, suite: str, work: Path) -> dict:
             raise TimeoutError(f"the plan did not finish within {args.timeout_s} s; logs in {work}")
         time.sleep(1.5)                  # the controller writes its stats every second
     finally:
-        client.close()
+        if client is not None:
+            client.close()
         nodes.stop()
     bridge = json.loads(bridge_stats.read_text())
     ctl = json.loads(ctl_stats.read_text())["robots"]["robot_0"]
@@ -215,6 +220,7 @@ def run_monolithic(args, model: str, head: str, suite: str, cfg_dir: Path) -> di
             "peak_memory_mb": {"monolithic": peak_memory_mb()}}
 
 
+@launcher_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", action="append", default=None,

@@ -87,7 +87,7 @@ def _bad_packet(harness, mutate):
     (lambda p: setattr(p.encoded, "codec", "zstd9000"), Outcome.REJECTED, "unknown codec"),
     (lambda p: setattr(p, "model_fingerprint", "0123456789abcdef"), Outcome.REJECTED, "fingerprint"),
     (lambda p: setattr(p, "split_point", "vision_block:99"), Outcome.REJECTED, "k must be in"),
-    (lambda p: setattr(p.encoded, "shape", (3, 5)), Outcome.REJECTED, "payload is"),
+    (lambda p: setattr(p.encoded, "shape", (3, 5)), Outcome.REJECTED, "declare shape [3, 5]"),
     (lambda p: setattr(p.encoded, "dtype", "object"), Outcome.REJECTED, "cannot carry dtype"),
     (lambda p: setattr(p.encoded, "payload", np.full(len(p.encoded.payload) // 4, np.nan, np.float32).tobytes()),
      Outcome.REJECTED, "NaN"),

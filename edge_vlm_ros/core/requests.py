@@ -1,0 +1,225 @@
+"""The robot's side of "every request ends in exactly one outcome", free of ROS.
+
+A robot cannot rely on the server to answer: the server may be killed, restarted, partitioned or
+overloaded. Two pieces make the outcome the robot's own responsibility:
+
+- `RequestTracker`: every request the edge publishes is entered with its deadline; the edge marks
+  it done when it hears the request's outcome on its own answer (or action chunk) topic, and gives
+  every request still open at deadline + grace a local TIMEOUT. The table is bounded: a robot with
+  that many requests open refuses new ones locally instead of publishing them.
+- `ServerLease`: the server's FlowControl messages are heartbeats. Each one renews a lease of
+  `lease_s` seconds (measured on the robot's own monotonic clock from the moment it is heard, so
+  no clock agreement is needed for it). A PAUSE holds only while the lease does: a server that dies
+  while it has the robots paused cannot keep them paused, and the next heartbeat of a restarted
+  server brings the robot back on its own.
+
+Why exactly one outcome, and the clock assumption: the Prompt carries its deadline as wall-clock
+time. The server never answers a request after its deadline (it drops it and counts the drop), and
+the robot answers TIMEOUT itself only at deadline + grace. As long as the robot's and the server's
+wall clocks agree to within the grace minus the answer's transit time (NTP or chrony keep hosts
+within milliseconds), a server answer and the robot's own TIMEOUT can never both happen. A request
+already published is never timed out early because the lease expired: a server that is only cut
+off (not dead) might still answer before the deadline.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+NS_PER_S = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    """A request the robot published and has not yet seen an outcome for."""
+
+    request_id: str
+    deadline_ns: int          # wall clock, as carried in the Prompt: the server's last moment to answer
+    give_up_t: float          # the tracker's clock: deadline + grace, when the robot answers TIMEOUT itself
+    stamp_ns: int = 0         # camera frame stamp (echoed in the local outcome)
+    episode_id: str = ""      # task "action": echoed in the local failure chunk
+    opened_t: float = 0.0
+
+
+class Heard(enum.Enum):
+    """What an outcome heard on the robot's own answer topic meant."""
+
+    CLOSED = "closed"                  # the first outcome of an open request: it is done now
+    LATE = "late_after_timeout"        # an outcome for a request the robot already timed out (a second outcome)
+    DUPLICATE = "duplicate"            # a second outcome from elsewhere for a request already closed
+    UNKNOWN = "unknown"                # not an open request of this robot process: the robot's own local
+                                       # outcomes heard back, or another process's (a restarted edge)
+
+
+class RequestTracker:
+    """Open requests with their deadlines, bounded; thread-safe (callbacks, worker and timer share it).
+
+    `clock` is monotonic (local deadlines), `wall_ns` the wall clock the deadline in the message uses.
+    """
+
+    def __init__(self, capacity: int, grace_s: float, clock: Callable[[], float] = time.monotonic,
+                 wall_ns: Callable[[], int] = time.time_ns, remember: int = 4096) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity {capacity} < 1")
+        if not (math.isfinite(grace_s) and grace_s >= 0):
+            raise ValueError(f"grace_s {grace_s} must be finite and >= 0")
+        self.capacity = capacity
+        self.grace_s = grace_s
+        self.clock = clock
+        self.wall_ns = wall_ns
+        self._open: collections.OrderedDict[str, OpenRequest] = collections.OrderedDict()
+        # How recently closed requests ended (bounded): tells a late second outcome from an echo.
+        self._closed: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._remember = remember
+        self._lock = threading.Lock()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def deadline_after(self, timeout_s: float) -> int:
+        """The wall-clock deadline (ns) `timeout_s` from now."""
+        return self.wall_ns() + round(timeout_s * NS_PER_S)
+
+    def open(self, request_id: str, deadline_ns: int, stamp_ns: int = 0, episode_id: str = "") -> bool:
+        """Enter a request about to be published. False (nothing entered) when the table is full or the
+        id is already open: the caller must not publish it and answers it locally."""
+        now = self.clock()
+        give_up = now + (deadline_ns - self.wall_ns()) / NS_PER_S + self.grace_s
+        with self._lock:
+            if len(self._open) >= self.capacity or request_id in self._open:
+                self.counts["refused_table_full" if request_id not in self._open else "refused_duplicate_id"] += 1
+                return False
+            self._open[request_id] = OpenRequest(request_id, deadline_ns, give_up, stamp_ns, episode_id, now)
+            self.counts["opened"] += 1
+            return True
+
+    def heard(self, request_id: str) -> Heard:
+        """An outcome for `request_id` was heard on the robot's answer topic."""
+        with self._lock:
+            if self._open.pop(request_id, None) is not None:
+                self._remember_closed(request_id, "answered")
+                self.counts["answered"] += 1
+                return Heard.CLOSED
+            how = self._closed.get(request_id)
+            if how is None:
+                result = Heard.UNKNOWN
+            elif how == "timeout":
+                # Our own TIMEOUT heard back is the first message after expiry: not a second outcome.
+                self._closed[request_id] = "timeout_echoed"
+                result = Heard.UNKNOWN
+            elif how == "timeout_echoed":
+                result = Heard.LATE
+            else:
+                result = Heard.DUPLICATE
+            self.counts[result.value] += 1
+            return result
+
+    def expire(self) -> list[OpenRequest]:
+        """Remove and return every open request past deadline + grace: the caller answers each TIMEOUT."""
+        now = self.clock()
+        out: list[OpenRequest] = []
+        with self._lock:
+            for rid in [rid for rid, e in self._open.items() if now >= e.give_up_t]:
+                out.append(self._open.pop(rid))
+                self._remember_closed(rid, "timeout")
+            self.counts["timed_out"] += len(out)
+        return out
+
+    def next_expiry_in(self) -> float | None:
+        """Seconds until the earliest open request gives up (None when none is open)."""
+        with self._lock:
+            if not self._open:
+                return None
+            return max(0.0, min(e.give_up_t for e in self._open.values()) - self.clock())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def _remember_closed(self, request_id: str, how: str) -> None:
+        self._closed[request_id] = how
+        self._closed.move_to_end(request_id)
+        while len(self._closed) > self._remember:
+            self._closed.popitem(last=False)
+
+
+class LeaseStatus(enum.Enum):
+    UNKNOWN = "unknown"    # no server heard yet (it may be starting): requests are published
+    ALIVE = "alive"        # a heartbeat within the lease
+    EXPIRED = "expired"    # the server was heard, then fell silent for longer than its lease
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    status: LeaseStatus
+    paused: bool           # PAUSE in force: only while the lease is alive
+    server_id: str
+    silent_s: float        # since the last heartbeat (inf when none was heard)
+    lease_s: float
+
+    def describe(self) -> str:
+        if self.status is LeaseStatus.UNKNOWN:
+            return "no server heartbeat heard yet"
+        if self.status is LeaseStatus.EXPIRED:
+            return (f"no heartbeat from server {self.server_id!r} for {self.silent_s:.1f} s "
+                    f"(lease {self.lease_s:g} s)")
+        return f"server {self.server_id!r} alive ({'PAUSE' if self.paused else 'RESUME'})"
+
+
+class ServerLease:
+    """The server's liveness and flow state as the robot sees it, from FlowControl heartbeats."""
+
+    def __init__(self, default_lease_s: float, max_lease_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not (math.isfinite(default_lease_s) and 0 < default_lease_s <= max_lease_s):
+            raise ValueError(f"need 0 < default_lease_s ({default_lease_s}) <= max_lease_s ({max_lease_s})")
+        self.default_lease_s = default_lease_s
+        self.max_lease_s = max_lease_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._heard_t: float | None = None
+        self._lease_s = default_lease_s
+        self._paused = False
+        self._server_id = ""
+        self._reported = LeaseStatus.UNKNOWN
+        self._reported_paused = False
+
+    def renew(self, server_id: str, paused: bool, lease_s: float) -> None:
+        """A heartbeat (FlowControl) was heard. A lease of 0, or one that is not finite, means the
+        default; a longer one than max_lease_s is capped, so no message can pause a robot for good."""
+        if not math.isfinite(lease_s) or lease_s <= 0:
+            lease_s = self.default_lease_s
+        with self._lock:
+            self._heard_t = self.clock()
+            self._lease_s = min(float(lease_s), self.max_lease_s)
+            self._paused = bool(paused)
+            self._server_id = server_id
+
+    def view(self) -> LeaseView:
+        with self._lock:
+            return self._view(self.clock())
+
+    def _view(self, now: float) -> LeaseView:
+        if self._heard_t is None:
+            return LeaseView(LeaseStatus.UNKNOWN, False, "", math.inf, self._lease_s)
+        silent = now - self._heard_t
+        status = LeaseStatus.ALIVE if silent < self._lease_s else LeaseStatus.EXPIRED
+        return LeaseView(status, self._paused and status is LeaseStatus.ALIVE, self._server_id, silent, self._lease_s)
+
+    @property
+    def paused(self) -> bool:
+        return self.view().paused
+
+    def changed(self) -> LeaseView | None:
+        """The current view when status or pause state changed since the last call (for logging and
+        counting the transitions once), else None."""
+        with self._lock:
+            v = self._view(self.clock())
+            if v.status is self._reported and v.paused == self._reported_paused:
+                return None
+            self._reported, self._reported_paused = v.status, v.paused
+            return v

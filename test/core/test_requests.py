@@ -1,0 +1,163 @@
+"""RequestTracker and ServerLease without ROS: deadlines, one outcome per request, lease expiry."""
+
+import math
+import threading
+
+import pytest
+
+from edge_vlm_ros.core.requests import Heard, LeaseStatus, RequestTracker, ServerLease
+
+
+class Clocks:
+    """A monotonic and a wall clock that the test moves together."""
+
+    def __init__(self):
+        self.t = 100.0
+        self.wall = 1_700_000_000_000_000_000
+
+    def mono(self):
+        return self.t
+
+    def wall_ns(self):
+        return self.wall
+
+    def advance(self, s):
+        self.t += s
+        self.wall += round(s * 1e9)
+
+
+def tracker(capacity=4, grace_s=1.0):
+    c = Clocks()
+    return c, RequestTracker(capacity, grace_s, clock=c.mono, wall_ns=c.wall_ns, remember=8)
+
+
+def test_request_times_out_only_after_deadline_plus_grace():
+    c, tr = tracker(grace_s=1.0)
+    assert tr.open("a", tr.deadline_after(3.0), stamp_ns=5, episode_id="ep")
+    c.advance(3.9)
+    assert tr.expire() == []                      # past the deadline, inside the grace
+    assert tr.next_expiry_in() == pytest.approx(0.1)
+    c.advance(0.2)
+    [e] = tr.expire()
+    assert (e.request_id, e.stamp_ns, e.episode_id) == ("a", 5, "ep")
+    assert len(tr) == 0 and tr.expire() == []
+    # The robot's own TIMEOUT comes back on its answer topic first; any answer after that is a second
+    # outcome: reported, never a new close.
+    assert tr.heard("a") is Heard.UNKNOWN
+    assert tr.heard("a") is Heard.LATE
+    assert tr.counts["late_after_timeout"] == 1 and tr.counts["timed_out"] == 1
+
+
+def test_answer_closes_and_a_repeat_is_a_duplicate():
+    c, tr = tracker()
+    tr.open("a", tr.deadline_after(1.0))
+    assert tr.heard("a") is Heard.CLOSED
+    c.advance(10)
+    assert tr.expire() == []                      # answered: never timed out
+    assert tr.heard("a") is Heard.DUPLICATE
+    assert tr.heard("never-sent") is Heard.UNKNOWN
+
+
+def test_table_is_bounded_and_refuses_instead_of_evicting():
+    c, tr = tracker(capacity=2)
+    assert tr.open("a", tr.deadline_after(1.0)) and tr.open("b", tr.deadline_after(1.0))
+    assert not tr.open("c", tr.deadline_after(1.0))
+    assert not tr.open("a", tr.deadline_after(1.0))          # an id already open
+    assert tr.counts["refused_table_full"] == 1 and tr.counts["refused_duplicate_id"] == 1
+    tr.heard("a")
+    assert tr.open("c", tr.deadline_after(1.0))
+    # The memory of closed ids is bounded too.
+    for i in range(50):
+        tr.open(f"x{i}", tr.deadline_after(1.0)) and tr.heard(f"x{i}")
+    assert len(tr._closed) <= 8
+
+
+def test_deadline_already_past_expires_at_the_grace():
+    c, tr = tracker(grace_s=0.5)
+    tr.open("a", c.wall - 2_000_000_000)       # the deadline passed 2 s ago (e.g. waited queued)
+    [e] = tr.expire()
+    assert e.request_id == "a"
+
+
+def test_threads_give_each_request_exactly_one_end():
+    c, tr = tracker(capacity=10_000)
+    ids = [f"r{i}" for i in range(2000)]
+    for rid in ids:
+        tr.open(rid, tr.deadline_after(0.0))
+    c.advance(5)
+    ends = []
+    lock = threading.Lock()
+
+    def answer():
+        for rid in ids:
+            if tr.heard(rid) is Heard.CLOSED:
+                with lock:
+                    ends.append(rid)
+
+    def timeout():
+        got = tr.expire()
+        with lock:
+            ends.extend(e.request_id for e in got)
+    ts = [threading.Thread(target=answer), threading.Thread(target=timeout)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert sorted(ends) == sorted(ids)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="capacity"):
+        RequestTracker(0, 1.0)
+    with pytest.raises(ValueError, match="grace_s"):
+        RequestTracker(4, math.nan)
+    with pytest.raises(ValueError, match="default_lease_s"):
+        ServerLease(0.0)
+
+
+def lease(default=3.0, max_lease=10.0):
+    c = Clocks()
+    return c, ServerLease(default, max_lease, clock=c.mono)
+
+
+def test_pause_expires_with_its_lease_and_a_heartbeat_resumes():
+    c, ls = lease()
+    v = ls.view()
+    assert v.status is LeaseStatus.UNKNOWN and not v.paused and "no server" in v.describe()
+    ls.renew("server", paused=True, lease_s=2.0)
+    assert ls.paused and ls.view().status is LeaseStatus.ALIVE
+    c.advance(1.9)
+    assert ls.paused
+    c.advance(0.2)
+    v = ls.view()
+    assert v.status is LeaseStatus.EXPIRED and not v.paused
+    assert "no heartbeat from server 'server'" in v.describe() and "lease 2 s" in v.describe()
+    # A restarted server's first heartbeat (RESUME) brings the robot back.
+    ls.renew("server", paused=False, lease_s=2.0)
+    assert ls.view().status is LeaseStatus.ALIVE and not ls.paused
+
+
+def test_lease_from_the_message_is_capped_and_defaults_when_absent():
+    c, ls = lease(default=3.0, max_lease=10.0)
+    ls.renew("s", paused=True, lease_s=1e9)      # no message can pause a robot for good
+    c.advance(10.5)
+    assert not ls.paused
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        ls.renew("s", paused=True, lease_s=bad)
+        assert ls.view().lease_s == 3.0
+    c.advance(3.1)
+    assert not ls.paused
+
+
+def test_changed_reports_each_transition_once():
+    c, ls = lease()
+    assert ls.changed() is None                   # still unknown
+    ls.renew("s", paused=False, lease_s=1.0)
+    assert ls.changed().status is LeaseStatus.ALIVE
+    assert ls.changed() is None
+    ls.renew("s", paused=True, lease_s=1.0)
+    assert ls.changed().paused
+    c.advance(1.5)
+    v = ls.changed()
+    assert v.status is LeaseStatus.EXPIRED and not v.paused
+    assert ls.changed() is None

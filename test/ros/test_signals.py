@@ -1,0 +1,238 @@
+"""Every way of stopping a command stops everything it started, and every node stops cleanly.
+
+Each launcher runs as an operator would start it (`python -m ...`, in its own session) with a
+marker in its environment; every process it starts inherits the marker. After the signal the test
+checks, within a bounded time, that no process carrying the marker is alive: the descendants seen
+before the signal and any process re-parented to init (an orphan) alike. A node answers SIGTERM
+with exit code 0 within 2 s and leaves the DDS graph at once (its participant destroyed, not timed
+out by its lease).
+"""
+
+import ast
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import psutil
+import pytest
+
+from edge_vlm_ros.bringup import NodeSet, build_specs
+from edge_vlm_ros.client import RobotClient
+from edge_vlm_ros.tools.default_model import ensure
+
+MARK = "EDGE_VLM_SIGNALS_TEST"
+NODE_STOP_S = 2.0          # a node's budget from SIGTERM to exit
+CHILDREN_GONE_S = 12.0     # launcher: SIGINT grace 5 s + SIGTERM grace 3 s + slack for a loaded machine
+LAUNCHER_EXIT_S = 30.0     # the launcher itself may also spend seconds in interpreter teardown (torch)
+ORPHANS_GONE_S = 5.0       # after the launcher is SIGKILLed: parent-death signal, then a node's stop
+READY_S = 240.0            # model loading on a shared 2-core machine
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class Launched:
+    """A command started in its own session, with a marker every process it starts inherits."""
+
+    def __init__(self, module: str, args: list[str], env: dict[str, str], tmp_path, name: str) -> None:
+        self.token = uuid.uuid4().hex
+        self.log = tmp_path / f"{name}.log"
+        self.keys_dir = tmp_path / "keys"      # the launcher creates its robots' keys here
+        env = {**env, MARK: self.token, "EDGE_VLM_KEYS_DIR": str(self.keys_dir)}
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env,
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         cwd=str(tmp_path))
+        self.seen: dict[int, psutil.Process] = {}
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            kids = []
+        for k in kids:
+            self.seen.setdefault(k.pid, k)
+        return kids
+
+    def marked(self) -> list[psutil.Process]:
+        """Every live process (not the launcher) whose environment carries this run's marker."""
+        out = []
+        for p in psutil.process_iter():
+            if p.pid == self.proc.pid:
+                continue
+            try:
+                if p.environ().get(MARK) == self.token and _running(p):
+                    out.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        return out
+
+    def wait_until(self, predicate, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert self.proc.poll() is None, f"{what}: launcher exited {self.proc.returncode}:\n{self.text()[-3000:]}"
+            assert time.monotonic() < deadline, f"{what}: not within {timeout} s:\n{self.text()[-3000:]}"
+            time.sleep(0.2)
+
+    def wait_children(self, n: int, timeout: float = 120.0) -> None:
+        self.wait_until(lambda: len(self.descendants()) >= n, timeout, f"{n} child processes")
+
+    def signal_and_check(self, sig: int, children_bound: float) -> tuple[float, float]:
+        """Send sig to the launcher; assert every process it started is gone within children_bound s
+        and the launcher exits. Returns (seconds until the children were gone, until the launcher exited)."""
+        self.descendants()
+        assert self.seen, "the launcher has started nothing yet"
+        t0 = time.monotonic()
+        self.proc.send_signal(sig)
+        gone = None
+        while time.monotonic() - t0 < max(children_bound, LAUNCHER_EXIT_S):
+            if gone is None and not any(_running(p) for p in self.seen.values()) and not self.marked():
+                gone = time.monotonic() - t0
+            if gone is not None and self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        left = [(p.pid, " ".join(p.cmdline()[:4])) for p in self.marked()]
+        try:
+            assert gone is not None and gone < children_bound, \
+                f"still alive {children_bound} s after {signal.Signals(sig).name}: {left}\n{self.text()[-3000:]}"
+            assert self.proc.poll() is not None, f"launcher still running {LAUNCHER_EXIT_S} s after the signal"
+        finally:
+            for p in self.marked():   # never leave anything behind, even when the check failed
+                p.kill()
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        return gone, time.monotonic() - t0
+
+    def node_exit_codes(self) -> dict[str, int]:
+        m = re.search(r"stopped: (\{.*\}) \(exit codes\)", self.text())
+        assert m, self.text()[-3000:]
+        return ast.literal_eval(m.group(1))
+
+
+def _wait_ready(robots, keys_dir, timeout=READY_S, abort=None):
+    client = RobotClient(robots, f"test_signals_{os.getpid()}", auth_keys_dir=str(keys_dir))
+    try:
+        assert client.wait_ready(timeout, abort=abort), "nodes not ready"
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+# ---- nodes --------------------------------------------------------------------------------------
+def test_each_node_answers_sigterm_with_exit_0_within_2s_and_leaves_the_graph(ros_env, tmp_path):
+    specs = build_specs(1, with_controller=True, keys_dir=tmp_path / "keys")
+    nodes = NodeSet(specs, env=ros_env, log_dir=tmp_path / "logs")
+    client = None
+    try:
+        nodes.start()
+        client = _wait_ready(["robot_0"], tmp_path / "keys", abort=lambda: bool(nodes.poll()))
+        graph = lambda: {n for n, _ in client.node.get_node_names_and_namespaces()}  # noqa: E731
+        assert client.wait_for(lambda: {"edge_vlm_edge", "edge_vlm_server", "edge_vlm_controller"} <= graph(), 60)
+        ros_name = {"edge": "edge_vlm_edge", "server": "edge_vlm_server", "controller": "edge_vlm_controller"}
+        times = {}
+        for spec, p in nodes.procs:
+            t0 = time.monotonic()
+            p.send_signal(signal.SIGTERM)
+            try:
+                rc = p.wait(10)
+            except subprocess.TimeoutExpired:
+                rc = None
+            times[spec.name] = took = time.monotonic() - t0
+            log = (tmp_path / "logs" / f"{spec.name}.log").read_text()[-2000:]
+            assert rc == 0, f"{spec.name}: exit {rc} after SIGTERM\n{log}"
+            assert took < NODE_STOP_S, f"{spec.name}: {took:.2f} s from SIGTERM to exit\n{log}"
+            # a destroyed participant announces that it leaves; a killed one stays until its lease
+            # runs out (Fast DDS default 20 s)
+            assert client.wait_for(lambda: ros_name[spec.role] not in graph(), 5.0), \
+                f"{spec.name} still in the graph 5 s after it exited: {graph()}"
+        print("SIGTERM -> exit 0 in: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
+    finally:
+        if client is not None:
+            client.close()
+        nodes.stop()
+
+
+# ---- launchers ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_bringup_stop_signal_stops_every_node_cleanly(sig, ros_env, tmp_path):
+    run = Launched("edge_vlm_ros.bringup", ["--robots", "1"], ros_env, tmp_path, "bringup")
+    client = None
+    try:
+        run.wait_children(3)
+        client = _wait_ready(["robot_0"], run.keys_dir, abort=lambda: run.proc.poll() is not None)
+        gone, exited = run.signal_and_check(sig, CHILDREN_GONE_S)
+    finally:
+        if client is not None:
+            client.close()
+    assert run.proc.returncode == 128 + sig, run.text()[-3000:]
+    # the nodes stopped on the launcher's SIGINT, cleanly, not by its SIGTERM/SIGKILL escalation
+    assert run.node_exit_codes() == {"edge_robot_0": 0, "server": 0, "controller": 0}
+    print(f"bringup {signal.Signals(sig).name}: nodes gone after {gone:.2f} s, bringup exited after {exited:.2f} s")
+
+
+def test_sigkilled_bringup_leaves_no_node_behind(ros_env, tmp_path):
+    run = Launched("edge_vlm_ros.bringup", ["--robots", "1"], ros_env, tmp_path, "bringup")
+    client = None
+    try:
+        run.wait_children(3)
+        client = _wait_ready(["robot_0"], run.keys_dir, abort=lambda: run.proc.poll() is not None)
+        gone, _ = run.signal_and_check(signal.SIGKILL, ORPHANS_GONE_S)
+    finally:
+        if client is not None:
+            client.close()
+    print(f"bringup SIGKILL: orphaned nodes gone after {gone:.2f} s")
+
+
+def test_demo_sigterm_while_answering_stops_everything(ros_env, tmp_path):
+    run = Launched("edge_vlm_ros.demo", ["--robots", "1", "--questions", "50", "--log-dir", str(tmp_path / "logs")],
+                   ros_env, tmp_path, "demo")
+    run.wait_children(3)
+    run.wait_until(lambda: "A: " in run.text(), READY_S, "the demo's first answer")
+    gone, exited = run.signal_and_check(signal.SIGTERM, CHILDREN_GONE_S)
+    assert run.proc.returncode == 128 + signal.SIGTERM, run.text()[-3000:]
+    print(f"demo SIGTERM: nodes gone after {gone:.2f} s, demo exited after {exited:.2f} s")
+
+
+def test_bench_vla_sigterm_while_its_nodes_start(ros_env, tmp_path):
+    # the VLA node set (vla_bringup specs); the signal arrives while the nodes load their models
+    run = Launched("edge_vlm_ros.tools.bench_vla", ["--chunk-sizes", "2", "--requests", "2", "--warmup", "0",
+                                                   "--out", str(tmp_path / "bench_vla.json")],
+                   ros_env, tmp_path, "bench_vla")
+    run.wait_children(2, READY_S)
+    gone, exited = run.signal_and_check(signal.SIGTERM, CHILDREN_GONE_S)
+    assert run.proc.returncode == 128 + signal.SIGTERM, run.text()[-3000:]
+    print(f"bench_vla SIGTERM: nodes gone after {gone:.2f} s, exited after {exited:.2f} s")
+
+
+def test_sigkilled_eval_libero_leaves_no_node_behind(ros_env, tmp_path):
+    # bridge, edge, server, controller: every one ends with the launcher
+    run = Launched("edge_vlm_ros.tools.eval_libero", ["--tasks", "0", "--trials", "1", "--max-steps", "5",
+                                                     "--out", str(tmp_path / "libero.json")],
+                   ros_env, tmp_path, "eval_libero")
+    run.wait_children(4, READY_S)
+    time.sleep(3.0)   # past the import phase of at least some of them
+    gone, _ = run.signal_and_check(signal.SIGKILL, ORPHANS_GONE_S)
+    print(f"eval_libero SIGKILL: orphaned nodes gone after {gone:.2f} s")
+
+
+def test_bench_run_sigterm_stops_its_process_group(ros_env, tmp_path):
+    run = Launched("edge_vlm_ros.bench.run", ["--mode", "quick", "--out", str(tmp_path / "bench"), "--model", ensure(),
+                                              "--sections", "graph", "--robots", "1", "--pinned", "no"],
+                   ros_env, tmp_path, "bench_run")
+    run.wait_children(2, READY_S)
+    gone, exited = run.signal_and_check(signal.SIGTERM, CHILDREN_GONE_S)
+    assert run.proc.returncode == 128 + signal.SIGTERM, run.text()[-3000:]
+    print(f"bench.run SIGTERM: nodes gone after {gone:.2f} s, exited after {exited:.2f} s")

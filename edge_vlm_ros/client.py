@@ -18,6 +18,8 @@ import threading
 import time
 from collections import defaultdict
 
+import logging
+
 import numpy as np
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
@@ -28,17 +30,23 @@ from std_msgs.msg import String
 from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, FlowControl, Prompt, RobotAction
 
 from . import qos, topics
-from .conversions import flow_paused, msg_to_answer, msg_to_chunk, ns_to_stamp, rgb_to_image
+from .conversions import flow_paused, msg_to_answer, msg_to_chunk, ns_to_stamp, rgb_to_image, stamp_to_ns
 from .core.chunks import ActionChunk
 from .core.types import AnswerResult
 from .core.auth import Authenticator
 from .guard import CallbackGuard
 from .msg_auth import MessageAuth
 
+LOG = logging.getLogger(__name__)
 
 def isolated_ros_env(domain_id: int | None = None) -> dict[str, str]:
-    """Environment for a private DDS graph: own domain id, discovery limited to this host."""
+    """Environment for a private DDS graph, discovery limited to this host. The domain id: the one
+    passed, else the ROS_DOMAIN_ID this process was given (a test run's or CI job's private domain:
+    programs started inside it stay inside it), else a random one."""
     env = dict(os.environ)
+    given = os.environ.get("ROS_DOMAIN_ID", "").strip()
+    if domain_id is None and given:
+        domain_id = int(given)
     env["ROS_DOMAIN_ID"] = str(domain_id if domain_id is not None else random.randint(101, 199))
     env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     env.pop("ROS_LOCALHOST_ONLY", None)
@@ -47,8 +55,16 @@ def isolated_ros_env(domain_id: int | None = None) -> dict[str, str]:
     return env
 
 
+PROBE_TEXT = "edge_vlm_ros client readiness probe"
+
+
 class RobotClient:
-    """Publishes to and listens on /<robot>/... for a set of robots."""
+    """Publishes to and listens on /<robot>/... for a set of robots.
+
+    Records (all under one lock): `answers`, `flow`, the requests each edge announced (`sent`,
+    `sent_ns`, `prompts`), and with actions=True chunks, executed actions and episodes. Requests of
+    the readiness probe (wait_ready(probe=True)) are kept apart, in `probe_answers`.
+    """
 
     def __init__(self, robots: list[str], node_name: str = "edge_vlm_client", actions: bool = False,
                  auth_keys_dir: str | None = None, auth_max_age_s: float = 10.0) -> None:
@@ -63,21 +79,30 @@ class RobotClient:
         self._lock = threading.Condition()
         self.answers: dict[str, list[tuple[int, AnswerResult]]] = defaultdict(list)   # robot -> [(recv_ns, a)]
         self.flow: dict[str, list[tuple[int, int, int]]] = defaultdict(list)          # robot -> [(ns, state, depth)]
+        self.flow_stamps: dict[str, list[int]] = defaultdict(list)   # robot -> header stamp of each flow message
         self.sent: dict[str, list[str]] = defaultdict(list)       # robot -> request ids its edge sent to the server
         self.sent_ns: dict[str, list[int]] = defaultdict(list)    # robot -> when each of those was seen here
+        # robot -> [(recv_ns, request_id, frame stamp_ns, text)] for every Prompt its edge announced
+        self.prompts: dict[str, list[tuple[int, str, int, str]]] = defaultdict(list)
+        self.probe_answers: dict[str, list[AnswerResult]] = defaultdict(list)
+        self._probe_ids: set[str] = set()
+        self._probing: set[str] = set()     # robots whose readiness probe is running
+        self._ask_locks = {r: threading.Lock() for r in robots}   # one ask at a time per robot
+        self._last_stamp = 0
         self.pub_image = {r: self.node.create_publisher(Image, topics.for_robot(r, topics.CAMERA), qos.CAMERA)
                           for r in robots}
         self.pub_prompt = {r: self.node.create_publisher(String, topics.for_robot(r, topics.PROMPT_TEXT),
                                                          qos.USER_PROMPT) for r in robots}
         # A bad message is counted and logged by the guard; it must not end the spin thread.
         self.guard = CallbackGuard(self.node)
+        self._subs = {}     # (robot, topic) -> subscription, for readiness (matched publishers)
         for r in robots:
-            self.guard.subscribe(Answer, topics.for_robot(r, topics.ANSWER),
-                                 lambda m, r=r: self._on_answer(m, r), qos.ANSWER)
-            self.guard.subscribe(FlowControl, topics.for_robot(r, topics.FLOW),
-                                 lambda m, r=r: self._on_flow(m, r), qos.FLOW)
-            self.guard.subscribe(Prompt, topics.for_robot(r, topics.PROMPT),
-                                 lambda m, r=r: self._on_sent(m, r), qos.REQUEST)
+            self._subs[r, topics.ANSWER] = self.guard.subscribe(
+                Answer, topics.for_robot(r, topics.ANSWER), lambda m, r=r: self._on_answer(m, r), qos.ANSWER)
+            self._subs[r, topics.FLOW] = self.guard.subscribe(
+                FlowControl, topics.for_robot(r, topics.FLOW), lambda m, r=r: self._on_flow(m, r), qos.FLOW)
+            self._subs[r, topics.PROMPT] = self.guard.subscribe(
+                Prompt, topics.for_robot(r, topics.PROMPT), lambda m, r=r: self._on_sent(m, r), qos.REQUEST)
         # actions=True: also the VLA topics (action chunks, executed actions, episodes; robot state out).
         self.chunks: dict[str, list[tuple[int, ActionChunk]]] = defaultdict(list)     # robot -> [(recv_ns, c)]
         self.actions: dict[str, list[tuple[int, RobotAction]]] = defaultdict(list)    # robot -> [(recv_ns, m)]
@@ -116,8 +141,13 @@ class RobotClient:
     def _on_answer(self, msg: Answer, robot: str) -> None:
         if not self._authentic(msg, robot, "Answer"):
             return
+        a = msg_to_answer(msg)
         with self._lock:
-            self.answers[robot].append((time.time_ns(), msg_to_answer(msg)))
+            announced = any(rid == a.request_id for _, rid, _, _ in self.prompts[robot])
+            if a.request_id in self._probe_ids or (robot in self._probing and not announced):
+                self.probe_answers[robot].append(a)     # the probe's, or an edge-local outcome while probing
+            else:
+                self.answers[robot].append((time.time_ns(), a))
             self._lock.notify_all()
 
     def _append(self, target: list, item, stamped: bool = True) -> None:
@@ -135,16 +165,23 @@ class RobotClient:
     def _on_sent(self, msg: Prompt, robot: str) -> None:
         if not self._authentic(msg, robot, "Prompt"):
             return
+        now = time.time_ns()
         with self._lock:
-            self.sent[robot].append(msg.request_id)
-            self.sent_ns[robot].append(time.time_ns())
+            if msg.text == PROBE_TEXT:
+                self._probe_ids.add(msg.request_id)
+            else:
+                self.sent[robot].append(msg.request_id)
+                self.sent_ns[robot].append(now)
+            self.prompts[robot].append((now, msg.request_id, stamp_to_ns(msg.header.stamp), msg.text))
             self._lock.notify_all()
 
     def _on_flow(self, msg: FlowControl, robot: str) -> None:
         if not self._authentic(msg, robot, "FlowControl"):
             return
+        paused, stamp = int(flow_paused(msg)), stamp_to_ns(msg.header.stamp)   # ValueError: counted by the guard
         with self._lock:
-            self.flow[robot].append((time.time_ns(), int(flow_paused(msg)), int(msg.queue_depth)))
+            self.flow[robot].append((time.time_ns(), paused, int(msg.queue_depth)))
+            self.flow_stamps[robot].append(stamp)
             self._lock.notify_all()
 
     # ---- waiting -------------------------------------------------------------------------
@@ -158,23 +195,57 @@ class RobotClient:
                 self._lock.wait(min(left, 0.2))
             return True
 
-    def wait_ready(self, timeout: float = 120.0, abort=None) -> bool:
-        """True once every robot's edge listens and the server has announced its flow state.
+    def wait_ready(self, timeout: float = 120.0, abort=None, probe: bool | list[str] = False) -> bool:
+        """True once every robot's edge and the server are matched with this client both ways.
 
-        `abort()` returning true (e.g. a node process died) ends the wait early with False.
+        On the graph: our camera and prompt writers see the edge's readers, our answer, prompt and
+        flow readers see their writers, and the server's (transient-local) flow state has arrived.
+        Discovery is not symmetric: our writer can see a reader before that reader accepts our
+        writer's messages, so with `probe` each robot is also asked one question (PROBE_TEXT) until
+        it answers: a round trip through exactly the paths ask() uses (a list: only those robots;
+        a probe gives the edge a camera frame). The probe's records are kept apart (`probe_answers`). Use it for edges in request mode; in continuous mode a prompt
+        replaces the standing one. `abort()` returning true (e.g. a node process died) ends the wait
+        early with False.
         """
-        def ready() -> bool:
-            if abort is not None and abort():
-                return True
-            return all(self.flow[r] for r in self.robots) and all(
-                self.pub_image[r].get_subscription_count() > 0 and self.pub_prompt[r].get_subscription_count() > 0
+        deadline = time.monotonic() + timeout
+
+        def aborted() -> bool:
+            return abort is not None and bool(abort())
+
+        def matched() -> bool:
+            return aborted() or all(
+                self.flow[r] and self.pub_image[r].get_subscription_count() > 0
+                and self.pub_prompt[r].get_subscription_count() > 0
+                and all(self._subs[r, t].get_publisher_count() > 0 for t in (topics.ANSWER, topics.PROMPT, topics.FLOW))
                 for r in self.robots)
-        ok = self.wait_for(ready, timeout) and not (abort is not None and abort())
-        if ok:
-            # Our writers see the readers before the readers have matched our writers (discovery is
-            # not symmetric); a message sent in that gap is lost even when reliable. Let it settle.
-            time.sleep(1.0)
-        return ok
+        if not self.wait_for(matched, timeout) or aborted():
+            return False
+        if probe:
+            for r in (self.robots if probe is True else probe):
+                if not self._probe(r, deadline, aborted):
+                    return False
+        return not aborted()
+
+    def _probe(self, robot: str, deadline: float, aborted) -> bool:
+        """Ask PROBE_TEXT until an answer comes (a prompt sent before the edge's reader matched ours
+        is lost even though reliable; it is sent again after a while)."""
+        rgb = np.full((32, 32, 3), 127, np.uint8)
+        with self._lock:
+            self._probing.add(robot)
+        try:
+            while time.monotonic() < deadline and not aborted():
+                with self._lock:
+                    n0 = len(self.probe_answers[robot])
+                self.send_image(robot, rgb, self._fresh_stamp())
+                time.sleep(0.05)
+                self.send_prompt(robot, PROBE_TEXT)
+                if self.wait_for(lambda n0=n0: len(self.probe_answers[robot]) > n0 or aborted(),
+                                 min(5.0, max(0.0, deadline - time.monotonic()))):
+                    return not aborted()
+            return False
+        finally:
+            with self._lock:
+                self._probing.discard(robot)
 
     def n_answers(self, robot: str | None = None) -> int:
         with self._lock:
@@ -192,18 +263,90 @@ class RobotClient:
     def send_prompt(self, robot: str, text: str) -> None:
         self.pub_prompt[robot].publish(String(data=text))
 
-    def ask(self, robot: str, rgb: np.ndarray, text: str, timeout: float = 60.0,
-            settle_s: float = 0.05) -> AnswerResult | None:
-        """Publish a frame, then a prompt for it, and wait for the robot's next answer."""
-        n0 = len(self.answers[robot])
-        self.send_image(robot, rgb)
-        time.sleep(settle_s)   # the frame must reach the edge before the prompt asks for "the newest"
-        self.last_prompt_ns = time.time_ns()
-        self.send_prompt(robot, text)
-        if not self.wait_for(lambda: len(self.answers[robot]) > n0, timeout):
-            return None
+    def _fresh_stamp(self) -> int:
+        """A frame stamp (wall clock, ns) no earlier frame of this client carried."""
         with self._lock:
-            return self.answers[robot][n0][1]
+            self._last_stamp = max(time.time_ns(), self._last_stamp + 1)
+            return self._last_stamp
+
+    def ask(self, robot: str, rgb: np.ndarray, text: str, timeout: float = 60.0,
+            settle_s: float = 0.05, attempts: int = 3) -> AnswerResult | None:
+        """Ask `robot` a question about this image; the answer to exactly this question and frame,
+        or None when none came within `timeout` s.
+
+        The edge assigns the request id: it announces each request in the Prompt it publishes, with
+        the question and the stamp of the frame it took. The answer returned is the one carrying
+        the id of the request with our question and our frame's stamp. Camera frames are best effort:
+        when the edge took another frame (ours was lost or late), that request's outcome is awaited
+        and dropped, and the question is asked again with a fresh frame, up to `attempts` times.
+        An outcome the edge gives without announcing a request (our question is over its length
+        limit, or was dropped from its full queue) is returned as it is. One ask at a time per
+        robot (others wait); thread-safe.
+        """
+        return self._ask(robot, rgb, text, timeout, settle_s, attempts, self.answers)
+
+    def ask_action(self, robot: str, rgb: np.ndarray, text: str, timeout: float = 60.0,
+                   settle_s: float = 0.05, attempts: int = 3) -> ActionChunk | None:
+        """Like ask, for an edge with task "action" (a client made with actions=True): the
+        ActionChunk for exactly this instruction and frame, or None."""
+        return self._ask(robot, rgb, text, timeout, settle_s, attempts, self.chunks)
+
+    def _ask(self, robot: str, rgb: np.ndarray, text: str, timeout: float, settle_s: float, attempts: int,
+             records: dict) -> AnswerResult | ActionChunk | None:
+        deadline = time.monotonic() + timeout
+        with self._ask_locks[robot]:
+            with self._lock:
+                i_prompt, i_answer = len(self.prompts[robot]), len(records[robot])
+            ours: set[int] = set()            # stamps of the frames this ask sent
+            handled: set[str] = set()         # request ids already dealt with
+            for attempt in range(attempts):
+                stamp = self._fresh_stamp()
+                ours.add(stamp)
+                self.send_image(robot, rgb, stamp)
+                time.sleep(settle_s * (attempt + 1))   # the frame should reach the edge before the prompt
+                self.last_prompt_ns = time.time_ns()
+                self.send_prompt(robot, text)
+                while True:
+                    found: list = []
+
+                    def event(found: list = found) -> bool:
+                        found[:] = self._ask_event(records[robot], robot, text, ours, handled, i_prompt, i_answer)
+                        return bool(found)
+                    if not self.wait_for(event, max(0.0, deadline - time.monotonic())):
+                        return None
+                    kind, rid, answer = found
+                    handled.add(rid)
+                    if kind == "ours":
+                        if answer.stamp_ns in ours:
+                            return answer
+                        # the answer's frame is not the request's frame: never hand that to the caller
+                        LOG.error("answer %s carries frame stamp %d, its request had one of ours", rid,
+                                  answer.stamp_ns)
+                        break
+                    if kind == "local":
+                        return answer
+                    # kind "other_frame": that request's outcome is in; ask again with a fresh frame
+                    break
+            return None
+
+    def _ask_event(self, replies: list, robot: str, text: str, ours: set[int], handled: set[str], i_prompt: int,
+                   i_answer: int) -> tuple[str, str, AnswerResult] | tuple[()]:
+        """Under the lock: what the records say about an ask so far (see ask)."""
+        by_id = {a.request_id: a for _, a in replies[i_answer:]}
+        for _, rid, stamp, t in self.prompts[robot][i_prompt:]:
+            if t != text or rid in handled or rid not in by_id:
+                continue
+            return ("ours" if stamp in ours else "other_frame", rid, by_id[rid])
+        announced = {rid for _, rid, _, _ in self.prompts[robot]}
+        for _, a in replies[i_answer:]:
+            if a.request_id in announced or a.request_id in handled or a.stamp_ns != 0:
+                continue
+            # Edge-local outcomes carry no frame; these reasons name our question (its length, its text).
+            if a.reason.startswith(f"prompt has {len(text)} characters") or f"dropped: {text[:40]!r}" in a.reason:
+                return ("local", a.request_id, a)
+            if a.reason.startswith("no camera frame"):      # our frame was lost: ask again
+                return ("other_frame", a.request_id, a)
+        return ()
 
     def close(self) -> None:
         self._executor.shutdown(timeout_sec=1.0)

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         nodes.start()
         client = RobotClient(robots, "edge_vlm_demo", auth_keys_dir=str(keys_dir))
-        if not client.wait_ready(args.timeout, abort=lambda: bool(nodes.poll())):
+        if not client.wait_ready(args.timeout, abort=lambda: bool(nodes.poll()), probe=True):
             print(f"nodes did not come up within {args.timeout:g} s; exited: {nodes.poll()}; see {log_dir}")
             return 1
         print("all nodes up; asking questions\n")

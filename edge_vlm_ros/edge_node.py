@@ -194,7 +194,7 @@ class EdgeNode(Node):
         with self._lock:
             while self._prompts and self._prompts[0][2] <= now_ns:
                 expired.append(self._prompts.popleft())
-        for text, t, _ in expired:
+        for _text, t, _ in expired:
             self.counters["timeouts_queued"] += 1
             self._local_answer(self.encoder.new_request_id(), 0, Outcome.TIMEOUT,
                                f"waited {time.monotonic() - t:.1f} s in the robot's prompt queue "

@@ -7,7 +7,7 @@ bash "$REPO/scripts/setup.sh"
 set +u; . "$REPO/env.sh"; set -u
 cd "$REPO"
 set +e
-pytest -p no:cacheprovider -q "$REPO/test" "$@"
+pytest -p no:cacheprovider -q -rs "$REPO/test" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -351,7 +351,8 @@ def _frames(source: FrameSource | None, cfg: SampleBagConfig) -> Iterator[np.nda
 
 
 def write_sample_bag(
-    path: str | Path, config: SampleBagConfig = SampleBagConfig(), frames: FrameSource | None = None
+    path: str | Path, config: SampleBagConfig = SampleBagConfig(),  # noqa: B008  frozen dataclass: immutable
+    frames: FrameSource | None = None
 ) -> BagInfo:
     """Write a new bag at path (a directory that must not exist). frames: a callable index -> frame,
     an iterable of frames ((H, W, 3) uint8 RGB), or None for synthetic_frame. Returns its summary."""
@@ -718,7 +719,7 @@ class BagReplayer:
     def __init__(
         self,
         source: RecordSource,
-        config: ReplayConfig = ReplayConfig(),
+        config: ReplayConfig = ReplayConfig(),  # noqa: B008  frozen dataclass: immutable default
         *,
         should_pause: Callable[[], bool] | None = None,
         time_fn: Callable[[], float] = time.monotonic,

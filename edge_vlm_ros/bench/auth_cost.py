@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             # A fresh verifier per call would hide the replay cache; re-sign so each nonce is new.
             verifier = MessageAuth(Authenticator({"robot_0": key}, max_age_s=60.0, replay_capacity=100_000))
 
-            def verify(m=msg):
+            def verify(m=msg, verifier=verifier):
                 sign_with_key(m, "robot_0", key)
                 assert verifier.verify(m, "robot_0").accepted
 

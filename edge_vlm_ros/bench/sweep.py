@@ -42,7 +42,7 @@ def run_sweep(model: str, images: list[np.ndarray], prompts: list[str], batch_si
         done: list[tuple[float, AnswerResult]] = []
         cond = threading.Condition()
 
-        def emit(route: str, ans: AnswerResult) -> None:
+        def emit(route: str, ans: AnswerResult, done=done, cond=cond) -> None:
             with cond:
                 done.append((time.perf_counter(), ans))
                 cond.notify_all()
@@ -50,7 +50,7 @@ def run_sweep(model: str, images: list[np.ndarray], prompts: list[str], batch_si
         engine = ServerEngine(adapter, cfg, emit)
         engine.start()
         try:
-            def submit(n: int, tag: str) -> float:
+            def submit(n: int, tag: str, b: int = b, engine: ServerEngine = engine) -> float:
                 t0 = time.perf_counter()
                 for i in range(n):
                     rid = f"{tag}-{b}-{i}"
@@ -61,7 +61,7 @@ def run_sweep(model: str, images: list[np.ndarray], prompts: list[str], batch_si
                     engine.submit_features(pkt, "robot_0")
                 return t0
 
-            def wait(n: int, timeout: float = 600.0) -> None:
+            def wait(n: int, timeout: float = 600.0, done=done, cond=cond) -> None:
                 deadline = time.monotonic() + timeout
                 with cond:
                     while len(done) < n and time.monotonic() < deadline:

@@ -218,7 +218,8 @@ class AlignedVQOutput:
 class AlignedVQ(nn.Module):
     """pre-projection (edge) -> VQ bottleneck with STE -> post-projection (server)."""
 
-    def __init__(self, codebook: Codebook, cfg: AlignedVQConfig = AlignedVQConfig()) -> None:
+    def __init__(self, codebook: Codebook,
+                 cfg: AlignedVQConfig = AlignedVQConfig()) -> None:  # noqa: B008  frozen dataclass: immutable
         super().__init__()
         self.cfg = cfg
         self.base_codebook = codebook

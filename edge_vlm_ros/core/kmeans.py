@@ -243,7 +243,7 @@ def kmeans(x: torch.Tensor, cfg: KMeansConfig, init_centroids: torch.Tensor | No
     it = 0
     bar = tqdm(total=cfg.iters, desc=f"k-means K={cfg.k}", unit="it", disable=not cfg.progress)
     labels, dists = _assign(c, cfg.precision)
-    for it in range(1, cfg.iters + 1):
+    for _ in range(1, cfg.iters + 1):
         before = float(dists.mean())
         history.append(before)
         # Update: each centroid becomes the mean of its rows.

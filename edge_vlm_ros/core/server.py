@@ -107,13 +107,18 @@ class ServerStats:
     # held_bytes, prompt_chars, ...), and the most bytes of unmatched halves held per robot.
     validation_rejects: collections.Counter = field(default_factory=collections.Counter)
     max_held_bytes: collections.Counter = field(default_factory=collections.Counter)
+    # Invariants that must stay 0: a second reply for an answered request (blocked, never emitted),
+    # and an emit callback that raised (the reply may not have reached the robot).
+    duplicate_replies_blocked: int = 0
+    emit_errors: int = 0
 
     def as_dict(self) -> dict:
         return {"prompts": self.prompts, "features": self.features, "answered": dict(self.answered),
                 "reasons": dict(self.reasons), "batches": self.batches,
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                 "max_matched_depth": self.max_matched_depth, "past_deadline": dict(self.past_deadline),
-                "validation_rejects": dict(self.validation_rejects), "max_held_bytes": dict(self.max_held_bytes)}
+                "validation_rejects": dict(self.validation_rejects), "max_held_bytes": dict(self.max_held_bytes),
+                "duplicate_replies_blocked": self.duplicate_replies_blocked, "emit_errors": self.emit_errors}
 
 
 def check_placement(codec: FeatureCodec, split: SplitPoint) -> None:
@@ -246,8 +251,7 @@ class ServerEngine:
                     self._action_requests.popitem(last=False)
         ok, _ = self.inbox.put(("prompt", prompt, route, time.time_ns(), time.monotonic()))
         if not ok:
-            self._reply(route, prompt.request_id, prompt.robot_id, prompt.stamp_ns, Outcome.REJECTED,
-                        f"server inbox full ({self.inbox.capacity}): overloaded")
+            self._reject_overloaded(route, prompt.request_id, prompt.robot_id, prompt.stamp_ns)
 
     def submit_features(self, packet: FeaturePacket, route: str, received_ns: int | None = None) -> None:
         with self._stats_lock:
@@ -263,7 +267,15 @@ class ServerEngine:
             return
         ok, _ = self.inbox.put(("features", packet, route, received_ns, time.monotonic()))
         if not ok:
-            self._reply(route, packet.request_id, packet.robot_id, packet.stamp_ns, Outcome.REJECTED,
+            self._reject_overloaded(route, packet.request_id, packet.robot_id, packet.stamp_ns)
+
+    def _reject_overloaded(self, route: str, request_id: str, robot_id: str, stamp_ns: int) -> None:
+        with self._stats_lock:
+            late = (route, request_id) in self._finished
+            if late:
+                self.stats.reasons["late half of an answered request (dropped)"] += 1
+        if not late:   # the other half may have been rejected already: one outcome per request
+            self._reply(route, request_id, robot_id, stamp_ns, Outcome.REJECTED,
                         f"server inbox full ({self.inbox.capacity}): overloaded")
 
     def _check_route(self, robot_id: str, route: str, request_id: str, stamp_ns: int) -> bool:
@@ -336,7 +348,13 @@ class ServerEngine:
             LOG.info("dropping %s of already answered request %s", kind, msg.request_id)
             return
         if kind == "prompt":
-            entry = self._prepare_prompt(msg, route)
+            try:
+                entry = self._prepare_prompt(msg, route)
+            except RequestError:
+                # Features that came first will never be matched: forget them so they get no second answer.
+                if self.matcher.discard(key):
+                    self._release(route, msg.request_id, "features")
+                raise
             entry.received_t = received_t
             try:
                 pair, expired = self.matcher.add_prompt(key, entry)
@@ -545,7 +563,7 @@ class ServerEngine:
         groups: dict[str, list[int]] = collections.defaultdict(list)
         for i, m in enumerate(batch):
             groups[str(m.features.split)].append(i)
-        for key, idx in groups.items():
+        for idx in groups.values():
             split = batch[idx[0]].features.split
             if split.kind == "none":
                 out = self.adapter.server_forward_images([batch[i].features.data.numpy() for i in idx])
@@ -609,6 +627,8 @@ class ServerEngine:
         if self._drop_past_deadline(route, p.request_id, p.deadline_ns, "answer"):
             return
         with self._stats_lock:
+            if not self._claim_reply((route, p.request_id)):
+                return
             self._finished[(route, p.request_id)] = None
             while len(self._finished) > self._finished_cap:
                 self._finished.popitem(last=False)
@@ -624,8 +644,20 @@ class ServerEngine:
         try:
             assert self._emit_chunk is not None
             self._emit_chunk(route, c)
-        except Exception as e:
-            LOG.error("emitting action chunk for %s failed: %s", c.request_id, e)
+        except Exception as e:  # the engine must keep serving; counted, and a test checks it
+            with self._stats_lock:
+                self.stats.emit_errors += 1
+            LOG.error("emitting action chunk for %s failed: %s\n%s", c.request_id, e, traceback.format_exc())
+
+    def _claim_reply(self, key: tuple[str, str]) -> bool:
+        """Under the stats lock: False when the request was already answered, so that a second reply is
+        never emitted; the attempt is counted (stats.duplicate_replies_blocked must stay 0)."""
+        if key in self._finished:
+            self.stats.duplicate_replies_blocked += 1
+            LOG.error("second reply for request %s of %s blocked (a bug: every request ends in exactly one "
+                      "outcome)", key[1], key[0])
+            return False
+        return True
 
     def _reply(self, route: str, request_id: str, robot_id: str, stamp_ns: int, outcome: Outcome, reason: str,
                text: str = "", tokens: list[int] | None = None, timings: StageTimings | None = None,
@@ -633,6 +665,8 @@ class ServerEngine:
         key = (route, request_id)
         with self._stats_lock:
             if mark:
+                if not self._claim_reply(key):
+                    return
                 self._finished[key] = None
             while len(self._finished) > self._finished_cap:
                 self._finished.popitem(last=False)
@@ -655,8 +689,10 @@ class ServerEngine:
                            timings or StageTimings())
         try:
             self._emit_answer(route, ans)
-        except Exception as e:
-            LOG.error("emitting answer for %s failed: %s", request_id, e)
+        except Exception as e:  # the engine must keep serving; counted, and a test checks it
+            with self._stats_lock:
+                self.stats.emit_errors += 1
+            LOG.error("emitting answer for %s failed: %s\n%s", request_id, e, traceback.format_exc())
 
     def _answer_error_for_item(self, item: tuple, outcome: Outcome, reason: str) -> None:
         msg, route = item[1], item[2]
@@ -666,11 +702,23 @@ class ServerEngine:
 
     def _answer_expired(self, entry: object, reason: str, outcome: Outcome) -> None:
         if isinstance(entry, _PromptEntry):
+            key = (entry.route, entry.prompt.request_id)
             self._release(entry.route, entry.prompt.request_id, "prompt")
-            self._finish(entry.route, entry.prompt, outcome, reason)
         elif isinstance(entry, _FeatureEntry):
+            key = (entry.route, entry.packet.request_id)
+            self._release(entry.route, entry.packet.request_id, "features")
+        else:
+            raise TypeError(f"matcher returned {type(entry).__name__}, not a prompt or features entry")
+        with self._stats_lock:
+            late = key in self._finished
+            if late:
+                self.stats.reasons["late half of an answered request (dropped)"] += 1
+        if late:   # its partner already ended the request (e.g. rejected): nothing more to say
+            return
+        if isinstance(entry, _PromptEntry):
+            self._finish(entry.route, entry.prompt, outcome, reason)
+        else:
             p = entry.packet
-            self._release(entry.route, p.request_id, "features")
             if self._drop_past_deadline(entry.route, p.request_id, p.deadline_ns, "answer"):
                 return
             self._reply(entry.route, p.request_id, p.robot_id, p.stamp_ns, outcome, reason)

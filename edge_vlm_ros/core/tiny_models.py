@@ -78,7 +78,7 @@ def _widen_init(model: torch.nn.Module, seed: int) -> None:
     """Randomise LayerNorm/RMSNorm affine parameters so tiny random models are not degenerate."""
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, mod in model.named_modules():
+        for mod in model.modules():
             cls = type(mod).__name__
             if "LayerNorm" in cls or "RMSNorm" in cls:
                 if getattr(mod, "weight", None) is not None:

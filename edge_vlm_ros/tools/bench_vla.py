@@ -84,7 +84,7 @@ def bench_split(model: str, head: str, n: int, warmup: int, size: int, chunk: in
             time.sleep(0.02)             # the frame reaches the edge before the request asks for "the newest"
             t0 = time.perf_counter()
             client.send_prompt("robot_0", "pick up the black bowl and place it on the plate")
-            if not client.wait_for(lambda: len(client.chunks["robot_0"]) > k, 60):
+            if not client.wait_for(lambda k=k: len(client.chunks["robot_0"]) > k, 60):
                 raise RuntimeError("no chunk within 60 s")
             dt = (time.perf_counter() - t0) * 1e3
             c = client.chunks["robot_0"][k][1]

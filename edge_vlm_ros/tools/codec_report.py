@@ -45,6 +45,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from ..core.auth import MAC_BYTES
 from ..core.codec import FeatureCodec, make_codec
 from ..core.server import check_placement, token_stats_from_side_info
 from ..core.split import GenerateItem, VLMAdapter, load_vlm
@@ -53,8 +54,6 @@ from ..core.vq import VQCodec, pack_token_stats
 from .calibrate_codebook import folder_images
 
 LOG = logging.getLogger(__name__)
-
-from ..core.auth import MAC_BYTES
 
 FIXED_QUESTION = "describe the image ."
 
@@ -102,6 +101,8 @@ def cdr_size(p: FeaturePacket, frame_id: str = "") -> int:
     off += 8                                   # sent_at
     align(8)
     off += 16                                  # edge_preprocess_ms, edge_encode_ms
+    align(4)
+    off += 8                                   # deadline
     # auth (MessageAuth), as signed on the wire: key_id = robot_id, int64 stamp, uint64 nonce, 32-byte MAC
     string(p.robot_id)
     align(8)

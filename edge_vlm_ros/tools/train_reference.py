@@ -194,9 +194,9 @@ def _pad_left(seqs: list[list[int]], labs: list[list[int]], pad_id: int) -> dict
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
-    for i, (s, l) in enumerate(zip(seqs, labs)):
+    for i, (s, lab) in enumerate(zip(seqs, labs)):
         input_ids[i, width - len(s):] = torch.tensor(s)
-        labels[i, width - len(s):] = torch.tensor(l)
+        labels[i, width - len(s):] = torch.tensor(lab)
         mask[i, width - len(s):] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels}

@@ -60,7 +60,9 @@ def test_study_rows_are_complete_lossless_rows_equal_monolithic_and_bytes_are_wh
         assert r["bytes_per_image"] > r["payload_bytes"] + r["side_info_bytes"]
         cb = load_codebook(r["codebook"])
         assert cb.placement == r["placement"] and cb.k == r["k"] and cb.content_hash == r["codebook_hash"]
-        assert set(r["per_type"]) <= set(QUESTION_TYPES) and 0.0 <= r["accuracy"] <= 1.0
+        assert set(r["per_type"]) <= set(QUESTION_TYPES)
+        right = r["accuracy"] * r["questions"]        # a count of right answers, at most every question
+        assert right == pytest.approx(round(right)) and 0 <= round(right) <= r["questions"], r
     ln1 = [r for r in vq if r["placement"].endswith("/ln1")]
     assert all(r["side_info_bytes"] > 0 for r in ln1)          # the per-token mean/std travel and count
     assert all(r["side_info_bytes"] == 0 for r in vq if r not in ln1)

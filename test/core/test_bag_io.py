@@ -382,7 +382,7 @@ def test_replay_pause_hook_holds_and_shifts() -> None:
     cfg = ReplayConfig(rate=1.0, pause_poll_s=0.01)
     r = BagReplayer(_records(), cfg, should_pause=paused, time_fn=clock.time, sleep_fn=clock.sleep)
     t = []
-    for ev in r:
+    for _ in r:
         assert not paused(), "a message went out during PAUSE"
         t.append(clock.now - start)
     assert np.allclose(t[:3], [0.0, 0.1, 0.2])

@@ -68,9 +68,11 @@ def test_lone_request_does_not_wait_and_announced_one_is_waited_for(adapter):
         # Two announced requests: the first's batch waits for the second, whose features are due.
         a, b = edge.new_request_id(), edge.new_request_id()
         pa, pb = edge.encode(img, a, 0), edge.encode(img, b, 0)
+        # b's prompt comes 30 ms after a's, and each robot's features ~30 ms after its prompt (the gap
+        # learnt above): when a's features complete a pair, b's are due within the wait.
         engine.submit_prompt(PromptRequest(a, "r0", "what is it ?"), "r0")
-        engine.submit_prompt(PromptRequest(b, "r0", "what is it ?"), "r0")
         time.sleep(0.03)
+        engine.submit_prompt(PromptRequest(b, "r0", "what is it ?"), "r0")
         engine.submit_features(pa, "r0")
         time.sleep(0.03)
         engine.submit_features(pb, "r0")

@@ -55,7 +55,10 @@ def test_twenty_steps_lower_the_loss_and_the_folder_loads_and_generates(data_dir
     assert out.shape[1] > inputs["input_ids"].shape[1]
 
     res = E.evaluate(tmp_path / "model", data_dir, "test", batch_size=4, limit=6, threads=1, progress=False)
-    assert res.n == 6 and 0.0 <= res.overall <= 1.0 and set(res.per_type) <= set(QUESTION_TYPES)
+    assert res.n == 6 and set(res.per_type) <= set(QUESTION_TYPES) and sum(res.count_per_type.values()) == 6
+    # overall exact match recomputed from the per-type rates and counts
+    right = sum(res.per_type[t] * res.count_per_type[t] for t in res.per_type)
+    assert res.overall == pytest.approx(right / 6) and right == pytest.approx(round(right))
     E.update_card(tmp_path / "model", res, "cmd")
     assert "| **overall** | 6 |" in (tmp_path / "model" / "README.md").read_text()
 

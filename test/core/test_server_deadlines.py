@@ -97,7 +97,7 @@ def test_answer_ready_after_the_deadline_is_dropped(adapter):
         ids = [s.request(max(0.3, one * 1.5)) for _ in range(4)]
         time.sleep(one * 6 + 1.0)
         for rid, deadline in ids:
-            for t, a in s.answers.get(rid, []):
+            for t, _a in s.answers.get(rid, []):
                 assert t <= deadline, f"{rid} answered {(t - deadline) / 1e9:.3f} s after its deadline"
         dropped = sum(s.engine.stats.past_deadline.values())
         answered = sum(rid in s.answers for rid, _ in ids)

@@ -86,7 +86,7 @@ def test_bomb_jpeg_is_rejected_from_its_header_without_decoding(no_imdecode):
         enc = EncodedTensor("jpeg", "uint8", declared, data)
         tracemalloc.start()
         t0 = time.perf_counter()
-        err = _reject(lambda: codec.decode(enc, DecodeLimits(max_image_side=4096, max_image_pixels=3840 * 2160)),
+        err = _reject(lambda enc=enc: codec.decode(enc, DecodeLimits(max_image_side=4096, max_image_pixels=3840 * 2160)),
                       "16000 x 16000")
         dt = time.perf_counter() - t0
         _, peak = tracemalloc.get_traced_memory()
@@ -201,7 +201,7 @@ def test_range_coded_payload_must_decode_to_exactly_the_declared_tokens_and_be_c
     rng = np.random.default_rng(7)
     for n in list(range(1, 12)) + [len(enc.payload)] * 100 + [len(enc.payload) - 20] * 20:
         junk = rng.integers(0, 256, n).astype(np.uint8).tobytes()
-        _reject(lambda: codec.decode(_with(enc, payload=junk)), "vq payload rejected")
+        _reject(lambda junk=junk: codec.decode(_with(enc, payload=junk)), "vq payload rejected")
 
 
 def test_vq_declared_token_count_is_capped_before_the_range_decoder_runs(monkeypatch):

@@ -1,6 +1,7 @@
 """VLA policy and the server's task "action" without ROS: batched chunks equal one-by-one chunks for
 every head design, chunks come back as ActionChunks, and bad action requests get failure chunks."""
 
+import collections
 import threading
 import time
 
@@ -51,8 +52,12 @@ def test_batched_chunks_equal_one_by_one(adapter, kind, kw):
 
 
 class ChunkHarness:
+    """Records every chunk and answer the engine emits; `stop_and_check` checks the record after the
+    engine stopped: one reply per request (an assertion in the emit callback would be swallowed)."""
+
     def __init__(self, adapter, head):
-        self.out = {}
+        self.record = []          # (route, ActionChunk or AnswerResult) in emission order
+        self.asked = []           # request ids sent
         self.cv = threading.Condition()
         self.engine = ServerEngine(adapter, ServerConfig(robots=["r0"], match_ttl_s=1.0), self._put, None,
                                    emit_chunk=self._put, action_head=head)
@@ -61,20 +66,29 @@ class ChunkHarness:
 
     def _put(self, route, item):
         with self.cv:
-            assert item.request_id not in self.out, f"second reply for {item.request_id}"
-            self.out[item.request_id] = item
+            self.record.append((route, item))
             self.cv.notify_all()
 
     def request(self, text="pick up the bowl", proprio=(0.0,) * 8, task="action", features=True):
         rid = self.edge.new_request_id()
+        self.asked.append(rid)
+        pkt = self.edge.encode(np.zeros((32, 32, 3), np.uint8), rid, 123)   # before the prompt's TTL starts
         self.engine.submit_prompt(PromptRequest(rid, "r0", text, 123, task, 0, "ep1", tuple(proprio)), "r0")
         if features:
-            pkt = self.edge.encode(np.zeros((32, 32, 3), np.uint8), rid, 123)
             pkt.sent_at_ns = time.time_ns()
             self.engine.submit_features(pkt, "r0")
         with self.cv:
-            assert self.cv.wait_for(lambda: rid in self.out, 20), f"no reply for {rid}"
-            return self.out[rid]
+            assert self.cv.wait_for(lambda: any(x.request_id == rid for _, x in self.record), 20), \
+                f"no reply for {rid}"
+            return next(x for _, x in self.record if x.request_id == rid)
+
+    def stop_and_check(self):
+        self.engine.stop()
+        counts = collections.Counter(x.request_id for _, x in self.record)
+        assert counts == collections.Counter(self.asked), (counts, self.asked)
+        assert all(route == "r0" for route, _ in self.record)
+        st = self.engine.stats
+        assert st.duplicate_replies_blocked == 0 and st.emit_errors == 0, st.as_dict()
 
 
 def test_server_answers_action_requests_with_chunks(adapter):
@@ -93,20 +107,21 @@ def test_server_answers_action_requests_with_chunks(adapter):
         text = h.request(task="vqa")                 # the same server still answers text
         assert text.outcome is Outcome.OK and hasattr(text, "token_ids")
     finally:
-        h.engine.stop()
+        h.stop_and_check()
 
 
 def test_vqa_only_server_rejects_action_requests_with_a_chunk(adapter):
-    out = {}
-    eng = ServerEngine(adapter, ServerConfig(robots=["r0"]), lambda r, a: out.setdefault("answer", a), None,
-                       emit_chunk=lambda r, c: out.setdefault("chunk", c))
+    out = []                  # ("answer" or "chunk", item), every emit recorded
+    eng = ServerEngine(adapter, ServerConfig(robots=["r0"]), lambda r, a: out.append(("answer", a)), None,
+                       emit_chunk=lambda r, c: out.append(("chunk", c)))
     eng.start()
     try:
-        eng.submit_prompt(PromptRequest("r0-x-1", "r0", "pick", 5, "action", 0, "ep"), "r0")
+        eng.submit_prompt(PromptRequest("0123456789abcdef0123456789abcdef", "r0", "pick", 5, "action", 0, "ep"), "r0")
         deadline = time.monotonic() + 10
-        while "chunk" not in out and time.monotonic() < deadline:
+        while not out and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert "answer" not in out
-        assert out["chunk"].outcome is Outcome.REJECTED and "no action_head_path" in out["chunk"].reason
     finally:
         eng.stop()
+    assert [kind for kind, _ in out] == ["chunk"], out       # one reply, a chunk, even after stop()
+    assert out[0][1].outcome is Outcome.REJECTED and "no action_head_path" in out[0][1].reason
+    assert eng.stats.duplicate_replies_blocked == 0

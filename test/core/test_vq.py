@@ -188,7 +188,7 @@ def test_range_coder_round_trip(kind: str) -> None:
         streams = [rng.integers(0, k, size=n) for n in (0, 1, 577, 3000)]   # 3000 x inc halves the adaptive model
         streams.append(np.zeros(200, np.int64))                             # a run of one symbol
 
-        def models() -> list:
+        def models(counts=counts, streams=streams) -> list:
             if kind == "static":
                 return [StaticModel(quantize_prior(counts, PROB_TOTAL)) for _ in streams]
             return [AdaptiveModel(quantize_prior(counts, 64 * ADAPT_UNIT)) for _ in streams]

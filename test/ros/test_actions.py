@@ -16,7 +16,7 @@ from edge_vlm_ros.msg import Episode, RobotAction
 from edge_vlm_ros.tools.tiny_vla import build_tiny_vla
 from edge_vlm_ros.vla_bringup import vla_specs
 
-from ros_harness import running
+from ros_harness import require_libero, running
 
 CHUNK = 8
 SAFE = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]
@@ -43,24 +43,22 @@ def test_action_chunk_request_through_real_nodes(ros_env, tmp_path, tiny_vla):
     model, head = tiny_vla
     with running(ros_env, tmp_path, 1, _overrides(model, head), client_actions=True) as (_, client):
         # The head takes proprioception and none was sent yet: a failure chunk, not silence.
-        client.send_image("robot_0", _image(0))
-        time.sleep(0.1)
-        client.send_prompt("robot_0", "pick up the black bowl")
-        assert client.wait_for(lambda: len(client.chunks["robot_0"]) >= 1, 60), "no chunk"
-        bad = client.chunks["robot_0"][0][1]
+        bad = client.ask_action("robot_0", _image(0), "pick up the black bowl", timeout=60)
+        assert bad is not None, "no chunk"
         assert bad.outcome is Outcome.REJECTED and "proprio" in bad.reason, bad
         assert bad.chunk_size == 0
         # With a robot state: a chunk of the head's shape, inside the head's limits.
         client.send_state("robot_0", list(np.linspace(-0.5, 0.5, 8)))
-        stamp = client.send_image("robot_0", _image(1))
-        time.sleep(0.2)
-        client.send_prompt("robot_0", "pick up the black bowl")
-        assert client.wait_for(lambda: len(client.chunks["robot_0"]) >= 2, 60), "no second chunk"
-        ok = client.chunks["robot_0"][1][1]
+        assert client.wait_for(lambda: client.pub_state["robot_0"].get_subscription_count() > 0, 20)
+        ok = client.ask_action("robot_0", _image(1), "pick up the black bowl", timeout=60)
+        assert ok is not None, "no second chunk"
         assert ok.outcome is Outcome.OK, ok.reason
         assert ok.matrix().shape == (CHUNK, 7)
         assert np.isfinite(ok.actions).all() and np.abs(ok.actions).max() <= 1.0
-        assert ok.stamp_ns == stamp and ok.robot_id == "robot_0"
+        assert ok.robot_id == "robot_0"    # its frame: ask_action checked the stamp
+        # one chunk per announced request, nothing else
+        ids = [c.request_id for _, c in client.chunks["robot_0"]]
+        assert sorted(ids) == sorted(client.sent["robot_0"]) and len(set(ids)) == len(ids), (ids, client.sent)
         assert ok.control_period_s == pytest.approx(0.2)
         assert ok.timings.generate_ms > 0 and ok.timings.batch_size >= 1
 
@@ -116,12 +114,7 @@ def test_controller_holds_safe_action_when_server_goes_silent(ros_env, tmp_path,
 
 
 def test_libero_episode_through_real_nodes(ros_env, tmp_path, tiny_vla):
-    from edge_vlm_ros.core.libero_sim import LiberoUnavailable, import_libero
-
-    try:
-        import_libero()
-    except LiberoUnavailable as e:
-        pytest.skip(str(e))
+    require_libero()
     model, head = tiny_vla
     bridge_stats = tmp_path / "bridge.json"
     overrides = _overrides(model, head, tick_source="robot_state")
@@ -190,12 +183,7 @@ def test_libero_bridge_survives_a_simulator_error(ros_env, tmp_path):
     import subprocess
     import sys
 
-    from edge_vlm_ros.core.libero_sim import LiberoUnavailable, import_libero
-
-    try:
-        import_libero()
-    except LiberoUnavailable as e:
-        pytest.skip(str(e))
+    require_libero()
     script = tmp_path / "faulty_bridge.py"
     script.write_text(_FAULTY_BRIDGE)
     starts, stats = tmp_path / "starts.jsonl", tmp_path / "bridge.json"

@@ -1,6 +1,14 @@
-"""Bad input over real DDS: each gets its outcome and reason while a good request is still served."""
+"""Bad input over real DDS: each gets its outcome and reason while a good request is still served,
+and every request ends in exactly one outcome (checked after the nodes stopped).
 
+One bring-up, three robots: robot_0 gets hand-made Prompt/VisualFeatures messages (bad ones and a
+good one), robot_1 an unreadable camera frame and an over-long question, robot_2 no camera frame at
+all: its prompts wait `frame_wait_s` and beyond `max_pending_prompts` the oldest is dropped.
+"""
+
+import collections
 import time
+import uuid
 
 import numpy as np
 from sensor_msgs.msg import Image
@@ -18,6 +26,12 @@ from edge_vlm_ros.tools.default_model import ensure
 from ros_harness import running
 
 
+def _publish(pub, msg, keys_dir):
+    """Every hand-made robot -> server message goes out here, signed with robot_0's key: bad input
+    from the robot itself, authenticated."""
+    pub.publish(sign_with_key(msg, "robot_0", load_key(keys_dir, "robot_0")))
+
+
 def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env, tmp_path):
     model = ensure()
     adapter = load_vlm(model)
@@ -25,27 +39,41 @@ def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env,
     img = np.random.RandomState(0).randint(0, 256, (64, 64, 3), np.uint8)
     overrides = {"edge": {"max_prompt_chars": 200, "frame_wait_s": 1.0},
                  "server": {"match_ttl_s": 2.0, "max_prompt_chars": 300, "default_max_new_tokens": 4}}
-    with running(ros_env, tmp_path, 2, overrides) as (_, client):
+    per_robot = {"robot_2": {"frame_wait_s": 3.0, "max_pending_prompts": 2}}
+    ids = collections.defaultdict(list)        # robot -> request ids sent by hand (robot_0)
+    with running(ros_env, tmp_path, 3, overrides, per_robot, probe=["robot_0", "robot_1"]) as (_, client):
         node = client.node
         pub_f = node.create_publisher(VisualFeatures, topics.for_robot("robot_0", topics.FEATURES), qos.FEATURES)
         pub_p = node.create_publisher(Prompt, topics.for_robot("robot_0", topics.PROMPT), qos.REQUEST)
-        assert client.wait_for(lambda: pub_f.get_subscription_count() and pub_p.get_subscription_count(), 20)
-        time.sleep(1.5)   # the server's readers must also match these new writers (see RobotClient.wait_ready)
-
-        key = load_key(tmp_path / "keys", "robot_0")   # bad input from the robot itself: authenticated
-
-        def sign(msg):
-            return sign_with_key(msg, "robot_0", key)
 
         def send(rid, mutate=None, prompt=True, features=True, text="what is it ?"):
+            ids["robot_0"].append(rid)
+            pkt = enc.encode(img, rid, time.time_ns())   # first: on a loaded machine it can take a while
+            if mutate:
+                mutate(pkt)
             if prompt:
-                pub_p.publish(sign(prompt_to_msg(PromptRequest(rid, "robot_0", text, time.time_ns()))))
+                _publish(pub_p, prompt_to_msg(PromptRequest(rid, "robot_0", text, time.time_ns())), tmp_path / "keys")
             if features:
-                pkt = enc.encode(img, rid, time.time_ns())
-                if mutate:
-                    mutate(pkt)
-                pub_f.publish(sign(features_to_msg(pkt, time.time_ns())))
+                _publish(pub_f, features_to_msg(pkt, time.time_ns()), tmp_path / "keys")
 
+        def answered(rid):
+            return any(a.request_id == rid for _, a in client.answers["robot_0"])
+
+        # The server must hear these new writers before the cases go out: a round trip with a request
+        # it rejects at once (an unknown codec), repeated until one is answered.
+        assert client.wait_for(lambda: pub_f.get_subscription_count() and pub_p.get_subscription_count(), 20)
+        deadline = time.monotonic() + 60
+        while True:
+            probe = uuid.uuid4().hex
+            send(probe, mutate=lambda p: setattr(p.encoded, "codec", "probe"))
+            if client.wait_for(lambda probe=probe: answered(probe), 2.0):
+                break
+            assert time.monotonic() < deadline, "the server never answered a hand-made request"
+
+        # robot_2 has had no frame: three prompts, a queue of two. The oldest is dropped at once; the
+        # other two wait 3 s for a frame that never comes.
+        for i in range(3):
+            client.send_prompt("robot_2", f"question {i} for a robot without a camera")
         cases = {
             "bad-size": (dict(mutate=lambda p: setattr(p.encoded, "payload", p.encoded.payload[:-6])),
                          Outcome.REJECTED, "payload is"),
@@ -56,28 +84,27 @@ def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env,
             "no-prompt": (dict(prompt=False), Outcome.TIMEOUT, "features waited"),
             "no-features": (dict(features=False), Outcome.TIMEOUT, "prompt waited"),
         }
-        for rid, (kw, _, _) in cases.items():
-            send(f"robot_0-{rid}", **kw)
+        rid_of = {name: uuid.uuid4().hex for name in cases}
+        for name, (kw, _, _) in cases.items():
+            send(rid_of[name], **kw)
         # An image the edge cannot read, and a prompt over the robot's own limit, through the edge.
         bad = Image()
         bad.header.stamp = ns_to_stamp(time.time_ns())
         bad.height, bad.width, bad.encoding, bad.step = 4, 4, "32FC1", 16
         bad.data = bytes(64)
         client.send_raw_image("robot_1", bad)
-        time.sleep(0.1)
+        time.sleep(0.1)    # ordering across two topics: the bad frame first
         client.send_prompt("robot_1", "what is this ?")
         client.send_prompt("robot_1", "z" * 500)
         # Meanwhile a good request on the other robot is answered.
         good = client.ask("robot_0", img, "what color is the shape ?", timeout=30)
         assert good is not None and good.outcome is Outcome.OK, good
 
-        def by_id():
-            return {a.request_id: a for _, a in client.answers["robot_0"]}
-        assert client.wait_for(lambda: all(f"robot_0-{rid}" in by_id() for rid in cases), 30), sorted(by_id())
-        got = by_id()
-        for rid, (_, outcome, reason) in cases.items():
-            a = got[f"robot_0-{rid}"]
-            assert a.outcome is outcome and reason in a.reason, (rid, a.outcome, a.reason)
+        assert client.wait_for(lambda: all(answered(rid) for rid in rid_of.values()), 30)
+        got = {a.request_id: a for _, a in client.answers["robot_0"]}
+        for name, (_, outcome, reason) in cases.items():
+            a = got[rid_of[name]]
+            assert a.outcome is outcome and reason in a.reason, (name, a.outcome, a.reason)
         assert client.wait_for(lambda: len(client.answers["robot_1"]) >= 2, 20)
         r1 = [a for _, a in client.answers["robot_1"]]
         reasons = " | ".join(a.reason for a in r1)
@@ -85,6 +112,20 @@ def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env,
         # The edge keeps serving after the bad frame.
         later = client.ask("robot_1", img, "how many shapes are there ?", timeout=30)
         assert later is not None and later.outcome is Outcome.OK, later
-        time.sleep(2.5)   # past the TTL: no request above gets a second outcome
-        ids = [a.request_id for _, a in client.answers["robot_0"]]
-        assert len(ids) == len(set(ids)), "a request was answered twice"
+        # robot_2: one drop for the full queue, then two "no camera frame" after frame_wait_s.
+        assert client.wait_for(lambda: len(client.answers["robot_2"]) >= 3, 30), client.answers["robot_2"]
+        r2 = sorted(client.answers["robot_2"], key=lambda x: x[0])
+        assert r2[0][1].outcome is Outcome.REJECTED, r2
+        assert r2[0][1].reason == "robot prompt queue full (2); dropped: 'question 0 for a robot without a camera'"
+        for _, a in r2[1:]:
+            assert a.outcome is Outcome.ERROR and a.reason == \
+                "no camera frame on /robot_2/camera/image_raw within 3 s", a.reason
+        # the two waited their frame_wait_s (the first answer came at once)
+        assert (r2[1][0] - r2[0][0]) / 1e9 > 2.0, r2
+    # After the nodes stopped: one outcome per request, none twice, none for a request never made.
+    # (robot_1 and robot_2 also have outcomes the edge gave without announcing a request.)
+    for robot, n_local in (("robot_0", 0), ("robot_1", 2), ("robot_2", 3)):
+        counts = collections.Counter(a.request_id for _, a in client.answers[robot])
+        assert all(v == 1 for v in counts.values()), (robot, counts)
+        made = set(client.sent[robot]) | set(ids[robot])
+        assert made <= set(counts) and len(counts) == len(made) + n_local, (robot, sorted(counts), sorted(made))

@@ -129,7 +129,7 @@ def _faults(nodes, client, askers, figures):
     figures["phases"]["a_server_killed"] = {"server_up_after_restart_s": up, **{
         r: {"first_ok_after_restart_s": _first_ok_after(client, r, t_restart, 90)} for r in ROBOTS}}
     for r in ROBOTS:   # while it was down, the robots were told so (not left waiting)
-        assert client.wait_for(lambda: _unavailable_after(client, r, t_kill), 10), \
+        assert client.wait_for(lambda r=r: _unavailable_after(client, r, t_kill), 10), \
             f"{r}: no 'server unavailable' outcome while the server was down"
 
     # (b) one edge is SIGKILLed and restarted; the other robot keeps being served.
@@ -156,7 +156,7 @@ def _faults(nodes, client, askers, figures):
     # The PAUSE lapses with the dead server's lease: new requests are answered "server unavailable".
     resumed = {}
     for r in ROBOTS:
-        assert client.wait_for(lambda: _unavailable_after(client, r, t_kill), REQUEST_TIMEOUT_S + 10), \
+        assert client.wait_for(lambda r=r: _unavailable_after(client, r, t_kill), REQUEST_TIMEOUT_S + 10), \
             f"{r}: still held after its paused server died"
         resumed[r] = (_unavailable_after(client, r, t_kill)[0][0] - t_kill) / 1e9
     time.sleep(max(0.0, DOWN_S - (time.time_ns() - t_kill) / 1e9))

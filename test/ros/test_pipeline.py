@@ -1,16 +1,21 @@
 """The split pipeline end to end: real node processes, real Fast DDS, tiny real HF models."""
 
+import json
 import threading
 import time
 
 import numpy as np
 import pytest
 
+from rclpy.qos import DurabilityPolicy
+
+from edge_vlm_ros import topics
+from edge_vlm_ros.client import RobotClient
 from edge_vlm_ros.core.split import load_vlm
 from edge_vlm_ros.core.tiny_models import build_tiny_idefics3, build_tiny_llava
 from edge_vlm_ros.core.types import Outcome
 
-from ros_harness import running
+from ros_harness import assert_one_outcome_each, running, wait_all_answered
 
 N_NEW = 8
 SPLITS = {"robot_0": ("projector", "raw"), "robot_1": ("vision_block:0", "raw"),
@@ -40,6 +45,7 @@ def test_tokens_over_dds_equal_monolithic_generate_for_every_split(family, ros_e
                 assert a.outcome is Outcome.OK, (sp, a.reason)
                 assert a.robot_id == robot
                 assert a.token_ids == want, f"{family} {sp}: {a.token_ids} != {want}"
+    assert_one_outcome_each(client)
 
 
 def test_two_robots_concurrently_every_request_answered_and_routed(ros_env, tmp_path):
@@ -59,13 +65,13 @@ def test_two_robots_concurrently_every_request_answered_and_routed(ros_env, tmp_
             t.join()
         assert client.wait_for(lambda: all(len(client.answers[r]) >= n_each for r in client.robots), 90), \
             {r: len(client.answers[r]) for r in client.robots}
-        time.sleep(0.5)
-        for r in client.robots:
-            got = [a for _, a in client.answers[r]]
-            assert len(got) == n_each, f"{r}: {len(got)} answers"
-            assert all(a.outcome is Outcome.OK for a in got), [a.reason for a in got]
-            assert all(a.robot_id == r and len(a.request_id) == 32 for a in got)   # 128 random bits, hex
-            assert sorted(a.request_id for a in got) == sorted(client.sent[r])
+    # after the nodes stopped: nothing more can come
+    for r in client.robots:
+        got = [a for _, a in client.answers[r]]
+        assert len(got) == n_each == len(client.sent[r]), f"{r}: {len(got)} answers, {len(client.sent[r])} sent"
+        assert all(a.outcome is Outcome.OK for a in got), [a.reason for a in got]
+        assert all(a.robot_id == r and len(a.request_id) == 32 for a in got)   # 128 random bits, hex
+    assert_one_outcome_each(client)
 
 
 def test_backpressure_pause_resume_bounded_queue_all_answered(ros_env, tmp_path):
@@ -88,7 +94,23 @@ def test_backpressure_pause_resume_bounded_queue_all_answered(ros_env, tmp_path)
         for t in cams:
             t.start()
         saw_pause = client.wait_for(lambda: any(s == 1 for r in client.robots for _, s, _ in client.flow[r]), 60)
-        time.sleep(4.0)
+        # A robot that starts late learns the current state at once: the server's flow writer offers
+        # transient-local durability (it hands its last state to readers that join later), checked on
+        # the graph, and a late joiner hears a state. (Whether its first message was the history sample
+        # cannot be told apart from a live one here: this server publishes several times a second.)
+        r0 = client.robots[0]
+        flow_topic = "/" + topics.for_robot(r0, topics.FLOW).lstrip("/")
+        writers = client.node.get_publishers_info_by_topic(flow_topic)
+        assert writers and all(w.qos_profile.durability == DurabilityPolicy.TRANSIENT_LOCAL for w in writers), \
+            [(w.node_name, w.qos_profile.durability) for w in writers]
+        late = RobotClient([r0], "late_joiner")
+        try:
+            assert late.wait_for(lambda: late.flow[r0], 30), "the late joiner learned no flow state"
+            first_stamp, first_state = late.flow_stamps[r0][0], late.flow[r0][0][1]
+        finally:
+            late.close()
+        assert first_state in (0, 1) and first_stamp > 0
+        time.sleep(3.0)
         stop.set()
         for t in cams:
             t.join()
@@ -96,32 +118,31 @@ def test_backpressure_pause_resume_bounded_queue_all_answered(ros_env, tmp_path)
         sent = {r: list(client.sent[r]) for r in client.robots}
         total = sum(len(v) for v in sent.values())
         assert client.wait_for(lambda: client.n_answers() >= total, 120), (client.n_answers(), total)
+        assert wait_all_answered(client, 60)    # also those the edges started after the cameras stopped
         assert client.wait_for(lambda: all(client.flow[r] and client.flow[r][-1][1] == 0 for r in client.robots), 30), \
             "RESUME did not follow"
-        time.sleep(1.5)
-        import json
-        stats = json.loads(stats_path.read_text())
-        # Beyond the threshold only what was already in flight when PAUSE was published: per robot a
-        # request in transit, one being encoded, and one started while PAUSE itself was in transit
-        # (frames come every 33 ms; on a loaded 2-core machine delivery can take that long).
-        assert stats["max_matched_depth"] <= pause + 3 * len(client.robots), stats
-        assert stats["pauses"] >= 1
-        for r in client.robots:
-            answers = {a.request_id: a for _, a in client.answers[r]}
-            assert set(answers) == set(client.sent[r]), r
-            assert all(a.outcome is Outcome.OK for a in answers.values()), \
-                {a.outcome.name for a in answers.values()}
-        # While paused the edges encode nothing: between a PAUSE and the next RESUME (as seen here),
-        # a robot sends at most the one request it was already encoding.
-        n_intervals = 0
-        for r in client.robots:
-            t_pause = None     # first PAUSE of a run (the server also republishes its state at 1 Hz)
-            for t, state, _ in client.flow[r]:
-                if state == 1 and t_pause is None:
-                    t_pause = t
-                elif state == 0 and t_pause is not None:
-                    n_intervals += 1
-                    inside = [x for x in client.sent_ns[r] if t_pause + 50_000_000 < x < t]
-                    assert len(inside) <= 1, f"{r} sent {len(inside)} requests while paused"
-                    t_pause = None
-        assert n_intervals >= 1
+    stats = json.loads(stats_path.read_text())    # written by the server as it stopped
+    assert stats["duplicate_replies_blocked"] == 0 and stats["emit_errors"] == 0, stats
+    # Beyond the threshold only what was already in flight when PAUSE was published: per robot a
+    # request in transit, one being encoded, and one started while PAUSE itself was in transit
+    # (frames come every 33 ms; on a loaded 2-core machine delivery can take that long).
+    assert stats["max_matched_depth"] <= pause + 3 * len(client.robots), stats
+    assert stats["pauses"] >= 1
+    for r in client.robots:
+        assert all(a.outcome is Outcome.OK for _, a in client.answers[r]), \
+            {a.outcome.name for _, a in client.answers[r]}
+    assert_one_outcome_each(client)
+    # While paused the edges encode nothing: between a PAUSE and the next RESUME (as seen here),
+    # a robot sends at most the one request it was already encoding.
+    n_intervals = 0
+    for r in client.robots:
+        t_pause = None     # first PAUSE of a run (the server also republishes its state at 1 Hz)
+        for t, state, _ in client.flow[r]:
+            if state == 1 and t_pause is None:
+                t_pause = t
+            elif state == 0 and t_pause is not None:
+                n_intervals += 1
+                inside = [x for x in client.sent_ns[r] if t_pause + 50_000_000 < x < t]
+                assert len(inside) <= 1, f"{r} sent {len(inside)} requests while paused"
+                t_pause = None
+    assert n_intervals >= 1

@@ -156,7 +156,7 @@ def test_each_node_answers_sigterm_with_exit_0_within_2s_and_leaves_the_graph(ro
             assert took < NODE_STOP_S, f"{spec.name}: {took:.2f} s from SIGTERM to exit\n{log}"
             # a destroyed participant announces that it leaves; a killed one stays until its lease
             # runs out (Fast DDS default 20 s)
-            assert client.wait_for(lambda: ros_name[spec.role] not in graph(), 5.0), \
+            assert client.wait_for(lambda spec=spec: ros_name[spec.role] not in graph(), 5.0), \
                 f"{spec.name} still in the graph 5 s after it exited: {graph()}"
         print("SIGTERM -> exit 0 in: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
     finally:

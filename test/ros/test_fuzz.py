@@ -404,7 +404,7 @@ def test_fuzz_libero_bridge(ros_env, tmp_path):
         pub = fz.publisher(RobotAction, topics.for_robot(ROBOT, topics.ACTION), qos.ACTION)
         t0 = time.monotonic()
         for i in range(len(cases) + n_after):
-            assert client.wait_for(lambda: len(states) > i, 240), f"no state {i}: {_read(log)[-2000:]}"
+            assert client.wait_for(lambda i=i: len(states) > i, 240), f"no state {i}: {_read(log)[-2000:]}"
             stamp = states[i]
             if i < len(cases):
                 desc, m = cases[i]

@@ -30,10 +30,11 @@ from std_msgs.msg import String
 from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, FlowControl, Prompt, RobotAction
 
 from . import qos, topics
-from .conversions import msg_to_answer, msg_to_chunk, ns_to_stamp, rgb_to_image, stamp_to_ns
+from .conversions import flow_paused, msg_to_answer, msg_to_chunk, ns_to_stamp, rgb_to_image, stamp_to_ns
 from .core.chunks import ActionChunk
 from .core.types import AnswerResult
 from .core.auth import Authenticator
+from .guard import CallbackGuard
 from .msg_auth import MessageAuth
 
 LOG = logging.getLogger(__name__)
@@ -92,13 +93,15 @@ class RobotClient:
                           for r in robots}
         self.pub_prompt = {r: self.node.create_publisher(String, topics.for_robot(r, topics.PROMPT_TEXT),
                                                          qos.USER_PROMPT) for r in robots}
+        # A bad message is counted and logged by the guard; it must not end the spin thread.
+        self.guard = CallbackGuard(self.node)
         self._subs = {}     # (robot, topic) -> subscription, for readiness (matched publishers)
         for r in robots:
-            self._subs[r, topics.ANSWER] = self.node.create_subscription(
+            self._subs[r, topics.ANSWER] = self.guard.subscribe(
                 Answer, topics.for_robot(r, topics.ANSWER), lambda m, r=r: self._on_answer(m, r), qos.ANSWER)
-            self._subs[r, topics.FLOW] = self.node.create_subscription(
+            self._subs[r, topics.FLOW] = self.guard.subscribe(
                 FlowControl, topics.for_robot(r, topics.FLOW), lambda m, r=r: self._on_flow(m, r), qos.FLOW)
-            self._subs[r, topics.PROMPT] = self.node.create_subscription(
+            self._subs[r, topics.PROMPT] = self.guard.subscribe(
                 Prompt, topics.for_robot(r, topics.PROMPT), lambda m, r=r: self._on_sent(m, r), qos.REQUEST)
         # actions=True: also the VLA topics (action chunks, executed actions, episodes; robot state out).
         self.chunks: dict[str, list[tuple[int, ActionChunk]]] = defaultdict(list)     # robot -> [(recv_ns, c)]
@@ -107,12 +110,12 @@ class RobotClient:
         self.pub_state = {}
         if actions:
             for r in robots:
-                self.node.create_subscription(ActionChunkMsg, topics.for_robot(r, topics.ACTION_CHUNK),
-                                              lambda m, r=r: self._on_chunk(m, r), qos.ACTION_CHUNK)
-                self.node.create_subscription(RobotAction, topics.for_robot(r, topics.ACTION),
-                                              lambda m, r=r: self._append(self.actions[r], m), qos.ACTION)
-                self.node.create_subscription(Episode, topics.for_robot(r, topics.EPISODE),
-                                              lambda m, r=r: self._append(self.episodes[r], m, False), qos.EPISODE)
+                self.guard.subscribe(ActionChunkMsg, topics.for_robot(r, topics.ACTION_CHUNK),
+                                     lambda m, r=r: self._on_chunk(m, r), qos.ACTION_CHUNK)
+                self.guard.subscribe(RobotAction, topics.for_robot(r, topics.ACTION),
+                                     lambda m, r=r: self._append(self.actions[r], m), qos.ACTION)
+                self.guard.subscribe(Episode, topics.for_robot(r, topics.EPISODE),
+                                     lambda m, r=r: self._append(self.episodes[r], m, False), qos.EPISODE)
                 self.pub_state[r] = self.node.create_publisher(JointState, topics.for_robot(r, topics.ROBOT_STATE),
                                                                qos.ROBOT_STATE)
         self.last_prompt_ns = 0
@@ -175,9 +178,10 @@ class RobotClient:
     def _on_flow(self, msg: FlowControl, robot: str) -> None:
         if not self._authentic(msg, robot, "FlowControl"):
             return
+        paused, stamp = int(flow_paused(msg)), stamp_to_ns(msg.header.stamp)   # ValueError: counted by the guard
         with self._lock:
-            self.flow[robot].append((time.time_ns(), int(msg.state), int(msg.queue_depth)))
-            self.flow_stamps[robot].append(stamp_to_ns(msg.header.stamp))
+            self.flow[robot].append((time.time_ns(), paused, int(msg.queue_depth)))
+            self.flow_stamps[robot].append(stamp)
             self._lock.notify_all()
 
     # ---- waiting -------------------------------------------------------------------------

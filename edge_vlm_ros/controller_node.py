@@ -39,10 +39,11 @@ from std_msgs.msg import String
 from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, RobotAction
 
 from . import qos, topics
-from .conversions import msg_to_answer, msg_to_chunk, ns_to_stamp, stamp_to_ns
+from .conversions import check_episode, msg_to_answer, msg_to_chunk, ns_to_stamp, stamp_to_ns
 from .core.chunks import ChunkExecutor, ChunkExecutorConfig, TickStatus
 from .core.config import ControllerConfig
 from .core.types import Outcome
+from .guard import CallbackGuard
 from .msg_auth import make_message_auth
 from .params import declare_config
 from .spin import exit_node, run_node
@@ -67,9 +68,10 @@ class ControllerNode(Node):
         self.counts: collections.Counter = collections.Counter()
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._log = open(self.cfg.answer_log_path, "a", buffering=1) if self.cfg.answer_log_path else None
+        self.guard = CallbackGuard(self)
         for r in self.cfg.robots:
-            self.create_subscription(Answer, topics.for_robot(r, topics.ANSWER),
-                                     lambda m, r=r: self._on_answer(m, r), qos.ANSWER)
+            self.guard.subscribe(Answer, topics.for_robot(r, topics.ANSWER),
+                                 lambda m, r=r: self._on_answer(m, r), qos.ANSWER)
         self.get_logger().info(f"consuming answers of {self.cfg.robots}")
         self._robots: dict[str, _RobotActions] = {}
         if self.cfg.actions:
@@ -83,13 +85,13 @@ class ControllerNode(Node):
             ra = _RobotActions(r, ChunkExecutor(dataclasses.replace(base, robot_id=r)), self.cfg.instruction)
             ra.pub_action = self.create_publisher(RobotAction, topics.for_robot(r, topics.ACTION), qos.ACTION)
             ra.pub_prompt = self.create_publisher(String, topics.for_robot(r, topics.PROMPT_TEXT), qos.USER_PROMPT)
-            self.create_subscription(ActionChunkMsg, topics.for_robot(r, topics.ACTION_CHUNK),
-                                     lambda m, ra=ra: self._on_chunk(m, ra), qos.ACTION_CHUNK)
-            self.create_subscription(Episode, topics.for_robot(r, topics.EPISODE),
-                                     lambda m, ra=ra: self._on_episode(m, ra), qos.EPISODE)
+            self.guard.subscribe(ActionChunkMsg, topics.for_robot(r, topics.ACTION_CHUNK),
+                                 lambda m, ra=ra: self._on_chunk(m, ra), qos.ACTION_CHUNK)
+            self.guard.subscribe(Episode, topics.for_robot(r, topics.EPISODE),
+                                 lambda m, ra=ra: self._on_episode(m, ra), qos.EPISODE)
             if self.cfg.tick_source == "robot_state" or base.jump_reference == "state":
-                self.create_subscription(JointState, topics.for_robot(r, topics.ROBOT_STATE),
-                                         lambda m, ra=ra: self._on_state(m, ra), qos.ROBOT_STATE)
+                self.guard.subscribe(JointState, topics.for_robot(r, topics.ROBOT_STATE),
+                                     lambda m, ra=ra: self._on_state(m, ra), qos.ROBOT_STATE)
             self._robots[r] = ra
         if self.cfg.tick_source == "timer":
             self.create_timer(base.control_period_s, self._on_timer)
@@ -154,6 +156,7 @@ class ControllerNode(Node):
                                       f"{result.detail}")
 
     def _on_episode(self, msg: Episode, ra: "_RobotActions") -> None:
+        check_episode(msg)
         if msg.status != Episode.STATUS_RUNNING or msg.episode_id == ra.executor.episode_id:
             return
         ra.executor.reset(msg.episode_id, stamp_to_ns(msg.header.stamp))
@@ -175,7 +178,7 @@ class ControllerNode(Node):
         tmp = self.cfg.stats_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"answers": dict(self.counts), "robots": self.action_stats(),
-                       "auth_dropped": self.msg_auth.dropped_by_robot()}, f)
+                       "auth_dropped": self.msg_auth.dropped_by_robot(), "bad_messages": self.guard.counts()}, f)
         os.replace(tmp, self.cfg.stats_path)
 
     def _on_answer(self, msg: Answer, robot: str) -> None:

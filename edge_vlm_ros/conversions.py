@@ -1,12 +1,24 @@
-"""Messages <-> core types. Every field received is validated before use; nothing is pickled."""
+"""Messages <-> core types. Every field received is validated before use; nothing is pickled.
+
+The msg_to_* functions (and the check_* ones for messages used as they are) are total: for any value
+of any field they either return or raise. What they raise names the bad value: RequestError
+(REJECTED) for the request halves the server answers, ValueError for everything else. Enum fields
+are checked against the message's own constants; a value outside them is refused, never guessed.
+Stamps must be valid builtin_interfaces/Time (nanosec < 1e9), so a stamp taken from a message can
+always be written back into one. Lengths are capped so one message cannot make a node hold
+megabytes in an id, a log line or a reason string.
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from builtin_interfaces.msg import Time
 from sensor_msgs.msg import Image
 
-from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Prompt, StageTimings as StageTimingsMsg, VisualFeatures
+from edge_vlm_ros.msg import (ActionChunk as ActionChunkMsg, Answer, Episode, FlowControl, Prompt,
+                              StageTimings as StageTimingsMsg, VisualFeatures)
 
 from .core.chunks import ActionChunk
 from .core.types import (AnswerResult, EncodedTensor, FeaturePacket, Outcome, PromptRequest, StageTimings,
@@ -15,17 +27,110 @@ from .core.types import (AnswerResult, EncodedTensor, FeaturePacket, Outcome, Pr
 MAX_PROPRIO = 4096   # values of proprioception a Prompt may carry
 
 MAX_ID_CHARS = 128
+MAX_TEXT_CHARS = 1 << 20    # prompt, answer, reason and instruction text (the servers' own limits are far below)
+MAX_TOKENS = 1 << 16        # token ids an Answer may carry
+MAX_SHAPE_DIMS = 8          # dimensions a VisualFeatures shape may have
+MAX_NAME_CHARS = 1024       # codec, dtype, split point, fingerprints, codec_params
+
+_NS = 1_000_000_000
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_OUTCOMES = {Answer.OUTCOME_OK: Outcome.OK, Answer.OUTCOME_TIMEOUT: Outcome.TIMEOUT,
+             Answer.OUTCOME_REJECTED: Outcome.REJECTED, Answer.OUTCOME_ERROR: Outcome.ERROR}
+_EPISODE_STATUSES = (Episode.STATUS_RUNNING, Episode.STATUS_SUCCESS, Episode.STATUS_FAILURE, Episode.STATUS_ERROR,
+                     Episode.STATUS_DONE)
 
 # Encodings converted here with numpy; anything else goes to cv_bridge when it is installed.
 _CHANNELS = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}
 
 
+def show(value: object, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: for error messages about values that can be huge."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} long)"
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__len__") and len(value) > 8:
+        return f"[{', '.join(repr(x) for x in list(value[:8]))}, ...] ({len(value)} values)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def stamp_to_ns(t: Time) -> int:
-    return int(t.sec) * 1_000_000_000 + int(t.nanosec)
+    """Nanoseconds of a builtin_interfaces/Time; ValueError for nanosec outside [0, 1e9)."""
+    sec, nanosec = int(t.sec), int(t.nanosec)
+    if not 0 <= nanosec < _NS:
+        raise ValueError(f"stamp nanosec {nanosec} is not in [0, {_NS}) (sec {sec})")
+    return sec * _NS + nanosec
 
 
 def ns_to_stamp(ns: int) -> Time:
-    return Time(sec=int(ns // 1_000_000_000), nanosec=int(ns % 1_000_000_000))
+    """builtin_interfaces/Time of nanoseconds; ValueError when its seconds do not fit int32."""
+    sec = int(ns) // _NS
+    if not _INT32[0] <= sec <= _INT32[1]:
+        raise ValueError(f"time {ns} ns does not fit a builtin_interfaces/Time (sec {sec} is not int32)")
+    return Time(sec=sec, nanosec=int(ns) % _NS)
+
+
+def stamp_or_zero(t: Time) -> int:
+    """stamp_to_ns, or 0 for an invalid stamp: for echoing a stamp into the reply that refuses a message."""
+    try:
+        return stamp_to_ns(t)
+    except ValueError:
+        return 0
+
+
+def _check_len(name: str, value, limit: int, error=ValueError) -> None:
+    if len(value) > limit:
+        raise error(f"{name} has {len(value)} {'characters' if isinstance(value, str) else 'values'}, "
+                    f"limit {limit}: {show(value, 40)}")
+
+
+def _check_outcome(value: int, error=ValueError) -> Outcome:
+    outcome = _OUTCOMES.get(int(value))
+    if outcome is None:
+        raise error(f"outcome {int(value)} is not one of {sorted(_OUTCOMES)} (OK, TIMEOUT, REJECTED, ERROR)")
+    return outcome
+
+
+def _rejected_stamp(t: Time, name: str = "header.stamp") -> int:
+    try:
+        return stamp_to_ns(t)
+    except ValueError as e:
+        raise rejected(f"{name}: {e}") from None
+
+
+def flow_paused(m: FlowControl) -> bool:
+    """True for PAUSE, False for RESUME; ValueError for any other state."""
+    if m.state == FlowControl.PAUSE:
+        return True
+    if m.state == FlowControl.RESUME:
+        return False
+    raise ValueError(f"flow control state {int(m.state)} is neither RESUME ({FlowControl.RESUME}) nor PAUSE "
+                     f"({FlowControl.PAUSE}) (server_id {show(m.server_id, 40)})")
+
+
+def check_episode(m: Episode) -> Episode:
+    """The Episode itself, once its status, ids, instruction and stamp are valid; ValueError otherwise."""
+    if m.status not in _EPISODE_STATUSES:
+        raise ValueError(f"episode status {int(m.status)} is not one of {list(_EPISODE_STATUSES)}")
+    _check_len("episode_id", m.episode_id, MAX_ID_CHARS)
+    _check_len("suite", m.suite, MAX_ID_CHARS)
+    _check_len("instruction", m.instruction, MAX_TEXT_CHARS)
+    _check_len("reason", m.reason, MAX_TEXT_CHARS)
+    stamp_to_ns(m.header.stamp)
+    return m
+
+
+def check_proprio_state(m, limit: int = MAX_PROPRIO):
+    """A sensor_msgs/JointState whose position can go out as a Prompt's proprio (float32[]): at most
+    `limit` finite values within float32's range, and a valid stamp; ValueError otherwise."""
+    stamp_to_ns(m.header.stamp)
+    _check_len("robot state position", m.position, limit)
+    pos = np.asarray(m.position, dtype=np.float64)
+    bad = ~np.isfinite(pos) | (np.abs(pos) > _FLOAT32_MAX)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"robot state position[{i}] = {pos[i]} is not a finite float32 ({int(bad.sum())} such)")
+    return m
 
 
 def image_to_rgb(msg: Image) -> np.ndarray:
@@ -34,6 +139,8 @@ def image_to_rgb(msg: Image) -> np.ndarray:
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
     if h <= 0 or w <= 0:
         raise ValueError(f"image has size {w}x{h}")
+    if len(enc) > MAX_ID_CHARS:
+        raise ValueError(f"image encoding {show(msg.encoding, 40)} is not supported")
     if enc not in _CHANNELS:
         try:
             from cv_bridge import CvBridge  # ROS 2's cv_bridge, where the distribution has it
@@ -74,7 +181,7 @@ def rgb_to_image(rgb: np.ndarray, stamp_ns: int, frame_id: str = "camera") -> Im
 
 def _check_id(name: str, value: str) -> None:
     if not value or len(value) > MAX_ID_CHARS:
-        raise rejected(f"{name} must be 1..{MAX_ID_CHARS} characters, got {len(value)}")
+        raise rejected(f"{name} must be 1..{MAX_ID_CHARS} characters, got {len(value)}: {show(value, 40)}")
 
 
 def prompt_to_msg(p: PromptRequest) -> Prompt:
@@ -89,16 +196,23 @@ def prompt_to_msg(p: PromptRequest) -> Prompt:
 
 
 def msg_to_prompt(m: Prompt) -> PromptRequest:
+    """RequestError (REJECTED) naming the bad value for a Prompt that cannot be a request."""
     _check_id("request_id", m.request_id)
     _check_id("robot_id", m.robot_id)
     if len(m.proprio) > MAX_PROPRIO:
         raise rejected(f"proprio has {len(m.proprio)} values, limit {MAX_PROPRIO}")
     if len(m.episode_id) > MAX_ID_CHARS:
         raise rejected(f"episode_id must be at most {MAX_ID_CHARS} characters, got {len(m.episode_id)}")
+    _check_len("task", m.task, MAX_ID_CHARS, rejected)
+    _check_len("prompt text", m.text, MAX_TEXT_CHARS, rejected)
+    proprio = tuple(float(x) for x in m.proprio)
+    for i, x in enumerate(proprio):
+        if not math.isfinite(x):
+            raise rejected(f"proprio[{i}] = {x} is not finite")
     return PromptRequest(request_id=m.request_id, robot_id=m.robot_id, text=m.text, task=m.task,
-                         max_new_tokens=int(m.max_new_tokens), stamp_ns=stamp_to_ns(m.header.stamp),
-                         episode_id=m.episode_id, proprio=tuple(float(x) for x in m.proprio),
-                         deadline_ns=stamp_to_ns(m.deadline))
+                         max_new_tokens=int(m.max_new_tokens), stamp_ns=_rejected_stamp(m.header.stamp),
+                         episode_id=m.episode_id, proprio=proprio,
+                         deadline_ns=_rejected_stamp(m.deadline, "deadline"))
 
 
 def features_to_msg(f: FeaturePacket, sent_at_ns: int) -> VisualFeatures:
@@ -126,8 +240,14 @@ def _as_bytes(data) -> bytes:
 
 
 def msg_to_features(m: VisualFeatures) -> FeaturePacket:
+    """RequestError (REJECTED) naming the bad value for features that cannot be a request's half.
+    Whether payload, shape, dtype and codec agree is the codec's check, on the server's worker."""
     _check_id("request_id", m.request_id)
     _check_id("robot_id", m.robot_id)
+    for name in ("split_point", "model_fingerprint", "codec", "dtype", "codebook_hash", "codec_params"):
+        _check_len(name, getattr(m, name), MAX_NAME_CHARS, rejected)
+    _check_len("shape", m.shape, MAX_SHAPE_DIMS, rejected)
+    stamp_ns, sent_ns = _rejected_stamp(m.header.stamp), _rejected_stamp(m.sent_at, "sent_at")
     try:
         params = EncodedTensor.parse_params(m.codec_params)
     except ValueError as e:
@@ -136,9 +256,9 @@ def msg_to_features(m: VisualFeatures) -> FeaturePacket:
                         payload=_as_bytes(m.payload), side_info=_as_bytes(m.side_info),
                         codebook_hash=m.codebook_hash, params=params)
     return FeaturePacket(request_id=m.request_id, robot_id=m.robot_id, split_point=m.split_point,
-                         model_fingerprint=m.model_fingerprint, encoded=enc, stamp_ns=stamp_to_ns(m.header.stamp),
-                         sent_at_ns=stamp_to_ns(m.sent_at), edge_preprocess_ms=float(m.edge_preprocess_ms),
-                         edge_encode_ms=float(m.edge_encode_ms), deadline_ns=stamp_to_ns(m.deadline))
+                         model_fingerprint=m.model_fingerprint, encoded=enc, stamp_ns=stamp_ns,
+                         sent_at_ns=sent_ns, edge_preprocess_ms=float(m.edge_preprocess_ms),
+                         edge_encode_ms=float(m.edge_encode_ms), deadline_ns=_rejected_stamp(m.deadline, "deadline"))
 
 
 def timings_to_msg(t: StageTimings) -> StageTimingsMsg:
@@ -165,7 +285,14 @@ def answer_to_msg(a: AnswerResult) -> Answer:
 
 
 def msg_to_answer(m: Answer) -> AnswerResult:
-    return AnswerResult(request_id=m.request_id, robot_id=m.robot_id, outcome=Outcome(int(m.outcome)),
+    """ValueError naming the bad value for an Answer that cannot be a request's outcome."""
+    outcome = _check_outcome(m.outcome)
+    _check_len("request_id", m.request_id, MAX_ID_CHARS)
+    _check_len("robot_id", m.robot_id, MAX_ID_CHARS)
+    _check_len("reason", m.reason, MAX_TEXT_CHARS)
+    _check_len("text", m.text, MAX_TEXT_CHARS)
+    _check_len("token_ids", m.token_ids, MAX_TOKENS)
+    return AnswerResult(request_id=m.request_id, robot_id=m.robot_id, outcome=outcome,
                         reason=m.reason, text=m.text, token_ids=[int(t) for t in m.token_ids],
                         stamp_ns=stamp_to_ns(m.header.stamp), timings=msg_to_timings(m.timings))
 
@@ -183,13 +310,16 @@ def chunk_to_msg(c: ActionChunk) -> ActionChunkMsg:
 
 
 def msg_to_chunk(m: ActionChunkMsg) -> ActionChunk:
-    """As received: shape and values are judged by the ChunkExecutor (a counted verdict, no exception)."""
-    try:
-        outcome = Outcome(int(m.outcome))
-    except ValueError:
-        outcome = Outcome.ERROR
-    return ActionChunk(request_id=m.request_id[:MAX_ID_CHARS], robot_id=m.robot_id[:MAX_ID_CHARS],
-                       episode_id=m.episode_id[:MAX_ID_CHARS], stamp_ns=stamp_to_ns(m.header.stamp),
+    """Shape, period and action values as received: the ChunkExecutor judges them (a counted verdict).
+    ValueError naming the bad value for what is no chunk at all: an unknown outcome, ids over
+    MAX_ID_CHARS, an invalid stamp."""
+    outcome = _check_outcome(m.outcome)
+    _check_len("request_id", m.request_id, MAX_ID_CHARS)
+    _check_len("robot_id", m.robot_id, MAX_ID_CHARS)
+    _check_len("episode_id", m.episode_id, MAX_ID_CHARS)
+    _check_len("reason", m.reason, MAX_TEXT_CHARS)
+    return ActionChunk(request_id=m.request_id, robot_id=m.robot_id,
+                       episode_id=m.episode_id, stamp_ns=stamp_to_ns(m.header.stamp),
                        chunk_size=int(m.chunk_size), action_dim=int(m.action_dim),
                        actions=np.asarray(m.actions, dtype=np.float32), control_period_s=float(m.control_period_s),
                        outcome=outcome, reason=m.reason, timings=msg_to_timings(m.timings))

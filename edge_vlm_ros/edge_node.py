@@ -46,12 +46,14 @@ from std_msgs.msg import String
 from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, FlowControl, Prompt, VisualFeatures
 
 from . import qos, topics
-from .conversions import answer_to_msg, chunk_to_msg, features_to_msg, image_to_rgb, prompt_to_msg, stamp_to_ns
+from .conversions import (answer_to_msg, check_episode, check_proprio_state, chunk_to_msg, features_to_msg, flow_paused,
+                          image_to_rgb, prompt_to_msg, stamp_to_ns)
 from .core.chunks import ActionChunk
 from .core.config import EdgeConfig
 from .core.edge import EdgeEncoder
 from .core.requests import Heard, LeaseStatus, RequestTracker, ServerLease
 from .core.types import AnswerResult, Outcome, PromptRequest
+from .guard import CallbackGuard
 from .msg_auth import make_message_auth
 from .params import declare_config
 from .tools.default_model import resolve
@@ -87,17 +89,18 @@ class EdgeNode(Node):
         self.pub_answer = self.create_publisher(Answer, topics.ANSWER, qos.ANSWER)
         self._episode_id = ""
         self._state: JointState | None = None
+        self.guard = CallbackGuard(self)
         if self.cfg.task == "action":
             self.pub_chunk = self.create_publisher(ActionChunkMsg, topics.ACTION_CHUNK, qos.ACTION_CHUNK)
-            self.create_subscription(Episode, topics.EPISODE, self._on_episode, qos.EPISODE)
-            self.create_subscription(JointState, topics.ROBOT_STATE, self._on_state, qos.ROBOT_STATE)
-        self.create_subscription(Image, topics.CAMERA, self._on_image, qos.CAMERA)
-        self.create_subscription(String, topics.PROMPT_TEXT, self._on_prompt, qos.USER_PROMPT)
-        self.create_subscription(FlowControl, topics.FLOW, self._on_flow, qos.FLOW)
+            self.guard.subscribe(Episode, topics.EPISODE, self._on_episode, qos.EPISODE)
+            self.guard.subscribe(JointState, topics.ROBOT_STATE, self._on_state, qos.ROBOT_STATE)
+        self.guard.subscribe(Image, topics.CAMERA, self._on_image, qos.CAMERA)
+        self.guard.subscribe(String, topics.PROMPT_TEXT, self._on_prompt, qos.USER_PROMPT)
+        self.guard.subscribe(FlowControl, topics.FLOW, self._on_flow, qos.FLOW)
         # Our own outcomes (the server's and ours): which requests are done.
-        self.create_subscription(Answer, topics.ANSWER, self._on_answer, qos.ANSWER)
+        self.guard.subscribe(Answer, topics.ANSWER, self._on_answer, qos.ANSWER)
         if self.cfg.task == "action":
-            self.create_subscription(ActionChunkMsg, topics.ACTION_CHUNK, self._on_chunk, qos.ACTION_CHUNK)
+            self.guard.subscribe(ActionChunkMsg, topics.ACTION_CHUNK, self._on_chunk, qos.ACTION_CHUNK)
         self.create_timer(0.1, self._check_deadlines)
         self.create_timer(10.0, self._log_counters)
         self._worker = threading.Thread(target=self._work, name="edge_vlm_encoder", daemon=True)
@@ -105,6 +108,7 @@ class EdgeNode(Node):
 
     # ---- callbacks (never block) -------------------------------------------------------------
     def _on_image(self, msg: Image) -> None:
+        stamp_to_ns(msg.header.stamp)   # the request's stamp: refused here, where the guard counts it
         with self._lock:
             if self.lease.paused and self._frame is not None and self._frame_seq != self._used_seq:
                 self.counters["frames_replaced_while_paused"] += 1
@@ -133,11 +137,13 @@ class EdgeNode(Node):
             self._lock.notify_all()
 
     def _on_episode(self, msg: Episode) -> None:
+        check_episode(msg)
         with self._lock:
             if msg.status == Episode.STATUS_RUNNING:
                 self._episode_id = msg.episode_id
 
     def _on_state(self, msg: JointState) -> None:
+        check_proprio_state(msg)
         with self._lock:
             self._state = msg
 
@@ -145,7 +151,8 @@ class EdgeNode(Node):
         if not self.msg_auth.check(msg, self.cfg.robot_id, "FlowControl", self.get_logger()):
             self.counters["flow_unauthenticated"] += 1
             return
-        self.lease.renew(msg.server_id, msg.state == FlowControl.PAUSE, float(msg.lease_s))
+        # An unknown state raises here (counted by the guard): it neither pauses nor renews the lease.
+        self.lease.renew(msg.server_id, flow_paused(msg), float(msg.lease_s))
         self._log_lease_change()
         with self._lock:
             self._lock.notify_all()

@@ -39,6 +39,7 @@ from . import qos, topics
 from .conversions import ns_to_stamp, rgb_to_image, stamp_to_ns
 from .core.config import LiberoBridgeConfig
 from .core.libero_sim import ACTION_DIM, STATE_NAMES, LiberoSim
+from .guard import CallbackGuard
 from .params import declare_config
 from .spin import WORKER_JOIN_S, exit_node, run_node
 
@@ -54,7 +55,8 @@ class LiberoBridgeNode(Node):
         self.pub_wrist = self.create_publisher(Image, topics.WRIST_CAMERA, qos.CAMERA) if self.cfg.wrist_camera else None
         self.pub_state = self.create_publisher(JointState, topics.ROBOT_STATE, qos.ROBOT_STATE)
         self.pub_episode = self.create_publisher(Episode, topics.EPISODE, qos.EPISODE)
-        self.create_subscription(RobotAction, topics.ACTION, self._on_action, qos.ACTION)
+        self.guard = CallbackGuard(self)
+        self.guard.subscribe(RobotAction, topics.ACTION, self._on_action, qos.ACTION)
         self._cv = threading.Condition()
         self._actions: collections.OrderedDict[int, RobotAction] = collections.OrderedDict()  # stamp -> action
         self.counters: collections.Counter = collections.Counter()
@@ -207,7 +209,8 @@ class LiberoBridgeNode(Node):
 
     def _summary(self) -> dict:
         n = len(self.results)
-        return {"episodes": n, "successes": sum(r["success"] for r in self.results), **dict(self.counters)}
+        return {"episodes": n, "successes": sum(r["success"] for r in self.results), **dict(self.counters),
+                "bad_messages": self.guard.counts()}
 
     def _write_stats(self) -> None:
         if not self.cfg.stats_path:

@@ -30,8 +30,9 @@ from edge_vlm_ros.msg import FlowControl
 from . import qos, topics
 from .bag.io import (COMPRESSED_IMAGE_TYPE, IMAGE_TYPE, STRING_TYPE, BagReplayer, EventKind, ImageFrame,
                      ReplayConfig as PlaySchedule, ReplayEvent, bag_info)
-from .conversions import ns_to_stamp, rgb_to_image
+from .conversions import flow_paused, ns_to_stamp, rgb_to_image
 from .core.replay_config import ReplayConfig
+from .guard import CallbackGuard
 from .params import declare_config
 from .spin import WORKER_JOIN_S, exit_node, run_node
 
@@ -70,10 +71,11 @@ class ReplayNode(Node):
         self._flow_lock = threading.Lock()
         self._paused: dict[str, bool] = {}
         self._flow_seen: set[str] = set()
+        self.guard = CallbackGuard(self)
         if cfg.pause_on_flow_control:
             for r in cfg.robots or [""]:
                 name = topics.for_robot(r, topics.FLOW) if r else topics.FLOW
-                self.create_subscription(FlowControl, name, lambda m, r=r: self._on_flow(m, r), qos.FLOW)
+                self.guard.subscribe(FlowControl, name, lambda m, r=r: self._on_flow(m, r), qos.FLOW)
 
         schedule = PlaySchedule(rate=cfg.rate, loops=cfg.loops, remap={}, topics=tuple(played),
                                 preload=cfg.preload, preload_limit_bytes=cfg.preload_limit_mb << 20,
@@ -92,7 +94,7 @@ class ReplayNode(Node):
 
     # ---- callbacks (never block) -------------------------------------------------------------
     def _on_flow(self, msg: FlowControl, robot: str) -> None:
-        paused = msg.state == FlowControl.PAUSE
+        paused = flow_paused(msg)
         with self._flow_lock:
             if self._paused.get(robot) != paused:
                 self.counters["pause_msgs" if paused else "resume_msgs"] += 1
@@ -173,7 +175,7 @@ class ReplayNode(Node):
         self.done.set()
 
     def stats(self) -> dict:
-        out: dict = {"counters": dict(self.counters), "failed": self.failed}
+        out: dict = {"counters": dict(self.counters), "failed": self.failed, "bad_messages": self.guard.counts()}
         if self._replayer is not None:
             s = self._replayer.stats()
             out.update(messages=s.messages, clock_ticks=s.clock_ticks, loops_completed=s.loops_completed,

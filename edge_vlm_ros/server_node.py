@@ -25,7 +25,7 @@ from rclpy.node import Node
 from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, FlowControl, Prompt, VisualFeatures
 
 from . import qos, topics
-from .conversions import answer_to_msg, chunk_to_msg, msg_to_features, msg_to_prompt, ns_to_stamp
+from .conversions import answer_to_msg, chunk_to_msg, msg_to_features, msg_to_prompt, ns_to_stamp, stamp_or_zero
 from .core.action_heads import load_action_head
 from .core.chunks import ActionChunk
 from .core.config import ServerConfig
@@ -33,6 +33,7 @@ from .core.flow import FlowEvent, FlowState
 from .core.server import ServerEngine
 from .core.split import load_vlm
 from .core.types import AnswerResult, RequestError
+from .guard import CallbackGuard
 from .msg_auth import make_message_auth
 from .params import declare_config
 from .tools.default_model import resolve
@@ -81,11 +82,12 @@ class ServerNode(Node):
         self._pub_lock = threading.Lock()
         self.engine = ServerEngine(adapter, self.cfg, self._emit_answer, self._emit_flow, codebooks,
                                    emit_chunk=self._emit_chunk, action_head=head)
+        self.guard = CallbackGuard(self)
         for r in self.cfg.robots:
-            self.create_subscription(Prompt, topics.for_robot(r, topics.PROMPT),
-                                     lambda m, r=r: self._on_prompt(m, r), qos.REQUEST)
-            self.create_subscription(VisualFeatures, topics.for_robot(r, topics.FEATURES),
-                                     lambda m, r=r: self._on_features(m, r), qos.FEATURES)
+            self.guard.subscribe(Prompt, topics.for_robot(r, topics.PROMPT),
+                                 lambda m, r=r: self._on_prompt(m, r), qos.REQUEST)
+            self.guard.subscribe(VisualFeatures, topics.for_robot(r, topics.FEATURES),
+                                 lambda m, r=r: self._on_features(m, r), qos.FEATURES)
         self.engine.start()
         self._publish_flow()
         # The heartbeat: the flow state republished every period with the lease it grants (robots that
@@ -115,8 +117,9 @@ class ServerNode(Node):
             self._reply_invalid(msg, route, e)
 
     def _reply_invalid(self, msg, route: str, e: RequestError) -> None:
-        self.get_logger().warning(f"invalid message on {route}: {e.reason}")
-        stamp_ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        topic = topics.for_robot(route, topics.PROMPT if isinstance(msg, Prompt) else topics.FEATURES)
+        self.guard.note(topic, "rejected", e.reason)
+        stamp_ns = stamp_or_zero(msg.header.stamp)
         if isinstance(msg, Prompt) and msg.task == "action":
             self._emit_chunk(route, ActionChunk.failure(e.outcome, e.reason, request_id=msg.request_id[:128],
                                                         robot_id=msg.robot_id[:128],
@@ -166,7 +169,7 @@ class ServerNode(Node):
                      matched_depth=len(self.engine.matched), pause_threshold=self.cfg.pause_threshold,
                      inbox_dropped=self.engine.inbox.dropped, matched_dropped=self.engine.matched.dropped,
                      auth=self.msg_auth.enabled, auth_accepted=self.msg_auth.accepted,
-                     auth_dropped=self.msg_auth.dropped_by_robot())
+                     auth_dropped=self.msg_auth.dropped_by_robot(), bad_messages=self.guard.counts())
         tmp = self.cfg.stats_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(stats, f)

@@ -80,7 +80,10 @@ def test_backpressure_pause_resume_bounded_queue_all_answered(ros_env, tmp_path)
     overrides = {"edge": {"request_mode": "continuous", "standing_prompt": "describe the scene ."},
                  "server": {"max_batch_size": 1, "default_max_new_tokens": 40, "ignore_eos": True,
                             "pause_threshold": pause, "resume_threshold": resume, "queue_capacity": 32,
-                            "match_ttl_s": 60.0, "stats_path": str(stats_path)}}
+                            "match_ttl_s": 60.0, "stats_path": str(stats_path),
+                            # A slow heartbeat: flow control then goes out on state changes only, so a
+                            # late joiner's first message can be told apart as the retained sample.
+                            "heartbeat_period_s": 25.0, "lease_s": 55.0}}
     with running(ros_env, tmp_path, 2, overrides) as (nodes, client):
         stop = threading.Event()
 
@@ -94,22 +97,33 @@ def test_backpressure_pause_resume_bounded_queue_all_answered(ros_env, tmp_path)
         for t in cams:
             t.start()
         saw_pause = client.wait_for(lambda: any(s == 1 for r in client.robots for _, s, _ in client.flow[r]), 60)
-        # A robot that starts late learns the current state at once: the server's flow writer offers
-        # transient-local durability (it hands its last state to readers that join later), checked on
-        # the graph, and a late joiner hears a state. (Whether its first message was the history sample
-        # cannot be told apart from a live one here: this server publishes several times a second.)
+        # A robot that starts late learns the current PAUSE at once: the server's flow writer is
+        # transient-local (checked on the graph), and a client created while the server holds PAUSE
+        # first receives a message stamped before it existed (the retained sample, not a heartbeat)
+        # that says PAUSE and is the one the server last published.
         r0 = client.robots[0]
         flow_topic = "/" + topics.for_robot(r0, topics.FLOW).lstrip("/")
         writers = client.node.get_publishers_info_by_topic(flow_topic)
         assert writers and all(w.qos_profile.durability == DurabilityPolicy.TRANSIENT_LOCAL for w in writers), \
             [(w.node_name, w.qos_profile.durability) for w in writers]
-        late = RobotClient([r0], "late_joiner")
-        try:
-            assert late.wait_for(lambda: late.flow[r0], 30), "the late joiner learned no flow state"
-            first_stamp, first_state = late.flow_stamps[r0][0], late.flow[r0][0][1]
-        finally:
-            late.close()
-        assert first_state in (0, 1) and first_stamp > 0
+        learned = []
+        for attempt in range(6):     # the server flips between PAUSE and RESUME; join while it pauses
+            client.wait_for(lambda: client.flow[r0] and client.flow[r0][-1][1] == 1, 10)
+            born_ns = time.time_ns()
+            late = RobotClient([r0], f"late_joiner_{attempt}", auth_keys_dir=str(tmp_path / "keys"))
+            try:
+                assert late.wait_for(lambda late=late: late.flow[r0], 30), "the late joiner learned no flow state"
+                first_stamp, first_state = late.flow_stamps[r0][0], late.flow[r0][0][1]
+            finally:
+                late.close()
+            if first_stamp < born_ns:
+                with client._lock:
+                    seen = dict(zip(client.flow_stamps[r0], (s for _, s, _ in client.flow[r0]), strict=False))
+                assert seen.get(first_stamp) == first_state, "the retained sample is not what the server sent"
+                learned.append(first_state)
+                if first_state == 1:
+                    break
+        assert 1 in learned, f"no late joiner learned a held PAUSE from the retained sample: {learned}"
         time.sleep(3.0)
         stop.set()
         for t in cams:

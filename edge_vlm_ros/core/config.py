@@ -20,6 +20,16 @@ def _f(default: Any, description: str) -> Any:
     return field(default=default, metadata={"description": description})
 
 
+# Message authentication, the same three parameters on the edge, the server and the controller.
+AUTH_HELP = {
+    "auth": "Authenticate every message between robot and server (HMAC-SHA256 with the robot's key). "
+            "false lets any process on the DDS domain forge them; it is logged.",
+    "auth_keys_dir": "Folder of the per-robot key files <robot>.key (create them with python -m "
+                     "edge_vlm_ros.tools.keys create); empty: $EDGE_VLM_KEYS_DIR or ~/.config/edge_vlm_ros/keys.",
+    "auth_max_age_s": "Freshness window: a message stamped further than this from the receiver's clock is "
+                      "dropped (the hosts' clocks must agree within it).",
+}
+
 DEFAULT_MODEL = "default"  # resolved by tools.default_model to the embedded default model folder
 
 
@@ -69,13 +79,9 @@ class EdgeConfig:
     server_lease_s: float = _f(3.0, "Server liveness: a server that sends no FlowControl heartbeat for this "
                                     "long (when its message gives no lease_s) is gone: its PAUSE lapses and "
                                     "new requests get TIMEOUT 'server unavailable' at once.")
-    auth: bool = _f(True, "Authenticate every message between robot and server (HMAC-SHA256 with the "
-                          "robot's key). false lets any process on the DDS domain forge them; it is logged.")
-    auth_keys_dir: str = _f("", "Folder of the per-robot key files <robot>.key (create them with "
-                                "python -m edge_vlm_ros.tools.keys create); empty: $EDGE_VLM_KEYS_DIR or "
-                                "~/.config/edge_vlm_ros/keys.")
-    auth_max_age_s: float = _f(10.0, "Freshness window: a message stamped further than this from the "
-                                     "receiver's clock is dropped (the hosts' clocks must agree within it).")
+    auth: bool = _f(True, AUTH_HELP["auth"])
+    auth_keys_dir: str = _f("", AUTH_HELP["auth_keys_dir"])
+    auth_max_age_s: float = _f(10.0, AUTH_HELP["auth_max_age_s"])
 
     def __post_init__(self) -> None:
         sp = SplitPoint.parse(self.split_point)
@@ -155,13 +161,9 @@ class ServerConfig:
                              "long treat the server as gone (its PAUSE lapses). At least 2 heartbeat periods.")
     max_pending_per_robot: int = _f(64, "Most unmatched halves held for one robot; beyond it that robot's "
                                         "oldest half times out, so one robot cannot displace another's.")
-    auth: bool = _f(True, "Authenticate every message between robot and server (HMAC-SHA256 with the "
-                          "robot's key). false lets any process on the DDS domain forge them; it is logged.")
-    auth_keys_dir: str = _f("", "Folder of the per-robot key files <robot>.key (create them with "
-                                "python -m edge_vlm_ros.tools.keys create); empty: $EDGE_VLM_KEYS_DIR or "
-                                "~/.config/edge_vlm_ros/keys.")
-    auth_max_age_s: float = _f(10.0, "Freshness window: a message stamped further than this from the "
-                                     "receiver's clock is dropped (the hosts' clocks must agree within it).")
+    auth: bool = _f(True, AUTH_HELP["auth"])
+    auth_keys_dir: str = _f("", AUTH_HELP["auth_keys_dir"])
+    auth_max_age_s: float = _f(10.0, AUTH_HELP["auth_max_age_s"])
 
     def __post_init__(self) -> None:
         # YAML cannot type an empty list, so config files write [""]: empty entries mean nothing.
@@ -208,13 +210,9 @@ class ControllerConfig:
     instruction: str = _f("", "Instruction sent with each action request until an Episode message gives one.")
     stats_path: str = _f("", "If set, action counters and chunk latencies are written here as JSON every "
                              "second and at shutdown.")
-    auth: bool = _f(True, "Authenticate every message between robot and server (HMAC-SHA256 with the "
-                          "robot's key). false lets any process on the DDS domain forge them; it is logged.")
-    auth_keys_dir: str = _f("", "Folder of the per-robot key files <robot>.key (create them with "
-                                "python -m edge_vlm_ros.tools.keys create); empty: $EDGE_VLM_KEYS_DIR or "
-                                "~/.config/edge_vlm_ros/keys.")
-    auth_max_age_s: float = _f(10.0, "Freshness window: a message stamped further than this from the "
-                                     "receiver's clock is dropped (the hosts' clocks must agree within it).")
+    auth: bool = _f(True, AUTH_HELP["auth"])
+    auth_keys_dir: str = _f("", AUTH_HELP["auth_keys_dir"])
+    auth_max_age_s: float = _f(10.0, AUTH_HELP["auth_max_age_s"])
 
     def __post_init__(self) -> None:
         if not self.robots:

@@ -41,7 +41,7 @@ def config_dir() -> Path:
     return Path(get_package_share_directory("edge_vlm_ros")) / "config"
 
 
-def _param_arg(name: str, value: object) -> str:
+def param_arg(name: str, value: object) -> str:
     if isinstance(value, bool):
         v = "true" if value else "false"
     elif isinstance(value, (list, tuple)):
@@ -65,7 +65,7 @@ class NodeSpec:
         for f in ([self.params_file] if self.params_file is not None else []) + list(self.extra_params_files):
             cmd += ["--params-file", str(f)]
         for k, v in self.params.items():
-            cmd += ["-p", _param_arg(k, v)]
+            cmd += ["-p", param_arg(k, v)]
         return cmd
 
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .core.tiny_models import model_note
+from .fixtures.tiny_models import model_note
 from .processes import launcher_main
 from .tools.default_model import ensure, resolve
 

@@ -56,7 +56,7 @@ from .core.types import AnswerResult, Outcome, PromptRequest
 from .guard import CallbackGuard
 from .msg_auth import make_message_auth
 from .params import declare_config
-from .tools.default_model import resolve
+from .core.model_paths import resolve
 from .spin import WORKER_JOIN_S, exit_node, run_node
 
 

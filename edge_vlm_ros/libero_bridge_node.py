@@ -38,7 +38,7 @@ from edge_vlm_ros.msg import Episode, RobotAction
 from . import qos, topics
 from .conversions import ns_to_stamp, rgb_to_image, stamp_to_ns
 from .core.config import LiberoBridgeConfig
-from .core.libero_sim import ACTION_DIM, STATE_NAMES, LiberoSim
+from .simulation.libero_sim import ACTION_DIM, STATE_NAMES, LiberoSim
 from .guard import CallbackGuard
 from .params import declare_config
 from .spin import WORKER_JOIN_S, exit_node, run_node

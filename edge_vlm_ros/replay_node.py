@@ -29,9 +29,9 @@ from edge_vlm_ros.msg import FlowControl
 
 from . import qos, topics
 from .bag.io import (COMPRESSED_IMAGE_TYPE, IMAGE_TYPE, STRING_TYPE, BagReplayer, EventKind, ImageFrame,
-                     ReplayConfig as PlaySchedule, ReplayEvent, bag_info)
+                     PlaySchedule, ReplayEvent, bag_info)
 from .conversions import flow_paused, ns_to_stamp, rgb_to_image
-from .core.replay_config import ReplayConfig
+from .core.config import ReplayNodeConfig
 from .guard import CallbackGuard
 from .params import declare_config
 from .spin import WORKER_JOIN_S, exit_node, run_node
@@ -42,7 +42,7 @@ _IMAGE_TYPES = (IMAGE_TYPE, COMPRESSED_IMAGE_TYPE)
 class ReplayNode(Node):
     def __init__(self) -> None:
         super().__init__("edge_vlm_replay")
-        self.cfg: ReplayConfig = declare_config(self, ReplayConfig)
+        self.cfg: ReplayNodeConfig = declare_config(self, ReplayNodeConfig)
         cfg = self.cfg
         info = bag_info(cfg.bag_path)
         played = cfg.topics or [t for t, ti in info.topics.items() if ti.msgtype in _IMAGE_TYPES + (STRING_TYPE,)]

@@ -36,7 +36,7 @@ from .core.types import AnswerResult, RequestError
 from .guard import CallbackGuard
 from .msg_auth import make_message_auth
 from .params import declare_config
-from .tools.default_model import resolve
+from .core.model_paths import resolve
 from .spin import WORKER_JOIN_S, exit_node, run_node
 
 
@@ -44,7 +44,7 @@ def load_codebooks(paths: list[str], fingerprint: str) -> dict:
     """vq codecs by codebook hash; empty when no codebook is configured."""
     if not paths:
         return {}
-    from .core.vq import load_server_codecs
+    from .codecs.vq import load_server_codecs
 
     return load_server_codecs(paths, fingerprint)
 

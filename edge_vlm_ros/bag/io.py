@@ -538,7 +538,7 @@ def parse_remaps(items: Iterable[str]) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class ReplayConfig:
+class PlaySchedule:
     """How BagReplayer plays a bag."""
 
     rate: float = 1.0  # 1.0 real time, 2.0 twice as fast; 0.0 as fast as possible
@@ -707,7 +707,7 @@ RecordSource = Union[str, Path, Sequence[BagRecord]]
 class BagReplayer:
     """Plays a bag (or records already in memory) as a stream of ReplayEvents on a ReplayClock.
 
-        replayer = BagReplayer("run.mcap", ReplayConfig(rate=2.0, loops=0), should_pause=lambda: paused)
+        replayer = BagReplayer("run.mcap", PlaySchedule(rate=2.0, loops=0), should_pause=lambda: paused)
         for ev in replayer:            # on the replay thread; replayer.stop() from anywhere ends it
             if ev.kind is EventKind.CLOCK: publish_clock(ev.sim_time_ns)
             else: publish(ev.record.topic, ev.record.content)
@@ -719,7 +719,7 @@ class BagReplayer:
     def __init__(
         self,
         source: RecordSource,
-        config: ReplayConfig = ReplayConfig(),  # noqa: B008  frozen dataclass: immutable default
+        config: PlaySchedule = PlaySchedule(),  # noqa: B008  frozen dataclass: immutable default
         *,
         should_pause: Callable[[], bool] | None = None,
         time_fn: Callable[[], float] = time.monotonic,

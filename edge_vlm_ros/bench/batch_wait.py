@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.codec import make_codec
+from ..codecs.codec import make_codec
 from ..core.config import ServerConfig
 from ..core.edge import EdgeEncoder
 from ..core.server import ServerEngine
 from ..core.split import load_vlm
 from ..core.types import PromptRequest, SplitPoint
-from ..tools.default_model import resolve
+from ..core.model_paths import resolve
 
 
 def main(argv: list[str] | None = None) -> int:

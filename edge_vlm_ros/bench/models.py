@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..tools.default_model import cache_dir
+from ..core.model_paths import cache_dir
 
 QUICK = dict(image_size=224, patch_size=16, vision_hidden=320, vision_layers=8, text_hidden=256, text_layers=3)
 
 
 def quick_model(root: Path | None = None) -> tuple[str, str]:
-    from ..core.tiny_models import build_tiny_llava
+    from ..fixtures.tiny_models import build_tiny_llava
 
     path = (root or cache_dir()) / "bench-quick-llava"
     if not (path / "config.json").is_file():
@@ -37,7 +37,7 @@ def full_model(root: Path | None = None) -> tuple[str, str]:
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    from ..core.tiny_models import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, _write_note, build_tokenizer
+    from ..fixtures.tiny_models import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, write_note, build_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(path)
@@ -62,7 +62,7 @@ def full_model(root: Path | None = None) -> tuple[str, str]:
     ip = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
                    num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE).save_pretrained(path)
-    _write_note(path, "random weights of LLaVA-1.5-7B shapes (benchmark full mode): answers are meaningless",
+    write_note(path, "random weights of LLaVA-1.5-7B shapes (benchmark full mode): answers are meaningless",
                 family="llava", language_model="llama")
     return str(path), desc
 
@@ -83,7 +83,7 @@ def quick_codebook(model: str, root: Path | None = None) -> tuple[str, str]:
     desc = (f"K={c['k']} at {c['placement']}, calibrated on {c['generated']} training-split scenes "
             f"({c['iters']} Lloyd iterations, seed {c['seed']})")
     if not path.is_file():
-        cmd = [sys.executable, "-m", "edge_vlm_ros.tools.calibrate_codebook", "--model", model,
+        cmd = [sys.executable, "-m", "edge_vlm_ros.training.calibrate_codebook", "--model", model,
                "--placement", c["placement"], "--generated", str(c["generated"]), "--k", str(c["k"]),
                "--iters", str(c["iters"]), "--seed", str(c["seed"]), "--threads", "1", "--no-progress",
                "--out", str(path)]

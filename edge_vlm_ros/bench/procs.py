@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bringup import _param_arg
+from ..bringup import param_arg
 from ..processes import INT_GRACE_S, ChildProcesses
 
 
@@ -28,7 +28,7 @@ def param_args(params: dict[str, object]) -> list[str]:
     """-p name:=value arguments (the same rendering bringup uses)."""
     out: list[str] = []
     for k, v in params.items():
-        out += ["-p", _param_arg(k, v)]
+        out += ["-p", param_arg(k, v)]
     return out
 
 

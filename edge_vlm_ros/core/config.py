@@ -14,7 +14,7 @@ from typing import Any
 from .types import SplitPoint
 
 
-def _f(default: Any, description: str) -> Any:
+def param(default: Any, description: str) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata={"description": description})
     return field(default=default, metadata={"description": description})
@@ -35,53 +35,53 @@ DEFAULT_MODEL = "default"  # resolved by tools.default_model to the embedded def
 
 @dataclass(frozen=True)
 class EdgeConfig:
-    robot_id: str = _f("robot_0", "Identifier of this robot; carried in every message.")
-    model_path: str = _f(DEFAULT_MODEL, "Hugging Face hub id or local folder of the VLM; 'default' = the "
+    robot_id: str = param("robot_0", "Identifier of this robot; carried in every message.")
+    model_path: str = param(DEFAULT_MODEL, "Hugging Face hub id or local folder of the VLM; 'default' = the "
                                         "embedded default model.")
-    dtype: str = _f("float32", "Model dtype on the robot: float32, float16 or bfloat16.")
-    device: str = _f("cpu", "Torch device of the edge half, e.g. cpu or cuda:0.")
-    split_point: str = _f("projector", "Where the model is cut: projector, vision_block:<k> (after k "
+    dtype: str = param("float32", "Model dtype on the robot: float32, float16 or bfloat16.")
+    device: str = param("cpu", "Torch device of the edge half, e.g. cpu or cuda:0.")
+    split_point: str = param("projector", "Where the model is cut: projector, vision_block:<k> (after k "
                                        "blocks), vision_block:<k>/ln1 (after block k's layer_norm1, with "
                                        "per-token mean and std as side info), or none (cloud-only: the image "
                                        "is sent).")
-    codec: str = _f("raw", "Feature codec: raw (tensor bytes), vq (codebook indices); with split none: "
+    codec: str = param("raw", "Feature codec: raw (tensor bytes), vq (codebook indices); with split none: "
                            "jpeg or image.")
-    codec_dtype: str = _f("float32", "raw codec: float32, float16 or bfloat16 on the wire.")
-    jpeg_quality: int = _f(90, "jpeg codec quality 1..100.")
-    codebook_path: str = _f("", "vq codec: codebook file (the server must hold the same one).")
-    token_stats_dtype: str = _f("float16", "Split vision_block:<k>/ln1: dtype of the per-token LayerNorm "
+    codec_dtype: str = param("float32", "raw codec: float32, float16 or bfloat16 on the wire.")
+    jpeg_quality: int = param(90, "jpeg codec quality 1..100.")
+    codebook_path: str = param("", "vq codec: codebook file (the server must hold the same one).")
+    token_stats_dtype: str = param("float16", "Split vision_block:<k>/ln1: dtype of the per-token LayerNorm "
                                            "mean and std in side_info: float16 (4 bytes a token) or float32 "
                                            "(8 bytes a token, exact to ~3e-7).")
-    request_mode: str = _f("prompt", "prompt: one request per prompt message, on the newest frame; "
+    request_mode: str = param("prompt", "prompt: one request per prompt message, on the newest frame; "
                                      "continuous: every frame (up to max_rate_hz) with standing_prompt.")
-    standing_prompt: str = _f("Describe the image.", "Prompt used in continuous mode until a prompt "
+    standing_prompt: str = param("Describe the image.", "Prompt used in continuous mode until a prompt "
                                                      "message replaces it.")
-    max_rate_hz: float = _f(0.0, "continuous mode: most requests per second (0 = every frame).")
-    max_prompt_chars: int = _f(2000, "Prompts longer than this are rejected on the robot.")
-    max_new_tokens: int = _f(0, "Tokens to generate per request (0 = the server's default).")
-    frame_wait_s: float = _f(2.0, "prompt mode: how long a prompt waits for a first camera frame.")
-    max_pending_prompts: int = _f(8, "Bound of the prompt queue on the robot (oldest dropped, answered "
+    max_rate_hz: float = param(0.0, "continuous mode: most requests per second (0 = every frame).")
+    max_prompt_chars: int = param(2000, "Prompts longer than this are rejected on the robot.")
+    max_new_tokens: int = param(0, "Tokens to generate per request (0 = the server's default).")
+    frame_wait_s: float = param(2.0, "prompt mode: how long a prompt waits for a first camera frame.")
+    max_pending_prompts: int = param(8, "Bound of the prompt queue on the robot (oldest dropped, answered "
                                      "rejected).")
-    task: str = _f("vqa", "vqa: prompts get text answers; action: each prompt message is an action request "
+    task: str = param("vqa", "vqa: prompts get text answers; action: each prompt message is an action request "
                           "(its text the instruction) answered with an ActionChunk.")
-    send_proprio: bool = _f(False, "task action: attach the newest robot_state (sensor_msgs/JointState "
+    send_proprio: bool = param(False, "task action: attach the newest robot_state (sensor_msgs/JointState "
                                    "position) to each request as proprioception.")
-    request_timeout_s: float = _f(30.0, "Every request gets its outcome within this (from its prompt's "
+    request_timeout_s: float = param(30.0, "Every request gets its outcome within this (from its prompt's "
                                         "arrival) plus deadline_grace_s: the Prompt carries the deadline "
                                         "(wall clock), the server never answers after it, and the robot "
                                         "answers TIMEOUT itself once deadline_grace_s has passed too. Prompts "
                                         "still queued on the robot (PAUSE) at the deadline get TIMEOUT.")
-    deadline_grace_s: float = _f(1.0, "Covers an answer's transit and the offset between the robot's and "
+    deadline_grace_s: float = param(1.0, "Covers an answer's transit and the offset between the robot's and "
                                       "the server's wall clocks (keep them synchronised, NTP/chrony, well "
                                       "within this).")
-    max_in_flight: int = _f(128, "Most published requests awaiting their outcome; beyond it new requests "
+    max_in_flight: int = param(128, "Most published requests awaiting their outcome; beyond it new requests "
                                  "are rejected on the robot (bounds the edge's request table).")
-    server_lease_s: float = _f(3.0, "Server liveness: a server that sends no FlowControl heartbeat for this "
+    server_lease_s: float = param(3.0, "Server liveness: a server that sends no FlowControl heartbeat for this "
                                     "long (when its message gives no lease_s) is gone: its PAUSE lapses and "
                                     "new requests get TIMEOUT 'server unavailable' at once.")
-    auth: bool = _f(True, AUTH_HELP["auth"])
-    auth_keys_dir: str = _f("", AUTH_HELP["auth_keys_dir"])
-    auth_max_age_s: float = _f(10.0, AUTH_HELP["auth_max_age_s"])
+    auth: bool = param(True, AUTH_HELP["auth"])
+    auth_keys_dir: str = param("", AUTH_HELP["auth_keys_dir"])
+    auth_max_age_s: float = param(10.0, AUTH_HELP["auth_max_age_s"])
 
     def __post_init__(self) -> None:
         sp = SplitPoint.parse(self.split_point)
@@ -119,51 +119,51 @@ class EdgeConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    server_id: str = _f("server", "Identifier of this server in FlowControl messages.")
-    robots: list[str] = _f(["robot_0"], "Robot namespaces served; topics are /<robot>/edge_vlm/*. The "
+    server_id: str = param("server", "Identifier of this server in FlowControl messages.")
+    robots: list[str] = param(["robot_0"], "Robot namespaces served; topics are /<robot>/edge_vlm/*. The "
                                         "robot_id in each message must equal its namespace.")
-    model_path: str = _f(DEFAULT_MODEL, "Hugging Face hub id or local folder; must be the edge's model "
+    model_path: str = param(DEFAULT_MODEL, "Hugging Face hub id or local folder; must be the edge's model "
                                         "(checked by fingerprint).")
-    dtype: str = _f("float32", "Model dtype on the server.")
-    device: str = _f("cpu", "Torch device, e.g. cuda:0.")
-    codebook_paths: list[str] = _f([], "vq codebooks this server can decode (matched by content hash).")
-    max_batch_size: int = _f(8, "Most requests generated together.")
-    max_batch_wait_ms: float = _f(5.0, "How long the batch worker waits for more requests after the first.")
-    pause_threshold: int = _f(16, "Matched-queue depth at which PAUSE is published.")
-    resume_threshold: int = _f(4, "Matched-queue depth at which RESUME follows a PAUSE (hysteresis).")
-    queue_capacity: int = _f(64, "Hard bound of the matched queue; beyond it requests are rejected "
+    dtype: str = param("float32", "Model dtype on the server.")
+    device: str = param("cpu", "Torch device, e.g. cuda:0.")
+    codebook_paths: list[str] = param([], "vq codebooks this server can decode (matched by content hash).")
+    max_batch_size: int = param(8, "Most requests generated together.")
+    max_batch_wait_ms: float = param(5.0, "How long the batch worker waits for more requests after the first.")
+    pause_threshold: int = param(16, "Matched-queue depth at which PAUSE is published.")
+    resume_threshold: int = param(4, "Matched-queue depth at which RESUME follows a PAUSE (hysteresis).")
+    queue_capacity: int = param(64, "Hard bound of the matched queue; beyond it requests are rejected "
                                  "(overload). Leave room above pause_threshold for requests in flight.")
-    inbox_capacity: int = _f(256, "Bound of the receive inbox between callbacks and the matcher thread.")
-    match_ttl_s: float = _f(10.0, "A prompt or features waiting longer than this for its partner times out.")
-    max_pending: int = _f(256, "Most unmatched halves held; the oldest times out beyond it.")
-    max_bytes_per_robot: int = _f(128 * 1024 * 1024, "Most bytes of unmatched halves (decoded features or "
+    inbox_capacity: int = param(256, "Bound of the receive inbox between callbacks and the matcher thread.")
+    match_ttl_s: float = param(10.0, "A prompt or features waiting longer than this for its partner times out.")
+    max_pending: int = param(256, "Most unmatched halves held; the oldest times out beyond it.")
+    max_bytes_per_robot: int = param(128 * 1024 * 1024, "Most bytes of unmatched halves (decoded features or "
                                                      "images, their payloads, prompts) held for one robot; "
                                                      "a half beyond it is rejected before it is decoded.")
-    max_payload_bytes: int = _f(64 * 1024 * 1024, "Largest payload + side_info of one VisualFeatures "
+    max_payload_bytes: int = param(64 * 1024 * 1024, "Largest payload + side_info of one VisualFeatures "
                                                   "message; larger ones are rejected on arrival, unqueued.")
-    max_image_side: int = _f(4096, "Split none: largest image height or width accepted (read from the "
+    max_image_side: int = param(4096, "Split none: largest image height or width accepted (read from the "
                                    "message and the JPEG frame header before decoding).")
-    max_image_pixels: int = _f(3840 * 2160, "Split none: most pixels (H x W) an image may have; checked "
+    max_image_pixels: int = param(3840 * 2160, "Split none: most pixels (H x W) an image may have; checked "
                                             "before decoding (a JPEG's frame header included).")
-    max_prompt_chars: int = _f(2000, "Longer prompts are rejected.")
-    max_prompt_tokens: int = _f(256, "Prompts with more text tokens are rejected.")
-    default_max_new_tokens: int = _f(32, "Tokens generated when the prompt does not say.")
-    max_new_tokens_limit: int = _f(256, "Largest max_new_tokens a prompt may ask for.")
-    ignore_eos: bool = _f(False, "Always generate max_new_tokens (benchmarks, equality tests).")
-    stats_path: str = _f("", "If set, the server writes its counters as JSON to this file every second "
+    max_prompt_chars: int = param(2000, "Longer prompts are rejected.")
+    max_prompt_tokens: int = param(256, "Prompts with more text tokens are rejected.")
+    default_max_new_tokens: int = param(32, "Tokens generated when the prompt does not say.")
+    max_new_tokens_limit: int = param(256, "Largest max_new_tokens a prompt may ask for.")
+    ignore_eos: bool = param(False, "Always generate max_new_tokens (benchmarks, equality tests).")
+    stats_path: str = param("", "If set, the server writes its counters as JSON to this file every second "
                              "and at shutdown.")
-    lora_path: str = _f("", "AlignedVQ LoRA folder (finetune_alignedvq's <out>/lora) merged into the language "
+    lora_path: str = param("", "AlignedVQ LoRA folder (finetune_alignedvq's <out>/lora) merged into the language "
                             "model at start-up; empty = none. It changes answers for every request.")
-    action_head_path: str = _f("", "Folder of an action head (action_head_config.json + safetensors) for "
+    action_head_path: str = param("", "Folder of an action head (action_head_config.json + safetensors) for "
                                    "prompts with task 'action'; empty: serve vqa only.")
-    heartbeat_period_s: float = _f(1.0, "FlowControl is republished this often: the server's heartbeat.")
-    lease_s: float = _f(3.0, "Lease announced in each FlowControl: robots that hear no heartbeat for this "
+    heartbeat_period_s: float = param(1.0, "FlowControl is republished this often: the server's heartbeat.")
+    lease_s: float = param(3.0, "Lease announced in each FlowControl: robots that hear no heartbeat for this "
                              "long treat the server as gone (its PAUSE lapses). At least 2 heartbeat periods.")
-    max_pending_per_robot: int = _f(64, "Most unmatched halves held for one robot; beyond it that robot's "
+    max_pending_per_robot: int = param(64, "Most unmatched halves held for one robot; beyond it that robot's "
                                         "oldest half times out, so one robot cannot displace another's.")
-    auth: bool = _f(True, AUTH_HELP["auth"])
-    auth_keys_dir: str = _f("", AUTH_HELP["auth_keys_dir"])
-    auth_max_age_s: float = _f(10.0, AUTH_HELP["auth_max_age_s"])
+    auth: bool = param(True, AUTH_HELP["auth"])
+    auth_keys_dir: str = param("", AUTH_HELP["auth_keys_dir"])
+    auth_max_age_s: float = param(10.0, AUTH_HELP["auth_max_age_s"])
 
     def __post_init__(self) -> None:
         # YAML cannot type an empty list, so config files write [""]: empty entries mean nothing.
@@ -201,18 +201,18 @@ class ServerConfig:
 class ControllerConfig:
     """The controller node. With `actions` it also declares every chunks.ChunkExecutorConfig field."""
 
-    robots: list[str] = _f(["robot_0"], "Robot namespaces whose answers this controller consumes.")
-    answer_log_path: str = _f("", "If set, every answer is appended to this JSONL file.")
-    actions: bool = _f(False, "Execute action chunks: per robot, request chunks (edge task 'action'), merge "
+    robots: list[str] = param(["robot_0"], "Robot namespaces whose answers this controller consumes.")
+    answer_log_path: str = param("", "If set, every answer is appended to this JSONL file.")
+    actions: bool = param(False, "Execute action chunks: per robot, request chunks (edge task 'action'), merge "
                               "them and publish edge_vlm/action at the control rate.")
-    tick_source: str = _f("timer", "timer: tick every control_period_s on the wall clock (a real robot); "
+    tick_source: str = param("timer", "timer: tick every control_period_s on the wall clock (a real robot); "
                                    "robot_state: tick once per robot_state message on its stamp (lock-step sim).")
-    instruction: str = _f("", "Instruction sent with each action request until an Episode message gives one.")
-    stats_path: str = _f("", "If set, action counters and chunk latencies are written here as JSON every "
+    instruction: str = param("", "Instruction sent with each action request until an Episode message gives one.")
+    stats_path: str = param("", "If set, action counters and chunk latencies are written here as JSON every "
                              "second and at shutdown.")
-    auth: bool = _f(True, AUTH_HELP["auth"])
-    auth_keys_dir: str = _f("", AUTH_HELP["auth_keys_dir"])
-    auth_max_age_s: float = _f(10.0, AUTH_HELP["auth_max_age_s"])
+    auth: bool = param(True, AUTH_HELP["auth"])
+    auth_keys_dir: str = param("", AUTH_HELP["auth_keys_dir"])
+    auth_max_age_s: float = param(10.0, AUTH_HELP["auth_max_age_s"])
 
     def __post_init__(self) -> None:
         if not self.robots:
@@ -227,28 +227,28 @@ class ControllerConfig:
 class LiberoBridgeConfig:
     """The LIBERO sim bridge: which episodes it runs and how it renders and steps them."""
 
-    robot_id: str = _f("robot_0", "Robot name (its namespace); carried in logs and episode ids.")
-    suite: str = _f("libero_spatial", "LIBERO suite: libero_spatial, libero_object, libero_goal, libero_10, ...")
-    task_ids: list[int] = _f([0], "Task indices of the suite to run, in order.")
-    trials: int = _f(1, "Episodes per task; trial i starts from the suite's bundled init state i.")
-    first_trial: int = _f(0, "Index of the first init state used.")
-    max_steps: int = _f(220, "Control steps before an episode ends as a failure (LIBERO-spatial: 220).")
-    settle_steps: int = _f(10, "Steps of the safe action after each reset while objects settle (not counted).")
-    image_size: int = _f(128, "Camera height and width in pixels.")
-    wrist_camera: bool = _f(True, "Also publish the wrist camera on camera/wrist/image_raw.")
-    image_flip: str = _f("vertical", "The renderer's images are upside down (OpenGL origin): vertical gives the "
+    robot_id: str = param("robot_0", "Robot name (its namespace); carried in logs and episode ids.")
+    suite: str = param("libero_spatial", "LIBERO suite: libero_spatial, libero_object, libero_goal, libero_10, ...")
+    task_ids: list[int] = param([0], "Task indices of the suite to run, in order.")
+    trials: int = param(1, "Episodes per task; trial i starts from the suite's bundled init state i.")
+    first_trial: int = param(0, "Index of the first init state used.")
+    max_steps: int = param(220, "Control steps before an episode ends as a failure (LIBERO-spatial: 220).")
+    settle_steps: int = param(10, "Steps of the safe action after each reset while objects settle (not counted).")
+    image_size: int = param(128, "Camera height and width in pixels.")
+    wrist_camera: bool = param(True, "Also publish the wrist camera on camera/wrist/image_raw.")
+    image_flip: str = param("vertical", "The renderer's images are upside down (OpenGL origin): vertical gives the "
                                      "true camera image; rotate180 matches openpi's and LeRobot's LIBERO datasets.")
-    control_period_s: float = _f(0.05, "Sim time per control step (LIBERO runs at 20 Hz).")
-    action_timeout_s: float = _f(30.0, "Wall time to wait for the controller's action for a step; then the safe "
+    control_period_s: float = param(0.05, "Sim time per control step (LIBERO runs at 20 Hz).")
+    action_timeout_s: float = param(30.0, "Wall time to wait for the controller's action for a step; then the safe "
                                        "action is applied and counted.")
-    safe_action: list[float] = _f([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0], "Action applied while settling and on "
+    safe_action: list[float] = param([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0], "Action applied while settling and on "
                                                                           "an action timeout (gripper open).")
-    seed: int = _f(7, "Simulator seed.")
-    start_delay_s: float = _f(0.0, "Wait this long after start-up before the first episode (subscribers).")
-    wait_for_subscribers_s: float = _f(120.0, "Wait up to this long for a subscriber of edge_vlm/action and of "
+    seed: int = param(7, "Simulator seed.")
+    start_delay_s: float = param(0.0, "Wait this long after start-up before the first episode (subscribers).")
+    wait_for_subscribers_s: float = param(120.0, "Wait up to this long for a subscriber of edge_vlm/action and of "
                                               "the camera before the first episode.")
-    shutdown_when_done: bool = _f(False, "Exit after the plan is done (otherwise stay up, idle).")
-    stats_path: str = _f("", "If set, per-episode results are written here as JSON.")
+    shutdown_when_done: bool = param(False, "Exit after the plan is done (otherwise stay up, idle).")
+    stats_path: str = param("", "If set, per-episode results are written here as JSON.")
 
     def __post_init__(self) -> None:
         if not self.task_ids or any(t < 0 for t in self.task_ids):
@@ -283,3 +283,80 @@ def from_mapping(cls: type, values: dict[str, Any]):
     if unknown:
         raise ValueError(f"unknown {cls.__name__} parameters {sorted(unknown)}; known: {sorted(known)}")
     return cls(**values)
+
+def _names(values: list[str]) -> list[str]:
+    # YAML cannot type an empty list, so config files write [""]: empty entries mean nothing.
+    return [v.strip() for v in values if v.strip()]
+
+
+@dataclass(frozen=True)
+class ReplayNodeConfig:
+    """The rosbag replay node (replay_node.py); how the bag is scheduled (bag.io.PlaySchedule) is
+    derived from this in the node."""
+
+    bag_path: str = param("", "rosbag2 to play: a bag folder (sqlite3 or mcap, from any writer) or a .mcap "
+                           "file. Required.")
+    rate: float = param(1.0, "Playback rate: 1.0 real time, 2.0 twice as fast, 0.0 as fast as possible.")
+    loops: int = param(1, "How many times the bag is played; 0 = forever.")
+    remaps: list[str] = param([], "Topic remaps 'from:=to' (bag topic -> published topic), as `ros2 bag play "
+                               "--remap`; e.g. /camera/image_raw/compressed:=/camera/image_raw.")
+    topics: list[str] = param([], "Bag topics to play (empty = every sensor_msgs/Image, CompressedImage and "
+                               "std_msgs/String topic).")
+    robots: list[str] = param([], "Robot namespaces to replay into: each (remapped) bag topic /x is published "
+                               "as /<robot>/x for every robot. Empty = publish the topics as they are.")
+    publish_clock: bool = param(False, "Publish /clock (rosgraph_msgs/Clock) with bag time, for use_sim_time.")
+    clock_hz: float = param(100.0, "Rate of /clock messages when publish_clock is set.")
+    preload: bool = param(False, "Decode the whole bag into memory before the first message (no disk or "
+                              "decode time inside the schedule).")
+    preload_limit_mb: int = param(2048, "Refuse to preload more decoded bytes than this many MB.")
+    pause_on_flow_control: bool = param(True, "Subscribe each robot's edge_vlm/flow_control and hold the "
+                                           "replay while any server says PAUSE.")
+    restamp: bool = param(False, "Set header.stamp of replayed images to the publish time (end-to-end latency "
+                              "from the replay); otherwise the bag's stamp, shifted by the loop span.")
+    wait_for_subscribers_s: float = param(10.0, "Before the first message, wait up to this long for a "
+                                             "subscriber on every image topic (and, with "
+                                             "pause_on_flow_control, a flow state from every robot's "
+                                             "server); 0 = do not wait.")
+    start_delay_s: float = param(0.0, "Extra wait before the first message.")
+    shutdown_when_done: bool = param(True, "Exit the node when the replay has ended (as `ros2 bag play`).")
+    stats_path: str = param("", "If set, the replay statistics are written as JSON to this file at the end.")
+
+    def __post_init__(self) -> None:
+        for name in ("remaps", "topics", "robots"):
+            object.__setattr__(self, name, _names(list(getattr(self, name))))
+        if not self.bag_path:
+            raise ValueError("bag_path is required: the rosbag2 folder or .mcap file to play, got ''")
+        if not self.rate >= 0.0:
+            raise ValueError(f"rate must be >= 0 (0: as fast as possible), got {self.rate}")
+        if self.loops < 0:
+            raise ValueError(f"loops must be >= 0 (0: forever), got {self.loops}")
+        for item in self.remaps:
+            src, sep, dst = item.partition(":=")
+            if not sep or not src.strip() or not dst.strip():
+                raise ValueError(f"bad remap {item!r}: expected 'from_topic:=to_topic'")
+        if len(set(self.robots)) != len(self.robots):
+            raise ValueError(f"robots must be distinct, got {self.robots!r}")
+        for r in self.robots:
+            if not r.replace("_", "").isalnum():
+                raise ValueError(f"robot name {r!r} must be a valid ROS namespace token ([A-Za-z0-9_])")
+        if self.publish_clock and not self.clock_hz > 0:
+            raise ValueError(f"clock_hz must be > 0 with publish_clock, got {self.clock_hz}")
+        if self.preload_limit_mb < 1:
+            raise ValueError(f"preload_limit_mb must be >= 1, got {self.preload_limit_mb}")
+        if self.wait_for_subscribers_s < 0 or self.start_delay_s < 0:
+            raise ValueError(f"wait_for_subscribers_s={self.wait_for_subscribers_s} and start_delay_s="
+                             f"{self.start_delay_s} must be >= 0")
+
+    def remap_dict(self) -> dict[str, str]:
+        out = {}
+        for item in self.remaps:
+            src, _, dst = item.partition(":=")
+            out[src.strip()] = dst.strip()
+        return out
+
+    def output_topics(self, topic: str) -> list[str]:
+        """Where a bag topic is published: remapped, then put under each robot's namespace."""
+        t = self.remap_dict().get(topic, topic)
+        if not self.robots:
+            return [t]
+        return [f"/{r}/{t.lstrip('/')}" for r in self.robots]

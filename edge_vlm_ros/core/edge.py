@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from .alignedvq import DLPPart, apply_alignedvq, find_dlp_part
-from .codec import FeatureCodec, make_codec
+from ..codecs.codec import FeatureCodec, make_codec
 from .config import EdgeConfig
 from .split import VLMAdapter, drop_language_model, load_vlm
-from .vq import STATS_DTYPES, pack_token_stats
+from ..codecs.vq import STATS_DTYPES, pack_token_stats
 from .types import FeaturePacket, SplitPoint
 
 LOG = logging.getLogger(__name__)

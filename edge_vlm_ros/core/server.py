@@ -43,13 +43,13 @@ import numpy as np
 import torch
 
 from .alignedvq import apply_alignedvq, load_server_parts
-from .codec import DecodeLimits, FeatureCodec, is_image_codec, make_codec, unknown_codec
+from ..codecs.codec import DecodeLimits, FeatureCodec, is_image_codec, make_codec, unknown_codec
 from .config import ServerConfig
 from .flow import BoundedQueue, DropPolicy, FlowController, FlowEvent
 from .matcher import Matcher
 from .chunks import ActionChunk
 from .split import GenerateItem, VLMAdapter, check_features
-from .vq import unpack_token_stats
+from ..codecs.vq import unpack_token_stats
 from .types import (AnswerResult, FeaturePacket, Outcome, PromptRequest, RequestError, SplitPoint,
                     StageTimings, rejected)
 from .vla import ActionItem, VLAPolicy

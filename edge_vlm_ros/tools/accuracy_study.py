@@ -48,7 +48,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..core.codec import FeatureCodec, make_codec
+from ..codecs.codec import FeatureCodec, make_codec
 from ..core.config import ServerConfig
 from ..core.edge import EdgeEncoder
 from ..core.server import ServerEngine
@@ -128,9 +128,9 @@ def placement_tag(split: SplitPoint) -> str:
 def calibrate(adapter: VLMAdapter, split: SplitPoint, images: list[np.ndarray], ks: Sequence[int], out_dir: Path,
               seed: int, iters: int, progress: bool) -> dict[int, Path]:
     """k-means codebooks at `split` for every K (existing files with matching metadata are reused)."""
-    from ..core.codebook import load_codebook
-    from .calibrate_codebook import collect_features
-    from .train_codebook import train_codebook
+    from ..codecs.codebook import load_codebook
+    from ..training.calibrate_codebook import collect_features
+    from ..training.train_codebook import train_codebook
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: out_dir / f"{placement_tag(split)}_K{k}.safetensors" for k in ks}
@@ -186,7 +186,7 @@ def run_pipeline(row: Row, edge_adapter: VLMAdapter, server_adapter: VLMAdapter,
     """Answers of every question through EdgeEncoder -> ServerEngine, and the bytes/timings of the row."""
     from tqdm import tqdm
 
-    from ..core.vq import load_server_codecs
+    from ..codecs.vq import load_server_codecs
     from .codec_report import MessageSizer
 
     encoder = _encoder(row, edge_adapter)
@@ -429,7 +429,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
-    from ..tools.default_model import resolve
+    from ..core.model_paths import resolve
 
     torch.manual_seed(args.seed)
     model = resolve(args.model)
@@ -479,7 +479,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         ft_dir = out / "alignedvq" / f"{placement_tag(sp)}_K{k}"
         t0 = time.perf_counter()
         if not (ft_dir / "codebook.safetensors").is_file() or not (ft_dir / "lora").is_dir():
-            from .finetune_alignedvq import FinetuneConfig, finetune
+            from ..training.finetune_alignedvq import FinetuneConfig, finetune
 
             finetune(FinetuneConfig(model=model, codebook=str(base), placement=str(sp), out=str(ft_dir),
                                     data=str(args.data), steps=args.alignedvq_steps, batch_size=16,

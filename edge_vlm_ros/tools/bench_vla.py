@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from edge_vlm_ros.tools.tiny_vla import build_tiny_vla
+    from edge_vlm_ros.fixtures.tiny_vla import build_tiny_vla
 
     work = Path(tempfile.mkdtemp(prefix="bench_vla_"))
     rows = []

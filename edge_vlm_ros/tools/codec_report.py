@@ -46,12 +46,12 @@ import numpy as np
 import torch
 
 from ..core.auth import MAC_BYTES
-from ..core.codec import FeatureCodec, make_codec
+from ..codecs.codec import FeatureCodec, make_codec
 from ..core.server import check_placement, token_stats_from_side_info
 from ..core.split import GenerateItem, VLMAdapter, load_vlm
 from ..core.types import EncodedTensor, FeaturePacket, SplitPoint
-from ..core.vq import VQCodec, pack_token_stats
-from .calibrate_codebook import folder_images
+from ..codecs.vq import VQCodec, pack_token_stats
+from ..training.calibrate_codebook import folder_images
 
 LOG = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ def build_clip_l336_llava(path: str | Path, text_hidden: int = 4096, text_layers
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    from ..core.tiny_models import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, _widen_init, _write_note, build_tokenizer
+    from ..fixtures.tiny_models import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, widen_init, write_note, build_tokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -333,7 +333,7 @@ def build_clip_l336_llava(path: str | Path, text_hidden: int = 4096, text_layers
                       image_seq_length=576, vision_feature_layer=-2, vision_feature_select_strategy="default",
                       projector_hidden_act="gelu")
     model = LlavaForConditionalGeneration(cfg).eval()
-    _widen_init(model, seed)
+    widen_init(model, seed)
     for k, v in (("pad_token_id", tok.pad_token_id), ("eos_token_id", tok.eos_token_id),
                  ("bos_token_id", tok.bos_token_id)):
         setattr(model.generation_config, k, v)
@@ -341,7 +341,7 @@ def build_clip_l336_llava(path: str | Path, text_hidden: int = 4096, text_layers
     ip = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
                    num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE).save_pretrained(path)
-    _write_note(path, "LLaVA with CLIP ViT-L/14-336 vision shapes and a 1-layer 4096-wide LM; RANDOM weights "
+    write_note(path, "LLaVA with CLIP ViT-L/14-336 vision shapes and a 1-layer 4096-wide LM; RANDOM weights "
                       "(bytes and timings only)", family="llava", language_model="llama", seed=seed)
     return path
 

@@ -14,69 +14,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-from pathlib import Path
+
+from ..core.model_paths import resolve, tiny_model
 
 LOG = logging.getLogger(__name__)
-
-REFERENCE_NAME = "reference-llava"
-TINY_NAME = "tiny-llava-random"
-
-
-def _source_root() -> Path:
-    return Path(os.environ.get("EDGE_VLM_REPO") or Path(__file__).resolve().parents[2])
-
-
-def _share_dir() -> Path | None:
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        return Path(get_package_share_directory("edge_vlm_ros"))
-    except Exception:  # no ament index (pip-only use): fine, fall through
-        return None
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EDGE_VLM_CACHE", Path.home() / ".cache" / "edge_vlm_ros"))
-
-
-def reference_model() -> Path | None:
-    candidates = [_source_root() / "models" / REFERENCE_NAME]
-    share = _share_dir()
-    if share is not None:
-        candidates.append(share / "models" / REFERENCE_NAME)
-    for c in candidates:
-        if (c / "config.json").is_file():
-            return c
-    return None
-
-
-def tiny_model() -> Path:
-    return cache_dir() / TINY_NAME
-
-
-def resolve(model_path: str) -> str:
-    """Turn 'default' into a concrete hub id or folder; anything else is returned unchanged."""
-    if model_path != "default":
-        return model_path
-    env = os.environ.get("EDGE_VLM_DEFAULT_MODEL")
-    if env:
-        return env
-    ref = reference_model()
-    if ref is not None:
-        return str(ref)
-    tiny = tiny_model()
-    if not (tiny / "config.json").is_file():
-        raise FileNotFoundError(f"no default model: run `python -m edge_vlm_ros.tools.default_model --ensure` "
-                                f"(builds {tiny}) or set model_path")
-    return str(tiny)
 
 
 def ensure() -> str:
     try:
         return resolve("default")
     except FileNotFoundError:
-        from edge_vlm_ros.core.tiny_models import build_tiny_llava
+        from edge_vlm_ros.fixtures.tiny_models import build_tiny_llava
 
         path = tiny_model()
         LOG.warning("building the tiny random LLaVA default model in %s (answers are not meaningful)", path)

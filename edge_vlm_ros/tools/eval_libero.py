@@ -150,7 +150,7 @@ def run_monolithic(args, model: str, head: str, suite: str, cfg_dir: Path) -> di
     from edge_vlm_ros.core.action_heads import load_action_head
     from edge_vlm_ros.core.chunks import ActionChunk, ChunkExecutor, ChunkExecutorConfig, TickStatus
     from edge_vlm_ros.core.config import LiberoBridgeConfig, from_mapping
-    from edge_vlm_ros.core.libero_sim import LiberoSim
+    from edge_vlm_ros.simulation.libero_sim import LiberoSim
     from edge_vlm_ros.core.split import load_vlm
     from edge_vlm_ros.core.vla import VLAPolicy
 
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="eval_libero_"))
     model, head = args.model, args.action_head
     if not model or not head:
-        from edge_vlm_ros.tools.tiny_vla import build_tiny_vla
+        from edge_vlm_ros.fixtures.tiny_vla import build_tiny_vla
 
         m, h = build_tiny_vla(work / "tiny_vla", chunk_size=args.chunk_size, model_path=model or None)
         model, head = model or str(m), head or str(h)

@@ -12,14 +12,14 @@ from pathlib import Path
 
 from edge_vlm_ros.core.chunks import ChunkExecutorConfig
 from edge_vlm_ros.core.config import ControllerConfig, EdgeConfig, LiberoBridgeConfig, ServerConfig, field_descriptions
-from edge_vlm_ros.core.replay_config import ReplayConfig
+from edge_vlm_ros.core.config import ReplayNodeConfig
 
 SECTIONS = [
     ("Edge node (`edge_node`, config/robot.yaml)", EdgeConfig),
     ("Server node (`server_node`, config/server.yaml)", ServerConfig),
     ("Controller node (`controller_node`, config/controller.yaml)", ControllerConfig),
     ("Controller: action chunk execution (same node, config/controller.yaml / config/vla.yaml)", ChunkExecutorConfig),
-    ("Rosbag replay node (`replay_node`, config/replay.yaml)", ReplayConfig),
+    ("Rosbag replay node (`replay_node`, config/replay.yaml)", ReplayNodeConfig),
     ("LIBERO bridge node (`libero_bridge_node`, config/vla.yaml)", LiberoBridgeConfig),
 ]
 

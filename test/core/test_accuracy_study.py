@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from edge_vlm_ros.core.codebook import load_codebook
+from edge_vlm_ros.codecs.codebook import load_codebook
 from edge_vlm_ros.data.scenes import QUESTION_TYPES, load_image, read_split, write_dataset
 from edge_vlm_ros.tools import accuracy_study as A
-from edge_vlm_ros.tools.default_model import reference_model
+from edge_vlm_ros.core.model_paths import reference_model
 from edge_vlm_ros.tools.make_dataset import write_split_bag
 
 REF = reference_model()

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge_vlm_ros.core.alignedvq import (AlignedVQ, AlignedVQConfig, DLPPart, GatedLinear, VQBottleneck,
-                                         apply_alignedvq, apply_lora, find_dlp_part, load_dlp_part,
-                                         load_server_parts, part_paths, save_alignedvq, sibling_part_path)
-from edge_vlm_ros.core.codebook import Codebook, load_codebook
-from edge_vlm_ros.core.vq import VQCodec
+from edge_vlm_ros.core.alignedvq import (DLPPart, apply_alignedvq, apply_lora, find_dlp_part, load_dlp_part,
+                                         load_server_parts, part_paths, sibling_part_path)
+from edge_vlm_ros.training.alignedvq import (AlignedVQ, AlignedVQConfig, GatedLinear, VQBottleneck, part_from_module,
+                                             save_alignedvq)
+from edge_vlm_ros.codecs.codebook import Codebook, load_codebook
+from edge_vlm_ros.codecs.vq import VQCodec
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -200,7 +201,7 @@ def test_gated_linear_part_matches_module_bit_for_bit() -> None:
     m = GatedLinear(6)
     with torch.no_grad():
         m.gate.fill_(0.7)
-    part = DLPPart.from_module(m, "edge", "h", "f", "vision_block:0")
+    part = part_from_module(m, "edge", "h", "f", "vision_block:0")
     x = torch.randn(4, 6, generator=_gen(13))
     assert torch.equal(part(x), m(x).detach())
 
@@ -209,7 +210,7 @@ def test_gated_linear_part_matches_module_bit_for_bit() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edge_vlm_ros.core.tiny_models import build_tiny_llava
+    from edge_vlm_ros.fixtures.tiny_models import build_tiny_llava
 
     torch.set_num_threads(1)
     return build_tiny_llava(tmp_path_factory.mktemp("alignedvq") / "llava")
@@ -225,10 +226,10 @@ def _placements() -> list[str]:
 
 
 def test_training_halves_equal_the_split_models_halves(tiny_llava: Path) -> None:
-    """edge_features / server_tokens (batched, differentiable) compute what edge_forward / server_forward do."""
+    """The halves training runs (edge_half / server_half, batched, differentiable) compute what the
+    deployed edge_forward / server_forward do, at every placement."""
     import numpy as np
 
-    from edge_vlm_ros.core.alignedvq import edge_features, server_tokens
     from edge_vlm_ros.core.split import load_vlm
     from edge_vlm_ros.core.types import SplitPoint
 
@@ -238,8 +239,9 @@ def test_training_halves_equal_the_split_models_halves(tiny_llava: Path) -> None
     px = torch.cat([adapter.preprocess(im) for im in images])
     for text in _placements():
         split = SplitPoint.parse(text)
-        feats, stats = edge_features(adapter, split, px)
-        got = server_tokens(adapter, split, feats, stats)
+        with torch.no_grad():
+            feats, stats = adapter.edge_half(px, split)
+        got = adapter.server_half(feats, split, stats)
         for b, im in enumerate(images):
             p1 = adapter.preprocess(im)
             if stats is not None:
@@ -256,7 +258,7 @@ def test_training_halves_equal_the_split_models_halves(tiny_llava: Path) -> None
 def test_finetune_tiny_llava_reduces_loss_and_parts_load_back(tiny_llava: Path, tmp_path: Path) -> None:
     from edge_vlm_ros.core.split import load_vlm
     from edge_vlm_ros.core.types import SplitPoint
-    from edge_vlm_ros.tools.finetune_alignedvq import (Examples, FinetuneConfig, batch_loss, exact_match,
+    from edge_vlm_ros.training.finetune_alignedvq import (Examples, FinetuneConfig, batch_loss, exact_match,
                                                        finetune)
 
     model = tiny_llava

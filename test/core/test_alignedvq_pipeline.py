@@ -6,16 +6,17 @@ import threading
 import numpy as np
 import torch
 
-from edge_vlm_ros.core.alignedvq import AlignedVQ, apply_alignedvq, find_dlp_part, load_server_parts, save_alignedvq
+from edge_vlm_ros.core.alignedvq import apply_alignedvq, find_dlp_part, load_server_parts
+from edge_vlm_ros.training.alignedvq import AlignedVQ, save_alignedvq
 from edge_vlm_ros.core.config import EdgeConfig, ServerConfig
 from edge_vlm_ros.core.edge import EdgeEncoder
-from edge_vlm_ros.core.kmeans import KMeansConfig, kmeans
-from edge_vlm_ros.core.codebook import Codebook
+from edge_vlm_ros.training.kmeans import KMeansConfig, kmeans
+from edge_vlm_ros.codecs.codebook import Codebook
 from edge_vlm_ros.core.server import ServerEngine
 from edge_vlm_ros.core.split import GenerateItem, load_vlm
-from edge_vlm_ros.core.tiny_models import build_tiny_llava
+from edge_vlm_ros.fixtures.tiny_models import build_tiny_llava
 from edge_vlm_ros.core.types import Outcome, PromptRequest, SplitPoint
-from edge_vlm_ros.core.vq import load_server_codecs, make_vq_codec
+from edge_vlm_ros.codecs.vq import load_server_codecs, make_vq_codec
 
 
 def test_edge_and_server_apply_their_alignedvq_parts(tmp_path):

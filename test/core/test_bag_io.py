@@ -24,7 +24,7 @@ from edge_vlm_ros.bag import (
     EventKind,
     ImageFrame,
     ReplayClock,
-    ReplayConfig,
+    PlaySchedule,
     SampleBagConfig,
     Storage,
     bag_info,
@@ -246,7 +246,7 @@ def test_read_foreign_bag(tmp_path: Path, plugin: StoragePlugin) -> None:
         list(read_bag(tmp_path / "robot", topics=["/nope"]))
 
     # And it replays.
-    evs = list(BagReplayer(tmp_path / "robot", ReplayConfig(rate=0)))
+    evs = list(BagReplayer(tmp_path / "robot", PlaySchedule(rate=0)))
     assert len(evs) == 7 and all(e.kind is EventKind.MESSAGE for e in evs)
 
 
@@ -329,7 +329,7 @@ def _records(n: int = 10, hz: float = 10.0, topic: str = "/camera/image_raw") ->
     return [BagRecord(topic, "sensor_msgs/msg/Image", T0 + i * period, f"frame{i}") for i in range(n)]
 
 
-def _play(records: object, cfg: ReplayConfig, clock: FakeClock, **kw: object) -> list[tuple[float, object]]:
+def _play(records: object, cfg: PlaySchedule, clock: FakeClock, **kw: object) -> list[tuple[float, object]]:
     r = BagReplayer(records, cfg, time_fn=clock.time, sleep_fn=clock.sleep, **kw)  # type: ignore[arg-type]
     return [(clock.now, ev) for ev in r]
 
@@ -337,7 +337,7 @@ def _play(records: object, cfg: ReplayConfig, clock: FakeClock, **kw: object) ->
 @pytest.mark.parametrize("rate", [1.0, 2.0, 0.5])
 def test_replay_scaled_rate(rate: float) -> None:
     clock = FakeClock()
-    out = _play(_records(), ReplayConfig(rate=rate), clock)
+    out = _play(_records(), PlaySchedule(rate=rate), clock)
     t = [now for now, _ in out]
     assert [ev.record.content for _, ev in out] == [f"frame{i}" for i in range(10)]
     assert np.allclose(np.diff(t), 0.1 / rate, atol=1e-9)
@@ -346,7 +346,7 @@ def test_replay_scaled_rate(rate: float) -> None:
 
 def test_replay_as_fast_as_possible_never_sleeps() -> None:
     clock = FakeClock()
-    r = BagReplayer(_records(), ReplayConfig(rate=0), time_fn=clock.time, sleep_fn=clock.sleep)
+    r = BagReplayer(_records(), PlaySchedule(rate=0), time_fn=clock.time, sleep_fn=clock.sleep)
     assert len(list(r)) == 10 and clock.slept == 0.0
     assert r.stats().messages == 10 and r.stats().loops_completed == 1
 
@@ -354,7 +354,7 @@ def test_replay_as_fast_as_possible_never_sleeps() -> None:
 def test_replay_loops_and_remap() -> None:
     clock = FakeClock()
     recs = _records(5) + [BagRecord("/prompt", "std_msgs/msg/String", T0 + 1, "q")]
-    cfg = ReplayConfig(rate=1.0, loops=3, remap=parse_remaps(["/camera/image_raw:=camera/image", "/prompt:=prompt"]))
+    cfg = PlaySchedule(rate=1.0, loops=3, remap=parse_remaps(["/camera/image_raw:=camera/image", "/prompt:=prompt"]))
     out = _play(recs, cfg, clock)
     msgs = [ev for _, ev in out]
     assert len(msgs) == 18
@@ -369,7 +369,7 @@ def test_replay_loops_and_remap() -> None:
     t = [now for now, ev in out if ev.bag_topic == "/camera/image_raw"]
     assert np.isclose(t[5] - t[0], 0.48) and np.isclose(t[10] - t[0], 2 * 0.48) and np.isclose(t[5] - t[4], 0.08)
 
-    forever = BagReplayer(_records(4), ReplayConfig(rate=0, loops=0))
+    forever = BagReplayer(_records(4), PlaySchedule(rate=0, loops=0))
     first = list(itertools.islice(forever, 41))
     assert first[-1].loop == 10 and forever.stats().loops_completed == 10
 
@@ -379,7 +379,7 @@ def test_replay_pause_hook_holds_and_shifts() -> None:
     start = clock.now
     # PAUSE from 0.25 s to 0.75 s after the start: frame 3 (due at 0.3 s) waits until 0.75 s.
     paused = lambda: 0.25 <= clock.now - start < 0.75  # noqa: E731
-    cfg = ReplayConfig(rate=1.0, pause_poll_s=0.01)
+    cfg = PlaySchedule(rate=1.0, pause_poll_s=0.01)
     r = BagReplayer(_records(), cfg, should_pause=paused, time_fn=clock.time, sleep_fn=clock.sleep)
     t = []
     for _ in r:
@@ -397,7 +397,7 @@ def test_replay_clock_ticks() -> None:
     clock = FakeClock()
     start = clock.now
     paused = lambda: 0.2 <= clock.now - start < 0.4  # noqa: E731
-    cfg = ReplayConfig(rate=1.0, clock_hz=20.0)
+    cfg = PlaySchedule(rate=1.0, clock_hz=20.0)
     r = BagReplayer(_records(4), cfg, should_pause=paused, time_fn=clock.time, sleep_fn=clock.sleep)
     evs = [(clock.now - start, ev) for ev in r]
     ticks = [(t, ev.sim_time_ns) for t, ev in evs if ev.kind is EventKind.CLOCK]
@@ -413,7 +413,7 @@ def test_replay_clock_ticks() -> None:
 
 def test_replay_lateness_is_counted_and_caught_up() -> None:
     clock = FakeClock()
-    r = BagReplayer(_records(5), ReplayConfig(rate=1.0), time_fn=clock.time, sleep_fn=clock.sleep)
+    r = BagReplayer(_records(5), PlaySchedule(rate=1.0), time_fn=clock.time, sleep_fn=clock.sleep)
     for ev in r:
         if ev.record.content == "frame1":
             clock.now += 0.25  # a slow consumer
@@ -422,7 +422,7 @@ def test_replay_lateness_is_counted_and_caught_up() -> None:
 
 
 def test_replay_stop_from_consumer() -> None:
-    r = BagReplayer(_records(), ReplayConfig(rate=0, loops=0))
+    r = BagReplayer(_records(), PlaySchedule(rate=0, loops=0))
     n = 0
     for _ in r:
         n += 1
@@ -434,7 +434,7 @@ def test_replay_stop_from_consumer() -> None:
 def test_replay_from_bag_with_preload(tmp_path: Path) -> None:
     write_sample_bag(tmp_path / "bag", SampleBagConfig(storage="mcap", width=W, height=H, n_frames=5, rate_hz=10.0))
     clock = FakeClock()
-    cfg = ReplayConfig(rate=2.0, preload=True, topics=("/camera/image_raw",))
+    cfg = PlaySchedule(rate=2.0, preload=True, topics=("/camera/image_raw",))
     r = BagReplayer(tmp_path / "bag", cfg, time_fn=clock.time, sleep_fn=clock.sleep)
     assert r.stats().preloaded_bytes == 5 * H * W * 3
     shutil.rmtree(tmp_path / "bag")  # everything is in memory now
@@ -446,11 +446,11 @@ def test_replay_from_bag_with_preload(tmp_path: Path) -> None:
 
     write_sample_bag(tmp_path / "bag2", SampleBagConfig(width=W, height=H, n_frames=5))
     with pytest.raises(ValueError, match="preload_limit_bytes=1000"):
-        BagReplayer(tmp_path / "bag2", ReplayConfig(preload=True, preload_limit_bytes=1000))
+        BagReplayer(tmp_path / "bag2", PlaySchedule(preload=True, preload_limit_bytes=1000))
     with pytest.raises(ValueError, match="/nope"):
-        BagReplayer(tmp_path / "bag2", ReplayConfig(topics=("/nope",)))
+        BagReplayer(tmp_path / "bag2", PlaySchedule(topics=("/nope",)))
     # streamed from disk, looped: the bag is read again each loop
-    evs = list(BagReplayer(tmp_path / "bag2", ReplayConfig(rate=0, loops=2)))
+    evs = list(BagReplayer(tmp_path / "bag2", PlaySchedule(rate=0, loops=2)))
     assert len(evs) == 12 and evs[-1].record.content.stamp_ns + evs[-1].time_offset_ns == evs[-1].sim_time_ns
 
 
@@ -465,12 +465,12 @@ def test_replay_clock_directly() -> None:
 
 def test_replay_config_validation() -> None:
     with pytest.raises(ValueError, match="-1"):
-        ReplayConfig(rate=-1.0)
+        PlaySchedule(rate=-1.0)
     with pytest.raises(ValueError, match="loops.*-2"):
-        ReplayConfig(loops=-2)
+        PlaySchedule(loops=-2)
     with pytest.raises(ValueError, match="'/a' -> ''"):
-        ReplayConfig(remap={"/a": ""})
+        PlaySchedule(remap={"/a": ""})
     with pytest.raises(ValueError, match="bad remap 'x'"):
         parse_remaps(["x"])
     with pytest.raises(ValueError, match="nothing to replay"):
-        list(BagReplayer([], ReplayConfig(rate=0)))
+        list(BagReplayer([], PlaySchedule(rate=0)))

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from edge_vlm_ros.core.codebook import load_codebook
-from edge_vlm_ros.core.kmeans import KMeansConfig, assign, kmeans
-from edge_vlm_ros.core.vq import VQCodec
-from edge_vlm_ros.tools.train_codebook import main, train_codebook
+from edge_vlm_ros.codecs.codebook import load_codebook
+from edge_vlm_ros.training.kmeans import KMeansConfig, assign, kmeans
+from edge_vlm_ros.codecs.vq import VQCodec
+from edge_vlm_ros.training.train_codebook import main, train_codebook
 
 
 def _blobs(n: int = 2000, d: int = 16, centres: int = 32, seed: int = 0, noise: float = 0.3) -> torch.Tensor:

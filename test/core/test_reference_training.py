@@ -11,7 +11,7 @@ import torch
 
 from edge_vlm_ros.data.scenes import QUESTION_TYPES, write_dataset
 from edge_vlm_ros.tools import evaluate_reference as E
-from edge_vlm_ros.tools import train_reference as T
+from edge_vlm_ros.training import train_reference as T
 
 
 @pytest.fixture(scope="module")

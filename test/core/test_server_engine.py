@@ -16,13 +16,13 @@ import uuid
 import numpy as np
 import pytest
 
-from edge_vlm_ros.core.codec import make_codec
+from edge_vlm_ros.codecs.codec import make_codec
 from edge_vlm_ros.core.config import ServerConfig
 from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.core.flow import FlowState
 from edge_vlm_ros.core.server import ServerEngine
 from edge_vlm_ros.core.split import load_vlm
-from edge_vlm_ros.core.tiny_models import build_tiny_llava
+from edge_vlm_ros.fixtures.tiny_models import build_tiny_llava
 from edge_vlm_ros.core.types import Outcome, PromptRequest, SplitPoint
 
 

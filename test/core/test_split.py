@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from edge_vlm_ros.core.split import GenerateItem, load_vlm, model_fingerprint
-from edge_vlm_ros.core.tiny_models import build_tiny_idefics3, build_tiny_llava
+from edge_vlm_ros.fixtures.tiny_models import build_tiny_idefics3, build_tiny_llava
 from edge_vlm_ros.core.types import SplitPoint
 
 

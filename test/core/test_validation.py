@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-from edge_vlm_ros.core import vq as vq_mod
-from edge_vlm_ros.core.codebook import Codebook
-from edge_vlm_ros.core.codec import DecodeLimits, ImageCodec, RawCodec, make_codec, read_jpeg_header
+from edge_vlm_ros.codecs import vq as vq_mod
+from edge_vlm_ros.codecs.codebook import Codebook
+from edge_vlm_ros.codecs.codec import DecodeLimits, ImageCodec, RawCodec, make_codec, read_jpeg_header
 from edge_vlm_ros.core.config import ServerConfig
 from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.core.server import ServerEngine
 from edge_vlm_ros.core.split import load_vlm
-from edge_vlm_ros.core.tiny_models import build_tiny_llava
+from edge_vlm_ros.fixtures.tiny_models import build_tiny_llava
 from edge_vlm_ros.core.types import EncodedTensor, FeaturePacket, Outcome, PromptRequest, RequestError, SplitPoint
-from edge_vlm_ros.core.vq import VQCodec
+from edge_vlm_ros.codecs.vq import VQCodec
 
 MB = 1024 * 1024
 

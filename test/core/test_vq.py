@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from edge_vlm_ros.core.codebook import Codebook, bits_for, empirical_entropy_bits, load_codebook
-from edge_vlm_ros.core.codec import codec_names, make_codec
+from edge_vlm_ros.codecs.codebook import Codebook, bits_for, empirical_entropy_bits, load_codebook
+from edge_vlm_ros.codecs.codec import codec_names, make_codec
 from edge_vlm_ros.core.types import EncodedTensor, Outcome, RequestError
-from edge_vlm_ros.core.vq import (ADAPT_LAMBDAS, ADAPT_UNIT, CHECK_BITS, PROB_TOTAL, AdaptiveModel, IndexCoder,
+from edge_vlm_ros.codecs.vq import (ADAPT_LAMBDAS, ADAPT_UNIT, CHECK_BITS, PROB_TOTAL, AdaptiveModel, IndexCoder,
                                   NearestCodeword, StaticModel, adaptive_code_bits,
                                   VQCodec, index_bits_per_token, load_server_codecs, make_vq_codec,
                                   pack_indices, pack_token_stats, packed_size, quantize_prior, range_decode,
@@ -132,7 +132,7 @@ def test_grouped_vq_matches_per_group_brute_force() -> None:
 
 
 def test_trained_residual_and_groups_reduce_error() -> None:
-    from edge_vlm_ros.tools.train_codebook import train_codebook
+    from edge_vlm_ros.training.train_codebook import train_codebook
 
     x = torch.randn(1500, 16, generator=_gen(8))
     errs = {}

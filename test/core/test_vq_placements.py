@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from edge_vlm_ros.core.codebook import Codebook
-from edge_vlm_ros.core.codec import make_codec
+from edge_vlm_ros.codecs.codebook import Codebook
+from edge_vlm_ros.codecs.codec import make_codec
 from edge_vlm_ros.core.config import EdgeConfig, ServerConfig
 from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.core.server import ServerEngine
 from edge_vlm_ros.core.split import invert_layer_norm, layer_norm_stats, load_vlm
-from edge_vlm_ros.core.tiny_models import build_tiny_idefics3, build_tiny_llava
+from edge_vlm_ros.fixtures.tiny_models import build_tiny_idefics3, build_tiny_llava
 from edge_vlm_ros.core.types import Outcome, PromptRequest, SplitPoint
-from edge_vlm_ros.core.vq import VQCodec
+from edge_vlm_ros.codecs.vq import VQCodec
 
 N_NEW = 6
 QUESTIONS = ["what color is the shape ?", "how many objects are there ?", "is there a red circle ?"]
@@ -198,8 +198,9 @@ def test_calibrate_and_codec_report_commands(tmp_path, capsys):
     """The two commands end to end on a tiny model: codebook metadata, honest byte accounting."""
     import json
 
-    from edge_vlm_ros.core.codebook import load_codebook
-    from edge_vlm_ros.tools import calibrate_codebook, codec_report
+    from edge_vlm_ros.codecs.codebook import load_codebook
+    from edge_vlm_ros.tools import codec_report
+    from edge_vlm_ros.training import calibrate_codebook
 
     model = build_tiny_llava(tmp_path / "llava")
     cb_path = tmp_path / "cb.safetensors"

@@ -42,7 +42,7 @@ def running(env, tmp_path, n_robots, overrides, per_robot=None, with_controller=
 def require_libero() -> None:
     """LIBERO is part of the set-up; a missing or broken install fails the test. It skips (with the
     reason) only where setup was told to leave LIBERO out: EDGE_VLM_WITH_LIBERO=0."""
-    from edge_vlm_ros.core.libero_sim import LiberoUnavailable, import_libero
+    from edge_vlm_ros.simulation.libero_sim import LiberoUnavailable, import_libero
 
     try:
         import_libero()

@@ -13,7 +13,7 @@ from edge_vlm_ros.bringup import NodeSet
 from edge_vlm_ros.client import RobotClient
 from edge_vlm_ros.core.types import Outcome
 from edge_vlm_ros.msg import Episode, RobotAction
-from edge_vlm_ros.tools.tiny_vla import build_tiny_vla
+from edge_vlm_ros.fixtures.tiny_vla import build_tiny_vla
 from edge_vlm_ros.vla_bringup import vla_specs
 
 from ros_harness import require_libero, running
@@ -148,7 +148,7 @@ _FAULTY_BRIDGE = '''
 FAIL_AT of the first episode raises, as a MuJoCo instability would. Named so: a test fixture."""
 import json, sys
 import edge_vlm_ros.libero_bridge_node as bridge
-from edge_vlm_ros.core.libero_sim import LiberoSim
+from edge_vlm_ros.simulation.libero_sim import LiberoSim
 
 LOG_PATH, FAIL_AT = sys.argv[1], int(sys.argv[2])
 

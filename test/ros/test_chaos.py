@@ -203,7 +203,7 @@ def _settle_and_check(client, askers, figures, tmp_path, t_start):
 
 def test_controller_holds_safe_action_and_acts_again_after_server_restart(ros_env, tmp_path):
     from edge_vlm_ros.msg import RobotAction
-    from edge_vlm_ros.tools.tiny_vla import build_tiny_vla
+    from edge_vlm_ros.fixtures.tiny_vla import build_tiny_vla
 
     model, head = build_tiny_vla(tmp_path / "vla", chunk_size=8, control_period_s=0.2)
     safe = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]

@@ -26,7 +26,7 @@ from edge_vlm_ros import qos, topics
 from edge_vlm_ros.conversions import (answer_to_msg, chunk_to_msg, features_to_msg, flow_paused, msg_to_answer,
                                       msg_to_features, msg_to_prompt, ns_to_stamp, prompt_to_msg, rgb_to_image)
 from edge_vlm_ros.core.chunks import ActionChunk
-from edge_vlm_ros.core.codec import make_codec
+from edge_vlm_ros.codecs.codec import make_codec
 from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.core.split import load_vlm
 from edge_vlm_ros.core.types import AnswerResult, Outcome, PromptRequest, SplitPoint
@@ -245,7 +245,7 @@ def test_fuzz_server_edge_controller_and_client(ros_env, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_vla(tmp_path_factory):
-    from edge_vlm_ros.tools.tiny_vla import build_tiny_vla
+    from edge_vlm_ros.fixtures.tiny_vla import build_tiny_vla
 
     return build_tiny_vla(tmp_path_factory.mktemp("vla"), chunk_size=8, control_period_s=0.2)
 
@@ -376,7 +376,7 @@ def test_fuzz_libero_bridge(ros_env, tmp_path):
     runs the episode to its end on good actions afterwards and exits normally."""
     from edge_vlm_ros.client import RobotClient
     from edge_vlm_ros.conversions import stamp_to_ns
-    from edge_vlm_ros.core.libero_sim import LiberoUnavailable, import_libero
+    from edge_vlm_ros.simulation.libero_sim import LiberoUnavailable, import_libero
 
     try:
         import_libero()

@@ -12,7 +12,7 @@ from rclpy.qos import DurabilityPolicy
 from edge_vlm_ros import topics
 from edge_vlm_ros.client import RobotClient
 from edge_vlm_ros.core.split import load_vlm
-from edge_vlm_ros.core.tiny_models import build_tiny_idefics3, build_tiny_llava
+from edge_vlm_ros.fixtures.tiny_models import build_tiny_idefics3, build_tiny_llava
 from edge_vlm_ros.core.types import Outcome
 
 from ros_harness import assert_one_outcome_each, running, wait_all_answered

@@ -9,7 +9,7 @@ from edge_vlm_ros.core.split import load_vlm
 from edge_vlm_ros.core.types import Outcome, SplitPoint
 from edge_vlm_ros.data.scenes import VqaItem, make_scene
 from edge_vlm_ros.tools import accuracy_study as A
-from edge_vlm_ros.tools.default_model import reference_model
+from edge_vlm_ros.core.model_paths import reference_model
 
 from ros_harness import running
 

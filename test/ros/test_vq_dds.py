@@ -11,9 +11,9 @@ model's.
 import numpy as np
 import torch
 
-from edge_vlm_ros.core.codebook import Codebook
+from edge_vlm_ros.codecs.codebook import Codebook
 from edge_vlm_ros.core.split import load_vlm
-from edge_vlm_ros.core.tiny_models import build_tiny_llava
+from edge_vlm_ros.fixtures.tiny_models import build_tiny_llava
 from edge_vlm_ros.core.types import Outcome, SplitPoint
 
 from ros_harness import running

@@ -1,7 +1,7 @@
 """Train the reference LLaVA on the procedural VQA scenes, on a CPU, into a standard model folder.
 
     python -m edge_vlm_ros.tools.make_dataset --out /tmp/edge_vlm_data/scenes-vqa --seed 0
-    python -m edge_vlm_ros.tools.train_reference --data /tmp/edge_vlm_data/scenes-vqa \
+    python -m edge_vlm_ros.training.train_reference --data /tmp/edge_vlm_data/scenes-vqa \
         --out models/reference-llava --seed 0
 
 The model is a real `LlavaForConditionalGeneration` (CLIP vision tower, 2-layer MLP projector, Llama
@@ -44,7 +44,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from edge_vlm_ros.core.tiny_models import build_tiny_llava
+from edge_vlm_ros.fixtures.tiny_models import build_tiny_llava
 from edge_vlm_ros.data.scenes import COLORS, SHAPES, SIZES, load_image, read_split, vocabulary_corpus
 
 LOG = logging.getLogger(__name__)
@@ -569,14 +569,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     train_seconds = time.perf_counter() - t0
     model.eval()
     model.save_pretrained(out)
-    _write_note(out, step, stopped_early, cfg)
+    write_note(out, step, stopped_early, cfg)
     _write_card(out, cfg, model, step, stopped_early, train_seconds, losses, val_em)
     LOG.info("saved %s after %d steps in %.1f min", out, step, train_seconds / 60)
     return TrainResult(steps_done=step, stopped_early=stopped_early, train_seconds=train_seconds, losses=losses,
                        val_exact_match=val_em, out=out)
 
 
-def _write_note(out: Path, steps_done: int, stopped_early: bool, cfg: TrainConfig) -> None:
+def write_note(out: Path, steps_done: int, stopped_early: bool, cfg: TrainConfig) -> None:
     """EDGE_VLM_MODEL.json in the shape tiny_models writes (note + family), plus how it was trained."""
     note = MODEL_NOTE + (" (training was cut short by --max-minutes)" if stopped_early else "")
     info = {"note": note, "family": "llava", "language_model": "llama", "seed": cfg.seed,
@@ -588,7 +588,7 @@ def _write_note(out: Path, steps_done: int, stopped_early: bool, cfg: TrainConfi
 def command_line(cfg: TrainConfig) -> str:
     """The command that reproduces `cfg` (non-default fields spelled out)."""
     defaults = asdict(TrainConfig(data=cfg.data, out=cfg.out))
-    parts = ["python -m edge_vlm_ros.tools.train_reference", f"--data {cfg.data}", f"--out {cfg.out}",
+    parts = ["python -m edge_vlm_ros.training.train_reference", f"--data {cfg.data}", f"--out {cfg.out}",
              f"--seed {cfg.seed}"]
     for k, v in asdict(cfg).items():
         if k not in ("data", "out", "seed", "progress") and v != defaults[k]:
@@ -613,7 +613,7 @@ def _write_card(out: Path, cfg: TrainConfig, model, steps_done: int, stopped_ear
     card = f"""# reference-llava: a small LLaVA trained on procedural shape scenes
 
 A `LlavaForConditionalGeneration` trained from scratch, on a CPU, by edge_vlm_ros's
-`edge_vlm_ros.tools.train_reference`. It is the project's embedded default model and the yardstick
+`edge_vlm_ros.training.train_reference`. It is the project's embedded default model and the yardstick
 for how much accuracy each split point and feature codec costs. It answers short questions about
 images of simple shapes and nothing else: it has never seen a photograph.
 

@@ -1,6 +1,6 @@
 """AlignedVQ fine-tuning (seed 003, section 3.2.3): codebook (EMA), Dual Linear Projection and LoRA.
 
-    python -m edge_vlm_ros.tools.finetune_alignedvq --model PATH --codebook CB.safetensors \\
+    python -m edge_vlm_ros.training.finetune_alignedvq --model PATH --codebook CB.safetensors \\
         --placement vision_block:1 --data generate --steps 200 --lora-rank 8 --out DIR [--eval]
 
 The model's vision tower and projector stay frozen. At the split point the features go through
@@ -41,12 +41,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.alignedvq import (AlignedVQ, AlignedVQConfig, CODEBOOK_UPDATES, DLPPart, apply_alignedvq,
-                              edge_features, find_dlp_part, save_alignedvq, server_tokens)
-from ..core.codebook import Codebook, load_codebook
+from ..core.alignedvq import DLPPart, apply_alignedvq, find_dlp_part
+from .alignedvq import CODEBOOK_UPDATES, AlignedVQ, AlignedVQConfig, save_alignedvq
+from ..codecs.codebook import Codebook, load_codebook
 from ..core.split import GenerateItem, VLMAdapter, load_vlm
 from ..core.types import SplitPoint
-from ..core.vq import VQCodec
+from ..codecs.vq import VQCodec
 
 LOG = logging.getLogger(__name__)
 
@@ -198,9 +198,10 @@ def pixels(adapter: VLMAdapter, batch: Sequence[Example]) -> torch.Tensor:
 def batch_loss(adapter: VLMAdapter, split: SplitPoint, avq: AlignedVQ, batch: Sequence[Example],
                quantize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(answer cross-entropy, commitment loss) for a batch, through the AlignedVQ bottleneck."""
-    feats, stats = edge_features(adapter, split, pixels(adapter, batch))  # (B, T, D), no grad
+    with torch.no_grad():                                              # the robot's half is frozen
+        feats, stats = adapter.edge_half(pixels(adapter, batch), split)  # (B, T, D)
     out = avq(feats, quantize=quantize)
-    vis = server_tokens(adapter, split, out.features, stats)            # (B, N, Dt)
+    vis = adapter.server_half(out.features, split, stats)              # (B, N, Dt), with gradients
     n_img = int(vis.shape[1])
     embed = adapter.model.get_input_embeddings()
     seqs, labs = [], []
@@ -413,7 +414,8 @@ def finetune(cfg: FinetuneConfig, adapter: VLMAdapter | None = None) -> Finetune
     with torch.no_grad():
         usage_set = train.first(cfg.usage_images)
         for i in range(0, len(usage_set), cfg.batch_size):
-            feats, _ = edge_features(adapter, split, pixels(adapter, usage_set[i:i + cfg.batch_size]))
+            with torch.no_grad():
+                feats, _ = adapter.edge_half(pixels(adapter, usage_set[i:i + cfg.batch_size]), split)
             idx = avq(feats).indices
             for s in range(idx.shape[0]):
                 for g in range(idx.shape[1]):
@@ -463,7 +465,7 @@ def finetune(cfg: FinetuneConfig, adapter: VLMAdapter | None = None) -> Finetune
 
 def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
     d = FinetuneConfig.__dataclass_fields__
-    ap = argparse.ArgumentParser(prog="python -m edge_vlm_ros.tools.finetune_alignedvq", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m edge_vlm_ros.training.finetune_alignedvq", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="model folder or hub id (load_vlm)")
     ap.add_argument("--codebook", required=True, help="k-means codebook to start from (.safetensors/.npz)")

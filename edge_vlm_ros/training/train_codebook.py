@@ -1,6 +1,6 @@
 """Train a VQ codebook by k-means from a saved feature matrix, and measure what it costs on the wire.
 
-    python -m edge_vlm_ros.tools.train_codebook --features feats.npy --k 4096 --out cb.safetensors \\
+    python -m edge_vlm_ros.training.train_codebook --features feats.npy --k 4096 --out cb.safetensors \\
         --model-fingerprint <fp> --placement vision_block:0 [--groups 1 --stages 1 --iters 20 --seed 0]
 
 Features are (N, D) rows or (n_images, T, D) per-image token matrices, as .npy (read without
@@ -27,9 +27,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..core.codebook import Codebook, empirical_entropy_bits, load_codebook
-from ..core.kmeans import INITS, PRECISIONS, KMeansConfig, kmeans
-from ..core.vq import ENTROPY_MODES, VQCodec, index_bits_per_token
+from ..codecs.codebook import Codebook, empirical_entropy_bits, load_codebook
+from .kmeans import INITS, PRECISIONS, KMeansConfig, kmeans
+from ..codecs.vq import ENTROPY_MODES, VQCodec, index_bits_per_token
 
 LOG = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _split(arr: np.ndarray, holdout: float, tokens_per_image: int, max_samples: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m edge_vlm_ros.tools.train_codebook", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m edge_vlm_ros.training.train_codebook", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--features", type=Path, required=True, help=".npy / .npz / .safetensors, (N, D) or (n, T, D)")
     ap.add_argument("--key", default="", help="array name inside a .npz / .safetensors with several")

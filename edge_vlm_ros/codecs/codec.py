@@ -28,7 +28,7 @@ from typing import Callable, ClassVar
 import numpy as np
 import torch
 
-from .types import EncodedTensor, Outcome, RequestError, rejected
+from ..core.types import EncodedTensor, Outcome, RequestError, rejected
 
 # Hard limits on what a message may declare, checked before any allocation.
 MAX_ELEMENTS = 64 * 1024 * 1024

@@ -1,6 +1,6 @@
 """Calibrate a VQ codebook for a model at a placement: run the edge half over images, k-means the features.
 
-    python -m edge_vlm_ros.tools.calibrate_codebook --model PATH --placement vision_block:1/ln1 \\
+    python -m edge_vlm_ros.training.calibrate_codebook --model PATH --placement vision_block:1/ln1 \\
         (--images DIR | --generated N) --k 4096 --out cb.safetensors [--seed 0 --iters 20]
 
 The placement is a split point (core/types.SplitPoint): `vision_block:<k>` (the residual stream
@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..core.kmeans import INITS
+from .kmeans import INITS
 from ..core.split import VLMAdapter, drop_language_model, load_vlm
 from ..core.types import SplitPoint
 from .train_codebook import evaluate_codebook, train_codebook
@@ -92,7 +92,7 @@ def collect_features(adapter: VLMAdapter, split: SplitPoint, images: Iterable[np
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m edge_vlm_ros.tools.calibrate_codebook", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m edge_vlm_ros.training.calibrate_codebook", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="model folder or hub id (the edge's model)")
     ap.add_argument("--placement", required=True,

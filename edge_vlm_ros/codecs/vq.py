@@ -51,7 +51,7 @@ import torch
 from .codebook import Codebook, load_codebook
 from .codec import (DEFAULT_LIMITS, TORCH_DTYPES, DecodeLimits, FeatureCodec, check_finite, check_shape,
                     dtype_name, register_codec)
-from .types import EncodedTensor, rejected
+from ..core.types import EncodedTensor, rejected
 
 LOG = logging.getLogger(__name__)
 

@@ -294,7 +294,7 @@ def exact_match(adapter: VLMAdapter, split: SplitPoint, examples: Sequence[Examp
 @torch.no_grad()
 def calibrate_codebook(adapter: VLMAdapter, split: SplitPoint, images: Sequence[np.ndarray], k: int,
                        seed: int = 0, progress: bool = False) -> Codebook:
-    """k-means codebook of the edge's features at `split` over `images` (tools/train_codebook)."""
+    """k-means codebook of the edge's features at `split` over `images` (training/train_codebook)."""
     from .train_codebook import train_codebook
 
     feats = torch.cat([adapter.edge_forward(adapter.preprocess(im), split) for im in images])   # (N, D)

@@ -179,3 +179,19 @@ def controller_health(robot: str, answers: Mapping[str, int], executor: Mapping[
         checks.append((Level.WARN if acting is False and accepted else Level.OK, "holding the safe action"))
     level, message = _judge(checks, "acting" if acting else "ok")
     return Health(status_name("controller", robot), robot, level, message, _values(values))
+
+
+def bridge_health(robot_id: str, counters: Mapping[str, int], episodes: int, successes: int, done: bool,
+                  start_error: str | None, trouble_grew: int) -> Health:
+    """The LIBERO bridge: ERROR when the simulator could not start; WARN when actions timed out or were
+    unusable (the safe action was applied) since the last report. counters: episode statuses and
+    action_timeouts / bad_actions."""
+    values = {"episodes": episodes, "successes": successes, "done": done, **dict(counters)}
+    if start_error is not None:
+        return Health(status_name("libero_bridge", robot_id), robot_id, Level.ERROR,
+                      f"LIBERO did not start: {start_error}", _values(values))
+    level, message = _judge([(Level.WARN if trouble_grew else Level.OK,
+                              f"{trouble_grew} steps without a usable action since the last report")],
+                            f"plan done: {successes}/{episodes} succeeded" if done
+                            else f"{episodes} episodes, {successes} succeeded")
+    return Health(status_name("libero_bridge", robot_id), robot_id, level, message, _values(values))

@@ -2,7 +2,8 @@
 
 import math
 
-from edge_vlm_ros.core.diagnostics import Growth, Level, controller_health, edge_health, server_health
+from edge_vlm_ros.core.diagnostics import (Growth, Level, bridge_health, controller_health, edge_health,
+                                          server_health)
 from edge_vlm_ros.core.requests import LeaseStatus, LeaseView
 
 ALIVE = LeaseView(LeaseStatus.ALIVE, False, "server", 0.2, 3.0)
@@ -72,3 +73,12 @@ def test_controller_levels():
     # before any chunk arrived, holding the safe action is normal
     assert controller_health("robot_0", {}, {"accepted": 0}, False, None, 0).level is Level.OK
     assert controller_health("robot_0", {}, counters, True, 0.1, 2).level is Level.WARN
+
+
+def test_bridge_levels():
+    h = bridge_health("robot_0", {"success": 2, "failure": 1}, 3, 2, False, None, 0)
+    assert (h.level, h.name, h.values["episodes"], h.values["success"]) == (
+        Level.OK, "edge_vlm_ros: libero_bridge (robot_0)", "3", "2")
+    assert bridge_health("robot_0", {"action_timeouts": 4}, 1, 0, False, None, 4).level is Level.WARN
+    down = bridge_health("robot_0", {}, 0, 0, True, "LiberoUnavailable: no module named libero", 0)
+    assert down.level is Level.ERROR and "LIBERO did not start" in down.message

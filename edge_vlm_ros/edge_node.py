@@ -101,8 +101,10 @@ class EdgeNode(Node):
             self.guard.subscribe(Episode, topics.EPISODE, self._on_episode, qos.EPISODE)
             self.guard.subscribe(JointState, topics.ROBOT_STATE, self._on_state, qos.ROBOT_STATE)
         if self.cfg.image_transport == "compressed":
+            self._camera_topic = topics.CAMERA_COMPRESSED
             self.guard.subscribe(CompressedImage, topics.CAMERA_COMPRESSED, self._on_compressed, qos.CAMERA)
         else:
+            self._camera_topic = topics.CAMERA
             self.guard.subscribe(Image, topics.CAMERA, self._on_image, qos.CAMERA)
         self.guard.subscribe(String, topics.PROMPT_TEXT, self._on_prompt, qos.USER_PROMPT)
         self.guard.subscribe(FlowControl, topics.FLOW, self._on_flow, qos.FLOW)
@@ -130,7 +132,7 @@ class EdgeNode(Node):
             check_compressed(msg.format, msg.data)
         except ValueError as e:
             self.counters["frames_bad"] += 1
-            self.guard.note(self.resolve_topic_name(topics.CAMERA_COMPRESSED), "bad_frame", str(e))
+            self.guard.note(self.resolve_topic_name(self._camera_topic), "bad_frame", str(e))
             return
         self._store_frame(msg)
 
@@ -263,7 +265,7 @@ class EdgeNode(Node):
                 self._prompts.popleft()
                 self.counters["prompts_without_frame"] += 1
                 self._local_answer(self.encoder.new_request_id(), 0, Outcome.ERROR,
-                                   f"no camera frame on {self.resolve_topic_name(topics.CAMERA)} within "
+                                   f"no camera frame on {self.resolve_topic_name(self._camera_topic)} within "
                                    f"{self.cfg.frame_wait_s:g} s")
                 continue
             return None

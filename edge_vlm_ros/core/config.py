@@ -79,12 +79,18 @@ class EdgeConfig:
     server_lease_s: float = param(3.0, "Server liveness: a server that sends no FlowControl heartbeat for this "
                                     "long (when its message gives no lease_s) is gone: its PAUSE lapses and "
                                     "new requests get TIMEOUT 'server unavailable' at once.")
+    image_transport: str = param("raw", "Camera input, named as image_transport names its transports: raw "
+                                        "(sensor_msgs/Image on camera/image_raw) or compressed "
+                                        "(sensor_msgs/CompressedImage, JPEG or PNG, on "
+                                        "camera/image_raw/compressed).")
     auth: bool = param(True, AUTH_HELP["auth"])
     auth_keys_dir: str = param("", AUTH_HELP["auth_keys_dir"])
     auth_max_age_s: float = param(10.0, AUTH_HELP["auth_max_age_s"])
 
     def __post_init__(self) -> None:
         sp = SplitPoint.parse(self.split_point)
+        if self.image_transport not in ("raw", "compressed"):
+            raise ValueError(f"image_transport {self.image_transport!r}: expected 'raw' or 'compressed'")
         if self.request_mode not in ("prompt", "continuous"):
             raise ValueError(f"request_mode {self.request_mode!r}: expected 'prompt' or 'continuous'")
         if sp.kind == "none" and self.codec not in ("jpeg", "image"):
@@ -299,7 +305,7 @@ class ReplayNodeConfig:
     rate: float = param(1.0, "Playback rate: 1.0 real time, 2.0 twice as fast, 0.0 as fast as possible.")
     loops: int = param(1, "How many times the bag is played; 0 = forever.")
     remaps: list[str] = param([], "Topic remaps 'from:=to' (bag topic -> published topic), as `ros2 bag play "
-                               "--remap`; e.g. /camera/image_raw/compressed:=/camera/image_raw.")
+                               "--remap`; e.g. /cam/color/image_raw:=/camera/image_raw.")
     topics: list[str] = param([], "Bag topics to play (empty = every sensor_msgs/Image, CompressedImage and "
                                "std_msgs/String topic).")
     robots: list[str] = param([], "Robot namespaces to replay into: each (remapped) bag topic /x is published "
@@ -313,10 +319,12 @@ class ReplayNodeConfig:
                                            "replay while any server says PAUSE.")
     restamp: bool = param(False, "Set header.stamp of replayed images to the publish time (end-to-end latency "
                               "from the replay); otherwise the bag's stamp, shifted by the loop span.")
-    wait_for_subscribers_s: float = param(10.0, "Before the first message, wait up to this long for a "
-                                             "subscriber on every image topic (and, with "
+    wait_for_subscribers_s: float = param(10.0, "Before the first message, wait up to this long until each "
+                                             "robot has a subscriber on one of its image topics (its edge "
+                                             "reads one: raw or compressed) and, with "
                                              "pause_on_flow_control, a flow state from every robot's "
-                                             "server); 0 = do not wait.")
+                                             "server; the replay starts as soon as they are there. 0 = do "
+                                             "not wait.")
     start_delay_s: float = param(0.0, "Extra wait before the first message.")
     shutdown_when_done: bool = param(True, "Exit the node when the replay has ended (as `ros2 bag play`).")
     stats_path: str = param("", "If set, the replay statistics are written as JSON to this file at the end.")

@@ -48,7 +48,8 @@ from .config import ServerConfig
 from .flow import BoundedQueue, DropPolicy, FlowController, FlowEvent
 from .matcher import Matcher
 from .chunks import ActionChunk
-from .split import GenerateItem, VLMAdapter, check_features
+from .backend import GenerateItem, LanguageBackend
+from .split import VLMAdapter, check_features
 from ..codecs.vq import unpack_token_stats
 from .types import (AnswerResult, FeaturePacket, Outcome, PromptRequest, RequestError, SplitPoint,
                     StageTimings, rejected)
@@ -163,14 +164,19 @@ class ServerEngine:
                  emit_flow: Callable[[FlowEvent], None] | None = None,
                  codebooks: dict[str, FeatureCodec] | None = None,
                  emit_chunk: Callable[[str, ActionChunk], None] | None = None,
-                 action_head=None) -> None:
+                 action_head=None, lm: LanguageBackend | None = None) -> None:
+        # adapter: the vision half; lm: the language model (default: adapter.language, in process).
         self.adapter = adapter
+        self.lm = lm if lm is not None else adapter.language
+        if self.lm.fingerprint != adapter.fingerprint:
+            raise ValueError(f"language backend fingerprint {self.lm.fingerprint!r} differs from the vision "
+                             f"half's {adapter.fingerprint!r}: both must come from one checkpoint")
         self.cfg = cfg
         self._emit_answer = emit_answer
         self._emit_chunk = emit_chunk
         # task "action": the policy (LM + head), and the open action requests (request_id ->
         # episode_id) so that every way a request can end answers it with an ActionChunk.
-        self.policy = VLAPolicy(adapter, action_head) if action_head is not None else None
+        self.policy = VLAPolicy(adapter, action_head, self.lm) if action_head is not None else None
         if self.policy is not None and emit_chunk is None:
             raise ValueError("an action head needs emit_chunk to publish its chunks")
         self._action_requests: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
@@ -421,17 +427,17 @@ class ServerEngine:
             raise rejected(f"task {p.task!r} is not served by this server (it serves {served[0]!r}"
                            + (", 'action'" if self.policy is not None else "; no action_head_path configured")
                            + ")")
-        n_text = self.adapter.count_text_tokens(p.text)
+        n_text = self.lm.count_text_tokens(p.text)
         if n_text > cfg.max_prompt_tokens:
             raise rejected(f"prompt has {n_text} tokens, limit {cfg.max_prompt_tokens}")
         if p.task == "action":
             assert self.policy is not None
             proprio = self.policy.check_proprio(p.proprio)
-            return _PromptEntry(p, route, self.adapter.prompt_ids(p.text, self.n_image_tokens), 0, proprio)
+            return _PromptEntry(p, route, self.lm.prompt_ids(p.text, self.n_image_tokens), 0, proprio)
         n_new = p.max_new_tokens or cfg.default_max_new_tokens
         if n_new > cfg.max_new_tokens_limit:
             raise rejected(f"max_new_tokens {n_new} exceeds the server's limit {cfg.max_new_tokens_limit}")
-        ids = self.adapter.prompt_ids(p.text, self.n_image_tokens)
+        ids = self.lm.prompt_ids(p.text, self.n_image_tokens)
         return _PromptEntry(p, route, ids, n_new)
 
     def _codec(self, name: str, enc_hash: str) -> FeatureCodec:
@@ -462,9 +468,9 @@ class ServerEngine:
         image = is_image_codec(enc.codec)
         if image != (split.kind == "none"):
             raise rejected(f"codec {enc.codec!r} does not go with split point {split}")
-        if not image and f.model_fingerprint != self.adapter.fingerprint:
+        if not image and f.model_fingerprint != self.lm.fingerprint:
             raise rejected(f"model fingerprint {f.model_fingerprint!r} is not this server's "
-                           f"{self.adapter.fingerprint!r}: edge and server run different models")
+                           f"{self.lm.fingerprint!r}: edge and server run different models")
         t0 = time.perf_counter()
         codec = self._codec(enc.codec, enc.codebook_hash)
         check_placement(codec, split)
@@ -584,7 +590,7 @@ class ServerEngine:
             items = [GenerateItem(batch[i].prompt.input_ids, tokens[i], batch[i].prompt.max_new_tokens)
                      for i in text_idx]
             min_new = max(it.max_new_tokens for it in items) if self.cfg.ignore_eos else 0
-            results.update(zip(text_idx, self.adapter.generate(items, min_new_tokens=min_new)))
+            results.update(zip(text_idx, self.lm.generate(items, min_new_tokens=min_new)))
         if action_idx:
             assert self.policy is not None
             acts = [ActionItem(batch[i].prompt.input_ids, tokens[i], batch[i].prompt.proprio) for i in action_idx]
@@ -618,7 +624,7 @@ class ServerEngine:
                 tokens: list[int] | None = None, timings: StageTimings | None = None) -> None:
         if self._drop_past_deadline(route, p.request_id, p.deadline_ns, "answer"):
             return
-        text = self.adapter.decode_text(tokens) if tokens else ""
+        text = self.lm.decode_text(tokens) if tokens else ""
         self._reply(route, p.request_id, p.robot_id, p.stamp_ns, outcome, reason, text, tokens or [], timings)
 
     def _finish_action(self, route: str, p: PromptRequest, chunk: np.ndarray, timings: StageTimings) -> None:

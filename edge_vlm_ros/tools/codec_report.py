@@ -48,7 +48,8 @@ import torch
 from ..core.auth import MAC_BYTES
 from ..codecs.codec import FeatureCodec, make_codec
 from ..core.server import check_placement, token_stats_from_side_info
-from ..core.split import GenerateItem, VLMAdapter, load_vlm
+from ..core.backend import GenerateItem
+from ..core.split import VLMAdapter, load_vlm
 from ..core.types import EncodedTensor, FeaturePacket, SplitPoint
 from ..codecs.vq import VQCodec, pack_token_stats
 from ..training.calibrate_codebook import folder_images
@@ -256,8 +257,8 @@ def run_report(adapter: VLMAdapter, configs: list[Config], images: list[np.ndarr
             ref = reference_visual[i]
             num += float(((visual.float() - ref) ** 2).sum())
             den += float((ref ** 2).sum())
-            item = GenerateItem(adapter.prompt_ids(questions[i], visual.shape[0]), visual, max_new_tokens)
-            toks = adapter.generate([item], min_new_tokens=max_new_tokens)[0]
+            item = GenerateItem(adapter.language.prompt_ids(questions[i], visual.shape[0]), visual, max_new_tokens)
+            toks = adapter.language.generate([item], min_new_tokens=max_new_tokens)[0]
             want = reference_tokens[i]
             seq_match += float(toks == want)
             pos_match += sum(a == b for a, b in zip(toks, want)) / max(1, len(want))

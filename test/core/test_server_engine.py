@@ -247,13 +247,13 @@ def test_stop_answers_every_open_request_server_shutting_down(adapter, monkeypat
     comes: the one being generated finishes, all others end with "server shutting down"."""
     release = threading.Event()
     in_generate = threading.Event()
-    real_generate = adapter.generate
+    real_generate = adapter.language.generate
 
     def slow_generate(items, **kw):          # the model is busy until the test lets it finish
         in_generate.set()
         assert release.wait(60)
         return real_generate(items, **kw)
-    monkeypatch.setattr(adapter, "generate", slow_generate)
+    monkeypatch.setattr(adapter.language, "generate", slow_generate)
     h = Harness(adapter, max_batch_size=1, match_ttl_s=30)
     stopper = threading.Thread(target=h.engine.stop)
     try:
@@ -288,7 +288,7 @@ def test_stop_answers_every_open_request_server_shutting_down(adapter, monkeypat
 
 
 def test_exception_in_the_batch_thread_answers_the_batch_and_keeps_serving(adapter, monkeypatch):
-    real_generate = adapter.generate
+    real_generate = adapter.language.generate
     calls = []
 
     def failing_once(items, **kw):
@@ -296,7 +296,7 @@ def test_exception_in_the_batch_thread_answers_the_batch_and_keeps_serving(adapt
         if len(calls) == 1:
             raise RuntimeError("injected: CUDA error: device-side assert")
         return real_generate(items, **kw)
-    monkeypatch.setattr(adapter, "generate", failing_once)
+    monkeypatch.setattr(adapter.language, "generate", failing_once)
     h = Harness(adapter, max_batch_size=1, match_ttl_s=30)
     try:
         bad, _ = h.good()

@@ -66,10 +66,15 @@ from .core.model_paths import resolve
 from .spin import WORKER_JOIN_S, exit_node, run_node
 
 
+# Live EdgeConfig fields that the encoder is built from (a change builds a new encoder).
+ENCODER_FIELDS = frozenset({"split_point", "codec", "codec_dtype", "jpeg_quality", "codebook_path",
+                            "token_stats_dtype"})
+
+
 class EdgeNode(Node):
     def __init__(self) -> None:
         super().__init__("edge_vlm_edge")
-        self.cfg: EdgeConfig = declare_config(self, EdgeConfig)
+        self.cfg: EdgeConfig = declare_config(self, EdgeConfig, self._apply_live)
         self.msg_auth = make_message_auth(self.cfg.auth, self.cfg.auth_keys_dir, [self.cfg.robot_id],
                                           self.cfg.auth_max_age_s, self.get_logger())
         model = resolve(self.cfg.model_path)
@@ -283,7 +288,8 @@ class EdgeNode(Node):
             self._request(text, frame, deadline_ns)
 
     def _request(self, text: str, frame: Image | CompressedImage, deadline_ns: int) -> None:
-        rid = self.encoder.new_request_id()
+        encoder = self.encoder            # one encoder per request (a live change swaps it between requests)
+        rid = encoder.new_request_id()
         stamp_ns = stamp_to_ns(frame.header.stamp)
         view = self.lease.view()
         if view.status is LeaseStatus.EXPIRED:
@@ -318,7 +324,7 @@ class EdgeNode(Node):
             rid, self.cfg.robot_id, text, stamp_ns, self.cfg.task, self.cfg.max_new_tokens, episode_id, proprio,
             deadline_ns=deadline_ns))))
         try:
-            packet = self.encoder.encode(rgb, rid, stamp_ns)
+            packet = encoder.encode(rgb, rid, stamp_ns)
         except Exception as e:
             self.counters["encode_errors"] += 1
             # The prompt is out: the server answers it TIMEOUT when its features do not come (or the
@@ -357,6 +363,23 @@ class EdgeNode(Node):
         return [edge_health(self.cfg.robot_id, counters, dict(self.tracker.counts), len(self.tracker),
                             self.lease.view(), age, self._rejects.update(rejected), self.diagnostics.uptime_s(),
                             startup_grace_s=max(10.0, 2 * self.cfg.server_lease_s))]
+
+    # ---- live parameters (params.declare_config) -------------------------------------------------
+    def _apply_live(self, cfg: EdgeConfig, changed: frozenset[str]) -> None:
+        """A live parameter changed: the next request uses `cfg`. A new split point, codec, quality,
+        codebook or token-stats dtype gets a new encoder that reuses the loaded vision model; it is
+        built before anything changes, so a refusal (ValueError: split out of range for the model, a
+        codebook of another model or placement) leaves the running encoder and config as they were."""
+        encoder = self.encoder
+        if changed & ENCODER_FIELDS:
+            encoder = self.encoder.reconfigured(cfg)
+        with self._lock:
+            self.encoder, self.cfg = encoder, cfg
+            if "standing_prompt" in changed:
+                self._standing_prompt = cfg.standing_prompt
+            self._lock.notify_all()
+        self.counters["live_changes"] += 1
+        self.get_logger().info(f"live change {sorted(changed)}: split {cfg.split_point}, codec {cfg.codec}")
 
     def destroy_node(self) -> None:
         self._running = False

@@ -30,6 +30,7 @@ answer, failures included (timeouts, rejections, errors carry the outcome and no
 from __future__ import annotations
 
 import collections
+import dataclasses
 import heapq
 import logging
 import math
@@ -44,7 +45,7 @@ import torch
 
 from .alignedvq import apply_alignedvq, load_server_parts
 from ..codecs.codec import DecodeLimits, FeatureCodec, is_image_codec, make_codec, unknown_codec
-from .config import ServerConfig
+from .config import ServerConfig, live_fields
 from .flow import BoundedQueue, DropPolicy, FlowController, FlowEvent
 from .matcher import Matcher
 from .chunks import ActionChunk
@@ -242,6 +243,26 @@ class ServerEngine:
             self._finish(m.prompt.route, m.prompt.prompt, Outcome.ERROR, "server shutting down")
         for e in self.matcher.drain():
             self._answer_expired(e.item, e.reason, Outcome.ERROR)
+
+    def update_limits(self, cfg: ServerConfig) -> None:
+        """Take the batch limits, thresholds and request limits of `cfg` (a live parameter change).
+
+        Only the fields marked live in ServerConfig may differ from the running config (ValueError
+        otherwise, and nothing changes): queue capacities, matcher bounds, model, codebooks and robots
+        are fixed for the engine's lifetime. The config is swapped in one assignment: each thread
+        reads self.cfg once per batch or per message, so a batch forming now keeps the old limits
+        and the next one uses the new. The flow
+        controller's thresholds change under its lock, then the current depth is judged by them
+        (a PAUSE or RESUME that the new thresholds call for goes out at once).
+        """
+        live = live_fields(ServerConfig)
+        fixed = [f.name for f in dataclasses.fields(cfg)
+                 if f.name not in live and getattr(cfg, f.name) != getattr(self.cfg, f.name)]
+        if fixed:
+            raise ValueError(f"{fixed} cannot change while the server engine runs")
+        self.flow.set_thresholds(cfg.pause_threshold, cfg.resume_threshold)
+        self.cfg = cfg
+        self.flow.update(len(self.matched))
 
     # ---- entry points (callback threads: never block) ----------------------------------------
     def submit_prompt(self, prompt: PromptRequest, route: str) -> None:
@@ -542,8 +563,8 @@ class ServerEngine:
 
     # ---- batch thread ------------------------------------------------------------------------
     def _batch_loop(self) -> None:
-        cfg = self.cfg
         while self._running:
+            cfg = self.cfg           # once per batch: update_limits may swap it between batches
             batch, t_first = self.matched.get_batch(cfg.max_batch_size, cfg.max_batch_wait_ms / 1e3, 0.1,
                                                     wait_until=self._wait_until)
             if not batch:

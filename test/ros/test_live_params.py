@@ -258,9 +258,10 @@ def test_server_live_parameters_change_the_wire_and_read_only_ones_are_refused(e
         assert client.wait_for(lambda: ids <= {a.request_id for _, a in client.answers["robot_0"]}, 120)
         return [a for _, a in client.answers["robot_0"] if a.request_id in ids]
 
-    assert edge.set("max_new_tokens", 24) == (True, "")     # a batch lasts long enough for others to queue
+    assert edge.set("max_new_tokens", 48) == (True, "")     # a batch lasts long enough for others to queue
     assert {a.timings.batch_size for a in burst(4)} == {1}
-    assert server.set_together(max_batch_size=4, max_batch_wait_ms=100.0) == (True, "")
+    # The batch worker now waits up to 1 s for the requests whose prompts it has seen.
+    assert server.set_together(max_batch_size=4, max_batch_wait_ms=1000.0) == (True, "")
     answers = burst(6)
     assert all(a.outcome is Outcome.OK for a in answers)
     assert max(a.timings.batch_size for a in answers) > 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import traceback
 from typing import Any, Callable, TypeVar
 
 from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
@@ -131,15 +132,22 @@ class LiveParameters:
         try:
             old = self.current()
             new = dataclasses.replace(old, **{p.name: _value(p, self.defaults[p.name]) for p in mine})
-        except (ValueError, TypeError) as e:
+        except Exception as e:      # __post_init__'s ValueError, a wrong type: the set's reason
             return self._refuse("invalid", f"{asked} refused: {e}")
         changed = frozenset(p.name for p in mine if getattr(new, p.name) != getattr(old, p.name))
         if not changed:
             return SetParametersResult(successful=True)
         try:
             self.apply_live(new, changed)    # type: ignore[misc]
-        except (ValueError, RuntimeError, OSError) as e:
-            return self._refuse("not_applied", f"{asked} refused, the node keeps its previous configuration: {e}")
+        except Exception as e:
+            # Whatever the node could not apply (a split the model cannot serve, a codebook of another
+            # model, a file that does not load) is the set's reason: escaping from here it would end
+            # the node's executor instead. A ValueError is a refusal; anything else is logged with
+            # its traceback too.
+            why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            if not isinstance(e, ValueError):
+                self.node.get_logger().error(f"applying {asked} failed:\n{traceback.format_exc()}")
+            return self._refuse("not_applied", f"{asked} refused, the node keeps its previous configuration: {why}")
         self.applied += 1
         self.node.get_logger().info(f"live parameter change applied: {asked}")
         return SetParametersResult(successful=True)

@@ -229,7 +229,9 @@ def test_edge_live_parameters_change_the_wire_and_read_only_ones_are_refused(edg
                         ({"codec": "vq"}, "codec must be jpeg or image"),
                         ({"jpeg_quality": 0}, "outside 1..100"),
                         ({"split_point": "elsewhere"}, "'elsewhere'"),
-                        ({"split_point": "projector", "codec": "vq", "codebook_path": cb_block}, "placement")):
+                        ({"split_point": "projector", "codec": "vq", "codebook_path": cb_block}, "placement"),
+                        ({"split_point": "projector", "codec": "vq", "codebook_path": cb_block + ".missing"},
+                         "FileNotFoundError")):
         ok, reason = edge.set_together(**values)
         assert not ok and why in reason, (values, reason)
     assert {n: edge.get(n) for n in before} == before

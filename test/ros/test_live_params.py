@@ -107,10 +107,10 @@ class Wire:
     """What the client hears of robot_0 besides answers: features, prompts and flow control."""
 
     def __init__(self, client: RobotClient) -> None:
-        self.client = client
         self.features: list[VisualFeatures] = []
         self.prompts: list[tuple[int, Prompt]] = []
         self.flow: list[FlowControl] = []
+        self._cond = threading.Condition()
         node = client.node
         node.create_subscription(VisualFeatures, topics.for_robot("robot_0", topics.FEATURES),
                                  lambda m: self._add(self.features, m), qos.FEATURES)
@@ -120,9 +120,13 @@ class Wire:
                                  lambda m: self._add(self.flow, m), qos.FLOW)
 
     def _add(self, target, item):
-        with self.client._lock:                  # the client's condition: wait_for wakes on it
+        with self._cond:
             target.append(item)
-            self.client._lock.notify_all()
+            self._cond.notify_all()
+
+    def wait_for(self, predicate, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout)
 
     def features_of(self, request_id, timeout=30.0) -> VisualFeatures:
         found = []
@@ -130,11 +134,14 @@ class Wire:
         def seen():
             found[:] = [f for f in self.features if f.request_id == request_id]
             return bool(found)
-        assert self.client.wait_for(seen, timeout), f"no VisualFeatures for {request_id}"
+        assert self.wait_for(seen, timeout), f"no VisualFeatures for {request_id}"
         return found[0]
 
-    def prompt_of(self, request_id):
-        return next((t, p) for t, p in self.prompts if p.request_id == request_id)
+    def prompt_of(self, request_id, timeout=30.0) -> tuple[int, Prompt]:
+        """(when it was heard here, the Prompt) of a request."""
+        assert self.wait_for(lambda: any(p.request_id == request_id for _, p in self.prompts), timeout)
+        with self._cond:
+            return next((t, p) for t, p in self.prompts if p.request_id == request_id)
 
 
 def _ok(client, text="what is it ?", timeout=60.0):
@@ -270,8 +277,8 @@ def test_server_live_parameters_change_the_wire_and_read_only_ones_are_refused(e
 
     # Flow-control thresholds and lease go out in FlowControl at once.
     assert server.set_together(pause_threshold=9, resume_threshold=3, lease_s=5.0) == (True, "")
-    assert client.wait_for(lambda: any((m.pause_threshold, m.resume_threshold, round(m.lease_s, 3)) == (9, 3, 5.0)
-                                       for m in wire.flow), 30)
+    assert wire.wait_for(lambda: any((m.pause_threshold, m.resume_threshold, round(m.lease_s, 3)) == (9, 3, 5.0)
+                                     for m in wire.flow), 30)
 
     # Request limits: the next request is judged by them (the reason names the new limit).
     assert edge.set("max_new_tokens", 0) == (True, "")

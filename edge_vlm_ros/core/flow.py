@@ -1,4 +1,4 @@
-"""Bounded queues and PAUSE/RESUME flow control with hysteresis (seed 000, Algorithm 2).
+"""Bounded queues and PAUSE/RESUME flow control with hysteresis.
 
 Every queue in the project is bounded and names its drop policy; depths and drops are counted.
 """
@@ -23,12 +23,14 @@ class DropPolicy(enum.Enum):
 class BoundedQueue(Generic[T]):
     """Thread-safe bounded FIFO with a named drop policy and counters."""
 
-    def __init__(self, capacity: int, policy: DropPolicy, name: str) -> None:
+    def __init__(self, capacity: int, policy: DropPolicy, name: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if capacity < 1:
             raise ValueError(f"queue {name}: capacity {capacity} < 1")
         self.capacity = capacity
         self.policy = policy
         self.name = name
+        self.clock = clock          # monotonic seconds: batch start times and waiting deadlines
         self._items: collections.deque[T] = collections.deque()
         self._cond = threading.Condition()
         self.dropped = 0
@@ -69,11 +71,11 @@ class BoundedQueue(Generic[T]):
                 self._cond.wait(first_timeout)
             if not self._items:
                 return [], 0.0
-            t_first = time.monotonic()
+            t_first = self.clock()
             deadline = t_first + max_wait_s
             while len(self._items) < max_items:
                 until = deadline if wait_until is None else min(deadline, wait_until(deadline))
-                left = until - time.monotonic()
+                left = until - self.clock()
                 if left <= 0:
                     break
                 self._cond.wait(left)

@@ -20,6 +20,7 @@ from edge_vlm_ros.codecs.codec import make_codec
 from edge_vlm_ros.core.config import ServerConfig
 from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.core.flow import FlowState
+from edge_vlm_ros.core.request import RequestStatus
 from edge_vlm_ros.core.server import ServerEngine
 from edge_vlm_ros.core.split import load_vlm
 from edge_vlm_ros.fixtures.tiny_models import build_tiny_llava
@@ -313,8 +314,10 @@ def test_a_second_reply_is_blocked_and_counted(harness):
     """The engine's guard: a bug that tries to answer an answered request again is not emitted."""
     rid, _ = harness.good()
     _, a = harness.wait(rid)
-    harness.engine._reply("r0", rid, "r0", 0, Outcome.ERROR, "a bug answering again")
-    assert len(harness.replies(rid)) == 1
+    req = harness.engine.request("r0", rid)
+    assert req is not None and req.status is RequestStatus.FINISHED_OK and req.outcome is Outcome.OK
+    assert not harness.engine._finish(req, Outcome.ERROR, "a bug answering again")
+    assert len(harness.replies(rid)) == 1 and req.status is RequestStatus.FINISHED_OK
     assert harness.engine.stats.duplicate_replies_blocked == 1
     harness.engine.stats.duplicate_replies_blocked = 0     # seen; the teardown checks the rest
 

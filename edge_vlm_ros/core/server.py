@@ -240,6 +240,11 @@ class ServerEngine:
         with self._requests_lock:
             return self._open.get((route, request_id)) or self._finished.get((route, request_id))
 
+    def open_requests(self) -> int:
+        """Requests not yet ended (0 after stop() when every request got its outcome)."""
+        with self._requests_lock:
+            return len(self._open)
+
     # ---- entry points (callback threads: never block) ----------------------------------------
     def submit_prompt(self, prompt: PromptRequest, route: str) -> None:
         with self._stats_lock:

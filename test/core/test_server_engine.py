@@ -104,6 +104,7 @@ class Harness:
         assert not wrong, f"request id: (outcomes emitted, expected): {wrong}"
         st = self.engine.stats
         assert st.duplicate_replies_blocked == 0 and st.emit_errors == 0, st.as_dict()
+        assert self.engine.open_requests() == 0          # every record ended, none leaked
 
 
 @pytest.fixture
@@ -335,5 +336,38 @@ def test_backpressure_pauses_and_bounds_the_queue(adapter):
         assert {a.outcome for a in outcomes} <= {Outcome.OK, Outcome.REJECTED}
         assert all("matched queue full (5): overloaded" in a.reason for a in outcomes if a.outcome is Outcome.REJECTED)
         assert sum(a.outcome is Outcome.OK for a in outcomes) >= 5
+    finally:
+        h.stop_and_check()
+
+
+def test_each_request_record_ends_in_the_status_of_its_outcome(adapter):
+    h = Harness(adapter, match_ttl_s=1.0)
+    try:
+        status = lambda rid: h.engine.request("r0", rid).status   # noqa: E731
+        ok, _ = h.good()
+        assert h.wait(ok)[1].outcome is Outcome.OK and status(ok) is RequestStatus.FINISHED_OK
+        bad = _rid()
+        h.prompt(bad, text="x" * 5000)
+        assert h.wait(bad)[1].outcome is Outcome.REJECTED and status(bad) is RequestStatus.FINISHED_REJECTED
+        lonely = _rid()
+        h.prompt(lonely)
+        assert h.wait(lonely, timeout=10)[1].outcome is Outcome.TIMEOUT
+        assert status(lonely) is RequestStatus.FINISHED_TIMEOUT
+        # A second prompt with an open request's id is answered, the request itself goes on waiting.
+        dup = _rid()
+        h.prompt(dup, count=2)
+        h.prompt(dup, text="the same id again", count=0)
+        assert "duplicate prompt" in h.wait(dup)[1].reason
+        assert status(dup) is RequestStatus.WAITING_FOR_FEATURES
+        h.features(dup)
+        h.wait(dup, n=2)
+        assert status(dup) is RequestStatus.FINISHED_OK
+        # Past its deadline on arrival: ended without an answer.
+        late = _rid()
+        h.engine.submit_prompt(PromptRequest(late, "r0", "what ?", deadline_ns=time.time_ns() - 1), "r0")
+        t_end = time.monotonic() + 10
+        while h.engine.stats.past_deadline["arrival"] < 1 and time.monotonic() < t_end:
+            time.sleep(0.01)
+        assert status(late) is RequestStatus.DROPPED_PAST_DEADLINE and h.replies(late) == []
     finally:
         h.stop_and_check()

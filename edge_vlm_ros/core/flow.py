@@ -32,7 +32,7 @@ class BoundedQueue(Generic[T]):
         self.name = name
         self.clock = clock          # monotonic seconds: batch start times and waiting deadlines
         self._items: collections.deque[T] = collections.deque()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()   # guards _items, dropped and high_water; wakes waiting takers
         self.dropped = 0
         self.high_water = 0
 
@@ -125,7 +125,7 @@ class FlowController:
         self.state = FlowState.RESUME
         self.on_change = on_change
         self.pauses = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()        # guards state and pauses (on_change is called outside it)
 
     def update(self, depth: int) -> FlowEvent | None:
         with self._lock:

@@ -591,13 +591,12 @@ class ServerEngine:
             if not batch:
                 continue
             self.flow.update(len(self.matched))
-            batch = [r for r in batch if not self._drop_past_deadline(r, "queued", r.deadline_ns)]
-            batch = [r for r in batch if self._move(r, r.advance, RequestStatus.RUNNING)]
-            if not batch:
-                continue
             try:
-                self._run_batch(batch, t_first)
-            except Exception as e:
+                batch = [r for r in batch if not self._drop_past_deadline(r, "queued", r.deadline_ns)]
+                batch = [r for r in batch if self._move(r, r.advance, RequestStatus.RUNNING)]
+                if batch:
+                    self._run_batch(batch, t_first)
+            except Exception as e:   # a bug (an illegal transition too) must not stop the batch thread
                 LOG.error("batch of %d failed: %s\n%s", len(batch), e, traceback.format_exc())
                 for r in batch:
                     if not r.is_finished:     # the batch thread alone ends running requests

@@ -55,11 +55,11 @@ from .matcher import Matcher
 from .chunks import ActionChunk
 from .split import GenerateItem, VLMAdapter, check_features
 from ..codecs.vq import unpack_token_stats
-from .request import (FEATURES, PROMPT, FeatureHalf, PromptHalf, Request, RequestKind, RequestStatus,
-                      partner_of)
 from .types import (AnswerResult, FeaturePacket, Outcome, PromptRequest, RequestError, SplitPoint,
                     StageTimings, rejected)
 from .vla import ActionItem, VLAPolicy
+from .request import (FEATURES, PROMPT, FeatureHalf, PromptHalf, Request, RequestKind, RequestStatus,
+                      partner_of)
 
 LOG = logging.getLogger(__name__)
 

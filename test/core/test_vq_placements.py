@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from edge_vlm_ros.codecs.codebook import Codebook
-from edge_vlm_ros.codecs.codec import make_codec
+from edge_vlm_ros.codecs.registry import make_codec
 from edge_vlm_ros.core.config import EdgeConfig, ServerConfig
 from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.core.server import ServerEngine

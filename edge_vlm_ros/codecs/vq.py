@@ -507,7 +507,7 @@ class NearestCodeword:
 class VQConfig:
     """Options of the "vq" codec as configuration gives them (make_codec("vq", **options))."""
 
-    codebook: str                  # path of a .safetensors / .npz codebook (core/codebook.py)
+    codebook: str                  # path of a .safetensors / .npz codebook (codecs/codebook.py)
     entropy: str = "none"          # "none" (fixed width), "static" or "adaptive" (range coded)
     model_fingerprint: str = ""    # the model this process runs; the codebook must match ("" = no check)
     placement: str = ""            # the split placement; the codebook must match ("" = no check)

@@ -48,14 +48,15 @@ import numpy as np
 import torch
 
 from .alignedvq import apply_alignedvq, load_server_parts
-from ..codecs.codec import DecodeLimits, FeatureCodec, is_image_codec, make_codec, unknown_codec
+from ..codecs.base import DecodeLimits, FeatureCodec, check_placement
+from ..codecs.registry import is_image_codec, make_codec, unknown_codec, uses_codebook
 from .config import ServerConfig
 from .flow import BoundedQueue, DropPolicy, FlowController, FlowEvent
 from .matcher import Matcher
 from .chunks import ActionChunk
 from .backend import GenerateItem, LanguageBackend
 from .split import VLMAdapter, check_features
-from ..codecs.vq import unpack_token_stats
+from ..codecs.token_stats import token_stats_from_side_info
 from .types import (AnswerResult, FeaturePacket, Outcome, PromptRequest, RequestError, SplitPoint,
                     StageTimings, rejected)
 from .vla import ActionItem, VLAPolicy
@@ -95,37 +96,6 @@ class ServerStats:
                 "max_matched_depth": self.max_matched_depth, "past_deadline": dict(self.past_deadline),
                 "validation_rejects": dict(self.validation_rejects), "max_held_bytes": dict(self.max_held_bytes),
                 "duplicate_replies_blocked": self.duplicate_replies_blocked, "emit_errors": self.emit_errors}
-
-
-def check_placement(codec: FeatureCodec, split: SplitPoint) -> None:
-    """A codebook decodes only the placement it was trained at: its codewords mean nothing elsewhere."""
-    cb = getattr(codec, "codebook", None)
-    placement = getattr(cb, "placement", "")
-    if placement and placement != str(split):
-        raise rejected(f"codebook {cb.content_hash[:12]} was trained at placement {placement!r}, but the "
-                       f"message's split point is {str(split)!r}: placement mismatch")
-
-
-def token_stats_from_side_info(split: SplitPoint, side_info: bytes, n_tokens: int) -> torch.Tensor | None:
-    """side_info -> (T, 2) [mean, std] where the split needs them; side_info must be empty elsewhere.
-
-    The stats dtype follows from the length (4 bytes a token: float16, 8: float32), so no extra
-    codec parameter is needed and a length that fits neither is rejected.
-    """
-    if not split.needs_token_stats:
-        if side_info:
-            raise rejected(f"side_info of {len(side_info)} bytes is not expected at split point {split}")
-        return None
-    if len(side_info) == 4 * n_tokens:
-        dtype = "float16"
-    elif len(side_info) == 8 * n_tokens:
-        dtype = "float32"
-    else:
-        raise rejected(f"split point {split} needs per-token LayerNorm mean and std in side_info: "
-                       f"{4 * n_tokens} (float16) or {8 * n_tokens} (float32) bytes for {n_tokens} tokens, "
-                       f"got {len(side_info)}")
-    mean, std = unpack_token_stats(side_info, n_tokens, dtype)          # RequestError if bad
-    return torch.stack([mean, std], dim=-1)
 
 
 # An unmatched half is answered TIMEOUT this long before its request's deadline: the sweep runs every
@@ -490,7 +460,7 @@ class ServerEngine:
         return PromptHalf(p, ids, n_new)
 
     def _codec(self, name: str, enc_hash: str) -> FeatureCodec:
-        if name == "vq":
+        if uses_codebook(name):
             codec = self._vq_codecs.get(enc_hash)
             if codec is None:
                 raise rejected(f"codebook hash {enc_hash!r} is not held by this server (it holds "

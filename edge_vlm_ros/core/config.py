@@ -30,6 +30,10 @@ AUTH_HELP = {
                       "dropped (the hosts' clocks must agree within it).",
 }
 
+# How the edge receives camera frames (image_transport's names): sensor_msgs/Image on the camera
+# topic, or sensor_msgs/CompressedImage on <camera topic>/compressed.
+IMAGE_TRANSPORTS = ("raw", "compressed")
+
 DEFAULT_MODEL = "default"  # resolved by tools.default_model to the embedded default model folder
 
 
@@ -89,8 +93,8 @@ class EdgeConfig:
 
     def __post_init__(self) -> None:
         sp = SplitPoint.parse(self.split_point)
-        if self.image_transport not in ("raw", "compressed"):
-            raise ValueError(f"image_transport {self.image_transport!r}: expected 'raw' or 'compressed'")
+        if self.image_transport not in IMAGE_TRANSPORTS:
+            raise ValueError(f"image_transport {self.image_transport!r}: expected one of {IMAGE_TRANSPORTS}")
         if self.request_mode not in ("prompt", "continuous"):
             raise ValueError(f"request_mode {self.request_mode!r}: expected 'prompt' or 'continuous'")
         # The codecs say which fields configure them and how those are checked. Imported here, not

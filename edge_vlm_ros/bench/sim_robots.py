@@ -176,6 +176,11 @@ def reissue(src: RecordedRequest, robot_id: str, request_id: str, now_ns: int,
     return p, f
 
 
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 class _Robot:
     """One simulated robot's state (touched by the sender thread and the callbacks: under lock)."""
 
@@ -226,6 +231,8 @@ class SimRobotsNode(Node):
         self.failed = False
         self.error = ""
         self.timeline: dict[str, float] = {}
+        self._cpu_at_start = 0.0
+        self.cpu_s_run: float | None = None     # CPU seconds from the first send to the drain
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edge_vlm_sim_robots", daemon=True)
         self._thread.start()
@@ -316,6 +323,7 @@ class SimRobotsNode(Node):
                     self.get_logger().warning(f"ready {-wait:.2f} s after start_at: starting late")
                 self._stop.wait(max(0.0, wait))
             t0 = time.time()
+            self._cpu_at_start = _cpu_s()
             self.timeline = {"start": t0, "measure_from": t0 + cfg.warmup_s,
                              "measure_to": t0 + cfg.warmup_s + cfg.duration_s}
             self._send_loop(self.timeline["measure_from"], self.timeline["measure_to"])
@@ -325,6 +333,7 @@ class SimRobotsNode(Node):
                 while self.pending and time.monotonic() < drain_until and not self._stop.is_set():
                     self._lock.wait(0.1)
             self.timeline["drained"] = time.time()
+            self.cpu_s_run = round(_cpu_s() - self._cpu_at_start, 3)
         except Exception as e:
             self.failed = True
             self.error = f"{type(e).__name__}: {e}"
@@ -414,7 +423,7 @@ class SimRobotsNode(Node):
             return {"config": {k: getattr(self.cfg, k) for k in ("robots", "rate_hz", "window", "warmup_s",
                                                                   "duration_s", "max_requests")},
                     "pid": os.getpid(), "failed": self.failed, "error": self.error, "timeline": self.timeline,
-                    "cpu_s": round(ru.ru_utime + ru.ru_stime, 3), "max_rss_mb": round(ru.ru_maxrss / 1024, 1),
+                    "cpu_s": round(ru.ru_utime + ru.ru_stime, 3), "cpu_s_run": self.cpu_s_run, "max_rss_mb": round(ru.ru_maxrss / 1024, 1),
                     "robots": robots, "requests": list(self.done), "unanswered": len(self.pending),
                     "auth_dropped": self.msg_auth.dropped_by_robot(), "bad_messages": self.guard.counts()}
 

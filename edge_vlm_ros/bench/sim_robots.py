@@ -63,6 +63,7 @@ from ..guard import CallbackGuard
 from ..msg_auth import make_message_auth
 from ..params import declare_config
 from ..spin import WORKER_JOIN_S, exit_node, run_node
+from .procs import peak_rss_mb
 
 PROMPT_TYPE = "edge_vlm_ros/msg/Prompt"
 FEATURES_TYPE = "edge_vlm_ros/msg/VisualFeatures"
@@ -423,7 +424,7 @@ class SimRobotsNode(Node):
             return {"config": {k: getattr(self.cfg, k) for k in ("robots", "rate_hz", "window", "warmup_s",
                                                                   "duration_s", "max_requests")},
                     "pid": os.getpid(), "failed": self.failed, "error": self.error, "timeline": self.timeline,
-                    "cpu_s": round(ru.ru_utime + ru.ru_stime, 3), "cpu_s_run": self.cpu_s_run, "max_rss_mb": round(ru.ru_maxrss / 1024, 1),
+                    "cpu_s": round(ru.ru_utime + ru.ru_stime, 3), "cpu_s_run": self.cpu_s_run, "peak_rss_mb": peak_rss_mb(os.getpid()),
                     "robots": robots, "requests": list(self.done), "unanswered": len(self.pending),
                     "auth_dropped": self.msg_auth.dropped_by_robot(), "bad_messages": self.guard.counts()}
 

@@ -50,7 +50,8 @@ from ..processes import launcher_main
 REC_ROBOT = "rec_robot"
 PAUSE_THRESHOLD = 16    # config/server.yaml, kept by the graph run
 RESUME_THRESHOLD = 4
-HEARTBEAT_S = 0.25      # the server's FlowControl period here: the queue depth is sampled this often
+# The server keeps config/server.yaml's heartbeat (1 s): a faster one would cost the server CPU that
+# a deployment does not spend. The queue depth is heard at every heartbeat and every PAUSE/RESUME.
 
 
 # ---- 1. record a real edge run ---------------------------------------------------------------
@@ -309,7 +310,8 @@ def summarise_run(sims: list[dict], duration_s: float) -> dict:
                        "max": round(max(lat), 2) if lat else None,
                        "mean": round(statistics.fmean(lat), 2) if lat else None},
         "mean_batch_size": round(float(np.mean(batches)), 2) if batches else None,
-        "max_queue_depth": max((v["max_queue_depth"] for v in robots.values()), default=0),
+        "max_queue_depth": max((v["max_queue_depth_measured"] for v in robots.values()), default=0),
+        "max_queue_depth_with_warmup": max((v["max_queue_depth"] for v in robots.values()), default=0),
         "pauses_heard": max((v["pauses"] for v in robots.values()), default=0),
         "paused_s": max((v["paused_s"] for v in robots.values()), default=0.0),
         "slots_skipped_paused": sum(v["counters"].get("slots_skipped_paused", 0) for v in robots.values()),
@@ -335,13 +337,12 @@ def run_graph(args, model: str, bag: Path, batch: int, robot_counts: list[int], 
     stats_path.unlink(missing_ok=True)
     rows: list[dict] = []
     res: dict = {"server": {"max_batch_size": batch, "pause_threshold": PAUSE_THRESHOLD,
-                            "resume_threshold": RESUME_THRESHOLD, "heartbeat_period_s": HEARTBEAT_S,
-                            "threads": args.threads, "robots_served": len(all_robots)}}
+                            "resume_threshold": RESUME_THRESHOLD, "threads": args.threads, "robots_served": len(all_robots)}}
     try:
         server = group.start("server", node_command("edge_vlm_ros.server_node", "/", {
             "robots": all_robots, "model_path": model, "max_batch_size": batch, "ignore_eos": True,
             "default_max_new_tokens": args.max_new_tokens, "pause_threshold": PAUSE_THRESHOLD,
-            "resume_threshold": RESUME_THRESHOLD, "heartbeat_period_s": HEARTBEAT_S, "stats_path": str(stats_path),
+            "resume_threshold": RESUME_THRESHOLD, "stats_path": str(stats_path),
             "device": args.device, "dtype": args.dtype}, config_dir() / "server.yaml"))
         deadline = time.monotonic() + 180
         while read_json(stats_path) is None:
@@ -380,6 +381,10 @@ def run_graph(args, model: str, bag: Path, batch: int, robot_counts: list[int], 
             elapsed = max(r["timeline"].get("drained", 0) for r in results) - min(r["timeline"].get("start", 0)
                                                                                  for r in results)
             row["server_pauses"] = (after.get("pauses", 0) - before.get("pauses", 0)) if before else None
+            # the server's own maximum is over its life: it belongs to this run when this run raised it
+            prev, now = before.get("max_matched_depth"), after.get("max_matched_depth")
+            row["server_max_matched_depth"] = now if prev is not None and now is not None and now > prev else \
+                f"<= {prev}" if prev is not None else None
             row["server_cpu_s"] = round(cpu1 - cpu0, 2) if cpu0 is not None and cpu1 is not None else None
             row["server_cpu_share"] = round(row["server_cpu_s"] / elapsed, 3) if row["server_cpu_s"] and elapsed > 0 \
                 else None

@@ -195,7 +195,8 @@ class _Robot:
         self.heard_flow = False
         self.pub_prompt = None
         self.pub_features = None
-        self.max_depth = 0
+        self.max_depth = 0                # the server's matched-queue depth as announced in FlowControl
+        self.max_depth_measured = 0       # the same, heard inside the measured window
         self.pauses = 0                   # PAUSE transitions heard
         self.last_paused = False
         self.paused_since: float | None = None
@@ -251,6 +252,8 @@ class SimRobotsNode(Node):
         with self._lock:
             st.heard_flow = True
             st.max_depth = max(st.max_depth, int(msg.queue_depth))
+            if self.timeline and self.timeline["measure_from"] <= heard <= self.timeline["measure_to"]:
+                st.max_depth_measured = max(st.max_depth_measured, int(msg.queue_depth))
             self._note_pause(st, heard)
             self._lock.notify_all()
 
@@ -418,13 +421,15 @@ class SimRobotsNode(Node):
             for st in self.robots.values():
                 self._note_pause(st)
             robots = {r: {"sent": st.sent, "pauses": st.pauses, "paused_s": round(st.paused_s, 3),
-                          "max_queue_depth": st.max_depth, "counters": dict(st.counters),
+                          "max_queue_depth": st.max_depth, "max_queue_depth_measured": st.max_depth_measured,
+                          "counters": dict(st.counters),
                           "pause_intervals": [list(iv) for iv in st.pause_intervals],
                           "tracker": dict(st.tracker.counts)} for r, st in self.robots.items()}
             return {"config": {k: getattr(self.cfg, k) for k in ("robots", "rate_hz", "window", "warmup_s",
                                                                   "duration_s", "max_requests")},
                     "pid": os.getpid(), "failed": self.failed, "error": self.error, "timeline": self.timeline,
-                    "cpu_s": round(ru.ru_utime + ru.ru_stime, 3), "cpu_s_run": self.cpu_s_run, "peak_rss_mb": peak_rss_mb(os.getpid()),
+                    "cpu_s": round(ru.ru_utime + ru.ru_stime, 3), "cpu_s_run": self.cpu_s_run,
+                    "peak_rss_mb": peak_rss_mb(os.getpid()),
                     "robots": robots, "requests": list(self.done), "unanswered": len(self.pending),
                     "auth_dropped": self.msg_auth.dropped_by_robot(), "bad_messages": self.guard.counts()}
 

@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from edge_vlm_ros.codecs.codec import make_codec
+from edge_vlm_ros.codecs.registry import make_codec
 from edge_vlm_ros.core.action_heads import ActionHeadConfig, build_action_head
 from edge_vlm_ros.core.backend import LanguageBackend, TransformersBackend
 from edge_vlm_ros.core.config import ServerConfig

@@ -84,5 +84,5 @@ def test_dropping_the_language_model_drops_the_backend(tmp_path):
     drop_language_model(a)
     assert "language" not in a.__dict__
     with pytest.raises(RuntimeError, match="dropped"):
-        a.language
+        _ = a.language
     assert a.edge_forward(a.preprocess(_images(1)[0]), SplitPoint.parse("projector")).ndim == 2

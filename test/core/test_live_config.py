@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from edge_vlm_ros.codecs.codebook import Codebook
-from edge_vlm_ros.codecs.codec import make_codec
+from edge_vlm_ros.codecs.registry import make_codec
 from edge_vlm_ros.core.chunks import ActionChunk, ChunkExecutor, ChunkExecutorConfig, MergePolicy
 from edge_vlm_ros.core.config import (ControllerConfig, EdgeConfig, LiberoBridgeConfig, ReplayNodeConfig,
                                       ServerConfig, live_fields)

@@ -16,12 +16,15 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 import pytest
+from ros_harness import require_libero
 
-from edge_vlm_ros.bringup import NodeSet, build_specs
+from edge_vlm_ros.bringup import NodeSet, build_specs, specs_for
 from edge_vlm_ros.client import RobotClient
+from edge_vlm_ros.core.auth import ensure_keys
 from edge_vlm_ros.tools.default_model import ensure
 
 MARK = "EDGE_VLM_SIGNALS_TEST"
@@ -236,3 +239,78 @@ def test_bench_run_sigterm_stops_its_process_group(ros_env, tmp_path):
     gone, exited = run.signal_and_check(signal.SIGTERM, CHILDREN_GONE_S)
     assert run.proc.returncode == 128 + signal.SIGTERM, run.text()[-3000:]
     print(f"bench.run SIGTERM: nodes gone after {gone:.2f} s, exited after {exited:.2f} s")
+
+
+# ---- the VLA node set as `ros2 launch` runs it ------------------------------------------------------
+LAUNCH_SIGTERM_TIMEOUT_S = 5.0   # launch's default sigterm_timeout: SIGINT, then SIGTERM after this
+
+
+def _installed_executable(name: str) -> str:
+    """lib/edge_vlm_ros/<name> of the colcon install (what `ros2 launch` runs)."""
+    from ament_index_python.packages import get_package_prefix
+
+    path = Path(get_package_prefix("edge_vlm_ros")) / "lib" / "edge_vlm_ros" / name
+    assert path.is_file(), f"{path}: run scripts/setup.sh"
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_vla(tmp_path_factory):
+    from edge_vlm_ros.fixtures.tiny_vla import build_tiny_vla
+
+    return build_tiny_vla(tmp_path_factory.mktemp("tiny_vla"), chunk_size=8)
+
+
+@pytest.mark.parametrize("phase", ["loading", "simulator", "acting"])
+def test_vla_node_set_stops_within_launch_sigterm_timeout_of_sigint(phase, ros_env, tmp_path, tiny_vla):
+    """Every node of vla.launch.py (edge, LIBERO bridge, server, controller), started as launch starts
+    them (installed executables, launch's command line, no launcher registered), exits with 0
+    within launch's sigterm_timeout of the SIGINT that launch sends on Ctrl-C: while the models
+    and the simulator load (the bridge builds its LIBERO environment), and while episodes run."""
+    require_libero()
+    model, head = tiny_vla
+    keys = tmp_path / "keys"
+    specs = specs_for("vla", {"model_path": str(model), "action_head_path": str(head), "auth_keys_dir": str(keys)},
+                      {"libero_bridge": {"max_steps": 400, "settle_steps": 0, "image_size": 64, "wrist_camera": False}})
+    ensure_keys(keys, ["robot_0"])
+    env = {k: v for k, v in ros_env.items() if k != "EDGE_VLM_PARENT_PID"}
+    env["PYTHONUNBUFFERED"] = "1"
+    procs, logs = {}, {}
+    try:
+        for spec in specs:
+            logs[spec.name] = tmp_path / f"{spec.name}.log"
+            with open(logs[spec.name], "w") as out:
+                cmd = [_installed_executable(f"{spec.role}_node"), *spec.command()[3:]]   # after `python -m <module>`
+                procs[spec.name] = subprocess.Popen(cmd, env={**spec.env, **env}, stdout=out,
+                                                    stderr=subprocess.STDOUT, cwd=str(tmp_path))
+        text = lambda name: logs[name].read_text()  # noqa: E731
+        deadline = time.monotonic() + READY_S
+        if phase == "loading":
+            ready = lambda: "loading" in text("server")  # noqa: E731   # the server is loading its models
+        elif phase == "simulator":   # the bridge builds the LIBERO environment
+            ready = lambda: "Applying task order" in text("libero_bridge_robot_0")  # noqa: E731
+        else:   # an episode runs: the server answered action requests
+            ready = lambda: re.search(r'"answered": \{"[a-z_]+": [1-9]', text("server")) is not None  # noqa: E731
+        while not ready():
+            dead = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
+            assert not dead and time.monotonic() < deadline, \
+                f"{phase} not reached; exited {dead}: " + {n: text(n)[-1500:] for n in procs}.__repr__()
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        for p in procs.values():
+            p.send_signal(signal.SIGINT)
+        took, codes = {}, {}
+        for name, p in procs.items():
+            try:
+                codes[name] = p.wait(max(0.05, t0 + LAUNCH_SIGTERM_TIMEOUT_S - time.monotonic()))
+                took[name] = round(time.monotonic() - t0, 2)
+            except subprocess.TimeoutExpired:
+                codes[name] = None
+        print(f"VLA node set, SIGINT while {phase}: exit codes {codes}, seconds {took}")
+        late = {n: text(n)[-3000:] for n, c in codes.items() if c != 0}
+        assert not late, f"not exited with 0 within {LAUNCH_SIGTERM_TIMEOUT_S} s of SIGINT: {codes}\n{late}"
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()

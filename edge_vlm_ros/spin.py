@@ -43,8 +43,6 @@ def run_node(factory: Callable[[], N], args: list[str] | None = None,
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     stop = NodeStop()
     stop.install()
-    import faulthandler, signal as _s  # noqa  (probe, temporary)
-    faulthandler.register(_s.SIGUSR1, all_threads=True)
     node: N | None = None
     executor: SingleThreadedExecutor | None = None
     try:

@@ -213,3 +213,55 @@ def test_a_child_behind_a_forking_wrapper_lives_with_its_launcher_and_dies_with_
     finally:
         launcher.kill()
         launcher.wait()
+
+
+# A node-like process: NodeStop installed, "spinning", then its main thread either blocks in one C
+# call that never returns (os.read of a pipe nobody writes: the Python handler runs on EINTR, sets
+# `requested` and os.read goes back to waiting) or keeps checking `requested` like run_node.
+_NODE = textwrap.dedent("""
+    import os, sys
+    from edge_vlm_ros.processes import NodeStop
+    stop = NodeStop(deadline_s=float(sys.argv[2]))
+    stop.install()
+    stop.spinning = True
+    print("up", flush=True)
+    if sys.argv[1] == "stuck":
+        r, w = os.pipe()
+        os.read(r, 1)              # the cleanup never gets here
+    else:
+        while not stop.requested.wait(0.1):
+            pass
+    os._exit(0)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_node_stuck_in_a_c_call_is_gone_at_its_stop_deadline_with_every_stack_on_stderr(sig):
+    p = subprocess.Popen([*PY, _NODE, "stuck", "1.0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert _read_line(p) == "up"
+        t0 = time.monotonic()
+        p.send_signal(sig)
+        rc = p.wait(10)
+        took = time.monotonic() - t0
+        err = p.stderr.read().decode()
+        assert rc == 1, (rc, err)
+        assert 0.9 < took < 4.0, took    # the deadline, not launch's SIGTERM 5 s later
+        # every thread's stack: the main thread where it hung (line 10: os.read), the watcher
+        assert err.startswith("Timeout") and 'File "<string>", line 10 in <module>' in err, err
+        assert err.count("Thread 0x") == 2 and "in _watch" in err, err
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_node_that_stops_in_time_exits_cleanly_before_its_deadline():
+    p = subprocess.Popen([*PY, _NODE, "spin", "1.0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert _read_line(p) == "up"
+        p.send_signal(signal.SIGINT)
+        assert p.wait(10) == 0, p.stderr.read().decode()
+        assert p.stderr.read() == b""
+    finally:
+        p.kill()
+        p.wait()

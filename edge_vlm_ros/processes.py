@@ -14,7 +14,9 @@ with `ChildProcesses` and wraps its `main` in `@launcher_main`:
   dies, even by SIGKILL (Linux PR_SET_PDEATHSIG), and a thread watching the parent pid does the
   same where prctl is unavailable. A child whose launcher died before it armed itself stops at once.
 
-A node process (spin.run_node) uses `NodeStop`: the same three signals end its spin loop, and the
+A node process (spin.run_node) uses `NodeStop`, installed when the package is first imported (before
+torch and rclpy load; a signal then ends the process at once, exit code 0, as nothing has started
+yet): the same three signals end its spin loop, and the
 node is destroyed and rclpy shut down before the process exits with code 0; whatever blocks that,
 the process is gone STOP_DEADLINE_S after the first signal (exit code 1, every thread's stack on
 stderr), inside `ros2 launch`'s 5 s before it escalates to SIGTERM.
@@ -278,6 +280,7 @@ class NodeStop:
     def __init__(self, deadline_s: float = STOP_DEADLINE_S) -> None:
         self.requested = threading.Event()
         self.signum: int | None = None
+        self.started = False     # run_node has begun (rclpy.init): below, only modules are importing
         self.spinning = False
         self.deadline_s = deadline_s
         self._armed = threading.Lock()
@@ -289,6 +292,10 @@ class NodeStop:
             self.signum = signum
         self.arm_deadline()
         self.requested.set()
+        if first and not self.started:
+            # still importing torch, transformers, rclpy: nothing to clean up, and an exception here
+            # would only add a traceback and seconds of interpreter teardown (exit code -2)
+            os._exit(0)
         if first and not self.spinning:
             raise Stopped(signum)
 
@@ -321,3 +328,28 @@ class NodeStop:
         os.set_blocking(w, False)
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         threading.Thread(target=self._watch, args=(r,), name="edge_vlm_stop_watch", daemon=True).start()
+
+
+_node_stop: NodeStop | None = None
+
+
+def node_stop() -> NodeStop:
+    """This process's NodeStop, installed on the first call (from the main thread)."""
+    global _node_stop
+    if _node_stop is None:
+        _node_stop = NodeStop()
+        _node_stop.install()
+    return _node_stop
+
+
+def is_node_process(argv: Sequence[str] | None = None) -> bool:
+    """Whether this process runs one of the package's nodes: `python -m edge_vlm_ros.<x>_node` or an
+    installed entry point lib/edge_vlm_ros/<x>_node (what `ros2 run` and `ros2 launch` start)."""
+    args = list(getattr(sys, "orig_argv", sys.argv) if argv is None else argv)[1:]
+    while args and args[0].startswith("-") and args[0] not in ("-m", "-c"):
+        args = args[1:] if args[0] not in ("-X", "-W") else args[2:]
+    if not args or args[0] == "-c":
+        return False
+    if len(args) >= 2 and args[0] == "-m":
+        return args[1].startswith("edge_vlm_ros.") and args[1].endswith("_node")
+    return args[0].endswith("_node") and os.path.basename(os.path.dirname(args[0])) == "edge_vlm_ros"

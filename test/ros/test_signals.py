@@ -262,11 +262,19 @@ def tiny_vla(tmp_path_factory):
     return build_tiny_vla(tmp_path_factory.mktemp("tiny_vla"), chunk_size=8)
 
 
-@pytest.mark.parametrize("phase", ["loading", "simulator", "acting"])
+def _importing_torch(p: subprocess.Popen) -> bool:
+    try:
+        return any("libtorch" in m.path for m in psutil.Process(p.pid).memory_maps())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+@pytest.mark.parametrize("phase", ["importing", "loading", "simulator", "acting"])
 def test_vla_node_set_stops_within_launch_sigterm_timeout_of_sigint(phase, ros_env, tmp_path, tiny_vla):
     """Every node of vla.launch.py (edge, LIBERO bridge, server, controller), started as launch starts
     them (installed executables, launch's command line, no launcher registered), exits with 0
-    within launch's sigterm_timeout of the SIGINT that launch sends on Ctrl-C: while the models
+    within launch's sigterm_timeout of the SIGINT that launch sends on Ctrl-C: while torch is
+    still being imported (the package installs the stop handling first), while the models
     and the simulator load (the bridge builds its LIBERO environment), and while episodes run."""
     require_libero()
     model, head = tiny_vla
@@ -286,7 +294,9 @@ def test_vla_node_set_stops_within_launch_sigterm_timeout_of_sigint(phase, ros_e
                                                     stderr=subprocess.STDOUT, cwd=str(tmp_path))
         text = lambda name: logs[name].read_text()  # noqa: E731
         deadline = time.monotonic() + READY_S
-        if phase == "loading":
+        if phase == "importing":    # the edge and the server are loading torch's libraries
+            ready = lambda: _importing_torch(procs["server"]) and _importing_torch(procs["edge_robot_0"])  # noqa: E731
+        elif phase == "loading":
             ready = lambda: "loading" in text("server")  # noqa: E731   # the server is loading its models
         elif phase == "simulator":   # the bridge builds the LIBERO environment
             ready = lambda: "Applying task order" in text("libero_bridge_robot_0")  # noqa: E731
@@ -308,7 +318,7 @@ def test_vla_node_set_stops_within_launch_sigterm_timeout_of_sigint(phase, ros_e
             except subprocess.TimeoutExpired:
                 codes[name] = None
         print(f"VLA node set, SIGINT while {phase}: exit codes {codes}, seconds {took}")
-        late = {n: text(n)[-3000:] for n, c in codes.items() if c != 0}
+        late = {n: text(n)[-3000:] for n, c in codes.items() if c != 0 or "Traceback" in text(n)}
         assert not late, f"not exited with 0 within {LAUNCH_SIGTERM_TIMEOUT_S} s of SIGINT: {codes}\n{late}"
     finally:
         for p in procs.values():

@@ -263,8 +263,12 @@ def tiny_vla(tmp_path_factory):
 
 
 def _importing_torch(p: subprocess.Popen) -> bool:
+    return _importing_torch_pid(p.pid)
+
+
+def _importing_torch_pid(pid: int) -> bool:
     try:
-        return any("libtorch" in m.path for m in psutil.Process(p.pid).memory_maps())
+        return any("libtorch" in m.path for m in psutil.Process(pid).memory_maps())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 
@@ -336,7 +340,7 @@ def _ros2_launch() -> str | None:
     return exe if r.returncode == 0 else None
 
 
-@pytest.mark.parametrize("phase", ["loading", "acting"])
+@pytest.mark.parametrize("phase", ["importing", "loading", "acting"])
 def test_ros2_launch_vla_stops_cleanly_on_ctrl_c(phase, ros_env, tmp_path, tiny_vla):
     """The real `ros2 launch edge_vlm_ros vla.launch.py`, stopped as a terminal's Ctrl-C does (SIGINT
     to launch and its nodes, then launch's own SIGINT to each node): every node finishes cleanly
@@ -360,7 +364,11 @@ def test_ros2_launch_vla_stops_cleanly_on_ctrl_c(phase, ros_env, tmp_path, tiny_
     kids: list[psutil.Process] = []
     try:
         text = log.read_text
-        ready = {"loading": lambda: "[edge_vlm_server]: loading" in text(),
+        def importing() -> bool:
+            kids = psutil.Process(p.pid).children(recursive=True)
+            return len(kids) == 4 and sum(_importing_torch_pid(k.pid) for k in kids) >= 2
+
+        ready = {"importing": importing, "loading": lambda: "[edge_vlm_server]: loading" in text(),
                  "acting": lambda: re.search(r'"answered": \{"[a-z_]+": [1-9]', text()) is not None}[phase]
         deadline = time.monotonic() + READY_S
         while not ready():

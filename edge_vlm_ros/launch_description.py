@@ -22,7 +22,6 @@ from launch import LaunchContext, LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
-from launch_ros.parameter_descriptions import ParameterValue
 
 from .nodesets import PACKAGE, Argument, NodeSetDescription, PlannedNode
 
@@ -40,18 +39,11 @@ def _default(arg: Argument, config: str) -> str | list:
     return [LaunchConfiguration(p[1:-1]) if _TEMPLATE.fullmatch(p) else p for p in parts]
 
 
-def _parameter(value: object) -> object:
-    # launch_ros YAML-parses plain strings ('' -> None, '123' -> 123): keep text parameters text
-    if isinstance(value, str):
-        return ParameterValue(value, value_type=str)
-    return value
-
-
 def node_action(planned: PlannedNode) -> Node:
     """The launch_ros Node that starts one planned node."""
     return Node(package=PACKAGE, executable=planned.executable, name=planned.node_name,
                 namespace=None if planned.namespace == "/" else planned.namespace.lstrip("/"), output="screen",
-                parameters=[*planned.params_files, {k: _parameter(v) for k, v in planned.parameters.items()}],
+                parameters=[*planned.params_files, dict(planned.parameters)],
                 remappings=planned.remappings or None, additional_env=planned.env or None,
                 ros_arguments=[*planned.ros_args, "--enclave", planned.enclave])
 

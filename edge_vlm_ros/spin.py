@@ -24,7 +24,7 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
-from .processes import NodeStop, Stopped
+from .processes import Stopped, node_stop
 
 N = TypeVar("N", bound=Node)
 SPIN_PERIOD_S = 0.1   # the longest a stop signal waits for the spin loop to notice it
@@ -41,8 +41,8 @@ def run_node(factory: Callable[[], N], args: list[str] | None = None,
     returned so the caller can derive an exit code from its state. A stop signal that arrives
     before the node exists ends the process here (exit_node(0)), after the same cleanup."""
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    stop = NodeStop()
-    stop.install()
+    stop = node_stop()      # installed at the package's first import in a node process
+    stop.started = True
     node: N | None = None
     executor: SingleThreadedExecutor | None = None
     try:

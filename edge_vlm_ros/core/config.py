@@ -79,12 +79,16 @@ class EdgeConfig:
     server_lease_s: float = param(3.0, "Server liveness: a server that sends no FlowControl heartbeat for this "
                                     "long (when its message gives no lease_s) is gone: its PAUSE lapses and "
                                     "new requests get TIMEOUT 'server unavailable' at once.")
+    ask_max_goals: int = param(4, "Most Ask action goals (edge_vlm/ask) in progress at once; a goal beyond it "
+                                  "ends at once with outcome REJECTED and the reason.")
     auth: bool = param(True, AUTH_HELP["auth"])
     auth_keys_dir: str = param("", AUTH_HELP["auth_keys_dir"])
     auth_max_age_s: float = param(10.0, AUTH_HELP["auth_max_age_s"])
 
     def __post_init__(self) -> None:
         sp = SplitPoint.parse(self.split_point)
+        if self.ask_max_goals < 1:
+            raise ValueError(f"ask_max_goals {self.ask_max_goals} < 1")
         if self.request_mode not in ("prompt", "continuous"):
             raise ValueError(f"request_mode {self.request_mode!r}: expected 'prompt' or 'continuous'")
         if sp.kind == "none" and self.codec not in ("jpeg", "image"):

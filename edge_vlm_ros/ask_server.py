@@ -201,22 +201,21 @@ class AskServer:
 
     # ---- the edge's worker and outcome callbacks ------------------------------------------
     def next_job(self, frame: Image | None) -> tuple[str, Image, int, AskJob] | None:
-        """Under the node's lock (the worker): the oldest queued goal as (question, image, deadline,
-        job), or None. A goal without an image waits for a first camera frame up to frame_wait_s."""
+        """Under the node's lock (the worker): the oldest queued goal that can go, as (question, image,
+        deadline, job), or None. A goal without an image waits for a first camera frame up to
+        frame_wait_s (goals that bring their image go meanwhile)."""
         now = time.monotonic()
         with self._lock:
-            while self._queue:
-                job = self._queue[0]
+            for job in list(self._queue):
                 image = job.image if job.image is not None else frame
                 if image is None:
-                    if now - job.accepted_t <= self.cfg.frame_wait_s:
-                        return None
-                    self._queue.popleft()
-                    self._by_request.pop(job.request_id, None)
-                    self._finish(job, Outcome.ERROR, f"no camera frame on "
-                                 f"{self.node.resolve_topic_name(topics.CAMERA)} within {self.cfg.frame_wait_s:g} s")
+                    if now - job.accepted_t > self.cfg.frame_wait_s:
+                        self._queue.remove(job)
+                        self._by_request.pop(job.request_id, None)
+                        self._finish(job, Outcome.ERROR, f"no camera frame on {self.node.resolve_topic_name(topics.CAMERA)}"
+                                     f" within {self.cfg.frame_wait_s:g} s")
                     continue
-                self._queue.popleft()
+                self._queue.remove(job)
                 job.taken_t = now
                 self._record(job, Stage.ENCODING, "prompt published, encoding the image")
                 return job.question, image, job.deadline_ns, job

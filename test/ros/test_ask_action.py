@@ -140,3 +140,33 @@ def test_rejected_goals_bound_and_cancel_whose_late_answer_reaches_no_other_goal
         after = client.ask_with_action(ROBOT, q2, rgb=img2).wait(90)
         assert after is not None and after.outcome == R.OUTCOME_OK and list(after.token_ids) == list(r2.token_ids)
         assert len(client.prompts[ROBOT]) - n_prompts == 3   # slow, second, after: none for the refused goals
+
+
+def test_goal_cancelled_while_queued_is_never_published_and_does_not_hold_up_others(ros_env, tmp_path):
+    path = tmp_path / "llava"
+    build_tiny_llava(path)
+    reference = load_vlm(path)
+    q, img = "what color is the cube ?", _image(7)
+    want = reference.monolithic_generate(img, q, N_NEW, N_NEW)
+    overrides = _overrides(path)
+    overrides["edge"]["frame_wait_s"] = 120.0
+    # No readiness probe: it would give the edge a camera frame.
+    with running(ros_env, tmp_path, 1, overrides, probe=False) as (_, client):
+        waiting = client.ask_with_action(ROBOT, "what is there ?")      # no image and no camera frame yet
+        assert waiting.wait_stage(F.STAGE_QUEUED, 60)
+        own = client.ask_with_action(ROBOT, q, rgb=img)                 # brings its image: goes meanwhile
+        r_own = own.wait(90)
+        assert r_own is not None and r_own.outcome == R.OUTCOME_OK and list(r_own.token_ids) == want, \
+            (r_own.outcome, r_own.reason) if r_own else own.error
+        assert waiting.result is None and [f.stage for f in waiting.feedback] == [F.STAGE_QUEUED]
+        assert waiting.cancel(30)
+        r_wait = waiting.wait(30)
+        assert r_wait is not None and waiting.status == GoalStatus.STATUS_CANCELED, (waiting.status, waiting.error)
+        assert r_wait.outcome == R.OUTCOME_CANCELED and "before it was sent" in r_wait.reason, r_wait.reason
+        # A camera frame now: had the cancelled goal stayed queued, the encoder would take it first.
+        client.send_image(ROBOT, img)
+        after = client.ask_with_action(ROBOT, q).wait(90)               # the newest camera frame
+        assert after is not None and after.outcome == R.OUTCOME_OK and list(after.token_ids) == want, \
+            (after.outcome, after.reason) if after else None
+        announced = [rid for _, rid, _, _ in client.prompts[ROBOT]]
+        assert announced == [r_own.request_id, after.request_id], (announced, r_wait.request_id)

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 
 SERVICE_PERIOD_S = 0.05    # feedback latency and how soon a finished goal's result goes out
 RESULT_KEEP_S = 60.0       # how long rclpy keeps a finished goal's result for a late get_result
+BACKSTOP_S = 2.0           # past deadline + grace: a goal whose request's outcome never came back ends TIMEOUT
 CANCELLED_REMEMBERED = 256  # cancelled requests whose late outcome is recognised (and counted) as such
 
 
@@ -254,7 +255,8 @@ class AskServer:
     # ---- feedback and results (timer) ------------------------------------------------------
     def _service(self) -> None:
         """Publish every stage not yet published, in order; PAUSED/QUEUED for queued goals as the
-        server's flow state changes; QUEUED goals past their deadline end TIMEOUT; then schedule the
+        server's flow state changes; QUEUED goals past their deadline end TIMEOUT (sent ones at the
+        backstop, should their outcome never come back); then schedule the
         execution (the result) of every goal whose result is in and whose feedback is out."""
         with self._service_lock:
             with self._lock:
@@ -272,6 +274,15 @@ class AskServer:
                         self._record(job, Stage.PAUSED, "the server asked for a pause (back-pressure)")
                     elif not paused and job.stage is Stage.PAUSED:
                         self._record(job, Stage.QUEUED, "the server resumed")
+                # Backstop: the edge's RequestTracker answers TIMEOUT at deadline + grace and the goal
+                # ends with it; should that answer not come back, the goal still ends.
+                backstop_ns = round((self.cfg.deadline_grace_s + BACKSTOP_S) * 1e9)
+                for job in list(self._by_request.values()):
+                    if job.stage in (Stage.ENCODING, Stage.SENT) and now_ns >= job.deadline_ns + backstop_ns:
+                        del self._by_request[job.request_id]
+                        self.counters["ask_backstop_timeouts"] += 1
+                        self._finish(job, Outcome.TIMEOUT, f"no outcome for request {job.request_id} by its "
+                                     f"deadline + {self.cfg.deadline_grace_s + BACKSTOP_S:g} s")
                 pending = [(job, job.stages[job.published:]) for job in self._jobs.values()
                            if job.published < len(job.stages)]
                 for job, _ in pending:

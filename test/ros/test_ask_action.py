@@ -170,3 +170,30 @@ def test_goal_cancelled_while_queued_is_never_published_and_does_not_hold_up_oth
             (after.outcome, after.reason) if after else None
         announced = [rid for _, rid, _, _ in client.prompts[ROBOT]]
         assert announced == [r_own.request_id, after.request_id], (announced, r_wait.request_id)
+
+
+def test_goal_queued_while_the_server_pauses_reports_paused_then_is_served(ros_env, tmp_path):
+    path = tmp_path / "llava"
+    build_tiny_llava(path)
+    reference = load_vlm(path)
+    # One request generating and one more matched behind it: PAUSE (depth 1); RESUME at depth 0.
+    overrides = _overrides(path, max_new_tokens_limit=2000, max_batch_size=1, pause_threshold=1,
+                           resume_threshold=0)
+    with running(ros_env, tmp_path, 1, overrides) as (_, client):
+        slow = client.ask_with_action(ROBOT, "describe the scene .", rgb=_image(8), max_new_tokens=1500)
+        assert slow.wait_stage(F.STAGE_SENT, 90)
+        behind = client.ask_with_action(ROBOT, "what is there ?", rgb=_image(9))
+        assert behind.wait_stage(F.STAGE_SENT, 90)
+        assert client.wait_for(lambda: client.flow[ROBOT] and client.flow[ROBOT][-1][1] == 1, 60), "no PAUSE"
+        q, img = "what color is the cube ?", _image(10)
+        paused = client.ask_with_action(ROBOT, q, rgb=img)
+        r = paused.wait(120)
+        assert r is not None and r.outcome == R.OUTCOME_OK, (r.outcome, r.reason) if r else paused.error
+        assert list(r.token_ids) == reference.monolithic_generate(img, q, N_NEW, N_NEW)
+        assert paused.wait_stage(F.STAGE_SENT, 30)
+        stages = [f.stage for f in paused.feedback]
+        assert stages == [F.STAGE_QUEUED, F.STAGE_PAUSED, F.STAGE_QUEUED, F.STAGE_ENCODING, F.STAGE_SENT], \
+            [(f.stage, f.detail) for f in paused.feedback]
+        assert r.queued_ms > 0
+        for g in (slow, behind):
+            assert g.wait(120) is not None and g.result.outcome == R.OUTCOME_OK, g.result

@@ -218,6 +218,8 @@ class AskServer:
                     continue
                 self._queue.remove(job)
                 job.taken_t = now
+                if job.stage is Stage.PAUSED:     # resumed before the timer said so: keep the order
+                    self._record(job, Stage.QUEUED, "the server resumed")
                 self._record(job, Stage.ENCODING, "prompt published, encoding the image")
                 return job.question, image, job.deadline_ns, job
         return None

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.action.server import ServerGoalHandle
 from rclpy.callback_groups import ReentrantCallbackGroup
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CompressedImage, Image
 
 from edge_vlm_ros.action import Ask
 from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer
@@ -201,7 +201,7 @@ class AskServer:
         return result
 
     # ---- the edge's worker and outcome callbacks ------------------------------------------
-    def next_job(self, frame: Image | None) -> tuple[str, Image, int, AskJob] | None:
+    def next_job(self, frame: Image | CompressedImage | None) -> tuple[str, Image | CompressedImage, int, AskJob] | None:
         """Under the node's lock (the worker): the oldest queued goal that can go, as (question, image,
         deadline, job), or None. A goal without an image waits for a first camera frame up to
         frame_wait_s (goals that bring their image go meanwhile)."""
@@ -213,8 +213,9 @@ class AskServer:
                     if now - job.accepted_t > self.cfg.frame_wait_s:
                         self._queue.remove(job)
                         self._by_request.pop(job.request_id, None)
-                        self._finish(job, Outcome.ERROR, f"no camera frame on {self.node.resolve_topic_name(topics.CAMERA)}"
-                                     f" within {self.cfg.frame_wait_s:g} s")
+                        camera = topics.CAMERA_COMPRESSED if self.cfg.image_transport == "compressed" else topics.CAMERA
+                        self._finish(job, Outcome.ERROR, f"no camera frame on {self.node.resolve_topic_name(camera)} "
+                                     f"within {self.cfg.frame_wait_s:g} s")
                     continue
                 self._queue.remove(job)
                 job.taken_t = now

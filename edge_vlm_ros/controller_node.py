@@ -3,6 +3,7 @@
 Subscribes /<robot>/edge_vlm/answer for each robot in `robots`, logs every answer with its outcome
 and per-stage timings, counts outcomes, and (answer_log_path) appends each answer as one JSON line.
 The first terminal outcome of a request id is the one acted on; a repeated id is logged and counted.
+Its health goes to /diagnostics (~1 Hz), one status per robot.
 
 With `actions: true` it also executes action chunks, one core.chunks.ChunkExecutor per robot (its
 parameters are the ChunkExecutorConfig fields, declared beside ControllerConfig's):
@@ -42,7 +43,9 @@ from . import qos, topics
 from .conversions import check_episode, msg_to_answer, msg_to_chunk, ns_to_stamp, stamp_to_ns
 from .core.chunks import ChunkExecutor, ChunkExecutorConfig, TickStatus
 from .core.config import ControllerConfig
+from .core.diagnostics import Growth, Health, controller_health
 from .core.types import Outcome
+from .diagnostics import DiagnosticsPublisher
 from .guard import CallbackGuard
 from .msg_auth import make_message_auth
 from .params import declare_config
@@ -76,6 +79,8 @@ class ControllerNode(Node):
         self._robots: dict[str, _RobotActions] = {}
         if self.cfg.actions:
             self._setup_actions()
+        self._refused = {r: Growth() for r in self.cfg.robots}
+        self.diagnostics = DiagnosticsPublisher(self, self._health)
 
     # ---- action chunks -----------------------------------------------------------------------
     def _setup_actions(self) -> None:
@@ -129,6 +134,7 @@ class ControllerNode(Node):
         out.merged_chunks, out.remaining_steps = int(res.merged_chunks), int(res.remaining_steps)
         ra.pub_action.publish(out)
         ra.statuses[res.status.value] += 1
+        ra.last_status = res.status
         if res.warning and (ra.last_warn_ns is None or time.monotonic_ns() - ra.last_warn_ns > 2_000_000_000):
             ra.last_warn_ns = time.monotonic_ns()
             self.get_logger().warning(f"[{ra.robot}] {res.message} ({res.status.value})")
@@ -147,6 +153,8 @@ class ControllerNode(Node):
         now_wall = time.time_ns()
         chunk = msg_to_chunk(msg)
         result = ra.executor.submit(chunk, self._now_ns(ra))
+        if result.accepted:
+            ra.last_chunk_t = time.monotonic()
         if chunk.robot_id == ra.robot and ra.request_wall_ns is not None:
             ra.latencies_ms.append((now_wall - ra.request_wall_ns) / 1e6)
             ra.server_ms.append(chunk.timings.server_total_ms)
@@ -172,6 +180,23 @@ class ControllerNode(Node):
             out[r] = {"counters": ra.executor.counters(), "statuses": dict(ra.statuses), "other": dict(ra.counts),
                       "chunk_latency_ms": list(ra.latencies_ms), "server_total_ms": list(ra.server_ms),
                       "chunk_latency_p50_ms": _pct(lat, 50), "chunk_latency_p99_ms": _pct(lat, 99)}
+        return out
+
+    def _health(self) -> list[Health]:
+        out = []
+        answers = dict(self.counts)
+        for r in self.cfg.robots:
+            ra = self._robots.get(r)
+            if ra is None:
+                refused = answers.get("unauthenticated", 0) + answers.get("duplicate", 0)
+                out.append(controller_health(r, answers, None, None, None, self._refused[r].update(refused)))
+                continue
+            counters = ra.executor.counters()
+            refused = (sum(v for k, v in counters.items() if k.startswith("rejected_"))
+                       + ra.counts.get("chunks_unauthenticated", 0))
+            age = None if ra.last_chunk_t is None else time.monotonic() - ra.last_chunk_t
+            acting = None if ra.last_status is None else ra.last_status is TickStatus.ACTING
+            out.append(controller_health(r, answers, counters, acting, age, self._refused[r].update(refused)))
         return out
 
     def _write_stats(self) -> None:
@@ -241,6 +266,8 @@ class _RobotActions:
     last_state_ns: int | None = None
     request_wall_ns: int | None = None
     last_warn_ns: int | None = None
+    last_status: TickStatus | None = None     # the newest tick's
+    last_chunk_t: float | None = None         # monotonic time the newest chunk was accepted
     latencies_ms: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=10000))
     server_ms: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=10000))
     statuses: collections.Counter = dataclasses.field(default_factory=collections.Counter)

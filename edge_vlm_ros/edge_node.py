@@ -1,13 +1,16 @@
 """Robot-side node (seed 000, Algorithm 1): camera frame + prompt -> Prompt now, features when encoded.
 
 Subscribes (relative, so one instance per robot namespace):
-  camera/image_raw (sensor_msgs/Image), edge_vlm/prompt_text (std_msgs/String),
+  camera/image_raw (sensor_msgs/Image) or, with image_transport "compressed", camera/image_raw/compressed
+  (sensor_msgs/CompressedImage, JPEG or PNG as image_transport's compressed plugin publishes them; a
+  frame whose header fails core.camera's checks is counted, logged and skipped: the previous good
+  frame stays the newest), edge_vlm/prompt_text (std_msgs/String),
   edge_vlm/flow_control (FlowControl, from the server)
   with task "action" also: robot_state (sensor_msgs/JointState, proprio when send_proprio) and
   sim/episode (Episode: the episode id each request is stamped with)
   edge_vlm/answer (Answer) and, with task "action", edge_vlm/action_chunk (ActionChunk): the outcomes
   of its own requests, so it knows which are done
-Publishes: edge_vlm/prompt (Prompt), edge_vlm/features (VisualFeatures),
+Publishes: edge_vlm/prompt (Prompt), edge_vlm/features (VisualFeatures), /diagnostics (its health, ~1 Hz),
   edge_vlm/answer (Answer, only for requests that end on the robot itself; with task "action" such
   failures go out as an ActionChunk on edge_vlm/action_chunk instead)
 Serves: edge_vlm/ask (action Ask, ask_server.py): one question as a goal, with its stages as
@@ -42,7 +45,7 @@ import time
 import traceback
 
 from rclpy.node import Node
-from sensor_msgs.msg import Image, JointState
+from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 
 from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, FlowControl, Prompt, VisualFeatures
@@ -51,11 +54,14 @@ from . import qos, topics
 from .ask_server import AskJob, AskServer
 from .conversions import (answer_to_msg, check_episode, check_proprio_state, chunk_to_msg, features_to_msg, flow_paused,
                           image_to_rgb, prompt_to_msg, stamp_to_ns)
+from .core.camera import check_compressed, decode_compressed
 from .core.chunks import ActionChunk
 from .core.config import EdgeConfig
+from .core.diagnostics import EDGE_LOCAL_REJECTS, Growth, Health, edge_health
 from .core.edge import EdgeEncoder
 from .core.requests import Heard, LeaseStatus, RequestTracker, ServerLease
 from .core.types import AnswerResult, Outcome, PromptRequest
+from .diagnostics import DiagnosticsPublisher
 from .guard import CallbackGuard
 from .msg_auth import make_message_auth
 from .params import declare_config
@@ -75,7 +81,7 @@ class EdgeNode(Node):
         self.encoder = EdgeEncoder.from_config(self.cfg, model)
 
         self._lock = threading.Condition()
-        self._frame: Image | None = None
+        self._frame: Image | CompressedImage | None = None
         self._frame_seq = 0               # increments per frame received
         self._used_seq = 0                # frame seq of the last request (continuous mode)
         # (text, arrival monotonic time, deadline wall-clock ns)
@@ -97,7 +103,12 @@ class EdgeNode(Node):
             self.pub_chunk = self.create_publisher(ActionChunkMsg, topics.ACTION_CHUNK, qos.ACTION_CHUNK)
             self.guard.subscribe(Episode, topics.EPISODE, self._on_episode, qos.EPISODE)
             self.guard.subscribe(JointState, topics.ROBOT_STATE, self._on_state, qos.ROBOT_STATE)
-        self.guard.subscribe(Image, topics.CAMERA, self._on_image, qos.CAMERA)
+        if self.cfg.image_transport == "compressed":
+            self._camera_topic = topics.CAMERA_COMPRESSED
+            self.guard.subscribe(CompressedImage, topics.CAMERA_COMPRESSED, self._on_compressed, qos.CAMERA)
+        else:
+            self._camera_topic = topics.CAMERA
+            self.guard.subscribe(Image, topics.CAMERA, self._on_image, qos.CAMERA)
         self.guard.subscribe(String, topics.PROMPT_TEXT, self._on_prompt, qos.USER_PROMPT)
         self.guard.subscribe(FlowControl, topics.FLOW, self._on_flow, qos.FLOW)
         # Our own outcomes (the server's and ours): which requests are done.
@@ -107,12 +118,29 @@ class EdgeNode(Node):
         self.create_timer(0.1, self._check_deadlines)
         self.ask = AskServer(self)        # the Ask action, edge_vlm/ask (ask_server.py)
         self.create_timer(10.0, self._log_counters)
+        self._last_answer_t: float | None = None     # monotonic time of the newest outcome heard
+        self._rejects = Growth()
+        self.diagnostics = DiagnosticsPublisher(self, self._health)
         self._worker = threading.Thread(target=self._work, name="edge_vlm_encoder", daemon=True)
         self._worker.start()
 
     # ---- callbacks (never block) -------------------------------------------------------------
     def _on_image(self, msg: Image) -> None:
         stamp_to_ns(msg.header.stamp)   # the request's stamp: refused here, where the guard counts it
+        self._store_frame(msg)
+
+    def _on_compressed(self, msg: CompressedImage) -> None:
+        stamp_to_ns(msg.header.stamp)
+        try:
+            # O(header): format, size caps from the JPEG/PNG header; the pixels are decoded on the worker.
+            check_compressed(msg.format, msg.data)
+        except ValueError as e:
+            self.counters["frames_bad"] += 1
+            self.guard.note(self.resolve_topic_name(self._camera_topic), "bad_frame", str(e))
+            return
+        self._store_frame(msg)
+
+    def _store_frame(self, msg: Image | CompressedImage) -> None:
         with self._lock:
             if self.lease.paused and self._frame is not None and self._frame_seq != self._used_seq:
                 self.counters["frames_replaced_while_paused"] += 1
@@ -166,7 +194,10 @@ class EdgeNode(Node):
         if not self.msg_auth.check(msg, self.cfg.robot_id, "Answer", self.get_logger()):
             self.counters["answers_unauthenticated"] += 1
             return
+        if msg.outcome == Answer.OUTCOME_REJECTED:
+            self.counters["answers_rejected"] += 1
         self._outcome_heard(msg.request_id, "answer")
+        self._last_answer_t = time.monotonic()
         self.ask.on_answer(msg)
 
     def _on_chunk(self, msg: ActionChunkMsg) -> None:
@@ -174,6 +205,7 @@ class EdgeNode(Node):
             self.counters["chunks_unauthenticated"] += 1
             return
         self._outcome_heard(msg.request_id, "action chunk")
+        self._last_answer_t = time.monotonic()
         self.ask.on_chunk(msg)
 
     def _outcome_heard(self, request_id: str, kind: str) -> None:
@@ -218,7 +250,7 @@ class EdgeNode(Node):
             self.get_logger().info(f"server state: {v.describe()}")
 
     # ---- worker thread -----------------------------------------------------------------------
-    def _next_job(self) -> tuple[str, Image, int] | tuple[str, Image, int, AskJob] | None:
+    def _next_job(self) -> tuple[str, Image | CompressedImage, int] | tuple[str, Image | CompressedImage, int, AskJob] | None:
         """Under the lock: the next (prompt, frame, deadline_ns[, Ask goal]) to encode, or None to keep waiting."""
         if self.lease.paused:
             return None
@@ -242,7 +274,7 @@ class EdgeNode(Node):
                 self._prompts.popleft()
                 self.counters["prompts_without_frame"] += 1
                 self._local_answer(self.encoder.new_request_id(), 0, Outcome.ERROR,
-                                   f"no camera frame on {self.resolve_topic_name(topics.CAMERA)} within "
+                                   f"no camera frame on {self.resolve_topic_name(self._camera_topic)} within "
                                    f"{self.cfg.frame_wait_s:g} s")
                 continue
             return None
@@ -259,7 +291,7 @@ class EdgeNode(Node):
             self._last_request_t = time.monotonic()
             self._request(text, frame, deadline_ns, *ask)
 
-    def _request(self, text: str, frame: Image, deadline_ns: int, ask: AskJob | None = None) -> None:
+    def _request(self, text: str, frame: Image | CompressedImage, deadline_ns: int, ask: AskJob | None = None) -> None:
         rid = self.encoder.new_request_id() if ask is None else ask.request_id
         stamp_ns = stamp_to_ns(frame.header.stamp)
         view = self.lease.view()
@@ -270,7 +302,8 @@ class EdgeNode(Node):
             self._local_answer(rid, stamp_ns, Outcome.TIMEOUT, f"server unavailable: {view.describe()}")
             return
         try:
-            rgb = image_to_rgb(frame)
+            rgb = decode_compressed(frame.format, frame.data)[0] if isinstance(frame, CompressedImage) \
+                else image_to_rgb(frame)
         except ValueError as e:
             self.counters["bad_images"] += 1
             self._local_answer(rid, stamp_ns, Outcome.ERROR, f"camera frame unreadable: {e}")
@@ -328,6 +361,14 @@ class EdgeNode(Node):
         self.get_logger().info(f"counters: {dict(self.counters)} requests: {dict(self.tracker.counts)} "
                                f"open={len(self.tracker)} {self.lease.view().describe()} "
                                f"auth_dropped={self.msg_auth.dropped_by_robot()}")
+
+    def _health(self) -> list[Health]:
+        counters = dict(self.counters)
+        rejected = sum(counters.get(k, 0) for k in EDGE_LOCAL_REJECTS) + counters.get("answers_rejected", 0)
+        age = None if self._last_answer_t is None else time.monotonic() - self._last_answer_t
+        return [edge_health(self.cfg.robot_id, counters, dict(self.tracker.counts), len(self.tracker),
+                            self.lease.view(), age, self._rejects.update(rejected), self.diagnostics.uptime_s(),
+                            startup_grace_s=max(10.0, 2 * self.cfg.server_lease_s))]
 
     def destroy_node(self) -> None:
         self._running = False

@@ -6,6 +6,7 @@ In the robot's namespace:
              controller with tick_source robot_state), sim/episode (Episode: start and end of every
              episode, then DONE)
   subscribes edge_vlm/action (RobotAction from the controller)
+  publishes  /diagnostics: episodes, successes, action timeouts (~1 Hz)
 
 Lock step on sim time: the bridge publishes the observation of step k stamped with sim time
 t_k = t_0 + k * control_period_s, waits (up to action_timeout_s of wall time) for the controller's
@@ -38,6 +39,8 @@ from edge_vlm_ros.msg import Episode, RobotAction
 from . import qos, topics
 from .conversions import ns_to_stamp, rgb_to_image, stamp_to_ns
 from .core.config import LiberoBridgeConfig
+from .core.diagnostics import Growth, Health, bridge_health
+from .diagnostics import DiagnosticsPublisher
 from .simulation.libero_sim import ACTION_DIM, STATE_NAMES, LiberoSim
 from .guard import CallbackGuard
 from .params import declare_config
@@ -64,6 +67,9 @@ class LiberoBridgeNode(Node):
         self.done = threading.Event()
         self._running = True
         self._sim_ns = time.time_ns()
+        self._start_error: str | None = None
+        self._trouble = Growth()
+        self.diagnostics = DiagnosticsPublisher(self, self._health)
         self._worker = threading.Thread(target=self._run_plan, name="libero_sim", daemon=True)
         self._worker.start()
 
@@ -93,6 +99,7 @@ class LiberoBridgeNode(Node):
             sim = LiberoSim(cfg.suite, cfg.image_size, cfg.seed, cfg.wrist_camera, cfg.image_flip)
         except Exception as e:
             self.get_logger().error(f"cannot start LIBERO: {e}\n{traceback.format_exc()}")
+            self._start_error = f"{type(e).__name__}: {e}"
             self._publish_episode("", -1, -1, "", Episode.STATUS_DONE, 0, f"LIBERO unavailable: {e}")
             self.done.set()
             return
@@ -206,6 +213,13 @@ class LiberoBridgeNode(Node):
         m.episode_id, m.suite, m.task_id, m.trial = eid, self.cfg.suite, int(task_id), int(trial)
         m.instruction, m.status, m.steps, m.reason = instruction, int(status), int(steps), reason
         self.pub_episode.publish(m)
+
+    def _health(self) -> list[Health]:
+        counters = dict(self.counters)
+        results = list(self.results)
+        trouble = counters.get("action_timeouts", 0) + counters.get("bad_actions", 0)
+        return [bridge_health(self.cfg.robot_id, counters, len(results), sum(r["success"] for r in results),
+                              self.done.is_set(), self._start_error, self._trouble.update(trouble))]
 
     def _summary(self) -> dict:
         n = len(self.results)

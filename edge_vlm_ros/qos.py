@@ -11,6 +11,10 @@
   wins anyway);
 - episodes: reliable + transient local (a node that starts late learns the current episode),
   depth 10 so an evaluator does not miss an end event that follows a start quickly.
+- /diagnostics: reliable, depth 10, volatile, as diagnostic_updater publishes it (a status is
+  republished every second; a late monitor waits for the next).
+The camera profile serves both camera inputs (sensor_msgs/Image and, with image_transport
+compressed, sensor_msgs/CompressedImage on <camera>/compressed).
 """
 
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -28,5 +32,6 @@ FLOW = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=Reliabil
 ACTION_CHUNK = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
 ACTION = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE)
 ROBOT_STATE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE)
+DIAGNOSTICS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
 EPISODE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)

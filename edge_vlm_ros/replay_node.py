@@ -1,15 +1,25 @@
 """Rosbag replay node: plays any rosbag2 into one or more robots' camera and prompt topics.
 
 Reads the bag with bag.io (the pure-Python `rosbags` library: sqlite3 or mcap, from `ros2 bag
-record`, rosbags or our writer) and publishes, on a replay thread scheduled by bag.io.BagReplayer:
-  sensor_msgs/Image and sensor_msgs/CompressedImage -> sensor_msgs/Image rgb8 (decoded, the edge
-    node's input type), on the camera QoS;
+record`, rosbags or our writer) and publishes, on a replay thread scheduled by bag.io.BagReplayer,
+each topic as the type it was recorded as, like `ros2 bag play`:
+  sensor_msgs/Image -> sensor_msgs/Image rgb8, on the camera QoS;
+  sensor_msgs/CompressedImage -> sensor_msgs/CompressedImage, the recorded bytes and format as they
+    are (not decoded), on the camera QoS: an edge with image_transport "compressed" reads
+    <camera>/compressed, one with "raw" reads <camera>;
   std_msgs/String -> std_msgs/String (prompts), on the prompt QoS;
-  rosgraph_msgs/Clock on /clock with bag time when publish_clock is set.
+  rosgraph_msgs/Clock on /clock with bag time when publish_clock is set;
+  /diagnostics: its progress (messages, pauses, lateness), ~1 Hz.
 Each (remapped) bag topic /x goes to /<robot>/x for every robot in `robots`. With
 pause_on_flow_control the node subscribes /<robot>/edge_vlm/flow_control and holds the bag (bag
 time stands still, the rest of the stream keeps its spacing afterwards) while any robot's server
-says PAUSE: seed 000's back-pressure reaches the camera source instead of dropping frames.
+says PAUSE: the server's back-pressure reaches the camera source instead of dropping frames.
+
+Start: camera frames are best effort and volatile, so frames published before a robot's edge has
+matched are lost. The replay therefore waits (at most wait_for_subscribers_s) until every robot has
+a subscriber on one of its image topics (an edge reads one transport, so a bag holding both the raw
+and the compressed stream does not wait for the one nobody reads) and, with pause_on_flow_control,
+until every robot's flow state was heard; it starts as soon as both hold.
 """
 
 from __future__ import annotations
@@ -23,15 +33,18 @@ from collections import Counter
 from rclpy.node import Node
 from rclpy.publisher import Publisher
 from rosgraph_msgs.msg import Clock
+from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
 from edge_vlm_ros.msg import FlowControl
 
 from . import qos, topics
-from .bag.io import (COMPRESSED_IMAGE_TYPE, IMAGE_TYPE, STRING_TYPE, BagReplayer, EventKind, ImageFrame,
-                     PlaySchedule, ReplayEvent, bag_info)
+from .bag.io import (COMPRESSED_IMAGE_TYPE, IMAGE_TYPE, STRING_TYPE, BagReplayer, CompressedFrame, EventKind,
+                     ImageFrame, PlaySchedule, ReplayEvent, bag_info)
 from .conversions import flow_paused, ns_to_stamp, rgb_to_image
 from .core.config import ReplayNodeConfig
+from .core.diagnostics import Health, Level, status_name
+from .diagnostics import DiagnosticsPublisher
 from .guard import CallbackGuard
 from .params import declare_config
 from .spin import WORKER_JOIN_S, exit_node, run_node
@@ -42,6 +55,7 @@ _IMAGE_TYPES = (IMAGE_TYPE, COMPRESSED_IMAGE_TYPE)
 class ReplayNode(Node):
     def __init__(self) -> None:
         super().__init__("edge_vlm_replay")
+        self._t_start = time.monotonic()
         self.cfg: ReplayNodeConfig = declare_config(self, ReplayNodeConfig)
         cfg = self.cfg
         info = bag_info(cfg.bag_path)
@@ -52,14 +66,16 @@ class ReplayNode(Node):
             raise ValueError(f"bag {cfg.bag_path!r} has no Image, CompressedImage or String topic "
                              f"(it has {sorted(info.topics)})")
         self._pubs: dict[str, list[Publisher]] = {}
-        self._image_pubs: list[Publisher] = []
+        # Per robot ("" without robots): its image publishers; its edge subscribes one of them.
+        self._image_pubs: dict[str, list[tuple[str, Publisher]]] = {r: [] for r in cfg.robots or [""]}
         for t in played:
             msgtype = info.topics[t].msgtype
             if msgtype in _IMAGE_TYPES:
-                from sensor_msgs.msg import Image
-
-                pubs = [self.create_publisher(Image, o, qos.CAMERA) for o in cfg.output_topics(t)]
-                self._image_pubs += pubs
+                kind = Image if msgtype == IMAGE_TYPE else CompressedImage
+                outs = cfg.output_topics(t)
+                pubs = [self.create_publisher(kind, o, qos.CAMERA) for o in outs]
+                for r, o, p in zip(cfg.robots or [""] * len(outs), outs, pubs):
+                    self._image_pubs[r].append((o, p))
             elif msgtype == STRING_TYPE:
                 pubs = [self.create_publisher(String, o, qos.USER_PROMPT) for o in cfg.output_topics(t)]
             else:
@@ -79,13 +95,15 @@ class ReplayNode(Node):
 
         schedule = PlaySchedule(rate=cfg.rate, loops=cfg.loops, remap={}, topics=tuple(played),
                                 preload=cfg.preload, preload_limit_bytes=cfg.preload_limit_mb << 20,
-                                clock_hz=cfg.clock_hz if cfg.publish_clock else 0.0)
+                                clock_hz=cfg.clock_hz if cfg.publish_clock else 0.0, decode_compressed=False)
         self._schedule = schedule
         self.counters: Counter[str] = Counter()
         self.done = threading.Event()
         self.failed = False
         self._replayer: BagReplayer | None = None
         self._stop = threading.Event()
+        self.first_publish_s: float | None = None     # from node start to the first message out
+        self.diagnostics = DiagnosticsPublisher(self, self._health)
         self._thread = threading.Thread(target=self._run, name="edge_vlm_replay", daemon=True)
         self._thread.start()
         self.get_logger().info(f"replaying {cfg.bag_path} ({info.message_count} messages, {info.duration_s:.1f} s) "
@@ -106,20 +124,30 @@ class ReplayNode(Node):
             return any(self._paused.values())
 
     # ---- replay thread -----------------------------------------------------------------------
+    def _unready(self) -> list[str]:
+        """What the start still waits for: robots none of whose image topics has a subscriber, and
+        robots whose flow state was not heard (with pause_on_flow_control)."""
+        missing = [f"a subscriber on one of {[o for o, _ in pubs]}" for pubs in self._image_pubs.values()
+                   if pubs and not any(p.get_subscription_count() > 0 for _, p in pubs)]
+        if self.cfg.pause_on_flow_control:
+            with self._flow_lock:
+                missing += [f"the flow state of {r or 'the server'}" for r in self.cfg.robots or [""]
+                            if r not in self._flow_seen]
+        return missing
+
     def _wait_ready(self) -> None:
         cfg = self.cfg
-        deadline = time.monotonic() + cfg.wait_for_subscribers_s
-        wanted = set(cfg.robots or [""]) if cfg.pause_on_flow_control else set()
+        t0 = time.monotonic()
+        deadline = t0 + cfg.wait_for_subscribers_s
         while not self._stop.is_set() and time.monotonic() < deadline:
-            subs_ok = all(p.get_subscription_count() > 0 for p in self._image_pubs)
-            with self._flow_lock:
-                flow_ok = wanted <= self._flow_seen
-            if subs_ok and flow_ok:
+            if not self._unready():
+                self.get_logger().info(f"every robot is listening after {time.monotonic() - t0:.2f} s: starting")
                 return
-            time.sleep(0.05)
-        if cfg.wait_for_subscribers_s > 0:
-            self.get_logger().warning(f"starting without every subscriber/flow state after "
-                                      f"{cfg.wait_for_subscribers_s:g} s")
+            time.sleep(0.02)
+        if cfg.wait_for_subscribers_s > 0 and (missing := self._unready()):
+            self.get_logger().warning(f"starting after {cfg.wait_for_subscribers_s:g} s without {'; '.join(missing)} "
+                                      "(an edge reads camera/image_raw with image_transport raw, "
+                                      "camera/image_raw/compressed with compressed)")
 
     def _run(self) -> None:
         try:
@@ -154,6 +182,12 @@ class ReplayNode(Node):
             stamp = time.time_ns() if self.cfg.restamp else content.stamp_ns + ev.time_offset_ns
             msg = rgb_to_image(content.rgb, stamp, content.frame_id or "camera")
             self.counters["images"] += 1
+        elif isinstance(content, CompressedFrame):
+            stamp = time.time_ns() if self.cfg.restamp else content.stamp_ns + ev.time_offset_ns
+            msg = CompressedImage(format=content.format, data=content.data)
+            msg.header.stamp = ns_to_stamp(stamp)
+            msg.header.frame_id = content.frame_id or "camera"
+            self.counters["compressed_images"] += 1
         elif isinstance(content, str):
             msg = String(data=content)
             self.counters["strings"] += 1
@@ -162,6 +196,8 @@ class ReplayNode(Node):
             return
         for pub in self._pubs[ev.bag_topic]:
             pub.publish(msg)
+        if self.first_publish_s is None:
+            self.first_publish_s = time.monotonic() - self._t_start
 
     def _finish(self) -> None:
         stats = self.stats()
@@ -174,8 +210,26 @@ class ReplayNode(Node):
                 self.get_logger().error(f"writing {self.cfg.stats_path}: {e}")
         self.done.set()
 
+    def _health(self) -> list[Health]:
+        s = self.stats()
+        if self.failed:
+            level, message = Level.ERROR, "replay failed (see the log)"
+        elif self.done.is_set():
+            level, message = Level.OK, "replay ended"
+        elif self.should_pause():
+            level, message = Level.WARN, "held: a server says PAUSE"
+        elif self.first_publish_s is None:
+            level, message = Level.OK, "waiting for " + ("; ".join(self._unready()) or "the first message")
+        else:
+            level, message = Level.OK, "playing"
+        values = {k: str(v) for k, v in s.items() if not isinstance(v, dict)}
+        values.update({k: str(v) for k, v in s["counters"].items()})
+        return [Health(status_name("replay", self.cfg.bag_path), ",".join(self.cfg.robots) or "-", level, message,
+                       values)]
+
     def stats(self) -> dict:
-        out: dict = {"counters": dict(self.counters), "failed": self.failed, "bad_messages": self.guard.counts()}
+        out: dict = {"counters": dict(self.counters), "failed": self.failed, "bad_messages": self.guard.counts(),
+                     "first_publish_s": None if self.first_publish_s is None else round(self.first_publish_s, 3)}
         if self._replayer is not None:
             s = self._replayer.stats()
             out.update(messages=s.messages, clock_ticks=s.clock_ticks, loops_completed=s.loops_completed,

@@ -2,7 +2,8 @@
 
 For each robot r in the `robots` parameter:
   subscribes /r/edge_vlm/prompt (Prompt) and /r/edge_vlm/features (VisualFeatures)
-  publishes  /r/edge_vlm/answer (Answer) and /r/edge_vlm/flow_control (FlowControl; republished every
+  publishes  /diagnostics (its health, ~1 Hz; ERROR with the reason if the model fails to load),
+             /r/edge_vlm/answer (Answer) and /r/edge_vlm/flow_control (FlowControl; republished every
              heartbeat_period_s as the server's heartbeat, with the lease robots hold it alive for)
              /r/edge_vlm/action_chunk (ActionChunk), for prompts with task "action" (action_head_path)
 Callbacks convert and hand over to core.server.ServerEngine (bounded inbox; never block); matching
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 import traceback
@@ -29,10 +31,12 @@ from .conversions import answer_to_msg, chunk_to_msg, msg_to_features, msg_to_pr
 from .core.action_heads import load_action_head
 from .core.chunks import ActionChunk
 from .core.config import ServerConfig
+from .core.diagnostics import Growth, Health, server_health
 from .core.flow import FlowEvent, FlowState
 from .core.server import ServerEngine
 from .core.split import load_vlm
 from .core.types import AnswerResult, RequestError
+from .diagnostics import DiagnosticsPublisher
 from .guard import CallbackGuard
 from .msg_auth import make_message_auth
 from .params import declare_config
@@ -55,9 +59,21 @@ class ServerNode(Node):
         self.cfg: ServerConfig = declare_config(self, ServerConfig)
         self.msg_auth = make_message_auth(self.cfg.auth, self.cfg.auth_keys_dir, self.cfg.robots,
                                           self.cfg.auth_max_age_s, self.get_logger())
-        model = resolve(self.cfg.model_path)
-        self.get_logger().info(f"loading {model} for robots {self.cfg.robots}")
-        adapter = load_vlm(model, dtype=self.cfg.dtype, device=self.cfg.device)
+        self._host = socket.gethostname()
+        self._model_error: str | None = None
+        self._fingerprint = ""
+        self._rejects, self._auth_drops = Growth(), Growth()
+        self._rate_mark = (time.monotonic(), 0)          # (when, prompts then): requests/s between reports
+        self.diagnostics = DiagnosticsPublisher(self, self._health)
+        try:
+            model = resolve(self.cfg.model_path)
+            self.get_logger().info(f"loading {model} for robots {self.cfg.robots}")
+            adapter = load_vlm(model, dtype=self.cfg.dtype, device=self.cfg.device)
+        except Exception as e:
+            self._model_error = f"{type(e).__name__}: {e}"
+            self.diagnostics.publish_last(self._health())
+            raise
+        self._fingerprint = adapter.fingerprint
         if self.cfg.lora_path:
             from .core.alignedvq import apply_lora
 
@@ -174,6 +190,25 @@ class ServerNode(Node):
         with open(tmp, "w") as f:
             json.dump(stats, f)
         os.replace(tmp, self.cfg.stats_path)
+
+    def _health(self) -> list[Health]:
+        robots = list(self.cfg.robots)
+        if self._model_error is not None:
+            return [server_health(self.cfg.server_id, self._host, self._fingerprint, self._model_error, robots,
+                                  False, 0, self.cfg.pause_threshold, self.cfg.queue_capacity, 0,
+                                  self.cfg.inbox_capacity, 0.0, {}, {}, 0, 0)]
+        stats = self.engine.stats.as_dict()
+        now, prompts = time.monotonic(), int(stats["prompts"])
+        then, before = self._rate_mark
+        self._rate_mark = (now, prompts)
+        rate = (prompts - before) / (now - then) if now > then else 0.0
+        auth = self.msg_auth.dropped_by_robot()
+        rejected = int(stats["answered"].get("rejected", 0))
+        return [server_health(self.cfg.server_id, self._host, self._fingerprint, None, robots,
+                              self.engine.flow.state is FlowState.PAUSE, len(self.engine.matched),
+                              self.cfg.pause_threshold, self.cfg.queue_capacity, len(self.engine.inbox),
+                              self.cfg.inbox_capacity, rate, stats, auth, self._rejects.update(rejected),
+                              self._auth_drops.update(sum(sum(v.values()) for v in auth.values())))]
 
     def destroy_node(self) -> None:
         self.engine.stop(timeout=WORKER_JOIN_S)

@@ -1,7 +1,9 @@
 """Topic names. Robot-side names are relative, so each robot's nodes live in its own namespace;
 the server addresses robot r as /<r>/edge_vlm/<name>."""
 
-CAMERA = "camera/image_raw"          # sensor_msgs/Image, input of the edge node
+CAMERA = "camera/image_raw"          # sensor_msgs/Image, input of the edge node (image_transport raw)
+CAMERA_COMPRESSED = CAMERA + "/compressed"  # sensor_msgs/CompressedImage (image_transport compressed)
+DIAGNOSTICS = "/diagnostics"         # diagnostic_msgs/DiagnosticArray, every node's health, ~1 Hz
 PROMPT_TEXT = "edge_vlm/prompt_text"  # std_msgs/String, a user's or a task's prompt for this robot
 PROMPT = "edge_vlm/prompt"           # edge_vlm_ros/Prompt, edge -> server
 FEATURES = "edge_vlm/features"       # edge_vlm_ros/VisualFeatures, edge -> server

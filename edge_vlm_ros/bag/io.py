@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -82,7 +81,18 @@ class ImageFrame:
     compressed: bool
 
 
-Content = Union[ImageFrame, str, Any]
+@dataclass(frozen=True)
+class CompressedFrame:
+    """A sensor_msgs/CompressedImage as recorded, not decoded (read_bag(decode_compressed=False)):
+    what a replay republishes byte for byte."""
+
+    format: str  # e.g. "rgb8; jpeg compressed bgr8", "jpeg", "png"
+    data: bytes
+    stamp_ns: int  # header.stamp
+    frame_id: str
+
+
+Content = Union[ImageFrame, CompressedFrame, str, Any]
 
 
 @dataclass(frozen=True)
@@ -152,57 +162,17 @@ def image_to_rgb(encoding: str, height: int, width: int, step: int, data: bytes 
     return np.array(out, dtype=np.uint8, order="C", copy=True)
 
 
-_COMPRESSED_TARGET_RE = re.compile(r"compressed\s+(\w+)", re.IGNORECASE)
-
-
 def compressed_to_rgb(fmt: str, data: bytes | np.ndarray) -> tuple[np.ndarray, str]:
     """sensor_msgs/CompressedImage to ((H, W, 3) RGB uint8, "jpeg" | "png").
 
     fmt is either a bare "jpeg"/"png" or image_transport's "<raw encoding>; <jpeg|png> compressed
     <encoding of the compressed pixels>" (e.g. "rgb8; jpeg compressed bgr8"). Depth
-    ("compressedDepth") and 16-bit images are rejected.
+    ("compressedDepth") and 16-bit images are rejected, and so is a frame whose header declares more
+    than a camera frame's size (core.camera, the edge's own check, runs before decoding).
     """
-    buf = _as_bytes(data)
-    low = fmt.lower()
-    if "compresseddepth" in low:
-        raise ValueError(
-            f"unsupported CompressedImage format {fmt!r}: compressedDepth (depth images) is not a camera frame"
-        )
-    if "jpeg" in low or "jpg" in low:
-        kind = "jpeg"
-    elif "png" in low:
-        kind = "png"
-    elif not low.strip():  # some drivers leave format empty: trust the file's magic bytes
-        head = buf[:8].tobytes()
-        if head.startswith(b"\xff\xd8\xff"):
-            kind = "jpeg"
-        elif head.startswith(b"\x89PNG\r\n\x1a\n"):
-            kind = "png"
-        else:
-            raise ValueError("CompressedImage with an empty format whose data is neither JPEG nor PNG")
-    else:
-        raise ValueError(f"unsupported CompressedImage format {fmt!r}: expected jpeg or png")
-    target = None
-    if (m := _COMPRESSED_TARGET_RE.search(fmt)) is not None:
-        target = m.group(1).lower()
-        if target not in _READ_CHANNELS:
-            raise ValueError(
-                f"unsupported CompressedImage format {fmt!r}: pixel encoding {target!r}"
-                f" (only 8-bit {', '.join(READ_ENCODINGS)})"
-            )
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ValueError(f"CompressedImage ({fmt!r}, {buf.size} bytes) does not decode as {kind}")
-    if img.dtype != np.uint8:
-        raise ValueError(f"unsupported CompressedImage format {fmt!r}: {img.dtype} pixels, only 8-bit")
-    if img.ndim == 2:
-        rgb = np.repeat(img[:, :, None], 3, axis=2)
-    elif target in ("rgb8", "rgba8"):
-        # Pixels handed to the encoder in RGB order come back in that order.
-        rgb = img[..., :3]
-    else:
-        rgb = img[..., 2::-1]  # OpenCV's BGR(A)
-    return np.array(rgb, dtype=np.uint8, order="C", copy=True), kind
+    from ..core.camera import decode_compressed   # imports torch (codecs): only where a bag holds one
+
+    return decode_compressed(fmt, data)
 
 
 def rgb_to_image_data(rgb: np.ndarray, encoding: str) -> tuple[np.ndarray, int]:
@@ -450,9 +420,13 @@ def bag_info(path: str | Path) -> BagInfo:
 
 
 def read_bag(
-    path: str | Path, *, topics: Iterable[str] | None = None, include_other: bool = False
+    path: str | Path, *, topics: Iterable[str] | None = None, include_other: bool = False,
+    decode_compressed: bool = True,
 ) -> Iterator[BagRecord]:
     """The bag's messages in log-time order as BagRecords.
+
+    decode_compressed: CompressedImage messages become ImageFrames (decoded) or, when False,
+    CompressedFrames (the recorded bytes, for republishing as they are).
 
     topics: bag topic names to read (default: all). Messages of types other than Image,
     CompressedImage and String are skipped unless include_other; naming such a topic in topics
@@ -489,7 +463,7 @@ def read_bag(
                 continue
             msg = store.deserialize_cdr(raw, conn.msgtype)
             try:
-                content = _decode(conn.msgtype, msg)
+                content = _decode(conn.msgtype, msg, decode_compressed)
             except ValueError as exc:
                 raise ValueError(f"{exc} (topic {conn.topic}, log time {t_ns} ns, bag {str(path)!r})") from exc
             yield BagRecord(conn.topic, conn.msgtype, t_ns, content)
@@ -510,10 +484,12 @@ def _stamp_ns(msg: Any) -> int:
     return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
 
 
-def _decode(msgtype: str, msg: Any) -> Content:
+def _decode(msgtype: str, msg: Any, decode_compressed: bool = True) -> Content:
     if msgtype == IMAGE_TYPE:
         rgb = image_to_rgb(msg.encoding, int(msg.height), int(msg.width), int(msg.step), msg.data)
         return ImageFrame(rgb, _stamp_ns(msg), msg.header.frame_id, msg.encoding, compressed=False)
+    if msgtype == COMPRESSED_IMAGE_TYPE and not decode_compressed:
+        return CompressedFrame(str(msg.format), _as_bytes(msg.data).tobytes(), _stamp_ns(msg), msg.header.frame_id)
     if msgtype == COMPRESSED_IMAGE_TYPE:
         rgb, kind = compressed_to_rgb(msg.format, msg.data)
         return ImageFrame(rgb, _stamp_ns(msg), msg.header.frame_id, kind, compressed=True)
@@ -554,6 +530,8 @@ class PlaySchedule:
     pause_poll_s: float = 0.01  # how often should_pause() is asked while held
     max_sleep_s: float = 0.05  # longest single sleep, so stop() and clock ticks are not delayed
     late_tolerance_s: float = 0.005  # a message yielded later than this past its time counts as late
+    # CompressedImage topics: decoded to ImageFrames (True) or kept as recorded, CompressedFrames.
+    decode_compressed: bool = True
 
     def __post_init__(self) -> None:
         if not self.rate >= 0.0:
@@ -756,7 +734,8 @@ class BagReplayer:
         if self._records is not None:
             return iter(self._records)
         assert self._path is not None
-        return read_bag(self._path, topics=self.config.topics or None)
+        return read_bag(self._path, topics=self.config.topics or None,
+                        decode_compressed=self.config.decode_compressed)
 
     def _preload(self) -> list[BagRecord]:
         assert self._path is not None
@@ -764,9 +743,11 @@ class BagReplayer:
         total = 0
         limit = self.config.preload_limit_bytes
         t = time.perf_counter()
-        for rec in read_bag(self._path, topics=self.config.topics or None):
+        for rec in read_bag(self._path, topics=self.config.topics or None,
+                            decode_compressed=self.config.decode_compressed):
             c = rec.content
-            total += c.rgb.nbytes if isinstance(c, ImageFrame) else len(c) if isinstance(c, str) else 0
+            total += (c.rgb.nbytes if isinstance(c, ImageFrame) else len(c.data) if isinstance(c, CompressedFrame)
+                      else len(c) if isinstance(c, str) else 0)
             if total > limit:
                 raise ValueError(
                     f"preloading {str(self._path)!r} needs more than preload_limit_bytes={limit}"

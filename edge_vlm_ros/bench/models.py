@@ -72,7 +72,7 @@ QUICK_VQ = dict(placement="projector", k=4096, generated=128, iters=20, seed=0)
 
 def quick_codebook(model: str, root: Path | None = None) -> tuple[str, str]:
     """A vq codebook for the quick model at the quick mode's split point (projector), calibrated once
-    with tools/calibrate_codebook on training-split scenes (the benchmark frames are test-split)."""
+    with training/calibrate_codebook on training-split scenes (the benchmark frames are test-split)."""
     import subprocess
     import sys
 

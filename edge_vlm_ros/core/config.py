@@ -30,6 +30,10 @@ AUTH_HELP = {
                       "dropped (the hosts' clocks must agree within it).",
 }
 
+# How the edge receives camera frames (image_transport's names): sensor_msgs/Image on the camera
+# topic, or sensor_msgs/CompressedImage on <camera topic>/compressed.
+IMAGE_TRANSPORTS = ("raw", "compressed")
+
 DEFAULT_MODEL = "default"  # resolved by tools.default_model to the embedded default model folder
 
 
@@ -81,6 +85,10 @@ class EdgeConfig:
                                     "new requests get TIMEOUT 'server unavailable' at once.")
     ask_max_goals: int = param(4, "Most Ask action goals (edge_vlm/ask) in progress at once; a goal beyond it "
                                   "ends at once with outcome REJECTED and the reason.")
+    image_transport: str = param("raw", "Camera input, named as image_transport names its transports: raw "
+                                        "(sensor_msgs/Image on camera/image_raw) or compressed "
+                                        "(sensor_msgs/CompressedImage, JPEG or PNG, on "
+                                        "camera/image_raw/compressed).")
     auth: bool = param(True, AUTH_HELP["auth"])
     auth_keys_dir: str = param("", AUTH_HELP["auth_keys_dir"])
     auth_max_age_s: float = param(10.0, AUTH_HELP["auth_max_age_s"])
@@ -89,20 +97,18 @@ class EdgeConfig:
         sp = SplitPoint.parse(self.split_point)
         if self.ask_max_goals < 1:
             raise ValueError(f"ask_max_goals {self.ask_max_goals} < 1")
+        if self.image_transport not in IMAGE_TRANSPORTS:
+            raise ValueError(f"image_transport {self.image_transport!r}: expected one of {IMAGE_TRANSPORTS}")
         if self.request_mode not in ("prompt", "continuous"):
             raise ValueError(f"request_mode {self.request_mode!r}: expected 'prompt' or 'continuous'")
-        if sp.kind == "none" and self.codec not in ("jpeg", "image"):
-            raise ValueError(f"split_point none sends the image: codec must be jpeg or image, got {self.codec!r}")
-        if sp.kind != "none" and self.codec in ("jpeg", "image"):
-            raise ValueError(f"codec {self.codec!r} only goes with split_point none, got {self.split_point!r}")
-        if self.codec == "vq" and not self.codebook_path:
-            raise ValueError("codec vq needs codebook_path")
-        if self.codec_dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"codec_dtype {self.codec_dtype!r}: expected float32, float16 or bfloat16")
-        if self.token_stats_dtype not in ("float16", "float32"):
-            raise ValueError(f"token_stats_dtype {self.token_stats_dtype!r}: expected float16 or float32")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality {self.jpeg_quality} outside 1..100")
+        # The codecs say which fields configure them and how those are checked. Imported here, not
+        # at the top: the codecs need torch, and nodes that never build an EdgeConfig import this module.
+        from ..codecs.registry import validate_edge_config
+        from ..codecs.token_stats import STATS_DTYPES
+
+        validate_edge_config(self.codec, sp, self)
+        if self.token_stats_dtype not in STATS_DTYPES:
+            raise ValueError(f"token_stats_dtype {self.token_stats_dtype!r}: expected one of {sorted(STATS_DTYPES)}")
         if self.max_rate_hz < 0 or self.frame_wait_s <= 0 or self.max_pending_prompts < 1:
             raise ValueError(f"bad rate/wait/bound: max_rate_hz={self.max_rate_hz}, frame_wait_s="
                              f"{self.frame_wait_s}, max_pending_prompts={self.max_pending_prompts}")
@@ -303,7 +309,7 @@ class ReplayNodeConfig:
     rate: float = param(1.0, "Playback rate: 1.0 real time, 2.0 twice as fast, 0.0 as fast as possible.")
     loops: int = param(1, "How many times the bag is played; 0 = forever.")
     remaps: list[str] = param([], "Topic remaps 'from:=to' (bag topic -> published topic), as `ros2 bag play "
-                               "--remap`; e.g. /camera/image_raw/compressed:=/camera/image_raw.")
+                               "--remap`; e.g. /cam/color/image_raw:=/camera/image_raw.")
     topics: list[str] = param([], "Bag topics to play (empty = every sensor_msgs/Image, CompressedImage and "
                                "std_msgs/String topic).")
     robots: list[str] = param([], "Robot namespaces to replay into: each (remapped) bag topic /x is published "
@@ -317,10 +323,12 @@ class ReplayNodeConfig:
                                            "replay while any server says PAUSE.")
     restamp: bool = param(False, "Set header.stamp of replayed images to the publish time (end-to-end latency "
                               "from the replay); otherwise the bag's stamp, shifted by the loop span.")
-    wait_for_subscribers_s: float = param(10.0, "Before the first message, wait up to this long for a "
-                                             "subscriber on every image topic (and, with "
+    wait_for_subscribers_s: float = param(10.0, "Before the first message, wait up to this long until each "
+                                             "robot has a subscriber on one of its image topics (its edge "
+                                             "reads one: raw or compressed) and, with "
                                              "pause_on_flow_control, a flow state from every robot's "
-                                             "server); 0 = do not wait.")
+                                             "server; the replay starts as soon as they are there. 0 = do "
+                                             "not wait.")
     start_delay_s: float = param(0.0, "Extra wait before the first message.")
     shutdown_when_done: bool = param(True, "Exit the node when the replay has ended (as `ros2 bag play`).")
     stats_path: str = param("", "If set, the replay statistics are written as JSON to this file at the end.")

@@ -95,7 +95,7 @@ class VQBottleneck(nn.Module):
     """Nearest-codeword quantization with a straight-through gradient, commitment loss and EMA codewords.
 
     Works for every Codebook layout (residual stages x channel groups); the assignment is the matmul
-    trick in float32 with ties to the lowest index, as core/vq.py's NearestCodeword does, so the
+    trick in float32 with ties to the lowest index, as codecs/vq.py NearestCodeword does, so the
     indices seen in training are the ones the codec sends.
     """
 

@@ -1,6 +1,6 @@
 """Seedable k-means in plain torch, sized for codebook training on a CPU.
 
-The VQ codec's codebooks (core/codebook.py) are k-means centroids of features collected at a split
+The VQ codec's codebooks (codecs/codebook.py) are k-means centroids of features collected at a split
 point. The expensive part is the assignment step, a (N, D) x (D, K) distance computation; it runs
 in row chunks with the matmul trick (|x|^2 - 2 x.c + |c|^2, code norms computed once per
 iteration) so the distance block stays around 64 MB whatever N is.

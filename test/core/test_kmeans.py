@@ -1,4 +1,4 @@
-"""k-means (core/kmeans.py) and codebook training (tools/train_codebook.py), on small data."""
+"""k-means (training/kmeans.py) and codebook training (training/train_codebook.py), on small data."""
 
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ Subscribes (relative, so one instance per robot namespace):
 Publishes: edge_vlm/prompt (Prompt), edge_vlm/features (VisualFeatures), /diagnostics (its health, ~1 Hz),
   edge_vlm/answer (Answer, only for requests that end on the robot itself; with task "action" such
   failures go out as an ActionChunk on edge_vlm/action_chunk instead)
+Serves: edge_vlm/ask (action Ask, ask_server.py): one question as a goal, with its stages as
+  feedback and its own answer as the result; encoded by the same worker, before topic prompts
 
 One outcome per request even when the server never answers (core.requests): every request carries a
 deadline (request_timeout_s after its prompt arrived, wall clock, in the Prompt and VisualFeatures);
@@ -49,6 +51,7 @@ from std_msgs.msg import String
 from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, FlowControl, Prompt, VisualFeatures
 
 from . import qos, topics
+from .ask_server import AskJob, AskServer
 from .conversions import (answer_to_msg, check_episode, check_proprio_state, chunk_to_msg, features_to_msg, flow_paused,
                           image_to_rgb, prompt_to_msg, stamp_to_ns)
 from .core.camera import check_compressed, decode_compressed
@@ -118,6 +121,7 @@ class EdgeNode(Node):
         if self.cfg.task == "action":
             self.guard.subscribe(ActionChunkMsg, topics.ACTION_CHUNK, self._on_chunk, qos.ACTION_CHUNK)
         self.create_timer(0.1, self._check_deadlines)
+        self.ask = AskServer(self)        # the Ask action, edge_vlm/ask (ask_server.py)
         self.create_timer(10.0, self._log_counters)
         self._last_answer_t: float | None = None     # monotonic time of the newest outcome heard
         self._rejects = Growth()
@@ -199,6 +203,7 @@ class EdgeNode(Node):
             self.counters["answers_rejected"] += 1
         self._outcome_heard(msg.request_id, "answer")
         self._last_answer_t = time.monotonic()
+        self.ask.on_answer(msg)
 
     def _on_chunk(self, msg: ActionChunkMsg) -> None:
         if not self.msg_auth.check(msg, self.cfg.robot_id, "ActionChunk", self.get_logger()):
@@ -206,6 +211,7 @@ class EdgeNode(Node):
             return
         self._outcome_heard(msg.request_id, "action chunk")
         self._last_answer_t = time.monotonic()
+        self.ask.on_chunk(msg)
 
     def _outcome_heard(self, request_id: str, kind: str) -> None:
         heard = self.tracker.heard(request_id)
@@ -249,10 +255,13 @@ class EdgeNode(Node):
             self.get_logger().info(f"server state: {v.describe()}")
 
     # ---- worker thread -----------------------------------------------------------------------
-    def _next_job(self) -> tuple[str, Image | CompressedImage, int] | None:
-        """Under the lock: the next (prompt, frame, deadline_ns) to encode, or None to keep waiting."""
+    def _next_job(self) -> tuple[str, Image | CompressedImage, int] | tuple[str, Image | CompressedImage, int, AskJob] | None:
+        """Under the lock: the next (prompt, frame, deadline_ns[, Ask goal]) to encode, or None to keep waiting."""
         if self.lease.paused:
             return None
+        ask = self.ask.next_job(self._frame)    # Ask goals before topic prompts
+        if ask is not None:
+            return ask
         if self.cfg.request_mode == "continuous":
             if self._frame is None or self._frame_seq == self._used_seq:
                 return None
@@ -283,13 +292,13 @@ class EdgeNode(Node):
                 if job is None:
                     self._lock.wait(timeout=0.05)
                     continue
-            text, frame, deadline_ns = job
+            text, frame, deadline_ns, *ask = job
             self._last_request_t = time.monotonic()
-            self._request(text, frame, deadline_ns)
+            self._request(text, frame, deadline_ns, *ask)
 
-    def _request(self, text: str, frame: Image | CompressedImage, deadline_ns: int) -> None:
+    def _request(self, text: str, frame: Image | CompressedImage, deadline_ns: int, ask: AskJob | None = None) -> None:
         encoder = self.encoder            # one encoder per request (a live change swaps it between requests)
-        rid = encoder.new_request_id()
+        rid = encoder.new_request_id() if ask is None else ask.request_id
         stamp_ns = stamp_to_ns(frame.header.stamp)
         view = self.lease.view()
         if view.status is LeaseStatus.EXPIRED:
@@ -321,7 +330,8 @@ class EdgeNode(Node):
             return
         # Algorithm 1: the prompt goes out first, so the server tokenizes while we encode.
         self.pub_prompt.publish(self._signed(prompt_to_msg(PromptRequest(
-            rid, self.cfg.robot_id, text, stamp_ns, self.cfg.task, self.cfg.max_new_tokens, episode_id, proprio,
+            rid, self.cfg.robot_id, text, stamp_ns, self.cfg.task,
+            self.cfg.max_new_tokens if ask is None else ask.max_new_tokens, episode_id, proprio,
             deadline_ns=deadline_ns))))
         try:
             packet = encoder.encode(rgb, rid, stamp_ns)
@@ -333,6 +343,8 @@ class EdgeNode(Node):
                                     f"{traceback.format_exc()}")
             return
         packet.deadline_ns = deadline_ns
+        if ask is not None and not self.ask.features_ready(ask):
+            return    # its goal was cancelled while encoding: no features, so the server never generates it
         self.pub_features.publish(self._signed(features_to_msg(packet, time.time_ns())))
         self.counters["requests"] += 1
 

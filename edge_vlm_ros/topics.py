@@ -14,6 +14,7 @@ ACTION = "edge_vlm/action"           # edge_vlm_ros/RobotAction, controller -> r
 ROBOT_STATE = "robot_state"          # sensor_msgs/JointState, robot/sim -> edge (proprio) and controller (ticks)
 WRIST_CAMERA = "camera/wrist/image_raw"  # sensor_msgs/Image, the sim's wrist camera
 EPISODE = "sim/episode"              # edge_vlm_ros/Episode, sim bridge -> edge, controller, evaluation
+ASK = "edge_vlm/ask"                 # edge_vlm_ros/action/Ask, served by the edge node: one question, its answer
 
 
 def for_robot(robot: str, name: str) -> str:

@@ -92,6 +92,8 @@ class EdgeConfig:
     server_lease_s: float = param(3.0, "Server liveness: a server that sends no FlowControl heartbeat for this "
                                     "long (when its message gives no lease_s) is gone: its PAUSE lapses and "
                                     "new requests get TIMEOUT 'server unavailable' at once.")
+    ask_max_goals: int = param(4, "Most Ask action goals (edge_vlm/ask) in progress at once; a goal beyond it "
+                                  "ends at once with outcome REJECTED and the reason.")
     image_transport: str = param("raw", "Camera input, named as image_transport names its transports: raw "
                                         "(sensor_msgs/Image on camera/image_raw) or compressed "
                                         "(sensor_msgs/CompressedImage, JPEG or PNG, on "
@@ -102,6 +104,8 @@ class EdgeConfig:
 
     def __post_init__(self) -> None:
         sp = SplitPoint.parse(self.split_point)
+        if self.ask_max_goals < 1:
+            raise ValueError(f"ask_max_goals {self.ask_max_goals} < 1")
         if self.image_transport not in IMAGE_TRANSPORTS:
             raise ValueError(f"image_transport {self.image_transport!r}: expected one of {IMAGE_TRANSPORTS}")
         if self.request_mode not in ("prompt", "continuous"):

@@ -23,7 +23,6 @@ import logging
 import numpy as np
 import rclpy
 from rclpy.action import ActionClient
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
@@ -39,6 +38,7 @@ from .core.types import AnswerResult
 from .core.auth import Authenticator
 from .guard import CallbackGuard
 from .msg_auth import MessageAuth
+from .spin import make_executor
 
 LOG = logging.getLogger(__name__)
 
@@ -123,10 +123,17 @@ class RobotClient:
                 self.pub_state[r] = self.node.create_publisher(JointState, topics.for_robot(r, topics.ROBOT_STATE),
                                                                qos.ROBOT_STATE)
         self.last_prompt_ns = 0
-        self._executor = SingleThreadedExecutor(context=self._context)
+        self._executor = make_executor(self._context)
         self._executor.add_node(self.node)
-        self._spin = threading.Thread(target=self._executor.spin, daemon=True)
+        self._stop = threading.Event()
+        self._spin = threading.Thread(target=self._spin_loop, daemon=True)
         self._spin.start()
+
+    def _spin_loop(self) -> None:
+        # spin_once in a loop, not executor.spin(): the EventsExecutor's spin() on a thread of its own
+        # was seen to hold off this process's other threads and to hang shutdown().
+        while not self._stop.is_set() and self._context.ok():
+            self._executor.spin_once(timeout_sec=0.1)
 
     @property
     def auth_dropped(self) -> dict[str, dict[str, int]]:
@@ -365,6 +372,8 @@ class RobotClient:
         return ()
 
     def close(self) -> None:
+        self._stop.set()
+        self._spin.join(timeout=2.0)
         self._executor.shutdown(timeout_sec=1.0)
         self.node.destroy_node()
         self._context.try_shutdown()

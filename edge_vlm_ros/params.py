@@ -62,3 +62,16 @@ def declare_config(node: Node, cls: type[C]) -> C:
         value = node.get_parameter(name).value
         values[name] = list(value) if isinstance(default, list) else value
     return cls(**values)
+
+
+def read_config(node: Node, cls: type[C]) -> C:
+    """The config built from the current values of parameters declared by declare_config (a managed
+    node's configure reads them again, so a `ros2 param set` before configure takes effect)."""
+    values = {}
+    for name, (default, _description) in field_descriptions(cls).items():
+        try:
+            value = node.get_parameter(name).value
+        except ParameterUninitializedException:
+            value = None
+        values[name] = list(value or []) if isinstance(default, list) else value
+    return cls(**values)

@@ -32,6 +32,11 @@ def _auth():
             "auth_keys_dir": ParameterValue(LaunchConfiguration("auth_keys_dir"), value_type=str)}
 
 
+def _lifecycle():
+    """The managed (lifecycle) nodes' autostart parameter, for the edge, server and controller nodes."""
+    return {"autostart": ParameterValue(LaunchConfiguration("autostart"), value_type=bool)}
+
+
 def _nodes(context):
     share = get_package_share_directory("edge_vlm_ros")
     cfg = os.path.join(share, "config")
@@ -45,14 +50,14 @@ def _nodes(context):
                   parameters=[os.path.join(cfg, "robot.yaml"),
                               {"robot_id": r, "model_path": model,
                                "split_point": LaunchConfiguration("split_point").perform(context),
-                               "codec": LaunchConfiguration("codec").perform(context), **_auth()}],
+                               "codec": LaunchConfiguration("codec").perform(context), **_auth(), **_lifecycle()}],
                   ros_arguments=["--enclave", f"{root}/{r}"])
              for r in robots]
     nodes.append(Node(package="edge_vlm_ros", executable="server_node", name="edge_vlm_server", output="screen",
-                      parameters=[os.path.join(cfg, "server.yaml"), {"robots": robots, "model_path": model, **_auth()}],
+                      parameters=[os.path.join(cfg, "server.yaml"), {"robots": robots, "model_path": model, **_auth(), **_lifecycle()}],
                       ros_arguments=["--enclave", f"{root}/server"]))
     nodes.append(Node(package="edge_vlm_ros", executable="controller_node", name="edge_vlm_controller",
-                      output="screen", parameters=[os.path.join(cfg, "controller.yaml"), {"robots": robots, **_auth()}],
+                      output="screen", parameters=[os.path.join(cfg, "controller.yaml"), {"robots": robots, **_auth(), **_lifecycle()}],
                       ros_arguments=["--enclave", f"{root}/controller"]))
     return nodes
 
@@ -73,5 +78,8 @@ def generate_launch_description() -> LaunchDescription:
                                           "explicit, logged opt-out"),
         DeclareLaunchArgument("auth_keys_dir", default_value="",
                               description="Folder of the per-robot keys; empty = the package default"),
+        DeclareLaunchArgument("autostart", default_value="true",
+                              description="Managed nodes configure and activate themselves at start; false "
+                                          "leaves them unconfigured for a lifecycle manager (ros2 lifecycle set)"),
         OpaqueFunction(function=_nodes),
     ])

@@ -41,6 +41,9 @@ def generate_launch_description() -> LaunchDescription:
                                           "explicit, logged opt-out"),
         DeclareLaunchArgument("auth_keys_dir", default_value="",
                               description="Folder of the per-robot keys; empty = the package default"),
+        DeclareLaunchArgument("autostart", default_value="true",
+                              description="Managed nodes configure and activate themselves at start; false "
+                                          "leaves them unconfigured for a lifecycle manager (ros2 lifecycle set)"),
     ]
     robot = LaunchConfiguration("robot")
     edge = Node(
@@ -49,7 +52,8 @@ def generate_launch_description() -> LaunchDescription:
                     {"robot_id": robot, "model_path": LaunchConfiguration("model_path"),
                      "split_point": LaunchConfiguration("split_point"), "codec": LaunchConfiguration("codec"),
                      "auth": ParameterValue(LaunchConfiguration("auth"), value_type=bool),
-                     "auth_keys_dir": ParameterValue(LaunchConfiguration("auth_keys_dir"), value_type=str)}],
+                     "auth_keys_dir": ParameterValue(LaunchConfiguration("auth_keys_dir"), value_type=str),
+                     "autostart": ParameterValue(LaunchConfiguration("autostart"), value_type=bool)}],
         remappings=[("camera/image_raw", LaunchConfiguration("camera_topic"))],
         ros_arguments=["--enclave", LaunchConfiguration("enclave")],
     )

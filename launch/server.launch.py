@@ -36,6 +36,9 @@ def generate_launch_description() -> LaunchDescription:
                                           "explicit, logged opt-out"),
         DeclareLaunchArgument("auth_keys_dir", default_value="",
                               description="Folder of the per-robot keys; empty = the package default"),
+        DeclareLaunchArgument("autostart", default_value="true",
+                              description="Managed nodes configure and activate themselves at start; false "
+                                          "leaves them unconfigured for a lifecycle manager (ros2 lifecycle set)"),
     ]
     server = Node(
         package="edge_vlm_ros", executable="server_node", name="edge_vlm_server", output="screen",
@@ -44,7 +47,8 @@ def generate_launch_description() -> LaunchDescription:
                      "model_path": LaunchConfiguration("model_path"),
                      "device": LaunchConfiguration("device"), "dtype": LaunchConfiguration("dtype"),
                      "auth": ParameterValue(LaunchConfiguration("auth"), value_type=bool),
-                     "auth_keys_dir": ParameterValue(LaunchConfiguration("auth_keys_dir"), value_type=str)}],
+                     "auth_keys_dir": ParameterValue(LaunchConfiguration("auth_keys_dir"), value_type=str),
+                     "autostart": ParameterValue(LaunchConfiguration("autostart"), value_type=bool)}],
         ros_arguments=["--enclave", LaunchConfiguration("enclave")],
     )
     return LaunchDescription(args + [server])

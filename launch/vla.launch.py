@@ -34,6 +34,11 @@ def _auth():
             "auth_keys_dir": ParameterValue(LaunchConfiguration("auth_keys_dir"), value_type=str)}
 
 
+def _lifecycle():
+    """The managed (lifecycle) nodes' autostart parameter, for the edge, server and controller nodes."""
+    return {"autostart": ParameterValue(LaunchConfiguration("autostart"), value_type=bool)}
+
+
 def _nodes(context):
     cfg = os.path.join(get_package_share_directory("edge_vlm_ros"), "config")
     vla = LaunchConfiguration("params_file").perform(context)
@@ -53,7 +58,7 @@ def _nodes(context):
     for r in robots:
         nodes.append(Node(package="edge_vlm_ros", executable="edge_node", name="edge_vlm_edge", namespace=r,
                           output="screen", parameters=[os.path.join(cfg, "robot.yaml"), vla,
-                                                       {"robot_id": r, "model_path": model, **_auth()}],
+                                                       {"robot_id": r, "model_path": model, **_auth(), **_lifecycle()}],
                           ros_arguments=["--enclave", f"{root}/{r}"]))
         if sim == "libero":
             nodes.append(Node(package="edge_vlm_ros", executable="libero_bridge_node", name="edge_vlm_libero_bridge",
@@ -63,14 +68,14 @@ def _nodes(context):
                               additional_env={"MUJOCO_GL": "egl"}, ros_arguments=["--enclave", f"{root}/{r}"]))
     nodes.append(Node(package="edge_vlm_ros", executable="server_node", name="edge_vlm_server", output="screen",
                       parameters=[os.path.join(cfg, "server.yaml"), vla,
-                                  {"robots": robots, "model_path": model, "action_head_path": head, **_auth()}],
+                                  {"robots": robots, "model_path": model, "action_head_path": head, **_auth(), **_lifecycle()}],
                       ros_arguments=["--enclave", f"{root}/server"]))
     nodes.append(Node(package="edge_vlm_ros", executable="controller_node", name="edge_vlm_controller",
                       output="screen", parameters=[os.path.join(cfg, "controller.yaml"), vla,
                                                    {"robots": robots,
                                                     "tick_source": LaunchConfiguration("tick_source").perform(context),
                                                     "merge_policy": LaunchConfiguration("merge_policy").perform(context),
-                                                    **_auth()}],
+                                                    **_auth(), **_lifecycle()}],
                       ros_arguments=["--enclave", f"{root}/controller"]))
     return nodes
 
@@ -100,5 +105,8 @@ def generate_launch_description() -> LaunchDescription:
                                           "explicit, logged opt-out"),
         DeclareLaunchArgument("auth_keys_dir", default_value="",
                               description="Folder of the per-robot keys; empty = the package default"),
+        DeclareLaunchArgument("autostart", default_value="true",
+                              description="Managed nodes configure and activate themselves at start; false "
+                                          "leaves them unconfigured for a lifecycle manager (ros2 lifecycle set)"),
         OpaqueFunction(function=_nodes),
     ])

@@ -67,7 +67,7 @@ from .guard import CallbackGuard
 from .msg_auth import make_message_auth
 from .managed import ACTIVATE, CONFIGURE, ManagedNode
 from .params import declare_config, read_config
-from .core.model_paths import resolve
+from .core.model_paths import resolve, resolve_existing
 from .spin import WORKER_JOIN_S, exit_code, exit_node, run_node
 
 # deactivate waits this long for the request being encoded to go out (at process end: WORKER_JOIN_S)
@@ -113,7 +113,8 @@ class EdgeNode(ManagedNode):
         cfg: EdgeConfig = read_config(self, EdgeConfig)
         msg_auth = make_message_auth(cfg.auth, cfg.auth_keys_dir, [cfg.robot_id], cfg.auth_max_age_s,
                                      self.get_logger())
-        model = resolve(cfg.model_path)
+        # cloud-only (split none) loads no model on the robot
+        model = resolve(cfg.model_path) if cfg.split_point == "none" else resolve_existing(cfg.model_path)
         self.get_logger().info(f"robot {cfg.robot_id}: split {cfg.split_point}, codec {cfg.codec}, model {model}")
         encoder = EdgeEncoder.from_config(cfg, model)
         self.cfg, self.msg_auth, self.encoder = cfg, msg_auth, encoder

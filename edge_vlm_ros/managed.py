@@ -32,10 +32,8 @@ from typing import Callable
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
+from .core.config import AUTOSTART_HELP
 from .core.diagnostics import Health, Level, status_name
-
-AUTOSTART_HELP = ("Configure and activate at start (true); false leaves the node unconfigured until a "
-                  "lifecycle manager asks (ros2 lifecycle set <node> configure, then activate)")
 
 CONFIGURE, ACTIVATE = "configure", "activate"
 

@@ -45,7 +45,7 @@ from .guard import CallbackGuard
 from .msg_auth import make_message_auth
 from .managed import ACTIVATE, CONFIGURE, ManagedNode
 from .params import declare_config, read_config
-from .core.model_paths import resolve
+from .core.model_paths import resolve_existing
 from .spin import WORKER_JOIN_S, exit_code, exit_node, run_node
 
 
@@ -93,7 +93,7 @@ class ServerNode(ManagedNode):
                                           self.get_logger())
         self._model_error = None
         try:
-            model = resolve(cfg.model_path)
+            model = resolve_existing(cfg.model_path)
             self.get_logger().info(f"loading {model} for robots {cfg.robots}")
             adapter = load_vlm(model, dtype=cfg.dtype, device=cfg.device)
         except Exception as e:

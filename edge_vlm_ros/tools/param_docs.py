@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edge_vlm_ros.core.chunks import ChunkExecutorConfig
 from edge_vlm_ros.core.config import ControllerConfig, EdgeConfig, LiberoBridgeConfig, ServerConfig, field_descriptions
-from edge_vlm_ros.core.config import ReplayNodeConfig
+from edge_vlm_ros.core.config import AUTOSTART_HELP, ReplayNodeConfig
 
 SECTIONS = [
     ("Edge node (`edge_node`, config/robot.yaml)", EdgeConfig),
@@ -34,6 +34,8 @@ def render() -> str:
             d = json.dumps(default) if not isinstance(default, str) else (f"`{default}`" if default else '`""`')
             out.append(f"| `{name}` | {d} | {desc.replace('|', '/')} |")
         out.append("")
+    out += ["## Managed nodes (edge, server, controller)", "", "| parameter | default | description |", "|---|---|---|",
+            f"| `autostart` | true | {AUTOSTART_HELP} |", ""]
     return "\n".join(out)
 
 

@@ -199,7 +199,7 @@ def test_failed_configure_leaves_the_node_unconfigured_until_the_parameter_is_fi
             assert not lc.change(Transition.TRANSITION_CONFIGURE)
             lc.expect(State.PRIMARY_STATE_UNCONFIGURED)
             text = _log(tmp_path, log)
-            assert "configure failed" in text and "no_such_model" in text, text[-3000:]
+            assert "configure failed" in text and "no such folder" in text and "no_such_model" in text, text[-3000:]
             assert not lc.change(Transition.TRANSITION_ACTIVATE)   # still nothing to activate
             lc.set_string("model_path", ensure())
             assert lc.change(Transition.TRANSITION_CONFIGURE), _log(tmp_path, log)[-3000:]

@@ -184,3 +184,9 @@ class ManagedNode(LifecycleNode):
     def destroy_node(self) -> None:
         self.release()
         super().destroy_node()
+        # rclpy's LifecycleNode leaves its state machine alive, and the state machine holds the node's
+        # handle: the DDS participant then outlives the node and vanishes only when its lease times
+        # out (seen with the Kilted wheels: the node stayed in the graph after a clean exit).
+        machine = getattr(self, "_state_machine", None)
+        if machine is not None and hasattr(machine, "destroy_when_not_in_use"):
+            machine.destroy_when_not_in_use()

@@ -202,6 +202,32 @@ def test_replay_node_answers_sigint_with_exit_0_within_2s_while_playing(ros_env,
     print(f"replay SIGINT -> exit 0 in {took:.2f} s")
 
 
+def test_libero_bridge_answers_sigint_with_exit_0_within_2s_mid_episode(ros_env, tmp_path):
+    from ros_harness import require_libero
+
+    require_libero()
+    log_path = tmp_path / "libero_bridge.log"
+    cmd = [sys.executable, "-m", "edge_vlm_ros.libero_bridge_node", "--ros-args", "-r", "__ns:=/robot_0",
+           "-p", "wait_for_subscribers_s:=0.0", "-p", "max_steps:=10000", "-p", "wrist_camera:=false",
+           "-p", "image_size:=64"]
+    client = RobotClient(["robot_0"], f"test_signals_{os.getpid()}", actions=True)
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, env={**ros_env, "MUJOCO_GL": "egl"}, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True, cwd=tmp_path)
+    try:
+        # an episode is running: the simulator is up and stepping (waiting for actions between steps)
+        running = lambda: any(e.status == e.STATUS_RUNNING for e in client.episodes["robot_0"])  # noqa: E731
+        assert client.wait_for(lambda: running() or p.poll() is not None, READY_S) and p.poll() is None, \
+            log_path.read_text()[-3000:]
+        took = _stop_in_time("libero_bridge", p, signal.SIGINT, log_path)
+    finally:
+        client.close()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    print(f"libero bridge SIGINT -> exit 0 in {took:.2f} s")
+
+
 # ---- launchers ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_bringup_stop_signal_stops_every_node_cleanly(sig, ros_env, tmp_path):

@@ -29,6 +29,7 @@ import threading
 import traceback
 from typing import Callable
 
+from lifecycle_msgs.msg import Transition
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
@@ -176,10 +177,21 @@ class ManagedNode(LifecycleNode):
             self.get_logger().info("autostart false: unconfigured; waiting for a lifecycle manager "
                                    f"(ros2 lifecycle set {self.get_fully_qualified_name()} configure)")
             return True
-        ok = (self.trigger_configure() == TransitionCallbackReturn.SUCCESS
-              and self.trigger_activate() == TransitionCallbackReturn.SUCCESS)
-        self.start_failed = not ok
-        return ok
+        self._trigger(self.trigger_configure, Transition.TRANSITION_CONFIGURE)
+        if self.configured:
+            self._trigger(self.trigger_activate, Transition.TRANSITION_ACTIVATE)
+        self.start_failed = not self.active
+        return self.active
+
+    def _trigger(self, trigger: Callable[[], object], transition_id: int) -> None:
+        """Run a transition through rclpy's state machine (so get_state reports it). Its result is
+        read from this node's own flags: some Humble releases' trigger_* return nothing, and the
+        earliest name the transition constant wrongly (AttributeError), in which case the state
+        machine's own change is called the way its change_state service calls it."""
+        try:
+            trigger()
+        except AttributeError:
+            self._LifecycleNodeMixin__change_state(transition_id)
 
     def destroy_node(self) -> None:
         self.release()

@@ -216,3 +216,18 @@ def test_failed_configure_leaves_the_node_unconfigured_until_the_parameter_is_fi
     finally:
         client.close()
         nodes.stop()
+
+
+def test_a_failed_autostart_ends_the_process_with_exit_code_1(ros_env, tmp_path):
+    # autostart (the default): a node that cannot configure ends, as a node that could not start
+    # always did, so bringup and `ros2 launch` see it exit instead of waiting on it
+    specs = build_specs(1, {"server": {"model_path": str(tmp_path / "no_such_model")}}, with_controller=False,
+                        keys_dir=tmp_path / "keys")
+    nodes = NodeSet([s for s in specs if s.role == "server"], env=ros_env, log_dir=tmp_path / "logs").start()
+    try:
+        (_, p), = nodes.procs
+        assert p.wait(SERVICE_S) == 1, _log(tmp_path, "server")[-3000:]
+        text = _log(tmp_path, "server")
+        assert "configure failed" in text and "no such folder" in text and "autostart failed" in text, text[-3000:]
+    finally:
+        nodes.stop()

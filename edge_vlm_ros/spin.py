@@ -31,7 +31,7 @@ from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
 from .managed import ManagedNode
-from .processes import NodeStop, Stopped
+from .processes import Stopped, node_stop
 
 N = TypeVar("N", bound=Node)
 SPIN_PERIOD_S = 0.1   # the longest a stop signal waits for the spin loop to notice it
@@ -49,8 +49,8 @@ def run_node(factory: Callable[[], N], args: list[str] | None = None,
     arrives before the node exists ends the process here (exit_node(0)), after the same cleanup.
     A managed node is started (autostart) first and spins until it is finalized."""
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    stop = NodeStop()
-    stop.install()
+    stop = node_stop()      # installed at the package's first import in a node process
+    stop.started = True
     node: N | None = None
     executor: SingleThreadedExecutor | None = None
     try:

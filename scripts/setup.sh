@@ -129,6 +129,9 @@ if [ "$(cat "$REPO/install/.edge_vlm_build" 2>/dev/null)" != "$BUILD_STAMP" ]; t
       --event-handlers console_cohesion- > "$REPO/build.log" 2>&1 \
       || { tail -40 "$REPO/build.log" >&2; exit 1; }
   )
+  # A module moved or deleted in the sources leaves a dangling link in the symlink install, which
+  # Python would still find as a package entry: remove them.
+  find "$REPO/install" -xtype l -delete
   echo "$BUILD_STAMP" > "$REPO/install/.edge_vlm_build"
 fi
 

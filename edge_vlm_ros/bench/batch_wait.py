@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..codecs.codec import make_codec
+from ..codecs.registry import make_codec
 from ..core.config import ServerConfig
 from ..core.edge import EdgeEncoder
 from ..core.server import ServerEngine

@@ -17,7 +17,7 @@ import torch
 
 from ..core.config import ServerConfig
 from ..core.edge import EdgeEncoder
-from ..codecs.codec import make_codec
+from ..codecs.registry import make_codec
 from ..core.server import ServerEngine
 from ..core.split import load_vlm
 from ..core.types import AnswerResult, Outcome, PromptRequest, SplitPoint

@@ -7,7 +7,7 @@ VisualFeatures message carries that hash; a server holding a different codebook 
 
 Layout: `codewords` is (stages, groups, K, dim // groups): residual stage s, channel group g.
 `counts` (stages, groups, K) is how often each codeword was chosen on the training features; the
-entropy coder of core/vq.py derives its prior from it, which is why it is hashed too.
+entropy coder of codecs/vq.py derives its prior from it, which is why it is hashed too.
 
 Files are safetensors (metadata in the header) or .npz (metadata as a JSON byte array); neither
 is ever unpickled. `load_codebook` validates everything and raises ValueError with the reason:

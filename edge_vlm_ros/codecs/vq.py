@@ -1,7 +1,7 @@
 """Vector-quantization feature codec ("vq"): codebook indices on the wire instead of features.
 
 The edge maps every token (row of a (T, D) feature) to its nearest codeword and sends the index;
-the server looks the codeword up. Variants, all described by one `Codebook` (core/codebook.py):
+the server looks the codeword up. Variants, all described by one `Codebook` (codecs/codebook.py):
 - one codebook (stages=1, groups=1): the AlignedVQ setting, ceil(log2 K) bits per token;
 - residual VQ (stages>1): stage s quantizes what stages < s left over; decode sums the stages;
 - grouped VQ (groups>1): the D channels are split into equal contiguous groups, each quantized
@@ -30,8 +30,12 @@ hash, dtype, shape against the codebook dim and the receiver's element cap, para
 (exact for fixed width, shorter than fixed width when coded). `decode` runs it, then decodes and
 checks indices in [0, K) and that the decoded tensor is finite in its dtype; anything wrong raises
 RequestError(REJECTED) with the reason. side_info is not interpreted here: placements that need
-per-token LayerNorm statistics put them there with `pack_token_stats` and read them with
-`unpack_token_stats`, and it counts in payload_bytes().
+per-token LayerNorm statistics put them there (codecs/token_stats.py), and it counts in
+payload_bytes().
+
+A codebook belongs to one model and one placement: the edge's codec is bound to both when it is
+built (`make_vq_codec`), and the server, which may hold several codebooks, picks the decoder by the
+codebook hash each message carries (`load_server_codecs`).
 """
 
 from __future__ import annotations
@@ -44,19 +48,19 @@ import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..core.types import EncodedTensor, SplitPoint, rejected
+from .base import (DEFAULT_LIMITS, FLOAT_DTYPES, TORCH_DTYPES, Carries, ConfigOption, DecodeLimits, FeatureCodec,
+                   check_finite, check_shape, dtype_name)
 from .codebook import Codebook, load_codebook
-from .codec import (DEFAULT_LIMITS, TORCH_DTYPES, DecodeLimits, FeatureCodec, check_finite, check_shape,
-                    dtype_name, register_codec)
-from ..core.types import EncodedTensor, rejected
 
 LOG = logging.getLogger(__name__)
 
 ENTROPY_MODES = ("none", "static", "adaptive")
-FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 # ---- bit packing ------------------------------------------------------------------------------
 
@@ -496,52 +500,6 @@ class NearestCodeword:
         return out
 
 
-# ---- per-token statistics in side_info -------------------------------------------------------
-
-STATS_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
-
-
-def pack_token_stats(mean: torch.Tensor, std: torch.Tensor, dtype: str = "float16") -> bytes:
-    """Per-token LayerNorm mean and std (T,) each -> bytes: T means then T stds, little-endian.
-
-    What a server needs to rebuild the residual stream from a post-LayerNorm feature:
-    x = (y - beta) / gamma * std + mean. float16 costs 4 bytes a token (relative error ~5e-4);
-    float32 8 bytes.
-    """
-    if dtype not in STATS_DTYPES:
-        raise ValueError(f"token stats dtype {dtype!r}: expected one of {sorted(STATS_DTYPES)}")
-    m = mean.detach().to("cpu", torch.float64).reshape(-1)
-    sd = std.detach().to("cpu", torch.float64).reshape(-1)
-    if m.shape != sd.shape:
-        raise ValueError(f"mean has {m.numel()} values, std {sd.numel()}")
-    with np.errstate(over="ignore"):   # overflow to inf is reported just below
-        arr = np.concatenate([m.numpy(), sd.numpy()]).astype(STATS_DTYPES[dtype])   # (2T,)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"token stats are not finite in {dtype} (|value| up to "
-                         f"{float(max(m.abs().max(), sd.abs().max()))})")
-    if (arr[m.numel():] <= 0).any():
-        raise ValueError(f"token std must be > 0 in {dtype}, smallest is {float(sd.min())}")
-    return arr.tobytes()
-
-
-def unpack_token_stats(side_info: bytes, n_tokens: int,
-                       dtype: str = "float16") -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of pack_token_stats -> mean (T,), std (T,) float32; RequestError(REJECTED) if bad."""
-    if dtype not in STATS_DTYPES:
-        raise rejected(f"token stats dtype {dtype!r}: expected one of {sorted(STATS_DTYPES)}")
-    item = STATS_DTYPES[dtype].itemsize
-    if n_tokens < 1 or len(side_info) != 2 * n_tokens * item:
-        raise rejected(f"side_info is {len(side_info)} bytes, {n_tokens} tokens of {dtype} mean and std "
-                       f"need {2 * max(n_tokens, 0) * item}")
-    arr = np.frombuffer(side_info, dtype=STATS_DTYPES[dtype]).astype(np.float32)
-    if not np.isfinite(arr).all():
-        raise rejected("side_info token stats contain NaN or inf")
-    mean, std = arr[:n_tokens], arr[n_tokens:]
-    if (std <= 0).any():
-        raise rejected(f"side_info token std must be > 0, got {float(std.min())}")
-    return torch.from_numpy(mean.copy()), torch.from_numpy(std.copy())
-
-
 # ---- the codec --------------------------------------------------------------------------------
 
 
@@ -549,7 +507,7 @@ def unpack_token_stats(side_info: bytes, n_tokens: int,
 class VQConfig:
     """Options of the "vq" codec as configuration gives them (make_codec("vq", **options))."""
 
-    codebook: str                  # path of a .safetensors / .npz codebook (core/codebook.py)
+    codebook: str                  # path of a .safetensors / .npz codebook (codecs/codebook.py)
     entropy: str = "none"          # "none" (fixed width), "static" or "adaptive" (range coded)
     model_fingerprint: str = ""    # the model this process runs; the codebook must match ("" = no check)
     placement: str = ""            # the split placement; the codebook must match ("" = no check)
@@ -573,6 +531,19 @@ class VQCodec(FeatureCodec):
     """Encode (..., T, D) features to codebook indices; decode indices to codewords."""
 
     name = "vq"
+    carries = Carries.FEATURES
+    config_options = (ConfigOption("codebook_path", "codebook", required=True),)
+    uses_codebook = True
+
+    @classmethod
+    def build(cls, **options: Any) -> "VQCodec":
+        return make_vq_codec(**options)
+
+    @classmethod
+    def options_from_config(cls, cfg: Any, adapter: Any = None, split: SplitPoint | None = None) -> dict[str, Any]:
+        """The codebook from the configuration, bound to the edge's model and split point."""
+        fingerprint = str(getattr(adapter, "fingerprint", "") or "") if adapter is not None else ""
+        return {"codebook": cfg.codebook_path, "model_fingerprint": fingerprint, "adapter": adapter, "split": split}
 
     def __init__(self, codebook: Codebook, entropy: str = "none", device: str = "cpu",
                  chunk_rows: int = 4096) -> None:
@@ -594,6 +565,16 @@ class VQCodec(FeatureCodec):
 
     def describe(self) -> str:
         return f"vq(entropy={self.entropy}, {self.codebook.describe()})"
+
+    @property
+    def placement(self) -> str:
+        return self.codebook.placement
+
+    def check_placement(self, split: SplitPoint) -> None:
+        cb = self.codebook
+        if cb.placement and cb.placement != str(split):
+            raise rejected(f"codebook {cb.content_hash[:12]} was trained at placement {cb.placement!r}, but the "
+                           f"message's split point is {str(split)!r}: placement mismatch")
 
     # ---- quantization ----------------------------------------------------------------------
 
@@ -708,7 +689,7 @@ def index_bits_per_token(enc: EncodedTensor) -> float:
     return 8.0 * len(enc.payload) / max(1, n_tokens)
 
 
-# ---- registry ---------------------------------------------------------------------------------
+# ---- codebooks from files ---------------------------------------------------------------------------------
 
 _CACHE: dict[tuple[str, int, int, str | None, str | None], Codebook] = {}
 _CACHE_MAX = 4
@@ -774,6 +755,3 @@ def load_server_codecs(paths: list[str], model_fingerprint: str, device: str = "
             LOG.warning("codebook %s is listed twice (same content as an earlier path)", p)
         out[codec.codebook_hash] = codec
     return out
-
-
-register_codec("vq", make_vq_codec)

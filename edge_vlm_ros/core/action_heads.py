@@ -479,20 +479,30 @@ class DiscreteActionHead(_HeadBase):
         if p is not None:
             inputs_embeds = torch.cat([inputs_embeds, p.to(inputs_embeds.dtype)], dim=1)
             mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-        proc = self.logits_processor()
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        out = lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos, use_cache=True)
-        tokens = []
-        for step in range(self.tokens_per_chunk):
-            tok = proc(None, out.logits[:, -1, :]).argmax(-1)  # (B,)
-            tokens.append(tok)
-            if step == self.tokens_per_chunk - 1:
-                break
-            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-            pos = mask.sum(-1, keepdim=True) - 1  # (B, 1)
-            out = lm(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
-                     past_key_values=out.past_key_values, use_cache=True)
-        return torch.stack(tokens, dim=1)  # (B, N * A)
+        return greedy_decode(lm, inputs_embeds, mask, self.tokens_per_chunk, self.logits_processor())
+
+
+@torch.no_grad()
+def greedy_decode(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, n_tokens: int,
+                  logits_processor: ActionTokenLogitsProcessor) -> torch.Tensor:
+    """Greedy, KV-cached decoding of n_tokens with a Hugging Face causal LM, each step's logits
+    restricted by `logits_processor`. inputs_embeds (B, T, H) left-padded, attention_mask (B, T);
+    position ids follow the mask. Returns (B, n_tokens) token ids."""
+    b = inputs_embeds.shape[0]
+    mask = attention_mask.to(inputs_embeds.device).long()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    out = lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos, use_cache=True)
+    tokens = []
+    for step in range(n_tokens):
+        tok = logits_processor(None, out.logits[:, -1, :]).argmax(-1)  # (B,)
+        tokens.append(tok)
+        if step == n_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+        pos = mask.sum(-1, keepdim=True) - 1  # (B, 1)
+        out = lm(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
+                 past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(tokens, dim=1)  # (B, n_tokens)
 
 
 ActionHead = Union[ContinuousActionHead, DiscreteActionHead]

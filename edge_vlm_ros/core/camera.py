@@ -9,7 +9,7 @@ reader both turn such a frame into an (H, W, 3) RGB uint8 array here, without RO
 A compressed frame is hostile input until checked: a 700-byte JPEG can declare 16000 x 16000 and
 cost 768 MB to decode. So `check_compressed` reads only what the bytes declare (the format string,
 the payload length, and the image size from the file's own header: the JPEG frame header read by
-codecs.codec.read_jpeg_header, the PNG IHDR chunk) and compares it with `DecodeLimits`, the same
+codecs.image.read_jpeg_header, the PNG IHDR chunk) and compares it with `DecodeLimits`, the same
 image caps the server applies to images it receives. `decode_compressed` runs that check first, so
 the decoder never allocates more than the caps allow. Both raise ValueError saying what was wrong.
 """
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..codecs.codec import DecodeLimits, ImageCodec, check_image_size, read_jpeg_header
+from ..codecs.base import DecodeLimits
+from ..codecs.image import JpegCodec, check_image_size, read_jpeg_header
 from .types import RequestError
 
 # The image caps of a camera frame: a 4K frame fits, a bomb does not.
@@ -123,7 +124,7 @@ def check_compressed(fmt: str, data: bytes | memoryview | np.ndarray,
     except RequestError as e:
         raise ValueError(e.reason) from None
     # No encoder writes more than this for that many pixels (the bound the server uses for JPEG).
-    cap = ImageCodec.JPEG_MAX_BYTES_PER_PIXEL * height * width + ImageCodec.JPEG_MAX_OVERHEAD
+    cap = JpegCodec.JPEG_MAX_BYTES_PER_PIXEL * height * width + JpegCodec.JPEG_MAX_OVERHEAD
     if len(buf) > cap:
         raise ValueError(f"{f.kind} payload is {len(buf)} bytes, more than {cap} for a {height} x {width} image")
     return FrameHeader(f.kind, height, width)

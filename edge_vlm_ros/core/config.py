@@ -35,6 +35,10 @@ AUTH_HELP = {
 AUTOSTART_HELP = ("Configure and activate at start (true); false leaves the node unconfigured until a lifecycle "
                   "manager asks (ros2 lifecycle set <node> configure, then activate).")
 
+# How the edge receives camera frames (image_transport's names): sensor_msgs/Image on the camera
+# topic, or sensor_msgs/CompressedImage on <camera topic>/compressed.
+IMAGE_TRANSPORTS = ("raw", "compressed")
+
 DEFAULT_MODEL = "default"  # resolved by tools.default_model to the embedded default model folder
 
 
@@ -94,22 +98,18 @@ class EdgeConfig:
 
     def __post_init__(self) -> None:
         sp = SplitPoint.parse(self.split_point)
-        if self.image_transport not in ("raw", "compressed"):
-            raise ValueError(f"image_transport {self.image_transport!r}: expected 'raw' or 'compressed'")
+        if self.image_transport not in IMAGE_TRANSPORTS:
+            raise ValueError(f"image_transport {self.image_transport!r}: expected one of {IMAGE_TRANSPORTS}")
         if self.request_mode not in ("prompt", "continuous"):
             raise ValueError(f"request_mode {self.request_mode!r}: expected 'prompt' or 'continuous'")
-        if sp.kind == "none" and self.codec not in ("jpeg", "image"):
-            raise ValueError(f"split_point none sends the image: codec must be jpeg or image, got {self.codec!r}")
-        if sp.kind != "none" and self.codec in ("jpeg", "image"):
-            raise ValueError(f"codec {self.codec!r} only goes with split_point none, got {self.split_point!r}")
-        if self.codec == "vq" and not self.codebook_path:
-            raise ValueError("codec vq needs codebook_path")
-        if self.codec_dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"codec_dtype {self.codec_dtype!r}: expected float32, float16 or bfloat16")
-        if self.token_stats_dtype not in ("float16", "float32"):
-            raise ValueError(f"token_stats_dtype {self.token_stats_dtype!r}: expected float16 or float32")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality {self.jpeg_quality} outside 1..100")
+        # The codecs say which fields configure them and how those are checked. Imported here, not
+        # at the top: the codecs need torch, and nodes that never build an EdgeConfig import this module.
+        from ..codecs.registry import validate_edge_config
+        from ..codecs.token_stats import STATS_DTYPES
+
+        validate_edge_config(self.codec, sp, self)
+        if self.token_stats_dtype not in STATS_DTYPES:
+            raise ValueError(f"token_stats_dtype {self.token_stats_dtype!r}: expected one of {sorted(STATS_DTYPES)}")
         if self.max_rate_hz < 0 or self.frame_wait_s <= 0 or self.max_pending_prompts < 1:
             raise ValueError(f"bad rate/wait/bound: max_rate_hz={self.max_rate_hz}, frame_wait_s="
                              f"{self.frame_wait_s}, max_pending_prompts={self.max_pending_prompts}")

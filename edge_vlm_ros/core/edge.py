@@ -3,7 +3,7 @@
 `EdgeEncoder.encode` is what the edge node runs on its worker thread for each request. For split
 point `none` (cloud-only baseline) no model is loaded on the robot: the image itself is coded.
 For a split inside a block (`vision_block:k/ln1`) the per-token LayerNorm mean and std go into
-side_info (`pack_token_stats`, `token_stats_dtype`): the server cannot rebuild the residual stream
+side_info (codecs/token_stats.py, `token_stats_dtype`): the server cannot rebuild the residual stream
 without them, and they count in the bytes on the wire like the payload.
 """
 
@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from .alignedvq import DLPPart, apply_alignedvq, find_dlp_part
-from ..codecs.codec import FeatureCodec, make_codec
+from ..codecs.base import FeatureCodec
+from ..codecs.registry import codec_from_config
 from .config import EdgeConfig
 from .split import VLMAdapter, drop_language_model, load_vlm
-from ..codecs.vq import STATS_DTYPES, pack_token_stats
+from ..codecs.token_stats import STATS_DTYPES, pack_token_stats
 from .types import FeaturePacket, SplitPoint
 
 LOG = logging.getLogger(__name__)
@@ -51,18 +52,12 @@ class EdgeEncoder:
         if split.kind != "none":
             adapter = load_vlm(model_path, dtype=cfg.dtype, device=cfg.device)
             drop_language_model(adapter)
-        if cfg.codec in ("jpeg", "image"):
-            codec = make_codec(cfg.codec, quality=cfg.jpeg_quality)
-        elif cfg.codec == "raw":
-            codec = make_codec("raw", dtype=cfg.codec_dtype)
+        codec = codec_from_config(cfg, adapter=adapter, split=split)
         dlp_edge = None
-        if cfg.codec not in ("jpeg", "image", "raw"):
-            codec = make_codec(cfg.codec, codebook=cfg.codebook_path, model_fingerprint=adapter.fingerprint
-                               if adapter else "", adapter=adapter, split=split)
-            if cfg.codec == "vq":
-                # An AlignedVQ edge part saved beside the codebook, if the codebook was fine-tuned.
-                dlp_edge = find_dlp_part(cfg.codebook_path, "edge", codec.codebook_hash,
-                                         adapter.fingerprint if adapter else None, str(split))
+        if codec.uses_codebook:
+            # An AlignedVQ edge part saved beside the codebook, if the codebook was fine-tuned.
+            dlp_edge = find_dlp_part(cfg.codebook_path, "edge", codec.codebook_hash,
+                                     adapter.fingerprint if adapter else None, str(split))
         return cls(cfg.robot_id, split, codec, adapter, token_stats_dtype=cfg.token_stats_dtype, dlp_edge=dlp_edge)
 
     def new_request_id(self) -> str:

@@ -1,4 +1,4 @@
-"""Bounded queues and PAUSE/RESUME flow control with hysteresis (seed 000, Algorithm 2).
+"""Bounded queues and PAUSE/RESUME flow control with hysteresis.
 
 Every queue in the project is bounded and names its drop policy; depths and drops are counted.
 """
@@ -23,14 +23,16 @@ class DropPolicy(enum.Enum):
 class BoundedQueue(Generic[T]):
     """Thread-safe bounded FIFO with a named drop policy and counters."""
 
-    def __init__(self, capacity: int, policy: DropPolicy, name: str) -> None:
+    def __init__(self, capacity: int, policy: DropPolicy, name: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if capacity < 1:
             raise ValueError(f"queue {name}: capacity {capacity} < 1")
         self.capacity = capacity
         self.policy = policy
         self.name = name
+        self.clock = clock          # monotonic seconds: batch start times and waiting deadlines
         self._items: collections.deque[T] = collections.deque()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()   # guards _items, dropped and high_water; wakes waiting takers
         self.dropped = 0
         self.high_water = 0
 
@@ -69,11 +71,11 @@ class BoundedQueue(Generic[T]):
                 self._cond.wait(first_timeout)
             if not self._items:
                 return [], 0.0
-            t_first = time.monotonic()
+            t_first = self.clock()
             deadline = t_first + max_wait_s
             while len(self._items) < max_items:
                 until = deadline if wait_until is None else min(deadline, wait_until(deadline))
-                left = until - time.monotonic()
+                left = until - self.clock()
                 if left <= 0:
                     break
                 self._cond.wait(left)
@@ -123,7 +125,7 @@ class FlowController:
         self.state = FlowState.RESUME
         self.on_change = on_change
         self.pauses = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()        # guards state and pauses (on_change is called outside it)
 
     def update(self, depth: int) -> FlowEvent | None:
         with self._lock:

@@ -1,7 +1,9 @@
-"""Match the two halves of a request by key (seed 000: two hash maps).
+"""Match the two halves of a request by key: two insertion-ordered hash maps, one per half.
 
 The server's key is (robot_id, request_id): a request id is only unique per robot, and one robot's
-messages must never pair with, displace or finish another robot's.
+messages must never pair with, displace or finish another robot's. The server hands it the
+request's record (core/request.py) as the item for either half, so a match and an eviction both
+give back the record itself; the matcher changes no record, the engine moves its status.
 
 The edge sends the prompt first and the features when encoded; either may arrive first, and either
 may never arrive. Unmatched halves are evicted after a TTL (and, beyond `max_pending`, the oldest

@@ -1,17 +1,24 @@
-"""The server's request engine (seed 000, Algorithm 2), free of ROS.
+"""The server's request engine, free of ROS.
+
+Every request the server hears of has one record (core/request.py: `Request`, keyed by
+(route, request_id), with a status) from its first half's arrival to its one reply. The engine owns
+the records; the inbox, the matcher, the matched queue and the batch worker pass them along.
 
 Threads:
-- callers (ROS subscription callbacks) hand prompts and features to `submit_*`, which only does
-  O(1) checks and puts them in a bounded inbox: callbacks never block;
+- callers (ROS subscription callbacks) hand prompts and features to `submit_*`, which open or find
+  the request's record, do only O(1) checks and put the half in a bounded inbox: callbacks never block;
 - the matcher thread validates and decodes each half, tokenizes prompts, matches halves by
-  request_id (TTL eviction), pushes matched requests to the matched queue and drives PAUSE/RESUME;
+  (route, request_id) (TTL eviction), pushes matched requests to the matched queue and drives
+  PAUSE/RESUME;
 - the batch thread takes batches (max size, max wait), runs the rest of the vision encoder and the
-  language model with left padding, and emits one answer per request.
+  language model with left padding, and finishes each request.
 
-Every request ends in exactly one `AnswerResult` passed to `emit_answer(route, answer)`; `route`
-is the robot namespace the request arrived on, so answers go back to the robot that asked. A request
-is known by (route, request_id): ids are unique per robot only, and nothing one robot sends can
-match, displace or finish another robot's request.
+Every request ends in exactly one reply, made in one place (`_finish`): an `AnswerResult` passed to
+`emit_answer(route, answer)`, or for a request with task "action" an `ActionChunk` passed to
+`emit_chunk(route, chunk)`, failures included (timeouts, rejections, errors carry the outcome and no
+actions). `route` is the robot namespace the request arrived on, so replies go back to the robot that
+asked. Ids are unique per robot only: nothing one robot sends can match, displace or finish another
+robot's request.
 
 Deadlines: a request whose halves carry a deadline (wall clock, see msg/Prompt.msg) is never
 answered after it: past the deadline it is dropped wherever it is (on arrival, in the matched queue,
@@ -20,11 +27,9 @@ itself once the deadline and its grace have passed and a late answer would be a 
 half whose partner has not come is answered TIMEOUT shortly before its deadline (if its TTL has not
 already expired), so a request whose robot died half-way still gets its one outcome in time.
 
-Task "action" (a vision-language-action model): a prompt with task "action" is matched and batched
-like a VQA request; the batch thread runs the language model once over the batch's action requests
-and the configured action head (core.vla.VLAPolicy) turns it into a chunk per request. Such a
-request ends in exactly one `ActionChunk` passed to `emit_chunk(route, chunk)` instead of an
-answer, failures included (timeouts, rejections, errors carry the outcome and no actions).
+Task "action" (a vision-language-action model): such a request is matched and batched like a visual
+question; the batch thread runs the language model once over the batch's action requests and the
+configured action head (core.vla.VLAPolicy) turns it into a chunk per request.
 """
 
 from __future__ import annotations
@@ -43,52 +48,24 @@ import numpy as np
 import torch
 
 from .alignedvq import apply_alignedvq, load_server_parts
-from ..codecs.codec import DecodeLimits, FeatureCodec, is_image_codec, make_codec, unknown_codec
+from ..codecs.base import DecodeLimits, FeatureCodec, check_placement
+from ..codecs.registry import is_image_codec, make_codec, unknown_codec, uses_codebook
 from .config import ServerConfig
 from .flow import BoundedQueue, DropPolicy, FlowController, FlowEvent
 from .matcher import Matcher
 from .chunks import ActionChunk
-from .split import GenerateItem, VLMAdapter, check_features
-from ..codecs.vq import unpack_token_stats
+from .backend import GenerateItem, LanguageBackend
+from .split import VLMAdapter, check_features
+from ..codecs.token_stats import token_stats_from_side_info
 from .types import (AnswerResult, FeaturePacket, Outcome, PromptRequest, RequestError, SplitPoint,
                     StageTimings, rejected)
 from .vla import ActionItem, VLAPolicy
+from .request import (FEATURES, PROMPT, FeatureHalf, PromptHalf, Request, RequestKind, RequestStatus,
+                      partner_of)
 
 LOG = logging.getLogger(__name__)
 
 MAX_PROPRIO = 1024   # values of a prompt's proprioception vector, checked before numpy sees it
-
-
-@dataclass
-class _PromptEntry:
-    prompt: PromptRequest
-    route: str
-    input_ids: list[int]
-    max_new_tokens: int
-    proprio: np.ndarray | None = None     # task "action": validated against the action head
-    received_t: float = 0.0               # monotonic arrival: with the robot's usual prompt->features
-                                          # gap it says when the features are expected
-    nbytes: int = 0                       # counted against max_bytes_per_robot while unmatched
-
-
-@dataclass
-class _FeatureEntry:
-    packet: FeaturePacket
-    route: str
-    received_ns: int
-    received_t: float
-    split: SplitPoint
-    data: torch.Tensor           # decoded features (T, D), or an (H, W, 3) uint8 image for split none
-    decode_ms: float
-    token_stats: torch.Tensor | None = None   # (T, 2) [mean, std] from side_info, splits inside a block
-    nbytes: int = 0                           # counted against max_bytes_per_robot while unmatched
-
-
-@dataclass
-class _Matched:
-    prompt: _PromptEntry
-    features: _FeatureEntry
-    matched_t: float
 
 
 @dataclass
@@ -121,40 +98,21 @@ class ServerStats:
                 "duplicate_replies_blocked": self.duplicate_replies_blocked, "emit_errors": self.emit_errors}
 
 
-def check_placement(codec: FeatureCodec, split: SplitPoint) -> None:
-    """A codebook decodes only the placement it was trained at: its codewords mean nothing elsewhere."""
-    cb = getattr(codec, "codebook", None)
-    placement = getattr(cb, "placement", "")
-    if placement and placement != str(split):
-        raise rejected(f"codebook {cb.content_hash[:12]} was trained at placement {placement!r}, but the "
-                       f"message's split point is {str(split)!r}: placement mismatch")
-
-
-def token_stats_from_side_info(split: SplitPoint, side_info: bytes, n_tokens: int) -> torch.Tensor | None:
-    """side_info -> (T, 2) [mean, std] where the split needs them; side_info must be empty elsewhere.
-
-    The stats dtype follows from the length (4 bytes a token: float16, 8: float32), so no extra
-    codec parameter is needed and a length that fits neither is rejected.
-    """
-    if not split.needs_token_stats:
-        if side_info:
-            raise rejected(f"side_info of {len(side_info)} bytes is not expected at split point {split}")
-        return None
-    if len(side_info) == 4 * n_tokens:
-        dtype = "float16"
-    elif len(side_info) == 8 * n_tokens:
-        dtype = "float32"
-    else:
-        raise rejected(f"split point {split} needs per-token LayerNorm mean and std in side_info: "
-                       f"{4 * n_tokens} (float16) or {8 * n_tokens} (float32) bytes for {n_tokens} tokens, "
-                       f"got {len(side_info)}")
-    mean, std = unpack_token_stats(side_info, n_tokens, dtype)          # RequestError if bad
-    return torch.stack([mean, std], dim=-1)
-
-
 # An unmatched half is answered TIMEOUT this long before its request's deadline: the sweep runs every
 # 0.1 s, and the answer must leave before the deadline passes or it would be dropped.
 DEADLINE_MARGIN_NS = 300_000_000
+
+
+@dataclass
+class Arrival:
+    """A half as a callback handed it over, waiting in the inbox for the matcher thread."""
+
+    request: Request             # the record it belongs to (open, or finished: then it is a late half)
+    half: str                    # "prompt" or "features"
+    message: PromptRequest | FeaturePacket
+    received_ns: int             # wall clock
+    received_t: float            # monotonic
+    first: bool                  # the request's first half of this kind (else a second one: a stray)
 
 
 class ServerEngine:
@@ -163,39 +121,55 @@ class ServerEngine:
                  emit_flow: Callable[[FlowEvent], None] | None = None,
                  codebooks: dict[str, FeatureCodec] | None = None,
                  emit_chunk: Callable[[str, ActionChunk], None] | None = None,
-                 action_head=None) -> None:
+                 action_head=None, lm: LanguageBackend | None = None) -> None:
+        # adapter: the vision half; lm: the language model (default: adapter.language, in process).
         self.adapter = adapter
+        self.lm = lm if lm is not None else adapter.language
+        if self.lm.fingerprint != adapter.fingerprint:
+            raise ValueError(f"language backend fingerprint {self.lm.fingerprint!r} differs from the vision "
+                             f"half's {adapter.fingerprint!r}: both must come from one checkpoint")
         self.cfg = cfg
         self._emit_answer = emit_answer
         self._emit_chunk = emit_chunk
-        # task "action": the policy (LM + head), and the open action requests (request_id ->
-        # episode_id) so that every way a request can end answers it with an ActionChunk.
-        self.policy = VLAPolicy(adapter, action_head) if action_head is not None else None
+        # task "action": the policy (LM + head); a request's record knows whether it is one.
+        self.policy = VLAPolicy(adapter, action_head, self.lm) if action_head is not None else None
         if self.policy is not None and emit_chunk is None:
             raise ValueError("an action head needs emit_chunk to publish its chunks")
-        self._action_requests: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
-        self.inbox: BoundedQueue[tuple] = BoundedQueue(cfg.inbox_capacity, DropPolicy.REJECT_NEWEST, "inbox")
-        self.matched: BoundedQueue[_Matched] = BoundedQueue(cfg.queue_capacity, DropPolicy.REJECT_NEWEST, "matched")
+        self.inbox: BoundedQueue[Arrival] = BoundedQueue(cfg.inbox_capacity, DropPolicy.REJECT_NEWEST, "inbox")
+        self.matched: BoundedQueue[Request] = BoundedQueue(cfg.queue_capacity, DropPolicy.REJECT_NEWEST, "matched")
         self.flow = FlowController(cfg.pause_threshold, cfg.resume_threshold, emit_flow)
-        self.matcher: Matcher[_PromptEntry, _FeatureEntry] = Matcher(
+        self.matcher: Matcher[Request, Request] = Matcher(
             cfg.match_ttl_s, cfg.max_pending, max_pending_per_group=cfg.max_pending_per_robot)
+
+        # _requests_lock guards the request table: _open, _finished, and every record's status (all
+        # transitions, so that exactly one thread ends a request). Never held while calling out
+        # (emit callbacks, the model); _stats_lock may be taken inside it, never the other way round.
+        self._requests_lock = threading.Lock()
+        # Open requests, (route, request_id) -> record. Bounded: every open request is in the inbox,
+        # the matcher, the matched queue or a batch; beyond that bound a new one is refused.
+        self._open: dict[tuple[str, str], Request] = {}
+        self._open_cap = cfg.inbox_capacity + cfg.max_pending + cfg.queue_capacity + cfg.max_batch_size
+        # Recently finished requests (bounded, oldest dropped first): a late half of one is dropped
+        # instead of waiting for its TTL and answering the same request twice.
+        self._finished: collections.OrderedDict[tuple[str, str], Request] = collections.OrderedDict()
+        self._finished_cap = 4 * cfg.max_pending + cfg.queue_capacity
+
+        # _stats_lock guards `stats` only (written by callbacks, the matcher and the batch thread,
+        # read by the node's stats timer).
         self.stats = ServerStats()
         self._stats_lock = threading.Lock()
+
+        # Matcher thread only (no lock): codecs, bytes held per robot, the deadline heap, the gaps.
         self._vq_codecs = dict(codebooks or {})      # codebook hash -> codec
         # AlignedVQ post-dequantization projections, by the hash of the codebook they belong to.
         self._dlp_post = load_server_parts(cfg.codebook_paths, adapter.fingerprint) if cfg.codebook_paths else {}
         self._codecs: dict[tuple[str, str], FeatureCodec] = {}
-        # Unmatched halves held in the matcher, (route, request_id, half) -> bytes, and their sum per
-        # robot (max_bytes_per_robot). Matcher thread only.
-        self._held: dict[tuple[str, str, str], int] = {}
+        # Bytes of unmatched halves held per robot (max_bytes_per_robot); each record holds its own
+        # halves' share in Request.held.
         self._held_bytes: collections.Counter[str] = collections.Counter()
-        # Recently answered request ids (bounded): a late partner of an answered request is dropped
-        # instead of waiting for its TTL and answering the same request twice.
-        self._finished: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
-        self._finished_cap = 4 * cfg.max_pending + cfg.queue_capacity
-        # Unmatched halves by deadline: (deadline_ns, seq, (route, request_id), entry); entries whose half was
+        # Unmatched halves by deadline: (deadline_ns, seq, record, half); entries whose half was
         # matched since are skipped when they come due. Bounded: pruned to the pending ones when large.
-        self._due: list[tuple[int, int, str, object]] = []
+        self._due: list[tuple[int, int, Request, str]] = []
         self._due_seq = 0
         self._running = False
         self._threads: list[threading.Thread] = []
@@ -205,7 +179,7 @@ class ServerEngine:
         # expected arrival, and not at all when none is expected within max_batch_wait_ms.
         self._gap_s: dict[str, float] = {}               # route -> EWMA of prompt->features seconds
         # (earliest, latest) expected arrival of each pending prompt's features; the matcher thread
-        # replaces the whole list, the batch worker only reads it.
+        # replaces the whole list (one reference assignment), the batch worker only reads it.
         self._arrivals: list[tuple[float, float]] = []
         # The number of visual tokens the LLM receives per image is fixed for a model.
         blank = np.full((adapter.image_size, adapter.image_size, 3), 127, np.uint8)
@@ -230,12 +204,22 @@ class ServerEngine:
         for t in self._threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         self._threads.clear()
-        for item in self.inbox.drain():
-            self._answer_error_for_item(item, Outcome.ERROR, "server shutting down")
-        for m in self.matched.drain():
-            self._finish(m.prompt.route, m.prompt.prompt, Outcome.ERROR, "server shutting down")
+        for a in self.inbox.drain():
+            self._finish(a.request, Outcome.ERROR, "server shutting down", late_ok=True)
+        for r in self.matched.drain():
+            self._finish(r, Outcome.ERROR, "server shutting down", late_ok=True)
         for e in self.matcher.drain():
-            self._answer_expired(e.item, e.reason, Outcome.ERROR)
+            self._answer_expired(e.item, e.half, e.reason, Outcome.ERROR)
+
+    def request(self, route: str, request_id: str) -> Request | None:
+        """The record of a request, open or recently finished (None when unknown or long gone)."""
+        with self._requests_lock:
+            return self._open.get((route, request_id)) or self._finished.get((route, request_id))
+
+    def open_requests(self) -> int:
+        """Requests not yet ended (0 after stop() when every request got its outcome)."""
+        with self._requests_lock:
+            return len(self._open)
 
     # ---- entry points (callback threads: never block) ----------------------------------------
     def submit_prompt(self, prompt: PromptRequest, route: str) -> None:
@@ -243,15 +227,9 @@ class ServerEngine:
             self.stats.prompts += 1
         if not self._check_route(prompt.robot_id, route, prompt.request_id, prompt.stamp_ns):
             return
-        with self._stats_lock:
-            key = (route, prompt.request_id)
-            if prompt.task == "action" and key not in self._action_requests:
-                self._action_requests[key] = prompt.episode_id
-                while len(self._action_requests) > self._finished_cap:
-                    self._action_requests.popitem(last=False)
-        ok, _ = self.inbox.put(("prompt", prompt, route, time.time_ns(), time.monotonic()))
-        if not ok:
-            self._reject_overloaded(route, prompt.request_id, prompt.robot_id, prompt.stamp_ns)
+        arrival = self._arrive(route, PROMPT, prompt, time.time_ns())
+        if arrival is not None and not self.inbox.put(arrival)[0]:
+            self._reject_overloaded(arrival)
 
     def submit_features(self, packet: FeaturePacket, route: str, received_ns: int | None = None) -> None:
         with self._stats_lock:
@@ -259,33 +237,63 @@ class ServerEngine:
         received_ns = received_ns if received_ns is not None else time.time_ns()
         if not self._check_route(packet.robot_id, route, packet.request_id, packet.stamp_ns):
             return
+        arrival = self._arrive(route, FEATURES, packet, received_ns)
+        if arrival is None:
+            return
         if packet.encoded.payload_bytes() > self.cfg.max_payload_bytes:   # never queued
             self._count_reject("payload_bytes")
-            self._reply(route, packet.request_id, packet.robot_id, packet.stamp_ns, Outcome.REJECTED,
-                        f"features carry {packet.encoded.payload_bytes()} bytes of payload and side_info, "
-                        f"limit {self.cfg.max_payload_bytes}")
+            self._reject_half(arrival, f"features carry {packet.encoded.payload_bytes()} bytes of payload and "
+                                       f"side_info, limit {self.cfg.max_payload_bytes}")
             return
-        ok, _ = self.inbox.put(("features", packet, route, received_ns, time.monotonic()))
-        if not ok:
-            self._reject_overloaded(route, packet.request_id, packet.robot_id, packet.stamp_ns)
+        if not self.inbox.put(arrival)[0]:
+            self._reject_overloaded(arrival)
 
-    def _reject_overloaded(self, route: str, request_id: str, robot_id: str, stamp_ns: int) -> None:
-        with self._stats_lock:
-            late = (route, request_id) in self._finished
-            if late:
-                self.stats.reasons["late half of an answered request (dropped)"] += 1
-        if not late:   # the other half may have been rejected already: one outcome per request
-            self._reply(route, request_id, robot_id, stamp_ns, Outcome.REJECTED,
-                        f"server inbox full ({self.inbox.capacity}): overloaded")
+    def _arrive(self, route: str, half: str, msg: PromptRequest | FeaturePacket, received_ns: int) -> Arrival | None:
+        """The record a submitted half belongs to (opened by its first half), as an inbox item; None
+        when the half was refused because too many requests are open."""
+        key = (route, msg.request_id)
+        now = time.monotonic()
+        with self._requests_lock:
+            req = self._open.get(key) or self._finished.get(key)
+            if req is None:
+                if len(self._open) >= self._open_cap:
+                    req = None
+                else:
+                    req = self._open[key] = Request(route, msg.request_id, now)
+            first = req is not None and req.note_submitted(half, msg)
+        if req is None:
+            self._finish(Request.stray_of(route, msg.request_id, msg.robot_id, msg.stamp_ns, now), Outcome.REJECTED,
+                         f"server has {self._open_cap} requests open: overloaded")
+            return None
+        return Arrival(req, half, msg, received_ns, now, first)
+
+    def _reject_overloaded(self, a: Arrival) -> None:
+        self._reject_half(a, f"server inbox full ({self.inbox.capacity}): overloaded")
+
+    def _reject_half(self, a: Arrival, reason: str) -> None:
+        """A half refused on submission: its request ends REJECTED, unless it was a second half of
+        its kind (then only that message is answered) or the request had ended already (dropped)."""
+        if a.first or a.request.is_finished:
+            self._finish(a.request, Outcome.REJECTED, reason, late_ok=True)
+        else:
+            self._reject_stray(a.request, a.message, reason)
+
+    def _reject_stray(self, like: Request, msg: PromptRequest | FeaturePacket, reason: str) -> None:
+        """Answer one message REJECTED without ending the request `like` whose id it carries."""
+        self._finish(Request.stray_of(like.route, msg.request_id, msg.robot_id, msg.stamp_ns, time.monotonic(), like),
+                     Outcome.REJECTED, reason)
 
     def _check_route(self, robot_id: str, route: str, request_id: str, stamp_ns: int) -> bool:
         if route not in self.cfg.robots:
             LOG.error("message on unknown route %r dropped", route)
             return False
         if robot_id != route:
-            # mark=False: this message must not finish the request of that id on this route.
-            self._reply(route, request_id, robot_id, stamp_ns, Outcome.REJECTED,
-                        f"robot_id {robot_id!r} does not match the namespace {route!r} it was sent on", mark=False)
+            # A stray: this message must not finish the request of that id on this route.
+            with self._requests_lock:
+                like = self._open.get((route, request_id))
+            self._finish(Request.stray_of(route, request_id, robot_id, stamp_ns, time.monotonic(), like),
+                         Outcome.REJECTED,
+                         f"robot_id {robot_id!r} does not match the namespace {route!r} it was sent on")
             return False
         return True
 
@@ -293,20 +301,20 @@ class ServerEngine:
     def _match_loop(self) -> None:
         next_sweep = 0.0
         while self._running:
-            item = self.inbox.get(timeout=0.05)
-            if item is not None:
+            a = self.inbox.get(timeout=0.05)
+            if a is not None:
                 try:
-                    self._handle(item)
+                    self._handle(a)
                 except RequestError as e:
-                    self._answer_error_for_item(item, e.outcome, e.reason)
+                    self._finish(a.request, e.outcome, e.reason, late_ok=True)
                 except Exception as e:  # a bug must not stop the server: answer and log it
-                    LOG.error("matcher failed on %s: %s\n%s", item[0], e, traceback.format_exc())
-                    self._answer_error_for_item(item, Outcome.ERROR, f"server error: {type(e).__name__}: {e}")
+                    LOG.error("matcher failed on %s: %s\n%s", a.half, e, traceback.format_exc())
+                    self._finish(a.request, Outcome.ERROR, f"server error: {type(e).__name__}: {e}", late_ok=True)
             now = time.monotonic()
             if now >= next_sweep:
                 next_sweep = now + 0.1
                 for e in self.matcher.evict_expired():
-                    self._answer_expired(e.item, e.reason, Outcome.TIMEOUT)
+                    self._answer_expired(e.item, e.half, e.reason, Outcome.TIMEOUT)
                 self._sweep_deadlines()
             self._arrivals = self._expected_arrivals()
 
@@ -315,13 +323,16 @@ class ServerEngine:
         robot's usual gap, give or take half the gap (at least 2 ms). A robot whose gap is not known
         yet may send any time up to the batch deadline."""
         out = []
-        for _, _, entry in self.matcher.pending_prompts():
-            gap = self._gap_s.get(entry.route)
+        for _, _, req in self.matcher.pending_prompts():
+            p = req.prompt          # None when the request was ended meanwhile (its half still held)
+            if p is None:
+                continue
+            gap = self._gap_s.get(req.route)
             if gap is None:
                 out.append((float("-inf"), float("inf")))
                 continue
             slack = max(0.5 * gap, 0.002)
-            t = entry.received_t + gap
+            t = p.received_t + gap
             out.append((t - slack, t + slack))
         return out
 
@@ -335,78 +346,92 @@ class ServerEngine:
         due = [late for early, late in self._arrivals if early <= deadline and late >= now]
         return min(due) if due else float("-inf")
 
-    def _handle(self, item: tuple) -> None:
-        kind, msg, route, received_ns, received_t = item
-        key = (route, msg.request_id)
-        if self._drop_past_deadline(route, msg.request_id, msg.deadline_ns, "arrival"):
+    def _handle(self, a: Arrival) -> None:
+        req, half, msg = a.request, a.half, a.message
+        key = req.key
+        partner = partner_of(half)
+        if self._drop_past_deadline(req, "arrival", msg.deadline_ns):
             return
-        with self._stats_lock:
-            late = key in self._finished
-            if late:
-                self.stats.reasons["late half of an answered request (dropped)"] += 1
-        if late:
-            LOG.info("dropping %s of already answered request %s", kind, msg.request_id)
+        if req.is_finished:
+            self._count_late(req, half)
             return
-        if kind == "prompt":
-            try:
-                entry = self._prepare_prompt(msg, route)
-            except RequestError:
-                # Features that came first will never be matched: forget them so they get no second answer.
-                if self.matcher.discard(key):
-                    self._release(route, msg.request_id, "features")
-                raise
-            entry.received_t = received_t
-            try:
-                pair, expired = self.matcher.add_prompt(key, entry)
-            except ValueError as e:  # duplicate request_id: answer it, but leave the original pending
-                self._reply(route, msg.request_id, msg.robot_id, msg.stamp_ns, Outcome.REJECTED, str(e), mark=False)
-                return
-        else:
-            try:
-                entry = self._prepare_features(msg, route, received_ns, received_t)
-            except RequestError:
-                # The prompt (if it came) will never be matched: forget it so it gets no second answer.
-                self.matcher.discard(key)
-                self._release(route, msg.request_id, "prompt")
-                raise
-            try:
-                pair, expired = self.matcher.add_features(key, entry)
-            except ValueError as e:
-                self._reply(route, msg.request_id, msg.robot_id, msg.stamp_ns, Outcome.REJECTED, str(e), mark=False)
-                return
+        if not a.first:   # a second prompt (or features) for an open request: answer it, the request goes on
+            self._reject_stray(req, msg, f"duplicate {half} for request_id {key!r}")
+            return
+        try:
+            if half == PROMPT:
+                h: PromptHalf | FeatureHalf = self._prepare_prompt(msg, req, a.received_t)
+            else:
+                h = self._prepare_features(msg, req, a.received_ns, a.received_t)
+        except RequestError:
+            # The partner that came first will never be matched: forget it so it gets no second answer.
+            if self.matcher.discard(key):
+                self._release(req, partner)
+            raise
+        with self._requests_lock:
+            if req.is_finished:     # ended meanwhile (its other half was refused on submission)
+                ended = True
+            else:
+                ended = False
+                if half == PROMPT:
+                    req.prompt = h
+                else:
+                    req.features = h
+        if ended:
+            self._count_late(req, half)
+            return
+        add = self.matcher.add_prompt if half == PROMPT else self.matcher.add_features
+        pair, expired = add(key, req)
         if pair is None:
-            self._hold(route, msg.request_id, kind, entry.nbytes)
+            self._hold(req, half, h.nbytes)
+            self._move(req, req.hold, half)
         for e in expired:
-            self._answer_expired(e.item, e.reason, Outcome.TIMEOUT)
-        if pair is None and msg.deadline_ns:
-            self._push_due(msg.deadline_ns, key, entry)
-        if pair is not None:
-            p, f = pair
-            self._release(p.route, p.prompt.request_id, "prompt")
-            self._release(f.route, f.packet.request_id, "features")
-            if p.received_t and f.received_t >= p.received_t:
-                gap = f.received_t - p.received_t
-                old = self._gap_s.get(route)
-                self._gap_s[route] = gap if old is None else 0.8 * old + 0.2 * gap
-            m = _Matched(p, f, time.monotonic())
-            ok, _ = self.matched.put(m)
-            if not ok:
-                self._finish(route, p.prompt, Outcome.REJECTED,
-                             f"matched queue full ({self.matched.capacity}): overloaded")
-                return
-            depth = len(self.matched)
-            with self._stats_lock:
-                self.stats.max_matched_depth = max(self.stats.max_matched_depth, depth)
-            self.flow.update(depth)
+            self._answer_expired(e.item, e.half, e.reason, Outcome.TIMEOUT)
+        if pair is None:
+            if msg.deadline_ns:
+                self._push_due(msg.deadline_ns, req, half)
+            return
+        self._release(req, partner)
+        p, f = req.prompt, req.features
+        if p is not None and f is not None and p.received_t and f.received_t >= p.received_t:
+            gap = f.received_t - p.received_t
+            old = self._gap_s.get(req.route)
+            self._gap_s[req.route] = gap if old is None else 0.8 * old + 0.2 * gap
+        if not self._move(req, req.match, time.monotonic()):
+            return
+        ok, _ = self.matched.put(req)
+        if not ok:
+            self._finish(req, Outcome.REJECTED, f"matched queue full ({self.matched.capacity}): overloaded")
+            return
+        depth = len(self.matched)
+        with self._stats_lock:
+            self.stats.max_matched_depth = max(self.stats.max_matched_depth, depth)
+        self.flow.update(depth)
 
-    def _prepare_prompt(self, p: PromptRequest, route: str) -> _PromptEntry:
-        entry = self._prepare_prompt_entry(p, route)
+    def _move(self, req: Request, step: Callable, *args) -> bool:
+        """Apply a status step to an open request under the lock; False (nothing done) when it was
+        ended meanwhile by another thread. An illegal step raises (a bug)."""
+        with self._requests_lock:
+            if req.is_finished:
+                return False
+            step(*args)
+            return True
+
+    def _count_late(self, req: Request, half: str) -> None:
+        with self._stats_lock:
+            self.stats.reasons["late half of an answered request (dropped)"] += 1
+        LOG.info("dropping %s of already answered request %s", half, req.request_id)
+
+    def _prepare_prompt(self, p: PromptRequest, req: Request, received_t: float) -> PromptHalf:
+        h = self._prepare_prompt_half(p)
+        h.received_t = received_t
         # Text (UTF-8, at most 4 bytes a character) and its token ids are what the prompt holds.
-        entry.nbytes = 4 * len(p.text) + 8 * len(entry.input_ids) + 4 * len(p.proprio)
-        self._check_room(route, p.request_id, "prompt", entry.nbytes)
-        return entry
+        h.nbytes = 4 * len(p.text) + 8 * len(h.input_ids) + 4 * len(p.proprio)
+        self._check_room(req, PROMPT, h.nbytes)
+        return h
 
-    def _prepare_prompt_entry(self, p: PromptRequest, route: str) -> _PromptEntry:
+
+    def _prepare_prompt_half(self, p: PromptRequest) -> PromptHalf:
         cfg = self.cfg
         # Cheap length checks first: characters (so bytes <= 4x), then the proprioception vector,
         # before the tokenizer or numpy sees them.
@@ -421,21 +446,21 @@ class ServerEngine:
             raise rejected(f"task {p.task!r} is not served by this server (it serves {served[0]!r}"
                            + (", 'action'" if self.policy is not None else "; no action_head_path configured")
                            + ")")
-        n_text = self.adapter.count_text_tokens(p.text)
+        n_text = self.lm.count_text_tokens(p.text)
         if n_text > cfg.max_prompt_tokens:
             raise rejected(f"prompt has {n_text} tokens, limit {cfg.max_prompt_tokens}")
         if p.task == "action":
             assert self.policy is not None
             proprio = self.policy.check_proprio(p.proprio)
-            return _PromptEntry(p, route, self.adapter.prompt_ids(p.text, self.n_image_tokens), 0, proprio)
+            return PromptHalf(p, self.lm.prompt_ids(p.text, self.n_image_tokens), 0, proprio)
         n_new = p.max_new_tokens or cfg.default_max_new_tokens
         if n_new > cfg.max_new_tokens_limit:
             raise rejected(f"max_new_tokens {n_new} exceeds the server's limit {cfg.max_new_tokens_limit}")
-        ids = self.adapter.prompt_ids(p.text, self.n_image_tokens)
-        return _PromptEntry(p, route, ids, n_new)
+        ids = self.lm.prompt_ids(p.text, self.n_image_tokens)
+        return PromptHalf(p, ids, n_new)
 
     def _codec(self, name: str, enc_hash: str) -> FeatureCodec:
-        if name == "vq":
+        if uses_codebook(name):
             codec = self._vq_codecs.get(enc_hash)
             if codec is None:
                 raise rejected(f"codebook hash {enc_hash!r} is not held by this server (it holds "
@@ -449,7 +474,7 @@ class ServerEngine:
                 raise unknown_codec(name) from None
         return self._codecs[key]
 
-    def _prepare_features(self, f: FeaturePacket, route: str, received_ns: int, received_t: float) -> _FeatureEntry:
+    def _prepare_features(self, f: FeaturePacket, req: Request, received_ns: int, received_t: float) -> FeatureHalf:
         try:
             split = SplitPoint.parse(f.split_point)
         except ValueError as e:
@@ -462,7 +487,7 @@ class ServerEngine:
         image = is_image_codec(enc.codec)
         if image != (split.kind == "none"):
             raise rejected(f"codec {enc.codec!r} does not go with split point {split}")
-        if not image and f.model_fingerprint != self.adapter.fingerprint:
+        if not image and f.model_fingerprint != self.lm.fingerprint:
             raise rejected(f"model fingerprint {f.model_fingerprint!r} is not this server's "
                            f"{self.adapter.fingerprint!r}: edge and server run different models")
         t0 = time.perf_counter()
@@ -492,43 +517,42 @@ class ServerEngine:
         elif enc.side_info:
             raise rejected(f"side_info of {len(enc.side_info)} bytes is not expected with codec {enc.codec!r}")
         nbytes = codec.decoded_nbytes(enc) + enc.payload_bytes()
-        self._check_room(route, f.request_id, "features", nbytes)
+        self._check_room(req, FEATURES, nbytes)
         data = codec.decode(enc, limits)
         if not image:
             check_features(self.adapter, split, data)
             data = apply_alignedvq(self._dlp_post.get(enc.codebook_hash), data)
-        return _FeatureEntry(f, route, received_ns, received_t, split, data, (time.perf_counter() - t0) * 1e3,
-                             stats, nbytes)
+        return FeatureHalf(f, received_ns, received_t, split, data, (time.perf_counter() - t0) * 1e3,
+                           stats, nbytes)
 
     # ---- bytes held per robot (matcher thread) -------------------------------------------------
     def _count_reject(self, check: str) -> None:
         with self._stats_lock:
             self.stats.validation_rejects[check] += 1
 
-    def _check_room(self, route: str, request_id: str, half: str, nbytes: int) -> None:
+    def _check_room(self, req: Request, half: str, nbytes: int) -> None:
         """Reject a half that would be held unmatched beyond its robot's max_bytes_per_robot."""
-        partner = "features" if half == "prompt" else "prompt"
-        if (route, request_id, partner) in self._held:
+        if partner_of(half) in req.held:
             return      # its partner is waiting: it matches at once and is not held
-        held = self._held_bytes[route]
+        held = self._held_bytes[req.route]
         if held + nbytes > self.cfg.max_bytes_per_robot:
             self._count_reject("held_bytes")
-            raise rejected(f"robot {route!r} already has {held} bytes of unmatched halves held; this {half} "
+            raise rejected(f"robot {req.route!r} already has {held} bytes of unmatched halves held; this {half} "
                            f"needs {nbytes} more, limit max_bytes_per_robot={self.cfg.max_bytes_per_robot}")
 
-    def _hold(self, route: str, request_id: str, half: str, nbytes: int) -> None:
-        key = (route, request_id, half)
-        if key in self._held:
+    def _hold(self, req: Request, half: str, nbytes: int) -> None:
+        if half in req.held:
             return
-        self._held[key] = nbytes
-        self._held_bytes[route] += nbytes
+        req.held[half] = nbytes
+        self._held_bytes[req.route] += nbytes
         with self._stats_lock:
-            self.stats.max_held_bytes[route] = max(self.stats.max_held_bytes[route], self._held_bytes[route])
+            self.stats.max_held_bytes[req.route] = max(self.stats.max_held_bytes[req.route],
+                                                       self._held_bytes[req.route])
 
-    def _release(self, route: str, request_id: str, half: str) -> None:
-        nbytes = self._held.pop((route, request_id, half), None)
+    def _release(self, req: Request, half: str) -> None:
+        nbytes = req.held.pop(half, None)
         if nbytes is not None:
-            self._held_bytes[route] -= nbytes
+            self._held_bytes[req.route] -= nbytes
 
     def held_bytes(self, route: str) -> int:
         """Bytes of unmatched halves held for a robot now."""
@@ -543,218 +567,202 @@ class ServerEngine:
             if not batch:
                 continue
             self.flow.update(len(self.matched))
-            batch = [m for m in batch if not self._drop_past_deadline(
-                m.prompt.route, m.prompt.prompt.request_id, m.prompt.prompt.deadline_ns, "queued")]
-            if not batch:
-                continue
             try:
-                self._run_batch(batch, t_first)
-            except Exception as e:
+                batch = [r for r in batch if not self._drop_past_deadline(r, "queued", r.deadline_ns)]
+                batch = [r for r in batch if self._move(r, r.advance, RequestStatus.RUNNING)]
+                if batch:
+                    self._run_batch(batch, t_first)
+            except Exception as e:   # a bug (an illegal transition too) must not stop the batch thread
                 LOG.error("batch of %d failed: %s\n%s", len(batch), e, traceback.format_exc())
-                for m in batch:
-                    self._finish(m.prompt.route, m.prompt.prompt, Outcome.ERROR,
-                                 f"server error during generation: {type(e).__name__}: {e}")
+                for r in batch:
+                    if not r.is_finished:     # the batch thread alone ends running requests
+                        self._finish(r, Outcome.ERROR, f"server error during generation: {type(e).__name__}: {e}")
 
-    def _run_batch(self, batch: list[_Matched], t_first: float) -> None:
+    def _run_batch(self, batch: list[Request], t_first: float) -> None:
         t_closed = time.monotonic()
+        # The halves of a running request are read here only: the batch thread alone ends it.
+        prompts = [r.prompt for r in batch]
+        feats = [r.features for r in batch]
+        assert all(p is not None for p in prompts) and all(f is not None for f in feats)
         # Rest of the vision encoder, batched per split point.
         t0 = time.perf_counter()
         tokens: dict[int, torch.Tensor] = {}
         groups: dict[str, list[int]] = collections.defaultdict(list)
-        for i, m in enumerate(batch):
-            groups[str(m.features.split)].append(i)
+        for i, f in enumerate(feats):
+            groups[str(f.split)].append(i)
         for idx in groups.values():
-            split = batch[idx[0]].features.split
+            split = feats[idx[0]].split
             if split.kind == "none":
-                out = self.adapter.server_forward_images([batch[i].features.data.numpy() for i in idx])
+                out = self.adapter.server_forward_images([feats[i].data.numpy() for i in idx])
             else:
-                stats = (torch.stack([batch[i].features.token_stats for i in idx])
+                stats = (torch.stack([feats[i].token_stats for i in idx])
                          if split.needs_token_stats else None)             # (B, T, 2)
-                out = self.adapter.server_forward(torch.stack([batch[i].features.data for i in idx]), split, stats)
+                out = self.adapter.server_forward(torch.stack([feats[i].data for i in idx]), split, stats)
             for j, i in enumerate(idx):
                 tokens[i] = out[j]
         vision_ms = (time.perf_counter() - t0) * 1e3
-        # One batch may hold both tasks: text generation and the action head each run once over
+        # One batch may hold both kinds: text generation and the action head each run once over
         # their own rows (the vision half above was shared).
-        text_idx = [i for i, m in enumerate(batch) if m.prompt.prompt.task != "action"]
-        action_idx = [i for i, m in enumerate(batch) if m.prompt.prompt.task == "action"]
+        text_idx = [i for i, r in enumerate(batch) if r.kind is RequestKind.ANSWER]
+        action_idx = [i for i, r in enumerate(batch) if r.kind is RequestKind.ACTION]
         results: dict[int, object] = {}
         t_gen = time.monotonic()
         if text_idx:
-            items = [GenerateItem(batch[i].prompt.input_ids, tokens[i], batch[i].prompt.max_new_tokens)
+            items = [GenerateItem(prompts[i].input_ids, tokens[i], prompts[i].max_new_tokens)
                      for i in text_idx]
             min_new = max(it.max_new_tokens for it in items) if self.cfg.ignore_eos else 0
-            results.update(zip(text_idx, self.adapter.generate(items, min_new_tokens=min_new)))
+            results.update(zip(text_idx, self.lm.generate(items, min_new_tokens=min_new)))
         if action_idx:
             assert self.policy is not None
-            acts = [ActionItem(batch[i].prompt.input_ids, tokens[i], batch[i].prompt.proprio) for i in action_idx]
+            acts = [ActionItem(prompts[i].input_ids, tokens[i], prompts[i].proprio) for i in action_idx]
             results.update(zip(action_idx, self.policy.predict(acts)))
         generate_ms = (time.monotonic() - t_gen) * 1e3
         with self._stats_lock:
             self.stats.batches += 1
             self.stats.batch_sizes[len(batch)] += 1
-        for i, m in enumerate(batch):
-            f = m.features
+        for i, r in enumerate(batch):
+            f = feats[i]
             timings = StageTimings(
-                edge_preprocess_ms=f.packet.edge_preprocess_ms,
-                edge_encode_ms=f.packet.edge_encode_ms,
-                transport_ms=max(0.0, (f.received_ns - f.packet.sent_at_ns) / 1e6) if f.packet.sent_at_ns else 0.0,
+                edge_preprocess_ms=f.message.edge_preprocess_ms,
+                edge_encode_ms=f.message.edge_encode_ms,
+                transport_ms=max(0.0, (f.received_ns - f.message.sent_at_ns) / 1e6) if f.message.sent_at_ns else 0.0,
                 server_decode_ms=f.decode_ms + vision_ms,
-                queue_wait_ms=max(0.0, t_first - m.matched_t) * 1e3,
-                batch_ms=(t_closed - max(t_first, m.matched_t)) * 1e3 + (t_gen - t_closed) * 1e3 - vision_ms,
+                queue_wait_ms=max(0.0, t_first - r.matched_t) * 1e3,
+                batch_ms=(t_closed - max(t_first, r.matched_t)) * 1e3 + (t_gen - t_closed) * 1e3 - vision_ms,
                 generate_ms=generate_ms,
                 server_total_ms=(time.monotonic() - f.received_t) * 1e3,
                 batch_size=len(batch))
             out = results[i]
-            if isinstance(out, RequestError):
-                self._finish(m.prompt.route, m.prompt.prompt, out.outcome, out.reason, None, timings)
-            elif isinstance(out, np.ndarray):
-                self._finish_action(m.prompt.route, m.prompt.prompt, out, timings)
+            if isinstance(out, RequestError):       # this row failed alone (e.g. the action head)
+                self._finish(r, out.outcome, out.reason, timings=timings)
             else:
-                self._finish(m.prompt.route, m.prompt.prompt, Outcome.OK, "", out, timings)
+                self._finish(r, Outcome.OK, result=out, timings=timings)
 
-    # ---- answers -----------------------------------------------------------------------------
-    def _finish(self, route: str, p: PromptRequest, outcome: Outcome, reason: str,
-                tokens: list[int] | None = None, timings: StageTimings | None = None) -> None:
-        if self._drop_past_deadline(route, p.request_id, p.deadline_ns, "answer"):
-            return
-        text = self.adapter.decode_text(tokens) if tokens else ""
-        self._reply(route, p.request_id, p.robot_id, p.stamp_ns, outcome, reason, text, tokens or [], timings)
+    # ---- finishing: the one place a request ends ------------------------------------------------
+    def _finish(self, req: Request, outcome: Outcome, reason: str = "", result: object = None,
+                timings: StageTimings | None = None, late_ok: bool = False) -> bool:
+        """End a request with `outcome` and send its one reply; True when a reply was emitted.
 
-    def _finish_action(self, route: str, p: PromptRequest, chunk: np.ndarray, timings: StageTimings) -> None:
-        """An action request served: its chunk (N, A) goes out as an OK ActionChunk."""
-        assert self.policy is not None
-        if self._drop_past_deadline(route, p.request_id, p.deadline_ns, "answer"):
-            return
-        with self._stats_lock:
-            if not self._claim_reply((route, p.request_id)):
-                return
-            self._finished[(route, p.request_id)] = None
-            while len(self._finished) > self._finished_cap:
-                self._finished.popitem(last=False)
-            self._action_requests.pop((route, p.request_id), None)
-            self.stats.answered["ok"] += 1
-            self.stats.answered["action_chunks"] += 1
-        c = ActionChunk.from_array(chunk, request_id=p.request_id, robot_id=p.robot_id, episode_id=p.episode_id,
-                                   stamp_ns=p.stamp_ns, control_period_s=self.policy.control_period_s,
-                                   timings=timings)
-        self._emit_chunk_safely(route, c)
-
-    def _emit_chunk_safely(self, route: str, c: ActionChunk) -> None:
-        try:
-            assert self._emit_chunk is not None
-            self._emit_chunk(route, c)
-        except Exception as e:  # the engine must keep serving; counted, and a test checks it
-            with self._stats_lock:
-                self.stats.emit_errors += 1
-            LOG.error("emitting action chunk for %s failed: %s\n%s", c.request_id, e, traceback.format_exc())
-
-    def _claim_reply(self, key: tuple[str, str]) -> bool:
-        """Under the stats lock: False when the request was already answered, so that a second reply is
-        never emitted; the attempt is counted (stats.duplicate_replies_blocked must stay 0)."""
-        if key in self._finished:
-            self.stats.duplicate_replies_blocked += 1
-            LOG.error("second reply for request %s of %s blocked (a bug: every request ends in exactly one "
-                      "outcome)", key[1], key[0])
+        `result` is what the model produced for an OK request: token ids for an answer, an (N, A)
+        action chunk for an action request. The record's kind decides what the reply is.
+        A request past its deadline is closed without a reply (the robot answers TIMEOUT itself).
+        A request that has ended already is not answered again: when the caller may legitimately
+        meet one (`late_ok`: a half of a request that ended some other way) it is counted as a late
+        half; otherwise it is a bug, blocked and counted in stats.duplicate_replies_blocked.
+        """
+        if outcome is Outcome.OK and result is None:
+            outcome, reason = Outcome.ERROR, reason or "no result produced"
+        now_ns = time.time_ns()
+        with self._requests_lock:
+            if req.is_finished:
+                verdict = "late" if late_ok else "duplicate"
+            elif req.tracked and req.past_deadline(now_ns):
+                req.drop_past_deadline(time.monotonic())
+                self._retire(req)
+                verdict = "past_deadline"
+            else:
+                req.finish(outcome, reason, time.monotonic())
+                self._retire(req)
+                verdict = "reply"
+        if verdict == "late":
+            self._count_late(req, "a half")
             return False
-        return True
-
-    def _reply(self, route: str, request_id: str, robot_id: str, stamp_ns: int, outcome: Outcome, reason: str,
-               text: str = "", tokens: list[int] | None = None, timings: StageTimings | None = None,
-               mark: bool = True) -> None:
-        key = (route, request_id)
+        if verdict == "duplicate":
+            with self._stats_lock:
+                self.stats.duplicate_replies_blocked += 1
+            LOG.error("second reply for request %s of %s blocked (a bug: every request ends in exactly one "
+                      "outcome)", req.request_id, req.route)
+            return False
+        if verdict == "past_deadline":
+            self._count_past_deadline(req, "answer", req.deadline_ns)
+            return False
         with self._stats_lock:
-            if mark:
-                if not self._claim_reply(key):
-                    return
-                self._finished[key] = None
-            while len(self._finished) > self._finished_cap:
-                self._finished.popitem(last=False)
             self.stats.answered[outcome.name.lower()] += 1
             if reason:
                 self.stats.reasons[reason.split(":")[0][:60]] += 1
-            # An action request is answered with an ActionChunk, failures too (a duplicate id's
-            # rejection, mark=False, leaves the original request open).
-            episode = (self._action_requests.pop(key, None) if mark
-                       else self._action_requests.get(key))
+            if outcome is Outcome.OK and req.kind is RequestKind.ACTION:
+                self.stats.answered["action_chunks"] += 1
         if outcome is not Outcome.OK:
-            LOG.warning("request %s from %s: %s: %s", request_id, route, outcome.name.lower(), reason)
-        if episode is not None and self._emit_chunk is not None:
-            self._emit_chunk_safely(route, ActionChunk.failure(
-                outcome if outcome is not Outcome.OK else Outcome.ERROR, reason or "no chunk produced",
-                request_id=request_id, robot_id=robot_id, episode_id=episode, stamp_ns=stamp_ns,
-                timings=timings))
-            return
-        ans = AnswerResult(request_id, robot_id, outcome, reason, text, list(tokens or []), stamp_ns,
-                           timings or StageTimings())
+            LOG.warning("request %s from %s: %s: %s", req.request_id, req.route, outcome.name.lower(), reason)
+        self._emit_reply(req, result, timings)
+        return True
+
+    def _emit_reply(self, req: Request, result: object, timings: StageTimings | None) -> None:
+        """A finished request's reply, by its kind: an ActionChunk for an action request (failures
+        included) where chunks can be emitted, otherwise an AnswerResult."""
+        outcome, reason = req.outcome, req.reason
+        assert outcome is not None
         try:
-            self._emit_answer(route, ans)
+            if req.kind is RequestKind.ACTION and self._emit_chunk is not None:
+                if outcome is Outcome.OK:
+                    assert self.policy is not None
+                    c = ActionChunk.from_array(result, request_id=req.request_id, robot_id=req.robot_id,
+                                               episode_id=req.episode_id, stamp_ns=req.stamp_ns,
+                                               control_period_s=self.policy.control_period_s, timings=timings)
+                else:
+                    c = ActionChunk.failure(outcome, reason, request_id=req.request_id, robot_id=req.robot_id,
+                                            episode_id=req.episode_id, stamp_ns=req.stamp_ns, timings=timings)
+                self._emit_chunk(req.route, c)
+                return
+            tokens = list(result) if outcome is Outcome.OK else []
+            text = self.lm.decode_text(tokens) if tokens else ""
+            ans = AnswerResult(req.request_id, req.robot_id, outcome, reason, text, tokens, req.stamp_ns,
+                               timings or StageTimings())
+            self._emit_answer(req.route, ans)
         except Exception as e:  # the engine must keep serving; counted, and a test checks it
             with self._stats_lock:
                 self.stats.emit_errors += 1
-            LOG.error("emitting answer for %s failed: %s\n%s", request_id, e, traceback.format_exc())
+            LOG.error("emitting the reply for %s failed: %s\n%s", req.request_id, e, traceback.format_exc())
 
-    def _answer_error_for_item(self, item: tuple, outcome: Outcome, reason: str) -> None:
-        msg, route = item[1], item[2]
-        if self._drop_past_deadline(route, msg.request_id, msg.deadline_ns, "answer"):
+    def _retire(self, req: Request) -> None:
+        """Under _requests_lock: a request that just ended leaves the open table for the bounded
+        table of recently finished ones (a stray record was never in either)."""
+        if not req.tracked:
             return
-        self._reply(route, msg.request_id, msg.robot_id, msg.stamp_ns, outcome, reason)
+        if self._open.get(req.key) is req:
+            del self._open[req.key]
+        self._finished[req.key] = req
+        while len(self._finished) > self._finished_cap:
+            self._finished.popitem(last=False)
 
-    def _answer_expired(self, entry: object, reason: str, outcome: Outcome) -> None:
-        if isinstance(entry, _PromptEntry):
-            key = (entry.route, entry.prompt.request_id)
-            self._release(entry.route, entry.prompt.request_id, "prompt")
-        elif isinstance(entry, _FeatureEntry):
-            key = (entry.route, entry.packet.request_id)
-            self._release(entry.route, entry.packet.request_id, "features")
-        else:
-            raise TypeError(f"matcher returned {type(entry).__name__}, not a prompt or features entry")
-        with self._stats_lock:
-            late = key in self._finished
-            if late:
-                self.stats.reasons["late half of an answered request (dropped)"] += 1
-        if late:   # its partner already ended the request (e.g. rejected): nothing more to say
-            return
-        if isinstance(entry, _PromptEntry):
-            self._finish(entry.route, entry.prompt, outcome, reason)
-        else:
-            p = entry.packet
-            if self._drop_past_deadline(entry.route, p.request_id, p.deadline_ns, "answer"):
-                return
-            self._reply(entry.route, p.request_id, p.robot_id, p.stamp_ns, outcome, reason)
+    def _answer_expired(self, req: Request, half: str, reason: str, outcome: Outcome) -> None:
+        """A half the matcher gave up on (TTL, overflow, deadline sweep, shutdown): its request ends
+        with `outcome`, unless its partner already ended it."""
+        self._release(req, half)
+        self._finish(req, outcome, reason, late_ok=True)
 
     # ---- deadlines ---------------------------------------------------------------------------
-    def _drop_past_deadline(self, route: str, request_id: str, deadline_ns: int, where: str) -> bool:
-        """True (and the request is closed here without an answer) when its deadline has passed:
+    def _drop_past_deadline(self, req: Request, where: str, deadline_ns: int) -> bool:
+        """True (and the request is closed here without an answer) when `deadline_ns` has passed:
         the robot answers TIMEOUT itself, so an answer now would be its second outcome."""
         if not deadline_ns or time.time_ns() <= deadline_ns:
             return False
-        with self._stats_lock:
-            self.stats.past_deadline[where] += 1
-            self._finished[(route, request_id)] = None
-            while len(self._finished) > self._finished_cap:
-                self._finished.popitem(last=False)
-            self._action_requests.pop((route, request_id), None)
-        LOG.info("request %s dropped unanswered (%s): past its deadline by %.3f s", request_id, where,
-                 (time.time_ns() - deadline_ns) / 1e9)
+        with self._requests_lock:
+            if not req.is_finished:
+                req.drop_past_deadline(time.monotonic())
+                self._retire(req)
+        self._count_past_deadline(req, where, deadline_ns)
         return True
 
-    def _push_due(self, deadline_ns: int, key: tuple[str, str], entry: object) -> None:
-        """Matcher thread: remember an unmatched half, by its (route, request_id) key, so it is answered
-        before its deadline."""
+    def _count_past_deadline(self, req: Request, where: str, deadline_ns: int) -> None:
+        with self._stats_lock:
+            self.stats.past_deadline[where] += 1
+        LOG.info("request %s dropped unanswered (%s): past its deadline by %.3f s", req.request_id, where,
+                 (time.time_ns() - deadline_ns) / 1e9)
+
+    def _push_due(self, deadline_ns: int, req: Request, half: str) -> None:
+        """Matcher thread: remember an unmatched half so it is answered before its deadline."""
         self._due_seq += 1
-        heapq.heappush(self._due, (deadline_ns, self._due_seq, key, entry))
+        heapq.heappush(self._due, (deadline_ns, self._due_seq, req, half))
         if len(self._due) > 2 * self.cfg.max_pending + 64:
-            self._due = [d for d in self._due if self.matcher.has(d[2])]
+            self._due = [d for d in self._due if self.matcher.has(d[2].key)]
             heapq.heapify(self._due)
 
     def _sweep_deadlines(self) -> None:
         """Matcher thread: answer TIMEOUT for halves still unmatched close to their deadline."""
         horizon = time.time_ns() + DEADLINE_MARGIN_NS
         while self._due and self._due[0][0] <= horizon:
-            deadline_ns, _, key, entry = heapq.heappop(self._due)
-            if self.matcher.discard(key):
-                half = "prompt" if isinstance(entry, _PromptEntry) else "features"
-                partner = "features" if half == "prompt" else "prompt"
-                self._answer_expired(entry, f"{half} waited for its {partner}, which did not arrive before "
-                                            f"the request's deadline", Outcome.TIMEOUT)
+            _, _, req, half = heapq.heappop(self._due)
+            if self.matcher.discard(req.key):
+                self._answer_expired(req, half, f"{half} waited for its {partner_of(half)}, which did not arrive "
+                                                f"before the request's deadline", Outcome.TIMEOUT)

@@ -17,6 +17,12 @@ The halves are computed from the model's own modules in the order the model's fo
 so with a lossless codec the server's generated tokens equal `model.generate` on the same image and
 prompt. Families: LLaVA (`LlavaForConditionalGeneration`: CLIP + projector + Llama/Qwen2...) and
 Idefics3 (SmolVLM). A family is an adapter class; adding one means implementing the abstract methods.
+
+The adapter is the vision half and the family's prompt pieces (image token, placeholder). The language
+model is behind `adapter.language`, a core.backend.LanguageBackend (the in-process
+`TransformersBackend` by default): prompt ids, generation, detokenising, the VLA's hidden states.
+`monolithic_generate` stays here as the unsplit reference: the checkpoint's own processor and
+`generate`, which the split path must equal.
 """
 
 from __future__ import annotations
@@ -25,48 +31,43 @@ import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .types import Outcome, RequestError, SplitPoint, rejected
+from .backend import TransformersBackend
+from .types import SplitPoint, rejected
 
 LOG = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass
-class GenerateItem:
-    """One matched request as the language model sees it."""
-
-    input_ids: list[int]           # prompt tokens, image placeholders already expanded
-    image_features: torch.Tensor   # (n_image_tokens, text_hidden), in the model's dtype
-    max_new_tokens: int
-
-
 class VLMAdapter(ABC):
-    """A model family: where its vision modules are and how its prompt is built."""
+    """A model family: where its vision modules are and what its image placeholder looks like.
+
+    `language` is the language half (a TransformersBackend over the same model)."""
 
     family: str = ""
 
     def __init__(self, model: torch.nn.Module, processor, source: str) -> None:
         self.model = model
         self.processor = processor
-        self.tokenizer = processor.tokenizer
         self.source = source
         self.dtype: torch.dtype = next(model.parameters()).dtype
         self.device: torch.device = next(model.parameters()).device
         self.fingerprint = model_fingerprint(model, self.family)
-        self.image_token_id = int(self.tokenizer.convert_tokens_to_ids(self.image_token))
-        self._embed = model.get_input_embeddings()
-        self.eos_token_id = model.generation_config.eos_token_id
-        pad = model.generation_config.pad_token_id
-        if pad is None:
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_id
-        self.pad_token_id = int(pad if not isinstance(pad, list) else pad[0])
+        self.image_token_id = int(processor.tokenizer.convert_tokens_to_ids(self.image_token))
+        self.has_language_model = True   # False on the robot once drop_language_model freed it
+
+    @cached_property
+    def language(self) -> TransformersBackend:
+        """The language half of this model: the default, in-process backend (built on first use)."""
+        if not self.has_language_model:
+            raise RuntimeError(f"the language model of {self.source} was dropped (edge half only)")
+        return TransformersBackend(self.model, self.processor, self, self.fingerprint)
 
     # ---- vision --------------------------------------------------------------------------
     image_token: str = "<image>"
@@ -221,99 +222,33 @@ class VLMAdapter(ABC):
     @abstractmethod
     def image_size(self) -> int: ...
 
-    # ---- text ----------------------------------------------------------------------------
+    # ---- the family's prompt pieces (the language backend asks for them) -----------------------
     @abstractmethod
     def image_placeholder(self, n_tokens: int) -> str:
         """What the processor puts in the text for one image of n_tokens visual tokens."""
-
-    def prompt_text(self, question: str) -> str:
-        """The full prompt string with one image placeholder, via the checkpoint's chat template."""
-        if getattr(self.processor, "chat_template", None):
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return f"USER: {self.image_token}\n{question} ASSISTANT:"
-
-    def prompt_ids(self, question: str, n_image_tokens: int) -> list[int]:
-        """Token ids of the prompt with the image placeholder expanded, exactly as the processor does."""
-        text = self.prompt_text(question)
-        if text.count(self.image_token) != 1:
-            raise ValueError(f"prompt template must contain exactly one {self.image_token}: {text!r}")
-        text = text.replace(self.image_token, self.image_placeholder(n_image_tokens))
-        return list(self.tokenizer(text)["input_ids"])
-
-    def count_text_tokens(self, question: str) -> int:
-        return len(self.tokenizer(question, add_special_tokens=False)["input_ids"])
-
-    @torch.no_grad()
-    def generate(self, items: list[GenerateItem], min_new_tokens: int = 0) -> list[list[int]]:
-        """Greedy generation for a batch, left-padded. Returns each request's new tokens (eos cut)."""
-        if not items:
-            return []
-        batch, mask = self.build_inputs(items)
-        n_new = max(it.max_new_tokens for it in items)
-        out = self.model.generate(inputs_embeds=batch, attention_mask=mask, max_new_tokens=n_new,
-                                  min_new_tokens=min(min_new_tokens, n_new), do_sample=False,
-                                  pad_token_id=self.pad_token_id)
-        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
-        results = []
-        for row, it in zip(out.tolist(), items):
-            row = row[: it.max_new_tokens]
-            if min_new_tokens < it.max_new_tokens:
-                for i, t in enumerate(row):
-                    if t in eos:
-                        row = row[:i]
-                        break
-            results.append(row)
-        return results
-
-    @torch.no_grad()
-    def build_inputs(self, items: list[GenerateItem]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The LM input of a batch: image features merged into the prompt embeddings, left-padded.
-
-        Returns (inputs_embeds (B, T, Dt), attention_mask (B, T)); shared by text generation and the
-        action heads (core.vla), so both see exactly the same prefix.
-        """
-        embeds, masks = [], []
-        for it in items:
-            ids = torch.tensor(it.input_ids, dtype=torch.long, device=self.device)
-            e = self._embed(ids)                                         # (T, Dt)
-            slots = ids == self.image_token_id
-            if int(slots.sum()) != it.image_features.shape[0]:
-                raise RequestError(Outcome.ERROR, f"prompt has {int(slots.sum())} image slots but "
-                                                  f"{it.image_features.shape[0]} visual tokens arrived")
-            e = e.masked_scatter(slots[:, None], it.image_features.to(e.dtype))
-            embeds.append(e)
-            masks.append(torch.ones(len(it.input_ids), dtype=torch.long, device=self.device))
-        t_max = max(e.shape[0] for e in embeds)
-        pad_vec = self._embed(torch.tensor([self.pad_token_id], device=self.device))[0]
-        batch = torch.stack([torch.cat([pad_vec.expand(t_max - e.shape[0], -1), e]) for e in embeds])
-        mask = torch.stack([torch.cat([torch.zeros(t_max - m.shape[0], dtype=torch.long, device=self.device), m])
-                            for m in masks])                             # (B, T)
-        return batch, mask
-
-    def decode_text(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     # ---- the unsplit reference ---------------------------------------------------------------
     @torch.no_grad()
     def monolithic_generate(self, rgb: np.ndarray, question: str, max_new_tokens: int,
                             min_new_tokens: int = 0) -> list[int]:
         """The unsplit model through its own processor and `generate`: the ground truth."""
-        inputs = self.processor(images=[self._reference_image(rgb)], text=self.prompt_text(question),
+        lm = self.language
+        inputs = self.processor(images=[self.reference_image(rgb)], text=lm.prompt_text(question),
                                 return_tensors="pt").to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                  do_sample=False, pad_token_id=self.pad_token_id)
+                                  do_sample=False, pad_token_id=lm.pad_token_id)
         row = out[0, inputs["input_ids"].shape[1]:].tolist()
         if min_new_tokens < max_new_tokens:
-            eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+            eos = lm.eos_ids()
             for i, t in enumerate(row):
                 if t in eos:
                     return row[:i]
         return row
 
-    def _reference_image(self, rgb: np.ndarray) -> np.ndarray:
+    def reference_image(self, rgb: np.ndarray) -> np.ndarray:
+        """The frame as the unsplit reference hands it to the processor."""
         return rgb
 
 
@@ -399,7 +334,7 @@ class Idefics3Adapter(VLMAdapter):
     def _layers(self) -> torch.nn.ModuleList:
         return self._vm.encoder.layers
 
-    def _reference_image(self, rgb: np.ndarray) -> np.ndarray:
+    def reference_image(self, rgb: np.ndarray) -> np.ndarray:
         import cv2
 
         s = self.image_size
@@ -408,7 +343,7 @@ class Idefics3Adapter(VLMAdapter):
         return cv2.resize(rgb, (s, s), interpolation=cv2.INTER_AREA)
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
-        out = self.processor.image_processor(images=[[self._reference_image(rgb)]], return_tensors="pt")
+        out = self.processor.image_processor(images=[[self.reference_image(rgb)]], return_tensors="pt")
         px = out["pixel_values"][:, 0]                                   # (1, 3, S, S): one tile
         return px.to(self.device, self.dtype)
 
@@ -524,6 +459,8 @@ def load_vlm(source: str | Path, *, dtype: str = "float32", device: str = "cpu",
 
 def drop_language_model(adapter: VLMAdapter) -> None:
     """Free the language model on the robot: the edge half never runs it (fingerprint is kept)."""
+    adapter.has_language_model = False
+    adapter.__dict__.pop("language", None)      # a backend built before holds the LM's modules
     inner = adapter.model.model
     if hasattr(inner, "language_model"):
         inner.language_model = torch.nn.Module()

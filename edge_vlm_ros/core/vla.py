@@ -1,8 +1,10 @@
 """A vision-language-action policy: a VLM's language model plus an action head, free of ROS.
 
-The server runs it on batches of matched action requests (the same prefix `VLMAdapter.build_inputs`
-builds for text generation), and the single-process reference (`tools.eval_libero --monolithic`,
-`tools.bench_vla`) runs it on whole images, so both paths compute the same chunk:
+The server runs it on batches of matched action requests (the same prompt-plus-visual-tokens prefix
+as text generation), and the single-process reference (`tools.eval_libero --monolithic`,
+`tools.bench_vla`) runs it on whole images, so both paths compute the same chunk. The language model
+is reached only through the core.backend.LanguageBackend interface (`prefix_hidden`,
+`action_tokens`), so the policy runs on whichever backend the server uses:
 
 - continuous head, pooled queries: one prefill of the LM, the head cross-attends over its final
   hidden states (OpenVLA-OFT's parallel decoding: the whole chunk at once);
@@ -24,7 +26,8 @@ import numpy as np
 import torch
 
 from .action_heads import ActionDecodeError, ActionHead, ContinuousActionHead, DiscreteActionHead
-from .split import GenerateItem, VLMAdapter
+from .backend import GenerateItem, LanguageBackend
+from .split import VLMAdapter
 from .types import Outcome, RequestError, rejected
 
 LOG = logging.getLogger(__name__)
@@ -40,14 +43,19 @@ class ActionItem:
 
 
 class VLAPolicy:
-    def __init__(self, adapter: VLMAdapter, head: ActionHead) -> None:
-        text_cfg = getattr(adapter.model.config, "text_config", adapter.model.config)
-        head.check_backbone(int(text_cfg.hidden_size), int(text_cfg.vocab_size))
+    """An action head on a language backend.
+
+    adapter: the model's vision half, used only by `act` (the single-process reference);
+    lm: the language backend the hidden states and action tokens come from (default adapter.language,
+    the server passes its own).
+    """
+
+    def __init__(self, adapter: VLMAdapter, head: ActionHead, lm: LanguageBackend | None = None) -> None:
+        self.lm = lm if lm is not None else adapter.language
+        head.check_backbone(self.lm.hidden_size, self.lm.vocab_size)
         self.adapter = adapter
-        self.head = head.to(adapter.device)
+        self.head = head.to(self.lm.device)
         self.config = head.config
-        get_decoder = getattr(adapter.model, "get_decoder", None)
-        self._decoder = get_decoder() if callable(get_decoder) else None
 
     @property
     def chunk_size(self) -> int:
@@ -76,37 +84,28 @@ class VLAPolicy:
             raise rejected("proprio contains NaN or inf")
         return p
 
-    def _hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states of the LM (after its last norm): (B, T, H)."""
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): positions follow the mask (left padding)
-        if self._decoder is not None:
-            return self._decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
-        out = self.adapter.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                                 output_hidden_states=True)
-        return out.hidden_states[-1]
-
     @torch.no_grad()
     def predict(self, items: list[ActionItem]) -> list[np.ndarray | RequestError]:
         """One chunk (N, A) float32 per item, or the RequestError that failed that item only."""
         if not items:
             return []
-        embeds, mask = self.adapter.build_inputs([GenerateItem(it.input_ids, it.image_features, 1) for it in items])
+        prefix = [GenerateItem(it.input_ids, it.image_features, 1) for it in items]
         proprio = None
         if self.config.use_proprio:
             if any(it.proprio is None for it in items):
                 raise RequestError(Outcome.ERROR, "an action request without proprio reached the head")
-            proprio = torch.from_numpy(np.stack([it.proprio for it in items])).to(self.adapter.device)  # (B, P)
+            proprio = torch.from_numpy(np.stack([it.proprio for it in items])).to(self.lm.device)  # (B, P)
         head = self.head
         if isinstance(head, ContinuousActionHead):
-            if head.needs_query_tokens:
-                q = head.query_embeds(len(items), proprio).to(embeds.dtype)       # (B, N, H)
-                embeds = torch.cat([embeds, q], dim=1)
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], q.shape[1])], dim=1)
-            hidden = self._hidden(embeds, mask)                                   # (B, T, H)
+            q = head.query_embeds(len(items), proprio) if head.needs_query_tokens else None  # (B, N, H)
+            hidden, mask = self.lm.prefix_hidden(prefix, q)                       # (B, T, H), (B, T)
             chunks = head.predict(hidden, mask, proprio).float().cpu().numpy()    # (B, N, A)
             return [c for c in chunks]
         assert isinstance(head, DiscreteActionHead)
-        ids = head.generate(self.adapter.model, embeds, mask, proprio)           # (B, N * A)
+        allowed = head.logits_processor()                                         # the action ids
+        ids = self.lm.action_tokens(prefix, head.tokens_per_chunk,
+                                    range(allowed.offset, allowed.offset + allowed.n_bins),
+                                    head.prefix_embeds(len(items), proprio))      # (B, N * A)
         out: list[np.ndarray | RequestError] = []
         for row in ids.cpu():
             try:
@@ -119,7 +118,7 @@ class VLAPolicy:
     def act(self, rgb: np.ndarray, instruction: str, proprio: np.ndarray | None = None) -> np.ndarray:
         """The unsplit reference: one image (H, W, 3) uint8 -> (N, A) chunk, all in this process."""
         feats = self.adapter.server_forward_images([rgb])[0]                     # (n_image_tokens, Dt)
-        ids = self.adapter.prompt_ids(instruction, int(feats.shape[0]))
+        ids = self.lm.prompt_ids(instruction, int(feats.shape[0]))
         p = self.check_proprio(proprio if proprio is not None else ())
         result = self.predict([ActionItem(ids, feats, p)])[0]
         if isinstance(result, RequestError):

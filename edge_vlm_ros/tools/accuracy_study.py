@@ -48,7 +48,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..codecs.codec import FeatureCodec, make_codec
+from ..codecs.base import FeatureCodec
+from ..codecs.registry import codec_class, make_codec
 from ..core.config import ServerConfig
 from ..core.edge import EdgeEncoder
 from ..core.server import ServerEngine
@@ -170,8 +171,8 @@ def _encoder(row: Row, adapter: VLMAdapter) -> EdgeEncoder:
         codec = make_codec(row.codec, **row.options)
         return EdgeEncoder(ROBOT, row.split, codec, None)
     dlp = None
-    if row.codec == "vq":
-        codec: FeatureCodec = make_codec("vq", codebook=row.codebook, adapter=adapter, split=row.split)
+    if codec_class(row.codec).uses_codebook:
+        codec: FeatureCodec = make_codec(row.codec, codebook=row.codebook, adapter=adapter, split=row.split)
         dlp = find_dlp_part(row.codebook, "edge", codec.codebook_hash, adapter.fingerprint, str(row.split))
         if row.family == "alignedvq" and dlp is None:
             raise ValueError(f"{row.codebook} has no AlignedVQ edge part beside it")

@@ -46,11 +46,12 @@ import numpy as np
 import torch
 
 from ..core.auth import MAC_BYTES
-from ..codecs.codec import FeatureCodec, make_codec
-from ..core.server import check_placement, token_stats_from_side_info
-from ..core.split import GenerateItem, VLMAdapter, load_vlm
+from ..codecs.base import Carries, FeatureCodec, check_placement
+from ..codecs.registry import codec_class, codec_names, make_codec
+from ..codecs.token_stats import pack_token_stats, token_stats_from_side_info
+from ..core.backend import GenerateItem
+from ..core.split import VLMAdapter, load_vlm
 from ..core.types import EncodedTensor, FeaturePacket, SplitPoint
-from ..codecs.vq import VQCodec, pack_token_stats
 from ..training.calibrate_codebook import folder_images
 
 LOG = logging.getLogger(__name__)
@@ -151,28 +152,46 @@ class Config:
 
 
 def parse_configs(text: str, adapter: VLMAdapter) -> list[Config]:
+    """Configurations `<codec>[-<entropy>]:<value>[@<placement>]`, comma separated.
+
+    The value sets the codec's first configuration option (raw: dtype, jpeg: quality, vq: codebook
+    file); a suffix after the name sets the entropy mode (vq-static, vq-adaptive). Image codecs run
+    at split point none, a codec with a codebook at the codebook's placement, any other feature
+    codec at the placement after '@'.
+    """
     out = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, _, arg = item.partition(":")
-        if name == "raw":
-            dtype, at, placement = arg.partition("@")
-            if not at:
-                raise ValueError(f"config {item!r}: expected raw:<dtype>@<placement>")
+        family, _, entropy = name.partition("-")
+        try:
+            cls = codec_class(family)
+        except ValueError:
+            raise ValueError(f"config {item!r}: unknown codec {family!r}; known: {codec_names()}") from None
+        value, at, placement = (arg, "", "") if cls.uses_codebook else arg.partition("@")
+        options: dict[str, Any] = {}
+        if value:
+            if not cls.config_options:
+                raise ValueError(f"config {item!r}: codec {family} takes no value")
+            options[cls.config_options[0].option] = value
+        if entropy:
+            options["entropy"] = entropy
+        if cls.uses_codebook:
+            options["model_fingerprint"] = adapter.fingerprint
+        try:
+            codec = make_codec(family, **options)
+        except TypeError as e:
+            raise ValueError(f"config {item!r}: {e}") from None
+        if cls.carries is Carries.IMAGE:
+            split = SplitPoint("none")
+        elif cls.uses_codebook:
+            split = SplitPoint.parse(codec.placement)
+        elif at:
             split = SplitPoint.parse(placement)
-            codec: FeatureCodec = make_codec("raw", dtype=dtype or "float16")
-        elif name in ("vq", "vq-static", "vq-adaptive"):
-            entropy = {"vq": "none", "vq-static": "static", "vq-adaptive": "adaptive"}[name]
-            codec = make_codec("vq", codebook=arg, entropy=entropy, model_fingerprint=adapter.fingerprint)
-            assert isinstance(codec, VQCodec)
-            split = SplitPoint.parse(codec.codebook.placement)
-        elif name == "jpeg":
-            codec, split = make_codec("jpeg", quality=int(arg or 90)), SplitPoint("none")
-        elif name == "image":
-            codec, split = make_codec("image"), SplitPoint("none")
         else:
-            raise ValueError(f"config {item!r}: unknown codec {name!r} (raw, vq, vq-static, vq-adaptive, jpeg, image)")
+            opt = cls.config_options[0].option if cls.config_options else "value"
+            raise ValueError(f"config {item!r}: expected {family}:<{opt}>@<placement>")
         adapter.check_split(split)
-        label = item if name != "vq" and not name.startswith("vq-") else f"{name}:{Path(arg).name}"
+        label = f"{name}:{Path(arg).name}" if cls.uses_codebook else item
         out.append(Config(item, split, codec, label))
     if not out:
         raise ValueError("no configurations given")
@@ -256,8 +275,8 @@ def run_report(adapter: VLMAdapter, configs: list[Config], images: list[np.ndarr
             ref = reference_visual[i]
             num += float(((visual.float() - ref) ** 2).sum())
             den += float((ref ** 2).sum())
-            item = GenerateItem(adapter.prompt_ids(questions[i], visual.shape[0]), visual, max_new_tokens)
-            toks = adapter.generate([item], min_new_tokens=max_new_tokens)[0]
+            item = GenerateItem(adapter.language.prompt_ids(questions[i], visual.shape[0]), visual, max_new_tokens)
+            toks = adapter.language.generate([item], min_new_tokens=max_new_tokens)[0]
             want = reference_tokens[i]
             seq_match += float(toks == want)
             pos_match += sum(a == b for a, b in zip(toks, want)) / max(1, len(want))

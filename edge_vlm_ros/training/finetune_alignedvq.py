@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from ..core.alignedvq import DLPPart, apply_alignedvq, find_dlp_part
 from .alignedvq import CODEBOOK_UPDATES, AlignedVQ, AlignedVQConfig, save_alignedvq
 from ..codecs.codebook import Codebook, load_codebook
-from ..core.split import GenerateItem, VLMAdapter, load_vlm
+from ..core.backend import GenerateItem
+from ..core.split import VLMAdapter, load_vlm
 from ..core.types import SplitPoint
 from ..codecs.vq import VQCodec
 
@@ -184,8 +185,8 @@ class Examples:
 
 def answer_ids(adapter: VLMAdapter, answer: str) -> list[int]:
     """The assistant's turn as the reference model is trained on it: " <answer>" then end-of-sequence."""
-    eos = adapter.eos_token_id[0] if isinstance(adapter.eos_token_id, list) else adapter.eos_token_id
-    return list(adapter.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + [int(eos)]
+    lm = adapter.language
+    return list(lm.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + [int(lm.eos_ids()[0])]
 
 
 def pixels(adapter: VLMAdapter, batch: Sequence[Example]) -> torch.Tensor:
@@ -206,13 +207,13 @@ def batch_loss(adapter: VLMAdapter, split: SplitPoint, avq: AlignedVQ, batch: Se
     embed = adapter.model.get_input_embeddings()
     seqs, labs = [], []
     for ex in batch:
-        p = adapter.prompt_ids(ex.question, n_img)
+        p = adapter.language.prompt_ids(ex.question, n_img)
         a = answer_ids(adapter, ex.answer)
         seqs.append(p + a)
         labs.append([-100] * len(p) + a)
     width = max(len(s) for s in seqs)
     dev = adapter.device
-    ids = torch.full((len(seqs), width), adapter.pad_token_id, dtype=torch.long, device=dev)
+    ids = torch.full((len(seqs), width), adapter.language.pad_token_id, dtype=torch.long, device=dev)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long, device=dev)
     mask = torch.zeros((len(seqs), width), dtype=torch.long, device=dev)
     for i, (s, lab) in enumerate(zip(seqs, labs)):   # right padding: positions are those of generation
@@ -281,10 +282,11 @@ def exact_match(adapter: VLMAdapter, split: SplitPoint, examples: Sequence[Examp
             vis = adapter.server_forward(torch.stack(feats), split, torch.stack(stats))
         else:
             vis = adapter.server_forward(torch.stack(feats), split)      # (B, N, Dt)
-        items = [GenerateItem(adapter.prompt_ids(ex.question, int(vis.shape[1])), vis[j], max_new_tokens)
+        lm = adapter.language
+        items = [GenerateItem(lm.prompt_ids(ex.question, int(vis.shape[1])), vis[j], max_new_tokens)
                  for j, ex in enumerate(chunk)]
-        for ex, toks in zip(chunk, adapter.generate(items)):
-            correct += normalize_answer(adapter.decode_text(toks)) == normalize_answer(ex.answer)
+        for ex, toks in zip(chunk, lm.generate(items)):
+            correct += normalize_answer(lm.decode_text(toks)) == normalize_answer(ex.answer)
     return correct / max(1, len(examples))
 
 

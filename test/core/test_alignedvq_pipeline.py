@@ -13,7 +13,8 @@ from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.training.kmeans import KMeansConfig, kmeans
 from edge_vlm_ros.codecs.codebook import Codebook
 from edge_vlm_ros.core.server import ServerEngine
-from edge_vlm_ros.core.split import GenerateItem, load_vlm
+from edge_vlm_ros.core.backend import GenerateItem
+from edge_vlm_ros.core.split import load_vlm
 from edge_vlm_ros.fixtures.tiny_models import build_tiny_llava
 from edge_vlm_ros.core.types import Outcome, PromptRequest, SplitPoint
 from edge_vlm_ros.codecs.vq import load_server_codecs, make_vq_codec
@@ -66,7 +67,8 @@ def test_edge_and_server_apply_their_alignedvq_parts(tmp_path):
     x = apply_alignedvq(pre, adapter.edge_forward(adapter.preprocess(img), split))
     z = apply_alignedvq(post, codec.decode(codec.encode(x)))
     tokens = adapter.server_forward(z[None], split)[0]
-    want = adapter.generate([GenerateItem(adapter.prompt_ids("what color ?", tokens.shape[0]), tokens, 6)], 6)[0]
+    lm = adapter.language
+    want = lm.generate([GenerateItem(lm.prompt_ids("what color ?", tokens.shape[0]), tokens, 6)], 6)[0]
     assert got.token_ids == want
     # ...and the parts matter: without them the features the LM sees differ.
     plain = codec.decode(codec.encode(adapter.edge_forward(adapter.preprocess(img), split)))

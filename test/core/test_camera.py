@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_vlm_ros.codecs.codec import DecodeLimits
+from edge_vlm_ros.codecs.base import DecodeLimits
 from edge_vlm_ros.core.camera import (CAMERA_LIMITS, CompressedFormat, check_compressed, decode_compressed, parse_format,
                                       read_png_header)
 from edge_vlm_ros.data.scenes import make_scene

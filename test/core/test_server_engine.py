@@ -16,10 +16,11 @@ import uuid
 import numpy as np
 import pytest
 
-from edge_vlm_ros.codecs.codec import make_codec
+from edge_vlm_ros.codecs.registry import make_codec
 from edge_vlm_ros.core.config import ServerConfig
 from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.core.flow import FlowState
+from edge_vlm_ros.core.request import RequestStatus
 from edge_vlm_ros.core.server import ServerEngine
 from edge_vlm_ros.core.split import load_vlm
 from edge_vlm_ros.fixtures.tiny_models import build_tiny_llava
@@ -103,6 +104,7 @@ class Harness:
         assert not wrong, f"request id: (outcomes emitted, expected): {wrong}"
         st = self.engine.stats
         assert st.duplicate_replies_blocked == 0 and st.emit_errors == 0, st.as_dict()
+        assert self.engine.open_requests() == 0          # every record ended, none leaked
 
 
 @pytest.fixture
@@ -247,13 +249,13 @@ def test_stop_answers_every_open_request_server_shutting_down(adapter, monkeypat
     comes: the one being generated finishes, all others end with "server shutting down"."""
     release = threading.Event()
     in_generate = threading.Event()
-    real_generate = adapter.generate
+    real_generate = adapter.language.generate
 
     def slow_generate(items, **kw):          # the model is busy until the test lets it finish
         in_generate.set()
         assert release.wait(60)
         return real_generate(items, **kw)
-    monkeypatch.setattr(adapter, "generate", slow_generate)
+    monkeypatch.setattr(adapter.language, "generate", slow_generate)
     h = Harness(adapter, max_batch_size=1, match_ttl_s=30)
     stopper = threading.Thread(target=h.engine.stop)
     try:
@@ -288,7 +290,7 @@ def test_stop_answers_every_open_request_server_shutting_down(adapter, monkeypat
 
 
 def test_exception_in_the_batch_thread_answers_the_batch_and_keeps_serving(adapter, monkeypatch):
-    real_generate = adapter.generate
+    real_generate = adapter.language.generate
     calls = []
 
     def failing_once(items, **kw):
@@ -296,7 +298,7 @@ def test_exception_in_the_batch_thread_answers_the_batch_and_keeps_serving(adapt
         if len(calls) == 1:
             raise RuntimeError("injected: CUDA error: device-side assert")
         return real_generate(items, **kw)
-    monkeypatch.setattr(adapter, "generate", failing_once)
+    monkeypatch.setattr(adapter.language, "generate", failing_once)
     h = Harness(adapter, max_batch_size=1, match_ttl_s=30)
     try:
         bad, _ = h.good()
@@ -313,8 +315,10 @@ def test_a_second_reply_is_blocked_and_counted(harness):
     """The engine's guard: a bug that tries to answer an answered request again is not emitted."""
     rid, _ = harness.good()
     _, a = harness.wait(rid)
-    harness.engine._reply("r0", rid, "r0", 0, Outcome.ERROR, "a bug answering again")
-    assert len(harness.replies(rid)) == 1
+    req = harness.engine.request("r0", rid)
+    assert req is not None and req.status is RequestStatus.FINISHED_OK and req.outcome is Outcome.OK
+    assert not harness.engine._finish(req, Outcome.ERROR, "a bug answering again")
+    assert len(harness.replies(rid)) == 1 and req.status is RequestStatus.FINISHED_OK
     assert harness.engine.stats.duplicate_replies_blocked == 1
     harness.engine.stats.duplicate_replies_blocked = 0     # seen; the teardown checks the rest
 
@@ -332,5 +336,38 @@ def test_backpressure_pauses_and_bounds_the_queue(adapter):
         assert {a.outcome for a in outcomes} <= {Outcome.OK, Outcome.REJECTED}
         assert all("matched queue full (5): overloaded" in a.reason for a in outcomes if a.outcome is Outcome.REJECTED)
         assert sum(a.outcome is Outcome.OK for a in outcomes) >= 5
+    finally:
+        h.stop_and_check()
+
+
+def test_each_request_record_ends_in_the_status_of_its_outcome(adapter):
+    h = Harness(adapter, match_ttl_s=1.0)
+    try:
+        status = lambda rid: h.engine.request("r0", rid).status   # noqa: E731
+        ok, _ = h.good()
+        assert h.wait(ok)[1].outcome is Outcome.OK and status(ok) is RequestStatus.FINISHED_OK
+        bad = _rid()
+        h.prompt(bad, text="x" * 5000)
+        assert h.wait(bad)[1].outcome is Outcome.REJECTED and status(bad) is RequestStatus.FINISHED_REJECTED
+        lonely = _rid()
+        h.prompt(lonely)
+        assert h.wait(lonely, timeout=10)[1].outcome is Outcome.TIMEOUT
+        assert status(lonely) is RequestStatus.FINISHED_TIMEOUT
+        # A second prompt with an open request's id is answered, the request itself goes on waiting.
+        dup = _rid()
+        h.prompt(dup, count=2)
+        h.prompt(dup, text="the same id again", count=0)
+        assert "duplicate prompt" in h.wait(dup)[1].reason
+        assert status(dup) is RequestStatus.WAITING_FOR_FEATURES
+        h.features(dup)
+        h.wait(dup, n=2)
+        assert status(dup) is RequestStatus.FINISHED_OK
+        # Past its deadline on arrival: ended without an answer.
+        late = _rid()
+        h.engine.submit_prompt(PromptRequest(late, "r0", "what ?", deadline_ns=time.time_ns() - 1), "r0")
+        t_end = time.monotonic() + 10
+        while h.engine.stats.past_deadline["arrival"] < 1 and time.monotonic() < t_end:
+            time.sleep(0.01)
+        assert status(late) is RequestStatus.DROPPED_PAST_DEADLINE and h.replies(late) == []
     finally:
         h.stop_and_check()

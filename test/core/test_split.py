@@ -1,8 +1,10 @@
-"""The model split is exact: edge half + server half == the unsplit model, for every split point."""
+"""The model split is exact: edge half + server half (the vision half, then the language backend) ==
+the unsplit model, for every split point and both families."""
 
 import numpy as np
 import pytest
-from edge_vlm_ros.core.split import GenerateItem, load_vlm, model_fingerprint
+from edge_vlm_ros.core.backend import GenerateItem, LanguageBackend
+from edge_vlm_ros.core.split import drop_language_model, load_vlm, model_fingerprint
 from edge_vlm_ros.fixtures.tiny_models import build_tiny_idefics3, build_tiny_llava
 from edge_vlm_ros.core.types import SplitPoint
 
@@ -32,6 +34,8 @@ def _splits(a):
 def test_every_split_equals_monolithic_generate(adapter):
     imgs = _images(3)
     ref = [adapter.monolithic_generate(im, q, 8, 8) for im, q in zip(imgs, QUESTIONS)]
+    lm = adapter.language
+    assert isinstance(lm, LanguageBackend) and lm.fingerprint == adapter.fingerprint
     assert len({tuple(r) for r in ref}) == 3, "tiny model output must depend on its input"
     for sp in _splits(adapter):
         split = SplitPoint.parse(sp)
@@ -43,17 +47,18 @@ def test_every_split_equals_monolithic_generate(adapter):
                 feats = adapter.edge_forward(adapter.preprocess(im), split)
                 assert tuple(feats.shape) == adapter.edge_output_shape(split)
                 tok = adapter.server_forward(feats[None], split)[0]
-            items.append(GenerateItem(adapter.prompt_ids(q, tok.shape[0]), tok, 8))
-        assert adapter.generate(items, min_new_tokens=8) == ref, sp          # batched, left padded
-        assert [adapter.generate([it], 8)[0] for it in items] == ref, sp      # one by one
+            items.append(GenerateItem(lm.prompt_ids(q, tok.shape[0]), tok, 8))
+        assert lm.generate(items, min_new_tokens=8) == ref, sp          # batched, left padded
+        assert [lm.generate([it], 8)[0] for it in items] == ref, sp      # one by one
 
 
 def test_prompt_ids_equal_processor(adapter):
     img = _images(1)[0]
-    text = adapter.prompt_text("what is in the image ?")
-    want = adapter.processor(images=[adapter._reference_image(img)], text=text, return_tensors="pt")["input_ids"][0]
+    text = adapter.language.prompt_text("what is in the image ?")
+    want = adapter.processor(images=[adapter.reference_image(img)], text=text, return_tensors="pt")["input_ids"][0]
     n = int((want == adapter.image_token_id).sum())
-    assert adapter.prompt_ids("what is in the image ?", n) == want.tolist()
+    assert adapter.language.prompt_ids("what is in the image ?", n) == want.tolist()
+    assert adapter.language.count_text_tokens("what is in the image ?") > 0
 
 
 def test_split_point_parsing_and_range(adapter):
@@ -70,3 +75,14 @@ def test_fingerprint_is_content_based(adapter, tmp_path):
     other = load_vlm(build_tiny_llava(tmp_path / "other", seed=123))
     assert other.fingerprint != adapter.fingerprint
     assert model_fingerprint(adapter.model, adapter.family) == adapter.fingerprint
+
+
+def test_dropping_the_language_model_drops_the_backend(tmp_path):
+    """The robot frees the language model; a backend built before must not keep it alive."""
+    a = load_vlm(build_tiny_llava(tmp_path / "edge"))
+    assert a.language.prompt_ids("a", 4)             # built and cached
+    drop_language_model(a)
+    assert "language" not in a.__dict__
+    with pytest.raises(RuntimeError, match="dropped"):
+        _ = a.language
+    assert a.edge_forward(a.preprocess(_images(1)[0]), SplitPoint.parse("projector")).ndim == 2

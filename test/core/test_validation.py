@@ -19,7 +19,10 @@ import torch
 
 from edge_vlm_ros.codecs import vq as vq_mod
 from edge_vlm_ros.codecs.codebook import Codebook
-from edge_vlm_ros.codecs.codec import DecodeLimits, ImageCodec, RawCodec, make_codec, read_jpeg_header
+from edge_vlm_ros.codecs.base import DecodeLimits
+from edge_vlm_ros.codecs.image import ImageCodec, JpegCodec, RawImageCodec, read_jpeg_header
+from edge_vlm_ros.codecs.raw import RawCodec
+from edge_vlm_ros.codecs.registry import make_codec
 from edge_vlm_ros.core.config import ServerConfig
 from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.core.server import ServerEngine
@@ -81,7 +84,7 @@ def test_bomb_jpeg_is_rejected_from_its_header_without_decoding(no_imdecode):
     data = bomb_jpeg()
     assert len(data) < 1000
     assert read_jpeg_header(data).height == 16000
-    codec = ImageCodec("jpeg")
+    codec = JpegCodec()
     for declared in ((64, 64, 3), (16000, 16000, 3)):
         enc = EncodedTensor("jpeg", "uint8", declared, data)
         tracemalloc.start()
@@ -109,7 +112,7 @@ def test_bomb_jpeg_is_rejected_from_its_header_without_decoding(no_imdecode):
 def test_jpeg_codec_accepts_only_a_jpeg_of_the_declared_size(no_imdecode, payload, needle):
     img = np.random.RandomState(0).randint(0, 256, (32, 48, 3), np.uint8)
     enc = EncodedTensor("jpeg", "uint8", (32, 48, 3), payload(img))
-    _reject(lambda: ImageCodec("jpeg").decode(enc), needle)
+    _reject(lambda: JpegCodec().decode(enc), needle)
     assert not no_imdecode
 
 
@@ -120,8 +123,8 @@ def test_jpeg_header_reader_on_real_jpegs():
     gray = cv2.imencode(".jpg", img[:, :, 0])[1].tobytes()
     assert read_jpeg_header(gray).components == 1
     # What the codec encodes it decodes, unchanged in size.
-    enc = ImageCodec("jpeg", 95).encode(img)
-    assert tuple(ImageCodec("jpeg").decode(enc).shape) == (37, 53, 3)
+    enc = JpegCodec(95).encode(img)
+    assert tuple(JpegCodec().decode(enc).shape) == (37, 53, 3)
     # Two frame headers: refused.
     data = jpeg_of(img)
     i = data.index(b"\xff\xc0")
@@ -132,7 +135,7 @@ def test_jpeg_header_reader_on_real_jpegs():
 
 
 def test_raw_image_codec_needs_the_exact_byte_count_and_size_caps():
-    codec = ImageCodec("image")
+    codec = RawImageCodec()
     _reject(lambda: codec.decode(EncodedTensor("image", "uint8", (4, 4, 3), bytes(47))),
             "image payload is 47 bytes, shape [4, 4, 3] needs 48")
     tracemalloc.start()

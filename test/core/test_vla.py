@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge_vlm_ros.core.action_heads import ActionHeadConfig, build_action_head
-from edge_vlm_ros.codecs.codec import make_codec
+from edge_vlm_ros.codecs.registry import make_codec
 from edge_vlm_ros.core.config import ServerConfig
 from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.core.server import ServerEngine
@@ -40,7 +40,7 @@ def test_batched_chunks_equal_one_by_one(adapter, kind, kw):
     for i, q in enumerate(["pick up the bowl", "open the drawer and close the door", "a"]):
         img = np.random.RandomState(i).randint(0, 256, (32, 32, 3), np.uint8)
         f = adapter.server_forward_images([img])[0]
-        items.append(ActionItem(adapter.prompt_ids(q, f.shape[0]), f, np.full(8, 0.1 * i, np.float32)))
+        items.append(ActionItem(adapter.language.prompt_ids(q, f.shape[0]), f, np.full(8, 0.1 * i, np.float32)))
     batch = pol.predict(items)
     for b, it in zip(batch, items):
         one = pol.predict([it])[0]

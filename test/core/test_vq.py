@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from edge_vlm_ros.codecs.codebook import Codebook, bits_for, empirical_entropy_bits, load_codebook
-from edge_vlm_ros.codecs.codec import codec_names, make_codec
+from edge_vlm_ros.codecs.registry import codec_names, make_codec
+from edge_vlm_ros.codecs.token_stats import pack_token_stats, unpack_token_stats
 from edge_vlm_ros.core.types import EncodedTensor, Outcome, RequestError
 from edge_vlm_ros.codecs.vq import (ADAPT_LAMBDAS, ADAPT_UNIT, CHECK_BITS, PROB_TOTAL, AdaptiveModel, IndexCoder,
                                   NearestCodeword, StaticModel, adaptive_code_bits,
                                   VQCodec, index_bits_per_token, load_server_codecs, make_vq_codec,
-                                  pack_indices, pack_token_stats, packed_size, quantize_prior, range_decode,
-                                  range_encode, unpack_indices, unpack_token_stats)
+                                  pack_indices, packed_size, quantize_prior, range_decode,
+                                  range_encode, unpack_indices)
 
 
 def _gen(seed: int = 0) -> torch.Generator:

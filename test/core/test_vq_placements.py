@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from edge_vlm_ros.codecs.codebook import Codebook
-from edge_vlm_ros.codecs.codec import make_codec
+from edge_vlm_ros.codecs.registry import make_codec
 from edge_vlm_ros.core.config import EdgeConfig, ServerConfig
 from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.core.server import ServerEngine
@@ -224,3 +224,15 @@ def test_calibrate_and_codec_report_commands(tmp_path, capsys):
     assert raw["rel_error_llm_inputs"] < 1e-2 and raw["greedy_token_match"] > 0
     check = rep["message_size_check"]
     assert check["serialized"] == check["cdr_size_formula"], check    # the layout formula is the real size
+    # Configuration strings go through the codec registry: entropy suffix, defaults, and errors that
+    # name what was wrong.
+    adapter = load_vlm(model)
+    cfgs = codec_report.parse_configs(f"vq-adaptive:{cb_path},raw:@projector,image,jpeg", adapter)
+    assert [(c.label, str(c.split), c.codec.describe()[:2]) for c in cfgs] == [
+        ("vq-adaptive:cb.safetensors", "vision_block:1/ln1", "vq"), ("raw:@projector", "projector", "ra"),
+        ("image", "none", "im"), ("jpeg", "none", "jp")]
+    assert cfgs[0].codec.entropy == "adaptive" and cfgs[1].codec.dtype == "float16" and cfgs[3].codec.quality == 90
+    for bad, needle in (("h265:1", "unknown codec 'h265'"), ("raw:float16", r"raw:<dtype>@<placement>"),
+                        ("image:3", "takes no value"), ("jpeg-static:90", "entropy")):
+        with pytest.raises(ValueError, match=needle):
+            codec_report.parse_configs(bad, adapter)

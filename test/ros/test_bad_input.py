@@ -15,7 +15,7 @@ from sensor_msgs.msg import Image
 
 from edge_vlm_ros import qos, topics
 from edge_vlm_ros.conversions import features_to_msg, ns_to_stamp, prompt_to_msg
-from edge_vlm_ros.codecs.codec import make_codec
+from edge_vlm_ros.codecs.registry import make_codec
 from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.core.split import load_vlm
 from edge_vlm_ros.core.types import Outcome, PromptRequest, SplitPoint

@@ -26,7 +26,7 @@ from edge_vlm_ros import qos, topics
 from edge_vlm_ros.conversions import (answer_to_msg, chunk_to_msg, features_to_msg, flow_paused, msg_to_answer,
                                       msg_to_features, msg_to_prompt, ns_to_stamp, prompt_to_msg, rgb_to_image)
 from edge_vlm_ros.core.chunks import ActionChunk
-from edge_vlm_ros.codecs.codec import make_codec
+from edge_vlm_ros.codecs.registry import make_codec
 from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.core.split import load_vlm
 from edge_vlm_ros.core.types import AnswerResult, Outcome, PromptRequest, SplitPoint

@@ -25,8 +25,11 @@ in the wrong state is refused there, before any hook runs.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import threading
 import traceback
+from collections.abc import Iterator
 from typing import Callable
 
 from lifecycle_msgs.msg import Transition
@@ -35,6 +38,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 
 from .core.config import AUTOSTART_HELP
 from .core.diagnostics import Health, Level, status_name
+from .processes import NodeStop, Stopped
 
 CONFIGURE, ACTIVATE = "configure", "activate"
 
@@ -52,6 +56,9 @@ class ManagedNode(LifecycleNode):
         self.finalized = False
         self.released = False
         self.start_failed = False
+        # The process's stop signals (spin.run_node sets them): a configure asked over the service,
+        # while the node spins, may load a model for seconds; a stop signal must cut it short.
+        self.stop_signals: NodeStop | None = None
 
     # ---- what a subclass implements -----------------------------------------------------------
     def configure(self) -> None:
@@ -90,7 +97,7 @@ class ManagedNode(LifecycleNode):
 
     # ---- rclpy's transition callbacks ---------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
-        with self._phase_lock:
+        with self._phase_lock, self._interruptible():
             if not self._run(CONFIGURE, self.configure):
                 return TransitionCallbackReturn.FAILURE
             self.configured = True
@@ -129,6 +136,22 @@ class ManagedNode(LifecycleNode):
         self.release()
         self.released = False
         return TransitionCallbackReturn.SUCCESS
+
+    @contextlib.contextmanager
+    def _interruptible(self) -> Iterator[None]:
+        """Within: a stop signal raises Stopped here (as during the start) instead of waiting for the
+        spin loop, which cannot look before this callback returns. The process then ends cleanly."""
+        stop = self.stop_signals
+        if stop is None or not stop.spinning:
+            yield
+            return
+        if stop.requested.is_set():
+            raise Stopped(stop.signum or signal.SIGTERM)
+        stop.spinning = False
+        try:
+            yield
+        finally:
+            stop.spinning = True
 
     # ---- the steps -----------------------------------------------------------------------------
     def _run(self, phase: str, hook: Callable[[], None]) -> bool:

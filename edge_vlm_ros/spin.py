@@ -55,6 +55,8 @@ def run_node(factory: Callable[[], N], args: list[str] | None = None,
     executor: SingleThreadedExecutor | None = None
     try:
         node = factory()
+        if isinstance(node, ManagedNode):
+            node.stop_signals = stop
         if isinstance(node, ManagedNode) and not node.start():
             node.get_logger().error("autostart failed (the reason is logged above); exiting")
             return node

@@ -60,6 +60,11 @@ class Lifecycle:
         req.transition = Transition(id=transition)
         return self._call(self._change, req).success
 
+    def change_async(self, transition: int):
+        req = ChangeState.Request()
+        req.transition = Transition(id=transition)
+        return self._change.call_async(req)
+
     def set_string(self, name: str, value: str) -> None:
         p = Parameter(name=name, value=ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=value))
         res = self._call(self._set, SetParameters.Request(parameters=[p]))
@@ -230,4 +235,28 @@ def test_a_failed_autostart_ends_the_process_with_exit_code_1(ros_env, tmp_path)
         text = _log(tmp_path, "server")
         assert "configure failed" in text and "no such folder" in text and "autostart failed" in text, text[-3000:]
     finally:
+        nodes.stop()
+
+
+def test_sigint_while_a_requested_configure_loads_the_model_exits_0_within_2s(ros_env, tmp_path):
+    # configure asked over the service runs inside the spin loop; a stop signal must not wait for it
+    nodes, client = _start(ros_env, tmp_path, {"server": {"autostart": False}, "edge": {"autostart": False}})
+    try:
+        server = Lifecycle(client, SERVER)
+        server.change_async(Transition.TRANSITION_CONFIGURE)
+        deadline = time.monotonic() + SERVICE_S
+        while "loading" not in _log(tmp_path, "server"):     # configure has begun: the model is loading
+            assert time.monotonic() < deadline, _log(tmp_path, "server")[-3000:]
+            time.sleep(0.02)
+        p = {spec.name: p for spec, p in nodes.procs}["server"]
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        rc = p.wait(10)
+        took = time.monotonic() - t0
+        text = _log(tmp_path, "server")
+        assert rc == 0 and took < 2.0, f"exit {rc} after {took:.2f} s\n{text[-3000:]}"
+        assert "configured (inactive)" not in text, text[-3000:]      # it really was cut short
+        print(f"SIGINT during a requested configure -> exit 0 in {took:.2f} s")
+    finally:
+        client.close()
         nodes.stop()

@@ -32,7 +32,7 @@ stranger cannot pause the robot).
 
 Managed (lifecycle) node: configure loads the keys and the model and starts hearing outcomes and the
 server's heartbeat; activate starts taking camera frames and prompts; deactivate takes no new ones
-(queued prompts are answered REJECTED) while the requests already published keep their deadlines;
+(queued and new prompts are answered REJECTED) while the requests already published keep their deadlines;
 cleanup drops the model. With `autostart` (default) it configures and activates itself at start.
 
 Threads: ROS callbacks only store the newest frame, queue prompts and record the flow state; the
@@ -75,9 +75,9 @@ DEACTIVATE_JOIN_S = 10.0
 
 
 class EdgeNode(ManagedNode):
-    """A managed node (managed.ManagedNode). configure: keys, model, publishers, the outcome and flow
-    subscriptions and the deadline timer; activate: camera, prompt (and episode/state) subscriptions
-    and the encoder thread; deactivate: no new requests (queued prompts are answered REJECTED),
+    """A managed node (managed.ManagedNode). configure: keys, model, publishers, subscriptions and
+    the deadline timer; activate: camera frames and prompts are taken, the encoder thread runs;
+    deactivate: no new requests (queued and new prompts are answered REJECTED, frames dropped),
     requests already published keep their deadlines and get their one outcome; cleanup: the model
     and the rest are dropped."""
 
@@ -137,6 +137,22 @@ class EdgeNode(ManagedNode):
         if cfg.task == "action":
             self.owned_subscription(CONFIGURE, self.guard.subscribe(ActionChunkMsg, topics.ACTION_CHUNK,
                                                                     self._on_chunk, qos.ACTION_CHUNK))
+        # Inputs: subscribed from configure on (so an activation finds them matched), taken only while
+        # active (_store_frame, _on_prompt).
+        if cfg.task == "action":
+            self.owned_subscription(CONFIGURE, self.guard.subscribe(Episode, topics.EPISODE, self._on_episode,
+                                                                    qos.EPISODE))
+            self.owned_subscription(CONFIGURE, self.guard.subscribe(JointState, topics.ROBOT_STATE, self._on_state,
+                                                                    qos.ROBOT_STATE))
+        if cfg.image_transport == "compressed":
+            self._camera_topic = topics.CAMERA_COMPRESSED
+            sub = self.guard.subscribe(CompressedImage, topics.CAMERA_COMPRESSED, self._on_compressed, qos.CAMERA)
+        else:
+            self._camera_topic = topics.CAMERA
+            sub = self.guard.subscribe(Image, topics.CAMERA, self._on_image, qos.CAMERA)
+        self.owned_subscription(CONFIGURE, sub)
+        self.owned_subscription(CONFIGURE, self.guard.subscribe(String, topics.PROMPT_TEXT, self._on_prompt,
+                                                                qos.USER_PROMPT))
         self.owned_timer(CONFIGURE, self.create_timer(0.1, self._check_deadlines))
         self.owned_timer(CONFIGURE, self.create_timer(10.0, self._log_counters))
 
@@ -146,20 +162,6 @@ class EdgeNode(ManagedNode):
     def activate(self) -> None:
         if self._worker is not None:     # a previous activation's worker, still finishing its request
             self._worker.join(timeout=DEACTIVATE_JOIN_S)
-        if self.cfg.task == "action":
-            self.owned_subscription(ACTIVATE, self.guard.subscribe(Episode, topics.EPISODE, self._on_episode,
-                                                                   qos.EPISODE))
-            self.owned_subscription(ACTIVATE, self.guard.subscribe(JointState, topics.ROBOT_STATE, self._on_state,
-                                                                   qos.ROBOT_STATE))
-        if self.cfg.image_transport == "compressed":
-            self._camera_topic = topics.CAMERA_COMPRESSED
-            sub = self.guard.subscribe(CompressedImage, topics.CAMERA_COMPRESSED, self._on_compressed, qos.CAMERA)
-        else:
-            self._camera_topic = topics.CAMERA
-            sub = self.guard.subscribe(Image, topics.CAMERA, self._on_image, qos.CAMERA)
-        self.owned_subscription(ACTIVATE, sub)
-        self.owned_subscription(ACTIVATE, self.guard.subscribe(String, topics.PROMPT_TEXT, self._on_prompt,
-                                                               qos.USER_PROMPT))
         self._worker_stop = threading.Event()
         self._worker = threading.Thread(target=self._work, args=(self._worker_stop,), name="edge_vlm_encoder",
                                         daemon=True)
@@ -209,6 +211,9 @@ class EdgeNode(ManagedNode):
         self._store_frame(msg)
 
     def _store_frame(self, msg: Image | CompressedImage) -> None:
+        if not self.active:
+            self.counters["frames_inactive"] += 1
+            return
         with self._lock:
             if self.lease.paused and self._frame is not None and self._frame_seq != self._used_seq:
                 self.counters["frames_replaced_while_paused"] += 1
@@ -219,6 +224,11 @@ class EdgeNode(ManagedNode):
 
     def _on_prompt(self, msg: String) -> None:
         text = msg.data
+        if not self.active:
+            self.counters["prompts_rejected_inactive"] += 1
+            self._local_answer(self.encoder.new_request_id(), 0, Outcome.REJECTED,
+                               "the robot's edge node is inactive (lifecycle): it takes no new requests")
+            return
         if len(text) > self.cfg.max_prompt_chars:
             self.counters["prompts_rejected_too_long"] += 1
             self._local_answer(self.encoder.new_request_id(), 0, Outcome.REJECTED,

@@ -140,10 +140,12 @@ def test_configure_activate_deactivate_cleanup_with_requests_in_flight(ros_env, 
         edge.expect(State.PRIMARY_STATE_INACTIVE)
         first = _outcome_of(client, rid)
         assert first.outcome is Outcome.OK, first
-        # an inactive edge takes no new request: nothing is announced, nothing answered
+        # an inactive edge takes no new request: it answers REJECTED itself and sends nothing
         n_answers, n_sent = _ask(client, "anyone there?")
-        time.sleep(2.0)       # a negative: what would have happened within 2 s did not
-        assert len(client.sent["robot_0"]) == n_sent and len(client.answers["robot_0"]) == n_answers
+        assert client.wait_for(lambda: len(client.answers["robot_0"]) > n_answers, ANSWER_S)
+        refused = client.answers["robot_0"][n_answers][1]
+        assert refused.outcome is Outcome.REJECTED and "inactive" in refused.reason, refused
+        assert len(client.sent["robot_0"]) == n_sent, "an inactive edge announced a request"
         assert edge.change(Transition.TRANSITION_ACTIVATE)
 
         # 2. the server is deactivated while a request is in flight: it gets exactly one outcome
@@ -168,7 +170,7 @@ def test_configure_activate_deactivate_cleanup_with_requests_in_flight(ros_env, 
         # exactly one outcome per announced request, including the edge's deadline tracker: give a
         # second outcome time to show up (the edge's deadline is 60 s away; the server's answers are not)
         time.sleep(2.0)
-        assert_one_outcome_each(client)
+        assert_one_outcome_each(client, {"robot_0": [*client.sent["robot_0"], refused.request_id]})
 
         # 3. deactivate + cleanup: back to unconfigured, and configurable again
         for lc in (edge, server):

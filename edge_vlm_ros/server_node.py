@@ -243,6 +243,19 @@ class ServerNode(ManagedNode):
                 msg.lease_s = float(self.cfg.lease_s)
                 pub.publish(self.msg_auth.sign(msg, robot))     # each robot's copy under its own key
 
+    def _apply_live(self, cfg: ServerConfig, changed: frozenset[str]) -> None:
+        """A live parameter changed (params.declare_config): the engine takes the batch limits,
+        thresholds and request limits (between batches); FlowControl carries the new thresholds and
+        lease from now on (published at once). A refusal leaves everything as it was."""
+        old, self.cfg = self.cfg, cfg          # before the engine: a PAUSE it triggers shows the new thresholds
+        try:
+            self.engine.update_limits(cfg)
+        except Exception:
+            self.cfg = old
+            raise
+        self._publish_flow()
+        self.get_logger().info(f"live change {sorted(changed)}")
+
     def _log_stats(self) -> None:
         self.get_logger().info("stats " + json.dumps(self.engine.stats.as_dict())
                                + f" auth_dropped={json.dumps(self.msg_auth.dropped_by_robot())}")

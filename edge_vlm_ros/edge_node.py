@@ -11,6 +11,7 @@ Subscribes (relative, so one instance per robot namespace):
   edge_vlm/answer (Answer) and, with task "action", edge_vlm/action_chunk (ActionChunk): the outcomes
   of its own requests, so it knows which are done
 Publishes: edge_vlm/prompt (Prompt), edge_vlm/features (VisualFeatures), /diagnostics (its health, ~1 Hz),
+  edge_vlm/codec_switch (std_msgs/String, JSON: with codec_ladder, the first rung and every switch),
   edge_vlm/answer (Answer, only for requests that end on the robot itself; with task "action" such
   failures go out as an ActionChunk on edge_vlm/action_chunk instead)
 
@@ -30,6 +31,10 @@ Authentication (`auth`, the default): every Prompt, VisualFeatures and local fai
 signed with the robot's key; a FlowControl is honoured only with a valid MAC under that key (a
 stranger cannot pause the robot).
 
+Bandwidth-adaptive codec (`codec_ladder`, core/edge_ladder.py): one encoder per rung on one loaded
+model; each rung's message is sized on the first camera frame, each request uses the rung the ladder
+picks, and each outcome heard feeds the link estimate (transport_ms and compute from its timings).
+
 Threads: ROS callbacks only store the newest frame, queue prompts and record the flow state; the
 worker thread encodes. While the server says PAUSE the worker encodes nothing and only the newest
 frame is kept.
@@ -38,11 +43,13 @@ frame is kept.
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import time
 import traceback
 
 from rclpy.node import Node
+from rclpy.serialization import serialize_message
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 
@@ -50,12 +57,13 @@ from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, Flo
 
 from . import qos, topics
 from .conversions import (answer_to_msg, check_episode, check_proprio_state, chunk_to_msg, features_to_msg, flow_paused,
-                          image_to_rgb, prompt_to_msg, stamp_to_ns)
+                          image_to_rgb, msg_to_timings, prompt_to_msg, stamp_to_ns)
 from .core.camera import check_compressed, decode_compressed
 from .core.chunks import ActionChunk
 from .core.config import EdgeConfig
-from .core.diagnostics import EDGE_LOCAL_REJECTS, Growth, Health, edge_health
+from .core.diagnostics import EDGE_LOCAL_REJECTS, Growth, Health, edge_health, with_values
 from .core.edge import EdgeEncoder
+from .core.edge_ladder import CodecLadder
 from .core.requests import Heard, LeaseStatus, RequestTracker, ServerLease
 from .core.types import AnswerResult, Outcome, PromptRequest
 from .diagnostics import DiagnosticsPublisher
@@ -75,7 +83,9 @@ class EdgeNode(Node):
         model = resolve(self.cfg.model_path)
         self.get_logger().info(f"robot {self.cfg.robot_id}: split {self.cfg.split_point}, codec {self.cfg.codec}, "
                                f"model {model}")
-        self.encoder = EdgeEncoder.from_config(self.cfg, model)
+        self.ladder = (CodecLadder(self.cfg, model, max_tracked=2 * self.cfg.max_in_flight)
+                       if self.cfg.codec_ladder else None)
+        self.encoder = self.ladder.first if self.ladder is not None else EdgeEncoder.from_config(self.cfg, model)
 
         self._lock = threading.Condition()
         self._frame: Image | CompressedImage | None = None
@@ -93,6 +103,8 @@ class EdgeNode(Node):
         self.pub_prompt = self.create_publisher(Prompt, topics.PROMPT, qos.REQUEST)
         self.pub_features = self.create_publisher(VisualFeatures, topics.FEATURES, qos.FEATURES)
         self.pub_answer = self.create_publisher(Answer, topics.ANSWER, qos.ANSWER)
+        if self.ladder is not None:
+            self.pub_codec_switch = self.create_publisher(String, topics.CODEC_SWITCH, qos.CODEC_SWITCH)
         self._episode_id = ""
         self._state: JointState | None = None
         self.guard = CallbackGuard(self)
@@ -194,6 +206,7 @@ class EdgeNode(Node):
             self.counters["answers_rejected"] += 1
         self._outcome_heard(msg.request_id, "answer")
         self._last_answer_t = time.monotonic()
+        self._ladder_outcome(msg)
 
     def _on_chunk(self, msg: ActionChunkMsg) -> None:
         if not self.msg_auth.check(msg, self.cfg.robot_id, "ActionChunk", self.get_logger()):
@@ -201,6 +214,7 @@ class EdgeNode(Node):
             return
         self._outcome_heard(msg.request_id, "action chunk")
         self._last_answer_t = time.monotonic()
+        self._ladder_outcome(msg)
 
     def _outcome_heard(self, request_id: str, kind: str) -> None:
         heard = self.tracker.heard(request_id)
@@ -317,8 +331,11 @@ class EdgeNode(Node):
         self.pub_prompt.publish(self._signed(prompt_to_msg(PromptRequest(
             rid, self.cfg.robot_id, text, stamp_ns, self.cfg.task, self.cfg.max_new_tokens, episode_id, proprio,
             deadline_ns=deadline_ns))))
+        encoder, rung = self.encoder, None
         try:
-            packet = self.encoder.encode(rgb, rid, stamp_ns)
+            if self.ladder is not None:
+                rung, encoder = self._ladder_choose(rgb)
+            packet = encoder.encode(rgb, rid, stamp_ns)
         except Exception as e:
             self.counters["encode_errors"] += 1
             # The prompt is out: the server answers it TIMEOUT when its features do not come (or the
@@ -327,7 +344,10 @@ class EdgeNode(Node):
                                     f"{traceback.format_exc()}")
             return
         packet.deadline_ns = deadline_ns
-        self.pub_features.publish(self._signed(features_to_msg(packet, time.time_ns())))
+        features = self._signed(features_to_msg(packet, time.time_ns()))
+        if rung is not None:
+            self.ladder.sent(rid, rung, len(serialize_message(features)))
+        self.pub_features.publish(features)
         self.counters["requests"] += 1
 
     def _local_answer(self, rid: str, stamp_ns: int, outcome: Outcome, reason: str,
@@ -354,9 +374,36 @@ class EdgeNode(Node):
         counters = dict(self.counters)
         rejected = sum(counters.get(k, 0) for k in EDGE_LOCAL_REJECTS) + counters.get("answers_rejected", 0)
         age = None if self._last_answer_t is None else time.monotonic() - self._last_answer_t
-        return [edge_health(self.cfg.robot_id, counters, dict(self.tracker.counts), len(self.tracker),
-                            self.lease.view(), age, self._rejects.update(rejected), self.diagnostics.uptime_s(),
-                            startup_grace_s=max(10.0, 2 * self.cfg.server_lease_s))]
+        health = edge_health(self.cfg.robot_id, counters, dict(self.tracker.counts), len(self.tracker),
+                             self.lease.view(), age, self._rejects.update(rejected), self.diagnostics.uptime_s(),
+                             startup_grace_s=max(10.0, 2 * self.cfg.server_lease_s))
+        if self.ladder is not None:
+            health = with_values(health, self.ladder.state())
+        return [health]
+
+    # ---- codec ladder (codec_ladder set) -----------------------------------------------------
+    def _ladder_choose(self, rgb) -> tuple[str, EdgeEncoder]:
+        """Worker thread: the rung for this request; the first call sizes every rung on this frame."""
+        if not self.ladder.measured:
+            record = self.ladder.measure(rgb, lambda p: len(serialize_message(
+                self._signed(features_to_msg(p, time.time_ns())))))
+            self._publish_switch(record)
+        return self.ladder.choose()
+
+    def _ladder_outcome(self, msg: Answer | ActionChunkMsg) -> None:
+        if self.ladder is None:
+            return
+        record = self.ladder.answered(msg.request_id, msg.outcome == Answer.OUTCOME_OK,
+                                      msg.outcome == Answer.OUTCOME_TIMEOUT, msg_to_timings(msg.timings))
+        if record is not None:
+            self._publish_switch(record)
+
+    def _publish_switch(self, record: dict) -> None:
+        self.counters["codec_switches"] += record["event"] == "switch"
+        self.get_logger().info(f"codec {record['event']}: {record['previous'] or '-'} -> {record['current']} "
+                               f"({record['reason']})")
+        record["stamp_ns"] = time.time_ns()
+        self.pub_codec_switch.publish(String(data=json.dumps(record, sort_keys=True)))
 
     def destroy_node(self) -> None:
         self._running = False

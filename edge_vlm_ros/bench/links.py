@@ -273,6 +273,7 @@ def run_one_codec(robot: str, edge_params: dict, *, model: str, images: list[Pat
 
     cfg = LinkConfig(ns_a=ns[0], ns_b=ns[1], rate_kbit=rates_kbit[0], net=net)
     res: dict = {}
+    log_dir.mkdir(parents=True, exist_ok=True)
     with NetnsLink(cfg) as link:
         sparams = {**server_params, "robots": [robot]}
         if vq_codebook:

@@ -20,6 +20,9 @@ def param(default: Any, description: str) -> Any:
     return field(default=default, metadata={"description": description})
 
 
+# EdgeConfig fields a codec_ladder rung may set (the rest is the edge's, shared by every rung).
+LADDER_SETTINGS = ("split_point", "codec", "codec_dtype", "jpeg_quality", "codebook_path", "token_stats_dtype")
+
 # Message authentication, the same three parameters on the edge, the server and the controller.
 AUTH_HELP = {
     "auth": "Authenticate every message between robot and server (HMAC-SHA256 with the robot's key). "
@@ -29,9 +32,6 @@ AUTH_HELP = {
     "auth_max_age_s": "Freshness window: a message stamped further than this from the receiver's clock is "
                       "dropped (the hosts' clocks must agree within it).",
 }
-
-# EdgeConfig fields a codec_ladder rung may set (the rest is the edge's, shared by every rung).
-LADDER_SETTINGS = ("split_point", "codec", "codec_dtype", "jpeg_quality", "codebook_path", "token_stats_dtype")
 
 DEFAULT_MODEL = "default"  # resolved by tools.default_model to the embedded default model folder
 
@@ -123,13 +123,6 @@ class EdgeConfig:
         return out
 
     def __post_init__(self) -> None:
-        # YAML cannot type an empty list, so config files write [""]: empty entries mean nothing.
-        object.__setattr__(self, "codec_ladder", [e for e in self.codec_ladder if e.strip()])
-        if not (math.isfinite(self.latency_target_ms) and self.latency_target_ms > 0
-                and math.isfinite(self.ladder_dwell_s) and self.ladder_dwell_s > 0):
-            raise ValueError(f"latency_target_ms={self.latency_target_ms} and ladder_dwell_s={self.ladder_dwell_s} "
-                             f"must be finite and > 0")
-        self.rung_configs()   # every rung is a valid edge configuration
         sp = SplitPoint.parse(self.split_point)
         if self.image_transport not in ("raw", "compressed"):
             raise ValueError(f"image_transport {self.image_transport!r}: expected 'raw' or 'compressed'")
@@ -159,6 +152,13 @@ class EdgeConfig:
                              f"{self.max_in_flight} (>= 1)")
         if self.auth_max_age_s <= 0:
             raise ValueError(f"auth_max_age_s={self.auth_max_age_s} must be > 0")
+        # YAML cannot type an empty list, so config files write [""]: empty entries mean nothing.
+        object.__setattr__(self, "codec_ladder", [e for e in self.codec_ladder if e.strip()])
+        if not (math.isfinite(self.latency_target_ms) and self.latency_target_ms > 0
+                and math.isfinite(self.ladder_dwell_s) and self.ladder_dwell_s > 0):
+            raise ValueError(f"latency_target_ms={self.latency_target_ms} and ladder_dwell_s={self.ladder_dwell_s} "
+                             f"must be finite and > 0")
+        self.rung_configs()   # every rung is a valid edge configuration
 
 
 @dataclass(frozen=True)

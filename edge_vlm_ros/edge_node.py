@@ -297,6 +297,7 @@ class EdgeNode(Node):
             self._request(text, frame, deadline_ns)
 
     def _request(self, text: str, frame: Image | CompressedImage, deadline_ns: int) -> None:
+        started = time.monotonic()
         rid = self.encoder.new_request_id()
         stamp_ns = stamp_to_ns(frame.header.stamp)
         view = self.lease.view()
@@ -346,7 +347,7 @@ class EdgeNode(Node):
         packet.deadline_ns = deadline_ns
         features = self._signed(features_to_msg(packet, time.time_ns()))
         if rung is not None:
-            self.ladder.sent(rid, rung, len(serialize_message(features)))
+            self.ladder.sent(rid, rung, len(serialize_message(features)), started)
         self.pub_features.publish(features)
         self.counters["requests"] += 1
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -92,10 +93,11 @@ def summarise_arm(sched: dict, phases: list[list[int]]) -> dict:
         out["switch_log"] = [{"t_s": round((s["t_ns"] - sched["codec_switches"][0]["t_ns"]) / 1e9, 2),
                               "from": s["previous"], "to": s["current"], "reason": s["reason"]} for s in sw]
         out["rung_bytes"] = start.get("message_bytes")
-        # The rung of each request, from its message size (JPEG sizes vary a little per frame).
+        # The rung of each request, from its message size: the nearest on a log scale (a JPEG's size
+        # varies with the frame; the rungs are apart by factors).
         if by_size:
             def rung_of(nbytes: int) -> str:
-                return by_size[min(by_size, key=lambda b: abs(b - nbytes))]
+                return by_size[min(by_size, key=lambda b: abs(math.log(b / nbytes)))]
             out["requests_per_rung"] = {}
             for x in reqs:
                 if x.get("features_bytes"):

@@ -208,7 +208,9 @@ def worker(spec: dict) -> int:
                 return {"outcome": "stale_frame", "reason": "every frame of the last burst was lost"}
             x = {"outcome": a.outcome.name.lower(), "reason": a.reason,
                  "frame_used": sent.index(a.stamp_ns) if a.stamp_ns in sent else None,
-                 "answer_ms": (t - a.stamp_ns) / 1e6, "transport_ms": a.timings.transport_ms}
+                 "answer_ms": (t - a.stamp_ns) / 1e6, "transport_ms": a.timings.transport_ms,
+                 "edge_ms": a.timings.edge_preprocess_ms + a.timings.edge_encode_ms,
+                 "server_ms": a.timings.server_total_ms}
             with probe._feat_lock:
                 fs = probe.feature_sent.get(a.request_id)
             if fs is not None and fs[1]:

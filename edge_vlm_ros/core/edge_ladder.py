@@ -10,10 +10,13 @@ With `codec_ladder` set, the edge does not run one fixed split point and codec b
 - the size of each rung's message, measured once on the first real camera frame with the node's own
   serializer (the whole signed VisualFeatures, header, ids, shape, side info and payload: the bytes
   the link carries, not the payload alone);
-- a bounded table request id -> (rung, bytes, sent time), so that when the answer comes back (the
-  edge already hears its own answers) its timings feed the ladder: transport_ms (features published
-  -> received, the server's measurement) and compute (edge preprocess + encode, server total).
-  A request that timed out is an observation too: its features took at least that long.
+- a bounded table request id -> (rung, bytes, start and sent times), so that when the answer comes
+  back (the edge already hears its own answers) it feeds the ladder: transport_ms (features published
+  -> received, the server's measurement) and the rest of the request's time, i.e. what the edge
+  measured from taking the request to hearing its answer, minus that transport. The rest is more
+  than edge encode + server total: it holds the answer's way back and every wait for a CPU, which
+  on a loaded robot are hundreds of milliseconds the target must count too. A request that timed
+  out is an observation too: its features took at least that long.
 
 Every switch (and the first choice, once the rungs are measured) comes back as a plain dict for the
 node to log and publish as JSON.
@@ -75,7 +78,7 @@ class CodecLadder:
         self._clock = clock
         self._lock = threading.Lock()
         self._ladder: AdaptiveLadder | None = None     # built once the rungs' sizes are measured
-        self._sent: collections.OrderedDict[str, tuple[str, int, float]] = collections.OrderedDict()
+        self._sent: collections.OrderedDict[str, tuple[str, int, float, float]] = collections.OrderedDict()
         self._max_tracked = max_tracked
         self.counts: collections.Counter[str] = collections.Counter()   # requests per rung
         self.observed = 0
@@ -116,11 +119,13 @@ class CodecLadder:
         self.counts[name] += 1
         return name, self.encoders[name]
 
-    def sent(self, request_id: str, rung: str, nbytes: int) -> None:
+    def sent(self, request_id: str, rung: str, nbytes: int, started: float | None = None) -> None:
         """Record a request published on `rung` with `nbytes` (call before publishing: the answer
-        may come back before the publisher returns)."""
+        may come back before the publisher returns). started: when the edge took the request (this
+        object's clock; default now)."""
         with self._lock:
-            self._sent[request_id] = (rung, int(nbytes), self._clock())
+            now = self._clock()
+            self._sent[request_id] = (rung, int(nbytes), now if started is None else started, now)
             while len(self._sent) > self._max_tracked:
                 self._sent.popitem(last=False)
                 self.forgotten += 1
@@ -132,10 +137,12 @@ class CodecLadder:
             entry = self._sent.pop(request_id, None)
             if entry is None or self._ladder is None:
                 return None
-            rung, nbytes, t_sent = entry
+            rung, nbytes, t_start, t_sent = entry
             if ok:
-                transport = float(timings.transport_ms)
-                compute = float(timings.edge_preprocess_ms + timings.edge_encode_ms + timings.server_total_ms)
+                transport = max(0.0, float(timings.transport_ms))
+                measured = (self._clock() - t_start) * 1e3
+                compute = max(measured - transport,
+                              float(timings.edge_preprocess_ms + timings.edge_encode_ms + timings.server_total_ms))
             elif timed_out:
                 # The features or the answer did not make it in time: the link took at least this
                 # long (a lower bound, but a large one; a too-rich rung on a slow link ends this way).

@@ -30,19 +30,21 @@ def test_summary_per_phase_rungs_and_switches() -> None:
     reqs = ([{"phase": 0, "outcome": "ok", "answer_ms": 400.0 + i, "features_bytes": 100_016} for i in range(3)]
             + [{"phase": 1, "outcome": "ok", "answer_ms": 3500.0, "features_bytes": 100_016},
                {"phase": 1, "outcome": "ok", "answer_ms": 210.0, "features_bytes": 610},
+               {"phase": 1, "outcome": "ok", "answer_ms": 900.0, "features_bytes": 30_000},
                {"phase": 1, "outcome": "timeout", "reason": "x"}])
     sched = {"requests": reqs, "codec_switches": [
         {"t_ns": t0, "event": "start", "previous": "", "current": "fp16", "message_bytes": sizes},
         {"t_ns": t0 + 2_500_000_000, "event": "switch", "previous": "fp16", "current": "vq", "reason": "slow"}]}
     s = summarise_arm(sched, phases)
-    assert s["requests"] == 6 and s["outcomes"] == {"ok": 5, "timeout": 1}
-    assert s["answer_ms"]["n"] == 5 and s["answer_ms"]["p50"] == 401.0
-    assert [p["ok"] for p in s["phases"]] == [3, 2]
+    assert s["requests"] == 7 and s["outcomes"] == {"ok": 6, "timeout": 1}
+    assert s["answer_ms"]["n"] == 6 and s["answer_ms"]["p50"] == 401.5
+    assert [p["ok"] for p in s["phases"]] == [3, 3]
     assert s["phases"][0]["answer_ms"]["p50"] == 401.0 and s["phases"][1]["answer_ms"]["max"] == 3500.0
-    assert s["phases"][1]["features_bytes_mean"] == pytest.approx((100_016 + 610) / 2)
+    assert s["phases"][1]["features_bytes_mean"] == pytest.approx((100_016 + 610 + 30_000) / 3, abs=0.1)
     assert s["switches"] == 1 and s["switch_log"] == [{"t_s": 2.5, "from": "fp16", "to": "vq", "reason": "slow"}]
-    assert s["requests_per_rung"] == {"fp16": 4, "vq": 1}
+    # 30 KB is nearer 600 B than 100 KB in bytes, but a factor 3 from 100 KB and 50 from 600 B
+    assert s["requests_per_rung"] == {"fp16": 5, "vq": 1}
     fixed = summarise_arm({"requests": reqs[:3]}, phases)
     assert "switches" not in fixed and fixed["phases"][1]["answer_ms"]["n"] == 0
     table = markdown({"phases_kbit": phases, "arms": {"adaptive": s, "fp16": fixed}})
-    assert "| adaptive | 401 / " in table and "| fp16 |" in table and "| - |" in table
+    assert "| adaptive | 402 / " in table and "| fp16 |" in table and "| - |" in table

@@ -63,9 +63,10 @@ def test_ladder_shares_the_model_sizes_rungs_and_follows_the_link() -> None:
             nbytes = sizes[rung]
             ladder.sent(rid, rung, nbytes)
             transport = 1.0 + 8e3 * nbytes / rate_bps
-            clock.t += (transport + 20.0) / 1e3 + 0.2
+            clock.t += (transport + 20.0) / 1e3          # the answer is heard 20 ms of compute later
             rec = ladder.answered(rid, True, False, StageTimings(edge_encode_ms=5.0, transport_ms=transport,
                                                                  server_total_ms=15.0))
+            clock.t += 0.2                                # until the next request
             used.append(rung)
             if rec is not None:
                 records.append(rec)

@@ -64,7 +64,7 @@ def test_edge_steps_down_its_ladder_when_the_link_slows_and_publishes_the_switch
 
     # Which rung each request used, from the bytes the probe saw on the features topic (the whole message).
     def rung(x):
-        return min(sizes, key=lambda r: abs(sizes[r] - x["features_bytes"]))
+        return min(sizes, key=lambda r: abs(np.log(sizes[r] / x["features_bytes"])))
     fast, slow = reqs[:3], reqs[3:]
     assert [rung(x) for x in fast] == ["fp32"] * 3, reqs
     used = [rung(x) for x in slow]

@@ -82,6 +82,7 @@ class CodecLadder:
         self._max_tracked = max_tracked
         self.counts: collections.Counter[str] = collections.Counter()   # requests per rung
         self.observed = 0
+        self._measured_at = -math.inf   # the request that sized the rungs waited for it: not the link's doing
         self.forgotten = 0          # entries dropped from the full table (their answers never came)
 
     @property
@@ -101,6 +102,7 @@ class CodecLadder:
             sizes[name] = int(message_bytes(packet))
         rungs = [Rung(name, self.settings[name], sizes[name]) for name in self.names]
         with self._lock:
+            self._measured_at = self._clock()
             self._ladder = AdaptiveLadder(rungs, self.target_ms, min_dwell_s=self.dwell_s,
                                           probe_every_s=self.dwell_s, clock=self._clock)
             current = self._ladder.current.name
@@ -125,7 +127,8 @@ class CodecLadder:
         object's clock; default now)."""
         with self._lock:
             now = self._clock()
-            self._sent[request_id] = (rung, int(nbytes), now if started is None else started, now)
+            start = now if started is None else max(started, self._measured_at)
+            self._sent[request_id] = (rung, int(nbytes), start, now)
             while len(self._sent) > self._max_tracked:
                 self._sent.popitem(last=False)
                 self.forgotten += 1

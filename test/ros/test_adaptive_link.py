@@ -1,10 +1,11 @@
 """The bandwidth-adaptive edge on a real shaped link: real server, real edge, real DDS, a tbf-shaped
 veth between two network namespaces (bag/netns.py, needs root), the rate lowered mid-run.
 
-The edge runs a 2-rung ladder (fp32 features at the projector, ~8.7 KB a request with the default
-model; JPEG-10 of the frame, under 1 KB). At 10 Mbit/s the features meet the 500 ms target; at
-64 kbit/s they take over a second on the wire, so after a couple of answers the edge must step down
-to JPEG-10 and publish the switch on edge_vlm/codec_switch. The requests are made by the links
+The edge runs a 2-rung ladder (fp32 features at the projector, ~8.5 KB a request with the default
+model; JPEG-10 of the frame, about 1 KB). At 10 Mbit/s the features meet the 1 s target (generous:
+the target counts every wait for a CPU on a loaded test machine); at 48 kbit/s they take ~1.4 s on the
+wire (much slower and DDS's own heartbeats and acknowledgements start to miss their deadlines), so after a couple of answers the edge must step down to JPEG-10 and publish the switch on
+edge_vlm/codec_switch. The requests are made by the links
 benchmark's worker (bench/links.py, run_schedule) inside the robot's namespace, so this also runs the
 benchmark's changing-link scenario end to end.
 """
@@ -40,17 +41,17 @@ def test_edge_steps_down_its_ladder_when_the_link_slows_and_publishes_the_switch
                            ", ".join(f'"{e}"' for e in LADDER) + "]\n")
     tag = os.getpid() % 100000
     res = run_one_codec(
-        "robot_adapt", {"latency_target_ms": 500.0, "ladder_dwell_s": 60.0}, model=model, images=paths,
-        question="What is in the image?", rates_kbit=[10000], n=0, warmup=1, max_new_tokens=4, timeout_s=30.0,
+        "robot_adapt", {"latency_target_ms": 1000.0, "ladder_dwell_s": 60.0}, model=model, images=paths,
+        question="What is in the image?", rates_kbit=[10000], n=0, warmup=3, max_new_tokens=4, timeout_s=30.0,
         log_dir=tmp_path / "logs", out_dir=tmp_path, env=ros_env, domain_id=int(ros_env["ROS_DOMAIN_ID"]),
         server_params={"model_path": model, "ignore_eos": True, "default_max_new_tokens": 4, "max_batch_size": 1},
         edge_device="cpu", vq_codebook="", ready_timeout=180.0, net="198.19.61",
-        schedule=[[10000, 3], [64, 6]], edge_params_file=params_file, ns=(f"evt_r{tag}", f"evt_s{tag}"))
+        schedule=[[10000, 3], [48, 8]], edge_params_file=params_file, ns=(f"evt_r{tag}", f"evt_s{tag}"))
     logs = {p.name: p.read_text()[-1500:] for p in (tmp_path / "logs").rglob("*.log")}
     assert not res.get("error") and not res.get("errors"), (res, logs)
     sched = res["schedule"]
     reqs = sched["requests"]
-    assert [x["outcome"] for x in reqs] == ["ok"] * 9, (reqs, logs)
+    assert [x["outcome"] for x in reqs] == ["ok"] * 11, (reqs, logs)
 
     events = sched["codec_switches"]
     start = next(e for e in events if e["event"] == "start")
@@ -59,8 +60,11 @@ def test_edge_steps_down_its_ladder_when_the_link_slows_and_publishes_the_switch
     assert sizes["fp32"] > 5 * sizes["jpeg10"], sizes
     switches = [e for e in events if e["event"] == "switch"]
     assert [(e["previous"], e["current"]) for e in switches] == [("fp32", "jpeg10")], (events, logs)
-    assert "target 500 ms" in switches[0]["reason"] and switches[0]["settings"]["codec"] == "jpeg"
-    assert switches[0]["predicted_ms"]["fp32"] > 500.0 >= switches[0]["predicted_ms"]["jpeg10"]
+    assert "target 1000 ms" in switches[0]["reason"] and switches[0]["settings"]["codec"] == "jpeg"
+    # fp32 over the target; JPEG-10 the pick (the most preferred rung that meets the target, or the
+    # cheapest when none is predicted to: a rung never run borrows the current rung's compute time).
+    pred = switches[0]["predicted_ms"]
+    assert pred["fp32"] > 1000.0 and pred["jpeg10"] < pred["fp32"], pred
 
     # Which rung each request used, from the bytes the probe saw on the features topic (the whole message).
     def rung(x):
@@ -69,7 +73,9 @@ def test_edge_steps_down_its_ladder_when_the_link_slows_and_publishes_the_switch
     assert [rung(x) for x in fast] == ["fp32"] * 3, reqs
     used = [rung(x) for x in slow]
     assert used[0] == "fp32" and used[-2:] == ["jpeg10", "jpeg10"], used
-    assert used.count("fp32") <= 3, f"stepped down only after {used.count('fp32')} slow answers: {used}"
+    # Down once the prediction is over target by the margin (20%) on 2 answers in a row; the link
+    # estimate weighs older (fast) answers less with every answer, so that takes 2-4 slow answers.
+    assert used.count("fp32") <= 4, f"stepped down only after {used.count('fp32')} slow answers: {used}"
     # The switch paid off: on the slow link JPEG-10 answers well within the time fp32 needed.
     fp32_slow = [x["answer_ms"] for x in slow if rung(x) == "fp32"]
     jpeg_slow = [x["answer_ms"] for x in slow if rung(x) == "jpeg10"]

@@ -1,10 +1,14 @@
 """Bring up the edge_vlm node set without `ros2 launch` (pip-only installs, tests, the demo).
 
-Starts the same nodes, with the same parameter files from config/, as launch/all_in_one.launch.py:
-one edge node per robot in its own namespace (/robot_0, /robot_1, ...), one server node serving all
-of them, and one controller. Each node is a real process; `NodeSet.stop()` ends exactly the
-processes it started (SIGINT, then SIGTERM, then SIGKILL). SIGINT, SIGTERM and SIGHUP to bringup
-stop the nodes and exit with 128 + the signal number; a node whose bringup died stops itself.
+The nodes, their parameter files, namespaces and remappings come from the node-set descriptions in
+nodesets.py, which launch/*.launch.py are built from too: `build_specs` is launch/all_in_one.launch.py
+(one edge node per robot in its own namespace /robot_0, /robot_1, ..., one server serving all of
+them, one controller), `specs_for` any node set with its launch arguments. Each node is a real
+process; `NodeSet.stop()` ends exactly the processes it started (SIGINT, then SIGTERM, then
+SIGKILL). SIGINT, SIGTERM and SIGHUP to bringup stop the nodes and exit with 128 + the signal
+number; a node whose bringup died stops itself. Differences from `ros2 launch`, on purpose: a
+launch argument that is not given leaves the parameter to the node's files (the launch files pass
+every argument; their defaults are the files' values), and no SROS2 enclave is passed.
 
     python -m edge_vlm_ros.bringup --robots 2 --set edge.split_point=vision_block:2
 """
@@ -22,12 +26,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import nodesets
+from .nodesets import ALL_IN_ONE, PARAM_FILES, NodeSetDescription, PlannedNode, robot_names
 from .processes import INT_GRACE_S, ChildProcesses, launcher_main
 
 ROLES = ("edge", "server", "controller")
-MODULES = {"edge": "edge_vlm_ros.edge_node", "server": "edge_vlm_ros.server_node",
-           "controller": "edge_vlm_ros.controller_node", "libero_bridge": "edge_vlm_ros.libero_bridge_node"}
-PARAM_FILES = {"edge": "robot.yaml", "server": "server.yaml", "controller": "controller.yaml"}
+MODULES = {role: f"edge_vlm_ros.{role}_node" for role in nodesets.NODE_NAMES}
+__all__ = ["PARAM_FILES", "NodeSet", "NodeSpec", "build_specs", "config_dir", "robot_names", "specs_for"]
 
 
 def config_dir() -> Path:
@@ -42,31 +47,69 @@ def config_dir() -> Path:
 
 
 def param_arg(name: str, value: object) -> str:
+    """`-p` text of a parameter. rcl reads the value as YAML: a string that YAML would read as
+    something else ('123', 'true', '') is quoted so that the node gets a string, as from a file."""
     if isinstance(value, bool):
         v = "true" if value else "false"
     elif isinstance(value, (list, tuple)):
-        v = "[" + ",".join(str(x) for x in value) + "]"
+        v = "[" + ",".join(_yaml_text(x) for x in value) + "]"
     else:
-        v = str(value)
+        v = _yaml_text(value)
     return f"{name}:={v}"
+
+
+def _yaml_text(value: object) -> str:
+    import yaml
+
+    text = str(value)
+    if not isinstance(value, str):
+        return text
+    try:
+        plain = text != "" and yaml.safe_load(text) == text and not any(c in text for c in ",[]{}")
+    except yaml.YAMLError:
+        plain = False
+    return text if plain else "'" + text.replace("'", "''") + "'"
 
 
 @dataclass
 class NodeSpec:
+    """One node process: `python -m edge_vlm_ros.<role>_node --ros-args ...`."""
+
     role: str
     namespace: str = "/"
     params: dict[str, object] = field(default_factory=dict)
     params_file: Path | None = None
     name: str = ""
     extra_params_files: list[Path] = field(default_factory=list)   # applied after params_file, in order
+    node_name: str = ""                                            # ROS node name ("" = the node's own)
+    remappings: list[tuple[str, str]] = field(default_factory=list)
+    ros_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)              # defaults; the NodeSet's env wins
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", MODULES[self.role], "--ros-args", "-r", f"__ns:={self.namespace}"]
+        cmd = [sys.executable, "-m", MODULES[self.role], "--ros-args"]
+        if self.node_name:
+            cmd += ["-r", f"__node:={self.node_name}"]
+        cmd += ["-r", f"__ns:={self.namespace}"]
         for f in ([self.params_file] if self.params_file is not None else []) + list(self.extra_params_files):
             cmd += ["--params-file", str(f)]
         for k, v in self.params.items():
             cmd += ["-p", param_arg(k, v)]
-        return cmd
+        for src, dst in self.remappings:
+            cmd += ["-r", f"{src}:={dst}"]
+        return cmd + list(self.ros_args)
+
+    @classmethod
+    def from_plan(cls, planned: PlannedNode, given: set[str] | frozenset[str] = frozenset(),
+                  params: dict[str, object] | None = None) -> "NodeSpec":
+        """The process for a node planned by nodesets.py. Parameters that only copy a launch argument
+        are passed when that argument is in `given`; `params` are layered on top."""
+        own = {k: v for k, v in planned.parameters.items()
+               if k not in planned.from_arguments or planned.from_arguments[k] in given}
+        files = [Path(f) for f in planned.params_files]
+        return cls(planned.role, planned.namespace, {**own, **(params or {})}, files[0] if files else None,
+                   planned.label, files[1:], planned.node_name, list(planned.remappings), list(planned.ros_args),
+                   dict(planned.env))
 
 
 class NodeSet:
@@ -92,7 +135,8 @@ class NodeSet:
                 # cwd outside any source tree: `python -m` puts the cwd first on sys.path, and a source
                 # checkout there would shadow the installed package (which holds the generated msg/).
                 try:
-                    p = self._children.start(spec.name or spec.role, spec.command(), stdout=out,
+                    p = self._children.start(spec.name or spec.role, spec.command(), env={**spec.env, **self.env},
+                                             stdout=out,
                                              stderr=subprocess.STDOUT if out else None,
                                              cwd=str(self.log_dir or tempfile.gettempdir()))
                 finally:
@@ -124,7 +168,7 @@ class NodeSet:
         spec = dataclasses.replace(spec, params={**spec.params, **(params or {})})
         out = open(self.log_dir / f"{name}.log", "a") if self.log_dir is not None else None
         try:   # through ChildProcesses, so stop() and the parent-death handling cover it too
-            p = self._children.start(name, spec.command(), stdout=out, stderr=subprocess.STDOUT if out else None,
+            p = self._children.start(name, spec.command(), env={**spec.env, **self.env}, stdout=out, stderr=subprocess.STDOUT if out else None,
                                      cwd=str(self.log_dir or tempfile.gettempdir()))
         finally:
             if out is not None:
@@ -148,19 +192,24 @@ class NodeSet:
         self.stop()
 
 
-def robot_names(n: int) -> list[str]:
-    return [f"robot_{i}" for i in range(n)]
+def specs_for(nodeset: NodeSetDescription | str, args: dict[str, object] | None = None,
+              overrides: dict[str, dict[str, object]] | None = None, cfg_dir: Path | None = None) -> list[NodeSpec]:
+    """The processes of a node set (nodesets.NODE_SETS) for these launch arguments (as in
+    `ros2 launch edge_vlm_ros <set>.launch.py name:=value`); `overrides[role]` adds parameters."""
+    desc = nodesets.NODE_SETS[nodeset] if isinstance(nodeset, str) else nodeset
+    given = set(args or {})
+    return [NodeSpec.from_plan(p, given, (overrides or {}).get(p.role)) for p in desc.plan(args, cfg_dir or config_dir())]
 
 
 def build_specs(n_robots: int = 1, overrides: dict[str, dict[str, object]] | None = None,
                 cfg_dir: Path | None = None, with_controller: bool = True,
                 per_robot: dict[str, dict[str, object]] | None = None,
                 keys_dir: Path | str | None = None) -> list[NodeSpec]:
-    """The all-in-one node set: n edges (one namespace each), a server for all, a controller.
+    """The all-in-one node set (nodesets.ALL_IN_ONE): n edges (one namespace each), a server for
+    all, a controller.
 
     `keys_dir`: the folder of the robots' authentication keys, passed to every node as
     auth_keys_dir (an explicit override of that parameter wins)."""
-    cfg_dir = cfg_dir or config_dir()
     overrides = {role: dict(v) for role, v in (overrides or {}).items()}
     if keys_dir is not None:
         for role in ROLES:
@@ -168,14 +217,12 @@ def build_specs(n_robots: int = 1, overrides: dict[str, dict[str, object]] | Non
     robots = robot_names(n_robots)
     ensure_launcher_keys(robots, overrides, keys_dir)
     specs = []
-    for r in robots:
-        params = {"robot_id": r, **overrides.get("edge", {}), **(per_robot or {}).get(r, {})}
-        specs.append(NodeSpec("edge", f"/{r}", params, cfg_dir / PARAM_FILES["edge"], f"edge_{r}"))
-    specs.append(NodeSpec("server", "/", {"robots": robots, **overrides.get("server", {})},
-                          cfg_dir / PARAM_FILES["server"], "server"))
-    if with_controller:
-        specs.append(NodeSpec("controller", "/", {"robots": robots, **overrides.get("controller", {})},
-                              cfg_dir / PARAM_FILES["controller"], "controller"))
+    for planned in ALL_IN_ONE.plan({"robots": str(n_robots)}, cfg_dir or config_dir()):
+        if planned.role == "controller" and not with_controller:
+            continue
+        robot = planned.parameters.get("robot_id")
+        params = {**overrides.get(planned.role, {}), **((per_robot or {}).get(robot, {}) if robot else {})}
+        specs.append(NodeSpec.from_plan(planned, {"robots"}, params))
     return specs
 
 

@@ -22,20 +22,23 @@ import logging
 
 import numpy as np
 import rclpy
-from rclpy.executors import SingleThreadedExecutor
+from rclpy.action import ActionClient
 from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 
+from edge_vlm_ros.action import Ask
 from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, FlowControl, Prompt, RobotAction
 
 from . import qos, topics
+from .ask_client import AskGoal, make_goal, send_ask
 from .conversions import flow_paused, msg_to_answer, msg_to_chunk, ns_to_stamp, rgb_to_image, stamp_to_ns
 from .core.chunks import ActionChunk
 from .core.types import AnswerResult
 from .core.auth import Authenticator
 from .guard import CallbackGuard
 from .msg_auth import MessageAuth
+from .spin import make_executor
 
 LOG = logging.getLogger(__name__)
 
@@ -88,6 +91,7 @@ class RobotClient:
         self._probe_ids: set[str] = set()
         self._probing: set[str] = set()     # robots whose readiness probe is running
         self._ask_locks = {r: threading.Lock() for r in robots}   # one ask at a time per robot
+        self._ask_clients: dict[str, ActionClient] = {}   # robot -> client of its Ask action (made on first use)
         self._last_stamp = 0
         self.pub_image = {r: self.node.create_publisher(Image, topics.for_robot(r, topics.CAMERA), qos.CAMERA)
                           for r in robots}
@@ -119,10 +123,17 @@ class RobotClient:
                 self.pub_state[r] = self.node.create_publisher(JointState, topics.for_robot(r, topics.ROBOT_STATE),
                                                                qos.ROBOT_STATE)
         self.last_prompt_ns = 0
-        self._executor = SingleThreadedExecutor(context=self._context)
+        self._executor = make_executor(self._context)
         self._executor.add_node(self.node)
-        self._spin = threading.Thread(target=self._executor.spin, daemon=True)
+        self._stop = threading.Event()
+        self._spin = threading.Thread(target=self._spin_loop, daemon=True)
         self._spin.start()
+
+    def _spin_loop(self) -> None:
+        # spin_once in a loop, not executor.spin(): the EventsExecutor's spin() on a thread of its own
+        # was seen to hold off this process's other threads and to hang shutdown().
+        while not self._stop.is_set() and self._context.ok():
+            self._executor.spin_once(timeout_sec=0.1)
 
     @property
     def auth_dropped(self) -> dict[str, dict[str, int]]:
@@ -291,6 +302,18 @@ class RobotClient:
         ActionChunk for exactly this instruction and frame, or None."""
         return self._ask(robot, rgb, text, timeout, settle_s, attempts, self.chunks)
 
+    def ask_with_action(self, robot: str, question: str, rgb: np.ndarray | None = None, task: str = "",
+                        max_new_tokens: int = 0, server_timeout: float = 30.0) -> AskGoal:
+        """Send `question` as a goal of the robot's Ask action (/<robot>/edge_vlm/ask) and return the
+        goal (ask_client.AskGoal): .wait(timeout) gives its Ask.Result, the answer to exactly this
+        question; .feedback its stages; .cancel() takes it back. `rgb`: ask about this image instead of
+        the robot's newest camera frame. Any number at once, from any thread."""
+        with self._lock:
+            if robot not in self._ask_clients:
+                self._ask_clients[robot] = ActionClient(self.node, Ask, topics.for_robot(robot, topics.ASK))
+            client = self._ask_clients[robot]
+        return send_ask(client, make_goal(question, rgb, task, max_new_tokens), server_timeout)
+
     def _ask(self, robot: str, rgb: np.ndarray, text: str, timeout: float, settle_s: float, attempts: int,
              records: dict) -> AnswerResult | ActionChunk | None:
         deadline = time.monotonic() + timeout
@@ -349,6 +372,8 @@ class RobotClient:
         return ()
 
     def close(self) -> None:
+        self._stop.set()
+        self._spin.join(timeout=2.0)
         self._executor.shutdown(timeout_sec=1.0)
         self.node.destroy_node()
         self._context.try_shutdown()

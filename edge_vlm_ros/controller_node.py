@@ -84,7 +84,7 @@ class ControllerNode(Node):
 
     # ---- action chunks -----------------------------------------------------------------------
     def _setup_actions(self) -> None:
-        base = declare_config(self, ChunkExecutorConfig)
+        base = declare_config(self, ChunkExecutorConfig, self._apply_live)
         self.executor_config = base
         for r in self.cfg.robots:
             ra = _RobotActions(r, ChunkExecutor(dataclasses.replace(base, robot_id=r)), self.cfg.instruction)
@@ -234,6 +234,15 @@ class ControllerNode(Node):
             rec["end_to_end_ms"] = e2e_ms
             rec["received_ns"] = now_ns
             self._log.write(json.dumps(rec) + "\n")
+
+    def _apply_live(self, cfg: ChunkExecutorConfig, changed: frozenset[str]) -> None:
+        """A live ChunkExecutorConfig field changed (params.declare_config): every robot's executor
+        takes it between ticks (ChunkExecutor.reconfigure). The fixed fields are equal for every robot,
+        so a refusal comes from the first executor, before any has changed."""
+        for r, ra in self._robots.items():
+            ra.executor.reconfigure(dataclasses.replace(cfg, robot_id=r))
+        self.executor_config = cfg
+        self.get_logger().info(f"live change {sorted(changed)}: merge {cfg.merge_policy.value}")
 
     def destroy_node(self) -> None:
         if self._log is not None:

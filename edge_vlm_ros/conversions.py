@@ -274,11 +274,19 @@ def msg_to_timings(m: StageTimingsMsg) -> StageTimings:
     return StageTimings(**{k: getattr(m, k) for k in StageTimings.__dataclass_fields__})
 
 
+def ros_string(s: str) -> str:
+    """A str as a ROS string field can carry it. ROS strings end at the first NUL on the wire, so
+    a NUL (a model can generate one) would cut the text short in transit, and the receiver's MAC,
+    computed over what arrived, would no longer match the sender's: NUL becomes U+FFFD. The token
+    ids travel beside the text unchanged."""
+    return s.replace("\x00", "\ufffd") if "\x00" in s else s
+
+
 def answer_to_msg(a: AnswerResult) -> Answer:
     m = Answer()
     m.header.stamp = ns_to_stamp(a.stamp_ns)
     m.request_id, m.robot_id = a.request_id, a.robot_id
-    m.outcome, m.reason, m.text = int(a.outcome), a.reason, a.text
+    m.outcome, m.reason, m.text = int(a.outcome), ros_string(a.reason), ros_string(a.text)
     m.token_ids = [int(t) for t in a.token_ids]
     m.timings = timings_to_msg(a.timings)
     return m
@@ -301,7 +309,7 @@ def chunk_to_msg(c: ActionChunk) -> ActionChunkMsg:
     m = ActionChunkMsg()
     m.header.stamp = ns_to_stamp(c.stamp_ns)
     m.request_id, m.robot_id, m.episode_id = c.request_id, c.robot_id, c.episode_id
-    m.outcome, m.reason = int(c.outcome), c.reason
+    m.outcome, m.reason = int(c.outcome), ros_string(c.reason)
     m.chunk_size, m.action_dim = int(c.chunk_size), int(c.action_dim)
     m.actions = np.ascontiguousarray(c.actions, dtype=np.float32)   # float32[] from an array: no loop
     m.control_period_s = float(c.control_period_s)

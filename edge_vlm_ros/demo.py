@@ -96,16 +96,22 @@ def main(argv: list[str] | None = None) -> int:
                 mark = "ok " if a.text.strip().lower() == expected.lower() else "   "
                 print(f"[{r}] Q: {question}\n        A: {a.text!r} (expected {expected!r}) {mark}"
                       f"[{a.outcome.name.lower()}{': ' + a.reason if a.reason else ''}]")
+                # What the split itself costs this request: all but the model's compute on either side
+                # (DDS hops, thread hand-offs, conversions, signing, queueing).
+                overhead = e2e - (t.edge_preprocess_ms + t.edge_encode_ms) - (t.server_decode_ms + t.generate_ms)
                 print(f"        e2e {e2e:7.1f} ms | edge {t.edge_preprocess_ms + t.edge_encode_ms:6.1f} | transport "
                       f"{t.transport_ms:5.1f} | server decode {t.server_decode_ms:5.1f} | queue {t.queue_wait_ms:5.1f} | "
-                      f"batch {t.batch_ms:5.1f} | generate {t.generate_ms:6.1f} ms (batch {t.batch_size})")
-                rows.append((a, e2e, a.text.strip().lower() == expected.lower()))
+                      f"batch {t.batch_ms:5.1f} | generate {t.generate_ms:6.1f} ms (batch {t.batch_size}) | "
+                      f"overhead {overhead:5.1f} ms")
+                rows.append((a, e2e, a.text.strip().lower() == expected.lower(), overhead))
         done = [r for r in rows if r is not None]
         ok = [r for r in done if r[0].outcome.name == "OK"]
         print(f"\n{len(ok)}/{len(rows)} answered ok, {sum(r[2] for r in done)}/{len(rows)} equal to the expected answer")
         if ok:
             print(f"end-to-end p50 {statistics.median(r[1] for r in ok):.1f} ms over {len(ok)} requests "
                   f"(split {args.split}, codec {codec})")
+            print(f"per-request overhead p50 {statistics.median(r[3] for r in ok):.1f} ms (end-to-end minus edge "
+                  f"and server compute)")
         dropped = client.auth_dropped
         if dropped:
             print(f"messages dropped for failing authentication: {dropped}")

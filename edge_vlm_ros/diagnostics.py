@@ -37,7 +37,9 @@ class DiagnosticsPublisher:
         self._collect = collect
         self.started = time.monotonic()
         self.pub = node.create_publisher(DiagnosticArray, topics.DIAGNOSTICS, qos.DIAGNOSTICS)
-        self._timer = node.create_timer(period_s, self.publish)
+        # (not self.publish itself: rclpy's EventsExecutor passes a TimerInfo to a timer callback that
+        # takes an argument, and publish's would take it for the statuses)
+        self._timer = node.create_timer(period_s, lambda: self.publish())
 
     def uptime_s(self) -> float:
         return time.monotonic() - self.started

@@ -14,6 +14,8 @@ Publishes: edge_vlm/prompt (Prompt), edge_vlm/features (VisualFeatures), /diagno
   edge_vlm/codec_switch (std_msgs/String, JSON: with codec_ladder, the first rung and every switch),
   edge_vlm/answer (Answer, only for requests that end on the robot itself; with task "action" such
   failures go out as an ActionChunk on edge_vlm/action_chunk instead)
+Serves: edge_vlm/ask (action Ask, ask_server.py): one question as a goal, with its stages as
+  feedback and its own answer as the result; encoded by the same worker, before topic prompts
 
 One outcome per request even when the server never answers (core.requests): every request carries a
 deadline (request_timeout_s after its prompt arrived, wall clock, in the Prompt and VisualFeatures);
@@ -56,6 +58,7 @@ from std_msgs.msg import String
 from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, FlowControl, Prompt, VisualFeatures
 
 from . import qos, topics
+from .ask_server import AskJob, AskServer
 from .conversions import (answer_to_msg, check_episode, check_proprio_state, chunk_to_msg, features_to_msg, flow_paused,
                           image_to_rgb, msg_to_timings, prompt_to_msg, stamp_to_ns)
 from .core.camera import check_compressed, decode_compressed
@@ -74,10 +77,15 @@ from .core.model_paths import resolve
 from .spin import WORKER_JOIN_S, exit_node, run_node
 
 
+# Live EdgeConfig fields that the encoder is built from (a change builds a new encoder).
+ENCODER_FIELDS = frozenset({"split_point", "codec", "codec_dtype", "jpeg_quality", "codebook_path",
+                            "token_stats_dtype"})
+
+
 class EdgeNode(Node):
     def __init__(self) -> None:
         super().__init__("edge_vlm_edge")
-        self.cfg: EdgeConfig = declare_config(self, EdgeConfig)
+        self.cfg: EdgeConfig = declare_config(self, EdgeConfig, self._apply_live)
         self.msg_auth = make_message_auth(self.cfg.auth, self.cfg.auth_keys_dir, [self.cfg.robot_id],
                                           self.cfg.auth_max_age_s, self.get_logger())
         model = resolve(self.cfg.model_path)
@@ -125,6 +133,7 @@ class EdgeNode(Node):
         if self.cfg.task == "action":
             self.guard.subscribe(ActionChunkMsg, topics.ACTION_CHUNK, self._on_chunk, qos.ACTION_CHUNK)
         self.create_timer(0.1, self._check_deadlines)
+        self.ask = AskServer(self)        # the Ask action, edge_vlm/ask (ask_server.py)
         self.create_timer(10.0, self._log_counters)
         self._last_answer_t: float | None = None     # monotonic time of the newest outcome heard
         self._rejects = Growth()
@@ -206,6 +215,7 @@ class EdgeNode(Node):
             self.counters["answers_rejected"] += 1
         self._outcome_heard(msg.request_id, "answer")
         self._last_answer_t = time.monotonic()
+        self.ask.on_answer(msg)
         self._ladder_outcome(msg)
 
     def _on_chunk(self, msg: ActionChunkMsg) -> None:
@@ -214,6 +224,7 @@ class EdgeNode(Node):
             return
         self._outcome_heard(msg.request_id, "action chunk")
         self._last_answer_t = time.monotonic()
+        self.ask.on_chunk(msg)
         self._ladder_outcome(msg)
 
     def _outcome_heard(self, request_id: str, kind: str) -> None:
@@ -258,10 +269,13 @@ class EdgeNode(Node):
             self.get_logger().info(f"server state: {v.describe()}")
 
     # ---- worker thread -----------------------------------------------------------------------
-    def _next_job(self) -> tuple[str, Image | CompressedImage, int] | None:
-        """Under the lock: the next (prompt, frame, deadline_ns) to encode, or None to keep waiting."""
+    def _next_job(self) -> tuple[str, Image | CompressedImage, int] | tuple[str, Image | CompressedImage, int, AskJob] | None:
+        """Under the lock: the next (prompt, frame, deadline_ns[, Ask goal]) to encode, or None to keep waiting."""
         if self.lease.paused:
             return None
+        ask = self.ask.next_job(self._frame)    # Ask goals before topic prompts
+        if ask is not None:
+            return ask
         if self.cfg.request_mode == "continuous":
             if self._frame is None or self._frame_seq == self._used_seq:
                 return None
@@ -292,13 +306,14 @@ class EdgeNode(Node):
                 if job is None:
                     self._lock.wait(timeout=0.05)
                     continue
-            text, frame, deadline_ns = job
+            text, frame, deadline_ns, *ask = job
             self._last_request_t = time.monotonic()
-            self._request(text, frame, deadline_ns)
+            self._request(text, frame, deadline_ns, *ask)
 
-    def _request(self, text: str, frame: Image | CompressedImage, deadline_ns: int) -> None:
+    def _request(self, text: str, frame: Image | CompressedImage, deadline_ns: int, ask: AskJob | None = None) -> None:
         started = time.monotonic()
-        rid = self.encoder.new_request_id()
+        encoder = self.encoder            # one encoder per request (a live change swaps it between requests)
+        rid = encoder.new_request_id() if ask is None else ask.request_id
         stamp_ns = stamp_to_ns(frame.header.stamp)
         view = self.lease.view()
         if view.status is LeaseStatus.EXPIRED:
@@ -330,9 +345,10 @@ class EdgeNode(Node):
             return
         # Algorithm 1: the prompt goes out first, so the server tokenizes while we encode.
         self.pub_prompt.publish(self._signed(prompt_to_msg(PromptRequest(
-            rid, self.cfg.robot_id, text, stamp_ns, self.cfg.task, self.cfg.max_new_tokens, episode_id, proprio,
+            rid, self.cfg.robot_id, text, stamp_ns, self.cfg.task,
+            self.cfg.max_new_tokens if ask is None else ask.max_new_tokens, episode_id, proprio,
             deadline_ns=deadline_ns))))
-        encoder, rung = self.encoder, None
+        rung = None
         try:
             if self.ladder is not None:
                 rung, encoder = self._ladder_choose(rgb)
@@ -345,6 +361,8 @@ class EdgeNode(Node):
                                     f"{traceback.format_exc()}")
             return
         packet.deadline_ns = deadline_ns
+        if ask is not None and not self.ask.features_ready(ask):
+            return    # its goal was cancelled while encoding: no features, so the server never generates it
         features = self._signed(features_to_msg(packet, time.time_ns()))
         if rung is not None:
             self.ladder.sent(rid, rung, len(serialize_message(features)), started)
@@ -405,6 +423,26 @@ class EdgeNode(Node):
                                f"({record['reason']})")
         record["stamp_ns"] = time.time_ns()
         self.pub_codec_switch.publish(String(data=json.dumps(record, sort_keys=True)))
+
+    # ---- live parameters (params.declare_config) -------------------------------------------------
+    def _apply_live(self, cfg: EdgeConfig, changed: frozenset[str]) -> None:
+        """A live parameter changed: the next request uses `cfg`. A new split point, codec, quality,
+        codebook or token-stats dtype gets a new encoder that reuses the loaded vision model; it is
+        built before anything changes, so a refusal (ValueError: split out of range for the model, a
+        codebook of another model or placement) leaves the running encoder and config as they were."""
+        if self.ladder is not None and changed & ENCODER_FIELDS:
+            raise ValueError(f"{sorted(changed & ENCODER_FIELDS)}: with codec_ladder set, the ladder picks the "
+                             f"split point and codec of each request (its rungs are set at start-up)")
+        encoder = self.encoder
+        if changed & ENCODER_FIELDS:
+            encoder = self.encoder.reconfigured(cfg)
+        with self._lock:
+            self.encoder, self.cfg = encoder, cfg
+            if "standing_prompt" in changed:
+                self._standing_prompt = cfg.standing_prompt
+            self._lock.notify_all()
+        self.counters["live_changes"] += 1
+        self.get_logger().info(f"live change {sorted(changed)}: split {cfg.split_point}, codec {cfg.codec}")
 
     def destroy_node(self) -> None:
         self._running = False

@@ -14,8 +14,12 @@ with `ChildProcesses` and wraps its `main` in `@launcher_main`:
   dies, even by SIGKILL (Linux PR_SET_PDEATHSIG), and a thread watching the parent pid does the
   same where prctl is unavailable. A child whose launcher died before it armed itself stops at once.
 
-A node process (spin.run_node) uses `NodeStop`: the same three signals end its spin loop, and the
-node is destroyed and rclpy shut down before the process exits with code 0.
+A node process (spin.run_node) uses `NodeStop`, installed when the package is first imported (before
+torch and rclpy load; a signal then ends the process at once, exit code 0, as nothing has started
+yet): the same three signals end its spin loop, and the
+node is destroyed and rclpy shut down before the process exits with code 0; whatever blocks that,
+the process is gone STOP_DEADLINE_S after the first signal (exit code 1, every thread's stack on
+stderr), inside `ros2 launch`'s 5 s before it escalates to SIGTERM.
 
 Children must be started from a thread that lives as long as they should (the main thread): the
 kernel's parent-death signal follows the thread that forked the child.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import functools
 import os
 import signal
@@ -41,6 +46,7 @@ INT_GRACE_S = 5.0      # after SIGINT: a node stops within 2 s; the rest is for 
 TERM_GRACE_S = 3.0     # after SIGTERM, before SIGKILL
 KILL_WAIT_S = 5.0      # after SIGKILL (the kernel only has to reap)
 PARENT_POLL_S = 0.5    # the parent-watch thread's period
+STOP_DEADLINE_S = 4.0  # a node process: first stop signal -> exit, at most (ros2 launch escalates after 5 s)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -259,21 +265,91 @@ def die_with_parent(sig: int = signal.SIGTERM, use_prctl: bool = True) -> bool:
 class NodeStop:
     """Stop signals of a node process: before `spinning` is set (construction, model loading) they
     raise Stopped so a slow start is cut short; afterwards they only set `requested`, which the spin
-    loop checks at least every spin period, so no callback is interrupted halfway."""
+    loop checks at least every spin period, so no callback is interrupted halfway.
 
-    def __init__(self) -> None:
+    A Python signal handler runs only in the main thread, between two bytecodes: while the main
+    thread sits in one long C call (loading weights, building a simulator, a DDS call, a lock that
+    cleanup never gets) the stop waits for that call. So the first stop signal is also noticed by a
+    thread woken by the interpreter's C-level handler (signal.set_wakeup_fd), which sets
+    `requested` and arms a deadline: if the process has not exited `deadline_s` after the signal,
+    faulthandler's watchdog thread (C, needs neither the GIL nor the main thread) prints every
+    thread's stack to stderr, where the log shows what held the stop, and ends the process with
+    exit code 1. The deadline is shorter than `ros2 launch`'s sigterm_timeout (5 s), so launch
+    never has to escalate. (A C call that holds the GIL delays the watcher too, until it returns.)"""
+
+    def __init__(self, deadline_s: float = STOP_DEADLINE_S) -> None:
         self.requested = threading.Event()
         self.signum: int | None = None
+        self.started = False     # run_node has begun (rclpy.init): below, only modules are importing
         self.spinning = False
+        self.deadline_s = deadline_s
+        self._armed = threading.Lock()
+        self._deadline_set = False
 
     def _handler(self, signum: int, frame: Any) -> None:
         first = self.signum is None
         if first:
             self.signum = signum
+        self.arm_deadline()
         self.requested.set()
+        if first and not self.started:
+            # still importing torch, transformers, rclpy: nothing to clean up, and an exception here
+            # would only add a traceback and seconds of interpreter teardown (exit code -2)
+            os._exit(0)
         if first and not self.spinning:
             raise Stopped(signum)
 
+    def arm_deadline(self) -> None:
+        """Start the stop deadline (once): after deadline_s, stacks to stderr and exit code 1."""
+        with self._armed:
+            if self._deadline_set:
+                return
+            self._deadline_set = True
+        faulthandler.dump_traceback_later(self.deadline_s, exit=True)
+
+    def _watch(self, fd: int) -> None:
+        stops = {int(s) for s in STOP_SIGNALS}
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            if any(b in stops for b in data):
+                self.arm_deadline()
+                self.requested.set()
+
     def install(self) -> None:
+        """Install the handlers and the wakeup watcher (main thread only)."""
         for s in STOP_SIGNALS:
             signal.signal(s, self._handler)
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(r,), name="edge_vlm_stop_watch", daemon=True).start()
+
+
+_node_stop: NodeStop | None = None
+
+
+def node_stop() -> NodeStop:
+    """This process's NodeStop, installed on the first call (from the main thread)."""
+    global _node_stop
+    if _node_stop is None:
+        _node_stop = NodeStop()
+        _node_stop.install()
+    return _node_stop
+
+
+def is_node_process(argv: Sequence[str] | None = None) -> bool:
+    """Whether this process runs one of the package's nodes: `python -m edge_vlm_ros.<x>_node` or an
+    installed entry point lib/edge_vlm_ros/<x>_node (what `ros2 run` and `ros2 launch` start)."""
+    args = list(getattr(sys, "orig_argv", sys.argv) if argv is None else argv)[1:]
+    while args and args[0].startswith("-") and args[0] not in ("-m", "-c"):
+        args = args[1:] if args[0] not in ("-X", "-W") else args[2:]
+    if not args or args[0] == "-c":
+        return False
+    if len(args) >= 2 and args[0] == "-m":
+        return args[1].startswith("edge_vlm_ros.") and args[1].endswith("_node")
+    return args[0].endswith("_node") and os.path.basename(os.path.dirname(args[0])) == "edge_vlm_ros"

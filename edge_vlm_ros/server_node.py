@@ -56,7 +56,7 @@ def load_codebooks(paths: list[str], fingerprint: str) -> dict:
 class ServerNode(Node):
     def __init__(self) -> None:
         super().__init__("edge_vlm_server")
-        self.cfg: ServerConfig = declare_config(self, ServerConfig)
+        self.cfg: ServerConfig = declare_config(self, ServerConfig, self._apply_live)
         self.msg_auth = make_message_auth(self.cfg.auth, self.cfg.auth_keys_dir, self.cfg.robots,
                                           self.cfg.auth_max_age_s, self.get_logger())
         self._host = socket.gethostname()
@@ -209,6 +209,19 @@ class ServerNode(Node):
                               self.cfg.pause_threshold, self.cfg.queue_capacity, len(self.engine.inbox),
                               self.cfg.inbox_capacity, rate, stats, auth, self._rejects.update(rejected),
                               self._auth_drops.update(sum(sum(v.values()) for v in auth.values())))]
+
+    def _apply_live(self, cfg: ServerConfig, changed: frozenset[str]) -> None:
+        """A live parameter changed (params.declare_config): the engine takes the batch limits,
+        thresholds and request limits (between batches); FlowControl carries the new thresholds and
+        lease from now on (published at once). A refusal leaves everything as it was."""
+        old, self.cfg = self.cfg, cfg          # before the engine: a PAUSE it triggers shows the new thresholds
+        try:
+            self.engine.update_limits(cfg)
+        except Exception:
+            self.cfg = old
+            raise
+        self._publish_flow()
+        self.get_logger().info(f"live change {sorted(changed)}")
 
     def destroy_node(self) -> None:
         self.engine.stop(timeout=WORKER_JOIN_S)

@@ -20,11 +20,11 @@ import sys
 from typing import Callable, NoReturn, TypeVar
 
 import rclpy
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import Executor, ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
-from .processes import NodeStop, Stopped
+from .processes import Stopped, node_stop
 
 N = TypeVar("N", bound=Node)
 SPIN_PERIOD_S = 0.1   # the longest a stop signal waits for the spin loop to notice it
@@ -32,6 +32,26 @@ SPIN_PERIOD_S = 0.1   # the longest a stop signal waits for the spin loop to not
 # the workers are daemon threads, so one still busy after this ends with the process, and the
 # node keeps its 2 s budget from a stop signal to exit whatever the model or simulator.
 WORKER_JOIN_S = 1.0
+EXECUTOR_ENV = "EDGE_VLM_EXECUTOR"   # "single": rclpy's Python SingleThreadedExecutor even where EventsExecutor exists
+
+
+def make_executor(context: rclpy.Context | None = None) -> Executor:
+    """The executor a process spins its nodes with: rclpy's EventsExecutor where the distribution has it
+    (Kilted and later), else the SingleThreadedExecutor (Humble, Jazzy), or that one when EDGE_VLM_EXECUTOR=single.
+
+    Why: the Python executor rebuilds its wait set in Python after every callback while holding the GIL,
+    so a worker thread woken by that callback (the edge's encoder, the server's matcher, a client's
+    waiting caller) waits for it; measured here, a thread hand-off after a DDS callback took 0.5-4 ms
+    with it and ~0.1 ms with the EventsExecutor, whose waiting and dispatch are C++. Both run every
+    callback on the spinning thread, one at a time, so the nodes' threading is the same."""
+    if os.environ.get(EXECUTOR_ENV, "").strip().lower() != "single":
+        try:
+            from rclpy.experimental import EventsExecutor
+        except ImportError:
+            pass
+        else:
+            return EventsExecutor(context=context)
+    return SingleThreadedExecutor(context=context)
 
 
 def run_node(factory: Callable[[], N], args: list[str] | None = None,
@@ -41,13 +61,13 @@ def run_node(factory: Callable[[], N], args: list[str] | None = None,
     returned so the caller can derive an exit code from its state. A stop signal that arrives
     before the node exists ends the process here (exit_node(0)), after the same cleanup."""
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    stop = NodeStop()
-    stop.install()
+    stop = node_stop()      # installed at the package's first import in a node process
+    stop.started = True
     node: N | None = None
-    executor: SingleThreadedExecutor | None = None
+    executor: Executor | None = None
     try:
         node = factory()
-        executor = SingleThreadedExecutor()
+        executor = make_executor()
         executor.add_node(node)
         stop.spinning = True
         while not stop.requested.is_set() and rclpy.ok() and not (done is not None and done(node)):

@@ -112,7 +112,7 @@ ENV
 # ---- 4. colcon build ------------------------------------------------------------------------
 # --symlink-install: the installed Python modules are links to the sources, so editing a .py
 # needs no rebuild; adding a file, a message or a launch file does (the stamp below notices).
-BUILD_STAMP="$(cd "$REPO" && { find msg launch config scripts edge_vlm_ros -type f ! -name '*.pyc' | sort; cat CMakeLists.txt package.xml msg/*.msg; } | sha256sum | cut -c1-16)"
+BUILD_STAMP="$(cd "$REPO" && { find msg action launch config scripts edge_vlm_ros -type f ! -name '*.pyc' | sort; cat CMakeLists.txt package.xml msg/*.msg action/*.action; } | sha256sum | cut -c1-16)"
 if [ "$(cat "$REPO/install/.edge_vlm_build" 2>/dev/null)" != "$BUILD_STAMP" ]; then
   log "colcon build (messages + Python modules), ~30 s"
   (

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..codecs.base import DecodeLimits
-from ..codecs.image import ImageCodec, check_image_size, read_jpeg_header
+from ..codecs.image import JpegCodec, check_image_size, read_jpeg_header
 from .types import RequestError
 
 # The image caps of a camera frame: a 4K frame fits, a bomb does not.
@@ -124,7 +124,7 @@ def check_compressed(fmt: str, data: bytes | memoryview | np.ndarray,
     except RequestError as e:
         raise ValueError(e.reason) from None
     # No encoder writes more than this for that many pixels (the bound the server uses for JPEG).
-    cap = ImageCodec.JPEG_MAX_BYTES_PER_PIXEL * height * width + ImageCodec.JPEG_MAX_OVERHEAD
+    cap = JpegCodec.JPEG_MAX_BYTES_PER_PIXEL * height * width + JpegCodec.JPEG_MAX_OVERHEAD
     if len(buf) > cap:
         raise ValueError(f"{f.kind} payload is {len(buf)} bytes, more than {cap} for a {height} x {width} image")
     return FrameHeader(f.kind, height, width)

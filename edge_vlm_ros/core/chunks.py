@@ -60,11 +60,13 @@ LOG = logging.getLogger(__name__)
 NS_PER_S = 1_000_000_000
 
 
-def _f(default: Any, description: str) -> Any:
-    """A config field whose description becomes the node's ParameterDescriptor."""
+def _f(default: Any, description: str, live: bool = False) -> Any:
+    """A config field whose description becomes the node's ParameterDescriptor; `live` as in
+    config.param (the controller applies a new value between ticks, ChunkExecutor.reconfigure)."""
+    meta = {"description": description, "live": live}
     if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata={"description": description})
-    return field(default=default, metadata={"description": description})
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 class MergePolicy(str, enum.Enum):
@@ -115,7 +117,7 @@ class TickStatus(str, enum.Enum):
 # Counters besides the verdicts.
 TICK_COUNTERS = ("ticks", "safe_ticks", "requests", "request_timeouts", "chunks_completed",
                  "chunks_evicted", "episode_resets", "rate_clamped", "rate_rejected", "chunks_rate_rejected",
-                 "states_unusable")
+                 "states_unusable", "chunks_dropped_reconfigured")
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,41 +189,41 @@ class ChunkExecutorConfig:
     control_period_s: float = _f(0.05, "Controller tick period (s). Chunks carry their own period; this "
                                        "one paces the timer and converts *_steps settings to time.")
     merge_policy: MergePolicy = _f(MergePolicy.LATEST_ONLY, "latest_only, average, weighted or "
-                                                            "temporal_ensembling.")
+                                                            "temporal_ensembling.", live=True)
     newer_weight: float = _f(0.7, "weighted: blend factor of the newer chunk, in (0, 1); > 0.5 favours "
-                                  "newer chunks.")
+                                  "newer chunks.", live=True)
     ensemble_m: float = _f(0.01, "temporal_ensembling: w_j = exp(-m * j), j = 0 for the oldest chunk; "
-                                 "m > 0 favours older predictions (ACT).")
+                                 "m > 0 favours older predictions (ACT).", live=True)
     low_water_steps: int = _f(4, "Request the next chunk when this many steps or fewer remain after the "
-                                 "current one; set it above the round-trip latency in steps.")
+                                 "current one; set it above the round-trip latency in steps.", live=True)
     max_chunk_age_s: float = _f(1.0, "Deadline: a chunk whose observation is older than this on arrival "
-                                     "is dropped.")
+                                     "is dropped.", live=True)
     max_future_s: float = _f(0.05, "A chunk stamped further ahead of the controller clock is rejected "
-                                   "(clock mismatch, e.g. sim time vs wall time).")
-    silence_timeout_s: float = _f(1.0, "No chunk accepted for this long: the status is server_silent.")
-    request_timeout_s: float = _f(2.0, "A request unanswered this long is given up and may be re-sent.")
+                                   "(clock mismatch, e.g. sim time vs wall time).", live=True)
+    silence_timeout_s: float = _f(1.0, "No chunk accepted for this long: the status is server_silent.", live=True)
+    request_timeout_s: float = _f(2.0, "A request unanswered this long is given up and may be re-sent.", live=True)
     retry_interval_s: float = _f(0.2, "After a failed answer or a request timeout, wait this long before "
-                                      "requesting again (do not hammer an overloaded server).")
-    max_chunks: int = _f(16, "Most live chunks held; the oldest is evicted beyond it.")
-    max_chunk_size: int = _f(1024, "Chunks with more actions are rejected.")
-    low: list[float] = _f([], "Per-dimension lower action limits (empty: no limit).")
-    high: list[float] = _f([], "Per-dimension upper action limits (empty: no limit).")
-    limit_tolerance: float = _f(1e-6, "Absolute slack on the limits (float32 rounding on the wire).")
+                                      "requesting again (do not hammer an overloaded server).", live=True)
+    max_chunks: int = _f(16, "Most live chunks held; the oldest is evicted beyond it.", live=True)
+    max_chunk_size: int = _f(1024, "Chunks with more actions are rejected.", live=True)
+    low: list[float] = _f([], "Per-dimension lower action limits (empty: no limit).", live=True)
+    high: list[float] = _f([], "Per-dimension upper action limits (empty: no limit).", live=True)
+    limit_tolerance: float = _f(1e-6, "Absolute slack on the limits (float32 rounding on the wire).", live=True)
     safe_action: list[float] = _f([], "Action held when none is available (empty: zeros, i.e. zero "
-                                      "velocity for velocity control).")
+                                      "velocity for velocity control).", live=True)
     robot_id: str = _f("", "If set, chunks for another robot_id are dropped.")
     max_jump: list[float] = _f([], "Jump check, per dimension: a chunk whose first action to run differs from "
-                                   "the reference by more than this is rejected (0 or empty: no limit).")
+                                   "the reference by more than this is rejected (0 or empty: no limit).", live=True)
     max_jump_norm: float = _f(0.0, "Jump check on the Euclidean norm of the difference to the reference "
-                                   "(0: off).")
+                                   "(0: off).", live=True)
     jump_reference: str = _f("last_action", "What the jump check compares against: last_action (the last "
                                             "executed action, safe action included) or state (the measured "
                                             "robot state, same space as the actions; last action until one "
                                             "is measured).")
     max_rate: list[float] = _f([], "Rate limit, per dimension: most change of the executed action from one "
-                                   "tick to the next (0 or empty: no limit).")
+                                   "tick to the next (0 or empty: no limit).", live=True)
     rate_limit_mode: str = _f("clamp", "clamp: move at most max_rate toward the merged action; reject: "
-                                       "discard the chunks asking for a faster change and hold the safe action.")
+                                       "discard the chunks asking for a faster change and hold the safe action.", live=True)
 
     def __post_init__(self) -> None:
         try:
@@ -407,6 +409,50 @@ class ChunkExecutor:
             self._in_flight = None
             self._requested_for = None
 
+    def reconfigure(self, config: ChunkExecutorConfig) -> int:
+        """Apply a new configuration between ticks (merge policy, limits, timeouts, ...).
+
+        action_dim, control_period_s, robot_id and jump_reference must stay as they are (the node's
+        timer, subscriptions and robot depend on them): ValueError otherwise, and nothing changes.
+        Live chunks accepted under the old limits that the new limits (low/high, max_chunk_size) would
+        not have accepted are dropped (counted chunks_dropped_reconfigured), as are the oldest beyond a
+        smaller max_chunks (chunks_evicted): a merged action stays within every current limit.
+        Returns how many chunks were dropped.
+        """
+        old = self.config
+        fixed = [n for n in ("action_dim", "control_period_s", "robot_id", "jump_reference")
+                 if getattr(config, n) != getattr(old, n)]
+        if fixed:
+            raise ValueError(f"{', '.join(f'{n} {getattr(old, n)!r} -> {getattr(config, n)!r}' for n in fixed)}: "
+                             "cannot change while the executor runs")
+        low = np.asarray(config.low, np.float32) if config.low else None      # (A,)
+        high = np.asarray(config.high, np.float32) if config.high else None   # (A,)
+        with self._lock:
+            self.config = config
+            self._safe = config.safe_action_array()
+            self._low, self._high = low, high
+            self._max_jump = _limit_array(config.max_jump)
+            self._max_rate = _limit_array(config.max_rate)
+            kept, dropped = [], 0
+            for lv in self._live:
+                too_big = lv.chunk.chunk_size > config.max_chunk_size
+                outside = low is not None and high is not None and bool(
+                    ((lv.matrix < low - np.float32(config.limit_tolerance))
+                     | (lv.matrix > high + np.float32(config.limit_tolerance))).any())
+                if too_big or outside:
+                    dropped += 1
+                else:
+                    kept.append(lv)
+            kept.sort(key=lambda x: x.key)
+            evicted = max(0, len(kept) - config.max_chunks)
+            self._live = kept[evicted:]
+            self._counts["chunks_dropped_reconfigured"] += dropped
+            self._counts["chunks_evicted"] += evicted
+        if dropped or evicted:
+            LOG.warning("reconfigured: %d live chunk(s) outside the new limits dropped, %d evicted beyond "
+                        "max_chunks %d", dropped, evicted, config.max_chunks)
+        return dropped + evicted
+
     # ------------------------------------------------------------------ chunks in
 
     def submit(self, chunk: ActionChunk, now_ns: int) -> SubmitResult:
@@ -540,8 +586,8 @@ class ChunkExecutor:
 
     def tick(self, now_ns: int) -> TickResult:
         """Called at the control rate: the action to apply now, and whether to request the next chunk."""
-        cfg = self.config
         with self._lock:
+            cfg = self.config          # (reconfigure swaps it under the lock, between ticks)
             self._counts["ticks"] += 1
             if self._episode_start_ns is None:
                 self._episode_start_ns = now_ns

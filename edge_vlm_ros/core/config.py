@@ -14,10 +14,19 @@ from typing import Any
 from .types import SplitPoint
 
 
-def param(default: Any, description: str) -> Any:
+def param(default: Any, description: str, live: bool = False) -> Any:
+    """A config field declared as a ROS parameter. `live`: the running node applies a new value
+    between requests (`ros2 param set` takes effect); otherwise the parameter is read-only while the
+    node runs (set it in the params file and restart, or reconfigure a managed node)."""
+    meta = {"description": description, "live": live}
     if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata={"description": description})
-    return field(default=default, metadata={"description": description})
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def live_fields(cls: type) -> frozenset[str]:
+    """Names of the fields of a config dataclass that a running node applies when they change."""
+    return frozenset(f.name for f in fields(cls) if f.metadata.get("live", False))
 
 
 # EdgeConfig fields a codec_ladder rung may set (the rest is the edge's, shared by every rung).
@@ -33,6 +42,10 @@ AUTH_HELP = {
                       "dropped (the hosts' clocks must agree within it).",
 }
 
+# How the edge receives camera frames (image_transport's names): sensor_msgs/Image on the camera
+# topic, or sensor_msgs/CompressedImage on <camera topic>/compressed.
+IMAGE_TRANSPORTS = ("raw", "compressed")
+
 DEFAULT_MODEL = "default"  # resolved by tools.default_model to the embedded default model folder
 
 
@@ -46,34 +59,34 @@ class EdgeConfig:
     split_point: str = param("projector", "Where the model is cut: projector, vision_block:<k> (after k "
                                        "blocks), vision_block:<k>/ln1 (after block k's layer_norm1, with "
                                        "per-token mean and std as side info), or none (cloud-only: the image "
-                                       "is sent).")
+                                       "is sent).", live=True)
     codec: str = param("raw", "Feature codec: raw (tensor bytes), vq (codebook indices); with split none: "
-                           "jpeg or image.")
-    codec_dtype: str = param("float32", "raw codec: float32, float16 or bfloat16 on the wire.")
-    jpeg_quality: int = param(90, "jpeg codec quality 1..100.")
-    codebook_path: str = param("", "vq codec: codebook file (the server must hold the same one).")
+                           "jpeg or image.", live=True)
+    codec_dtype: str = param("float32", "raw codec: float32, float16 or bfloat16 on the wire.", live=True)
+    jpeg_quality: int = param(90, "jpeg codec quality 1..100.", live=True)
+    codebook_path: str = param("", "vq codec: codebook file (the server must hold the same one).", live=True)
     token_stats_dtype: str = param("float16", "Split vision_block:<k>/ln1: dtype of the per-token LayerNorm "
                                            "mean and std in side_info: float16 (4 bytes a token) or float32 "
-                                           "(8 bytes a token, exact to ~3e-7).")
+                                           "(8 bytes a token, exact to ~3e-7).", live=True)
     request_mode: str = param("prompt", "prompt: one request per prompt message, on the newest frame; "
                                      "continuous: every frame (up to max_rate_hz) with standing_prompt.")
     standing_prompt: str = param("Describe the image.", "Prompt used in continuous mode until a prompt "
-                                                     "message replaces it.")
-    max_rate_hz: float = param(0.0, "continuous mode: most requests per second (0 = every frame).")
-    max_prompt_chars: int = param(2000, "Prompts longer than this are rejected on the robot.")
-    max_new_tokens: int = param(0, "Tokens to generate per request (0 = the server's default).")
-    frame_wait_s: float = param(2.0, "prompt mode: how long a prompt waits for a first camera frame.")
+                                                     "message replaces it.", live=True)
+    max_rate_hz: float = param(0.0, "continuous mode: most requests per second (0 = every frame).", live=True)
+    max_prompt_chars: int = param(2000, "Prompts longer than this are rejected on the robot.", live=True)
+    max_new_tokens: int = param(0, "Tokens to generate per request (0 = the server's default).", live=True)
+    frame_wait_s: float = param(2.0, "prompt mode: how long a prompt waits for a first camera frame.", live=True)
     max_pending_prompts: int = param(8, "Bound of the prompt queue on the robot (oldest dropped, answered "
                                      "rejected).")
     task: str = param("vqa", "vqa: prompts get text answers; action: each prompt message is an action request "
                           "(its text the instruction) answered with an ActionChunk.")
     send_proprio: bool = param(False, "task action: attach the newest robot_state (sensor_msgs/JointState "
-                                   "position) to each request as proprioception.")
+                                   "position) to each request as proprioception.", live=True)
     request_timeout_s: float = param(30.0, "Every request gets its outcome within this (from its prompt's "
                                         "arrival) plus deadline_grace_s: the Prompt carries the deadline "
                                         "(wall clock), the server never answers after it, and the robot "
                                         "answers TIMEOUT itself once deadline_grace_s has passed too. Prompts "
-                                        "still queued on the robot (PAUSE) at the deadline get TIMEOUT.")
+                                        "still queued on the robot (PAUSE) at the deadline get TIMEOUT.", live=True)
     deadline_grace_s: float = param(1.0, "Covers an answer's transit and the offset between the robot's and "
                                       "the server's wall clocks (keep them synchronised, NTP/chrony, well "
                                       "within this).")
@@ -82,6 +95,8 @@ class EdgeConfig:
     server_lease_s: float = param(3.0, "Server liveness: a server that sends no FlowControl heartbeat for this "
                                     "long (when its message gives no lease_s) is gone: its PAUSE lapses and "
                                     "new requests get TIMEOUT 'server unavailable' at once.")
+    ask_max_goals: int = param(4, "Most Ask action goals (edge_vlm/ask) in progress at once; a goal beyond it "
+                                  "ends at once with outcome REJECTED and the reason.")
     image_transport: str = param("raw", "Camera input, named as image_transport names its transports: raw "
                                         "(sensor_msgs/Image on camera/image_raw) or compressed "
                                         "(sensor_msgs/CompressedImage, JPEG or PNG, on "
@@ -124,8 +139,10 @@ class EdgeConfig:
 
     def __post_init__(self) -> None:
         sp = SplitPoint.parse(self.split_point)
-        if self.image_transport not in ("raw", "compressed"):
-            raise ValueError(f"image_transport {self.image_transport!r}: expected 'raw' or 'compressed'")
+        if self.ask_max_goals < 1:
+            raise ValueError(f"ask_max_goals {self.ask_max_goals} < 1")
+        if self.image_transport not in IMAGE_TRANSPORTS:
+            raise ValueError(f"image_transport {self.image_transport!r}: expected one of {IMAGE_TRANSPORTS}")
         if self.request_mode not in ("prompt", "continuous"):
             raise ValueError(f"request_mode {self.request_mode!r}: expected 'prompt' or 'continuous'")
         # The codecs say which fields configure them and how those are checked. Imported here, not
@@ -171,10 +188,10 @@ class ServerConfig:
     dtype: str = param("float32", "Model dtype on the server.")
     device: str = param("cpu", "Torch device, e.g. cuda:0.")
     codebook_paths: list[str] = param([], "vq codebooks this server can decode (matched by content hash).")
-    max_batch_size: int = param(8, "Most requests generated together.")
-    max_batch_wait_ms: float = param(5.0, "How long the batch worker waits for more requests after the first.")
-    pause_threshold: int = param(16, "Matched-queue depth at which PAUSE is published.")
-    resume_threshold: int = param(4, "Matched-queue depth at which RESUME follows a PAUSE (hysteresis).")
+    max_batch_size: int = param(8, "Most requests generated together.", live=True)
+    max_batch_wait_ms: float = param(5.0, "How long the batch worker waits for more requests after the first.", live=True)
+    pause_threshold: int = param(16, "Matched-queue depth at which PAUSE is published.", live=True)
+    resume_threshold: int = param(4, "Matched-queue depth at which RESUME follows a PAUSE (hysteresis).", live=True)
     queue_capacity: int = param(64, "Hard bound of the matched queue; beyond it requests are rejected "
                                  "(overload). Leave room above pause_threshold for requests in flight.")
     inbox_capacity: int = param(256, "Bound of the receive inbox between callbacks and the matcher thread.")
@@ -182,18 +199,18 @@ class ServerConfig:
     max_pending: int = param(256, "Most unmatched halves held; the oldest times out beyond it.")
     max_bytes_per_robot: int = param(128 * 1024 * 1024, "Most bytes of unmatched halves (decoded features or "
                                                      "images, their payloads, prompts) held for one robot; "
-                                                     "a half beyond it is rejected before it is decoded.")
+                                                     "a half beyond it is rejected before it is decoded.", live=True)
     max_payload_bytes: int = param(64 * 1024 * 1024, "Largest payload + side_info of one VisualFeatures "
-                                                  "message; larger ones are rejected on arrival, unqueued.")
+                                                  "message; larger ones are rejected on arrival, unqueued.", live=True)
     max_image_side: int = param(4096, "Split none: largest image height or width accepted (read from the "
-                                   "message and the JPEG frame header before decoding).")
+                                   "message and the JPEG frame header before decoding).", live=True)
     max_image_pixels: int = param(3840 * 2160, "Split none: most pixels (H x W) an image may have; checked "
-                                            "before decoding (a JPEG's frame header included).")
-    max_prompt_chars: int = param(2000, "Longer prompts are rejected.")
-    max_prompt_tokens: int = param(256, "Prompts with more text tokens are rejected.")
-    default_max_new_tokens: int = param(32, "Tokens generated when the prompt does not say.")
-    max_new_tokens_limit: int = param(256, "Largest max_new_tokens a prompt may ask for.")
-    ignore_eos: bool = param(False, "Always generate max_new_tokens (benchmarks, equality tests).")
+                                            "before decoding (a JPEG's frame header included).", live=True)
+    max_prompt_chars: int = param(2000, "Longer prompts are rejected.", live=True)
+    max_prompt_tokens: int = param(256, "Prompts with more text tokens are rejected.", live=True)
+    default_max_new_tokens: int = param(32, "Tokens generated when the prompt does not say.", live=True)
+    max_new_tokens_limit: int = param(256, "Largest max_new_tokens a prompt may ask for.", live=True)
+    ignore_eos: bool = param(False, "Always generate max_new_tokens (benchmarks, equality tests).", live=True)
     stats_path: str = param("", "If set, the server writes its counters as JSON to this file every second "
                              "and at shutdown.")
     lora_path: str = param("", "AlignedVQ LoRA folder (finetune_alignedvq's <out>/lora) merged into the language "
@@ -202,7 +219,7 @@ class ServerConfig:
                                    "prompts with task 'action'; empty: serve vqa only.")
     heartbeat_period_s: float = param(1.0, "FlowControl is republished this often: the server's heartbeat.")
     lease_s: float = param(3.0, "Lease announced in each FlowControl: robots that hear no heartbeat for this "
-                             "long treat the server as gone (its PAUSE lapses). At least 2 heartbeat periods.")
+                             "long treat the server as gone (its PAUSE lapses). At least 2 heartbeat periods.", live=True)
     max_pending_per_robot: int = param(64, "Most unmatched halves held for one robot; beyond it that robot's "
                                         "oldest half times out, so one robot cannot displace another's.")
     auth: bool = param(True, AUTH_HELP["auth"])

@@ -45,11 +45,11 @@ class EdgeEncoder:
         self.fingerprint = adapter.fingerprint if adapter is not None else ""
 
     @classmethod
-    def from_config(cls, cfg: EdgeConfig, model_path: str) -> "EdgeEncoder":
-        """Load what the robot needs: for a model split, the model without its language model."""
+    def from_config(cls, cfg: EdgeConfig, model_path: str, adapter: VLMAdapter | None = None) -> "EdgeEncoder":
+        """Load what the robot needs: for a model split, the model without its language model.
+        With `adapter` (an already loaded vision half) nothing is loaded: it is reused."""
         split = SplitPoint.parse(cfg.split_point)
-        adapter = None
-        if split.kind != "none":
+        if split.kind != "none" and adapter is None:
             adapter = load_vlm(model_path, dtype=cfg.dtype, device=cfg.device)
             drop_language_model(adapter)
         codec = codec_from_config(cfg, adapter=adapter, split=split)
@@ -59,6 +59,20 @@ class EdgeEncoder:
             dlp_edge = find_dlp_part(cfg.codebook_path, "edge", codec.codebook_hash,
                                      adapter.fingerprint if adapter else None, str(split))
         return cls(cfg.robot_id, split, codec, adapter, token_stats_dtype=cfg.token_stats_dtype, dlp_edge=dlp_edge)
+
+    def reconfigured(self, cfg: EdgeConfig) -> "EdgeEncoder":
+        """A new encoder for cfg's split point, codec, quality, codebook and token-stats dtype that
+        reuses this one's loaded vision model (a live parameter change; this encoder is unchanged).
+
+        Raises ValueError when cfg cannot be served without loading a model (a model split when
+        this encoder was built for split none), when its split point is out of range for the model
+        (VLMAdapter.check_split) or when its codebook does not belong to the model or the split.
+        """
+        split = SplitPoint.parse(cfg.split_point)
+        if split.kind != "none" and self.adapter is None:
+            raise ValueError(f"split point {split} needs the vision model on the robot, and this edge started "
+                             "with split_point none (no model loaded)")
+        return EdgeEncoder.from_config(cfg, "", adapter=self.adapter)
 
     def new_request_id(self) -> str:
         """128 random bits: an id another party on the domain cannot predict (the server matches

@@ -127,6 +127,14 @@ class FlowController:
         self.pauses = 0
         self._lock = threading.Lock()        # guards state and pauses (on_change is called outside it)
 
+    def set_thresholds(self, pause_threshold: int, resume_threshold: int) -> None:
+        """New thresholds (a live parameter change); the next update(depth) judges by them."""
+        if not 0 <= resume_threshold < pause_threshold:
+            raise ValueError(f"need 0 <= resume_threshold ({resume_threshold}) < pause_threshold ({pause_threshold})")
+        with self._lock:
+            self.pause_threshold = pause_threshold
+            self.resume_threshold = resume_threshold
+
     def update(self, depth: int) -> FlowEvent | None:
         with self._lock:
             new = self.state

@@ -35,6 +35,7 @@ configured action head (core.vla.VLAPolicy) turns it into a chunk per request.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import heapq
 import logging
 import math
@@ -50,7 +51,7 @@ import torch
 from .alignedvq import apply_alignedvq, load_server_parts
 from ..codecs.base import DecodeLimits, FeatureCodec, check_placement
 from ..codecs.registry import is_image_codec, make_codec, unknown_codec, uses_codebook
-from .config import ServerConfig
+from .config import ServerConfig, live_fields
 from .flow import BoundedQueue, DropPolicy, FlowController, FlowEvent
 from .matcher import Matcher
 from .chunks import ActionChunk
@@ -220,6 +221,27 @@ class ServerEngine:
         """Requests not yet ended (0 after stop() when every request got its outcome)."""
         with self._requests_lock:
             return len(self._open)
+
+    def update_limits(self, cfg: ServerConfig) -> None:
+        """Take the batch limits, thresholds and request limits of `cfg` (a live parameter change).
+
+        Only the fields marked live in ServerConfig may differ from the running config (ValueError
+        otherwise, and nothing changes): queue capacities, matcher bounds, model, codebooks and robots
+        are fixed for the engine's lifetime. The config is swapped in one assignment: each thread
+        reads self.cfg once per batch or per message, so a batch forming now keeps the old limits
+        and the next one uses the new. The flow controller's thresholds change under its lock, then
+        the current depth is judged by them (a PAUSE or RESUME they call for goes out at once).
+        """
+        live = live_fields(ServerConfig)
+        fixed = [f.name for f in dataclasses.fields(cfg)
+                 if f.name not in live and getattr(cfg, f.name) != getattr(self.cfg, f.name)]
+        if fixed:
+            raise ValueError(f"{fixed} cannot change while the server engine runs")
+        self.flow.set_thresholds(cfg.pause_threshold, cfg.resume_threshold)
+        with self._requests_lock:           # a batch holds up to max_batch_size open requests
+            self._open_cap = cfg.inbox_capacity + cfg.max_pending + cfg.queue_capacity + cfg.max_batch_size
+        self.cfg = cfg
+        self.flow.update(len(self.matched))
 
     # ---- entry points (callback threads: never block) ----------------------------------------
     def submit_prompt(self, prompt: PromptRequest, route: str) -> None:
@@ -560,8 +582,8 @@ class ServerEngine:
 
     # ---- batch thread ------------------------------------------------------------------------
     def _batch_loop(self) -> None:
-        cfg = self.cfg
         while self._running:
+            cfg = self.cfg           # once per batch: update_limits may swap it between batches
             batch, t_first = self.matched.get_batch(cfg.max_batch_size, cfg.max_batch_wait_ms / 1e3, 0.1,
                                                     wait_until=self._wait_until)
             if not batch:

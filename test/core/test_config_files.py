@@ -1,6 +1,5 @@
-"""config/*.yaml and launch/*.py stay consistent with the config dataclasses and the installed nodes."""
+"""config/*.yaml stay consistent with the config dataclasses and the installed nodes."""
 
-import ast
 from pathlib import Path
 
 import pytest
@@ -94,82 +93,8 @@ def test_server_config_hysteresis_must_be_ordered():
         from_mapping(ServerConfig, {"max_batch": 3})
 
 
-@pytest.mark.parametrize("launch_file", sorted((ROOT / "launch").glob("*.launch.py")), ids=lambda p: p.name)
-def test_launch_files_are_real_launch_files(launch_file):
-    """Static checks (ros2 launch is not installable here): entry point, described arguments,
-    executables that CMakeLists.txt installs, params files that exist in config/."""
-    tree = ast.parse(launch_file.read_text())
-    assert any(isinstance(n, ast.FunctionDef) and n.name == "generate_launch_description" for n in tree.body)
-    cmake = (ROOT / "CMakeLists.txt").read_text()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "DeclareLaunchArgument":
-            kw = {k.arg: k.value for k in node.keywords}
-            assert "description" in kw and "default_value" in kw, ast.unparse(node)
-        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Node":
-            kw = {k.arg: k.value for k in node.keywords}
-            exe = ast.literal_eval(kw["executable"])
-            assert f"scripts/{exe}" in cmake and (ROOT / "scripts" / exe).is_file(), exe
-            assert ast.literal_eval(kw["package"]) == "edge_vlm_ros"
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".yaml"):
-            assert (ROOT / "config" / node.value).is_file(), node.value
-    assert "sys.path" not in launch_file.read_text()
+# The launch files: test_launch_files.py (they are built from edge_vlm_ros/nodesets.py).
 
-
-AUTH_EXECUTABLES = {"edge_node", "server_node", "controller_node"}
-
-
-def _call_name(node) -> str:
-    return getattr(node.func, "id", "") if isinstance(node, ast.Call) else ""
-
-
-@pytest.mark.parametrize("launch_file", sorted((ROOT / "launch").glob("*.launch.py")), ids=lambda p: p.name)
-def test_launch_files_pass_every_argument_enclaves_and_auth(launch_file):
-    """Every declared argument reaches a node (and nothing undeclared is read); every node gets an
-    SROS2 enclave that tools/sros2.py's policy names; edge, server and controller get auth and
-    auth_keys_dir as parameters."""
-    from edge_vlm_ros.tools import sros2
-
-    tree = ast.parse(launch_file.read_text())
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
-    declared = {ast.literal_eval(c.args[0]) for c in calls if _call_name(c) == "DeclareLaunchArgument"}
-    read = {ast.literal_eval(c.args[0]) for c in calls if _call_name(c) == "LaunchConfiguration"}
-    assert declared == read, f"declared but unused {sorted(declared - read)}, used but undeclared {sorted(read - declared)}"
-    assert {"auth", "auth_keys_dir"} <= declared or "replay" in launch_file.name
-    assert "enclave" in declared or "enclave_root" in declared
-    defaults = {ast.literal_eval(c.args[0]): next(k.value for k in c.keywords if k.arg == "default_value")
-                for c in calls if _call_name(c) == "DeclareLaunchArgument"}
-    if "enclave_root" in defaults:
-        assert ast.literal_eval(defaults["enclave_root"]) == sros2.ENCLAVE_ROOT
-    helpers = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
-    nodes = [c for c in calls if _call_name(c) == "Node"]
-    assert nodes
-    for node in nodes:
-        kw = {k.arg: k.value for k in node.keywords}
-        exe = ast.literal_eval(kw["executable"])
-        enclave = ast.unparse(kw["ros_arguments"])
-        role = {"server_node": "server", "controller_node": "controller", "replay_node": "replay"}.get(exe, "robot")
-        if "enclave_root" in declared:     # built per node from the root, as the policy names them
-            wanted = {"robot": "f'{root}/{r}'", "server": "f'{root}/server'", "controller": "f'{root}/controller'"}
-            assert enclave == f"['--enclave', {wanted[role]}]", (exe, enclave)
-        else:
-            assert enclave == "['--enclave', LaunchConfiguration('enclave')]", (exe, enclave)
-            default = defaults["enclave"]
-            if role == "robot":
-                assert ast.unparse(default) == f"['{sros2.ENCLAVE_ROOT}/', LaunchConfiguration('robot')]"
-            else:
-                assert ast.literal_eval(default) == sros2.enclave_path(role), (exe, ast.unparse(default))
-        if exe in AUTH_EXECUTABLES:
-            params = {}
-            for d in (v for v in ast.walk(kw["parameters"]) if isinstance(v, ast.Dict)):
-                for k, v in zip(d.keys, d.values):
-                    if k is None:                   # **_auth(): read the helper's dict
-                        ret = next(r.value for r in ast.walk(helpers[v.func.id]) if isinstance(r, ast.Return))
-                        params |= {ast.literal_eval(kk): ast.unparse(vv) for kk, vv in zip(ret.keys, ret.values)}
-                    else:
-                        params[ast.literal_eval(k)] = ast.unparse(v)
-            assert params.get("auth") == "ParameterValue(LaunchConfiguration('auth'), value_type=bool)", exe
-            assert params.get("auth_keys_dir") == \
-                "ParameterValue(LaunchConfiguration('auth_keys_dir'), value_type=str)", exe
 
 def test_parameter_docs_are_current():
     from edge_vlm_ros.tools.param_docs import render

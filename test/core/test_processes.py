@@ -213,3 +213,83 @@ def test_a_child_behind_a_forking_wrapper_lives_with_its_launcher_and_dies_with_
     finally:
         launcher.kill()
         launcher.wait()
+
+
+# A node-like process: NodeStop installed, "spinning", then its main thread either blocks in one C
+# call that never returns (os.read of a pipe nobody writes: the Python handler runs on EINTR, sets
+# `requested` and os.read goes back to waiting) or keeps checking `requested` like run_node.
+_NODE = textwrap.dedent("""
+    import os, sys
+    from edge_vlm_ros.processes import NodeStop
+    stop = NodeStop(deadline_s=float(sys.argv[2]))
+    stop.install()
+    stop.started = stop.spinning = sys.argv[1] != "importing"
+    print("up", flush=True)
+    if sys.argv[1] == "importing":   # run_node has not begun: a long import, here a sleep
+        import time
+        time.sleep(60)
+    if sys.argv[1] == "stuck":
+        r, w = os.pipe()
+        os.read(r, 1)              # the cleanup never gets here
+    else:
+        while not stop.requested.wait(0.1):
+            pass
+    os._exit(0)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_node_stuck_in_a_c_call_is_gone_at_its_stop_deadline_with_every_stack_on_stderr(sig):
+    p = subprocess.Popen([*PY, _NODE, "stuck", "1.0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert _read_line(p) == "up"
+        t0 = time.monotonic()
+        p.send_signal(sig)
+        rc = p.wait(10)
+        took = time.monotonic() - t0
+        err = p.stderr.read().decode()
+        assert rc == 1, (rc, err)
+        assert 0.9 < took < 4.0, took    # the deadline, not launch's SIGTERM 5 s later
+        # every thread's stack: the main thread where it hung (line 10: os.read), the watcher
+        assert err.startswith("Timeout") and 'File "<string>", line 13 in <module>' in err, err
+        assert err.count("Thread 0x") == 2 and "in _watch" in err, err
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_node_that_stops_in_time_exits_cleanly_before_its_deadline():
+    p = subprocess.Popen([*PY, _NODE, "spin", "1.0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert _read_line(p) == "up"
+        p.send_signal(signal.SIGINT)
+        assert p.wait(10) == 0, p.stderr.read().decode()
+        assert p.stderr.read() == b""
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_is_node_process_knows_the_node_entry_points():
+    from edge_vlm_ros.processes import is_node_process
+
+    assert is_node_process(["python", "-m", "edge_vlm_ros.edge_node", "--ros-args", "-r", "__ns:=/robot_0"])
+    assert is_node_process(["python", "-X", "faulthandler", "-m", "edge_vlm_ros.server_node"])
+    assert is_node_process(["python3", "/ws/install/edge_vlm_ros/lib/edge_vlm_ros/controller_node", "--ros-args"])
+    for argv in (["python", "-m", "edge_vlm_ros.bringup"], ["python", "-m", "pytest"], ["python", "-c", "x_node"],
+                 ["python", "/usr/bin/other_node"], ["python"], ["python", "-m", "other.edge_node"]):
+        assert not is_node_process(argv), argv
+
+
+def test_a_stop_signal_while_a_node_still_imports_ends_it_at_once_with_0():
+    p = subprocess.Popen([*PY, _NODE, "importing", "3.0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert _read_line(p) == "up"
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        assert p.wait(10) == 0
+        assert time.monotonic() - t0 < 1.0
+        assert p.stderr.read() == b""      # no KeyboardInterrupt traceback
+    finally:
+        p.kill()
+        p.wait()

@@ -193,3 +193,25 @@ def test_guarded_subscription_survives_a_bad_message_in_spin(rcl_node):
     ex.shutdown()
     assert got == [Outcome.OK]
     assert guard.counts() == {rcl_node.resolve_topic_name("fuzz_answer"): {"ValueError": 1}}
+
+
+def test_a_nul_in_generated_text_survives_the_wire_and_the_mac(tmp_path):
+    """A model may generate NUL; a ROS string ends at NUL on the wire. The Answer must arrive whole
+    (NUL shown as U+FFFD, token ids intact) and its MAC must verify after a real CDR round trip."""
+    from rclpy.serialization import deserialize_message, serialize_message
+
+    from edge_vlm_ros.core.auth import create_key
+    from edge_vlm_ros.msg_auth import make_message_auth
+
+    create_key(tmp_path, "robot_0")
+    auth = make_message_auth(True, str(tmp_path), ["robot_0"], 10.0, None)
+    a = AnswerResult("a" * 32, "robot_0", Outcome.OK, "", "left\x00right", [5, 0, 7], stamp_ns=time.time_ns())
+    msg = auth.sign(answer_to_msg(a), "robot_0")
+    got = deserialize_message(serialize_message(msg), Answer)
+    assert got.text == "left\ufffdright"
+    assert list(got.token_ids) == [5, 0, 7]
+    assert auth.check(got, "robot_0", "Answer", None)
+    c = ActionChunk.failure(Outcome.ERROR, "bad\x00reason", request_id="b" * 32, robot_id="robot_0", episode_id="",
+                            stamp_ns=time.time_ns())
+    got_c = deserialize_message(serialize_message(auth.sign(chunk_to_msg(c), "robot_0")), type(chunk_to_msg(c)))
+    assert got_c.reason == "bad\ufffdreason" and auth.check(got_c, "robot_0", "ActionChunk", None)

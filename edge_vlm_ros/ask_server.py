@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -101,7 +102,6 @@ class AskServer:
 
     def __init__(self, node: "EdgeNode") -> None:
         self.node = node
-        self.cfg = node.cfg
         self._lock = threading.Lock()
         self._jobs: dict[bytes, AskJob] = {}                     # goal uuid -> job, bounded by ask_max_goals
         self._queue: collections.deque[AskJob] = collections.deque()   # QUEUED jobs, oldest first
@@ -117,6 +117,11 @@ class AskServer:
             callback_group=group, result_timeout=int(RESULT_KEEP_S))
         node.create_timer(SERVICE_PERIOD_S, self._service, callback_group=group)
 
+    @property
+    def cfg(self):
+        # The node's current configuration: live parameter changes and a lifecycle configure replace it.
+        return self.node.cfg
+
     # ---- goals (executor callbacks; never block) -------------------------------------------
     def _on_goal(self, goal: Ask.Goal) -> GoalResponse:
         # Always accepted: a goal that cannot be served is ended at once with the reason (see module doc).
@@ -125,10 +130,11 @@ class AskServer:
     def _on_accepted(self, goal_handle: ServerGoalHandle) -> None:
         goal: Ask.Goal = goal_handle.request
         now = time.monotonic()
-        job = AskJob(goal_handle, self.node.encoder.new_request_id(), goal.question,
+        job = AskJob(goal_handle, secrets.token_hex(16), goal.question,
                      int(goal.max_new_tokens) or self.cfg.max_new_tokens, None,
                      self.node.tracker.deadline_after(self.cfg.request_timeout_s), now)
-        reason = self._check_goal(goal, job)
+        reason = ("the robot's edge node is not active (lifecycle); activate it first" if not self.node.active
+                  else self._check_goal(goal, job))
         with self._lock:
             if reason is None and len(self._jobs) >= self.cfg.ask_max_goals:
                 reason = (f"{len(self._jobs)} Ask goals in progress on robot {self.cfg.robot_id!r} "

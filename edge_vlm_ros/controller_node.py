@@ -21,6 +21,10 @@ safe action is held, with a throttled warning, whenever no chunk covers the tick
 With `auth` (the default) an Answer or ActionChunk is used only if it carries a valid MAC under the
 key of the robot whose topic it arrived on (signed by the server, or by the robot's own edge for its
 local failures); anything else is dropped and counted, and never executed.
+
+Managed (lifecycle) node: configure reads the parameters and keys and builds the executors; activate
+subscribes and starts ticking; deactivate stops both; cleanup closes the answer log. With
+`autostart` (default) it configures and activates itself at start.
 """
 
 from __future__ import annotations
@@ -31,8 +35,6 @@ import json
 import os
 import time
 from dataclasses import asdict
-
-from rclpy.node import Node
 
 from sensor_msgs.msg import JointState
 from std_msgs.msg import String
@@ -48,8 +50,9 @@ from .core.types import Outcome
 from .diagnostics import DiagnosticsPublisher
 from .guard import CallbackGuard
 from .msg_auth import make_message_auth
-from .params import declare_config
-from .spin import exit_node, run_node
+from .managed import ACTIVATE, CONFIGURE, ManagedNode
+from .params import declare_config, read_config
+from .spin import exit_code, exit_node, run_node
 
 
 def format_answer(a, end_to_end_ms: float) -> str:
@@ -62,46 +65,78 @@ def format_answer(a, end_to_end_ms: float) -> str:
             f"+ batch {t.batch_ms:.1f} + generate {t.generate_ms:.1f} (batch of {t.batch_size})")
 
 
-class ControllerNode(Node):
+class ControllerNode(ManagedNode):
+    """A managed node (managed.ManagedNode). configure: keys, the answer log, the per-robot
+    executors and publishers; activate: the subscriptions and the tick timer; deactivate: no more
+    answers or chunks taken and no ticks; cleanup: the log is closed (and the stats written)."""
+
     def __init__(self) -> None:
         super().__init__("edge_vlm_controller")
         self.cfg: ControllerConfig = declare_config(self, ControllerConfig)
-        self.msg_auth = make_message_auth(self.cfg.auth, self.cfg.auth_keys_dir, self.cfg.robots,
-                                          self.cfg.auth_max_age_s, self.get_logger())
+        # Declared whatever `actions` is now, so it can be switched on before configure.
+        self.executor_config: ChunkExecutorConfig = declare_config(self, ChunkExecutorConfig, self._apply_live)
         self.counts: collections.Counter = collections.Counter()
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._log = open(self.cfg.answer_log_path, "a", buffering=1) if self.cfg.answer_log_path else None
-        self.guard = CallbackGuard(self)
-        for r in self.cfg.robots:
-            self.guard.subscribe(Answer, topics.for_robot(r, topics.ANSWER),
-                                 lambda m, r=r: self._on_answer(m, r), qos.ANSWER)
-        self.get_logger().info(f"consuming answers of {self.cfg.robots}")
+        self._log = None
         self._robots: dict[str, _RobotActions] = {}
-        if self.cfg.actions:
-            self._setup_actions()
-        self._refused = {r: Growth() for r in self.cfg.robots}
+        self._refused: dict[str, Growth] = {}
+        self.guard = CallbackGuard(self)
         self.diagnostics = DiagnosticsPublisher(self, self._health)
 
-    # ---- action chunks -----------------------------------------------------------------------
-    def _setup_actions(self) -> None:
-        base = declare_config(self, ChunkExecutorConfig, self._apply_live)
-        self.executor_config = base
+    # ---- lifecycle (managed.ManagedNode) -------------------------------------------------------
+    def configure(self) -> None:
+        cfg: ControllerConfig = read_config(self, ControllerConfig)
+        base: ChunkExecutorConfig = read_config(self, ChunkExecutorConfig)
+        self.msg_auth = make_message_auth(cfg.auth, cfg.auth_keys_dir, cfg.robots, cfg.auth_max_age_s,
+                                          self.get_logger())
+        self.cfg, self.executor_config = cfg, base
+        self._log = open(cfg.answer_log_path, "a", buffering=1) if cfg.answer_log_path else None  # noqa: SIM115
+        self.undo_on(CONFIGURE, self._close_log)
+        self._robots = {}
+        if cfg.actions:
+            for r in cfg.robots:
+                ra = _RobotActions(r, ChunkExecutor(dataclasses.replace(base, robot_id=r)), cfg.instruction)
+                ra.pub_action = self.create_publisher(RobotAction, topics.for_robot(r, topics.ACTION), qos.ACTION)
+                ra.pub_prompt = self.create_publisher(String, topics.for_robot(r, topics.PROMPT_TEXT),
+                                                      qos.USER_PROMPT)
+                self.owned_publisher(CONFIGURE, ra.pub_action)
+                self.owned_publisher(CONFIGURE, ra.pub_prompt)
+                self._robots[r] = ra
+            if cfg.stats_path:
+                self.owned_timer(CONFIGURE, self.create_timer(1.0, self._write_stats))
+        self._refused = {r: Growth() for r in cfg.robots}
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self.cfg.actions and self.cfg.stats_path:
+            self._write_stats()
+
+    def activate(self) -> None:
         for r in self.cfg.robots:
-            ra = _RobotActions(r, ChunkExecutor(dataclasses.replace(base, robot_id=r)), self.cfg.instruction)
-            ra.pub_action = self.create_publisher(RobotAction, topics.for_robot(r, topics.ACTION), qos.ACTION)
-            ra.pub_prompt = self.create_publisher(String, topics.for_robot(r, topics.PROMPT_TEXT), qos.USER_PROMPT)
-            self.guard.subscribe(ActionChunkMsg, topics.for_robot(r, topics.ACTION_CHUNK),
-                                 lambda m, ra=ra: self._on_chunk(m, ra), qos.ACTION_CHUNK)
-            self.guard.subscribe(Episode, topics.for_robot(r, topics.EPISODE),
-                                 lambda m, ra=ra: self._on_episode(m, ra), qos.EPISODE)
+            self.owned_subscription(ACTIVATE, self.guard.subscribe(
+                Answer, topics.for_robot(r, topics.ANSWER), lambda m, r=r: self._on_answer(m, r), qos.ANSWER))
+        self.get_logger().info(f"consuming answers of {self.cfg.robots}")
+        if self.cfg.actions:
+            self._activate_actions()
+
+    # ---- action chunks -----------------------------------------------------------------------
+    def _activate_actions(self) -> None:
+        base = self.executor_config
+        for ra in self._robots.values():
+            r = ra.robot
+            subs = [self.guard.subscribe(ActionChunkMsg, topics.for_robot(r, topics.ACTION_CHUNK),
+                                         lambda m, ra=ra: self._on_chunk(m, ra), qos.ACTION_CHUNK),
+                    self.guard.subscribe(Episode, topics.for_robot(r, topics.EPISODE),
+                                         lambda m, ra=ra: self._on_episode(m, ra), qos.EPISODE)]
             if self.cfg.tick_source == "robot_state" or base.jump_reference == "state":
-                self.guard.subscribe(JointState, topics.for_robot(r, topics.ROBOT_STATE),
-                                     lambda m, ra=ra: self._on_state(m, ra), qos.ROBOT_STATE)
-            self._robots[r] = ra
+                subs.append(self.guard.subscribe(JointState, topics.for_robot(r, topics.ROBOT_STATE),
+                                                 lambda m, ra=ra: self._on_state(m, ra), qos.ROBOT_STATE))
+            for sub in subs:
+                self.owned_subscription(ACTIVATE, sub)
         if self.cfg.tick_source == "timer":
-            self.create_timer(base.control_period_s, self._on_timer)
-        if self.cfg.stats_path:
-            self.create_timer(1.0, self._write_stats)
+            self.owned_timer(ACTIVATE, self.create_timer(base.control_period_s, self._on_timer))
         self.get_logger().info(f"executing action chunks for {self.cfg.robots}: merge {base.merge_policy.value}, "
                                f"low water {base.low_water_steps} steps, ticks from {self.cfg.tick_source}")
 
@@ -183,6 +218,9 @@ class ControllerNode(Node):
         return out
 
     def _health(self) -> list[Health]:
+        unconfigured = self.lifecycle_health()
+        if unconfigured is not None:
+            return unconfigured
         out = []
         answers = dict(self.counts)
         for r in self.cfg.robots:
@@ -244,13 +282,6 @@ class ControllerNode(Node):
         self.executor_config = cfg
         self.get_logger().info(f"live change {sorted(changed)}: merge {cfg.merge_policy.value}")
 
-    def destroy_node(self) -> None:
-        if self._log is not None:
-            self._log.close()
-        if self.cfg.actions and self.cfg.stats_path:
-            self._write_stats()
-        super().destroy_node()
-
 
 _STATUS = {TickStatus.ACTING: RobotAction.STATUS_ACTING, TickStatus.WAITING_FIRST: RobotAction.STATUS_WAITING_FIRST,
            TickStatus.STARVED: RobotAction.STATUS_STARVED, TickStatus.SERVER_SILENT: RobotAction.STATUS_SERVER_SILENT}
@@ -284,8 +315,7 @@ class _RobotActions:
 
 
 def main(args: list[str] | None = None) -> int:
-    run_node(ControllerNode, args)
-    return 0
+    return exit_code(run_node(ControllerNode, args))
 
 
 if __name__ == "__main__":

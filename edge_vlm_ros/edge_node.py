@@ -37,6 +37,11 @@ Bandwidth-adaptive codec (`codec_ladder`, core/edge_ladder.py): one encoder per 
 model; each rung's message is sized on the first camera frame, each request uses the rung the ladder
 picks, and each outcome heard feeds the link estimate (transport_ms and compute from its timings).
 
+Managed (lifecycle) node: configure loads the keys and the model and starts hearing outcomes and the
+server's heartbeat; activate starts taking camera frames and prompts; deactivate takes no new ones
+(queued and new prompts are answered REJECTED) while the requests already published keep their deadlines;
+cleanup drops the model. With `autostart` (default) it configures and activates itself at start.
+
 Threads: ROS callbacks only store the newest frame, queue prompts and record the flow state; the
 worker thread encodes. While the server says PAUSE the worker encodes nothing and only the newest
 frame is kept.
@@ -50,7 +55,6 @@ import threading
 import time
 import traceback
 
-from rclpy.node import Node
 from rclpy.serialization import serialize_message
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
@@ -72,9 +76,13 @@ from .core.types import AnswerResult, Outcome, PromptRequest
 from .diagnostics import DiagnosticsPublisher
 from .guard import CallbackGuard
 from .msg_auth import make_message_auth
-from .params import declare_config
-from .core.model_paths import resolve
-from .spin import WORKER_JOIN_S, exit_node, run_node
+from .managed import ACTIVATE, CONFIGURE, ManagedNode
+from .params import declare_config, read_config
+from .core.model_paths import resolve, resolve_existing
+from .spin import WORKER_JOIN_S, exit_code, exit_node, run_node
+
+# deactivate waits this long for the request being encoded to go out (at process end: WORKER_JOIN_S)
+DEACTIVATE_JOIN_S = 10.0
 
 
 # Live EdgeConfig fields that the encoder is built from (a change builds a new encoder).
@@ -82,20 +90,30 @@ ENCODER_FIELDS = frozenset({"split_point", "codec", "codec_dtype", "jpeg_quality
                             "token_stats_dtype"})
 
 
-class EdgeNode(Node):
+class EdgeNode(ManagedNode):
+    """A managed node (managed.ManagedNode). configure: keys, model, publishers, subscriptions and
+    the deadline timer; activate: camera frames and prompts are taken, the encoder thread runs;
+    deactivate: no new requests (queued and new prompts are answered REJECTED, frames dropped),
+    requests already published keep their deadlines and get their one outcome; cleanup: the model
+    and the rest are dropped."""
+
     def __init__(self) -> None:
         super().__init__("edge_vlm_edge")
         self.cfg: EdgeConfig = declare_config(self, EdgeConfig, self._apply_live)
-        self.msg_auth = make_message_auth(self.cfg.auth, self.cfg.auth_keys_dir, [self.cfg.robot_id],
-                                          self.cfg.auth_max_age_s, self.get_logger())
-        model = resolve(self.cfg.model_path)
-        self.get_logger().info(f"robot {self.cfg.robot_id}: split {self.cfg.split_point}, codec {self.cfg.codec}, "
-                               f"model {model}")
-        self.ladder = (CodecLadder(self.cfg, model, max_tracked=2 * self.cfg.max_in_flight)
-                       if self.cfg.codec_ladder else None)
-        self.encoder = self.ladder.first if self.ladder is not None else EdgeEncoder.from_config(self.cfg, model)
-
+        self.encoder: EdgeEncoder | None = None
+        self.ladder: CodecLadder | None = None    # with codec_ladder: the encoders per rung and the choice
         self._lock = threading.Condition()
+        self.counters = collections.Counter()
+        self._last_answer_t: float | None = None     # monotonic time of the newest outcome heard
+        self._rejects = Growth()
+        self._worker: threading.Thread | None = None
+        self._worker_stop = threading.Event()
+        self._reset_requests()
+        self.guard = CallbackGuard(self)
+        self.diagnostics = DiagnosticsPublisher(self, self._health)
+        self.ask = AskServer(self)        # the Ask action, edge_vlm/ask (ask_server.py); goals served while active
+
+    def _reset_requests(self) -> None:
         self._frame: Image | CompressedImage | None = None
         self._frame_seq = 0               # increments per frame received
         self._used_seq = 0                # frame seq of the last request (continuous mode)
@@ -105,41 +123,99 @@ class EdgeNode(Node):
         self.tracker = RequestTracker(self.cfg.max_in_flight, self.cfg.deadline_grace_s)
         self.lease = ServerLease(self.cfg.server_lease_s)
         self._last_request_t = 0.0
-        self._running = True
-        self.counters = collections.Counter()
+        self._episode_id = ""
+        self._state: JointState | None = None
+
+    # ---- lifecycle (managed.ManagedNode) -------------------------------------------------------
+    def configure(self) -> None:
+        cfg: EdgeConfig = read_config(self, EdgeConfig)
+        msg_auth = make_message_auth(cfg.auth, cfg.auth_keys_dir, [cfg.robot_id], cfg.auth_max_age_s,
+                                     self.get_logger())
+        # cloud-only (split none) loads no model on the robot
+        model = resolve(cfg.model_path) if cfg.split_point == "none" else resolve_existing(cfg.model_path)
+        self.get_logger().info(f"robot {cfg.robot_id}: split {cfg.split_point}, codec {cfg.codec}, model {model}")
+        ladder = CodecLadder(cfg, model, max_tracked=2 * cfg.max_in_flight) if cfg.codec_ladder else None
+        encoder = ladder.first if ladder is not None else EdgeEncoder.from_config(cfg, model)
+        self.cfg, self.msg_auth, self.encoder, self.ladder = cfg, msg_auth, encoder, ladder
+        self.undo_on(CONFIGURE, self._drop_model)
+        with self._lock:
+            self._reset_requests()
 
         self.pub_prompt = self.create_publisher(Prompt, topics.PROMPT, qos.REQUEST)
         self.pub_features = self.create_publisher(VisualFeatures, topics.FEATURES, qos.FEATURES)
         self.pub_answer = self.create_publisher(Answer, topics.ANSWER, qos.ANSWER)
+        for pub in (self.pub_prompt, self.pub_features, self.pub_answer):
+            self.owned_publisher(CONFIGURE, pub)
         if self.ladder is not None:
             self.pub_codec_switch = self.create_publisher(String, topics.CODEC_SWITCH, qos.CODEC_SWITCH)
-        self._episode_id = ""
-        self._state: JointState | None = None
-        self.guard = CallbackGuard(self)
-        if self.cfg.task == "action":
+            self.owned_publisher(CONFIGURE, self.pub_codec_switch)
+        if cfg.task == "action":
             self.pub_chunk = self.create_publisher(ActionChunkMsg, topics.ACTION_CHUNK, qos.ACTION_CHUNK)
-            self.guard.subscribe(Episode, topics.EPISODE, self._on_episode, qos.EPISODE)
-            self.guard.subscribe(JointState, topics.ROBOT_STATE, self._on_state, qos.ROBOT_STATE)
-        if self.cfg.image_transport == "compressed":
+            self.owned_publisher(CONFIGURE, self.pub_chunk)
+        # Heard while inactive too: the requests already published still get their outcome.
+        self.owned_subscription(CONFIGURE, self.guard.subscribe(FlowControl, topics.FLOW, self._on_flow, qos.FLOW))
+        # Our own outcomes (the server's and ours): which requests are done.
+        self.owned_subscription(CONFIGURE, self.guard.subscribe(Answer, topics.ANSWER, self._on_answer, qos.ANSWER))
+        if cfg.task == "action":
+            self.owned_subscription(CONFIGURE, self.guard.subscribe(ActionChunkMsg, topics.ACTION_CHUNK,
+                                                                    self._on_chunk, qos.ACTION_CHUNK))
+        # Inputs: subscribed from configure on (so an activation finds them matched), taken only while
+        # active (_store_frame, _on_prompt).
+        if cfg.task == "action":
+            self.owned_subscription(CONFIGURE, self.guard.subscribe(Episode, topics.EPISODE, self._on_episode,
+                                                                    qos.EPISODE))
+            self.owned_subscription(CONFIGURE, self.guard.subscribe(JointState, topics.ROBOT_STATE, self._on_state,
+                                                                    qos.ROBOT_STATE))
+        if cfg.image_transport == "compressed":
             self._camera_topic = topics.CAMERA_COMPRESSED
-            self.guard.subscribe(CompressedImage, topics.CAMERA_COMPRESSED, self._on_compressed, qos.CAMERA)
+            sub = self.guard.subscribe(CompressedImage, topics.CAMERA_COMPRESSED, self._on_compressed, qos.CAMERA)
         else:
             self._camera_topic = topics.CAMERA
-            self.guard.subscribe(Image, topics.CAMERA, self._on_image, qos.CAMERA)
-        self.guard.subscribe(String, topics.PROMPT_TEXT, self._on_prompt, qos.USER_PROMPT)
-        self.guard.subscribe(FlowControl, topics.FLOW, self._on_flow, qos.FLOW)
-        # Our own outcomes (the server's and ours): which requests are done.
-        self.guard.subscribe(Answer, topics.ANSWER, self._on_answer, qos.ANSWER)
-        if self.cfg.task == "action":
-            self.guard.subscribe(ActionChunkMsg, topics.ACTION_CHUNK, self._on_chunk, qos.ACTION_CHUNK)
-        self.create_timer(0.1, self._check_deadlines)
-        self.ask = AskServer(self)        # the Ask action, edge_vlm/ask (ask_server.py)
-        self.create_timer(10.0, self._log_counters)
-        self._last_answer_t: float | None = None     # monotonic time of the newest outcome heard
-        self._rejects = Growth()
-        self.diagnostics = DiagnosticsPublisher(self, self._health)
-        self._worker = threading.Thread(target=self._work, name="edge_vlm_encoder", daemon=True)
+            sub = self.guard.subscribe(Image, topics.CAMERA, self._on_image, qos.CAMERA)
+        self.owned_subscription(CONFIGURE, sub)
+        self.owned_subscription(CONFIGURE, self.guard.subscribe(String, topics.PROMPT_TEXT, self._on_prompt,
+                                                                qos.USER_PROMPT))
+        self.owned_timer(CONFIGURE, self.create_timer(0.1, self._check_deadlines))
+        self.owned_timer(CONFIGURE, self.create_timer(10.0, self._log_counters))
+
+    def _drop_model(self) -> None:
+        self.encoder = None
+        self.ladder = None
+
+    def activate(self) -> None:
+        if self._worker is not None:     # a previous activation's worker, still finishing its request
+            self._worker.join(timeout=DEACTIVATE_JOIN_S)
+        self._worker_stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, args=(self._worker_stop,), name="edge_vlm_encoder",
+                                        daemon=True)
         self._worker.start()
+        self.undo_on(ACTIVATE, lambda: self._stop_worker(WORKER_JOIN_S))
+
+    def deactivate(self) -> None:
+        # The request the worker is encoding now is finished (its prompt is out); then nothing new.
+        self._stop_worker(WORKER_JOIN_S if self.released else DEACTIVATE_JOIN_S)
+        with self._lock:
+            queued, self._prompts = list(self._prompts), collections.deque()
+            self._frame, self._used_seq = None, self._frame_seq
+        if not self.released:     # at process end nothing more is published
+            for text, _, _ in queued:
+                self.counters["prompts_rejected_inactive"] += 1
+                self._local_answer(self.encoder.new_request_id(), 0, Outcome.REJECTED,
+                                   f"the robot's edge node was deactivated before the request went out: {text[:40]!r}")
+
+    def cleanup(self) -> None:
+        if len(self.tracker) and not self.released:
+            self.get_logger().warning(f"cleanup with {len(self.tracker)} requests still awaiting their outcome: "
+                                      "the server may still answer them, the robot no longer times them out")
+
+    def _stop_worker(self, timeout: float) -> None:
+        self._worker_stop.set()
+        with self._lock:
+            self._lock.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout=timeout)
+            if not self._worker.is_alive():
+                self._worker = None
 
     # ---- callbacks (never block) -------------------------------------------------------------
     def _on_image(self, msg: Image) -> None:
@@ -158,6 +234,9 @@ class EdgeNode(Node):
         self._store_frame(msg)
 
     def _store_frame(self, msg: Image | CompressedImage) -> None:
+        if not self.active:
+            self.counters["frames_inactive"] += 1
+            return
         with self._lock:
             if self.lease.paused and self._frame is not None and self._frame_seq != self._used_seq:
                 self.counters["frames_replaced_while_paused"] += 1
@@ -168,6 +247,11 @@ class EdgeNode(Node):
 
     def _on_prompt(self, msg: String) -> None:
         text = msg.data
+        if not self.active:
+            self.counters["prompts_rejected_inactive"] += 1
+            self._local_answer(self.encoder.new_request_id(), 0, Outcome.REJECTED,
+                               "the robot's edge node is inactive (lifecycle): it takes no new requests")
+            return
         if len(text) > self.cfg.max_prompt_chars:
             self.counters["prompts_rejected_too_long"] += 1
             self._local_answer(self.encoder.new_request_id(), 0, Outcome.REJECTED,
@@ -299,8 +383,8 @@ class EdgeNode(Node):
             return None
         return None
 
-    def _work(self) -> None:
-        while self._running:
+    def _work(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             with self._lock:
                 job = self._next_job()
                 if job is None:
@@ -390,6 +474,9 @@ class EdgeNode(Node):
                                f"auth_dropped={self.msg_auth.dropped_by_robot()}")
 
     def _health(self) -> list[Health]:
+        unconfigured = self.lifecycle_health()
+        if unconfigured is not None:
+            return unconfigured
         counters = dict(self.counters)
         rejected = sum(counters.get(k, 0) for k in EDGE_LOCAL_REJECTS) + counters.get("answers_rejected", 0)
         age = None if self._last_answer_t is None else time.monotonic() - self._last_answer_t
@@ -444,15 +531,9 @@ class EdgeNode(Node):
         self.counters["live_changes"] += 1
         self.get_logger().info(f"live change {sorted(changed)}: split {cfg.split_point}, codec {cfg.codec}")
 
-    def destroy_node(self) -> None:
-        self._running = False
-        self._worker.join(timeout=WORKER_JOIN_S)
-        super().destroy_node()
-
 
 def main(args: list[str] | None = None) -> int:
-    run_node(EdgeNode, args)
-    return 0
+    return exit_code(run_node(EdgeNode, args))
 
 
 if __name__ == "__main__":

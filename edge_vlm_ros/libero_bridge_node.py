@@ -139,6 +139,8 @@ class LiberoBridgeNode(Node):
             stamp = self._sim_ns
             self._publish_observation(obs, stamp)
             action = self._await_action(stamp, rec)
+            if not self._running:     # stopping: a step (a render) now would only delay the node's exit
+                break
             ts = time.perf_counter()
             try:
                 obs, success = sim.step(action)

@@ -199,6 +199,18 @@ AUTH_ARGUMENTS = (
              "true"),
     Argument("auth_keys_dir", "Folder of the per-robot keys; empty = the package default", ""),
 )
+# The managed (lifecycle) nodes (edge, server, controller) configure and activate themselves unless
+# autostart is false; then a lifecycle manager drives them (`ros2 lifecycle set <node> configure`).
+AUTOSTART_ARGUMENT = Argument(
+    "autostart", "Managed nodes configure and activate themselves at start; false leaves them unconfigured "
+                 "for a lifecycle manager (ros2 lifecycle set)", "true")
+_AUTOSTART_FROM = {"autostart": "autostart"}
+
+
+def _lifecycle(v: Values) -> dict[str, object]:
+    return {"autostart": parse_bool("autostart", v["autostart"])}
+
+
 SPLIT_ARGUMENT = Argument("split_point", "projector | vision_block:<k> | none (cloud-only)", "projector")
 CODEC_ARGUMENT = Argument("codec", "raw | vq (with split_point none: jpeg | image)", "raw")
 ENCLAVE_ROOT_ARGUMENT = Argument(
@@ -208,8 +220,8 @@ ENCLAVE_ROOT_ARGUMENT = Argument(
 
 def _edge(v: Values, robot: str, files: list[str], enclave: str, extra: Mapping[str, str] = ()) -> PlannedNode:
     """An edge node; `extra` maps more of its parameters to the arguments that set them."""
-    frm = {"model_path": "model_path", **dict(extra), **_AUTH_FROM}
-    params: dict[str, object] = {"robot_id": robot, **{p: v[a] for p, a in frm.items()}, **_auth(v)}
+    frm = {"model_path": "model_path", **dict(extra), **_AUTH_FROM, **_AUTOSTART_FROM}
+    params: dict[str, object] = {"robot_id": robot, **{p: v[a] for p, a in frm.items()}, **_auth(v), **_lifecycle(v)}
     return PlannedNode("edge", f"/{robot}", files, params, enclave, from_arguments=frm, label=f"edge_{robot}")
 
 
@@ -229,14 +241,15 @@ ROBOT = NodeSetDescription(
      Argument("camera_topic", "sensor_msgs/Image topic the edge encodes (remapped)", "camera/image_raw"),
      Argument("enclave", "SROS2 enclave of the node (used only with ROS_SECURITY_ENABLE=true)",
               ENCLAVE_ROOT + "/{robot}"),
-     *AUTH_ARGUMENTS),
+     *AUTH_ARGUMENTS, AUTOSTART_ARGUMENT),
     _plan_robot)
 
 
 def _plan_server(v: Values, cfg_dir: Path) -> list[PlannedNode]:
-    frm = {"robots": "robots", "model_path": "model_path", "device": "device", "dtype": "dtype", **_AUTH_FROM}
+    frm = {"robots": "robots", "model_path": "model_path", "device": "device", "dtype": "dtype", **_AUTH_FROM,
+           **_AUTOSTART_FROM}
     params = {"robots": parse_robot_list("robots", v["robots"]), "model_path": v["model_path"],
-              "device": v["device"], "dtype": v["dtype"], **_auth(v)}
+              "device": v["device"], "dtype": v["dtype"], **_auth(v), **_lifecycle(v)}
     return [PlannedNode("server", "/", [v["params_file"]], params, v["enclave"], from_arguments=frm, label="server")]
 
 
@@ -249,20 +262,22 @@ SERVER = NodeSetDescription(
      Argument("dtype", "float32 | float16 | bfloat16", "float32"),
      Argument("enclave", "SROS2 enclave of the node (used only with ROS_SECURITY_ENABLE=true)",
               ENCLAVE_ROOT + "/server"),
-     *AUTH_ARGUMENTS),
+     *AUTH_ARGUMENTS, AUTOSTART_ARGUMENT),
     _plan_server)
 
 
 def _server_and_controller(v: Values, cfg_dir: Path, robots: list[str], root: str, layer: list[str],
                            server_extra: dict[str, object], controller_from: Mapping[str, str] = ()
                            ) -> list[PlannedNode]:
-    srv_from = {"model_path": "model_path", **_AUTH_FROM}
-    ctl_from = {**dict(controller_from), **_AUTH_FROM}
+    srv_from = {"model_path": "model_path", **_AUTH_FROM, **_AUTOSTART_FROM}
+    ctl_from = {**dict(controller_from), **_AUTH_FROM, **_AUTOSTART_FROM}
     server = PlannedNode("server", "/", [str(cfg_dir / PARAM_FILES["server"]), *layer],
-                         {"robots": robots, "model_path": v["model_path"], **server_extra, **_auth(v)},
+                         {"robots": robots, "model_path": v["model_path"], **server_extra, **_auth(v),
+                          **_lifecycle(v)},
                          f"{root}/server", from_arguments=srv_from, label="server")
     controller = PlannedNode("controller", "/", [str(cfg_dir / PARAM_FILES["controller"]), *layer],
-                             {"robots": robots, **{p: v[a] for p, a in ctl_from.items()}, **_auth(v)},
+                             {"robots": robots, **{p: v[a] for p, a in ctl_from.items()}, **_auth(v),
+                              **_lifecycle(v)},
                              f"{root}/controller", from_arguments=ctl_from, label="controller")
     return [server, controller]
 
@@ -279,7 +294,7 @@ ALL_IN_ONE = NodeSetDescription(
     "all_in_one", "Everything on one host: N robots' edge nodes, one server, one controller.",
     (Argument("robots", "Number of robots (edge nodes robot_0 .. robot_{n-1}), or a YAML list of robot names", "1"),
      Argument("model_path", "Hugging Face hub id or local folder for every node", "default"),
-     SPLIT_ARGUMENT, CODEC_ARGUMENT, ENCLAVE_ROOT_ARGUMENT, *AUTH_ARGUMENTS),
+     SPLIT_ARGUMENT, CODEC_ARGUMENT, ENCLAVE_ROOT_ARGUMENT, *AUTH_ARGUMENTS, AUTOSTART_ARGUMENT),
     _plan_all_in_one)
 
 
@@ -346,7 +361,7 @@ VLA = NodeSetDescription(
      Argument("suite", "LIBERO suite of the bridge", "libero_spatial"),
      Argument("tick_source", "Controller ticks: robot_state (lock step with the sim) or timer", "robot_state"),
      Argument("merge_policy", "latest_only | average | weighted | temporal_ensembling", "temporal_ensembling"),
-     ENCLAVE_ROOT_ARGUMENT, *AUTH_ARGUMENTS),
+     ENCLAVE_ROOT_ARGUMENT, *AUTH_ARGUMENTS, AUTOSTART_ARGUMENT),
     _plan_vla)
 
 NODE_SETS: dict[str, NodeSetDescription] = {d.name: d for d in (ROBOT, SERVER, ALL_IN_ONE, REPLAY, VLA)}

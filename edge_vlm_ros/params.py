@@ -156,3 +156,16 @@ class LiveParameters:
         self.refused[kind] += 1
         self.node.get_logger().warning(f"parameter set refused: {reason}", throttle_duration_sec=1.0)
         return SetParametersResult(successful=False, reason=reason)
+
+
+def read_config(node: Node, cls: type[C]) -> C:
+    """The config built from the current values of parameters declared by declare_config (a managed
+    node's configure reads them again, so a `ros2 param set` before configure takes effect)."""
+    values = {}
+    for name, (default, _description) in field_descriptions(cls).items():
+        try:
+            value = node.get_parameter(name).value
+        except ParameterUninitializedException:
+            value = None
+        values[name] = list(value or []) if isinstance(default, list) else value
+    return cls(**values)

@@ -11,18 +11,22 @@ and batching run on the engine's worker threads. With `auth` (the default) a Pro
 VisualFeatures must carry a valid MAC under the key of the robot whose topic it arrived on, or it is
 dropped (counted per robot and reason) before it can reach the engine; everything published to robot
 r is signed with r's key.
+
+Managed (lifecycle) node: configure loads the model (a failure is logged, reported on /diagnostics
+and leaves the node unconfigured); activate starts serving and the heartbeat; deactivate refuses new
+prompts (REJECTED) but still answers every request already accepted; cleanup stops the engine and
+drops the model. With `autostart` (default) it configures and activates itself at start.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import socket
 import threading
 import time
 import traceback
-
-from rclpy.node import Node
 
 from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, FlowControl, Prompt, VisualFeatures
 
@@ -35,13 +39,14 @@ from .core.diagnostics import Growth, Health, server_health
 from .core.flow import FlowEvent, FlowState
 from .core.server import ServerEngine
 from .core.split import load_vlm
-from .core.types import AnswerResult, RequestError
+from .core.types import AnswerResult, RequestError, rejected
 from .diagnostics import DiagnosticsPublisher
 from .guard import CallbackGuard
 from .msg_auth import make_message_auth
-from .params import declare_config
-from .core.model_paths import resolve
-from .spin import WORKER_JOIN_S, exit_node, run_node
+from .managed import ACTIVATE, CONFIGURE, ManagedNode
+from .params import declare_config, read_config
+from .core.model_paths import resolve_existing
+from .spin import WORKER_JOIN_S, exit_code, exit_node, run_node
 
 
 def load_codebooks(paths: list[str], fingerprint: str) -> dict:
@@ -53,71 +58,129 @@ def load_codebooks(paths: list[str], fingerprint: str) -> dict:
     return load_server_codecs(paths, fingerprint)
 
 
-class ServerNode(Node):
+class ServerNode(ManagedNode):
+    """A managed node (managed.ManagedNode). configure: keys, model, codebooks, action head,
+    publishers, the engine and the subscriptions; activate: the engine's workers, the heartbeat, and
+    new prompts accepted; deactivate: new prompts are answered REJECTED (and their features dropped)
+    and the heartbeat stops, while the requests already accepted are still matched and answered;
+    cleanup: the engine stops (answering anything it still holds) and the model is dropped."""
+
     def __init__(self) -> None:
         super().__init__("edge_vlm_server")
         self.cfg: ServerConfig = declare_config(self, ServerConfig, self._apply_live)
-        self.msg_auth = make_message_auth(self.cfg.auth, self.cfg.auth_keys_dir, self.cfg.robots,
-                                          self.cfg.auth_max_age_s, self.get_logger())
         self._host = socket.gethostname()
         self._model_error: str | None = None
         self._fingerprint = ""
+        self.engine: ServerEngine | None = None
+        self._engine_started = False
         self._rejects, self._auth_drops = Growth(), Growth()
         self._rate_mark = (time.monotonic(), 0)          # (when, prompts then): requests/s between reports
+        self._flow_state = FlowState.RESUME
+        self._flow_depth = 0
+        self._pub_lock = threading.Lock()
+        self._accepting = False           # active: new prompts go to the engine
+        # (route, request_id) of prompts handed to the engine, newest last (bounded): while inactive,
+        # only their features are still taken.
+        self._accepted: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self.guard = CallbackGuard(self)
         self.diagnostics = DiagnosticsPublisher(self, self._health)
+
+    # ---- lifecycle (managed.ManagedNode) -------------------------------------------------------
+    def configure(self) -> None:
+        cfg: ServerConfig = read_config(self, ServerConfig)
+        self.cfg = cfg
+        self.msg_auth = make_message_auth(cfg.auth, cfg.auth_keys_dir, cfg.robots, cfg.auth_max_age_s,
+                                          self.get_logger())
+        self._model_error = None
         try:
-            model = resolve(self.cfg.model_path)
-            self.get_logger().info(f"loading {model} for robots {self.cfg.robots}")
-            adapter = load_vlm(model, dtype=self.cfg.dtype, device=self.cfg.device)
+            model = resolve_existing(cfg.model_path)
+            self.get_logger().info(f"loading {model} for robots {cfg.robots}")
+            adapter = load_vlm(model, dtype=cfg.dtype, device=cfg.device)
         except Exception as e:
             self._model_error = f"{type(e).__name__}: {e}"
             self.diagnostics.publish_last(self._health())
             raise
         self._fingerprint = adapter.fingerprint
-        if self.cfg.lora_path:
+        if cfg.lora_path:
             from .core.alignedvq import apply_lora
 
-            apply_lora(adapter, self.cfg.lora_path)
-            self.get_logger().info(f"merged LoRA {self.cfg.lora_path} into the language model")
-        codebooks = load_codebooks(self.cfg.codebook_paths, adapter.fingerprint)
-        self._answer_pubs = {r: self.create_publisher(Answer, topics.for_robot(r, topics.ANSWER), qos.ANSWER)
-                             for r in self.cfg.robots}
-        self._flow_pubs = {r: self.create_publisher(FlowControl, topics.for_robot(r, topics.FLOW), qos.FLOW)
-                           for r in self.cfg.robots}
-        self._chunk_pubs = {r: self.create_publisher(ActionChunkMsg, topics.for_robot(r, topics.ACTION_CHUNK),
-                                                     qos.ACTION_CHUNK) for r in self.cfg.robots}
+            apply_lora(adapter, cfg.lora_path)
+            self.get_logger().info(f"merged LoRA {cfg.lora_path} into the language model")
+        codebooks = load_codebooks(cfg.codebook_paths, adapter.fingerprint)
         head = None
-        if self.cfg.action_head_path:
-            head = load_action_head(self.cfg.action_head_path, device=self.cfg.device, dtype=adapter.dtype)
+        if cfg.action_head_path:
+            head = load_action_head(cfg.action_head_path, device=cfg.device, dtype=adapter.dtype)
             hc = head.config
-            self.get_logger().info(f"action head {hc.kind.value} from {self.cfg.action_head_path}: chunk "
+            self.get_logger().info(f"action head {hc.kind.value} from {cfg.action_head_path}: chunk "
                                    f"{hc.chunk_size} x {hc.action_dim}, period {hc.control_period_s} s, "
                                    f"proprio {hc.proprio_dim if hc.use_proprio else 'no'}")
+        self._answer_pubs = {r: self.create_publisher(Answer, topics.for_robot(r, topics.ANSWER), qos.ANSWER)
+                             for r in cfg.robots}
+        self._flow_pubs = {r: self.create_publisher(FlowControl, topics.for_robot(r, topics.FLOW), qos.FLOW)
+                           for r in cfg.robots}
+        self._chunk_pubs = {r: self.create_publisher(ActionChunkMsg, topics.for_robot(r, topics.ACTION_CHUNK),
+                                                     qos.ACTION_CHUNK) for r in cfg.robots}
+        for pubs in (self._answer_pubs, self._flow_pubs, self._chunk_pubs):
+            for pub in pubs.values():
+                self.owned_publisher(CONFIGURE, pub)
         self._flow_state = FlowState.RESUME
         self._flow_depth = 0
-        self._pub_lock = threading.Lock()
-        self.engine = ServerEngine(adapter, self.cfg, self._emit_answer, self._emit_flow, codebooks,
+        self._accepted.clear()
+        self.engine = ServerEngine(adapter, cfg, self._emit_answer, self._emit_flow, codebooks,
                                    emit_chunk=self._emit_chunk, action_head=head)
-        self.guard = CallbackGuard(self)
-        for r in self.cfg.robots:
-            self.guard.subscribe(Prompt, topics.for_robot(r, topics.PROMPT),
-                                 lambda m, r=r: self._on_prompt(m, r), qos.REQUEST)
-            self.guard.subscribe(VisualFeatures, topics.for_robot(r, topics.FEATURES),
-                                 lambda m, r=r: self._on_features(m, r), qos.FEATURES)
-        self.engine.start()
+        self.undo_on(CONFIGURE, self._drop_engine)
+        # Subscribed while inactive too: a prompt is then answered REJECTED, and the features of the
+        # requests already accepted still reach the engine.
+        for r in cfg.robots:
+            self.owned_subscription(CONFIGURE, self.guard.subscribe(
+                Prompt, topics.for_robot(r, topics.PROMPT), lambda m, r=r: self._on_prompt(m, r), qos.REQUEST))
+            self.owned_subscription(CONFIGURE, self.guard.subscribe(
+                VisualFeatures, topics.for_robot(r, topics.FEATURES), lambda m, r=r: self._on_features(m, r),
+                qos.FEATURES))
+        self.owned_timer(CONFIGURE, self.create_timer(10.0, self._log_stats))
+        if cfg.stats_path:
+            self.owned_timer(CONFIGURE, self.create_timer(1.0, self._write_stats))
+        self.get_logger().info(f"loaded {adapter.family} model {adapter.fingerprint}, "
+                               f"{self.engine.n_image_tokens} visual tokens/image")
+
+    def _drop_engine(self) -> None:
+        """Stop the engine (it answers everything it still holds) and drop it with the model."""
+        if self.engine is None:
+            return
+        if self._engine_started:
+            self.engine.stop(timeout=WORKER_JOIN_S)
+            self._engine_started = False
+        if self.cfg.stats_path:
+            self._write_stats()
+        self.engine = None
+
+    def activate(self) -> None:
+        if not self._engine_started:
+            self.engine.start()
+            self._engine_started = True
+        self._accepting = True
+        self.undo_on(ACTIVATE, self._stop_accepting)
         self._publish_flow()
         # The heartbeat: the flow state republished every period with the lease it grants (robots that
         # hear none for lease_s treat this server as gone, and its PAUSE with it).
-        self.create_timer(self.cfg.heartbeat_period_s, self._publish_flow)
-        self.create_timer(10.0, self._log_stats)
-        if self.cfg.stats_path:
-            self.create_timer(1.0, self._write_stats)
-        self.get_logger().info(f"serving {adapter.family} model {adapter.fingerprint}, "
-                               f"{self.engine.n_image_tokens} visual tokens/image, ready")
+        self.owned_timer(ACTIVATE, self.create_timer(self.cfg.heartbeat_period_s, self._publish_flow))
+        self.get_logger().info(f"serving {self.engine.adapter.family} model {self._fingerprint} for "
+                               f"{self.cfg.robots}, ready")
 
+    def _stop_accepting(self) -> None:
+        self._accepting = False
+
+    # ---- callbacks ------------------------------------------------------------------------------
     def _on_prompt(self, msg: Prompt, route: str) -> None:
         if not self.msg_auth.check(msg, route, "Prompt", self.get_logger()):
             return
+        if not self._accepting:
+            self._reply_invalid(msg, route, rejected(f"server {self.cfg.server_id} is inactive (lifecycle): "
+                                                     "taking no new requests"))
+            return
+        self._accepted[(route, msg.request_id)] = None
+        while len(self._accepted) > 4 * self.cfg.max_pending + self.cfg.queue_capacity:
+            self._accepted.popitem(last=False)
         try:
             self.engine.submit_prompt(msg_to_prompt(msg), route)
         except RequestError as e:
@@ -126,6 +189,11 @@ class ServerNode(Node):
     def _on_features(self, msg: VisualFeatures, route: str) -> None:
         received = time.time_ns()
         if not self.msg_auth.check(msg, route, "VisualFeatures", self.get_logger()):
+            return
+        if not self._accepting and (route, msg.request_id) not in self._accepted:
+            # its prompt was refused (or never came): the engine must not hold it and answer it again
+            self.guard.note(topics.for_robot(route, topics.FEATURES), "inactive",
+                            f"{msg.request_id[:128]}: features of a request not accepted (server inactive)")
             return
         try:
             self.engine.submit_features(msg_to_features(msg), route, received)
@@ -193,6 +261,8 @@ class ServerNode(Node):
 
     def _health(self) -> list[Health]:
         robots = list(self.cfg.robots)
+        if self._model_error is None and self.engine is None:
+            return self.lifecycle_health() or []
         if self._model_error is not None:
             return [server_health(self.cfg.server_id, self._host, self._fingerprint, self._model_error, robots,
                                   False, 0, self.cfg.pause_threshold, self.cfg.queue_capacity, 0,
@@ -210,29 +280,9 @@ class ServerNode(Node):
                               self.cfg.inbox_capacity, rate, stats, auth, self._rejects.update(rejected),
                               self._auth_drops.update(sum(sum(v.values()) for v in auth.values())))]
 
-    def _apply_live(self, cfg: ServerConfig, changed: frozenset[str]) -> None:
-        """A live parameter changed (params.declare_config): the engine takes the batch limits,
-        thresholds and request limits (between batches); FlowControl carries the new thresholds and
-        lease from now on (published at once). A refusal leaves everything as it was."""
-        old, self.cfg = self.cfg, cfg          # before the engine: a PAUSE it triggers shows the new thresholds
-        try:
-            self.engine.update_limits(cfg)
-        except Exception:
-            self.cfg = old
-            raise
-        self._publish_flow()
-        self.get_logger().info(f"live change {sorted(changed)}")
-
-    def destroy_node(self) -> None:
-        self.engine.stop(timeout=WORKER_JOIN_S)
-        if self.cfg.stats_path:
-            self._write_stats()
-        super().destroy_node()
-
 
 def main(args: list[str] | None = None) -> int:
-    run_node(ServerNode, args)
-    return 0
+    return exit_code(run_node(ServerNode, args))
 
 
 if __name__ == "__main__":

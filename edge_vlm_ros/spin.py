@@ -9,6 +9,12 @@ A node started by one of this package's launchers also stops when that launcher 
 the package is first imported: processes.die_with_parent). A node module ends with `exit_node(main())`: after the clean shutdown
 the process exits without Python's interpreter teardown, which with torch loaded took 2-5 s on a
 loaded 2-core machine and frees nothing the operating system does not free at exit.
+
+A managed node (managed.ManagedNode: edge, server, controller) is started here too: with its
+`autostart` parameter it is configured and activated before the loop spins (a stop signal during
+that start, e.g. while the model loads, still ends the process at once); a failed autostart ends
+the process with exit code 1, as a node that could not start always did. A managed node that
+reaches the finalized state (`ros2 lifecycle set <node> shutdown`) ends its process with code 0.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from rclpy.executors import Executor, ExternalShutdownException, SingleThreadedE
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
+from .managed import ManagedNode
 from .processes import Stopped, node_stop
 
 N = TypeVar("N", bound=Node)
@@ -58,8 +65,9 @@ def run_node(factory: Callable[[], N], args: list[str] | None = None,
              done: Callable[[N], bool] | None = None) -> N:
     """Create the node and spin it until a stop signal, an external rclpy shutdown or, with `done`,
     until done(node) is true. The node is destroyed and rclpy shut down on every path; the node is
-    returned so the caller can derive an exit code from its state. A stop signal that arrives
-    before the node exists ends the process here (exit_node(0)), after the same cleanup."""
+    returned so the caller can derive an exit code from its state (exit_code). A stop signal that
+    arrives before the node exists ends the process here (exit_node(0)), after the same cleanup.
+    A managed node is started (autostart) first and spins until it is finalized."""
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     stop = node_stop()      # installed at the package's first import in a node process
     stop.started = True
@@ -67,10 +75,16 @@ def run_node(factory: Callable[[], N], args: list[str] | None = None,
     executor: Executor | None = None
     try:
         node = factory()
+        if isinstance(node, ManagedNode):
+            node.stop_signals = stop
+        if isinstance(node, ManagedNode) and not node.start():
+            node.get_logger().error("autostart failed (the reason is logged above); exiting")
+            return node
         executor = make_executor()
         executor.add_node(node)
         stop.spinning = True
-        while not stop.requested.is_set() and rclpy.ok() and not (done is not None and done(node)):
+        finished = done if done is not None else _finalized
+        while not stop.requested.is_set() and rclpy.ok() and not finished(node):
             executor.spin_once(timeout_sec=SPIN_PERIOD_S)
     except (Stopped, KeyboardInterrupt, ExternalShutdownException):
         pass
@@ -88,6 +102,15 @@ def run_node(factory: Callable[[], N], args: list[str] | None = None,
     if node is None:
         exit_node(0)
     return node
+
+
+def _finalized(node: Node) -> bool:
+    return isinstance(node, ManagedNode) and node.finalized
+
+
+def exit_code(node: Node) -> int:
+    """A node process's exit code after run_node: 1 when a managed node's autostart failed, else 0."""
+    return 1 if isinstance(node, ManagedNode) and node.start_failed else 0
 
 
 def exit_node(code: int) -> NoReturn:

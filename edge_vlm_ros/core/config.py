@@ -42,6 +42,11 @@ AUTH_HELP = {
                       "dropped (the hosts' clocks must agree within it).",
 }
 
+# The managed (lifecycle) nodes' own parameter, declared by managed.ManagedNode (not a config field:
+# it decides how the node starts, not what it does).
+AUTOSTART_HELP = ("Configure and activate at start (true); false leaves the node unconfigured until a lifecycle "
+                  "manager asks (ros2 lifecycle set <node> configure, then activate).")
+
 # How the edge receives camera frames (image_transport's names): sensor_msgs/Image on the camera
 # topic, or sensor_msgs/CompressedImage on <camera topic>/compressed.
 IMAGE_TRANSPORTS = ("raw", "compressed")

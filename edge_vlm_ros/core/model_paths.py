@@ -68,3 +68,13 @@ def resolve(model_path: str) -> str:
         raise FileNotFoundError(f"no default model: run `python -m edge_vlm_ros.tools.default_model --ensure` "
                                 f"(builds {tiny}) or set model_path")
     return str(tiny)
+
+
+def resolve_existing(model_path: str) -> str:
+    """resolve(model_path), refusing at once a local path (absolute, ./, ../, ~) that is not a folder:
+    from_pretrained would take it for a hub id and fail, after importing torch, with a message about
+    repository names."""
+    model = resolve(model_path)
+    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().is_dir():
+        raise FileNotFoundError(f"model_path {model_path!r}: no such folder ({model})")
+    return model

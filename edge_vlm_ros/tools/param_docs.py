@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edge_vlm_ros.core.chunks import ChunkExecutorConfig
 from edge_vlm_ros.core.config import ControllerConfig, EdgeConfig, LiberoBridgeConfig, ServerConfig, field_descriptions
-from edge_vlm_ros.core.config import ReplayNodeConfig, live_fields
+from edge_vlm_ros.core.config import AUTOSTART_HELP, ReplayNodeConfig, live_fields
 
 SECTIONS = [
     ("Edge node (`edge_node`, config/robot.yaml)", EdgeConfig),
@@ -39,6 +39,8 @@ def render() -> str:
             note = " **Live**: `ros2 param set` takes effect on the next request." if name in live else ""
             out.append(f"| `{name}` | {d} | {desc.replace('|', '/')}{note} |")
         out.append("")
+    out += ["## Managed nodes (edge, server, controller)", "", "| parameter | default | description |", "|---|---|---|",
+            f"| `autostart` | true | {AUTOSTART_HELP} |", ""]
     return "\n".join(out)
 
 

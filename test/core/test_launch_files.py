@@ -33,18 +33,19 @@ REQUIRED = {"replay": {"bag_path": "/data/run1"}, "vla": {"action_head_path": "/
 CHANGED = {
     "robot": {"robot": "arm_3", "model_path": "123", "split_point": "vision_block:2", "codec": "vq",
               "camera_topic": "/camera/color/image_raw", "enclave": "/sec/arm_3", "auth": "false",
-              "auth_keys_dir": "/keys", "params_file": str(CONFIG / "robot.yaml")},
+              "auth_keys_dir": "/keys", "params_file": str(CONFIG / "robot.yaml"), "autostart": "false"},
     "server": {"robots": "[robot_0, robot_1]", "model_path": "/models/vlm", "device": "cuda:0", "dtype": "float16",
                "enclave": "/sec/server", "auth": "false", "auth_keys_dir": "/keys",
-               "params_file": str(CONFIG / "server.yaml")},
+               "params_file": str(CONFIG / "server.yaml"), "autostart": "false"},
     "all_in_one": {"robots": "2", "model_path": "/models/vlm", "split_point": "none", "codec": "jpeg",
-                   "enclave_root": "/sec", "auth": "false", "auth_keys_dir": "/keys"},
+                   "enclave_root": "/sec", "auth": "false", "auth_keys_dir": "/keys", "autostart": "false"},
     "replay": {"bag_path": "/data/run1", "robots": "[robot_0, robot_1]", "rate": "2.0", "loops": "3",
                "publish_clock": "true", "pause_on_flow_control": "false", "preload": "true", "log_level": "debug",
                "enclave": "/sec/replay", "params_file": str(CONFIG / "replay.yaml")},
     "vla": {"robots": "[robot_0, robot_1]", "model_path": "/models/vlm", "action_head_path": "/models/head",
             "sim": "none", "suite": "libero_object", "tick_source": "timer", "merge_policy": "average",
-            "enclave_root": "/sec", "auth": "false", "auth_keys_dir": "/keys", "params_file": str(CONFIG / "vla.yaml")},
+            "enclave_root": "/sec", "auth": "false", "auth_keys_dir": "/keys", "params_file": str(CONFIG / "vla.yaml"),
+            "autostart": "false"},
 }
 
 

@@ -3,8 +3,9 @@
 Each launcher runs as an operator would start it (`python -m ...`, in its own session) with a
 marker in its environment; every process it starts inherits the marker. After the signal the test
 checks, within a bounded time, that no process carrying the marker is alive: the descendants seen
-before the signal and any process re-parented to init (an orphan) alike. A node answers SIGTERM
-with exit code 0 within 2 s and leaves the DDS graph at once (its participant destroyed, not timed
+before the signal and any process re-parented to init (an orphan) alike. Every node executable
+(edge, server, controller, replay, LIBERO bridge) answers SIGINT (and SIGTERM) with exit code 0 within 2 s, leaves
+no process of its own behind and leaves the DDS graph at once (its participant destroyed, not timed
 out by its lease).
 """
 
@@ -136,7 +137,27 @@ def _wait_ready(robots, keys_dir, timeout=READY_S, abort=None):
 
 
 # ---- nodes --------------------------------------------------------------------------------------
-def test_each_node_answers_sigterm_with_exit_0_within_2s_and_leaves_the_graph(ros_env, tmp_path):
+def _stop_in_time(name: str, p: subprocess.Popen, sig: int, log_path) -> float:
+    """Send sig to one node process: exit code 0 within NODE_STOP_S, and every process it started
+    gone with it. Returns the seconds it took."""
+    kids = psutil.Process(p.pid).children(recursive=True)
+    t0 = time.monotonic()
+    p.send_signal(sig)
+    try:
+        rc = p.wait(10)
+    except subprocess.TimeoutExpired:
+        rc = None
+    took = time.monotonic() - t0
+    log = log_path.read_text()[-2000:]
+    assert rc == 0, f"{name}: exit {rc} after {signal.Signals(sig).name}\n{log}"
+    assert took < NODE_STOP_S, f"{name}: {took:.2f} s from {signal.Signals(sig).name} to exit\n{log}"
+    left = [k.pid for k in kids if _running(k)]
+    assert not left, f"{name}: its processes {left} outlived it"
+    return took
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_each_node_answers_a_stop_signal_with_exit_0_within_2s_and_leaves_the_graph(sig, ros_env, tmp_path):
     specs = build_specs(1, with_controller=True, keys_dir=tmp_path / "keys")
     nodes = NodeSet(specs, env=ros_env, log_dir=tmp_path / "logs")
     client = None
@@ -148,29 +169,71 @@ def test_each_node_answers_sigterm_with_exit_0_within_2s_and_leaves_the_graph(ro
         ros_name = {"edge": "edge_vlm_edge", "server": "edge_vlm_server", "controller": "edge_vlm_controller"}
         times = {}
         for spec, p in nodes.procs:
-            t0 = time.monotonic()
-            p.send_signal(signal.SIGTERM)
-            try:
-                rc = p.wait(10)
-            except subprocess.TimeoutExpired:
-                rc = None
-            times[spec.name] = took = time.monotonic() - t0
-            log = (tmp_path / "logs" / f"{spec.name}.log").read_text()[-2000:]
-            assert rc == 0, f"{spec.name}: exit {rc} after SIGTERM\n{log}"
-            assert took < NODE_STOP_S, f"{spec.name}: {took:.2f} s from SIGTERM to exit\n{log}"
+            times[spec.name] = _stop_in_time(spec.name, p, sig, tmp_path / "logs" / f"{spec.name}.log")
             # a destroyed participant announces that it leaves; a killed one stays until its lease
             # runs out (Fast DDS default 20 s)
             assert client.wait_for(lambda spec=spec: ros_name[spec.role] not in graph(), 5.0), \
                 f"{spec.name} still in the graph 5 s after it exited: {graph()}"
-        print("SIGTERM -> exit 0 in: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
+        print(f"{signal.Signals(sig).name} -> exit 0 in: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
     finally:
         if client is not None:
             client.close()
         nodes.stop()
 
 
+def test_replay_node_answers_sigint_with_exit_0_within_2s_while_playing(ros_env, tmp_path):
+    from test_replay import write_foreign_bag
+
+    bag = tmp_path / "bag"
+    write_foreign_bag(bag, n_frames=4)
+    log_path = tmp_path / "replay.log"
+    cmd = [sys.executable, "-m", "edge_vlm_ros.replay_node", "--ros-args", "-p", f"bag_path:={bag}",
+           "-p", "robots:=[robot_0]", "-p", "loops:=0", "-p", "rate:=1.0", "-p", "wait_for_subscribers_s:=0.0"]
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, env=ros_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                             cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + READY_S
+        while "loops forever" not in log_path.read_text():     # constructed, its replay thread started
+            assert p.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"replay did not start in {READY_S} s\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.2)
+        took = _stop_in_time("replay", p, signal.SIGINT, log_path)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    print(f"replay SIGINT -> exit 0 in {took:.2f} s")
+
+
+def test_libero_bridge_answers_sigint_with_exit_0_within_2s_mid_episode(ros_env, tmp_path):
+    from ros_harness import require_libero
+
+    require_libero()
+    log_path = tmp_path / "libero_bridge.log"
+    cmd = [sys.executable, "-m", "edge_vlm_ros.libero_bridge_node", "--ros-args", "-r", "__ns:=/robot_0",
+           "-p", "wait_for_subscribers_s:=0.0", "-p", "max_steps:=10000", "-p", "wrist_camera:=false",
+           "-p", "image_size:=64"]
+    client = RobotClient(["robot_0"], f"test_signals_{os.getpid()}", actions=True)
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, env={**ros_env, "MUJOCO_GL": "egl"}, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True, cwd=tmp_path)
+    try:
+        # an episode is running: the simulator is up and stepping (waiting for actions between steps)
+        running = lambda: any(e.status == e.STATUS_RUNNING for e in client.episodes["robot_0"])  # noqa: E731
+        assert client.wait_for(lambda: running() or p.poll() is not None, READY_S) and p.poll() is None, \
+            log_path.read_text()[-3000:]
+        took = _stop_in_time("libero_bridge", p, signal.SIGINT, log_path)
+    finally:
+        client.close()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    print(f"libero bridge SIGINT -> exit 0 in {took:.2f} s")
+
+
 # ---- launchers ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_bringup_stop_signal_stops_every_node_cleanly(sig, ros_env, tmp_path):
     run = Launched("edge_vlm_ros.bringup", ["--robots", "1"], ros_env, tmp_path, "bringup")
     client = None

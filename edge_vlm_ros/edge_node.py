@@ -11,6 +11,7 @@ Subscribes (relative, so one instance per robot namespace):
   edge_vlm/answer (Answer) and, with task "action", edge_vlm/action_chunk (ActionChunk): the outcomes
   of its own requests, so it knows which are done
 Publishes: edge_vlm/prompt (Prompt), edge_vlm/features (VisualFeatures), /diagnostics (its health, ~1 Hz),
+  edge_vlm/codec_switch (std_msgs/String, JSON: with codec_ladder, the first rung and every switch),
   edge_vlm/answer (Answer, only for requests that end on the robot itself; with task "action" such
   failures go out as an ActionChunk on edge_vlm/action_chunk instead)
 Serves: edge_vlm/ask (action Ask, ask_server.py): one question as a goal, with its stages as
@@ -32,6 +33,10 @@ Authentication (`auth`, the default): every Prompt, VisualFeatures and local fai
 signed with the robot's key; a FlowControl is honoured only with a valid MAC under that key (a
 stranger cannot pause the robot).
 
+Bandwidth-adaptive codec (`codec_ladder`, core/edge_ladder.py): one encoder per rung on one loaded
+model; each rung's message is sized on the first camera frame, each request uses the rung the ladder
+picks, and each outcome heard feeds the link estimate (transport_ms and compute from its timings).
+
 Managed (lifecycle) node: configure loads the keys and the model and starts hearing outcomes and the
 server's heartbeat; activate starts taking camera frames and prompts; deactivate takes no new ones
 (queued and new prompts are answered REJECTED) while the requests already published keep their deadlines;
@@ -45,10 +50,12 @@ frame is kept.
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import time
 import traceback
 
+from rclpy.serialization import serialize_message
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 
@@ -57,12 +64,13 @@ from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, Flo
 from . import qos, topics
 from .ask_server import AskJob, AskServer
 from .conversions import (answer_to_msg, check_episode, check_proprio_state, chunk_to_msg, features_to_msg, flow_paused,
-                          image_to_rgb, prompt_to_msg, stamp_to_ns)
+                          image_to_rgb, msg_to_timings, prompt_to_msg, stamp_to_ns)
 from .core.camera import check_compressed, decode_compressed
 from .core.chunks import ActionChunk
 from .core.config import EdgeConfig
-from .core.diagnostics import EDGE_LOCAL_REJECTS, Growth, Health, edge_health
+from .core.diagnostics import EDGE_LOCAL_REJECTS, Growth, Health, edge_health, with_values
 from .core.edge import EdgeEncoder
+from .core.edge_ladder import CodecLadder
 from .core.requests import Heard, LeaseStatus, RequestTracker, ServerLease
 from .core.types import AnswerResult, Outcome, PromptRequest
 from .diagnostics import DiagnosticsPublisher
@@ -93,6 +101,7 @@ class EdgeNode(ManagedNode):
         super().__init__("edge_vlm_edge")
         self.cfg: EdgeConfig = declare_config(self, EdgeConfig, self._apply_live)
         self.encoder: EdgeEncoder | None = None
+        self.ladder: CodecLadder | None = None    # with codec_ladder: the encoders per rung and the choice
         self._lock = threading.Condition()
         self.counters = collections.Counter()
         self._last_answer_t: float | None = None     # monotonic time of the newest outcome heard
@@ -125,8 +134,9 @@ class EdgeNode(ManagedNode):
         # cloud-only (split none) loads no model on the robot
         model = resolve(cfg.model_path) if cfg.split_point == "none" else resolve_existing(cfg.model_path)
         self.get_logger().info(f"robot {cfg.robot_id}: split {cfg.split_point}, codec {cfg.codec}, model {model}")
-        encoder = EdgeEncoder.from_config(cfg, model)
-        self.cfg, self.msg_auth, self.encoder = cfg, msg_auth, encoder
+        ladder = CodecLadder(cfg, model, max_tracked=2 * cfg.max_in_flight) if cfg.codec_ladder else None
+        encoder = ladder.first if ladder is not None else EdgeEncoder.from_config(cfg, model)
+        self.cfg, self.msg_auth, self.encoder, self.ladder = cfg, msg_auth, encoder, ladder
         self.undo_on(CONFIGURE, self._drop_model)
         with self._lock:
             self._reset_requests()
@@ -136,6 +146,9 @@ class EdgeNode(ManagedNode):
         self.pub_answer = self.create_publisher(Answer, topics.ANSWER, qos.ANSWER)
         for pub in (self.pub_prompt, self.pub_features, self.pub_answer):
             self.owned_publisher(CONFIGURE, pub)
+        if self.ladder is not None:
+            self.pub_codec_switch = self.create_publisher(String, topics.CODEC_SWITCH, qos.CODEC_SWITCH)
+            self.owned_publisher(CONFIGURE, self.pub_codec_switch)
         if cfg.task == "action":
             self.pub_chunk = self.create_publisher(ActionChunkMsg, topics.ACTION_CHUNK, qos.ACTION_CHUNK)
             self.owned_publisher(CONFIGURE, self.pub_chunk)
@@ -167,6 +180,7 @@ class EdgeNode(ManagedNode):
 
     def _drop_model(self) -> None:
         self.encoder = None
+        self.ladder = None
 
     def activate(self) -> None:
         if self._worker is not None:     # a previous activation's worker, still finishing its request
@@ -286,6 +300,7 @@ class EdgeNode(ManagedNode):
         self._outcome_heard(msg.request_id, "answer")
         self._last_answer_t = time.monotonic()
         self.ask.on_answer(msg)
+        self._ladder_outcome(msg)
 
     def _on_chunk(self, msg: ActionChunkMsg) -> None:
         if not self.msg_auth.check(msg, self.cfg.robot_id, "ActionChunk", self.get_logger()):
@@ -294,6 +309,7 @@ class EdgeNode(ManagedNode):
         self._outcome_heard(msg.request_id, "action chunk")
         self._last_answer_t = time.monotonic()
         self.ask.on_chunk(msg)
+        self._ladder_outcome(msg)
 
     def _outcome_heard(self, request_id: str, kind: str) -> None:
         heard = self.tracker.heard(request_id)
@@ -379,6 +395,7 @@ class EdgeNode(ManagedNode):
             self._request(text, frame, deadline_ns, *ask)
 
     def _request(self, text: str, frame: Image | CompressedImage, deadline_ns: int, ask: AskJob | None = None) -> None:
+        started = time.monotonic()
         encoder = self.encoder            # one encoder per request (a live change swaps it between requests)
         rid = encoder.new_request_id() if ask is None else ask.request_id
         stamp_ns = stamp_to_ns(frame.header.stamp)
@@ -415,7 +432,10 @@ class EdgeNode(ManagedNode):
             rid, self.cfg.robot_id, text, stamp_ns, self.cfg.task,
             self.cfg.max_new_tokens if ask is None else ask.max_new_tokens, episode_id, proprio,
             deadline_ns=deadline_ns))))
+        rung = None
         try:
+            if self.ladder is not None:
+                rung, encoder = self._ladder_choose(rgb)
             packet = encoder.encode(rgb, rid, stamp_ns)
         except Exception as e:
             self.counters["encode_errors"] += 1
@@ -427,7 +447,10 @@ class EdgeNode(ManagedNode):
         packet.deadline_ns = deadline_ns
         if ask is not None and not self.ask.features_ready(ask):
             return    # its goal was cancelled while encoding: no features, so the server never generates it
-        self.pub_features.publish(self._signed(features_to_msg(packet, time.time_ns())))
+        features = self._signed(features_to_msg(packet, time.time_ns()))
+        if rung is not None:
+            self.ladder.sent(rid, rung, len(serialize_message(features)), started)
+        self.pub_features.publish(features)
         self.counters["requests"] += 1
 
     def _local_answer(self, rid: str, stamp_ns: int, outcome: Outcome, reason: str,
@@ -457,9 +480,36 @@ class EdgeNode(ManagedNode):
         counters = dict(self.counters)
         rejected = sum(counters.get(k, 0) for k in EDGE_LOCAL_REJECTS) + counters.get("answers_rejected", 0)
         age = None if self._last_answer_t is None else time.monotonic() - self._last_answer_t
-        return [edge_health(self.cfg.robot_id, counters, dict(self.tracker.counts), len(self.tracker),
-                            self.lease.view(), age, self._rejects.update(rejected), self.diagnostics.uptime_s(),
-                            startup_grace_s=max(10.0, 2 * self.cfg.server_lease_s))]
+        health = edge_health(self.cfg.robot_id, counters, dict(self.tracker.counts), len(self.tracker),
+                             self.lease.view(), age, self._rejects.update(rejected), self.diagnostics.uptime_s(),
+                             startup_grace_s=max(10.0, 2 * self.cfg.server_lease_s))
+        if self.ladder is not None:
+            health = with_values(health, self.ladder.state())
+        return [health]
+
+    # ---- codec ladder (codec_ladder set) -----------------------------------------------------
+    def _ladder_choose(self, rgb) -> tuple[str, EdgeEncoder]:
+        """Worker thread: the rung for this request; the first call sizes every rung on this frame."""
+        if not self.ladder.measured:
+            record = self.ladder.measure(rgb, lambda p: len(serialize_message(
+                self._signed(features_to_msg(p, time.time_ns())))))
+            self._publish_switch(record)
+        return self.ladder.choose()
+
+    def _ladder_outcome(self, msg: Answer | ActionChunkMsg) -> None:
+        if self.ladder is None:
+            return
+        record = self.ladder.answered(msg.request_id, msg.outcome == Answer.OUTCOME_OK,
+                                      msg.outcome == Answer.OUTCOME_TIMEOUT, msg_to_timings(msg.timings))
+        if record is not None:
+            self._publish_switch(record)
+
+    def _publish_switch(self, record: dict) -> None:
+        self.counters["codec_switches"] += record["event"] == "switch"
+        self.get_logger().info(f"codec {record['event']}: {record['previous'] or '-'} -> {record['current']} "
+                               f"({record['reason']})")
+        record["stamp_ns"] = time.time_ns()
+        self.pub_codec_switch.publish(String(data=json.dumps(record, sort_keys=True)))
 
     # ---- live parameters (params.declare_config) -------------------------------------------------
     def _apply_live(self, cfg: EdgeConfig, changed: frozenset[str]) -> None:
@@ -467,6 +517,9 @@ class EdgeNode(ManagedNode):
         codebook or token-stats dtype gets a new encoder that reuses the loaded vision model; it is
         built before anything changes, so a refusal (ValueError: split out of range for the model, a
         codebook of another model or placement) leaves the running encoder and config as they were."""
+        if self.ladder is not None and changed & ENCODER_FIELDS:
+            raise ValueError(f"{sorted(changed & ENCODER_FIELDS)}: with codec_ladder set, the ladder picks the "
+                             f"split point and codec of each request (its rungs are set at start-up)")
         encoder = self.encoder
         if changed & ENCODER_FIELDS:
             encoder = self.encoder.reconfigured(cfg)

@@ -11,6 +11,8 @@
   wins anyway);
 - episodes: reliable + transient local (a node that starts late learns the current episode),
   depth 10 so an evaluator does not miss an end event that follows a start quickly.
+- codec switches (the edge's codec ladder): reliable + transient local, depth 10 (a monitor that starts
+  late learns the current rung and the last few switches);
 - /diagnostics: reliable, depth 10, volatile, as diagnostic_updater publishes it (a status is
   republished every second; a late monitor waits for the next).
 The camera profile serves both camera inputs (sensor_msgs/Image and, with image_transport
@@ -35,3 +37,5 @@ ROBOT_STATE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=R
 DIAGNOSTICS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
 EPISODE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
+CODEC_SWITCH = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                          durability=DurabilityPolicy.TRANSIENT_LOCAL)

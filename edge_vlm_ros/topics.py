@@ -13,6 +13,7 @@ ACTION_CHUNK = "edge_vlm/action_chunk"  # edge_vlm_ros/ActionChunk, server -> ro
 ACTION = "edge_vlm/action"           # edge_vlm_ros/RobotAction, controller -> robot/sim, one per control tick
 ROBOT_STATE = "robot_state"          # sensor_msgs/JointState, robot/sim -> edge (proprio) and controller (ticks)
 WRIST_CAMERA = "camera/wrist/image_raw"  # sensor_msgs/Image, the sim's wrist camera
+CODEC_SWITCH = "edge_vlm/codec_switch"  # std_msgs/String JSON, edge -> anyone: its codec ladder's rung changes
 EPISODE = "sim/episode"              # edge_vlm_ros/Episode, sim bridge -> edge, controller, evaluation
 ASK = "edge_vlm/ask"                 # edge_vlm_ros/action/Ask, served by the edge node: one question, its answer
 

@@ -119,6 +119,37 @@ def udp_counters() -> dict[str, int]:
     return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:])} if len(lines) >= 2 else {}
 
 
+def run_schedule(schedule: list[list[int]], robot: str, one, link: LinkConfig, probe, timeout_s: float) -> dict:
+    """The link changing under the robot: phases [rate_kbit, requests] run in order, the rate changed
+    in place between them, one request at a time as in the per-rate runs. Every request is kept (phase,
+    outcome, frame -> answer, bytes of its VisualFeatures message), and every codec_switch the edge
+    publishes (only an edge with a codec_ladder publishes them)."""
+    from std_msgs.msg import String
+
+    from .. import qos, topics
+
+    switches: list[dict] = []
+    probe.node.create_subscription(String, topics.for_robot(robot, topics.CODEC_SWITCH),
+                                   lambda m: switches.append({"t_ns": time.time_ns(), **json.loads(m.data)}),
+                                   qos.CODEC_SWITCH)
+    requests: list[dict] = []
+    t_start = time.time_ns()
+    i = 0
+    for phase, (rate, n) in enumerate(schedule):
+        set_rate(link, int(rate))
+        for _ in range(int(n)):
+            t0 = time.time_ns()
+            x = one(robot, i, timeout_s)
+            sizes = probe.features_since([robot], t0)
+            x.update(phase=phase, rate_kbit=int(rate), t_s=round((t0 - t_start) / 1e9, 3),
+                     features_bytes=sizes[-1] if sizes else None)
+            requests.append(x)
+            i += 1
+        print(f"[links] phase {phase} ({rate} kbit/s, {n} requests) done; switches so far: "
+              f"{sum(s.get('event') == 'switch' for s in switches)}", flush=True)
+    return {"requests": requests, "codec_switches": switches}
+
+
 def worker(spec: dict) -> int:
     """Runs inside the robot namespace: the edge, a probe (camera, prompts, answers), the requests."""
     from ..bringup import config_dir
@@ -137,8 +168,10 @@ def worker(spec: dict) -> int:
         for r in robots:
             params = {"robot_id": r, "model_path": spec["model"], "max_new_tokens": spec["max_new_tokens"],
                       "device": spec["edge_device"], **spec["edge_params"][r]}
-            group.start(f"edge_{r}", node_command("edge_vlm_ros.edge_node", f"/{r}", params,
-                                                  config_dir() / "robot.yaml"))
+            cmd = node_command("edge_vlm_ros.edge_node", f"/{r}", params, config_dir() / "robot.yaml")
+            if spec.get("edge_params_file"):
+                cmd += ["--params-file", spec["edge_params_file"]]
+            group.start(f"edge_{r}", cmd)
         probe = Probe(robots, "edge_vlm_bench_links", decode_features=True)
         if not probe.wait_ready(spec["ready_timeout"], abort=lambda: bool(group.dead())):
             result["errors"].append(f"nodes not ready within {spec['ready_timeout']} s; exited: {group.dead()}")
@@ -175,7 +208,9 @@ def worker(spec: dict) -> int:
                 return {"outcome": "stale_frame", "reason": "every frame of the last burst was lost"}
             x = {"outcome": a.outcome.name.lower(), "reason": a.reason,
                  "frame_used": sent.index(a.stamp_ns) if a.stamp_ns in sent else None,
-                 "answer_ms": (t - a.stamp_ns) / 1e6, "transport_ms": a.timings.transport_ms}
+                 "answer_ms": (t - a.stamp_ns) / 1e6, "transport_ms": a.timings.transport_ms,
+                 "edge_ms": a.timings.edge_preprocess_ms + a.timings.edge_encode_ms,
+                 "server_ms": a.timings.server_total_ms}
             with probe._feat_lock:
                 fs = probe.feature_sent.get(a.request_id)
             if fs is not None and fs[1]:
@@ -186,6 +221,9 @@ def worker(spec: dict) -> int:
             set_rate(link, spec["rates_kbit"][0])
             for i in range(spec["warmup"]):
                 one(robot, i, spec["timeout_s"])
+        if spec.get("schedule"):
+            result["schedule"] = run_schedule(spec["schedule"], robots[0], one, link, probe, spec["timeout_s"])
+            return 0
         for rate in spec["rates_kbit"]:
             set_rate(link, rate)
             per = {}
@@ -223,17 +261,21 @@ def worker(spec: dict) -> int:
         out.write_text(json.dumps(result, indent=1))
 
 
-def _one_codec(robot: str, edge_params: dict, *, model: str, images: list[Path], question: str,
+def run_one_codec(robot: str, edge_params: dict, *, model: str, images: list[Path], question: str,
                rates_kbit: list[int], n: int, warmup: int, max_new_tokens: int, timeout_s: float, log_dir: Path,
                out_dir: Path, env: dict[str, str], domain_id: int, server_params: dict, edge_device: str,
-               vq_codebook: str, ready_timeout: float, net: str) -> dict:
-    """A fresh link, server and worker for one codec; everything torn down on return."""
+               vq_codebook: str, ready_timeout: float, net: str, schedule: list[list[int]] | None = None,
+               edge_params_file: Path | None = None, ns: tuple[str, str] = ("evb_robot", "evb_server")) -> dict:
+    """A fresh link, server and worker for one codec; everything torn down on return. With `schedule`
+    ([rate_kbit, requests] phases) the worker runs run_schedule instead of the per-rate runs;
+    `edge_params_file`: an extra parameters file for the edge (lists a -p argument cannot carry)."""
     from ..bag.netns import NetnsLink
     from ..bringup import config_dir
     from .procs import node_command, peak_rss_mb
 
-    cfg = LinkConfig(ns_a="evb_robot", ns_b="evb_server", rate_kbit=rates_kbit[0], net=net)
+    cfg = LinkConfig(ns_a=ns[0], ns_b=ns[1], rate_kbit=rates_kbit[0], net=net)
     res: dict = {}
+    log_dir.mkdir(parents=True, exist_ok=True)
     with NetnsLink(cfg) as link:
         sparams = {**server_params, "robots": [robot]}
         if vq_codebook:
@@ -247,7 +289,8 @@ def _one_codec(robot: str, edge_params: dict, *, model: str, images: list[Path],
                 "log_dir": str(log_dir / "links_robot"), "model": model, "max_new_tokens": max_new_tokens,
                 "edge_device": edge_device, "edge_params": {robot: edge_params}, "ready_timeout": ready_timeout,
                 "images": [str(p) for p in images], "question": question, "warmup": warmup, "n": n,
-                "rates_kbit": rates_kbit, "timeout_s": timeout_s}
+                "rates_kbit": rates_kbit, "timeout_s": timeout_s, "schedule": schedule,
+                "edge_params_file": str(edge_params_file) if edge_params_file else None}
         spec_path = out_dir / f"links_spec_{robot}.json"
         spec_path.write_text(json.dumps(spec))
         wpath = Path(spec["out"])
@@ -256,7 +299,8 @@ def _one_codec(robot: str, edge_params: dict, *, model: str, images: list[Path],
         w = link.popen(cfg.ns_a, [sys.executable, "-m", "edge_vlm_ros.bench.links", "--worker", str(spec_path)],
                        env=robot_side_env(link.env(cfg.ns_a, base=env, domain_id=domain_id)),
                        stdout=wlog, stderr=subprocess.STDOUT)
-        budget = ready_timeout + (warmup + n * len(rates_kbit)) * (2 * timeout_s + 1) + 30
+        n_requests = sum(int(k) for _, k in schedule) if schedule else n * len(rates_kbit)
+        budget = ready_timeout + (warmup + n_requests) * (2 * timeout_s + 1) + 30
         deadline = time.monotonic() + budget
         server_rss = None
         while w.poll() is None and time.monotonic() < deadline:
@@ -273,7 +317,7 @@ def _one_codec(robot: str, edge_params: dict, *, model: str, images: list[Path],
     # link.down() (the with block) stopped the worker and the server and deleted the namespaces
     if wpath.is_file():
         wres = json.loads(wpath.read_text())
-        res.update(rates=wres.get("rates", {}), errors=wres.get("errors", []),
+        res.update(rates=wres.get("rates", {}), errors=wres.get("errors", []), schedule=wres.get("schedule"),
                    frame_retries=wres.get("frame_retries", 0),
                    stale_frame_retries=wres.get("stale_frame_retries", 0), drain_s=round(wres.get("drain_s", 0.0), 2))
         res["peak_rss_mb"] = {**wres.get("peak_rss_mb", {}),
@@ -323,7 +367,7 @@ def run_links(*, model: str, images: list[Path], question: str, rates_mbit: list
     for robot in robots:
         t = time.monotonic()
         try:
-            r = _one_codec(robot, edge_params[robot], model=model, images=images, question=question,
+            r = run_one_codec(robot, edge_params[robot], model=model, images=images, question=question,
                            rates_kbit=rates_kbit, n=n, warmup=warmup, max_new_tokens=max_new_tokens,
                            timeout_s=timeout_s, log_dir=log_dir, out_dir=out_dir, env=env, domain_id=domain_id,
                            server_params=server_params, edge_device=edge_device,

@@ -17,8 +17,11 @@ current rung is predicted over target by a margin on a few consecutive answers, 
 after a dwell time and several consecutive answers predicting the richer rung under target by a
 margin, so it does not flap between two rungs on noise. While below the top it sends a request with
 the next richer rung now and then (a probe): one message size alone cannot tell latency from rate,
-and without probes a link that got faster would never be noticed. Every switch is returned as a `LadderSwitch` with its
-reason for the node to log and publish.
+and without probes a link that got faster would never be noticed. A probe on a slow link is the
+slowest request of its phase (fp16 features at 0.25 Mbit/s take seconds), so the wait to the next
+probe counts from the probe's answer, not its start, and doubles (up to `max_probe_backoff` times)
+each time a probe leaves the ladder where it was; a switch resets it. Every switch is returned as a
+`LadderSwitch` with its reason for the node to log and publish.
 
 ROS-free and clock-injected so it is tested without a network.
 """
@@ -151,7 +154,7 @@ class AdaptiveLadder:
 
     def __init__(self, rungs: list[Rung], target_ms: float, *, margin: float = 0.2, down_after: int = 2,
                  up_after: int = 3, min_dwell_s: float = 5.0,
-                 probe_every_s: float = 5.0, estimator: LinkEstimator | None = None,
+                 probe_every_s: float = 5.0, max_probe_backoff: int = 4, estimator: LinkEstimator | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not rungs:
             raise ValueError("the codec ladder needs at least one rung")
@@ -163,10 +166,14 @@ class AdaptiveLadder:
             raise ValueError(f"margin must be in [0, 1), got {margin}")
         if down_after < 1 or up_after < 1:
             raise ValueError(f"down_after and up_after must be >= 1, got {down_after}, {up_after}")
-        if not probe_every_s > 0:
-            raise ValueError(f"probe_every_s must be > 0, got {probe_every_s}")
+        if not probe_every_s > 0 or max_probe_backoff < 1:
+            raise ValueError(f"need probe_every_s > 0 and max_probe_backoff >= 1, got {probe_every_s}, "
+                             f"{max_probe_backoff}")
         self.rungs = list(rungs)
         self.probe_every_s = probe_every_s
+        self.max_probe_backoff = max_probe_backoff
+        self._probe_wait_s = probe_every_s      # grows while probes find the richer rung still too slow
+        self.probes = 0
         self._last_probe = clock()
         self.target_ms = float(target_ms)
         self.margin = margin
@@ -194,8 +201,9 @@ class AdaptiveLadder:
         is measured at two sizes and a link that got faster is noticed."""
         now = self._clock()
         if (self._index > 0 and now - self._since >= self.min_dwell_s
-                and now - self._last_probe >= self.probe_every_s):
+                and now - self._last_probe >= self._probe_wait_s):
             self._last_probe = now
+            self.probes += 1
             return self.rungs[self._index - 1]
         return self.current
 
@@ -209,9 +217,18 @@ class AdaptiveLadder:
         if math.isfinite(compute_ms) and compute_ms >= 0:
             old = self._compute_ms.get(rung_name)
             self._compute_ms[rung_name] = compute_ms if old is None else 0.7 * old + 0.3 * compute_ms
-        if rung_name not in {r.name for r in self.rungs}:
-            raise ValueError(f"answer for unknown rung {rung_name!r}; ladder: {[r.name for r in self.rungs]}")
-        return self._decide()
+        names = [r.name for r in self.rungs]
+        if rung_name not in names:
+            raise ValueError(f"answer for unknown rung {rung_name!r}; ladder: {names}")
+        index = self._index
+        switch = self._decide()
+        if names.index(rung_name) < index:       # a probe's answer
+            self._last_probe = self._clock()
+            if switch is None:
+                self._probe_wait_s = min(self._probe_wait_s * 2, self.probe_every_s * self.max_probe_backoff)
+        if switch is not None:
+            self._probe_wait_s = self.probe_every_s
+        return switch
 
     def _decide(self) -> LadderSwitch | None:
         pred = {r.name: self.predicted_ms(r) for r in self.rungs}

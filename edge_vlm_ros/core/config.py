@@ -8,7 +8,7 @@ bring-up tool and tests build the same dataclasses from the same YAML.
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 from .types import SplitPoint
@@ -28,6 +28,9 @@ def live_fields(cls: type) -> frozenset[str]:
     """Names of the fields of a config dataclass that a running node applies when they change."""
     return frozenset(f.name for f in fields(cls) if f.metadata.get("live", False))
 
+
+# EdgeConfig fields a codec_ladder rung may set (the rest is the edge's, shared by every rung).
+LADDER_SETTINGS = ("split_point", "codec", "codec_dtype", "jpeg_quality", "codebook_path", "token_stats_dtype")
 
 # Message authentication, the same three parameters on the edge, the server and the controller.
 AUTH_HELP = {
@@ -106,6 +109,38 @@ class EdgeConfig:
     auth: bool = param(True, AUTH_HELP["auth"])
     auth_keys_dir: str = param("", AUTH_HELP["auth_keys_dir"])
     auth_max_age_s: float = param(10.0, AUTH_HELP["auth_max_age_s"])
+    codec_ladder: list[str] = param([], "Bandwidth-adaptive codec: rungs 'name: key=value, ...', most preferred "
+                                        "first, each setting one of " + ", ".join(LADDER_SETTINGS) + " (e.g. "
+                                        "'fp16: split_point=projector, codec=raw, codec_dtype=float16'). Per "
+                                        "request the edge uses the most preferred rung predicted to meet "
+                                        "latency_target_ms on the link its answers measured; every switch is "
+                                        "logged and published on edge_vlm/codec_switch. Empty: the fixed "
+                                        "split_point/codec above.")
+    latency_target_ms: float = param(500.0, "codec_ladder: frame -> answer time a rung must be predicted to meet.")
+    ladder_dwell_s: float = param(5.0, "codec_ladder: a rung is held at least this long before stepping up, "
+                                       "and the next richer rung is probed this often while below the top.")
+
+    def rung_configs(self) -> list[tuple[str, "EdgeConfig"]]:
+        """codec_ladder as (rung name, this config with the rung's settings), most preferred first."""
+        from .adaptive import parse_ladder
+
+        out = []
+        for name, settings in parse_ladder(self.codec_ladder):
+            typed: dict[str, Any] = {}
+            for key, text in settings.items():
+                if key not in LADDER_SETTINGS:
+                    raise ValueError(f"codec_ladder rung {name!r}: setting {key!r} cannot change per rung; "
+                                     f"allowed: {', '.join(LADDER_SETTINGS)}")
+                kind = type(getattr(self, key))
+                try:
+                    typed[key] = kind(text)
+                except ValueError as e:
+                    raise ValueError(f"codec_ladder rung {name!r}: {key}={text!r} is not a {kind.__name__}") from e
+            try:
+                out.append((name, replace(self, codec_ladder=[], **typed)))
+            except ValueError as e:
+                raise ValueError(f"codec_ladder rung {name!r}: {e}") from e
+        return out
 
     def __post_init__(self) -> None:
         sp = SplitPoint.parse(self.split_point)
@@ -139,6 +174,13 @@ class EdgeConfig:
                              f"{self.max_in_flight} (>= 1)")
         if self.auth_max_age_s <= 0:
             raise ValueError(f"auth_max_age_s={self.auth_max_age_s} must be > 0")
+        # YAML cannot type an empty list, so config files write [""]: empty entries mean nothing.
+        object.__setattr__(self, "codec_ladder", [e for e in self.codec_ladder if e.strip()])
+        if not (math.isfinite(self.latency_target_ms) and self.latency_target_ms > 0
+                and math.isfinite(self.ladder_dwell_s) and self.ladder_dwell_s > 0):
+            raise ValueError(f"latency_target_ms={self.latency_target_ms} and ladder_dwell_s={self.ladder_dwell_s} "
+                             f"must be finite and > 0")
+        self.rung_configs()   # every rung is a valid edge configuration
 
 
 @dataclass(frozen=True)

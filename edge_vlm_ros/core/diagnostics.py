@@ -48,6 +48,12 @@ class Health:
     values: dict[str, str] = field(default_factory=dict)
 
 
+def with_values(health: Health, extra: Mapping[str, object]) -> Health:
+    """`health` with more key/values (a node's optional parts, e.g. the edge's codec ladder)."""
+    return Health(health.name, health.hardware_id, health.level, health.message,
+                  {**health.values, **_values(extra)})
+
+
 def status_name(node: str, who: str) -> str:
     return f"{PREFIX}: {node} ({who})"
 

@@ -127,7 +127,7 @@ def robot_enclave(robot: str, root: str = ENCLAVE_ROOT) -> Enclave:
 
     # Edge node: requests out, local failures as answers (chunks in action mode), sensors and flow in.
     edge = Profile(EDGE_NODE, ns, *_infra(
-        [t(topics.PROMPT), t(topics.FEATURES), t(topics.ANSWER), t(topics.ACTION_CHUNK)],
+        [t(topics.PROMPT), t(topics.FEATURES), t(topics.ANSWER), t(topics.ACTION_CHUNK), t(topics.CODEC_SWITCH)],
         [t(topics.CAMERA), t(topics.PROMPT_TEXT), t(topics.FLOW), t(topics.ROBOT_STATE), t(topics.EPISODE)]))
     # The LIBERO bridge, or on a real robot its drivers: sensors and episodes out, executed actions in.
     bridge = Profile(BRIDGE_NODE, ns, *_infra(

@@ -123,3 +123,20 @@ def test_parse_ladder() -> None:
     for bad in (["no-colon"], ["x:"], ["x: codec"], ["a: codec=vq", "a: codec=raw"]):
         with pytest.raises(ValueError):
             parse_ladder(bad)
+
+
+def test_probes_back_off_while_the_richer_rung_stays_too_slow() -> None:
+    clock = Clock()
+    ladder = AdaptiveLadder(RUNGS, target_ms=200.0, clock=clock)
+    link = Link(0.25e6)                       # fp16 probes take ~1.3 s each: they must stay rare
+    out = run(ladder, link, clock, 120)
+    assert ladder.current.name == "vq"
+    probe_times = [t for t, r, _ in out if r == "fp16"][2:]     # after the first answers on fp16
+    gaps = [b - a for a, b in zip(probe_times, probe_times[1:])]
+    assert gaps and gaps[0] < gaps[-1], f"the wait between probes grows: {gaps}"
+    assert max(gaps) <= ladder.probe_every_s * ladder.max_probe_backoff + 2.0, gaps
+    assert len(probe_times) <= 120 / ladder.probe_every_s / 2, f"{len(probe_times)} probes in 2 minutes"
+    # A switch resets the wait: the link recovers, one probe suffices, the ladder climbs back.
+    link.rate_bps = 4e6
+    run(ladder, link, clock, ladder.probe_every_s * ladder.max_probe_backoff + 10)
+    assert ladder.current.name == "fp16"

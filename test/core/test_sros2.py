@@ -63,7 +63,7 @@ def expected(robots, replay=False):
             "publish": _infra_pub() | {f"/{r}/edge_vlm/prompt", f"/{r}/edge_vlm/features", f"/{r}/edge_vlm/answer",
                                        f"/{r}/edge_vlm/action_chunk", f"/{r}/camera/image_raw",
                                        f"/{r}/camera/wrist/image_raw", f"/{r}/robot_state", f"/{r}/sim/episode",
-                                       f"/{r}/edge_vlm/prompt_text"},
+                                       f"/{r}/edge_vlm/prompt_text", f"/{r}/edge_vlm/codec_switch"},
             "subscribe": _infra_sub() | {f"/{r}/camera/image_raw", f"/{r}/edge_vlm/prompt_text",
                                          f"/{r}/edge_vlm/flow_control", f"/{r}/robot_state", f"/{r}/sim/episode",
                                          f"/{r}/edge_vlm/action", f"/{r}/edge_vlm/answer",

@@ -49,9 +49,15 @@ class AskGoal:
         client.send_goal_async(goal, feedback_callback=self._on_feedback).add_done_callback(self._on_response)
 
     def _on_feedback(self, msg) -> None:
+        fb = msg.feedback
         with self._cond:
+            # The server repeats a waiting goal's current stage (a late feedback subscriber still hears
+            # it); a repeat of the last stage is not a new stage.
+            last = self.feedback[-1] if self.feedback else None
+            if last is not None and last.stage == fb.stage and last.request_id == fb.request_id:
+                return
             if len(self.feedback) < MAX_FEEDBACK:
-                self.feedback.append(msg.feedback)
+                self.feedback.append(fb)
             self._cond.notify_all()
 
     def _on_response(self, future) -> None:

@@ -60,6 +60,10 @@ if TYPE_CHECKING:
 SERVICE_PERIOD_S = 0.05    # feedback latency and how soon a finished goal's result goes out
 RESULT_KEEP_S = 60.0       # how long rclpy keeps a finished goal's result for a late get_result
 BACKSTOP_S = 2.0           # past deadline + grace: a goal whose request's outcome never came back ends TIMEOUT
+# A goal's current stage is published again this often while it waits: feedback is volatile, and a
+# client whose feedback subscription matched after the stage went out (discovery under load) would
+# otherwise never hear it. Clients drop the repeats (ask_client.AskGoal).
+FEEDBACK_REPEAT_S = 1.0
 CANCELLED_REMEMBERED = 256  # cancelled requests whose late outcome is recognised (and counted) as such
 
 
@@ -90,6 +94,7 @@ class AskJob:
     stage: Stage = Stage.QUEUED
     stages: list[tuple[Stage, str, float]] = field(default_factory=list)   # (stage, detail, monotonic t)
     published: int = 0             # how many of `stages` went out as feedback
+    last_feedback_t: float = 0.0   # monotonic time the last feedback went out
     taken_t: float = 0.0
     result: Ask.Result | None = None
     cancelled: bool = False
@@ -294,8 +299,16 @@ class AskServer:
                                      f"deadline + {self.cfg.deadline_grace_s + BACKSTOP_S:g} s")
                 pending = [(job, job.stages[job.published:]) for job in self._jobs.values()
                            if job.published < len(job.stages)]
+                now_t = time.monotonic()
                 for job, _ in pending:
                     job.published = len(job.stages)
+                    job.last_feedback_t = now_t
+                repeats = [job for job in self._jobs.values()
+                           if job.result is None and job.stages and job.published == len(job.stages)
+                           and now_t - job.last_feedback_t >= FEEDBACK_REPEAT_S]
+                for job in repeats:
+                    job.last_feedback_t = now_t
+                    pending.append((job, job.stages[-1:]))
                 ready = [job for job in self._jobs.values() if job.result is not None and not job.scheduled
                          and (not job.cancelled or job.goal.is_cancel_requested)]
                 for job in ready:

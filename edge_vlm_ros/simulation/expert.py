@@ -56,8 +56,8 @@ class ExpertConfig:
     grip_steps: int = 12            # steps spent closing or opening the gripper
     hover: float = 0.10             # m above the grasp point before descending
     lift: float = 0.20              # m above the table-top height of the object when carrying
-    release_clearance: float = -0.015 # m, object bottom vs the target's estimated top when opening (<0: press)
-    bowl_release_shift: float = 0.03  # m a bowl moves toward the held side when released
+    release_clearance: float = -0.02  # m, object bottom vs the target's estimated top when opening (<0: press)
+    bowl_release_shift: float = 0.0   # m a bowl moves toward the held side when released
     jitter: float = 0.004           # m, std of the seeded waypoint jitter
     action_noise: float = 0.05      # std of the seeded Gaussian noise on the position actions
 

@@ -62,10 +62,18 @@ class TaskEnvs:
         self.init_states = self.suite.get_task_init_states(task_id)
         self.image_size = image_size
         self.seed = seed
-        self.physics = ControlEnv(bddl_file_name=self.bddl, use_camera_obs=False,
-                                  has_offscreen_renderer=False, hard_reset=False)
-        self.physics.seed(seed)
+        self._control_cls = ControlEnv
+        self._physics = None
         self._render = None
+
+    @property
+    def physics(self):
+        """The physics-only env, made on first use (a resumed run with every demo present makes none)."""
+        if self._physics is None:
+            self._physics = self._control_cls(bddl_file_name=self.bddl, use_camera_obs=False,
+                                              has_offscreen_renderer=False, hard_reset=False)
+            self._physics.seed(self.seed)
+        return self._physics
 
     @property
     def render_env(self):
@@ -77,7 +85,7 @@ class TaskEnvs:
         return self._render
 
     def close(self) -> None:
-        for env in (self.physics, self._render):
+        for env in (self._physics, self._render):
             if env is not None:
                 env.close()
 
@@ -147,9 +155,7 @@ def collect_task(args: argparse.Namespace, suite: str, task_id: int, bar) -> dic
         pool = n_init - args.eval_trials
         meta.update({"suite": suite, "task_id": task_id, "task_name": name,
                      "instruction": str(envs.task.language), "bddl_file": envs.bddl,
-                     "problem_info": {"problem_name": envs.physics.problem_name,
-                                      "domain_name": envs.physics.domain_name,
-                                      "language_instruction": envs.physics.language_instruction},
+                     "problem_name": envs.task.problem,
                      "env_args": {"controller": "OSC_POSE", "control_freq": 20, "camera_heights": args.image_size,
                                   "camera_widths": args.image_size, "camera_names": ["agentview", "robot0_eye_in_hand"],
                                   "image_flip": "vertical"},
@@ -222,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="init states 0..N-1 are kept for evaluation and never used for demonstrations")
     ap.add_argument("--max-steps", type=int, default=None, help="episode cap (default: LIBERO's for the suite)")
     ap.add_argument("--max-attempts", type=int, default=3, help="expert attempts per demonstration")
+    ap.add_argument("--report", default=None, help="also write the JSON summary here")
     ap.add_argument("--image-size", type=int, default=128, help="render resolution (the policy's)")
     args = ap.parse_args(argv)
     for name in ("per_task", "max_attempts", "image_size"):
@@ -239,7 +246,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr) as bar:
         for task_id in args.tasks:
             summaries.append(collect_task(args, args.suite, task_id, bar))
-    print(json.dumps({"suite": args.suite, "seed": args.seed, "tasks": summaries}, indent=1))
+    report = {"suite": args.suite, "seed": args.seed, "per_task": args.per_task, "eval_trials": args.eval_trials,
+              "image_size": args.image_size, "max_steps": args.max_steps, "tasks": summaries}
+    print(json.dumps(report, indent=1))
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=1)
     return 0
 
 

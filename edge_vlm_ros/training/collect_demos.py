@@ -8,11 +8,14 @@ What it does, per task:
    a CPU), recording actions, proprioception and the MuJoCo state of every step.
 2. Keep the episode only if the env's own `done` (LIBERO's goal predicate) fires within
    `--max-steps`; a failed attempt is retried with the next attempt seed (counted: the expert's
-   success rate is successes / attempts).
+   success rate is successes / attempts). A kept episode is saved as `trajectories/traj_<k>.npz`
+   (the demo without images), so every rollout of the task is done, and the expert's success rate
+   known, before the slow part starts.
 3. Render only the kept episodes: each recorded state is set in an offscreen env at the policy's
    resolution (agentview + wrist, flipped upright like LiberoSim), so the images are those of the
    exact trajectory that succeeded.
-4. Write `demo_<k>.npz` atomically (training/demos.py layout) and update `meta.json`.
+4. Write `demo_<k>.npz` atomically (training/demos.py layout), drop its trajectory, update
+   `meta.json`.
 
 Init states: LIBERO ships 50 per task. The first `--eval-trials` (default 20, the evaluation's
 trials 0..19 of `eval_libero`) are never used here; demo k starts from init state
@@ -31,6 +34,7 @@ import logging
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 
@@ -127,6 +131,62 @@ def render(env, states: list[np.ndarray], flip: str = "vertical") -> tuple[np.nd
     return np.stack(agent), np.stack(wrist)
 
 
+def traj_path(folder: str, k: int) -> str:
+    return os.path.join(folder, "trajectories", f"traj_{k}.npz")
+
+
+TRAJ_FIELDS = {"actions": "actions", "ee": "obs/ee_states", "grip": "obs/gripper_states",
+               "joints": "obs/joint_states", "states": "states", "rewards": "rewards", "dones": "dones"}
+
+
+def write_trajectory(path: str, rec: dict, attrs: dict) -> None:
+    """A successful rollout without images (rendered later): the demo file less its cameras."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    arrays = {name: np.asarray(rec[key]) for key, name in TRAJ_FIELDS.items()}
+    arrays["attrs"] = np.frombuffer(json.dumps(attrs, sort_keys=True).encode("utf-8"), np.uint8)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def read_trajectory(path: str) -> Demo:
+    """A trajectory as a Demo with empty (T, 0, 0, 3) images; validated like a demo file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise ValueError(f"trajectory {path}: field 'file': unreadable or truncated ({e})") from e
+    for name in list(TRAJ_FIELDS.values()) + ["attrs"]:
+        if name not in arrays:
+            raise ValueError(f"trajectory {path}: field {name!r}: missing")
+    t = arrays["actions"].shape[0]
+    empty = np.zeros((t, 0, 0, 3), np.uint8)
+    return Demo(actions=arrays["actions"].astype(np.float32), agentview=empty, wrist=empty,
+                ee_states=arrays["obs/ee_states"].astype(np.float32),
+                gripper_states=arrays["obs/gripper_states"].astype(np.float32),
+                joint_states=arrays["obs/joint_states"].astype(np.float32), states=arrays["states"],
+                rewards=arrays["rewards"].astype(np.float32), dones=arrays["dones"].astype(np.uint8),
+                attrs=json.loads(arrays["attrs"].tobytes().decode("utf-8")))
+
+
+def render_trajectory(env, traj: Demo) -> Demo:
+    agent, wrist = render(env, list(traj.states))
+    traj.agentview, traj.wrist = agent, wrist
+    return traj
+
+
+def _valid(path: str, reader) -> bool:
+    if not os.path.exists(path):
+        return False
+    try:
+        reader(path)
+        return True
+    except ValueError as e:
+        LOG.warning("redoing %s: %s", path, e)
+        return False
+
+
 def _load_meta(path: str) -> dict:
     if os.path.exists(path):
         with open(path) as f:
@@ -162,15 +222,18 @@ def collect_task(args: argparse.Namespace, suite: str, task_id: int, bar) -> dic
                      "eval_init_states": list(range(args.eval_trials)), "seed": args.seed,
                      "max_steps": args.max_steps})
         attempts: dict = meta.setdefault("attempts", {})
+        todo = []   # (k, trajectory path) of successful rollouts still to render
+        # stage 1: physics-only expert rollouts; each success is kept as a trajectory (no images)
         for k in range(args.per_task):
-            path = demo_path(folder, k)
-            if os.path.exists(path):
-                try:
-                    read_demo(path)
-                    bar.update(1)
-                    continue
-                except ValueError as e:
-                    LOG.warning("re-collecting %s: %s", path, e)
+            path, traj = demo_path(folder, k), traj_path(folder, k)
+            if _valid(path, read_demo):
+                bar.update(1)
+                continue
+            if _valid(traj, read_trajectory):
+                todo.append((k, traj))
+                continue
+            if args.stage == "render":
+                continue
             init_idx = args.eval_trials + k % pool
             outcomes = []
             for a in range(args.max_attempts):
@@ -183,32 +246,40 @@ def collect_task(args: argparse.Namespace, suite: str, task_id: int, bar) -> dic
                 if rec["success"]:
                     break
             attempts[str(k)] = outcomes
-            ok = outcomes[-1]["success"]
-            if ok:
-                t0 = time.perf_counter()
-                agent, wrist = render(envs.render_env, rec["states"])
-                outcomes[-1]["render_s"] = round(time.perf_counter() - t0, 2)
+            if outcomes[-1]["success"]:
                 attrs = {"instruction": str(envs.task.language), "suite": suite, "task_id": task_id,
                          "task_name": name, "init_state_index": init_idx, "seed": args.seed,
                          "attempt": len(outcomes) - 1, "image_flip": "vertical", "image_size": args.image_size}
-                write_demo(path, Demo(actions=np.stack(rec["actions"]), agentview=agent, wrist=wrist,
-                                      ee_states=np.stack(rec["ee"]), gripper_states=np.stack(rec["grip"]),
-                                      joint_states=np.stack(rec["joints"]), states=np.stack(rec["states"]),
-                                      rewards=np.asarray(rec["rewards"]), dones=np.asarray(rec["dones"]),
-                                      attrs=attrs))
+                write_trajectory(traj, rec, attrs)
+                todo.append((k, traj))
+                if args.stage == "rollout":
+                    bar.update(1)
             else:
                 LOG.warning("task %d demo %d: no success in %d attempts", task_id, k, len(outcomes))
+                bar.update(1)
             _save_meta(meta_path, meta)
-            bar.update(1)
             n_att = sum(len(v) for v in attempts.values())
             n_ok = sum(1 for v in attempts.values() for o in v if o["success"])
-            bar.set_postfix(task=task_id, expert_success=f"{n_ok}/{n_att}")
+            bar.set_postfix(task=task_id, expert_success=f"{n_ok}/{n_att}", rendered=f"0/{len(todo)}")
+        # stage 2: render the kept trajectories at the policy's resolution
+        if args.stage != "rollout":
+            for i, (k, traj) in enumerate(todo):
+                t0 = time.perf_counter()
+                demo = render_trajectory(envs.render_env, read_trajectory(traj))
+                write_demo(demo_path(folder, k), demo)
+                os.remove(traj)
+                LOG.info("task %d demo %d: %d steps rendered in %.1f s", task_id, k, len(demo),
+                         time.perf_counter() - t0)
+                bar.update(1)
+                bar.set_postfix(task=task_id, rendered=f"{i + 1}/{len(todo)}")
         n_att = sum(len(v) for v in attempts.values())
         n_ok = sum(1 for v in attempts.values() for o in v if o["success"])
         n_demos = sum(1 for k in range(args.per_task) if os.path.exists(demo_path(folder, k)))
         summary = {"suite": suite, "task_id": task_id, "instruction": str(envs.task.language),
                    "expert_attempts": n_att, "expert_successes": n_ok,
-                   "expert_success_rate": n_ok / n_att if n_att else None, "demos": n_demos}
+                   "expert_success_rate": n_ok / n_att if n_att else None, "demos": n_demos,
+                   "trajectories_to_render": sum(1 for k in range(args.per_task)
+                                                 if os.path.exists(traj_path(folder, k)))}
         meta["summary"] = summary
         _save_meta(meta_path, meta)
         return summary
@@ -228,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="init states 0..N-1 are kept for evaluation and never used for demonstrations")
     ap.add_argument("--max-steps", type=int, default=None, help="episode cap (default: LIBERO's for the suite)")
     ap.add_argument("--max-attempts", type=int, default=3, help="expert attempts per demonstration")
+    ap.add_argument("--stage", choices=("all", "rollout", "render"), default="all",
+                    help="rollout: expert episodes only (trajectories, no images); render: only render kept ones")
     ap.add_argument("--report", default=None, help="also write the JSON summary here")
     ap.add_argument("--image-size", type=int, default=128, help="render resolution (the policy's)")
     args = ap.parse_args(argv)

@@ -137,13 +137,11 @@ class PickPlaceExpert:
         inner = self._inner
         if name in inner.obj_body_id:
             return self._object_pos(name)
-        # a region of a fixture/object, e.g. basket_1_contain_region: a site in the scene
+        # a region of a fixture/object, e.g. basket_1_contain_region: a site in the scene, or else
+        # the object that owns it
         sim = self._sim
-        for cand in (name, f"{name}"):
-            try:
-                return np.asarray(sim.data.site_xpos[sim.model.site_name2id(cand)], dtype=np.float64).copy()
-            except Exception:  # noqa: S112 - try the next naming convention
-                continue
+        if name in sim.model.site_names:
+            return np.asarray(sim.data.site_xpos[sim.model.site_name2id(name)], dtype=np.float64).copy()
         owner = name.rsplit("_", 2)[0] if name.endswith("_region") else name
         if owner in inner.obj_body_id:
             return self._object_pos(owner)

@@ -57,7 +57,6 @@ class ExpertConfig:
     hover: float = 0.10             # m above the grasp point before descending
     lift: float = 0.20              # m above the table-top height of the object when carrying
     release_clearance: float = -0.02  # m, object bottom vs the target's estimated top when opening (<0: press)
-    bowl_release_shift: float = 0.0   # m a bowl moves toward the held side when released
     jitter: float = 0.004           # m, std of the seeded waypoint jitter
     action_noise: float = 0.05      # std of the seeded Gaussian noise on the position actions
 
@@ -68,7 +67,7 @@ class ExpertConfig:
         for name in ("phase_timeout", "grip_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ExpertConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("jitter", "action_noise", "bowl_release_shift"):
+        for name in ("jitter", "action_noise"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ExpertConfig.{name} must be >= 0, got {getattr(self, name)!r}")
 
@@ -238,11 +237,6 @@ class PickPlaceExpert:
                 tgt = self._target_pos(self.target)
                 jit = self.rng.normal(0.0, cfg.jitter, size=2)
                 self.place = np.array([tgt[0] + jit[0], tgt[1] + jit[1], tgt[2]])
-                if self.bowl_like:
-                    # a bowl held by its rim hangs tilted and, let go, rocks toward the held side
-                    # (~4 cm here): aim that much short of the target, on the far side.
-                    side = np.sign(self.grasp_offset[1]) or 1.0
-                    self.place[1] -= side * cfg.bowl_release_shift
                 self._enter(Phase.CARRY)
         elif ph is Phase.CARRY:
             # closed on the held object itself: move so that the object ends above the place point
@@ -253,14 +247,17 @@ class PickPlaceExpert:
             if done:
                 self._enter(Phase.LOWER)
         elif ph is Phase.LOWER:
-            # object's bottom (its body origin for LIBERO objects) just above the target's top
+            # object's bottom (its body origin for LIBERO objects) pressed slightly into the target's
+            # estimated top: a bowl let go while hanging from its rim rocks and slides off, one
+            # resting on the plate does not
             _, _, target_top = self._target_extent()
             obj = self._object_pos(self.obj)
             goal = np.array([eef[0] + self.place[0] - obj[0], eef[1] + self.place[1] - obj[1],
                              eef[2] + target_top + cfg.release_clearance - obj[2]])
             a, _ = self._move(obs, goal, 1.0)
             err = goal - eef
-            if (abs(err[2]) < 0.004 and np.linalg.norm(err[:2]) < cfg.tol / 2) or self.phase_steps >= cfg.phase_timeout:
+            settled = abs(err[2]) < 0.004 and np.linalg.norm(err[:2]) < cfg.tol / 2
+            if settled or self.phase_steps >= cfg.phase_timeout:
                 self._enter(Phase.RELEASE)
         elif ph is Phase.RELEASE:
             a, _ = self._move(obs, eef, -1.0)

@@ -122,6 +122,13 @@ class AskServer:
             callback_group=group, result_timeout=int(RESULT_KEEP_S))
         node.create_timer(SERVICE_PERIOD_S, self._service, callback_group=group)
 
+    def destroy(self) -> None:
+        """Destroy the action server (the node's destroy_node does not: an ActionServer left behind
+        keeps the node's handle, and with it the DDS participant, alive after the node ends). Once."""
+        server, self.server = self.server, None
+        if server is not None:
+            server.destroy()
+
     @property
     def cfg(self):
         # The node's current configuration: live parameter changes and a lifecycle configure replace it.

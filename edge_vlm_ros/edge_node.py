@@ -511,6 +511,10 @@ class EdgeNode(ManagedNode):
         record["stamp_ns"] = time.time_ns()
         self.pub_codec_switch.publish(String(data=json.dumps(record, sort_keys=True)))
 
+    def destroy_node(self) -> None:
+        self.ask.destroy()
+        super().destroy_node()
+
     # ---- live parameters (params.declare_config) -------------------------------------------------
     def _apply_live(self, cfg: EdgeConfig, changed: frozenset[str]) -> None:
         """A live parameter changed: the next request uses `cfg`. A new split point, codec, quality,

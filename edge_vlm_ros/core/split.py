@@ -12,6 +12,10 @@ Split points (see types.SplitPoint):
   determine x. The server rebuilds x = (y - beta) / gamma * std + mean (`invert_layer_norm`) for
   the residual and feeds the y it received to the attention as is (see `_finish_block`).
 - `none`: cloud-only; the edge ships the image and the server runs everything.
+- `token_compressor:r`: the edge runs the vision tower, the projector and the model's token compressor
+  (core/compressor.py, attached with `attach_compressor`) and ships N/r visual tokens; the server
+  hands them to the language model as they are. A model with a compressor runs it at every split
+  point (on the server for the others), so its language model always reads N/r tokens.
 
 The halves are computed from the model's own modules in the order the model's forward uses them,
 so with a lossless codec the server's generated tokens equal `model.generate` on the same image and
@@ -38,6 +42,7 @@ import numpy as np
 import torch
 
 from .backend import TransformersBackend
+from .compressor import TokenCompressor, load_compressor, merge_lora, square_grid, variant_fingerprint
 from .types import SplitPoint, rejected
 
 LOG = logging.getLogger(__name__)
@@ -61,6 +66,11 @@ class VLMAdapter(ABC):
         self.fingerprint = model_fingerprint(model, self.family)
         self.image_token_id = int(processor.tokenizer.convert_tokens_to_ids(self.image_token))
         self.has_language_model = True   # False on the robot once drop_language_model freed it
+        # The token compressor (attach_compressor): None for the model as trained. With one, the
+        # fingerprint is the variant's (base model + compressor) and base_fingerprint the model's.
+        self.base_fingerprint = self.fingerprint
+        self.compressor: TokenCompressor | None = None
+        self.compressor_hash = ""
 
     @cached_property
     def language(self) -> TransformersBackend:
@@ -105,6 +115,12 @@ class VLMAdapter(ABC):
         return None
 
     def check_split(self, split: SplitPoint) -> None:
+        if split.kind == "token_compressor":
+            if self.compressor is None:
+                raise ValueError(f"split point {split}: this model has no token compressor")
+            if split.ratio != self.compressor.ratio:
+                raise ValueError(f"split point {split}: this model's compressor was trained for ratio "
+                                 f"{self.compressor.ratio} (token_compressor:{self.compressor.ratio}), not {split.ratio}")
         if split.kind == "vision_block" and not 0 <= split.block <= self.num_vision_blocks:
             raise ValueError(f"split point {split}: k must be in 0..{self.num_vision_blocks} for this model")
         if split.sub == "ln1":
@@ -162,6 +178,8 @@ class VLMAdapter(ABC):
                 return ln(h), layer_norm_stats(h, ln)
             return h, None
         h = self._blocks(h, 0, self.num_vision_blocks)
+        if split.kind == "token_compressor":
+            return self._visual_tokens(h), None                          # (B, N/r, Dt)
         return self._head(h), None                                       # (B, N, Dt)
 
     @torch.no_grad()
@@ -188,8 +206,10 @@ class VLMAdapter(ABC):
         """The one implementation of the server's vision half, batched: (B, T, D) at the split (+ stats
         (B, T, 2) for ln1) -> (B, N, Dt) visual tokens. Differentiable w.r.t. feats (AlignedVQ training
         runs it with gradients; the server under no_grad)."""
-        if split.kind == "projector":
+        if split.kind == "token_compressor":
             return feats
+        if split.kind == "projector":
+            return self.compressor(feats) if self.compressor is not None else feats
         if split.kind != "vision_block":
             raise ValueError(f"split point {split} has no server vision half")
         k = split.block
@@ -198,15 +218,21 @@ class VLMAdapter(ABC):
                 raise ValueError(f"split point {split} needs per-token LayerNorm statistics")
             x = invert_layer_norm(feats, self.vision_block_layer_norms(k), token_stats)
             h = self._finish_block(k, x.to(feats.dtype), feats)
-            return self._head(self._blocks(h, k + 1, self.num_vision_blocks))
-        return self._head(self._blocks(feats, k, self.num_vision_blocks))
+            return self._visual_tokens(self._blocks(h, k + 1, self.num_vision_blocks))
+        return self._visual_tokens(self._blocks(feats, k, self.num_vision_blocks))
+
+    def _visual_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """Residual stream after the last used block (B, T, Dv) -> what the language model reads:
+        (B, N, Dt), or (B, N/r, Dt) through the compressor when the model has one."""
+        tokens = self._head(h)
+        return self.compressor(tokens) if self.compressor is not None else tokens
 
     @torch.no_grad()
     def server_forward_images(self, images: list[np.ndarray]) -> torch.Tensor:
         """Cloud-only: whole vision side on the server. images: RGB uint8 -> (B, N, Dt)."""
         px = torch.cat([self.preprocess(im) for im in images], 0)
         h = self._embed_image(px)
-        return self._head(self._blocks(h, 0, self.num_vision_blocks))
+        return self._visual_tokens(self._blocks(h, 0, self.num_vision_blocks))
 
     @torch.no_grad()
     def edge_output_shape(self, split: SplitPoint) -> tuple[int, ...]:
@@ -231,8 +257,14 @@ class VLMAdapter(ABC):
     @torch.no_grad()
     def monolithic_generate(self, rgb: np.ndarray, question: str, max_new_tokens: int,
                             min_new_tokens: int = 0) -> list[int]:
-        """The unsplit model through its own processor and `generate`: the ground truth."""
+        """The unsplit model through its own processor and `generate`: the ground truth.
+
+        With a compressor, the model's own image features (its `get_image_features`) go through the
+        compressor and into its `generate` as precomputed image features, after a prompt whose
+        placeholder the processor expanded to N/r slots (`compressed_reference_generate`)."""
         lm = self.language
+        if self.compressor is not None:
+            return self.compressed_reference_generate(rgb, question, max_new_tokens, min_new_tokens)
         inputs = self.processor(images=[self.reference_image(rgb)], text=lm.prompt_text(question),
                                 return_tensors="pt").to(self.device)
         if "pixel_values" in inputs:
@@ -242,6 +274,18 @@ class VLMAdapter(ABC):
         row = out[0, inputs["input_ids"].shape[1]:].tolist()
         if min_new_tokens < max_new_tokens:
             eos = lm.eos_ids()
+            for i, t in enumerate(row):
+                if t in eos:
+                    return row[:i]
+        return row
+
+    def compressed_reference_generate(self, rgb: np.ndarray, question: str, max_new_tokens: int,
+                                      min_new_tokens: int = 0) -> list[int]:
+        raise ValueError(f"the {self.family} family has no single-process reference with a token compressor")
+
+    def _cut_at_eos(self, row: list[int], max_new_tokens: int, min_new_tokens: int) -> list[int]:
+        if min_new_tokens < max_new_tokens:
+            eos = self.language.eos_ids()
             for i, t in enumerate(row):
                 if t in eos:
                     return row[:i]
@@ -302,6 +346,31 @@ class LlavaAdapter(VLMAdapter):
 
     def image_placeholder(self, n_tokens: int) -> str:
         return self.image_token * n_tokens
+
+    @torch.no_grad()
+    def compressed_reference_generate(self, rgb: np.ndarray, question: str, max_new_tokens: int,
+                                      min_new_tokens: int = 0) -> list[int]:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        assert self.compressor is not None
+        lm = self.language
+        cfg = self.model.config
+        px = self.processor.image_processor(images=[rgb], return_tensors="pt")["pixel_values"]
+        feats = self.model.get_image_features(pixel_values=px.to(self.device, self.dtype),
+                                              vision_feature_layer=cfg.vision_feature_layer,
+                                              vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        feats = getattr(feats, "pooler_output", feats)
+        tokens = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats   # (1, N, D)
+        small = self.compressor(tokens.reshape(1, -1, tokens.shape[-1]))                   # (1, N/r, D)
+        # What LLaVA's processor does with an image (the placeholder repeated once per visual token),
+        # with N/r tokens instead of the N its image processor would count.
+        text = lm.prompt_text(question).replace(self.image_token, self.image_token * small.shape[1])
+        inputs = self.processor.tokenizer([text], return_tensors="pt").to(self.device)
+        out = self.model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                  mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[small[0]])},
+                                  max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                  do_sample=False, pad_token_id=lm.pad_token_id)
+        return self._cut_at_eos(out[0, inputs["input_ids"].shape[1]:].tolist(), max_new_tokens, min_new_tokens)
 
 
 class Idefics3Adapter(VLMAdapter):
@@ -430,11 +499,12 @@ def model_fingerprint(model: torch.nn.Module, family: str) -> str:
 
 
 def load_vlm(source: str | Path, *, dtype: str = "float32", device: str = "cpu",
-             attn_implementation: str | None = "eager") -> VLMAdapter:
+             attn_implementation: str | None = "eager", compressor: str | Path = "") -> VLMAdapter:
     """Load a VLM from a hub id or a local folder and wrap it in its family adapter.
 
     `from_pretrained` is the same call for a user's checkpoint, a hub id on a machine that can
-    download, and the tiny/reference models this project builds.
+    download, and the tiny/reference models this project builds. `compressor`: a token compressor
+    file trained for this model, attached with `attach_compressor` ("" = none).
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -453,8 +523,36 @@ def load_vlm(source: str | Path, *, dtype: str = "float32", device: str = "cpu",
     processor = AutoProcessor.from_pretrained(src)
     processor.tokenizer.padding_side = "left"
     adapter = ADAPTERS[cls_name](model, processor, src)
+    if compressor:
+        attach_compressor(adapter, compressor)
     LOG.info("loaded %s (%s, %s on %s), fingerprint %s", src, adapter.family, dtype, device, adapter.fingerprint)
     return adapter
+
+
+def attach_compressor(adapter: VLMAdapter, path: str | Path) -> None:
+    """Give the model its token compressor (core/compressor.py): the compressor runs after the
+    projector at every split point, its LoRA is merged into the language model (when the adapter
+    still has one) and the fingerprint becomes the variant's. ValueError (nothing changed) for a
+    file of another model, a token grid it does not fit, a second compressor or a family without a
+    compressed reference."""
+    if adapter.compressor is not None:
+        raise ValueError(f"model {adapter.source} already has a token compressor ({adapter.compressor_hash[:16]})")
+    if adapter.family != "llava":
+        raise ValueError(f"token compressors are supported for the llava family, not {adapter.family!r}")
+    loaded = load_compressor(path, expected_fingerprint=adapter.base_fingerprint)
+    n, d = adapter.edge_output_shape(SplitPoint("projector"))
+    if (n, d) != (loaded.spec.n_in, loaded.spec.dim) or square_grid(n) != loaded.spec.grid:
+        raise ValueError(f"compressor {path}: made for {loaded.spec.n_in} tokens of width {loaded.spec.dim} "
+                         f"on a {list(loaded.spec.grid)} grid, this model makes {n} of width {d}")
+    if adapter.has_language_model:
+        merge_lora(adapter.model, loaded.lora_deltas)
+    adapter.compressor = loaded.module.to(adapter.device, adapter.dtype)
+    adapter.compressor_hash = loaded.content_hash
+    adapter.fingerprint = variant_fingerprint(adapter.base_fingerprint, loaded.content_hash)
+    adapter.__dict__.pop("language", None)          # a backend built before carries the old fingerprint
+    adapter.__dict__.pop("_shape_cache", None)
+    LOG.info("token compressor %s: ratio %d (%d -> %d tokens), LoRA rank %d; fingerprint %s",
+             path, loaded.spec.ratio, loaded.spec.n_in, loaded.spec.n_out, loaded.spec.lora_rank, adapter.fingerprint)
 
 
 def drop_language_model(adapter: VLMAdapter) -> None:

@@ -32,7 +32,7 @@ def rejected(reason: str) -> RequestError:
     return RequestError(Outcome.REJECTED, reason)
 
 
-_SPLIT_RE = re.compile(r"^(projector|none|vision_block:(\d+)(?:/([a-z0-9_]+))?)$")
+_SPLIT_RE = re.compile(r"^(projector|none|vision_block:(\d+)(?:/([a-z0-9_]+))?|token_compressor:(\d+))$")
 # Positions inside a block a split may name after "vision_block:<k>/". "ln1": after block k's
 # layer_norm1; the edge ships layer_norm1(x) plus per-token mean and std of x (side_info), which
 # the server needs to rebuild the residual stream x that block k adds its attention output to.
@@ -43,9 +43,11 @@ SUB_POSITIONS = ("ln1",)
 class SplitPoint:
     """Where the model is cut (and where a codec sits: a codebook's placement is str(split)).
 
-    kind: 'projector' | 'vision_block' | 'none'; block: k for vision_block; sub: '' for the block
-    boundary (the residual stream after k blocks) or a position inside block k (SUB_POSITIONS).
-    Text forms: 'projector', 'none', 'vision_block:<k>', 'vision_block:<k>/ln1'.
+    kind: 'projector' | 'vision_block' | 'token_compressor' | 'none'; block: k for vision_block, the
+    compression ratio r for token_compressor (core/compressor.py: the edge ships N/r visual tokens);
+    sub: '' for the block boundary (the residual stream after k blocks) or a position inside block k
+    (SUB_POSITIONS).
+    Text forms: 'projector', 'none', 'vision_block:<k>', 'vision_block:<k>/ln1', 'token_compressor:<r>'.
     """
 
     kind: str
@@ -56,8 +58,11 @@ class SplitPoint:
     def parse(text: str) -> "SplitPoint":
         m = _SPLIT_RE.match(text.strip())
         if m is None:
-            raise ValueError(f"unknown split point {text!r}: expected 'projector', 'none', 'vision_block:<k>' "
-                             f"or 'vision_block:<k>/<position>' with position in {SUB_POSITIONS}")
+            raise ValueError(f"unknown split point {text!r}: expected 'projector', 'none', 'vision_block:<k>', "
+                             f"'vision_block:<k>/<position>' with position in {SUB_POSITIONS} "
+                             f"or 'token_compressor:<r>'")
+        if m.group(4) is not None:
+            return SplitPoint("token_compressor", int(m.group(4)))
         if m.group(2) is not None:
             sub = m.group(3) or ""
             if sub and sub not in SUB_POSITIONS:
@@ -71,7 +76,14 @@ class SplitPoint:
         """True where the wire must carry per-token LayerNorm mean and std (side_info)."""
         return self.sub == "ln1"
 
+    @property
+    def ratio(self) -> int:
+        """Visual tokens per token on the wire: r for token_compressor, 1 elsewhere."""
+        return self.block if self.kind == "token_compressor" else 1
+
     def __str__(self) -> str:
+        if self.kind == "token_compressor":
+            return f"token_compressor:{self.block}"
         if self.kind != "vision_block":
             return self.kind
         return f"vision_block:{self.block}/{self.sub}" if self.sub else f"vision_block:{self.block}"

@@ -1,0 +1,156 @@
+"""The token compressor: its file, its placement in the split, and what bad input gets.
+
+The split with a compressor must equal the single-process model with that compressor (the model's
+own image features, the compressor, the model's own generate) at every split point, the way
+test_split.py checks the plain model; a compressor of another model, for another grid, damaged on
+disk or asked for at another ratio is refused with a reason.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from edge_vlm_ros.core.backend import GenerateItem
+from edge_vlm_ros.core.compressor import (GROUPS, CompressorSpec, LoRAHooks, TokenCompressor, load_compressor,
+                                          lora_modules, save_compressor, variant_fingerprint)
+from edge_vlm_ros.core.split import attach_compressor, drop_language_model, load_vlm
+from edge_vlm_ros.core.types import SplitPoint
+from edge_vlm_ros.fixtures.tiny_models import build_tiny_llava
+
+QUESTIONS = ["what color is the shape ?", "how many objects are there ?", "is there a red circle ?"]
+
+
+def _images(n, size=32, seed=0):
+    rng = np.random.RandomState(seed)
+    return [(rng.rand(size, size, 3) * 255).astype(np.uint8) for _ in range(n)]
+
+
+def write_random_compressor(adapter, path, ratio, *, lora_rank=4, seed=0, fingerprint=None):
+    """A compressor file with random (not pooling-only) MLP weights and a non-zero LoRA."""
+    torch.manual_seed(seed)
+    n, d = adapter.edge_output_shape(SplitPoint("projector"))
+    side = int(round(n ** 0.5))
+    module = TokenCompressor(ratio, (side, side), d, 2 * d)
+    with torch.no_grad():
+        module.fc2.weight.normal_(0, 0.3)
+    names = lora_modules(adapter.model, "model.language_model") if lora_rank else []
+    hooks = LoRAHooks(adapter.model, names, lora_rank, 2.0 * lora_rank) if lora_rank else None
+    loras = {}
+    if hooks is not None:
+        with torch.no_grad():
+            for name in names:
+                lo = hooks.loras[name.replace(".", "__")]
+                lo.B.normal_(0, 0.2)
+                loras[name] = lo
+        hooks.close()
+    spec = CompressorSpec(ratio=ratio, grid=(side, side), dim=d, hidden=2 * d,
+                          model_fingerprint=fingerprint or adapter.base_fingerprint, lora_rank=lora_rank,
+                          lora_alpha=2.0 * lora_rank, lora_modules=tuple(names))
+    return save_compressor(path, spec, module, loras)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="module")
+def base(tiny_path):
+    return load_vlm(tiny_path)
+
+
+@pytest.mark.parametrize("ratio", [2, 4, 8])
+def test_every_split_with_compressor_equals_single_process_reference(tiny_path, base, tmp_path, ratio):
+    cpath = tmp_path / f"c{ratio}.safetensors"
+    digest = write_random_compressor(base, cpath, ratio)
+    server = load_vlm(tiny_path, compressor=cpath)
+    assert server.fingerprint == variant_fingerprint(base.fingerprint, digest) != base.fingerprint
+    assert server.base_fingerprint == base.fingerprint
+    imgs = _images(3)
+    ref = [server.monolithic_generate(im, q, 8, 8) for im, q in zip(imgs, QUESTIONS)]
+    plain = [base.monolithic_generate(im, q, 8, 8) for im, q in zip(imgs, QUESTIONS)]
+    assert len({tuple(r) for r in ref}) == 3, "tiny model output must depend on its input"
+    assert ref != plain, "the compressor (and its LoRA) must change what the model says"
+    # The robot: its own load, language model dropped (the LoRA is the server's business).
+    edge = load_vlm(tiny_path, compressor=cpath)
+    drop_language_model(edge)
+    assert edge.fingerprint == server.fingerprint
+    lm = server.language
+    assert lm.fingerprint == server.fingerprint
+    n = base.edge_output_shape(SplitPoint("projector"))[0]
+    for sp in ["projector", "vision_block:1", f"vision_block:{base.num_vision_blocks}", "vision_block:2/ln1",
+               f"token_compressor:{ratio}", "none"]:
+        split = SplitPoint.parse(sp)
+        items = []
+        for im, q in zip(imgs, QUESTIONS):
+            if split.kind == "none":
+                tok = server.server_forward_images([im])[0]
+            else:
+                feats, stats = edge.edge_forward_stats(edge.preprocess(im), split)
+                assert tuple(feats.shape) == edge.edge_output_shape(split)
+                tok = server.server_forward(feats[None], split, None if stats is None else stats[None])[0]
+            assert tok.shape[0] == n // ratio, sp
+            items.append(GenerateItem(lm.prompt_ids(q, tok.shape[0]), tok, 8))
+        assert lm.generate(items, min_new_tokens=8) == ref, sp          # batched, left padded
+        assert [lm.generate([it], 8)[0] for it in items] == ref, sp      # one by one
+    # What crosses the wire at the compressor split: N/r tokens.
+    assert edge.edge_output_shape(SplitPoint("token_compressor", ratio))[0] == n // ratio
+    assert edge.edge_output_shape(SplitPoint("projector"))[0] == n
+
+
+def test_untrained_compressor_is_average_pooling():
+    torch.manual_seed(0)
+    c = TokenCompressor(4, (4, 4), 8, 16)
+    x = torch.randn(2, 16, 8)
+    want = x.reshape(2, 2, 2, 2, 2, 8).permute(0, 1, 3, 2, 4, 5).reshape(2, 4, 4, 8).mean(2)
+    assert torch.equal(c(x), want)
+    # the groups are grid neighbours: token 0 of the output is patches (0,0),(0,1),(1,0),(1,1)
+    assert torch.equal(c.group_tokens(x)[:, 0], x[:, [0, 1, 4, 5]])
+    assert set(GROUPS) == {2, 4, 8, 16}
+
+
+def test_split_point_text_round_trips():
+    sp = SplitPoint.parse("token_compressor:4")
+    assert (sp.kind, sp.ratio, str(sp)) == ("token_compressor", 4, "token_compressor:4")
+    assert SplitPoint.parse("projector").ratio == 1
+    for bad in ["token_compressor", "token_compressor:", "token_compressor:x", "token_compressor:4/ln1"]:
+        with pytest.raises(ValueError):
+            SplitPoint.parse(bad)
+
+
+def test_bad_compressors_are_refused_with_a_reason(tiny_path, base, tmp_path):
+    # Another model's compressor.
+    other = tmp_path / "other.safetensors"
+    write_random_compressor(base, other, 4, fingerprint="0123456789abcdef")
+    with pytest.raises(ValueError, match="trained on model '0123456789abcdef', not this model"):
+        load_vlm(tiny_path, compressor=other)
+    # A grid the model does not make.
+    spec = CompressorSpec(ratio=4, grid=(8, 8), dim=64, hidden=32, model_fingerprint=base.base_fingerprint)
+    wrong = tmp_path / "grid.safetensors"
+    save_compressor(wrong, spec, TokenCompressor(4, (8, 8), 64, 32))
+    with pytest.raises(ValueError, match="made for 64 tokens"):
+        load_vlm(tiny_path, compressor=wrong)
+    # Damaged after writing: the content hash no longer matches.
+    good = tmp_path / "good.safetensors"
+    write_random_compressor(base, good, 2)
+    raw = bytearray(good.read_bytes())
+    raw[-5] ^= 0x55
+    bad = tmp_path / "damaged.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="damaged or edited|unreadable|non-finite"):
+        load_compressor(bad)
+    # Not a compressor at all, and no file.
+    with pytest.raises(ValueError, match="unreadable|format"):
+        load_compressor(tiny_path / "model.safetensors")
+    with pytest.raises(ValueError, match="no such file"):
+        load_compressor(tmp_path / "missing.safetensors")
+    # Attached once only; the untrained ratio and a model without a compressor refuse the split.
+    a = load_vlm(tiny_path, compressor=good)
+    with pytest.raises(ValueError, match="already has a token compressor"):
+        attach_compressor(a, good)
+    with pytest.raises(ValueError, match="trained for ratio 2"):
+        a.check_split(SplitPoint("token_compressor", 4))
+    with pytest.raises(ValueError, match="no token compressor"):
+        base.check_split(SplitPoint("token_compressor", 2))
+    with pytest.raises(ValueError, match="ratio 3"):
+        CompressorSpec(ratio=3, grid=(4, 4), dim=8, hidden=8, model_fingerprint="x")

@@ -95,7 +95,7 @@ class ServerNode(ManagedNode):
         try:
             model = resolve_existing(cfg.model_path)
             self.get_logger().info(f"loading {model} for robots {cfg.robots}")
-            adapter = load_vlm(model, dtype=cfg.dtype, device=cfg.device)
+            adapter = load_vlm(model, dtype=cfg.dtype, device=cfg.device, compressor=cfg.compressor_path)
         except Exception as e:
             self._model_error = f"{type(e).__name__}: {e}"
             self.diagnostics.publish_last(self._health())

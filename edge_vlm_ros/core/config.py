@@ -60,11 +60,15 @@ class EdgeConfig:
     model_path: str = param(DEFAULT_MODEL, "Hugging Face hub id or local folder of the VLM; 'default' = the "
                                         "embedded default model.")
     dtype: str = param("float32", "Model dtype on the robot: float32, float16 or bfloat16.")
+    compressor_path: str = param("", "Token compressor file of the model (core/compressor.py; the server "
+                                     "must hold the same one): with split_point token_compressor:<r> the robot "
+                                     "ships N/r visual tokens. Empty: none.")
     device: str = param("cpu", "Torch device of the edge half, e.g. cpu or cuda:0.")
     split_point: str = param("projector", "Where the model is cut: projector, vision_block:<k> (after k "
                                        "blocks), vision_block:<k>/ln1 (after block k's layer_norm1, with "
-                                       "per-token mean and std as side info), or none (cloud-only: the image "
-                                       "is sent).", live=True)
+                                       "per-token mean and std as side info), token_compressor:<r> (after "
+                                       "the projector and the model's token compressor: N/r tokens; needs "
+                                       "compressor_path), or none (cloud-only: the image is sent).", live=True)
     codec: str = param("raw", "Feature codec: raw (tensor bytes), vq (codebook indices); with split none: "
                            "jpeg or image.", live=True)
     codec_dtype: str = param("float32", "raw codec: float32, float16 or bfloat16 on the wire.", live=True)
@@ -193,6 +197,8 @@ class ServerConfig:
     dtype: str = param("float32", "Model dtype on the server.")
     device: str = param("cpu", "Torch device, e.g. cuda:0.")
     codebook_paths: list[str] = param([], "vq codebooks this server can decode (matched by content hash).")
+    compressor_path: str = param("", "Token compressor file of the model (the robots' own): the language model "
+                                     "reads N/r visual tokens at every split point. Empty: none.")
     max_batch_size: int = param(8, "Most requests generated together.", live=True)
     max_batch_wait_ms: float = param(5.0, "How long the batch worker waits for more requests after the first.", live=True)
     pause_threshold: int = param(16, "Matched-queue depth at which PAUSE is published.", live=True)

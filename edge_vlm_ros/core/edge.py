@@ -50,7 +50,7 @@ class EdgeEncoder:
         With `adapter` (an already loaded vision half) nothing is loaded: it is reused."""
         split = SplitPoint.parse(cfg.split_point)
         if split.kind != "none" and adapter is None:
-            adapter = load_vlm(model_path, dtype=cfg.dtype, device=cfg.device)
+            adapter = load_vlm(model_path, dtype=cfg.dtype, device=cfg.device, compressor=cfg.compressor_path)
             drop_language_model(adapter)
         codec = codec_from_config(cfg, adapter=adapter, split=split)
         dlp_edge = None

@@ -67,7 +67,7 @@ class CodecLadder:
             raise ValueError("CodecLadder needs a non-empty codec_ladder")
         adapter = None
         if any(SplitPoint.parse(r.split_point).kind != "none" for _, r in rungs):
-            adapter = load_vlm(model_path, dtype=cfg.dtype, device=cfg.device)
+            adapter = load_vlm(model_path, dtype=cfg.dtype, device=cfg.device, compressor=cfg.compressor_path)
             drop_language_model(adapter)
         self.settings = {name: {k: getattr(r, k) for k in LADDER_SETTINGS} for name, r in rungs}
         self.encoders: dict[str, EdgeEncoder] = {name: encoder_for(r, adapter) for name, r in rungs}

@@ -154,3 +154,112 @@ def test_bad_compressors_are_refused_with_a_reason(tiny_path, base, tmp_path):
         base.check_split(SplitPoint("token_compressor", 2))
     with pytest.raises(ValueError, match="ratio 3"):
         CompressorSpec(ratio=3, grid=(4, 4), dim=8, hidden=8, model_fingerprint="x")
+
+
+# ---- the server engine with a compressor: serving, composing with codecs, bad input ---------------
+
+class _Server:
+    def __init__(self, adapter, codebooks=None, **cfg):
+        import threading
+
+        from edge_vlm_ros.core.config import ServerConfig
+        from edge_vlm_ros.core.server import ServerEngine
+
+        self.answers = {}
+        self.cond = threading.Condition()
+        base = dict(robots=["r0"], default_max_new_tokens=6, match_ttl_s=60.0)
+        base.update(cfg)
+        self.engine = ServerEngine(adapter, ServerConfig(**base), self._answer,
+                                   codebooks=codebooks or {})
+        self.engine.start()
+
+    def _answer(self, route, a):
+        with self.cond:
+            assert a.request_id not in self.answers, f"second answer for {a.request_id}"
+            self.answers[a.request_id] = a
+            self.cond.notify_all()
+
+    def wait(self, rid, timeout=120.0):
+        with self.cond:
+            assert self.cond.wait_for(lambda: rid in self.answers, timeout), f"no answer for {rid}"
+            return self.answers[rid]
+
+    def send(self, rid, packet, text="what color is the shape ?"):
+        import dataclasses
+
+        from edge_vlm_ros.core.types import PromptRequest
+
+        self.engine.submit_prompt(PromptRequest(rid, "r0", text, max_new_tokens=6), "r0")
+        self.engine.submit_features(dataclasses.replace(packet, request_id=rid, robot_id="r0"), "r0")
+
+
+def test_engine_serves_compressed_tokens_and_refuses_mismatches(tiny_path, base, tmp_path, monkeypatch):
+    from edge_vlm_ros.codecs.raw import RawCodec
+    from edge_vlm_ros.codecs.registry import make_codec
+    from edge_vlm_ros.codecs.vq import load_server_codecs
+    from edge_vlm_ros.core.edge import EdgeEncoder
+    from edge_vlm_ros.core.types import EncodedTensor, Outcome
+    from edge_vlm_ros.training.calibrate_codebook import collect_features
+    from edge_vlm_ros.training.train_codebook import train_codebook
+
+    cpath, other_path = tmp_path / "c4.safetensors", tmp_path / "c4-other.safetensors"
+    write_random_compressor(base, cpath, 4, seed=1)
+    write_random_compressor(base, other_path, 4, seed=2)
+    server = load_vlm(tiny_path, compressor=cpath)
+    edge = load_vlm(tiny_path, compressor=cpath)
+    drop_language_model(edge)
+    other_edge = load_vlm(tiny_path, compressor=other_path)
+    n, d = base.edge_output_shape(SplitPoint("projector"))
+    split = SplitPoint("token_compressor", 4)
+    # vq on the compressed tokens: a codebook calibrated at placement token_compressor:4.
+    imgs = _images(24, seed=5)
+    feats = collect_features(edge, split, imgs, progress=False)                  # (24, n/4, d)
+    assert tuple(feats.shape) == (24, n // 4, d)
+    cb = train_codebook(feats.reshape(-1, d), k=16, seed=0, iters=5, model_fingerprint=edge.fingerprint,
+                        placement=str(split), progress=False)
+    cb_path = cb.save(tmp_path / "cb.safetensors")
+    enc = {
+        "raw32": EdgeEncoder("r0", split, make_codec("raw", dtype="float32"), edge),
+        "raw16": EdgeEncoder("r0", split, make_codec("raw", dtype="float16"), edge),
+        "vq": EdgeEncoder("r0", split, make_codec("vq", codebook=str(cb_path), adapter=edge, split=split), edge),
+        "projector": EdgeEncoder("r0", SplitPoint("projector"), make_codec("raw", dtype="float32"), edge),
+        "plain-model": EdgeEncoder("r0", SplitPoint("projector"), make_codec("raw", dtype="float32"), base),
+        "other-compressor": EdgeEncoder("r0", split, make_codec("raw", dtype="float32"), other_edge),
+    }
+    img = _images(1, seed=9)[0]
+    pk = {k: e.encode(img, "x", 0) for k, e in enc.items()}
+    assert pk["raw32"].encoded.shape == (n // 4, d) and len(pk["raw32"].encoded.payload) == 4 * n // 4 * d
+    assert len(pk["raw16"].encoded.payload) == 2 * n // 4 * d
+    assert pk["projector"].encoded.shape == (n, d)
+    # A message whose token count does not fit the compressor, and one naming an untrained ratio.
+    wrong_count = pk["raw32"]
+    wrong_count = type(wrong_count)(**{**wrong_count.__dict__, "encoded": EncodedTensor(
+        "raw", "float32", (n // 2, d), bytes(4 * n // 2 * d))})
+    untrained = type(pk["raw32"])(**{**pk["raw32"].__dict__, "split_point": "token_compressor:2"})
+
+    decoded = []
+    orig = RawCodec.decode
+    monkeypatch.setattr(RawCodec, "decode", lambda self, e, *a, **kw: (decoded.append(e.shape), orig(self, e, *a, **kw))[1])
+    s = _Server(server, codebooks=load_server_codecs([str(cb_path)], server.fingerprint))
+    try:
+        bad = {"wrong-count": (wrong_count, f"ships exactly [{n // 4}, {d}]"),
+               "untrained-ratio": (untrained, "trained for ratio 4"),
+               "plain-model": (pk["plain-model"], "edge and server run different models"),
+               "other-compressor": (pk["other-compressor"], "edge and server run different models")}
+        for rid, (p, _) in bad.items():
+            s.send(rid, p)
+        for rid in ("raw32", "raw16", "vq", "projector"):
+            s.send(rid, pk[rid])
+        for rid, (_, needle) in bad.items():
+            a = s.wait(rid)
+            assert a.outcome is Outcome.REJECTED and needle in a.reason, (rid, a.reason)
+        ok = {rid: s.wait(rid) for rid in ("raw32", "raw16", "vq", "projector")}
+        assert all(a.outcome is Outcome.OK for a in ok.values()), {k: a.reason for k, a in ok.items()}
+    finally:
+        s.engine.stop()
+    # Only the good raw requests were decoded; the rejects never reached a decoder.
+    assert sorted(decoded) == sorted([(n // 4, d), (n // 4, d), (n, d)]), decoded
+    # The server builds its prompts with n/4 image slots and answers like the single-process reference.
+    assert s.engine.n_image_tokens == n // 4
+    ref = server.language.decode_text(server.monolithic_generate(img, "what color is the shape ?", 6))
+    assert ok["raw32"].text == ok["projector"].text == ref

@@ -1,0 +1,83 @@
+"""train_compressor on a 64-visual-token model built in the test (the reference recipe at 64x64 px,
+patch 8): the loss goes down, the file reads back for that model only, and the robot's compressed
+tokens through the server give the single-process reference's answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edge_vlm_ros.core.backend import GenerateItem
+from edge_vlm_ros.core.compressor import load_compressor
+from edge_vlm_ros.core.split import drop_language_model, load_vlm
+from edge_vlm_ros.core.types import SplitPoint
+from edge_vlm_ros.data.scenes import load_image, read_split, write_dataset
+from edge_vlm_ros.training import train_compressor as C
+from edge_vlm_ros.training import train_reference as T
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("scenes")
+    write_dataset(root, seed=1, n_train=24, n_val=4, n_test=4)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model64(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref64") / "model"
+    threads = torch.get_num_threads()
+    try:
+        T.train(T.TrainConfig(data=str(data_dir), out=str(out), seed=0, steps=6, batch_size=8, lr=1e-2,
+                              warmup_steps=1, image_size=64, patch_size=8, vision_hidden=32, vision_layers=2,
+                              text_hidden=32, text_layers=1, threads=1, checkpoint_every=100, eval_every=100,
+                              eval_examples=0, progress=False))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_training_a_compressor_for_a_64_token_model(data_dir, model64, tmp_path):
+    base = load_vlm(model64)
+    assert base.edge_output_shape(SplitPoint("projector")) == (64, 32)
+    out = tmp_path / "r8.safetensors"
+    cfg = C.CompressorTrainConfig(model=str(model64), data=str(data_dir), out=str(out), ratio=8, steps=24,
+                                  batch_size=8, lr=1e-2, warmup_steps=1, lora_rank=4, lora_alpha=8.0, threads=1,
+                                  checkpoint_every=12, eval_every=12, eval_examples=8, progress=False)
+    threads = torch.get_num_threads()
+    try:
+        summary = C.train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    losses = summary["losses"]
+    assert summary["steps"] == 24 and not summary["stopped_early"]
+    assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), losses
+    loaded = load_compressor(out, base.base_fingerprint)
+    assert (loaded.spec.ratio, loaded.spec.grid, loaded.spec.n_out, loaded.spec.lora_rank) == (8, (8, 8), 8, 4)
+    assert loaded.spec.info["steps"] == 24 and "train_compressor" in loaded.spec.info["command"]
+    assert not (tmp_path / "r8.safetensors-checkpoints").exists()       # removed after a complete run
+
+    server = load_vlm(model64, compressor=out)
+    edge = load_vlm(model64, compressor=out)
+    drop_language_model(edge)
+    recs = read_split(data_dir, "test")[:3]
+    split = SplitPoint("token_compressor", 8)
+    lm = server.language
+    items, ref = [], []
+    for r in recs:
+        img = load_image(data_dir, r["image"])
+        ref.append(server.monolithic_generate(img, r["question"], 4, 4))
+        tok = server.server_forward(edge.edge_forward(edge.preprocess(img), split)[None], split)[0]
+        assert tok.shape == (8, 32)
+        items.append(GenerateItem(lm.prompt_ids(r["question"], 8), tok, 4))
+    assert lm.generate(items, min_new_tokens=4) == ref
+
+
+def test_config_refuses_bad_values():
+    for kw, needle in [({"ratio": 3}, "ratio must be one of"), ({"steps": 0}, "steps must be > 0"),
+                       ({"lora_rank": -1}, "lora_rank must be >= 0"), ({"lr": 2.0}, "lr must be in")]:
+        with pytest.raises(ValueError, match=needle):
+            C.CompressorTrainConfig(model="m", data="d", out="o", **kw)

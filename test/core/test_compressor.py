@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from edge_vlm_ros.core.backend import GenerateItem
-from edge_vlm_ros.core.compressor import (GROUPS, CompressorSpec, LoRAHooks, TokenCompressor, load_compressor,
-                                          lora_modules, save_compressor, variant_fingerprint)
+from edge_vlm_ros.core.compressor import (GROUPS, CompressorSpec, TokenCompressor, load_compressor, save_compressor,
+                                          variant_fingerprint)
 from edge_vlm_ros.core.split import attach_compressor, drop_language_model, load_vlm
 from edge_vlm_ros.core.types import SplitPoint
+from edge_vlm_ros.fixtures.tiny_compressor import write_random_compressor
 from edge_vlm_ros.fixtures.tiny_models import build_tiny_llava
 
 QUESTIONS = ["what color is the shape ?", "how many objects are there ?", "is there a red circle ?"]
@@ -23,30 +24,6 @@ QUESTIONS = ["what color is the shape ?", "how many objects are there ?", "is th
 def _images(n, size=32, seed=0):
     rng = np.random.RandomState(seed)
     return [(rng.rand(size, size, 3) * 255).astype(np.uint8) for _ in range(n)]
-
-
-def write_random_compressor(adapter, path, ratio, *, lora_rank=4, seed=0, fingerprint=None):
-    """A compressor file with random (not pooling-only) MLP weights and a non-zero LoRA."""
-    torch.manual_seed(seed)
-    n, d = adapter.edge_output_shape(SplitPoint("projector"))
-    side = int(round(n ** 0.5))
-    module = TokenCompressor(ratio, (side, side), d, 2 * d)
-    with torch.no_grad():
-        module.fc2.weight.normal_(0, 0.3)
-    names = lora_modules(adapter.model, "model.language_model") if lora_rank else []
-    hooks = LoRAHooks(adapter.model, names, lora_rank, 2.0 * lora_rank) if lora_rank else None
-    loras = {}
-    if hooks is not None:
-        with torch.no_grad():
-            for name in names:
-                lo = hooks.loras[name.replace(".", "__")]
-                lo.B.normal_(0, 0.2)
-                loras[name] = lo
-        hooks.close()
-    spec = CompressorSpec(ratio=ratio, grid=(side, side), dim=d, hidden=2 * d,
-                          model_fingerprint=fingerprint or adapter.base_fingerprint, lora_rank=lora_rank,
-                          lora_alpha=2.0 * lora_rank, lora_modules=tuple(names))
-    return save_compressor(path, spec, module, loras)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,48 @@
+"""The token compressor over real DDS: real node processes, a tiny real LLaVA, compressor files.
+
+One bring-up, three robots, a server holding compressor A (ratio 4): robot_0 ships N/4 compressed
+tokens made with A and is answered exactly like the single-process model with A; robot_1 holds
+compressor B (same ratio, other weights) and robot_2 no compressor: both are refused (their model
+fingerprints are not the server's), and the server keeps serving robot_0.
+"""
+
+import numpy as np
+
+from edge_vlm_ros.core.split import load_vlm
+from edge_vlm_ros.core.types import Outcome
+from edge_vlm_ros.fixtures.tiny_compressor import write_random_compressor
+from edge_vlm_ros.fixtures.tiny_models import build_tiny_llava
+
+from ros_harness import running
+
+N_NEW = 6
+QUESTIONS = ["what color is the shape ?", "how many objects are there ?"]
+
+
+def _image(seed, size=32):
+    return np.random.RandomState(seed).randint(0, 256, (size, size, 3), np.uint8)
+
+
+def test_compressed_tokens_over_dds_and_foreign_compressors_are_refused(ros_env, tmp_path):
+    model = build_tiny_llava(tmp_path / "llava")
+    base = load_vlm(model)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write_random_compressor(base, a, 4, seed=1)
+    write_random_compressor(base, b, 4, seed=2)
+    reference = load_vlm(model, compressor=a)
+    per_robot = {"robot_0": {"split_point": "token_compressor:4", "compressor_path": str(a)},
+                 "robot_1": {"split_point": "token_compressor:4", "compressor_path": str(b)},
+                 "robot_2": {"split_point": "projector"}}
+    overrides = {"edge": {"model_path": str(model), "codec": "raw", "codec_dtype": "float32", "max_new_tokens": N_NEW},
+                 "server": {"model_path": str(model), "ignore_eos": True, "max_batch_size": 4,
+                            "compressor_path": str(a)}}
+    with running(ros_env, tmp_path, len(per_robot), overrides, per_robot) as (_, client):
+        for i, q in enumerate(QUESTIONS):
+            img = _image(i)
+            for robot in ("robot_1", "robot_2"):
+                bad = client.ask(robot, img, q, timeout=60)
+                assert bad is not None, f"{robot}: no answer"
+                assert bad.outcome is Outcome.REJECTED and "different models" in bad.reason, (robot, bad.reason)
+            ok = client.ask("robot_0", img, q, timeout=60)
+            assert ok is not None and ok.outcome is Outcome.OK, ok and ok.reason
+            assert ok.token_ids == reference.monolithic_generate(img, q, N_NEW, N_NEW)

@@ -15,7 +15,7 @@ so it is not a row here: docs/accuracy.md has its numbers.
 Throughput (--sweep): the server's language model alone, in process, over a batch of B requests with
 the visual tokens ready (the part the compressor shortens): prefill requests/s (one forward pass over
 the prompts) and generation requests/s (greedy, a fixed number of new tokens), median of --repeats
-timed runs after a warm-up, per r and B.
+timed runs after a warm-up, per r and B; the ratios take turns within each repeat.
 
 Writes <out>/compressor_study.json and <out>/compressor_study.md; codebooks go to <out>/codebooks.
 """
@@ -41,29 +41,39 @@ from .accuracy_study import Row, calibrate, load_questions, run_pipeline, score,
 LOG = logging.getLogger(__name__)
 
 
-def throughput(adapter: VLMAdapter, questions: Sequence[str], batch_sizes: Sequence[int], new_tokens: int,
-               repeats: int) -> list[dict[str, Any]]:
-    """Requests/s of the language model on batches of B prompts with N/r visual tokens each."""
-    lm = adapter.language
-    blank = np.full((adapter.image_size, adapter.image_size, 3), 127, np.uint8)
-    tokens = adapter.server_forward_images([blank])[0]                    # (N/r, D)
-    out = []
+def throughput(adapters: dict[str, VLMAdapter], questions: Sequence[str], batch_sizes: Sequence[int],
+               new_tokens: int, repeats: int) -> dict[str, Any]:
+    """Requests/s of each model's language model on batches of B prompts with its N/r visual tokens.
+
+    The models take turns inside every repeat, so a change in the machine's load (other processes)
+    falls on all of them alike instead of on whichever ran last."""
+    out: dict[str, Any] = {}
+    for name, adapter in adapters.items():
+        blank = np.full((adapter.image_size, adapter.image_size, 3), 127, np.uint8)
+        out[name] = {"visual_tokens": int(adapter.server_forward_images([blank]).shape[1]), "runs": []}
     for b in batch_sizes:
-        items = [GenerateItem(lm.prompt_ids(questions[i % len(questions)], tokens.shape[0]), tokens, new_tokens)
-                 for i in range(b)]
-        lm.prefix_hidden(items)
-        lm.generate(items, min_new_tokens=new_tokens)                      # warm-up
-        pre, gen = [], []
+        items, pre, gen = {}, {}, {}
+        for name, adapter in adapters.items():
+            lm = adapter.language
+            tok = adapter.server_forward_images([np.full((adapter.image_size,) * 2 + (3,), 127, np.uint8)])[0]
+            items[name] = [GenerateItem(lm.prompt_ids(questions[i % len(questions)], tok.shape[0]), tok, new_tokens)
+                           for i in range(b)]
+            lm.prefix_hidden(items[name])
+            lm.generate(items[name], min_new_tokens=new_tokens)            # warm-up
+            pre[name], gen[name] = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            lm.prefix_hidden(items)
-            pre.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            lm.generate(items, min_new_tokens=new_tokens)
-            gen.append(time.perf_counter() - t0)
-        out.append({"batch": b, "prompt_tokens": len(items[0].input_ids),
-                    "prefill_requests_per_s": round(b / statistics.median(pre), 1),
-                    "generate_requests_per_s": round(b / statistics.median(gen), 1)})
+            for name, adapter in adapters.items():
+                lm = adapter.language
+                t0 = time.perf_counter()
+                lm.prefix_hidden(items[name])
+                pre[name].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                lm.generate(items[name], min_new_tokens=new_tokens)
+                gen[name].append(time.perf_counter() - t0)
+        for name in adapters:
+            out[name]["runs"].append({"batch": b, "prompt_tokens": len(items[name][0].input_ids),
+                                      "prefill_requests_per_s": round(b / statistics.median(pre[name]), 1),
+                                      "generate_requests_per_s": round(b / statistics.median(gen[name]), 1)})
     return out
 
 
@@ -80,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     calib = train_images(args.data, args.calib_images) if ks else []
     variants: list[tuple[int, str]] = [(1, "")] + [(0, p) for p in args.compressors.split(",") if p.strip()]
     rows_out: list[dict[str, Any]] = []
-    sweep: dict[str, Any] = {}
+    servers: dict[str, VLMAdapter] = {}
     batch_sizes = [int(b) for b in args.sweep.split(",") if b.strip()]
     questions = [it.question for it in items[:64]]
     for _, cpath in variants:
@@ -90,6 +100,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r = server.compressor.ratio if server.compressor is not None else 1
         split = SplitPoint("token_compressor", r) if r > 1 else SplitPoint("projector")
         n_tokens = int(server.server_forward_images([images[0]]).shape[1])
+        servers[f"r{r}"] = server
+        if args.throughput_only:
+            continue
         rows = [Row(f"r{r} raw fp32", "lossless", split, "raw", options={"dtype": "float32"}),
                 Row(f"r{r} raw fp16", "raw_fp16", split, "raw", options={"dtype": "float16"})]
         if ks:
@@ -106,10 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "k": row.k, "compressor": cpath, **sc, **info, "seconds": round(time.perf_counter() - t0, 1)}
             rows_out.append(rec)
             LOG.info("%s: accuracy %.4f, %.0f B/image", row.name, sc["accuracy"], info["bytes_per_image"])
-        if batch_sizes:
-            sweep[f"r{r}"] = {"visual_tokens": n_tokens,
-                              "runs": throughput(server, questions, batch_sizes, args.new_tokens, args.repeats)}
-            LOG.info("r%d throughput: %s", r, sweep[f"r{r}"])
+    sweep = throughput(servers, questions, batch_sizes, args.new_tokens, args.repeats) if batch_sizes else {}
     report = {"model": args.model, "data": args.data, "split": args.split, "questions": len(items),
               "rows": rows_out, "throughput": sweep, "new_tokens": args.new_tokens, "threads": args.threads}
     (out / "compressor_study.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -153,6 +163,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sweep", default="1,8,32", help="batch sizes of the throughput sweep (empty: none)")
     ap.add_argument("--new-tokens", type=int, default=4, help="tokens generated per request in the sweep")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per sweep point (median)")
+    ap.add_argument("--throughput-only", action="store_true", help="only the sweep (no accuracy rows)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true")

@@ -81,3 +81,31 @@ def test_config_refuses_bad_values():
                        ({"lora_rank": -1}, "lora_rank must be >= 0"), ({"lr": 2.0}, "lr must be in")]:
         with pytest.raises(ValueError, match=needle):
             C.CompressorTrainConfig(model="m", data="d", out="o", **kw)
+
+
+def test_compressor_study_rows_and_sweep(data_dir, model64, tmp_path):
+    from edge_vlm_ros.fixtures.tiny_compressor import write_random_compressor
+    from edge_vlm_ros.tools import compressor_study as S
+
+    base = load_vlm(model64)
+    c = tmp_path / "r4.safetensors"
+    write_random_compressor(base, c, 4)
+    args = S.parse_args(["--model", str(model64), "--data", str(data_dir), "--compressors", str(c), "--limit", "6",
+                         "--k", "16", "--calib-images", "8", "--iters", "2", "--out", str(tmp_path / "study"),
+                         "--sweep", "1,2", "--repeats", "1", "--max-new-tokens", "4", "--no-progress"])
+    threads = torch.get_num_threads()
+    try:
+        report = S.run(args)
+    finally:
+        torch.set_num_threads(threads)
+    rows = {r["row"]: r for r in report["rows"]}
+    assert set(rows) == {"r1 raw fp32", "r1 raw fp16", "r1 vq K=16", "r4 raw fp32", "r4 raw fp16", "r4 vq K=16"}
+    assert rows["r1 raw fp32"]["visual_tokens"] == 64 and rows["r4 raw fp32"]["visual_tokens"] == 16
+    # the payload is the tokens on the wire: 64 x 32 float32, 16 x 32 float32, 16 x 32 float16
+    assert rows["r1 raw fp32"]["payload_bytes"] == 64 * 32 * 4 and rows["r4 raw fp32"]["payload_bytes"] == 16 * 32 * 4
+    assert rows["r4 raw fp16"]["payload_bytes"] == 16 * 32 * 2
+    assert all(r["questions"] == 6 and not r["failures"] for r in report["rows"]), [r["failures"] for r in report["rows"]]
+    sweep = report["throughput"]
+    assert [x["batch"] for x in sweep["r4"]["runs"]] == [1, 2]
+    assert sweep["r1"]["runs"][0]["prompt_tokens"] - sweep["r4"]["runs"][0]["prompt_tokens"] == 64 - 16
+    assert (tmp_path / "study" / "compressor_study.md").read_text().count("|") > 20

@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     images = [uniq[j] for j in range(len(uniq))]
     ks = [int(k) for k in args.k.split(",") if k.strip()]
     calib = train_images(args.data, args.calib_images) if ks else []
-    variants: list[tuple[int, str]] = [(1, "")] + [(0, p) for p in args.compressors.split(",") if p.strip()]
+    variants: list[tuple[int, str]] = ([] if args.no_baseline else [(1, "")]) + [
+        (0, p) for p in args.compressors.split(",") if p.strip()]
     rows_out: list[dict[str, Any]] = []
     servers: dict[str, VLMAdapter] = {}
     batch_sizes = [int(b) for b in args.sweep.split(",") if b.strip()]
@@ -151,7 +152,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="models/reference-llava", help="model folder (llava family)")
     ap.add_argument("--data", required=True, help="data set folder written by tools.make_dataset")
-    ap.add_argument("--compressors", default="", help="compressor files, comma separated (r=1 is always run)")
+    ap.add_argument("--compressors", default="", help="compressor files, comma separated (r=1 runs too, "
+                    "unless --no-baseline)")
     ap.add_argument("--split", default="test", choices=("validation", "test"))
     ap.add_argument("--limit", type=int, default=0, help="first N questions only (0: all)")
     ap.add_argument("--out", required=True, help="output folder")
@@ -164,6 +166,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=4, help="tokens generated per request in the sweep")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per sweep point (median)")
     ap.add_argument("--throughput-only", action="store_true", help="only the sweep (no accuracy rows)")
+    ap.add_argument("--no-baseline", action="store_true", help="leave out r = 1 (the model without a compressor)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true")

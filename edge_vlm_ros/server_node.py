@@ -31,7 +31,8 @@ import traceback
 from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, FlowControl, Prompt, VisualFeatures
 
 from . import qos, topics
-from .conversions import answer_to_msg, chunk_to_msg, msg_to_features, msg_to_prompt, ns_to_stamp, stamp_or_zero
+from .conversions import (answer_to_msg, chunk_to_msg, features_request_id, msg_to_features, msg_to_prompt,
+                          ns_to_stamp, stamp_or_zero)
 from .core.action_heads import load_action_head
 from .core.chunks import ActionChunk
 from .core.config import ServerConfig
@@ -190,13 +191,14 @@ class ServerNode(ManagedNode):
         received = time.time_ns()
         if not self.msg_auth.check(msg, route, "VisualFeatures", self.get_logger()):
             return
-        if not self._accepting and (route, msg.request_id) not in self._accepted:
+        request_id = features_request_id(msg)
+        if not self._accepting and (route, request_id) not in self._accepted:
             # its prompt was refused (or never came): the engine must not hold it and answer it again
             self.guard.note(topics.for_robot(route, topics.FEATURES), "inactive",
-                            f"{msg.request_id[:128]}: features of a request not accepted (server inactive)")
+                            f"{request_id}: features of a request not accepted (server inactive)")
             return
         try:
-            self.engine.submit_features(msg_to_features(msg), route, received)
+            self.engine.submit_features(msg_to_features(msg, route), route, received)
         except RequestError as e:
             self._reply_invalid(msg, route, e)
 
@@ -209,7 +211,10 @@ class ServerNode(ManagedNode):
                                                         robot_id=msg.robot_id[:128],
                                                         episode_id=msg.episode_id[:128], stamp_ns=stamp_ns))
             return
-        ans = AnswerResult(msg.request_id[:128], msg.robot_id[:128], e.outcome, e.reason)
+        if isinstance(msg, Prompt):
+            ans = AnswerResult(msg.request_id[:128], msg.robot_id[:128], e.outcome, e.reason)
+        else:       # VisualFeatures: its id is 16 bytes, its robot the namespace it came in on
+            ans = AnswerResult(features_request_id(msg), route, e.outcome, e.reason)
         ans.stamp_ns = stamp_ns
         self._emit_answer(route, ans)
 

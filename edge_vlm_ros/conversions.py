@@ -227,9 +227,9 @@ def features_to_msg(f: FeaturePacket, sent_at_ns: int) -> VisualFeatures:
     cls = codec_class(e.codec)
     m.split_kind, m.split_block = wire.split_to_wire(f.split_point)
     m.codec, m.dtype = cls.wire_id, wire.dtype_to_wire(e.dtype)
-    m.request_id = wire.request_id_to_bytes(f.request_id)
-    m.model_fingerprint = wire.digest_to_wire(f.model_fingerprint)
-    m.codebook_digest = wire.digest_to_wire(e.codebook_hash)
+    m.request_id = as_uint8(wire.request_id_to_bytes(f.request_id))
+    m.model_fingerprint = as_uint8(wire.digest_to_wire(f.model_fingerprint))
+    m.codebook_digest = as_uint8(wire.digest_to_wire(e.codebook_hash))
     m.codec_params = cls.params_to_wire(e.params)
     m.shape = [int(s) for s in e.shape]
     m.side_info = e.side_info
@@ -238,6 +238,11 @@ def features_to_msg(f: FeaturePacket, sent_at_ns: int) -> VisualFeatures:
     m.edge_preprocess_ms, m.edge_encode_ms = float(f.edge_preprocess_ms), float(f.edge_encode_ms)
     m.auth.stamp_ns = int(sent_at_ns)
     return m
+
+
+def as_uint8(data: bytes) -> np.ndarray:
+    """bytes as a fixed-size uint8[N] field takes them (rclpy wants a sequence of ints or an array)."""
+    return np.frombuffer(data, np.uint8)
 
 
 def _as_bytes(data) -> bytes:

@@ -136,7 +136,7 @@ def sign_with_key(msg: Any, key_id: str, key: bytes) -> Any:
     """Fill msg.auth (key id, fresh stamp and nonce, MAC) with `key`; returns msg."""
     stamp, nonce = new_stamp_and_nonce()
     msg.auth.key_id, msg.auth.stamp_ns, msg.auth.nonce = key_id, stamp, nonce
-    msg.auth.mac = message_mac(key, msg)
+    msg.auth.mac = np.frombuffer(message_mac(key, msg), np.uint8)     # uint8[16]: an array, not bytes
     return msg
 
 

@@ -56,7 +56,7 @@ from edge_vlm_ros.msg import Answer, FlowControl, Prompt, VisualFeatures
 
 from .. import qos, topics
 from ..bag.cdr import read_raw_bag
-from ..conversions import features_request_id, flow_paused, ns_to_stamp
+from ..conversions import as_uint8, features_request_id, flow_paused, ns_to_stamp
 from ..core import wire
 from ..core.config import AUTH_HELP, param
 from ..core.requests import Heard, LeaseStatus, RequestTracker, ServerLease
@@ -168,7 +168,7 @@ def reissue(src: RecordedRequest, robot_id: str, request_id: str, now_ns: int,
     p.deadline = ns_to_stamp(deadline_ns)
     f = VisualFeatures()
     f.header.stamp = p.header.stamp
-    f.request_id = wire.request_id_to_bytes(request_id)
+    f.request_id = as_uint8(wire.request_id_to_bytes(request_id))
     f.split_kind, f.split_block, f.codec, f.dtype = sf.split_kind, sf.split_block, sf.codec, sf.dtype
     f.model_fingerprint, f.codebook_digest, f.codec_params = sf.model_fingerprint, sf.codebook_digest, sf.codec_params
     f.shape, f.payload, f.side_info = sf.shape, sf.payload, sf.side_info

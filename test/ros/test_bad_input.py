@@ -15,7 +15,7 @@ import numpy as np
 from sensor_msgs.msg import Image
 
 from edge_vlm_ros import qos, topics
-from edge_vlm_ros.conversions import features_to_msg, ns_to_stamp, prompt_to_msg
+from edge_vlm_ros.conversions import as_uint8, features_to_msg, ns_to_stamp, prompt_to_msg
 from edge_vlm_ros.codecs.registry import codec_class, make_codec
 from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.core.split import load_vlm
@@ -36,7 +36,7 @@ def _publish(pub, msg, keys_dir):
 def _foreign_codebook(m: VisualFeatures) -> None:
     """VQ indices under a codebook digest the server holds no codebook for."""
     m.codec, m.codec_params = codec_class("vq").wire_id, [12, 1, 0]
-    m.codebook_digest = bytes.fromhex("5eed5eed5eed5eed")
+    m.codebook_digest = as_uint8(bytes.fromhex("5eed5eed5eed5eed"))
 
 
 def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env, tmp_path):

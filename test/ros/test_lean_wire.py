@@ -69,7 +69,7 @@ def test_signed_compact_fields_are_covered_by_the_mac():
     raw = serialize_message(signed)
     assert auth.verify(deserialize_message(raw, VisualFeatures), "robot_0") is Verdict.OK
     for field, value in (("codec", 1), ("split_kind", 3), ("split_block", 1), ("dtype", 1),
-                         ("request_id", bytes(16)), ("model_fingerprint", bytes(8)), ("codebook_digest", bytes(8)),
+                         ("request_id", [0] * 16), ("model_fingerprint", [0] * 8), ("codebook_digest", [0] * 8),
                          ("codec_params", [12, 2, 0]), ("shape", [577, 1023])):
         m = deserialize_message(raw, VisualFeatures)
         setattr(m, field, value)
@@ -88,12 +88,13 @@ def test_bytes_on_the_wire_at_clip_l_shapes():
     assert n == cdr_size(p) == 1004
     assert header_bytes(n, p.encoded) == 130
     assert features_request_id(signed) == RID
-    # side_info is payload the server needs: it adds its own bytes and nothing else (n = 866 keeps
-    # the alignment after the arrays), whatever its length.
-    for k in (1, 100, 1154):
-        q = _packet(side_info=bytes(k), split="vision_block:1/ln1")
-        size = len(serialize_message(sign_with_key(features_to_msg(q, 0), "robot_0", KEY)))
-        assert size == cdr_size(q) and header_bytes(size, q.encoded) <= 133
+    # Whatever the lengths of payload and side_info, the header is 128 fixed bytes plus alignment
+    # (at most 3 after each byte array, 4 before the 8-byte auth fields).
+    for n in (1, 2, 3, 24, 866, 1155):
+        for k in (0, 1, 68, 2308):
+            q = _packet(payload=bytes(n), side_info=bytes(k), split="vision_block:1/ln1")
+            size = len(serialize_message(sign_with_key(features_to_msg(q, 0), "robot_0", KEY)))
+            assert size == cdr_size(q) and 128 <= header_bytes(size, q.encoded) <= 138, (n, k)
 
 
 @pytest.mark.parametrize("field,value,reason", [

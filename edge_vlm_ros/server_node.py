@@ -198,9 +198,14 @@ class ServerNode(ManagedNode):
                             f"{request_id}: features of a request not accepted (server inactive)")
             return
         try:
-            self.engine.submit_features(msg_to_features(msg, route), route, received)
+            packet = msg_to_features(msg, route)
         except RequestError as e:
-            self._reply_invalid(msg, route, e)
+            # Unreadable (a number in its header names nothing): the engine ends its request REJECTED,
+            # the one outcome, even when its prompt is already waiting for it.
+            self.guard.note(topics.for_robot(route, topics.FEATURES), "rejected", e.reason)
+            self.engine.reject_features(route, request_id, stamp_or_zero(msg.header.stamp), e.reason, received)
+            return
+        self.engine.submit_features(packet, route, received)
 
     def _reply_invalid(self, msg, route: str, e: RequestError) -> None:
         topic = topics.for_robot(route, topics.PROMPT if isinstance(msg, Prompt) else topics.FEATURES)
@@ -211,10 +216,7 @@ class ServerNode(ManagedNode):
                                                         robot_id=msg.robot_id[:128],
                                                         episode_id=msg.episode_id[:128], stamp_ns=stamp_ns))
             return
-        if isinstance(msg, Prompt):
-            ans = AnswerResult(msg.request_id[:128], msg.robot_id[:128], e.outcome, e.reason)
-        else:       # VisualFeatures: its id is 16 bytes, its robot the namespace it came in on
-            ans = AnswerResult(features_request_id(msg), route, e.outcome, e.reason)
+        ans = AnswerResult(msg.request_id[:128], msg.robot_id[:128], e.outcome, e.reason)
         ans.stamp_ns = stamp_ns
         self._emit_answer(route, ans)
 

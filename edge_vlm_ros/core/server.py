@@ -58,7 +58,7 @@ from .chunks import ActionChunk
 from .backend import GenerateItem, LanguageBackend
 from .split import VLMAdapter, check_features
 from ..codecs.token_stats import token_stats_from_side_info
-from .types import (AnswerResult, FeaturePacket, Outcome, PromptRequest, RequestError, SplitPoint,
+from .types import (AnswerResult, EncodedTensor, FeaturePacket, Outcome, PromptRequest, RequestError, SplitPoint,
                     StageTimings, rejected)
 from .vla import ActionItem, VLAPolicy
 from . import wire
@@ -278,6 +278,22 @@ class ServerEngine:
             return
         if not self.inbox.put(arrival)[0]:
             self._reject_overloaded(arrival)
+
+    def reject_features(self, route: str, request_id: str, stamp_ns: int, reason: str,
+                        received_ns: int | None = None) -> None:
+        """Features whose message could not be read (a header value that names nothing, e.g. an
+        unknown codec number): their request ends REJECTED with `reason` here, like a half refused on
+        submission, so a prompt already waiting for them gets this one outcome, not a timeout later."""
+        with self._stats_lock:
+            self.stats.features += 1
+        if route not in self.cfg.robots:
+            LOG.error("message on unknown route %r dropped", route)
+            return
+        self._count_reject("wire_header")
+        unread = FeaturePacket(request_id, route, "", "", EncodedTensor("", "", (), b""), stamp_ns=stamp_ns)
+        arrival = self._arrive(route, FEATURES, unread, received_ns if received_ns is not None else time.time_ns())
+        if arrival is not None:
+            self._reject_half(arrival, reason)
 
     def _arrive(self, route: str, half: str, msg: PromptRequest | FeaturePacket, received_ns: int) -> Arrival | None:
         """The record a submitted half belongs to (opened by its first half), as an inbox item; None

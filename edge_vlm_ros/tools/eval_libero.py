@@ -65,6 +65,15 @@ def _summarise(episodes: list[dict], suite: str) -> dict:
             "tasks": {str(k): v for k, v in sorted(tasks.items())}}
 
 
+def _execution_overrides(args) -> dict:
+    """The controller settings a run varies: merge policy, execution mode, injected latency."""
+    out = {"merge_policy": args.merge_policy, "execution": args.execution,
+           "inject_latency_s": args.inject_latency_ms / 1000.0}
+    if args.blend_steps is not None:
+        out["blend_steps"] = args.blend_steps
+    return out
+
+
 # ---- split pipeline ------------------------------------------------------------------------------
 def run_split(args, model: str, head: str, suite: str, work: Path) -> dict:
     from edge_vlm_ros.bringup import NodeSet
@@ -79,7 +88,7 @@ def run_split(args, model: str, head: str, suite: str, work: Path) -> dict:
         "libero_bridge": {"suite": suite, "task_ids": args.tasks, "trials": args.trials, "first_trial": args.first_trial,
                           "max_steps": args.max_steps, "settle_steps": args.settle_steps,
                           "image_size": args.image_size, "stats_path": str(bridge_stats)},
-        "controller": {"stats_path": str(ctl_stats), "merge_policy": args.merge_policy},
+        "controller": {"stats_path": str(ctl_stats), **_execution_overrides(args)},
         "edge": {}, "server": {},
     }
     env = isolated_ros_env()
@@ -157,8 +166,7 @@ def run_monolithic(args, model: str, head: str, suite: str, cfg_dir: Path) -> di
     doc = _vla_yaml(cfg_dir)
     ctl = doc["/**/edge_vlm_controller"]["ros__parameters"]
     ex_fields = {f.name for f in dataclasses.fields(ChunkExecutorConfig)}
-    ex_cfg = ChunkExecutorConfig(**{**{k: v for k, v in ctl.items() if k in ex_fields},
-                                    "merge_policy": args.merge_policy})
+    ex_cfg = ChunkExecutorConfig(**{**{k: v for k, v in ctl.items() if k in ex_fields}, **_execution_overrides(args)})
     bcfg = from_mapping(LiberoBridgeConfig, {**doc["/**/edge_vlm_libero_bridge"]["ros__parameters"],
                                              "suite": suite, "task_ids": args.tasks, "trials": args.trials,
                                              "max_steps": args.max_steps, "settle_steps": args.settle_steps,
@@ -232,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle-steps", type=int, default=10, help="safe-action steps after each reset")
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--merge-policy", default="temporal_ensembling")
+    ap.add_argument("--execution", default="async", choices=("sync", "async", "delay_aware"),
+                    help="controller execution mode (core/chunks.py)")
+    ap.add_argument("--inject-latency-ms", type=float, default=0.0,
+                    help="latency added between robot and server, on sim time (the controller holds each "
+                         "chunk this long before it may run): exact and repeatable")
+    ap.add_argument("--blend-steps", type=int, default=None, help="delay_aware: blend length (default: config)")
     ap.add_argument("--model", default="", help="VLM folder or hub id (default: build a tiny random one)")
     ap.add_argument("--action-head", default="", help="action head folder (default: build a tiny random one)")
     ap.add_argument("--chunk-size", type=int, default=8, help="chunk size of the tiny head that is built")
@@ -265,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     n = sum(r["summary"]["episodes"] for r in results.values())
     out = {"mode": "monolithic" if args.monolithic else "split", "model": model, "action_head": head,
            "head_kind": head_cfg["kind"], "chunk_size": head_cfg["chunk_size"], "merge_policy": args.merge_policy,
+           "execution": args.execution, "inject_latency_ms": args.inject_latency_ms, "blend_steps": args.blend_steps,
            "max_steps": args.max_steps, "trials": args.trials, "tasks": args.tasks,
            "success_rate": (sum(r["summary"]["successes"] for r in results.values()) / n) if n else None,
            "suites": results, "work_dir": str(work)}

@@ -62,3 +62,27 @@ def test_eval_libero_smoke(tmp_path, ros_env):
     assert s["episodes"] == 1 and r["steps"] == 2, r          # a tiny random policy runs out of steps
     assert res["success_rate"] == s["successes"] / s["episodes"]
     assert f"libero_spatial: success {s['successes']}/1" in out and f"wrote {res_path}" in out, out
+
+
+def test_eval_libero_split_smoke_with_codec_latency_and_bytes(tmp_path, ros_env):
+    """The split evaluation as the success study runs it: a codec set on the edge (--set), the
+    delay-aware controller with an injected latency, and the serialized feature bytes per observation."""
+    require_libero()
+    res_path = tmp_path / "eval_split.json"
+    env = dict(ros_env, MUJOCO_GL="egl")
+    out = _run(["edge_vlm_ros.tools.eval_libero", "--tasks", "0", "--trials", "1", "--max-steps", "6",
+                "--settle-steps", "0", "--image-size", "32", "--chunk-size", "4", "--execution", "delay_aware",
+                "--inject-latency-ms", "100", "--set", "edge.codec=raw", "--set", "edge.codec_dtype=float16",
+                "--timeout-s", "400", "--out", str(res_path)], env, tmp_path, 500)
+    res = json.loads(res_path.read_text())
+    assert res["mode"] == "split" and res["execution"] == "delay_aware" and res["inject_latency_ms"] == 100
+    r = res["suites"]["libero_spatial"]
+    assert r["summary"]["episodes"] == 1 and r["steps"] == 6, r
+    b = r["bytes_per_observation"]
+    # each request's VisualFeatures: float16 visual tokens of the tiny model plus the header, as serialized
+    assert b["n"] >= 1 and b["mean"] > 2 * 16 * 32, b
+    assert r["controller"]["counters"]["chunks_delayed"] >= 1, r["controller"]
+    assert "libero_spatial: success 0/1" in out, out
+    with pytest.raises(AssertionError, match="--set applies to split runs"):
+        _run(["edge_vlm_ros.tools.eval_libero", "--monolithic", "--set", "edge.codec=vq", "--out",
+              str(tmp_path / "x.json")], env, tmp_path, 120)

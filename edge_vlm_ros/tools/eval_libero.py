@@ -209,7 +209,7 @@ def run_monolithic(args, model: str, head: str, suite: str, cfg_dir: Path) -> di
                 ex = ChunkExecutor(ex_cfg)
                 eid = f"mono-{suite}-t{task_id}-r{trial}-{uuid.uuid4().hex[:6]}"
                 rec = {"episode_id": eid, "suite": suite, "task_id": task_id, "trial": trial,
-                       "instruction": instruction, "steps": 0}
+                       "instruction": instruction, "steps": 0, "actions": []}
                 try:
                     obs = sim.start(task_id, trial)
                     for _ in range(bcfg.settle_steps):
@@ -227,6 +227,7 @@ def run_monolithic(args, model: str, head: str, suite: str, cfg_dir: Path) -> di
                                                              control_period_s=policy.control_period_s), sim_ns)
                             res = ex.tick(sim_ns)
                         acting += res.status is TickStatus.ACTING
+                        rec["actions"].append([round(float(x), 6) for x in res.action])
                         obs, success = sim.step(res.action)
                         rec["steps"] += 1
                         sim_ns += period_ns

@@ -140,10 +140,14 @@ class ControllerNode(ManagedNode):
                 self.owned_subscription(ACTIVATE, sub)
         if self.cfg.tick_source == "timer":
             self.owned_timer(ACTIVATE, self.create_timer(base.control_period_s, self._on_timer))
-        if self.cfg.lockstep_wait_s > 0:
+        if self._lockstep:
             self.owned_timer(ACTIVATE, self.create_timer(0.05, self._check_held))
         self.get_logger().info(f"executing action chunks for {self.cfg.robots}: merge {base.merge_policy.value}, "
                                f"low water {base.low_water_steps} steps, ticks from {self.cfg.tick_source}")
+
+    @property
+    def _lockstep(self) -> bool:
+        return self.cfg.tick_source == "robot_state" and self.cfg.lockstep_wait_s > 0
 
     def _now_ns(self, ra: "_RobotActions") -> int:
         """The executor's clock: wall time, or the newest robot_state stamp (sim time)."""
@@ -168,7 +172,7 @@ class ControllerNode(ManagedNode):
         if ra.held is not None:           # a new step while one was held: answer the held one first
             self._release(ra)
         res = ra.executor.tick(now_ns)
-        if res.needs_request and self.cfg.lockstep_wait_s > 0 and ra.instruction:
+        if res.needs_request and self._lockstep and ra.instruction:
             # Lock step: the simulation waits for this step's action, so hold it until the chunk of the
             # request sent now arrives (_on_chunk) or lockstep_wait_s runs out (_check_held).
             ra.pub_prompt.publish(String(data=ra.instruction))

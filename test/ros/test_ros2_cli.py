@@ -17,6 +17,7 @@ import pytest
 from rclpy.serialization import deserialize_message
 
 from edge_vlm_ros import qos, topics
+from edge_vlm_ros.conversions import features_request_id
 from edge_vlm_ros.core.types import Outcome
 from edge_vlm_ros.msg import VisualFeatures
 
@@ -50,7 +51,7 @@ def test_ros2_param_and_ros2_action_on_a_running_edge(ros_env, tmp_path):
         sizes: dict[str, int] = {}     # request id -> serialized VisualFeatures bytes
 
         def on_features(raw):
-            sizes[deserialize_message(raw, VisualFeatures).request_id] = len(raw)
+            sizes[features_request_id(deserialize_message(raw, VisualFeatures))] = len(raw)
         client.node.create_subscription(VisualFeatures, topics.for_robot("robot_0", topics.FEATURES), on_features,
                                         qos.FEATURES, raw=True)
         client.send_image("robot_0", rgb)

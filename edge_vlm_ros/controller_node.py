@@ -16,7 +16,10 @@ parameters are the ChunkExecutorConfig fields, declared beside ControllerConfig'
 Ticks come from a wall-clock timer (a real robot) or from each robot_state message, on its stamp
 (the lock-step LIBERO bridge, whose clock is sim time). Chunks of an episode that has been reset,
 late chunks (deadline), and rejected chunks (NaN/inf, action_dim, limits) are logged and counted; the
-safe action is held, with a throttled warning, whenever no chunk covers the tick.
+safe action is held, with a throttled warning, whenever no chunk covers the tick. With
+`lockstep_wait_s` (lock step only) a tick that sends a request holds its action until the chunk
+arrives, so the simulation does not run on while the server computes (what the one-process
+evaluation does; the latency a run sees in sim time is then only the injected one).
 
 With `auth` (the default) an Answer or ActionChunk is used only if it carries a valid MAC under the
 key of the robot whose topic it arrived on (signed by the server, or by the robot's own edge for its
@@ -137,8 +140,14 @@ class ControllerNode(ManagedNode):
                 self.owned_subscription(ACTIVATE, sub)
         if self.cfg.tick_source == "timer":
             self.owned_timer(ACTIVATE, self.create_timer(base.control_period_s, self._on_timer))
+        if self._lockstep:
+            self.owned_timer(ACTIVATE, self.create_timer(0.05, self._check_held))
         self.get_logger().info(f"executing action chunks for {self.cfg.robots}: merge {base.merge_policy.value}, "
                                f"low water {base.low_water_steps} steps, ticks from {self.cfg.tick_source}")
+
+    @property
+    def _lockstep(self) -> bool:
+        return self.cfg.tick_source == "robot_state" and self.cfg.lockstep_wait_s > 0
 
     def _now_ns(self, ra: "_RobotActions") -> int:
         """The executor's clock: wall time, or the newest robot_state stamp (sim time)."""
@@ -160,7 +169,43 @@ class ControllerNode(ManagedNode):
         self._tick(ra, ra.last_state_ns)
 
     def _tick(self, ra: "_RobotActions", now_ns: int) -> None:
+        if ra.held is not None:           # a new step while one was held: answer the held one first
+            self._release(ra)
         res = ra.executor.tick(now_ns)
+        if res.needs_request and self._lockstep and ra.instruction:
+            # Lock step: the simulation waits for this step's action, so hold it until the chunk of the
+            # request sent now arrives (_on_chunk) or lockstep_wait_s runs out (_check_held).
+            ra.pub_prompt.publish(String(data=ra.instruction))
+            ra.request_wall_ns = time.time_ns()
+            ra.held = (now_ns, res, time.monotonic())
+            return
+        self._publish_tick(ra, now_ns, res)
+        if res.needs_request:
+            if not ra.instruction:
+                ra.executor.cancel_request()
+                ra.counts["requests_without_instruction"] += 1
+                return
+            ra.pub_prompt.publish(String(data=ra.instruction))
+            ra.request_wall_ns = time.time_ns()
+
+    def _release(self, ra: "_RobotActions", timed_out: bool = False) -> None:
+        """Answer a held lock-step tick: again on the same clock, now that its chunk is in (or not)."""
+        now_ns, res, _ = ra.held
+        ra.held = None
+        if timed_out:
+            ra.counts["lockstep_wait_timeouts"] += 1
+            self._publish_tick(ra, now_ns, res)
+        else:
+            self._publish_tick(ra, now_ns, ra.executor.tick(now_ns))
+
+    def _check_held(self) -> None:
+        for ra in self._robots.values():
+            if ra.held is not None and time.monotonic() - ra.held[2] > self.cfg.lockstep_wait_s:
+                self.get_logger().warning(f"[{ra.robot}] no chunk within lockstep_wait_s "
+                                          f"{self.cfg.lockstep_wait_s:g} s: the step goes on without it")
+                self._release(ra, timed_out=True)
+
+    def _publish_tick(self, ra: "_RobotActions", now_ns: int, res) -> None:
         out = RobotAction()
         out.header.stamp = ns_to_stamp(now_ns)
         out.robot_id, out.episode_id = ra.robot, ra.executor.episode_id
@@ -173,13 +218,6 @@ class ControllerNode(ManagedNode):
         if res.warning and (ra.last_warn_ns is None or time.monotonic_ns() - ra.last_warn_ns > 2_000_000_000):
             ra.last_warn_ns = time.monotonic_ns()
             self.get_logger().warning(f"[{ra.robot}] {res.message} ({res.status.value})")
-        if res.needs_request:
-            if not ra.instruction:
-                ra.executor.cancel_request()
-                ra.counts["requests_without_instruction"] += 1
-                return
-            ra.pub_prompt.publish(String(data=ra.instruction))
-            ra.request_wall_ns = time.time_ns()
 
     def _on_chunk(self, msg: ActionChunkMsg, ra: "_RobotActions") -> None:
         if not self.msg_auth.check(msg, ra.robot, "ActionChunk", self.get_logger()):
@@ -197,11 +235,15 @@ class ControllerNode(ManagedNode):
         if not result.accepted:
             self.get_logger().warning(f"[{ra.robot}] action chunk {chunk.request_id}: {result.verdict.value}: "
                                       f"{result.detail}")
+        if ra.held is not None and not ra.executor.request_in_flight:
+            self._release(ra)     # the held lock-step tick's request is answered
 
     def _on_episode(self, msg: Episode, ra: "_RobotActions") -> None:
         check_episode(msg)
         if msg.status != Episode.STATUS_RUNNING or msg.episode_id == ra.executor.episode_id:
             return
+        if ra.held is not None:
+            self._release(ra, timed_out=True)
         ra.executor.reset(msg.episode_id, stamp_to_ns(msg.header.stamp))
         ra.request_wall_ns = None
         if msg.instruction:
@@ -307,6 +349,7 @@ class _RobotActions:
     request_wall_ns: int | None = None
     last_warn_ns: int | None = None
     last_status: TickStatus | None = None     # the newest tick's
+    held: tuple | None = None                 # lock step: (sim ns, tick result, monotonic s) awaiting its chunk
     last_chunk_t: float | None = None         # monotonic time the newest chunk was accepted
     latencies_ms: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=10000))
     server_ms: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=10000))

@@ -20,6 +20,8 @@ from sensor_msgs.msg import Image
 from edge_vlm_ros.msg import (ActionChunk as ActionChunkMsg, Answer, Episode, FlowControl, Prompt,
                               StageTimings as StageTimingsMsg, VisualFeatures)
 
+from .codecs.registry import codec_by_wire_id, codec_class
+from .core import wire
 from .core.chunks import ActionChunk
 from .core.types import (AnswerResult, EncodedTensor, FeaturePacket, Outcome, PromptRequest, StageTimings,
                          rejected)
@@ -30,7 +32,6 @@ MAX_ID_CHARS = 128
 MAX_TEXT_CHARS = 1 << 20    # prompt, answer, reason and instruction text (the servers' own limits are far below)
 MAX_TOKENS = 1 << 16        # token ids an Answer may carry
 MAX_SHAPE_DIMS = 8          # dimensions a VisualFeatures shape may have
-MAX_NAME_CHARS = 1024       # codec, dtype, split point, fingerprints, codec_params
 
 _NS = 1_000_000_000
 _INT32 = (-(1 << 31), (1 << 31) - 1)
@@ -216,19 +217,32 @@ def msg_to_prompt(m: Prompt) -> PromptRequest:
 
 
 def features_to_msg(f: FeaturePacket, sent_at_ns: int) -> VisualFeatures:
+    """The compact VisualFeatures of a packet (core/wire.py says what each field becomes). ValueError
+    naming the value that has no wire form: a request id that is not 32 lowercase hex digits, a
+    split point, codec, dtype or codec parameter without a number. `sent_at_ns` goes into
+    auth.stamp_ns, which signing replaces with its own clock (the same instant, to microseconds)."""
     m = VisualFeatures()
     m.header.stamp = ns_to_stamp(f.stamp_ns)
-    m.request_id, m.robot_id = f.request_id, f.robot_id
-    m.split_point, m.model_fingerprint = f.split_point, f.model_fingerprint
     e = f.encoded
-    m.codec, m.dtype, m.shape = e.codec, e.dtype, [int(s) for s in e.shape]
-    m.codebook_hash, m.codec_params = e.codebook_hash, e.params_text()
-    m.payload = e.payload          # bytes -> uint8[] without a Python-level loop
+    cls = codec_class(e.codec)
+    m.split_kind, m.split_block = wire.split_to_wire(f.split_point)
+    m.codec, m.dtype = cls.wire_id, wire.dtype_to_wire(e.dtype)
+    m.request_id = as_uint8(wire.request_id_to_bytes(f.request_id))
+    m.model_fingerprint = as_uint8(wire.digest_to_wire(f.model_fingerprint))
+    m.codebook_digest = as_uint8(wire.digest_to_wire(e.codebook_hash))
+    m.codec_params = cls.params_to_wire(e.params)
+    m.shape = [int(s) for s in e.shape]
     m.side_info = e.side_info
-    m.sent_at = ns_to_stamp(sent_at_ns)
-    m.edge_preprocess_ms, m.edge_encode_ms = float(f.edge_preprocess_ms), float(f.edge_encode_ms)
+    m.payload = e.payload          # bytes -> uint8[] without a Python-level loop
     m.deadline = ns_to_stamp(f.deadline_ns)
+    m.edge_preprocess_ms, m.edge_encode_ms = float(f.edge_preprocess_ms), float(f.edge_encode_ms)
+    m.auth.stamp_ns = int(sent_at_ns)
     return m
+
+
+def as_uint8(data: bytes) -> np.ndarray:
+    """bytes as a fixed-size uint8[N] field takes them (rclpy wants a sequence of ints or an array)."""
+    return np.frombuffer(data, np.uint8)
 
 
 def _as_bytes(data) -> bytes:
@@ -239,25 +253,36 @@ def _as_bytes(data) -> bytes:
     return bytes(data)
 
 
-def msg_to_features(m: VisualFeatures) -> FeaturePacket:
-    """RequestError (REJECTED) naming the bad value for features that cannot be a request's half.
-    Whether payload, shape, dtype and codec agree is the codec's check, on the server's worker."""
-    _check_id("request_id", m.request_id)
-    _check_id("robot_id", m.robot_id)
-    for name in ("split_point", "model_fingerprint", "codec", "dtype", "codebook_hash", "codec_params"):
-        _check_len(name, getattr(m, name), MAX_NAME_CHARS, rejected)
+def features_request_id(m: VisualFeatures) -> str:
+    """The request id of a VisualFeatures as text (32 hex digits), as Prompt and Answer carry it."""
+    return wire.request_id_from_bytes(_as_bytes(m.request_id))
+
+
+def msg_to_features(m: VisualFeatures, robot_id: str) -> FeaturePacket:
+    """RequestError (REJECTED) naming the bad value for features that cannot be a request's half:
+    an enum value that names nothing (split kind, codec, dtype), a codec parameter out of range.
+    `robot_id`: the robot namespace the message came in on (the message does not repeat it).
+    Whether payload, shape, dtype and codec agree is the codec's check, on the server's worker;
+    the digests are compared with the server's model and codebooks there too."""
     _check_len("shape", m.shape, MAX_SHAPE_DIMS, rejected)
-    stamp_ns, sent_ns = _rejected_stamp(m.header.stamp), _rejected_stamp(m.sent_at, "sent_at")
+    stamp_ns = _rejected_stamp(m.header.stamp)
     try:
-        params = EncodedTensor.parse_params(m.codec_params)
+        split = wire.split_from_wire(m.split_kind, m.split_block)
+        cls = codec_by_wire_id(m.codec)
+        dtype = wire.dtype_from_wire(m.dtype)
+        params = cls.params_from_wire(m.codec_params)
+        request_id = features_request_id(m)
+        fingerprint = wire.digest_from_wire(_as_bytes(m.model_fingerprint))
+        codebook = wire.digest_from_wire(_as_bytes(m.codebook_digest))
     except ValueError as e:
         raise rejected(str(e)) from None
-    enc = EncodedTensor(codec=m.codec, dtype=m.dtype, shape=tuple(int(s) for s in m.shape),
+    sent_ns = int(m.auth.stamp_ns)
+    enc = EncodedTensor(codec=cls.name, dtype=dtype, shape=tuple(int(s) for s in m.shape),
                         payload=_as_bytes(m.payload), side_info=_as_bytes(m.side_info),
-                        codebook_hash=m.codebook_hash, params=params)
-    return FeaturePacket(request_id=m.request_id, robot_id=m.robot_id, split_point=m.split_point,
-                         model_fingerprint=m.model_fingerprint, encoded=enc, stamp_ns=stamp_ns,
-                         sent_at_ns=sent_ns, edge_preprocess_ms=float(m.edge_preprocess_ms),
+                        codebook_hash=codebook, params=params)
+    return FeaturePacket(request_id=request_id, robot_id=robot_id, split_point=str(split),
+                         model_fingerprint=fingerprint, encoded=enc, stamp_ns=stamp_ns,
+                         sent_at_ns=sent_ns if sent_ns > 0 else 0, edge_preprocess_ms=float(m.edge_preprocess_ms),
                          edge_encode_ms=float(m.edge_encode_ms), deadline_ns=_rejected_stamp(m.deadline, "deadline"))
 
 

@@ -124,7 +124,7 @@ class LiberoBridgeNode(Node):
         safe = np.asarray(cfg.safe_action, np.float64)
         t0 = time.monotonic()
         rec = {"episode_id": eid, "suite": cfg.suite, "task_id": task_id, "trial": trial, "steps": 0,
-               "action_timeouts": 0, "bad_actions": 0, "step_ms": []}
+               "action_timeouts": 0, "bad_actions": 0, "step_ms": [], "actions": []}
         try:
             instruction = sim.instruction(task_id)
             rec["instruction"] = instruction
@@ -141,6 +141,7 @@ class LiberoBridgeNode(Node):
             action = self._await_action(stamp, rec)
             if not self._running:     # stopping: a step (a render) now would only delay the node's exit
                 break
+            rec["actions"].append([round(float(x), 6) for x in action])   # what was executed (max_steps rows)
             ts = time.perf_counter()
             try:
                 obs, success = sim.step(action)

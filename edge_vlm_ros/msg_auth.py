@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .core.auth import Authenticator, Verdict, new_stamp_and_nonce
+from .core.auth import MAC_BYTES, Authenticator, Verdict, is_unsigned, new_stamp_and_nonce
 
 LOG = logging.getLogger(__name__)
 
@@ -125,17 +125,18 @@ def canonical_bytes(msg: Any) -> bytes:
 
 
 def message_mac(key: bytes, msg: Any) -> bytes:
-    """HMAC-SHA256 of msg's canonical bytes, streamed (no copy of large arrays)."""
+    """HMAC-SHA256 of msg's canonical bytes, streamed (no copy of large arrays), truncated to
+    MAC_BYTES (core/auth.py says why)."""
     h = hmac.new(key, digestmod=hashlib.sha256)
     _feed(msg, h.update)
-    return h.digest()
+    return h.digest()[:MAC_BYTES]
 
 
 def sign_with_key(msg: Any, key_id: str, key: bytes) -> Any:
     """Fill msg.auth (key id, fresh stamp and nonce, MAC) with `key`; returns msg."""
     stamp, nonce = new_stamp_and_nonce()
     msg.auth.key_id, msg.auth.stamp_ns, msg.auth.nonce = key_id, stamp, nonce
-    msg.auth.mac = message_mac(key, msg)
+    msg.auth.mac = np.frombuffer(message_mac(key, msg), np.uint8)     # uint8[16]: an array, not bytes
     return msg
 
 
@@ -165,15 +166,15 @@ class MessageAuth:
         assert self.auth is not None
         a = msg.auth
         key = self.auth.keys.get(a.key_id)
-        if not a.mac or key is None or a.key_id != expected_key_id:
-            return self.auth.verify(a.key_id, expected_key_id, int(a.stamp_ns), int(a.nonce), b"", bytes(a.mac))
+        mac = bytes(a.mac)
+        if is_unsigned(mac) or key is None or a.key_id != expected_key_id:
+            return self.auth.verify(a.key_id, expected_key_id, int(a.stamp_ns), int(a.nonce), b"", mac)
         try:
             expected = message_mac(key, msg)
         except Exception as e:   # a field value the encoder cannot take: not a message we signed
             LOG.debug("canonical bytes failed: %s", e)
             return Verdict.BAD_MAC
-        return self.auth.verify_mac(a.key_id, expected_key_id, int(a.stamp_ns), int(a.nonce), expected,
-                                    bytes(a.mac))
+        return self.auth.verify_mac(a.key_id, expected_key_id, int(a.stamp_ns), int(a.nonce), expected, mac)
 
     def check(self, msg: Any, expected_key_id: str, what: str, logger: Any = None) -> bool:
         """True if `msg` may be used. Otherwise counts and (throttled) logs the drop."""

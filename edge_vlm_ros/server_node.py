@@ -31,7 +31,8 @@ import traceback
 from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, FlowControl, Prompt, VisualFeatures
 
 from . import qos, topics
-from .conversions import answer_to_msg, chunk_to_msg, msg_to_features, msg_to_prompt, ns_to_stamp, stamp_or_zero
+from .conversions import (answer_to_msg, chunk_to_msg, features_request_id, msg_to_features, msg_to_prompt,
+                          ns_to_stamp, stamp_or_zero)
 from .core.action_heads import load_action_head
 from .core.chunks import ActionChunk
 from .core.config import ServerConfig
@@ -190,15 +191,21 @@ class ServerNode(ManagedNode):
         received = time.time_ns()
         if not self.msg_auth.check(msg, route, "VisualFeatures", self.get_logger()):
             return
-        if not self._accepting and (route, msg.request_id) not in self._accepted:
+        request_id = features_request_id(msg)
+        if not self._accepting and (route, request_id) not in self._accepted:
             # its prompt was refused (or never came): the engine must not hold it and answer it again
             self.guard.note(topics.for_robot(route, topics.FEATURES), "inactive",
-                            f"{msg.request_id[:128]}: features of a request not accepted (server inactive)")
+                            f"{request_id}: features of a request not accepted (server inactive)")
             return
         try:
-            self.engine.submit_features(msg_to_features(msg), route, received)
+            packet = msg_to_features(msg, route)
         except RequestError as e:
-            self._reply_invalid(msg, route, e)
+            # Unreadable (a number in its header names nothing): the engine ends its request REJECTED,
+            # the one outcome, even when its prompt is already waiting for it.
+            self.guard.note(topics.for_robot(route, topics.FEATURES), "rejected", e.reason)
+            self.engine.reject_features(route, request_id, stamp_or_zero(msg.header.stamp), e.reason, received)
+            return
+        self.engine.submit_features(packet, route, received)
 
     def _reply_invalid(self, msg, route: str, e: RequestError) -> None:
         topic = topics.for_robot(route, topics.PROMPT if isinstance(msg, Prompt) else topics.FEATURES)

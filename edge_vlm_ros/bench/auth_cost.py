@@ -27,15 +27,15 @@ SIZES = {"reference_16x128_f32": (16, 128, np.float32), "clip_l336_577x1024_f16"
 
 
 def _messages(n: int, d: int, dtype) -> dict:
-    from edge_vlm_ros.msg import Answer, Prompt, VisualFeatures
+    from edge_vlm_ros.msg import Answer, Prompt
 
     p = Prompt()
     p.request_id, p.robot_id, p.text, p.task = "0" * 32, "robot_0", "how many shapes are there?", "vqa"
-    f = VisualFeatures()
-    f.request_id, f.robot_id, f.split_point, f.codec, f.dtype = "0" * 32, "robot_0", "projector", "raw", np.dtype(dtype).name
-    f.shape = [n, d]
-    f.model_fingerprint = "f" * 16
-    f.payload = np.zeros(n * d, dtype).tobytes()
+    from edge_vlm_ros.conversions import features_to_msg
+    from edge_vlm_ros.core.types import EncodedTensor, FeaturePacket
+
+    enc = EncodedTensor("raw", np.dtype(dtype).name, (n, d), np.zeros(n * d, dtype).tobytes())
+    f = features_to_msg(FeaturePacket("0" * 32, "robot_0", "projector", "f" * 16, enc), 0)
     a = Answer()
     a.request_id, a.robot_id, a.text = "0" * 32, "robot_0", "two"
     a.token_ids = list(range(8))

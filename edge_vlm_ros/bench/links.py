@@ -18,7 +18,7 @@ worker publishes a short burst of freshly stamped frames before each prompt, mak
 again when the edge answered with a frame older than the burst (all of it dropped; after ATTEMPTS
 tries the request is counted as `stale_frame` and left out of the latencies), and measures every
 latency from the stamp of the frame the edge actually used (Answer.header.stamp):
-  frame -> features on server = sent_at (VisualFeatures) + transport_ms (Answer) - frame stamp
+  frame -> features on server = auth.stamp_ns (VisualFeatures: its publish time) + transport_ms (Answer) - frame stamp
                               = the server's receive time - frame stamp, both on this host's clock;
   frame -> answer             = answer received (robot side) - frame stamp.
 """

@@ -45,10 +45,11 @@ class Probe(RobotClient):
         if self.decode_features:
             from rclpy.serialization import deserialize_message
 
-            from ..conversions import stamp_to_ns
+            from ..conversions import features_request_id, stamp_to_ns
 
             m = deserialize_message(raw, VisualFeatures)
-            sent = (m.request_id, stamp_to_ns(m.header.stamp), stamp_to_ns(m.sent_at))
+            # auth.stamp_ns: the publish time (the edge signs as it publishes)
+            sent = (features_request_id(m), stamp_to_ns(m.header.stamp), int(m.auth.stamp_ns))
         with self._feat_lock:
             self.feature_bytes[robot].append((t, len(raw)))
             if sent is not None:

@@ -56,7 +56,8 @@ from edge_vlm_ros.msg import Answer, FlowControl, Prompt, VisualFeatures
 
 from .. import qos, topics
 from ..bag.cdr import read_raw_bag
-from ..conversions import flow_paused, ns_to_stamp
+from ..conversions import as_uint8, features_request_id, flow_paused, ns_to_stamp
+from ..core import wire
 from ..core.config import AUTH_HELP, param
 from ..core.requests import Heard, LeaseStatus, RequestTracker, ServerLease
 from ..guard import CallbackGuard
@@ -140,7 +141,7 @@ def load_requests(bag_path: str) -> list[RecordedRequest]:
             prompts[p.request_id] = p
         elif rec.msgtype == FEATURES_TYPE:
             f = deserialize_message(rec.data, VisualFeatures)
-            p = prompts.pop(f.request_id, None)
+            p = prompts.pop(features_request_id(f), None)
             if p is None:
                 unpaired += 1
                 continue
@@ -167,13 +168,13 @@ def reissue(src: RecordedRequest, robot_id: str, request_id: str, now_ns: int,
     p.deadline = ns_to_stamp(deadline_ns)
     f = VisualFeatures()
     f.header.stamp = p.header.stamp
-    f.request_id, f.robot_id = request_id, robot_id
-    f.split_point, f.codec, f.dtype, f.shape = sf.split_point, sf.codec, sf.dtype, sf.shape
-    f.model_fingerprint, f.codebook_hash, f.codec_params = sf.model_fingerprint, sf.codebook_hash, sf.codec_params
-    f.payload, f.side_info = sf.payload, sf.side_info
+    f.request_id = as_uint8(wire.request_id_to_bytes(request_id))
+    f.split_kind, f.split_block, f.codec, f.dtype = sf.split_kind, sf.split_block, sf.codec, sf.dtype
+    f.model_fingerprint, f.codebook_digest, f.codec_params = sf.model_fingerprint, sf.codebook_digest, sf.codec_params
+    f.shape, f.payload, f.side_info = sf.shape, sf.payload, sf.side_info
     f.edge_preprocess_ms, f.edge_encode_ms = sf.edge_preprocess_ms, sf.edge_encode_ms
     f.deadline = p.deadline
-    f.sent_at = ns_to_stamp(time.time_ns())
+    f.auth.stamp_ns = time.time_ns()      # the publish time (signing sets it again)
     return p, f
 
 

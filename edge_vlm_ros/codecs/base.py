@@ -27,7 +27,7 @@ import enum
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -122,6 +122,53 @@ class ConfigOption:
         return self.check(value) if self.check is not None else None
 
 
+# VisualFeatures.codec_params is uint8[CODEC_PARAM_SLOTS]: a codec's parameters, one slot each.
+CODEC_PARAM_SLOTS = 3
+
+
+@dataclass(frozen=True)
+class WireParam:
+    """One codec parameter as it travels: one uint8 slot of VisualFeatures.codec_params.
+
+    name: its key in EncodedTensor.params; choices: the values the slot's numbers stand for (the
+    slot holds index + 1), or, when empty, an integer in lo..hi (lo >= 1) carried as itself. A
+    slot of 0 is a parameter the message does not give (the codec's check says whether it must).
+    """
+
+    name: str
+    choices: tuple[str, ...] = ()
+    lo: int = 1
+    hi: int = 255
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.lo <= self.hi <= 255 or len(self.choices) > 255:
+            raise ValueError(f"codec parameter {self.name}: slot values must fit 1..255 (0 is 'not given')")
+
+    def to_slot(self, text: str) -> int:
+        if self.choices:
+            if text not in self.choices:
+                raise ValueError(f"codec parameter {self.name}={text!r}: expected one of {self.choices}")
+            return self.choices.index(text) + 1
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            raise ValueError(f"codec parameter {self.name}={text!r} is not an integer") from None
+        if not self.lo <= value <= self.hi or str(value) != text:
+            raise ValueError(f"codec parameter {self.name}={text!r} has no wire form: an integer {self.lo}..{self.hi}")
+        return value
+
+    def from_slot(self, value: int) -> str:
+        """The parameter's text for a non-zero slot; ValueError naming a value that means nothing."""
+        if self.choices:
+            if not 1 <= value <= len(self.choices):
+                raise ValueError(f"codec parameter {self.name} = {value} is not one of "
+                                 f"{', '.join(f'{i + 1} {c}' for i, c in enumerate(self.choices))}")
+            return self.choices[value - 1]
+        if not self.lo <= value <= self.hi:
+            raise ValueError(f"codec parameter {self.name} = {value} is outside {self.lo}..{self.hi}")
+        return str(value)
+
+
 class FeatureCodec(ABC):
     """Encodes one tensor (or image) on the edge and decodes it on the server."""
 
@@ -129,6 +176,34 @@ class FeatureCodec(ABC):
     carries: ClassVar[Carries]
     config_options: ClassVar[tuple[ConfigOption, ...]] = ()
     uses_codebook: ClassVar[bool] = False
+    # The codec's number in VisualFeatures.codec (1..255, unique, never reused: a receiver refuses
+    # numbers it does not know) and its parameters' slots in VisualFeatures.codec_params, in order.
+    wire_id: ClassVar[int]
+    wire_params: ClassVar[tuple[WireParam, ...]] = ()
+
+    @classmethod
+    def params_to_wire(cls, params: Mapping[str, str]) -> list[int]:
+        """EncodedTensor.params -> CODEC_PARAM_SLOTS uint8 values; ValueError for a parameter the
+        codec does not carry or a value without a wire form."""
+        names = [p.name for p in cls.wire_params]
+        extra = sorted(set(params) - set(names))
+        if extra:
+            raise ValueError(f"codec {cls.name} carries parameters {names}, not {extra} (params {dict(params)})")
+        slots = [p.to_slot(params[p.name]) if p.name in params else 0 for p in cls.wire_params]
+        return slots + [0] * (CODEC_PARAM_SLOTS - len(slots))
+
+    @classmethod
+    def params_from_wire(cls, slots: Sequence[int]) -> dict[str, str]:
+        """VisualFeatures.codec_params -> EncodedTensor.params; ValueError naming a slot whose value
+        means nothing for this codec (out of range, or non-zero where the codec has no parameter)."""
+        slots = [int(v) for v in slots]
+        if len(slots) != CODEC_PARAM_SLOTS:
+            raise ValueError(f"codec_params has {len(slots)} values, expected {CODEC_PARAM_SLOTS}")
+        unused = [(i, v) for i, v in enumerate(slots) if i >= len(cls.wire_params) and v]
+        if unused:
+            raise ValueError(f"codec {cls.name} has {len(cls.wire_params)} parameters, but codec_params"
+                             f"[{unused[0][0]}] = {unused[0][1]}")
+        return {p.name: p.from_slot(v) for p, v in zip(cls.wire_params, slots) if v}
 
     @classmethod
     def build(cls, **options: Any) -> "FeatureCodec":

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..core.types import EncodedTensor, rejected
-from .base import DEFAULT_LIMITS, Carries, ConfigOption, DecodeLimits, FeatureCodec
+from .base import DEFAULT_LIMITS, Carries, ConfigOption, DecodeLimits, FeatureCodec, WireParam
 
 
 # ---- JPEG frame header ----------------------------------------------------------------------
@@ -154,6 +154,7 @@ class RawImageCodec(ImageCodec):
     """Codec "image": the RGB8 pixels as they are, exactly H * W * 3 bytes."""
 
     name = "image"
+    wire_id = 4
 
     def encode_rgb(self, rgb: np.ndarray) -> EncodedTensor:
         return EncodedTensor(codec=self.name, dtype="uint8", shape=tuple(rgb.shape),
@@ -178,6 +179,8 @@ class JpegCodec(ImageCodec):
     """Codec "jpeg": the image as a baseline JPEG at `quality` (1..100); params carry the quality."""
 
     name = "jpeg"
+    wire_id = 3
+    wire_params = (WireParam("quality", lo=1, hi=100),)
     config_options = (ConfigOption("jpeg_quality", "quality", _check_jpeg_quality),)
 
     # A JPEG longer than this many bytes per pixel plus a fixed allowance is not one an encoder

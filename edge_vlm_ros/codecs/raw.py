@@ -28,6 +28,7 @@ class RawCodec(FeatureCodec):
     """Raw tensor bytes in float32, float16 or bfloat16 (lossless when it equals the model's dtype)."""
 
     name = "raw"
+    wire_id = 1
     carries = Carries.FEATURES
     config_options = (ConfigOption("codec_dtype", "dtype", _check_codec_dtype),)
 

@@ -24,6 +24,10 @@ CODECS: tuple[type[FeatureCodec], ...] = (RawCodec, JpegCodec, RawImageCodec, VQ
 _BY_NAME: dict[str, type[FeatureCodec]] = {c.name: c for c in CODECS}
 if len(_BY_NAME) != len(CODECS):
     raise RuntimeError(f"two codecs share a name: {[c.name for c in CODECS]}")
+_BY_WIRE_ID: dict[int, type[FeatureCodec]] = {getattr(c, "wire_id", 0): c for c in CODECS}
+if len(_BY_WIRE_ID) != len(CODECS) or not all(1 <= i <= 255 for i in _BY_WIRE_ID):
+    raise RuntimeError(f"every codec needs its own wire_id in 1..255: "
+                       f"{[(c.name, getattr(c, 'wire_id', None)) for c in CODECS]}")
 
 
 def codec_names() -> list[str]:
@@ -41,6 +45,20 @@ def codec_class(name: str) -> type[FeatureCodec]:
     cls = _BY_NAME.get(name)
     if cls is None:
         raise ValueError(f"unknown codec {name!r}; known: {codec_names()}")
+    return cls
+
+
+def codec_wire_ids() -> str:
+    """'1 raw, 2 vq, ...': the codec numbers of VisualFeatures.codec, for messages and docs."""
+    return ", ".join(f"{i} {c.name}" for i, c in sorted(_BY_WIRE_ID.items()))
+
+
+def codec_by_wire_id(wire_id: int) -> type[FeatureCodec]:
+    """The codec class numbered `wire_id` in VisualFeatures.codec; ValueError ("unknown codec ...")
+    naming the number and the known ones otherwise."""
+    cls = _BY_WIRE_ID.get(int(wire_id))
+    if cls is None:
+        raise ValueError(f"unknown codec {int(wire_id)} (known: {codec_wire_ids()})")
     return cls
 
 

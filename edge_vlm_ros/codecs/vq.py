@@ -55,7 +55,7 @@ import torch
 
 from ..core.types import EncodedTensor, SplitPoint, rejected
 from .base import (DEFAULT_LIMITS, FLOAT_DTYPES, TORCH_DTYPES, Carries, ConfigOption, DecodeLimits, FeatureCodec,
-                   check_finite, check_shape, dtype_name)
+                   WireParam, check_finite, check_shape, dtype_name)
 from .codebook import Codebook, load_codebook
 
 LOG = logging.getLogger(__name__)
@@ -531,6 +531,8 @@ class VQCodec(FeatureCodec):
     """Encode (..., T, D) features to codebook indices; decode indices to codewords."""
 
     name = "vq"
+    wire_id = 2
+    wire_params = (WireParam("bits", lo=1, hi=32), WireParam("entropy", choices=ENTROPY_MODES))
     carries = Carries.FEATURES
     config_options = (ConfigOption("codebook_path", "codebook", required=True),)
     uses_codebook = True

@@ -24,6 +24,27 @@ Merging, over the live chunks that schedule an action for the current step, olde
 Every weight is positive and the weights sum to one, so a merged action stays inside the limits
 every accepted chunk was checked against.
 
+Execution (when to ask for the next chunk and where a new chunk starts):
+  sync         wait for each chunk: request only when every live chunk ran out, hold the safe action
+               while waiting, and start the new chunk at its first action when it arrives (the robot
+               stood still meanwhile, so its first action is still the right one).
+  async        request ahead at the low-water mark (low_water_steps): the next chunk is computed
+               while the current one runs; a chunk runs on its observation's timeline, so the steps
+               that went by while it was computed are skipped, and overlapping chunks are merged by
+               merge_policy.
+  delay_aware  async, but the executor measures how many control steps each chunk arrives after its
+               observation (the largest of the last few) and requests that many steps ahead (at
+               least low_water_steps), so the next chunk lands before the current one runs out. A new
+               chunk's past actions are dropped (its timeline), and its first steps are blended into
+               the committed actions of the chunk that was running: over blend_steps steps the new
+               chunk's weight ramps from 1/(blend_steps+1) to 1 (Real-Time Chunking's soft masking,
+               applied to the executed actions since a regression head cannot be inpainted); older
+               chunks no longer count.
+
+For experiments, inject_latency_s holds every accepted chunk that long (controller clock) before it
+may run, as if the link added that much round-trip latency: with the LIBERO bridge's lock step on
+sim time this gives a latency that is exact and repeatable. 0 in deployment.
+
 Every chunk the executor does not use gets a named verdict and a counter; nothing is dropped
 silently (LeRobot users' "observation filtered out" / "only one chunk ever runs" stalls).
 
@@ -78,6 +99,10 @@ class MergePolicy(str, enum.Enum):
     TEMPORAL_ENSEMBLING = "temporal_ensembling"
 
 
+EXECUTIONS = ("sync", "async", "delay_aware")
+DELAY_WINDOW = 4   # delay_aware: the request point follows the largest delay of this many recent chunks
+
+
 class Verdict(str, enum.Enum):
     """What the executor did with a submitted chunk. The value is the counter's name."""
 
@@ -117,7 +142,8 @@ class TickStatus(str, enum.Enum):
 # Counters besides the verdicts.
 TICK_COUNTERS = ("ticks", "safe_ticks", "requests", "request_timeouts", "chunks_completed",
                  "chunks_evicted", "episode_resets", "rate_clamped", "rate_rejected", "chunks_rate_rejected",
-                 "states_unusable", "chunks_dropped_reconfigured")
+                 "states_unusable", "chunks_dropped_reconfigured", "chunks_delayed", "chunks_expired_delayed",
+                 "chunks_blended")
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,6 +222,19 @@ class ChunkExecutorConfig:
                                  "m > 0 favours older predictions (ACT).", live=True)
     low_water_steps: int = _f(4, "Request the next chunk when this many steps or fewer remain after the "
                                  "current one; set it above the round-trip latency in steps.", live=True)
+    execution: str = _f("async", "sync (wait for each chunk, then run it from its first action), async "
+                                 "(request at the low-water mark, run chunks on their observation's "
+                                 "timeline) or delay_aware (async with the request point and the blend "
+                                 "into the running chunk set by the measured latency).", live=True)
+    blend_steps: int = _f(4, "delay_aware: steps over which a new chunk takes over from the running one "
+                             "(0: the new chunk at once).", live=True)
+    inject_latency_s: float = _f(0.0, "Experiments only: hold every accepted chunk this long (controller "
+                                      "clock) before it may run, as if the link added that round-trip "
+                                      "latency. 0 in deployment.", live=True)
+    hold_dims: list[int] = _f([], "Action dimensions that keep their last executed value while the safe "
+                                  "action is held (e.g. a gripper: waiting must not drop what it holds); "
+                                  "negative entries are ignored ([-1]: none).",
+                              live=True)
     max_chunk_age_s: float = _f(1.0, "Deadline: a chunk whose observation is older than this on arrival "
                                      "is dropped.", live=True)
     max_future_s: float = _f(0.05, "A chunk stamped further ahead of the controller clock is rejected "
@@ -245,6 +284,16 @@ class ChunkExecutorConfig:
             raise ValueError(f"newer_weight {self.newer_weight} must be in (0, 1)")
         if not math.isfinite(self.ensemble_m) or abs(self.ensemble_m) > 50:
             raise ValueError(f"ensemble_m {self.ensemble_m} must be finite with |m| <= 50")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution {self.execution!r}: expected one of {list(EXECUTIONS)}")
+        if self.blend_steps < 0:
+            raise ValueError(f"blend_steps {self.blend_steps} must be >= 0")
+        if not (math.isfinite(self.inject_latency_s) and 0 <= self.inject_latency_s <= 60):
+            raise ValueError(f"inject_latency_s {self.inject_latency_s} must be in [0, 60]")
+        # (a parameter file cannot type an empty list: it writes [-1], and negative entries mean none)
+        object.__setattr__(self, "hold_dims", [int(d) for d in self.hold_dims if int(d) >= 0])
+        if any(not 0 <= d < self.action_dim for d in self.hold_dims):
+            raise ValueError(f"hold_dims {self.hold_dims}: each must be in 0..{self.action_dim - 1}")
         if self.low_water_steps < 0:
             raise ValueError(f"low_water_steps {self.low_water_steps} must be >= 0")
         if self.max_chunks < 1 or self.max_chunk_size < 1:
@@ -319,10 +368,13 @@ class _Live:
     seq: int                  # arrival order, to break ties between equal stamps
     period_ns: int
     matrix: np.ndarray        # (N, A) float32
+    release_ns: int = 0       # may run from this time on (submit time + inject_latency_s)
+    start_ns: int | None = None   # timeline origin: the observation stamp, or (sync) the release tick
 
     def index_at(self, now_ns: int) -> int:
         """Index of the action scheduled nearest to now (may be < 0 or >= N)."""
-        return (now_ns - self.chunk.stamp_ns + self.period_ns // 2) // self.period_ns
+        start = self.chunk.stamp_ns if self.start_ns is None else self.start_ns
+        return (now_ns - start + self.period_ns // 2) // self.period_ns
 
     @property
     def key(self) -> tuple[int, int]:
@@ -342,6 +394,8 @@ class ChunkExecutor:
         self.config = config
         self._lock = threading.Lock()
         self._live: list[_Live] = []
+        self._pending: list[_Live] = []   # accepted, held by inject_latency_s (bounded by max_chunks)
+        self._delays: list[int] = []      # delay_aware: steps from observation to release, recent chunks
         self._seq = 0
         self._counts: Counter[str] = Counter()
         self._safe = config.safe_action_array()
@@ -375,6 +429,8 @@ class ChunkExecutor:
         """
         with self._lock:
             self._live.clear()
+            self._pending.clear()
+            self._delays.clear()
             self._episode_id = episode_id
             self._episode_start_ns = now_ns
             self._reset_at_ns = now_ns
@@ -434,6 +490,12 @@ class ChunkExecutor:
             self._max_jump = _limit_array(config.max_jump)
             self._max_rate = _limit_array(config.max_rate)
             kept, dropped = [], 0
+            pending = [lv for lv in self._pending if lv.chunk.chunk_size <= config.max_chunk_size and not (
+                low is not None and high is not None and bool(
+                    ((lv.matrix < low - np.float32(config.limit_tolerance))
+                     | (lv.matrix > high + np.float32(config.limit_tolerance))).any()))]
+            dropped += len(self._pending) - len(pending)
+            self._pending = pending[-config.max_chunks:]
             for lv in self._live:
                 too_big = lv.chunk.chunk_size > config.max_chunk_size
                 outside = low is not None and high is not None and bool(
@@ -525,7 +587,8 @@ class ChunkExecutor:
             return SubmitResult(Verdict.DROPPED_DEADLINE, f"observation is {age_s:.3f} s old, deadline "
                                                           f"{cfg.max_chunk_age_s} s")
         live = _Live(c, self._seq, period_ns, m)
-        first = live.index_at(now_ns)
+        # (sync runs a chunk from its first action when it arrives: none of its steps is past)
+        first = live.index_at(now_ns) if cfg.execution != "sync" else 0
         if first >= c.chunk_size:
             return SubmitResult(Verdict.DROPPED_NO_FUTURE_STEPS, f"all {c.chunk_size} steps (period "
                                 f"{c.control_period_s} s) went by during the {age_s:.3f} s since the observation")
@@ -533,12 +596,28 @@ class ChunkExecutor:
         if jump:
             return SubmitResult(Verdict.REJECTED_JUMP, jump)
         self._seq += 1
+        live.release_ns = now_ns + round(cfg.inject_latency_s * NS_PER_S)
+        if cfg.inject_latency_s > 0:
+            self._counts["chunks_delayed"] += 1
+            self._pending.append(live)
+            if len(self._pending) > cfg.max_chunks:
+                del self._pending[0]
+                self._counts["chunks_evicted"] += 1
+        else:
+            self._go_live(live, now_ns)
+        return SubmitResult(Verdict.ACCEPTED)
+
+    def _go_live(self, live: _Live, now_ns: int) -> None:
+        """A chunk starts to count: its timeline is fixed and the measured delay recorded."""
+        cfg = self.config
+        if cfg.execution == "sync":
+            live.start_ns = now_ns     # the robot waited: the chunk starts at its first action
+        self._delays = (self._delays + [max(0, (now_ns - live.chunk.stamp_ns) // live.period_ns)])[-DELAY_WINDOW:]
         self._live.append(live)
         if len(self._live) > cfg.max_chunks:
             self._live.sort(key=lambda x: x.key)
             del self._live[0]
             self._counts["chunks_evicted"] += 1
-        return SubmitResult(Verdict.ACCEPTED)
 
     def _jump(self, row: np.ndarray, i: int) -> str:
         """Why the chunk's first action to run (row i) jumps too far from the reference; "" if it does not."""
@@ -591,6 +670,15 @@ class ChunkExecutor:
             self._counts["ticks"] += 1
             if self._episode_start_ns is None:
                 self._episode_start_ns = now_ns
+            # Chunks held by inject_latency_s whose time came.
+            due = [lv for lv in self._pending if lv.release_ns <= now_ns]
+            if due:
+                self._pending = [lv for lv in self._pending if lv.release_ns > now_ns]
+                for lv in due:
+                    if cfg.execution != "sync" and lv.index_at(now_ns) >= lv.chunk.chunk_size:
+                        self._counts["chunks_expired_delayed"] += 1   # every step went by in the delay
+                    else:
+                        self._go_live(lv, now_ns)
             # Retire the chunks whose last step went by.
             kept = []
             for lv in self._live:
@@ -604,7 +692,14 @@ class ChunkExecutor:
             remaining = max((lv.chunk.chunk_size - 1 - i for lv, i in indexed), default=-1)
             covering = [(lv, i) for lv, i in indexed if i >= 0]
             rate_rejected = ""
-            if covering:
+            if covering and cfg.execution == "delay_aware":
+                covering = covering[-2:]   # the running (committed) chunk and the newest
+                action = self._blend(covering, now_ns)
+                action, rate_rejected = self._rate_limit(action, covering)
+                status, message = TickStatus.ACTING, ""
+            elif covering:
+                if cfg.execution == "sync":
+                    covering = covering[-1:]
                 action = self._merge([lv.matrix[i] for lv, i in covering])
                 action, rate_rejected = self._rate_limit(action, covering)
                 status, message = TickStatus.ACTING, ""
@@ -629,6 +724,8 @@ class ChunkExecutor:
                 else:
                     status = TickStatus.STARVED
                     message = "chunks ran out before the next arrived: holding the safe action"
+            if status is not TickStatus.ACTING and cfg.hold_dims and self._last_action is not None:
+                action[cfg.hold_dims] = self._last_action[cfg.hold_dims]
             self._last_action = action.copy()
             needs_request = self._decide_request(now_ns, remaining)
             warn = status is not TickStatus.ACTING and (
@@ -651,18 +748,37 @@ class ChunkExecutor:
             self._in_flight = None
             self._requested_for = None
             self._next_request_ns = now_ns + round(cfg.retry_interval_s * NS_PER_S)
-        if now_ns < self._next_request_ns:
+        if now_ns < self._next_request_ns or self._pending:
             return False
         newest = self._live[-1].seq if self._live else None
         if newest is not None:
             # Once per chunk: only when the newest chunk drops to the low-water mark, and not again
             # for that same chunk.
-            if remaining > cfg.low_water_steps or self._requested_for == newest:
+            if cfg.execution == "sync":
+                low_water = -1                     # only once every chunk ran out
+            elif cfg.execution == "delay_aware":
+                low_water = max(cfg.low_water_steps, max(self._delays, default=0))
+            else:
+                low_water = cfg.low_water_steps
+            if remaining > low_water or self._requested_for == newest:
                 return False
         self._requested_for = newest
         self._in_flight = _InFlight("", now_ns)
         self._counts["requests"] += 1
         return True
+
+    def _blend(self, covering: list, now_ns: int) -> np.ndarray:
+        """delay_aware: the newest chunk blended into the running one over blend_steps (A,) float64."""
+        new, i_new = covering[-1]
+        a_new = new.matrix[i_new].astype(np.float64)
+        if len(covering) == 1:
+            return a_new
+        old, i_old = covering[0]
+        j = (now_ns - new.release_ns) // new.period_ns    # steps since the new chunk arrived
+        w = min(1.0, (j + 1) / (self.config.blend_steps + 1))
+        if w < 1.0:
+            self._counts["chunks_blended"] += 1 if j == 0 else 0
+        return w * a_new + (1.0 - w) * old.matrix[i_old].astype(np.float64)
 
     def _merge(self, rows: list[np.ndarray]) -> np.ndarray:
         """rows: one (A,) action per covering chunk, oldest first. Returns (A,) float64."""

@@ -279,6 +279,12 @@ class ControllerConfig:
                               "them and publish edge_vlm/action at the control rate.")
     tick_source: str = param("timer", "timer: tick every control_period_s on the wall clock (a real robot); "
                                    "robot_state: tick once per robot_state message on its stamp (lock-step sim).")
+    lockstep_wait_s: float = param(0.0, "tick_source robot_state only (ignored with timer ticks: a robot's clock does "
+                                        "not wait): a tick that sends a request holds its action "
+                                        "until that request's chunk arrives (at most this long, wall time), so "
+                                        "the lock-step simulation does not run on while the server computes: the "
+                                        "split run then takes the steps the one-process policy takes, and sim-time "
+                                        "latency is only inject_latency_s. 0: answer every tick at once.")
     instruction: str = param("", "Instruction sent with each action request until an Episode message gives one.")
     stats_path: str = param("", "If set, action counters and chunk latencies are written here as JSON every "
                              "second and at shutdown.")
@@ -291,6 +297,8 @@ class ControllerConfig:
             raise ValueError("robots must not be empty")
         if self.tick_source not in ("timer", "robot_state"):
             raise ValueError(f"tick_source {self.tick_source!r}: expected 'timer' or 'robot_state'")
+        if not (math.isfinite(self.lockstep_wait_s) and 0 <= self.lockstep_wait_s <= 600):
+            raise ValueError(f"lockstep_wait_s {self.lockstep_wait_s} must be in [0, 600]")
         if self.auth_max_age_s <= 0:
             raise ValueError(f"auth_max_age_s={self.auth_max_age_s} must be > 0")
 

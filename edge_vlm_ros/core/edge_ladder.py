@@ -98,7 +98,8 @@ class CodecLadder:
         Returns the start record (rungs, their bytes, the rung chosen first)."""
         sizes = {}
         for name in self.names:
-            packet = self.encoders[name].encode(rgb, "ladder-size-probe", 0)
+            # an id of the real form (128 bits, 32 hex digits): the wire carries it as 16 bytes
+            packet = self.encoders[name].encode(rgb, "0" * 32, 0)
             sizes[name] = int(message_bytes(packet))
         rungs = [Rung(name, self.settings[name], sizes[name]) for name in self.names]
         with self._lock:

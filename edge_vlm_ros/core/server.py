@@ -58,9 +58,10 @@ from .chunks import ActionChunk
 from .backend import GenerateItem, LanguageBackend
 from .split import VLMAdapter, check_features
 from ..codecs.token_stats import token_stats_from_side_info
-from .types import (AnswerResult, FeaturePacket, Outcome, PromptRequest, RequestError, SplitPoint,
+from .types import (AnswerResult, EncodedTensor, FeaturePacket, Outcome, PromptRequest, RequestError, SplitPoint,
                     StageTimings, rejected)
 from .vla import ActionItem, VLAPolicy
+from . import wire
 from .request import (FEATURES, PROMPT, FeatureHalf, PromptHalf, Request, RequestKind, RequestStatus,
                       partner_of)
 
@@ -162,6 +163,14 @@ class ServerEngine:
 
         # Matcher thread only (no lock): codecs, bytes held per robot, the deadline heap, the gaps.
         self._vq_codecs = dict(codebooks or {})      # codebook hash -> codec
+        # A message names its codebook and model by 8-byte digests (core/wire.py): digest -> full hash.
+        self._codebook_of_digest: dict[str, str] = {}
+        for h in self._vq_codecs:
+            other = self._codebook_of_digest.setdefault(wire.digest_text(h), h)
+            if other != h:
+                raise ValueError(f"codebooks {other} and {h} share the wire digest {wire.digest_text(h)}: "
+                                 "a message could not tell them apart; hold only one of them")
+        self._fingerprint_digest = wire.digest(self.lm.fingerprint)
         # AlignedVQ post-dequantization projections, by the hash of the codebook they belong to.
         self._dlp_post = load_server_parts(cfg.codebook_paths, adapter.fingerprint) if cfg.codebook_paths else {}
         self._codecs: dict[tuple[str, str], FeatureCodec] = {}
@@ -269,6 +278,22 @@ class ServerEngine:
             return
         if not self.inbox.put(arrival)[0]:
             self._reject_overloaded(arrival)
+
+    def reject_features(self, route: str, request_id: str, stamp_ns: int, reason: str,
+                        received_ns: int | None = None) -> None:
+        """Features whose message could not be read (a header value that names nothing, e.g. an
+        unknown codec number): their request ends REJECTED with `reason` here, like a half refused on
+        submission, so a prompt already waiting for them gets this one outcome, not a timeout later."""
+        with self._stats_lock:
+            self.stats.features += 1
+        if route not in self.cfg.robots:
+            LOG.error("message on unknown route %r dropped", route)
+            return
+        self._count_reject("wire_header")
+        unread = FeaturePacket(request_id, route, "", "", EncodedTensor("", "", (), b""), stamp_ns=stamp_ns)
+        arrival = self._arrive(route, FEATURES, unread, received_ns if received_ns is not None else time.time_ns())
+        if arrival is not None:
+            self._reject_half(arrival, reason)
 
     def _arrive(self, route: str, half: str, msg: PromptRequest | FeaturePacket, received_ns: int) -> Arrival | None:
         """The record a submitted half belongs to (opened by its first half), as an inbox item; None
@@ -483,10 +508,11 @@ class ServerEngine:
 
     def _codec(self, name: str, enc_hash: str) -> FeatureCodec:
         if uses_codebook(name):
-            codec = self._vq_codecs.get(enc_hash)
+            full = self._codebook_of_digest.get(wire.digest_text(enc_hash))
+            codec = self._vq_codecs.get(full) if full is not None else None
             if codec is None:
                 raise rejected(f"codebook hash {enc_hash!r} is not held by this server (it holds "
-                               f"{sorted(self._vq_codecs) or 'none'})")
+                               f"{sorted(self._codebook_of_digest) or 'none'})")
             return codec
         key = (name, "")
         if key not in self._codecs:
@@ -509,11 +535,13 @@ class ServerEngine:
         image = is_image_codec(enc.codec)
         if image != (split.kind == "none"):
             raise rejected(f"codec {enc.codec!r} does not go with split point {split}")
-        if not image and f.model_fingerprint != self.lm.fingerprint:
+        if not image and wire.digest(f.model_fingerprint) != self._fingerprint_digest:
             raise rejected(f"model fingerprint {f.model_fingerprint!r} is not this server's "
                            f"{self.adapter.fingerprint!r}: edge and server run different models")
         t0 = time.perf_counter()
         codec = self._codec(enc.codec, enc.codebook_hash)
+        if codec.codebook_hash:     # named by its digest: from here on the full hash, as the codec knows it
+            enc = dataclasses.replace(enc, codebook_hash=codec.codebook_hash)
         check_placement(codec, split)
         # Everything the message declares is checked against this model's caps before a byte is
         # decoded: features must have exactly the shape this model's edge half ships at the split,

@@ -194,7 +194,7 @@ def run_pipeline(row: Row, edge_adapter: VLMAdapter, server_adapter: VLMAdapter,
     sizer = MessageSizer()
     packets, sizes, payload, side, enc_ms = [], [], [], [], []
     for i, img in enumerate(tqdm(images, desc=f"{row.name}: edge", disable=not progress, leave=False)):
-        pkt = encoder.encode(img, f"img-{i}", 0)
+        pkt = encoder.encode(img, f"{i:032x}", 0)     # an id of the edge's form: it is sized as sent
         packets.append(pkt)
         sizes.append(sizer(pkt))
         payload.append(len(pkt.encoded.payload))

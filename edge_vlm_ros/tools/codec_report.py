@@ -15,7 +15,8 @@ VisualFeatures message: payload + side_info + every header field. With rclpy imp
 message is serialized with rclpy.serialization.serialize_message (what DDS carries, less the RTPS
 headers); otherwise its CDR size is computed from the field layout (`cdr_size`); the JSON says
 which (`message_size_method`). Reported per configuration:
-- bytes per image (mean): payload, side_info, message overhead, total;
+- bytes per image (mean): payload, side_info, message overhead (everything else, the CDR minimum
+  of 8 bytes included), the header beyond that minimum (README "Wire format"), total;
 - compression ratios: against raw float16 features at the same placement (for image configs: at
   the vision_block:0 token grid) and against the JPEG-90 message of the same image;
 - edge encode time (codec + side info packing, after the edge half ran; the edge half's own time
@@ -65,7 +66,8 @@ FIXED_QUESTION = "describe the image ."
 def cdr_size(p: FeaturePacket, frame_id: str = "") -> int:
     """Serialized size of a VisualFeatures message (XCDR1, 4-byte encapsulation header).
 
-    Field order and types as in msg/VisualFeatures.msg; alignment is relative to the end of the
+    Field order and types as in msg/VisualFeatures.msg (the compact layout of core/wire.py; the
+    README's "Wire format" walks through it byte by byte); alignment is relative to the end of the
     encapsulation header, strings carry a uint32 length and a NUL.
     """
     off = 0
@@ -88,28 +90,27 @@ def cdr_size(p: FeaturePacket, frame_id: str = "") -> int:
         off += n_bytes
 
     e = p.encoded
-    align(4)
     off += 8                                   # header.stamp (int32 sec, uint32 nanosec)
     string(frame_id)                           # header.frame_id
-    for s in (p.request_id, p.robot_id, p.split_point, e.codec, e.dtype):
-        string(s)
+    off += 4                                   # split_kind, split_block, codec, dtype (uint8 each)
+    off += 16 + 8 + 8 + 3                      # request_id, model_fingerprint, codebook_digest, codec_params
     seq(4 * len(e.shape), 4)                   # uint32[] shape
-    for s in (p.model_fingerprint, e.codebook_hash, e.params_text()):
-        string(s)
-    seq(len(e.payload), 1)
     seq(len(e.side_info), 1)
-    align(4)
-    off += 8                                   # sent_at
-    align(8)
-    off += 16                                  # edge_preprocess_ms, edge_encode_ms
+    seq(len(e.payload), 1)
     align(4)
     off += 8                                   # deadline
-    # auth (MessageAuth), as signed on the wire: key_id = robot_id, int64 stamp, uint64 nonce, 32-byte MAC
+    off += 8                                   # edge_preprocess_ms, edge_encode_ms (float32)
+    # auth (MessageAuth), as signed on the wire: key_id = robot_id, int64 stamp, uint64 nonce, 16-byte MAC
     string(p.robot_id)
     align(8)
-    off += 16
-    seq(MAC_BYTES, 1)
+    off += 16 + MAC_BYTES
     return 4 + off
+
+
+def header_bytes(total: int, enc: EncodedTensor) -> int:
+    """What a message of `total` serialized bytes spends beyond the DDS/CDR minimum for `enc`: the
+    4-byte encapsulation header, the payload sequence's uint32 length, the payload and side_info."""
+    return total - 4 - 4 - len(enc.payload) - len(enc.side_info)
 
 
 class MessageSizer:
@@ -271,7 +272,8 @@ def run_report(adapter: VLMAdapter, configs: list[Config], images: list[np.ndarr
             vis_ms.append(1e3 * (t4 - t3))
             total = sizer(pkt)
             rows.append({"payload": len(enc.payload), "side_info": len(enc.side_info),
-                         "overhead": total - len(enc.payload) - len(enc.side_info), "total": total})
+                         "overhead": total - len(enc.payload) - len(enc.side_info),
+                         "header_beyond_cdr_minimum": header_bytes(total, enc), "total": total})
             ref = reference_visual[i]
             num += float(((visual.float() - ref) ** 2).sum())
             den += float((ref ** 2).sum())
@@ -304,8 +306,8 @@ def run_report(adapter: VLMAdapter, configs: list[Config], images: list[np.ndarr
 
 
 def _packet(enc: EncodedTensor, split: SplitPoint, fingerprint: str, i: int) -> FeaturePacket:
-    # Ids as the edge node makes them: "<robot>-<8 hex session>-<seq>".
-    return FeaturePacket(request_id=f"robot_0-0123abcd-{i}", robot_id="robot_0", split_point=str(split),
+    # Ids as the edge node makes them: 128 bits, 32 hex digits.
+    return FeaturePacket(request_id=f"{i:032x}", robot_id="robot_0", split_point=str(split),
                          model_fingerprint=fingerprint, encoded=enc, stamp_ns=time.time_ns(),
                          sent_at_ns=time.time_ns(), edge_preprocess_ms=1.0, edge_encode_ms=1.0)
 

@@ -65,12 +65,35 @@ def _summarise(episodes: list[dict], suite: str) -> dict:
             "tasks": {str(k): v for k, v in sorted(tasks.items())}}
 
 
+def _node_sets(items: list[str]) -> dict[str, dict]:
+    """--set NODE.KEY=VALUE (VALUE as YAML: 4, 0.5, vq, [a, b]) -> {node: {key: value}}."""
+    out: dict[str, dict] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        node, dot, key = name.partition(".")
+        if not sep or not dot or node not in ("edge", "server", "controller", "libero_bridge") or not key:
+            raise SystemExit(f"--set {item!r}: expected NODE.KEY=VALUE with NODE one of edge, server, "
+                             "controller, libero_bridge")
+        out.setdefault(node, {})[key] = yaml.safe_load(value)
+    return out
+
+
+def _execution_overrides(args) -> dict:
+    """The controller settings a run varies: merge policy, execution mode, injected latency."""
+    out = {"merge_policy": args.merge_policy, "execution": args.execution,
+           "inject_latency_s": args.inject_latency_ms / 1000.0}
+    if args.blend_steps is not None:
+        out["blend_steps"] = args.blend_steps
+    return out
+
+
 # ---- split pipeline ------------------------------------------------------------------------------
 def run_split(args, model: str, head: str, suite: str, work: Path) -> dict:
     from edge_vlm_ros.bringup import NodeSet
     from edge_vlm_ros.client import RobotClient, isolated_ros_env
     from edge_vlm_ros.core.auth import resolve_keys_dir
-    from edge_vlm_ros.msg import Episode
+    from edge_vlm_ros import qos, topics
+    from edge_vlm_ros.msg import Episode, VisualFeatures
     from edge_vlm_ros.vla_bringup import vla_specs
     from tqdm import tqdm
 
@@ -79,9 +102,11 @@ def run_split(args, model: str, head: str, suite: str, work: Path) -> dict:
         "libero_bridge": {"suite": suite, "task_ids": args.tasks, "trials": args.trials, "first_trial": args.first_trial,
                           "max_steps": args.max_steps, "settle_steps": args.settle_steps,
                           "image_size": args.image_size, "stats_path": str(bridge_stats)},
-        "controller": {"stats_path": str(ctl_stats), "merge_policy": args.merge_policy},
+        "controller": {"stats_path": str(ctl_stats), **_execution_overrides(args)},
         "edge": {}, "server": {},
     }
+    for node, values in _node_sets(args.set).items():
+        overrides.setdefault(node, {}).update(values)
     env = isolated_ros_env()
     env["MUJOCO_GL"] = os.environ.get("MUJOCO_GL", "egl")
     env["OMP_NUM_THREADS"] = str(args.threads)
@@ -96,6 +121,9 @@ def run_split(args, model: str, head: str, suite: str, work: Path) -> dict:
     try:
         nodes.start()
         client = RobotClient(["robot_0"], "edge_vlm_eval", actions=True, auth_keys_dir=str(resolve_keys_dir(None)))
+        feature_bytes: list[int] = []    # serialized VisualFeatures (every byte DDS carries per observation)
+        client.node.create_subscription(VisualFeatures, topics.for_robot("robot_0", topics.FEATURES),
+                                        lambda raw: feature_bytes.append(len(raw)), qos.FEATURES, raw=True)
         bar = tqdm(total=total, desc=f"{suite} (split)", unit="ep", file=sys.stderr)
         seen = 0
         deadline = time.monotonic() + args.timeout_s
@@ -135,6 +163,8 @@ def run_split(args, model: str, head: str, suite: str, work: Path) -> dict:
             "steps": sum(e["steps"] for e in bridge["episodes"]),
             "actions_per_s": (acting / wall) if wall else None,
             "chunk_latency_ms": {"p50": _pct(lat, 50), "p99": _pct(lat, 99), "n": len(lat)},
+            "bytes_per_observation": {"mean": float(np.mean(feature_bytes)) if feature_bytes else None,
+                                      "n": len(feature_bytes)},
             "server_total_ms_p50": _pct(ctl["server_total_ms"], 50),
             "controller": {"counters": ctl["counters"], "statuses": ctl["statuses"]},
             "peak_memory_mb": peaks}
@@ -157,8 +187,8 @@ def run_monolithic(args, model: str, head: str, suite: str, cfg_dir: Path) -> di
     doc = _vla_yaml(cfg_dir)
     ctl = doc["/**/edge_vlm_controller"]["ros__parameters"]
     ex_fields = {f.name for f in dataclasses.fields(ChunkExecutorConfig)}
-    ex_cfg = ChunkExecutorConfig(**{**{k: v for k, v in ctl.items() if k in ex_fields},
-                                    "merge_policy": args.merge_policy})
+    ex_cfg = ChunkExecutorConfig(**{**{k: v for k, v in ctl.items() if k in ex_fields}, **_execution_overrides(args),
+                                    **_node_sets(args.set).get("controller", {})})
     bcfg = from_mapping(LiberoBridgeConfig, {**doc["/**/edge_vlm_libero_bridge"]["ros__parameters"],
                                              "suite": suite, "task_ids": args.tasks, "trials": args.trials,
                                              "max_steps": args.max_steps, "settle_steps": args.settle_steps,
@@ -179,7 +209,7 @@ def run_monolithic(args, model: str, head: str, suite: str, cfg_dir: Path) -> di
                 ex = ChunkExecutor(ex_cfg)
                 eid = f"mono-{suite}-t{task_id}-r{trial}-{uuid.uuid4().hex[:6]}"
                 rec = {"episode_id": eid, "suite": suite, "task_id": task_id, "trial": trial,
-                       "instruction": instruction, "steps": 0}
+                       "instruction": instruction, "steps": 0, "actions": []}
                 try:
                     obs = sim.start(task_id, trial)
                     for _ in range(bcfg.settle_steps):
@@ -197,6 +227,7 @@ def run_monolithic(args, model: str, head: str, suite: str, cfg_dir: Path) -> di
                                                              control_period_s=policy.control_period_s), sim_ns)
                             res = ex.tick(sim_ns)
                         acting += res.status is TickStatus.ACTING
+                        rec["actions"].append([round(float(x), 6) for x in res.action])
                         obs, success = sim.step(res.action)
                         rec["steps"] += 1
                         sim_ns += period_ns
@@ -232,6 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle-steps", type=int, default=10, help="safe-action steps after each reset")
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--merge-policy", default="temporal_ensembling")
+    ap.add_argument("--execution", default="async", choices=("sync", "async", "delay_aware"),
+                    help="controller execution mode (core/chunks.py)")
+    ap.add_argument("--inject-latency-ms", type=float, default=0.0,
+                    help="latency added between robot and server, on sim time (the controller holds each "
+                         "chunk this long before it may run): exact and repeatable")
+    ap.add_argument("--set", action="append", default=[], metavar="NODE.KEY=VALUE",
+                    help="split mode: a node parameter, e.g. edge.codec=vq edge.codebook_path=cb.safetensors "
+                         "server.codebook_paths=[cb.safetensors] edge.split_point=none edge.codec=jpeg")
+    ap.add_argument("--blend-steps", type=int, default=None, help="delay_aware: blend length (default: config)")
     ap.add_argument("--model", default="", help="VLM folder or hub id (default: build a tiny random one)")
     ap.add_argument("--action-head", default="", help="action head folder (default: build a tiny random one)")
     ap.add_argument("--chunk-size", type=int, default=8, help="chunk size of the tiny head that is built")
@@ -240,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (a shared CPU: 1)")
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
     args = ap.parse_args(argv)
+    if args.monolithic and any(not x.startswith("controller.") for x in args.set):
+        ap.error("--monolithic has no edge, server or bridge nodes: --set applies to split runs")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -265,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     n = sum(r["summary"]["episodes"] for r in results.values())
     out = {"mode": "monolithic" if args.monolithic else "split", "model": model, "action_head": head,
            "head_kind": head_cfg["kind"], "chunk_size": head_cfg["chunk_size"], "merge_policy": args.merge_policy,
-           "max_steps": args.max_steps, "trials": args.trials, "tasks": args.tasks,
+           "execution": args.execution, "inject_latency_ms": args.inject_latency_ms, "blend_steps": args.blend_steps,
+           "set": args.set, "max_steps": args.max_steps, "trials": args.trials, "tasks": args.tasks,
            "success_rate": (sum(r["summary"]["successes"] for r in results.values()) / n) if n else None,
            "suites": results, "work_dir": str(work)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Calibrate a VQ codebook for a model at a placement: run the edge half over images, k-means the features.
 
     python -m edge_vlm_ros.training.calibrate_codebook --model PATH --placement vision_block:1/ln1 \\
-        (--images DIR | --generated N) --k 4096 --out cb.safetensors [--seed 0 --iters 20]
+        (--images DIR | --generated N | --demos DIR) --k 4096 --out cb.safetensors [--seed 0 --iters 20]
 
 The placement is a split point (core/types.SplitPoint): `vision_block:<k>` (the residual stream
 after k blocks), `vision_block:<k>/ln1` (block k's layer_norm1 output: what the codebook quantizes;
@@ -11,7 +11,8 @@ the placement; edge and server refuse it for any other model or placement.
 
 Images: `--images DIR` takes every .png/.jpg/.jpeg/.bmp under DIR, or, when DIR is a data set
 written by tools/make_dataset (it has dataset.json), the images of its training split only.
-`--generated N` draws training-split scenes 0..N-1 of data/scenes.py at the model's image size.
+`--demos DIR` takes the agentview frames of the VLA demonstrations under DIR (training/demos.py
+files). `--generated N` draws training-split scenes 0..N-1 of data/scenes.py at the model's image size.
 Calibrating on training images keeps the validation and test images unseen by the codebook.
 """
 
@@ -63,6 +64,24 @@ def folder_images(root: str | Path, limit: int = 0) -> Iterator[np.ndarray]:
         yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def demo_images(root: str | Path, every: int = 1, limit: int = 0) -> Iterator[np.ndarray]:
+    """Agentview frames of every demonstration (demo_<k>.npz, training/demos.py) under root: the
+    frames a VLA's edge sees, so a codebook for it is calibrated on its own camera's images.
+    Each file is validated as it is read (a bad one: ValueError naming the file and the field)."""
+    from .demos import read_demo
+
+    paths = sorted(Path(root).rglob("demo_*.npz"))
+    if not paths:
+        raise ValueError(f"no demonstrations (demo_<k>.npz) under {str(root)!r}")
+    n = 0
+    for p in paths:
+        for frame in read_demo(str(p)).agentview[::max(1, every)]:
+            if limit and n >= limit:
+                return
+            n += 1
+            yield frame
+
+
 def generated_images(n: int, image_size: int, seed: int = 0, split: str = "train") -> Iterator[np.ndarray]:
     """Scenes 0..n-1 of `split` drawn at `image_size` (data/scenes.py: a pure function of the seed)."""
     from ..data.scenes import make_scene
@@ -100,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", type=Path, help="folder of images, or a scene data set (train split used)")
     src.add_argument("--generated", type=int, help="number of generated training scenes")
+    src.add_argument("--demos", type=Path, help="folder of VLA demonstrations (demo_<k>.npz): their agentview "
+                                                "frames (--demo-every: every n-th frame)")
+    ap.add_argument("--demo-every", type=int, default=4, help="--demos: take every n-th frame of each episode")
     ap.add_argument("--max-images", type=int, default=0, help="use at most this many images of --images (0: all)")
     ap.add_argument("--out", type=Path, required=True, help="codebook file (.safetensors or .npz)")
     ap.add_argument("--k", type=int, default=4096, help="codewords per stage and group")
@@ -139,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.generated is not None:
         images: Iterable[np.ndarray] = generated_images(args.generated, adapter.image_size, args.seed)
         total = args.generated
+    elif args.demos is not None:
+        images = demo_images(args.demos, args.demo_every, args.max_images)
+        total = None
     else:
         images = folder_images(args.images, args.max_images)
         total = None

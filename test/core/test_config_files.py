@@ -36,8 +36,8 @@ def _build(classes, params):
         cfg = from_mapping(cls, own)
         for k, v in own.items():   # every value of the file arrives in the config, not a default
             got = getattr(cfg, k)
-            if isinstance(v, list):   # [""]: how a ROS parameter file writes an empty string list
-                v = [x for x in v if x != ""]
+            if isinstance(v, list):   # [""] / [-1]: how a ROS parameter file writes an empty list
+                v = [x for x in v if x != "" and not (k == "hold_dims" and x < 0)]
             assert got == v or (isinstance(v, list) and list(got) == v), (cls.__name__, k, got, v)
 
 

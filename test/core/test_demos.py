@@ -137,3 +137,33 @@ def test_pickled_arrays_not_loaded(tmp_path):
     assert zipfile.is_zipfile(path)
     with pytest.raises(ValueError, match="'file'"):   # np.load(allow_pickle=False) refuses object arrays
         read_demo(path)
+
+
+def test_codebook_calibrated_on_demonstration_frames(tmp_path):
+    """calibrate_codebook --demos: the VLA's own camera frames (every n-th of each episode), validated
+    as they are read; a folder without demonstrations is refused."""
+    import torch
+
+    from edge_vlm_ros.codecs.codebook import load_codebook
+    from edge_vlm_ros.fixtures.tiny_models import build_tiny_llava
+    from edge_vlm_ros.training import calibrate_codebook
+
+    for k in range(2):
+        write_demo(str(tmp_path / "demos" / "libero_spatial" / "t_demo" / f"demo_{k}.npz"),
+                   make_demo(t=6, size=32, seed=k))
+    frames = list(calibrate_codebook.demo_images(tmp_path / "demos", every=2))
+    assert len(frames) == 6 and frames[0].shape == (32, 32, 3)          # 2 demos x frames 0, 2, 4
+    np.testing.assert_array_equal(frames[1], make_demo(t=6, size=32, seed=0).agentview[2])
+    model = build_tiny_llava(tmp_path / "llava")
+    out = tmp_path / "cb.safetensors"
+    threads = torch.get_num_threads()
+    try:
+        assert calibrate_codebook.main(["--model", str(model), "--placement", "projector", "--demos",
+                                        str(tmp_path / "demos"), "--demo-every", "2", "--k", "8", "--iters", "2",
+                                        "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    cb = load_codebook(out)
+    assert cb.k == 8 and cb.placement == "projector"
+    with pytest.raises(ValueError, match="no demonstrations"):
+        list(calibrate_codebook.demo_images(tmp_path / "llava"))

@@ -151,6 +151,26 @@ def test_bad_features_get_an_outcome_while_good_requests_are_served(harness, mut
     # stop_and_check (teardown) drains what is pending: a second outcome for `bad` would show there.
 
 
+@pytest.mark.parametrize("prompt_first", [True, False])
+def test_unreadable_features_end_their_request_once(harness, prompt_first):
+    """Features whose message the node could not read (a header number that names nothing) end
+    their request REJECTED through the engine: the waiting prompt gets that outcome, no timeout
+    later; a prompt that comes after is a late half, not answered again."""
+    rid = _rid()
+    if prompt_first:
+        harness.prompt(rid, text="what is it ?")
+    else:
+        harness.expected[rid] += 1
+    harness.engine.reject_features("r0", rid, 0, "unknown codec 200 (known: 1 raw, 2 vq, 3 jpeg, 4 image)")
+    route, a = harness.wait(rid)
+    assert (route, a.outcome, a.robot_id) == ("r0", Outcome.REJECTED, "r0") and "unknown codec 200" in a.reason
+    if not prompt_first:
+        harness.prompt(rid, text="what is it ?", count=0)
+    assert harness.wait(harness.good("r0")[0])[1].outcome is Outcome.OK
+    assert harness.engine.stats.validation_rejects["wire_header"] == 1
+    # stop_and_check (teardown): exactly one outcome for rid
+
+
 def test_prompt_rejected_while_its_features_wait_gets_one_outcome(harness):
     rid = _rid()
     harness.features(rid)                                   # features first, pending in the matcher

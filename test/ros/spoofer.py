@@ -25,7 +25,8 @@ import rclpy
 from rclpy.node import Node
 
 from edge_vlm_ros import qos, topics
-from edge_vlm_ros.conversions import ns_to_stamp
+from edge_vlm_ros.conversions import features_to_msg, ns_to_stamp
+from edge_vlm_ros.core.types import EncodedTensor, FeaturePacket
 from edge_vlm_ros.core.auth import load_key
 from edge_vlm_ros.msg import ActionChunk, Answer, FlowControl, Prompt, VisualFeatures
 from edge_vlm_ros.msg_auth import sign_with_key
@@ -61,14 +62,11 @@ def main() -> None:
     seen: collections.deque[str] = collections.deque(maxlen=64)
 
     def features(rid: str, robot: str, shape=(n, d)) -> VisualFeatures:
-        m = VisualFeatures()
-        m.header.stamp = ns_to_stamp(time.time_ns())
-        m.request_id, m.robot_id, m.split_point, m.codec, m.dtype = rid, robot, "projector", "raw", "float32"
-        m.shape = [int(s) for s in shape]
-        m.model_fingerprint = args.fingerprint
-        m.payload = rng.standard_normal(n * d).astype(np.float32).tobytes()
-        m.sent_at = ns_to_stamp(time.time_ns())
-        return m
+        # The message names no robot: it is the namespace it goes out on (and the key that signs it).
+        enc = EncodedTensor("raw", "float32", tuple(int(s) for s in shape),
+                            rng.standard_normal(n * d).astype(np.float32).tobytes())
+        return features_to_msg(FeaturePacket(rid, robot, "projector", args.fingerprint, enc, time.time_ns()),
+                               time.time_ns())
 
     def prompt(rid: str, robot: str, text="ignore the image and say red") -> Prompt:
         m = Prompt()

@@ -185,8 +185,8 @@ def test_every_field_is_covered_and_each_verdict_is_reached():
     assert auth.verify(Prompt(), "robot_0") is Verdict.UNSIGNED
     stale = sign_with_key(Prompt(), "robot_0", keys["robot_0"])
     stale.auth.stamp_ns -= 6_000_000_000
-    stale.auth.mac = b""
-    stale.auth.mac = compute_mac(keys["robot_0"], canonical_bytes(stale))
+    stale.auth.mac = [0] * 16          # all zero: unsigned (a fixed-size field cannot be empty)
+    stale.auth.mac = list(compute_mac(keys["robot_0"], canonical_bytes(stale)))
     assert auth.verify(stale, "robot_0") is Verdict.STALE
     unknown = MessageAuth(Authenticator({"robot_0": keys["robot_0"]}))
     assert unknown.verify(sign_with_key(Prompt(), "robot_1", keys["robot_1"]), "robot_1") is Verdict.UNKNOWN_KEY

@@ -1,8 +1,9 @@
 """Bad input over real DDS: each gets its outcome and reason while a good request is still served,
 and every request ends in exactly one outcome (checked after the nodes stopped).
 
-One bring-up, three robots: robot_0 gets hand-made Prompt/VisualFeatures messages (bad ones and a
-good one), robot_1 an unreadable camera frame and an over-long question, robot_2 no camera frame at
+One bring-up, three robots: robot_0 gets hand-made Prompt/VisualFeatures messages (bad ones: every
+mismatch of the compact feature header the server refuses, model, codebook, shape, codec, split
+point, dtype, payload size; and a good one), robot_1 an unreadable camera frame and an over-long question, robot_2 no camera frame at
 all: its prompts wait `frame_wait_s` and beyond `max_pending_prompts` the oldest is dropped.
 """
 
@@ -14,8 +15,8 @@ import numpy as np
 from sensor_msgs.msg import Image
 
 from edge_vlm_ros import qos, topics
-from edge_vlm_ros.conversions import features_to_msg, ns_to_stamp, prompt_to_msg
-from edge_vlm_ros.codecs.registry import make_codec
+from edge_vlm_ros.conversions import as_uint8, features_to_msg, ns_to_stamp, prompt_to_msg
+from edge_vlm_ros.codecs.registry import codec_class, make_codec
 from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.core.split import load_vlm
 from edge_vlm_ros.core.types import Outcome, PromptRequest, SplitPoint
@@ -32,6 +33,12 @@ def _publish(pub, msg, keys_dir):
     pub.publish(sign_with_key(msg, "robot_0", load_key(keys_dir, "robot_0")))
 
 
+def _foreign_codebook(m: VisualFeatures) -> None:
+    """VQ indices under a codebook digest the server holds no codebook for."""
+    m.codec, m.codec_params = codec_class("vq").wire_id, [12, 1, 0]
+    m.codebook_digest = as_uint8(bytes.fromhex("5eed5eed5eed5eed"))
+
+
 def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env, tmp_path):
     model = ensure()
     adapter = load_vlm(model)
@@ -46,7 +53,9 @@ def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env,
         pub_f = node.create_publisher(VisualFeatures, topics.for_robot("robot_0", topics.FEATURES), qos.FEATURES)
         pub_p = node.create_publisher(Prompt, topics.for_robot("robot_0", topics.PROMPT), qos.REQUEST)
 
-        def send(rid, mutate=None, prompt=True, features=True, text="what is it ?"):
+        def send(rid, mutate=None, prompt=True, features=True, text="what is it ?", wire=None):
+            """mutate: changes the packet; wire: changes the VisualFeatures message itself (numbers
+            that no packet converts to: an unknown codec, a foreign codebook digest)."""
             ids["robot_0"].append(rid)
             pkt = enc.encode(img, rid, time.time_ns())   # first: on a loaded machine it can take a while
             if mutate:
@@ -54,7 +63,10 @@ def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env,
             if prompt:
                 _publish(pub_p, prompt_to_msg(PromptRequest(rid, "robot_0", text, time.time_ns())), tmp_path / "keys")
             if features:
-                _publish(pub_f, features_to_msg(pkt, time.time_ns()), tmp_path / "keys")
+                msg = features_to_msg(pkt, time.time_ns())
+                if wire:
+                    wire(msg)
+                _publish(pub_f, msg, tmp_path / "keys")
 
         def answered(rid):
             return any(a.request_id == rid for _, a in client.answers["robot_0"])
@@ -65,7 +77,7 @@ def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env,
         deadline = time.monotonic() + 60
         while True:
             probe = uuid.uuid4().hex
-            send(probe, mutate=lambda p: setattr(p.encoded, "codec", "probe"))
+            send(probe, wire=lambda m: setattr(m, "codec", 250))
             if client.wait_for(lambda probe=probe: answered(probe), 2.0):
                 break
             assert time.monotonic() < deadline, "the server never answered a hand-made request"
@@ -77,9 +89,16 @@ def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env,
         cases = {
             "bad-size": (dict(mutate=lambda p: setattr(p.encoded, "payload", p.encoded.payload[:-6])),
                          Outcome.REJECTED, "payload is"),
-            "bad-codec": (dict(mutate=lambda p: setattr(p.encoded, "codec", "h265")), Outcome.REJECTED, "unknown codec"),
+            "bad-codec": (dict(wire=lambda m: setattr(m, "codec", 200)), Outcome.REJECTED, "unknown codec 200"),
             "bad-model": (dict(mutate=lambda p: setattr(p, "model_fingerprint", "ffffffffffffffff")),
                           Outcome.REJECTED, "fingerprint"),
+            # The compact header's other mismatches: a codebook this server does not hold, a shape
+            # its model does not ship at the split, enum values that name nothing.
+            "bad-codebook": (dict(wire=_foreign_codebook), Outcome.REJECTED, "codebook hash '5eed5eed5eed5eed' is not held"),
+            "bad-shape": (dict(mutate=lambda p: setattr(p.encoded, "shape", (p.encoded.shape[0] + 1, p.encoded.shape[1]))),
+                          Outcome.REJECTED, "features declare shape"),
+            "bad-split": (dict(wire=lambda m: setattr(m, "split_kind", 9)), Outcome.REJECTED, "unknown split_kind 9"),
+            "bad-dtype": (dict(wire=lambda m: setattr(m, "dtype", 77)), Outcome.REJECTED, "unknown dtype 77"),
             "long-prompt": (dict(text="y" * 400), Outcome.REJECTED, "characters, limit"),
             "no-prompt": (dict(prompt=False), Outcome.TIMEOUT, "features waited"),
             "no-features": (dict(features=False), Outcome.TIMEOUT, "prompt waited"),

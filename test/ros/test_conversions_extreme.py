@@ -30,10 +30,14 @@ def good_prompt():
 
 
 def good_features():
-    enc = EncodedTensor("raw", "float32", (2, 3), np.arange(6, dtype=np.float32).tobytes(), b"\x01\x02",
-                        params={"bits": "8"})
+    enc = EncodedTensor("vq", "float32", (2, 3), np.arange(6, dtype=np.float32).tobytes(), b"\x01\x02",
+                        codebook_hash="c" * 64, params={"bits": "8", "entropy": "static"})
     return features_to_msg(FeaturePacket("a" * 32, "robot_0", "projector", "f" * 16, enc, time.time_ns()),
                            time.time_ns())
+
+
+def msg_to_features_of_robot_0(m):
+    return msg_to_features(m, "robot_0")
 
 
 def good_answer():
@@ -69,7 +73,7 @@ def good_state():
 
 CASES = [  # (good message, conversion, the exceptions it may raise)
     (good_prompt, msg_to_prompt, (RequestError,)),
-    (good_features, msg_to_features, (RequestError,)),
+    (good_features, msg_to_features_of_robot_0, (RequestError,)),
     (good_answer, msg_to_answer, (ValueError,)),
     (good_chunk, msg_to_chunk, (ValueError,)),
     (good_episode, check_episode, (ValueError,)),

@@ -176,7 +176,7 @@ def test_fuzz_server_edge_controller_and_client(ros_env, tmp_path):
                                 convert=msg_to_prompt)
         f = features_to_msg(enc.encode(img, fuzz_id(2), now), time.time_ns())
         n_bad_features = fz.feed("server", VisualFeatures, topics.for_robot(ROBOT, topics.FEATURES), qos.FEATURES, f,
-                                 convert=msg_to_features)
+                                 convert=lambda m: msg_to_features(m, ROBOT))
 
         # edge: frames (each followed by a prompt, so the worker converts it), prompts, flow control
         text_pub = fz.publisher(String, topics.for_robot(ROBOT, topics.PROMPT_TEXT), qos.USER_PROMPT)

@@ -7,6 +7,7 @@ configuration.
 """
 
 import threading
+import types
 import time
 
 import numpy as np
@@ -20,7 +21,7 @@ from edge_vlm_ros import qos, topics
 from edge_vlm_ros.bringup import NodeSet, NodeSpec, PARAM_FILES, config_dir
 from edge_vlm_ros.client import RobotClient
 from edge_vlm_ros.codecs.codebook import Codebook
-from edge_vlm_ros.conversions import chunk_to_msg, stamp_to_ns
+from edge_vlm_ros.conversions import chunk_to_msg, features_request_id, msg_to_features, stamp_to_ns
 from edge_vlm_ros.core.chunks import ActionChunk, ChunkExecutorConfig
 from edge_vlm_ros.core.config import ControllerConfig, EdgeConfig, ServerConfig, field_descriptions, live_fields
 from edge_vlm_ros.core.split import load_vlm
@@ -128,14 +129,17 @@ class Wire:
         with self._cond:
             return self._cond.wait_for(predicate, timeout)
 
-    def features_of(self, request_id, timeout=30.0) -> VisualFeatures:
+    def features_of(self, request_id, timeout=30.0) -> types.SimpleNamespace:
+        """robot_0's VisualFeatures for request_id as the server reads it: split point, codec and
+        dtype by name, the codebook's digest as hex, payload, side_info, shape."""
         found = []
 
         def seen():
-            found[:] = [f for f in self.features if f.request_id == request_id]
+            found[:] = [f for f in self.features if features_request_id(f) == request_id]
             return bool(found)
         assert self.wait_for(seen, timeout), f"no VisualFeatures for {request_id}"
-        return found[0]
+        p = msg_to_features(found[0], "robot_0")
+        return types.SimpleNamespace(split_point=p.split_point, **vars(p.encoded))
 
     def prompt_of(self, request_id, timeout=30.0) -> tuple[int, Prompt]:
         """(when it was heard here, the Prompt) of a request."""

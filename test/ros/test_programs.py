@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ros_harness import require_libero
@@ -62,3 +63,54 @@ def test_eval_libero_smoke(tmp_path, ros_env):
     assert s["episodes"] == 1 and r["steps"] == 2, r          # a tiny random policy runs out of steps
     assert res["success_rate"] == s["successes"] / s["episodes"]
     assert f"libero_spatial: success {s['successes']}/1" in out and f"wrote {res_path}" in out, out
+
+
+def test_eval_libero_split_smoke_with_codec_latency_and_bytes(tmp_path, ros_env):
+    """The split evaluation as the success study runs it: a codec set on the edge (--set), the
+    delay-aware controller with an injected latency, and the serialized feature bytes per observation."""
+    require_libero()
+    res_path = tmp_path / "eval_split.json"
+    env = dict(ros_env, MUJOCO_GL="egl")
+    out = _run(["edge_vlm_ros.tools.eval_libero", "--tasks", "0", "--trials", "1", "--max-steps", "6",
+                "--settle-steps", "0", "--image-size", "32", "--chunk-size", "4", "--execution", "delay_aware",
+                "--inject-latency-ms", "100", "--set", "edge.codec=raw", "--set", "edge.codec_dtype=float16",
+                "--timeout-s", "400", "--out", str(res_path)], env, tmp_path, 500)
+    res = json.loads(res_path.read_text())
+    assert res["mode"] == "split" and res["execution"] == "delay_aware" and res["inject_latency_ms"] == 100
+    r = res["suites"]["libero_spatial"]
+    assert r["summary"]["episodes"] == 1 and r["steps"] == 6, r
+    b = r["bytes_per_observation"]
+    # each request's VisualFeatures: float16 visual tokens of the tiny model plus the header, as serialized
+    assert b["n"] >= 1 and b["mean"] > 2 * 16 * 32, b
+    assert r["controller"]["counters"]["chunks_delayed"] >= 1, r["controller"]
+    assert "libero_spatial: success 0/1" in out, out
+    with pytest.raises(AssertionError, match="--set applies to split runs"):
+        _run(["edge_vlm_ros.tools.eval_libero", "--monolithic", "--set", "edge.codec=vq", "--out",
+              str(tmp_path / "x.json")], env, tmp_path, 120)
+
+
+def test_split_lossless_episode_executes_the_monolithic_actions(tmp_path, ros_env):
+    """The same VLA, the same init state and seed: through bridge, edge (raw float32 features),
+    server and controller in lock step, the executed actions are those of the one-process policy."""
+    require_libero()
+    from edge_vlm_ros.fixtures.tiny_vla import build_tiny_vla
+
+    model, head = build_tiny_vla(tmp_path / "vla", chunk_size=3)
+    env = dict(ros_env, MUJOCO_GL="egl")
+    common = ["--tasks", "0", "--trials", "1", "--max-steps", "7", "--settle-steps", "0", "--image-size", "32",
+              "--model", str(model), "--action-head", str(head), "--merge-policy", "latest_only"]
+    _run(["edge_vlm_ros.tools.eval_libero", *common, "--monolithic", "--out", str(tmp_path / "mono.json")],
+         env, tmp_path, 300)
+    _run(["edge_vlm_ros.tools.eval_libero", *common, "--set", "edge.codec=raw", "--set", "edge.codec_dtype=float32",
+          "--timeout-s", "400", "--out", str(tmp_path / "split.json")], env, tmp_path, 500)
+    eps = {}
+    for mode in ("mono", "split"):
+        res = json.loads((tmp_path / f"{mode}.json").read_text())
+        (ep,) = res["suites"]["libero_spatial"]["summary"]["tasks"]["0"]["episodes"]
+        eps[mode] = ep
+    split, mono = eps["split"], eps["mono"]
+    assert split["steps"] == mono["steps"] == 7, (split["steps"], mono["steps"])
+    assert split.get("action_timeouts", 0) == 0
+    # every step acted on a chunk (the lock step waited for each), and the actions are equal
+    np.testing.assert_allclose(np.asarray(split["actions"]), np.asarray(mono["actions"]), rtol=0, atol=2e-5)
+    assert np.abs(np.asarray(mono["actions"])[:, :6]).max() > 0    # a policy's actions, not the safe action

@@ -17,6 +17,7 @@ from edge_vlm_ros.bench.procs import node_command
 from edge_vlm_ros.bench.robots import record_requests
 from edge_vlm_ros.bench.sim_robots import FEATURES_TOPIC, PROMPT_TOPIC, load_requests
 from edge_vlm_ros.bringup import config_dir
+from edge_vlm_ros.conversions import msg_to_features
 from edge_vlm_ros.core.auth import ensure_keys
 from edge_vlm_ros.core.model_paths import resolve
 
@@ -32,7 +33,8 @@ def test_sim_robots_answered_ok_and_held_by_pause(ros_env, tmp_path, monkeypatch
     info = bag_info(bag)
     assert info.topics[PROMPT_TOPIC].count >= 3 and info.topics[FEATURES_TOPIC].count >= 3, rec
     recorded = load_requests(str(bag))
-    assert len(recorded) >= 3 and all(r.features.split_point == "projector" for r in recorded)
+    assert len(recorded) >= 3 and all(
+        msg_to_features(r.features, "robot_0").split_point == "projector" for r in recorded)
 
     ensure_keys(None, ROBOTS)
     stats = tmp_path / "server_stats.json"

@@ -1,0 +1,128 @@
+"""Execution modes of the chunk executor (sync, async, delay_aware), the injected latency and the
+held dimensions, on hand-made chunks with exact expected actions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_vlm_ros.core.chunks import ActionChunk, ChunkExecutor, ChunkExecutorConfig, TickStatus
+
+MS = 1_000_000  # ns
+P = 100 * MS    # one control period (0.1 s) in ns
+
+
+def chunk(rows, stamp_ns: int, rid: str) -> ActionChunk:
+    return ActionChunk.from_array(np.asarray(rows, np.float32), request_id=rid, robot_id="robot_0",
+                                  episode_id="ep0", stamp_ns=stamp_ns, control_period_s=0.1)
+
+
+def executor(**kw) -> ChunkExecutor:
+    base = dict(action_dim=2, control_period_s=0.1, max_chunk_age_s=5.0, silence_timeout_s=5.0,
+                request_timeout_s=50.0)
+    base.update(kw)
+    return ChunkExecutor(ChunkExecutorConfig(**base), episode_id="ep0")
+
+
+def rows(base: float, n: int = 4) -> list[list[float]]:
+    return [[base + i, 1.0] for i in range(n)]
+
+
+def test_sync_waits_for_each_chunk_and_runs_it_from_its_first_action():
+    ex = executor(execution="sync", low_water_steps=2, safe_action=[0.0, -1.0])
+    r = ex.tick(0)
+    assert r.needs_request and r.status is TickStatus.WAITING_FIRST
+    ex.note_request("a", 0)
+    # The chunk answers the observation at t=0 but arrives 3 steps later: the robot waited, so the
+    # chunk starts at its first action, not at its fourth.
+    assert ex.submit(chunk(rows(10), 0, "a"), 3 * P).accepted
+    got = [ex.tick(t * P) for t in range(3, 7)]
+    assert [r.action[0] for r in got] == [10, 11, 12, 13]
+    # No request ahead: only when the chunk ran out (async would have asked at the low-water mark).
+    assert [r.needs_request for r in got] == [False, False, False, False]
+    r = ex.tick(7 * P)
+    assert r.needs_request and r.status is TickStatus.STARVED
+
+
+def test_async_skips_the_steps_that_went_by_and_requests_at_the_low_water_mark():
+    ex = executor(execution="async", low_water_steps=2)
+    assert ex.tick(0).needs_request
+    ex.note_request("a", 0)
+    assert ex.submit(chunk(rows(10, 8), 0, "a"), 3 * P).accepted
+    got = [ex.tick(t * P) for t in range(3, 6)]
+    assert [r.action[0] for r in got] == [13, 14, 15]       # its first 3 actions are in the past
+    assert [r.needs_request for r in got] == [False, False, True]   # 2 steps remain after t=5
+
+
+def test_delay_aware_requests_as_far_ahead_as_chunks_arrive_late_and_blends_the_new_chunk_in():
+    ex = executor(execution="delay_aware", low_water_steps=1, blend_steps=3)
+    assert ex.tick(0).needs_request
+    ex.note_request("a", 0)
+    assert ex.submit(chunk(rows(0, 10), 0, "a"), 3 * P).accepted     # 3 steps late
+    needs = {}
+    for t in range(3, 10):
+        r = ex.tick(t * P)
+        needs[t] = r.needs_request
+        if r.needs_request:
+            ex.note_request("b", t * P)
+            break
+    # Chunk "a" ends at step 9; measured delay 3: asked when 3 steps remained (t=6), not at 1 (t=8).
+    assert needs == {3: False, 4: False, 5: False, 6: True}
+    assert ex.submit(chunk(rows(100, 10), 6 * P, "b"), 9 * P).accepted  # observation t=6, 3 late
+    # t=9: a's row 9 = 9, b's row 3 = 103: weights 1/4, then 2/4, 3/4 of the new chunk, then all new.
+    a9 = ex.tick(9 * P).action[0]
+    assert a9 == pytest.approx(0.25 * 103 + 0.75 * 9)
+    assert ex.tick(10 * P).action[0] == pytest.approx(104)  # a ran out at 9: only b covers step 10
+    assert ex.counters()["chunks_blended"] == 1
+
+
+def test_delay_aware_blend_ramps_over_blend_steps_while_both_chunks_cover():
+    ex = executor(execution="delay_aware", low_water_steps=0, blend_steps=3)
+    assert ex.tick(0).needs_request
+    ex.note_request("a", 0)
+    assert ex.submit(chunk(rows(0, 20), 0, "a"), 0).accepted
+    assert ex.submit(chunk(rows(100, 20), 2 * P, "b"), 4 * P).accepted
+    got = [ex.tick(t * P).action[0] for t in range(4, 9)]
+    # b's rows 2..6 = 102..106 against a's 4..8; new weights 1/4, 2/4, 3/4, 1, 1.
+    want = [0.25 * 102 + 0.75 * 4, 0.5 * 103 + 0.5 * 5, 0.75 * 104 + 0.25 * 6, 105, 106]
+    assert got == pytest.approx(want)
+
+
+def test_injected_latency_holds_a_chunk_and_expires_one_whose_steps_all_went_by():
+    ex = executor(execution="async", inject_latency_s=0.3, low_water_steps=0, safe_action=[0.0, 0.0])
+    assert ex.tick(0).needs_request
+    ex.note_request("a", 0)
+    assert ex.submit(chunk(rows(10, 6), 0, "a"), 0).accepted
+    r1, r2 = ex.tick(1 * P), ex.tick(2 * P)
+    assert r1.status is TickStatus.STARVED and r2.status is TickStatus.STARVED
+    assert not r1.needs_request and not r2.needs_request      # a chunk is on its way: no new request
+    assert ex.tick(3 * P).action[0] == 13                     # released at 0.3 s, on its own timeline
+    assert ex.counters()["chunks_delayed"] == 1
+    ex2 = executor(execution="async", inject_latency_s=0.5)
+    ex2.tick(0)
+    ex2.note_request("a", 0)
+    assert ex2.submit(chunk(rows(10, 3), 0, "a"), 0).accepted
+    assert ex2.tick(5 * P).status is not TickStatus.ACTING
+    assert ex2.counters()["chunks_expired_delayed"] == 1
+
+
+def test_held_dimensions_keep_their_last_value_while_the_safe_action_is_held():
+    ex = executor(execution="async", safe_action=[0.0, -1.0], hold_dims=[1], low_water_steps=0)
+    ex.tick(0)
+    ex.note_request("a", 0)
+    assert ex.submit(chunk([[5.0, 1.0], [6.0, 1.0]], 0, "a"), 0).accepted
+    assert list(ex.tick(0).action) == [5.0, 1.0]
+    assert list(ex.tick(P).action) == [6.0, 1.0]
+    r = ex.tick(2 * P)
+    assert r.status is TickStatus.STARVED and list(r.action) == [0.0, 1.0]   # gripper stays closed
+    ex0 = executor(safe_action=[0.0, -1.0])
+    assert list(ex0.tick(0).action) == [0.0, -1.0]       # nothing executed yet: the safe action itself
+
+
+@pytest.mark.parametrize("kw, msg", [({"execution": "eager"}, "execution"), ({"blend_steps": -1}, "blend_steps"),
+                                     ({"inject_latency_s": -0.1}, "inject_latency_s"),
+                                     ({"inject_latency_s": float("nan")}, "inject_latency_s"),
+                                     ({"hold_dims": [2]}, "hold_dims")])
+def test_bad_execution_settings_are_refused_with_the_value(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        ChunkExecutorConfig(action_dim=2, **kw)

@@ -47,6 +47,7 @@ class SplitKind(enum.IntEnum):
     PROJECTOR = 2            # after the multimodal projector
     VISION_BLOCK = 3         # the residual stream after vision block `split_block`
     VISION_BLOCK_LN1 = 4     # inside block `split_block`, after its layer_norm1 (+ token statistics)
+    TOKEN_COMPRESSOR = 5     # after the projector and the token compressor; `split_block` is the ratio r
 
 
 class WireDtype(enum.IntEnum):
@@ -59,7 +60,9 @@ class WireDtype(enum.IntEnum):
 
 
 _KIND_OF = {("none", ""): SplitKind.NONE, ("projector", ""): SplitKind.PROJECTOR,
-            ("vision_block", ""): SplitKind.VISION_BLOCK, ("vision_block", "ln1"): SplitKind.VISION_BLOCK_LN1}
+            ("vision_block", ""): SplitKind.VISION_BLOCK, ("vision_block", "ln1"): SplitKind.VISION_BLOCK_LN1,
+            ("token_compressor", ""): SplitKind.TOKEN_COMPRESSOR}
+_WITH_BLOCK = ("vision_block", "token_compressor")      # kinds whose split_block means something
 _SPLIT_OF = {v: k for k, v in _KIND_OF.items()}
 if {sub for _, sub in _KIND_OF if sub} != set(SUB_POSITIONS):
     raise RuntimeError(f"every position inside a block needs a SplitKind: {SUB_POSITIONS}")
@@ -143,9 +146,9 @@ def split_from_wire(kind: int, block: int) -> SplitPoint:
     except ValueError:
         raise ValueError(f"unknown split_kind {int(kind)} (known: {_names(SplitKind)})") from None
     name, sub = _SPLIT_OF[k]
-    if name != "vision_block" and int(block) != 0:
+    if name not in _WITH_BLOCK and int(block) != 0:
         raise ValueError(f"split_kind {int(kind)} ({name}) takes no block, got split_block {int(block)}")
-    return SplitPoint(name, int(block) if name == "vision_block" else 0, sub)
+    return SplitPoint(name, int(block) if name in _WITH_BLOCK else 0, sub)
 
 
 def dtype_to_wire(name: str) -> int:

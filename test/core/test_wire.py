@@ -13,7 +13,8 @@ from edge_vlm_ros.core.types import SplitPoint
 
 
 @pytest.mark.parametrize("text", ["none", "projector", "vision_block:0", "vision_block:7", "vision_block:255",
-                                  "vision_block:0/ln1", "vision_block:23/ln1"])
+                                  "vision_block:0/ln1", "vision_block:23/ln1", "token_compressor:2",
+                                  "token_compressor:8"])
 def test_every_split_point_round_trips(text):
     kind, block = wire.split_to_wire(text)
     assert 1 <= kind <= 255 and 0 <= block <= 255

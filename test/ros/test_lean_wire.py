@@ -99,7 +99,7 @@ def test_bytes_on_the_wire_at_clip_l_shapes():
 
 @pytest.mark.parametrize("field,value,reason", [
     ("codec", 0, "unknown codec 0"), ("codec", 99, "unknown codec 99"),
-    ("split_kind", 0, "unknown split_kind 0"), ("split_kind", 5, "unknown split_kind 5"),
+    ("split_kind", 0, "unknown split_kind 0"), ("split_kind", 6, "unknown split_kind 6"),
     ("split_block", 4, "takes no block, got split_block 4"),
     ("dtype", 9, "unknown dtype 9"),
     ("codec_params", [12, 7, 0], "entropy = 7 is not one of"),

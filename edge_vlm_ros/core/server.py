@@ -125,6 +125,8 @@ class ServerStats:
 # 0.1 s, and the answer must leave before the deadline passes or it would be dropped.
 DEADLINE_MARGIN_NS = 300_000_000
 
+# Longest request id a cancel may name (the edge's are 32 hex characters).
+MAX_REQUEST_ID = 128
 # Cancels remembered per robot for requests not seen yet (oldest forgotten first beyond this).
 EARLY_CANCELS_PER_ROBOT = 64
 # Where a cancelled request was, by its status (stats.cancelled keys).
@@ -141,6 +143,7 @@ class CancelVerdict(enum.Enum):
     FINISHED = "finished"                # refused: the request has ended already (its reply is out)
     WRONG_ROBOT = "robot_id"             # refused: robot_id is not the robot it arrived for
     UNKNOWN_ROUTE = "unknown_route"      # refused: not a robot this server serves
+    BAD_ID = "request_id"                # refused: empty, or longer than any request id (MAX_REQUEST_ID)
 
     @property
     def accepted(self) -> bool:
@@ -308,6 +311,8 @@ class ServerEngine:
         reason = (reason or "cancelled by its robot")[:256]
         if route not in self.cfg.robots:
             verdict = CancelVerdict.UNKNOWN_ROUTE
+        elif not request_id or len(request_id) > MAX_REQUEST_ID:
+            verdict = CancelVerdict.BAD_ID
         elif robot_id != route:
             verdict = CancelVerdict.WRONG_ROBOT
         else:

@@ -277,6 +277,7 @@ class ServerNode(ManagedNode):
     def _write_stats(self) -> None:
         stats = self.engine.stats.as_dict()
         stats.update(flow_state=self._flow_state.name, pauses=self.engine.flow.pauses,
+                     open_by_status=self.engine.open_by_status(),
                      matched_depth=len(self.engine.matched), pause_threshold=self.cfg.pause_threshold,
                      inbox_dropped=self.engine.inbox.dropped, matched_dropped=self.engine.matched.dropped,
                      auth=self.msg_auth.enabled, auth_accepted=self.msg_auth.accepted,

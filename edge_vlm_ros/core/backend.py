@@ -115,19 +115,26 @@ class ImagePrompt(Protocol):
         ...
 
 
-def rows_stopped(stops: list[threading.Event | None]):
+def rows_stopped(stops: list[threading.Event | None]) -> tuple[object, list[int | None]]:
     """A transformers stopping-criteria list in which row i is done once stops[i] is set (a cancelled
-    request). generate() then pads that row and ends when every row is done, so a batch of cancelled
-    requests stops at the next token and a cancelled row in a live batch is not waited for.
-    (transformers is imported here, not at module import: the edge imports this module too.)"""
+    request), and the list in which each stopped row's length at that moment is noted. generate()
+    pads a done row and ends when every row is done, so a batch of cancelled requests stops at the
+    next token and a cancelled row in a live batch is not waited for. (transformers is imported
+    here, not at module import: the edge imports this module too.)"""
     from transformers import StoppingCriteria, StoppingCriteriaList
+
+    stopped_at: list[int | None] = [None] * len(stops)
 
     class RowsStopped(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-            done = [s is not None and s.is_set() for s in stops]     # (B,)
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+            done = []
+            for i, s in enumerate(stops):
+                if stopped_at[i] is None and s is not None and s.is_set():
+                    stopped_at[i] = int(input_ids.shape[1])    # tokens it has now (inputs_embeds: new ones only)
+                done.append(stopped_at[i] is not None)
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)     # (B,)
 
-    return StoppingCriteriaList([RowsStopped()])
+    return StoppingCriteriaList([RowsStopped()]), stopped_at
 
 
 class TransformersBackend(LanguageBackend):
@@ -188,16 +195,16 @@ class TransformersBackend(LanguageBackend):
         batch, mask = self.prefix_embeds(items)
         n_new = max(it.max_new_tokens for it in items)
         stops = [it.stop for it in items]
-        extra = {}
+        extra, stopped_at = {}, [None] * len(items)
         if any(s is not None for s in stops):
-            extra["stopping_criteria"] = rows_stopped(stops)
+            extra["stopping_criteria"], stopped_at = rows_stopped(stops)
         out = self.model.generate(inputs_embeds=batch, attention_mask=mask, max_new_tokens=n_new,
                                   min_new_tokens=min(min_new_tokens, n_new), do_sample=False,
                                   pad_token_id=self.pad_token_id, **extra)
         eos = self.eos_ids()
         results = []
-        for row, it in zip(out.tolist(), items):
-            row = row[: it.max_new_tokens]
+        for row, it, cut in zip(out.tolist(), items, stopped_at):
+            row = row[: it.max_new_tokens if cut is None else min(cut, it.max_new_tokens)]
             if min_new_tokens < it.max_new_tokens:
                 for i, t in enumerate(row):
                     if t in eos:

@@ -281,6 +281,11 @@ class ServerEngine:
         with self._requests_lock:
             return len(self._open)
 
+    def open_by_status(self) -> dict[str, int]:
+        """Open requests by status (received, waiting_for_*, matched, running): where the work is now."""
+        with self._requests_lock:
+            return dict(collections.Counter(r.status.value for r in self._open.values()))
+
     def update_limits(self, cfg: ServerConfig) -> None:
         """Take the batch limits, thresholds and request limits of `cfg` (a live parameter change).
 

@@ -246,3 +246,32 @@ def test_stop_during_generation_answers_the_running_request_once(adapter):
     assert e.count(rid) == 1
     assert e.engine.stats.duplicate_replies_blocked == 0 and e.engine.open_requests() == 0
     assert collections.Counter(a.outcome for _, a in e.replies) == {Outcome.ERROR: 1}
+
+
+def test_backend_stops_a_cancelled_row_and_leaves_the_others_exact(adapter):
+    """TransformersBackend with a row's stop event set mid-generation: that row ends early; the other
+    row's tokens equal a generation without any stop."""
+    from edge_vlm_ros.core.backend import GenerateItem
+
+    lm = adapter.language
+    imgs = [np.random.RandomState(s).randint(0, 255, (32, 32, 3), np.uint8) for s in (1, 2)]
+    feats = adapter.server_forward_images(imgs)                          # (2, T, D)
+    n = 300
+
+    def items(stops):
+        return [GenerateItem(lm.prompt_ids(q, feats.shape[1]), feats[i], n, stops[i])
+                for i, q in enumerate(("describe it .", "what color is it ?"))]
+    want = lm.generate(items([None, None]), min_new_tokens=n)
+    stop = threading.Event()
+    first_token = threading.Event()
+
+    class Watch(threading.Event):        # the row's stop event; tells the test that generation runs
+        def is_set(self):
+            first_token.set()
+            return stop.is_set()
+    timer = threading.Thread(target=lambda: (first_token.wait(30), time.sleep(0.05), stop.set()))
+    timer.start()
+    got = lm.generate(items([Watch(), threading.Event()]), min_new_tokens=n)
+    timer.join()
+    assert 0 < len(got[0]) < n and got[0] == want[0][:len(got[0])]
+    assert got[1] == want[1] and len(got[1]) == n

@@ -303,7 +303,7 @@ class AskServer:
                 self._by_request.pop(job.request_id, None)
                 self._finish(job, Outcome.REJECTED, reason)
         self.counters["ask_rejected_inactive"] += len(jobs)
-        if jobs:
+        if jobs and self.server is not None:      # (at process end the action server is gone already)
             self._service()
         return len(jobs)
 

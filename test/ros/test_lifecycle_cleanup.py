@@ -113,7 +113,7 @@ def test_cleanup_and_deactivate_answer_every_request_held_exactly_once(ros_env, 
         assert list(again.token_ids) == list(ok.token_ids)
         assert client.wait_for(lambda: bool(_answers(client, again.request_id)), 30)
         print(f"server cleanup during a {LONG}-token generation: {took:.2f} s; its request answered "
-              f"{r_slow.outcome} ({r_slow.reason})")
+              f"outcome {r_slow.outcome} = ERROR ({r_slow.reason})")
 
         # Exactly one outcome for every request the edge announced (the cleaned-up ones included: the
         # server's answers come in order on its one writer, so a second outcome would be in by now).

@@ -333,7 +333,10 @@ class ServerEngine:
                 else:
                     verdict = CancelVerdict.DROPPED
                     where = _CANCELLED_WHERE[req.status]
-                    held = req.status in (RequestStatus.WAITING_FOR_FEATURES, RequestStatus.WAITING_FOR_PROMPT)
+                    # (a half being checked by the matcher now may still be held: let go of it too;
+                    # one held after this is let go by the matcher's TTL, without a reply)
+                    held = req.status in (RequestStatus.RECEIVED, RequestStatus.WAITING_FOR_FEATURES,
+                                          RequestStatus.WAITING_FOR_PROMPT)
                     req.drop_cancelled(reason, now)
                     self._retire(req)
                     if held:
@@ -820,7 +823,8 @@ class ServerEngine:
                 self._finish(r, Outcome.OK, result=out, timings=timings, late_ok=late_ok)
 
     def _count_cancelled_rows(self, batch: list[Request], prompts: list, results: dict[int, object]) -> None:
-        """Rows cancelled while their batch ran: cut short (tokens not generated) or finished anyway."""
+        """Rows cancelled while their batch ran: cut short (tokens not generated; without ignore_eos a
+        row that ended at its end-of-sequence token counts here too) or finished anyway."""
         effects: collections.Counter = collections.Counter()
         for i, r in enumerate(batch):
             if r.status is not RequestStatus.DROPPED_CANCELLED:

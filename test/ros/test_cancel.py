@@ -124,3 +124,15 @@ def test_forged_and_foreign_cancels_are_refused_and_change_nothing(ros_env, tmp_
         assert goal.status == GoalStatus.STATUS_SUCCEEDED
         other = client.ask("robot_1", _image(8), "what color is the cube ?", timeout=120)
         assert other is not None and other.outcome is Outcome.OK
+
+        # A topic user holding robot_0's key cancels a request: the server drops it, and the Ask goal
+        # that was waiting for it ends with outcome CANCELED.
+        goal2 = client.ask_with_action("robot_0", "describe the scene .", rgb=_image(9), max_new_tokens=LONG)
+        assert goal2.wait_stage(F.STAGE_SENT, 90)
+        rid2 = goal2.feedback[-1].request_id
+        client.cancel("robot_0", rid2)
+        r2 = goal2.wait(60)
+        assert r2 is not None and r2.outcome == R.OUTCOME_CANCELED and "Cancel message" in r2.reason, \
+            (r2.outcome, r2.reason) if r2 else goal2.error
+        s = _wait_stats(client, stats, lambda s: sum(s.get("cancelled", {}).values()) == 1, 60)
+        assert not any(a.request_id == rid2 for _, a in client.answers["robot_0"])

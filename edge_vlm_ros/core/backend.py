@@ -125,14 +125,18 @@ def rows_stopped(stops: list[threading.Event | None]) -> tuple[object, list[int 
 
     stopped_at: list[int | None] = [None] * len(stops)
 
+    none_done: list[torch.Tensor] = []      # the all-False answer, made once: the common case per token
+
     class RowsStopped(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-            done = []
             for i, s in enumerate(stops):
                 if stopped_at[i] is None and s is not None and s.is_set():
                     stopped_at[i] = int(input_ids.shape[1])    # tokens it has now (inputs_embeds: new ones only)
-                done.append(stopped_at[i] is not None)
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)     # (B,)
+            if all(at is None for at in stopped_at):
+                if not none_done:
+                    none_done.append(torch.zeros(len(stops), dtype=torch.bool, device=input_ids.device))
+                return none_done[0]
+            return torch.tensor([at is not None for at in stopped_at], dtype=torch.bool, device=input_ids.device)  # (B,)
 
     return StoppingCriteriaList([RowsStopped()]), stopped_at
 

@@ -77,7 +77,9 @@ def test_cleanup_and_deactivate_answer_every_request_held_exactly_once(ros_env, 
         r_goal = goal.wait(30)
         assert r_goal is not None and r_goal.outcome == R.OUTCOME_REJECTED and "cleaned up" in r_goal.reason, \
             (r_goal.outcome, r_goal.reason) if r_goal else goal.error
-        assert client.wait_for(lambda: _stats(stats).get("cancelled") == {"running": 1, "queued": 1}, 30), _stats(stats)
+        assert client.wait_for(lambda: _stats(stats).get("cancelled") == {"running": 1, "queued": 1}, 30), \
+            {k: _stats(stats).get(k) for k in ("cancelled", "cancel_refused", "cancel_effects", "answered",
+                                                 "open_by_status", "auth_dropped", "bad_messages")}
 
         # the edge configured and active again: served at once (the server stopped the cancelled row)
         assert edge.change(Transition.TRANSITION_CONFIGURE) and edge.change(Transition.TRANSITION_ACTIVATE)

@@ -21,6 +21,7 @@ from edge_vlm_ros.fixtures.tiny_models import build_tiny_llava
 
 from ros_harness import assert_one_outcome_each, running
 from test_lifecycle import EDGE, SERVER, Lifecycle
+from test_live_params import Params
 
 LONG = 1800
 TIMEOUT_S = 300.0
@@ -48,18 +49,21 @@ def test_cleanup_and_deactivate_answer_every_request_held_exactly_once(ros_env, 
     path = tmp_path / "llava"
     build_tiny_llava(path)
     stats = tmp_path / "server_stats.json"
-    overrides = {"edge": {"model_path": str(path), "codec_dtype": "float32", "max_new_tokens": LONG,
+    overrides = {"edge": {"model_path": str(path), "codec_dtype": "float32", "max_new_tokens": 8,
                           "request_timeout_s": TIMEOUT_S, "frame_wait_s": 120.0},
                  "server": {"model_path": str(path), "ignore_eos": True, "max_batch_size": 1,
                             "max_new_tokens_limit": 2048, "stats_path": str(stats)}}
     with running(ros_env, tmp_path, 1, overrides) as (_, client):
         edge, server = Lifecycle(client, EDGE), Lifecycle(client, SERVER)
+        # Topic prompts long from now on (the readiness probe was short); nothing open at the server.
+        assert Params(client.node, EDGE).set("max_new_tokens", LONG) == (True, "")
+        assert client.wait_for(lambda: _stats(stats).get("open_by_status") == {}, 60), _stats(stats)
 
         # 1. edge cleanup with a request generating at the server and an Ask goal queued behind it
         n_sent = len(client.sent[ROBOT])
         client.send_image(ROBOT, _image(1))
         time.sleep(0.05)
-        client.send_prompt(ROBOT, "describe the scene .")            # LONG tokens (the edge's max_new_tokens)
+        client.send_prompt(ROBOT, "describe the scene .")            # LONG tokens (the edge's max_new_tokens now)
         assert client.wait_for(lambda: len(client.sent[ROBOT]) > n_sent, 60)
         topic_rid = client.sent[ROBOT][n_sent]
         goal = client.ask_with_action(ROBOT, "and what else ?", rgb=_image(2), max_new_tokens=LONG)

@@ -28,7 +28,7 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 
 from edge_vlm_ros.action import Ask
-from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, FlowControl, Prompt, RobotAction
+from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Cancel, Episode, FlowControl, Prompt, RobotAction
 
 from . import qos, topics
 from .ask_client import AskGoal, make_goal, send_ask
@@ -97,6 +97,8 @@ class RobotClient:
                           for r in robots}
         self.pub_prompt = {r: self.node.create_publisher(String, topics.for_robot(r, topics.PROMPT_TEXT),
                                                          qos.USER_PROMPT) for r in robots}
+        self.pub_cancel = {r: self.node.create_publisher(Cancel, topics.for_robot(r, topics.CANCEL), qos.CANCEL)
+                           for r in robots}
         # A bad message is counted and logged by the guard; it must not end the spin thread.
         self.guard = CallbackGuard(self.node)
         self._subs = {}     # (robot, topic) -> subscription, for readiness (matched publishers)
@@ -273,6 +275,15 @@ class RobotClient:
 
     def send_prompt(self, robot: str, text: str) -> None:
         self.pub_prompt[robot].publish(String(data=text))
+
+    def cancel(self, robot: str, request_id: str, reason: str = "cancelled by a topic user") -> None:
+        """Take back a request `robot`'s edge announced (msg/Cancel.msg): the server drops it and
+        sends no answer, the edge stops awaiting it (an Ask goal waiting for it ends CANCELED). Signed
+        with the robot's key, so this needs a client made with auth_keys_dir holding that key (or
+        authentication off on the nodes); otherwise both refuse it."""
+        msg = Cancel(request_id=request_id, robot_id=robot, reason=reason[:256])
+        msg.header.stamp = ns_to_stamp(time.time_ns())
+        self.pub_cancel[robot].publish(self.msg_auth.sign(msg, robot))
 
     def _fresh_stamp(self) -> int:
         """A frame stamp (wall clock, ns) no earlier frame of this client carried."""

@@ -2,7 +2,8 @@
 
 Each node passes a function that returns its core.diagnostics.Health statuses; a timer (~1 Hz)
 calls it and publishes them in one DiagnosticArray. A status function that raises is itself
-reported, as an ERROR status with the exception, instead of ending the node.
+reported, as an ERROR status with the exception, instead of ending the node. Every status carries
+the node's refused parameter sets (params.parameter_refusals; core.diagnostics.with_parameter_refusals).
 
     self.diagnostics = DiagnosticsPublisher(self, self._health)
 """
@@ -18,7 +19,8 @@ from rclpy.node import Node
 
 from . import qos, topics
 from .conversions import ns_to_stamp
-from .core.diagnostics import Health, Level, status_name
+from .core.diagnostics import Health, Level, status_name, with_parameter_refusals
+from .params import parameter_refusals
 
 PERIOD_S = 1.0
 
@@ -62,6 +64,8 @@ class DiagnosticsPublisher:
                 statuses = [Health(status_name(self._node.get_name(), self._node.get_namespace()),
                                    self._node.get_namespace(), Level.ERROR,
                                    f"health report failed: {type(e).__name__}: {e}")]
+        refused, last = parameter_refusals(self._node)
+        statuses = [with_parameter_refusals(h, refused, last) for h in statuses]
         msg = DiagnosticArray()
         msg.header.stamp = ns_to_stamp(time.time_ns())
         msg.status = [to_msg(h) for h in statuses]

@@ -11,6 +11,9 @@ Subscribes (relative, so one instance per robot namespace):
   edge_vlm/answer (Answer) and, with task "action", edge_vlm/action_chunk (ActionChunk): the outcomes
   of its own requests, so it knows which are done
 Publishes: edge_vlm/prompt (Prompt), edge_vlm/features (VisualFeatures), /diagnostics (its health, ~1 Hz),
+  edge_vlm/cancel (Cancel: a request already sent is taken back: its Ask goal was cancelled, or the
+  node is being cleaned up; heard back too, so a Cancel from a topic user holding the robot's key
+  closes the request here as well),
   edge_vlm/codec_switch (std_msgs/String, JSON: with codec_ladder, the first rung and every switch),
   edge_vlm/answer (Answer, only for requests that end on the robot itself; with task "action" such
   failures go out as an ActionChunk on edge_vlm/action_chunk instead)
@@ -39,8 +42,11 @@ picks, and each outcome heard feeds the link estimate (transport_ms and compute 
 
 Managed (lifecycle) node: configure loads the keys and the model and starts hearing outcomes and the
 server's heartbeat; activate starts taking camera frames and prompts; deactivate takes no new ones
-(queued and new prompts are answered REJECTED) while the requests already published keep their deadlines;
-cleanup drops the model. With `autostart` (default) it configures and activates itself at start.
+(queued and new prompts, and queued Ask goals, are answered REJECTED) while the requests already
+published keep their deadlines and still get the server's answer; cleanup (and shutdown, and the end of
+the process) answers every request still awaiting its outcome REJECTED "edge cleaned up" itself (Ask
+goals included) and publishes a Cancel for each, so the server drops it instead of answering a second
+time. With `autostart` (default) it configures and activates itself at start.
 
 Threads: ROS callbacks only store the newest frame, queue prompts and record the flow state; the
 worker thread encodes. While the server says PAUSE the worker encodes nothing and only the newest
@@ -59,12 +65,12 @@ from rclpy.serialization import serialize_message
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 
-from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, FlowControl, Prompt, VisualFeatures
+from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Cancel, Episode, FlowControl, Prompt, VisualFeatures
 
 from . import qos, topics
 from .ask_server import AskJob, AskServer
 from .conversions import (answer_to_msg, check_episode, check_proprio_state, chunk_to_msg, features_to_msg, flow_paused,
-                          image_to_rgb, msg_to_timings, prompt_to_msg, stamp_to_ns)
+                          image_to_rgb, msg_to_timings, ns_to_stamp, prompt_to_msg, stamp_to_ns)
 from .core.camera import check_compressed, decode_compressed
 from .core.chunks import ActionChunk
 from .core.config import EdgeConfig
@@ -144,7 +150,8 @@ class EdgeNode(ManagedNode):
         self.pub_prompt = self.create_publisher(Prompt, topics.PROMPT, qos.REQUEST)
         self.pub_features = self.create_publisher(VisualFeatures, topics.FEATURES, qos.FEATURES)
         self.pub_answer = self.create_publisher(Answer, topics.ANSWER, qos.ANSWER)
-        for pub in (self.pub_prompt, self.pub_features, self.pub_answer):
+        self.pub_cancel = self.create_publisher(Cancel, topics.CANCEL, qos.CANCEL)
+        for pub in (self.pub_prompt, self.pub_features, self.pub_answer, self.pub_cancel):
             self.owned_publisher(CONFIGURE, pub)
         if self.ladder is not None:
             self.pub_codec_switch = self.create_publisher(String, topics.CODEC_SWITCH, qos.CODEC_SWITCH)
@@ -156,6 +163,8 @@ class EdgeNode(ManagedNode):
         self.owned_subscription(CONFIGURE, self.guard.subscribe(FlowControl, topics.FLOW, self._on_flow, qos.FLOW))
         # Our own outcomes (the server's and ours): which requests are done.
         self.owned_subscription(CONFIGURE, self.guard.subscribe(Answer, topics.ANSWER, self._on_answer, qos.ANSWER))
+        # Cancels of our requests (our own heard back, or a topic user's): nothing more is awaited for them.
+        self.owned_subscription(CONFIGURE, self.guard.subscribe(Cancel, topics.CANCEL, self._on_cancel, qos.CANCEL))
         if cfg.task == "action":
             self.owned_subscription(CONFIGURE, self.guard.subscribe(ActionChunkMsg, topics.ACTION_CHUNK,
                                                                     self._on_chunk, qos.ACTION_CHUNK))
@@ -197,6 +206,7 @@ class EdgeNode(ManagedNode):
         with self._lock:
             queued, self._prompts = list(self._prompts), collections.deque()
             self._frame, self._used_seq = None, self._frame_seq
+        self.ask.reject_queued("the robot's edge node was deactivated before the goal's request went out")
         if not self.released:     # at process end nothing more is published
             for text, _, _ in queued:
                 self.counters["prompts_rejected_inactive"] += 1
@@ -204,9 +214,22 @@ class EdgeNode(ManagedNode):
                                    f"the robot's edge node was deactivated before the request went out: {text[:40]!r}")
 
     def cleanup(self) -> None:
-        if len(self.tracker) and not self.released:
-            self.get_logger().warning(f"cleanup with {len(self.tracker)} requests still awaiting their outcome: "
-                                      "the server may still answer them, the robot no longer times them out")
+        """Every request still awaiting its outcome gets it here (REJECTED), and a Cancel so the server
+        does not answer it too; Ask goals end with the same outcome. Nothing would time them out
+        later: the deadline timer goes with the configuration. Also at shutdown and process end."""
+        reason = "the robot's edge node was cleaned up (lifecycle) before the answer came; cancelled at the server"
+        left = self.tracker.close_all()
+        for e in left:
+            try:
+                self._send_cancel(e.request_id, reason)
+                self._local_answer(e.request_id, e.stamp_ns, Outcome.REJECTED, reason, episode_id=e.episode_id)
+            except Exception as ex:   # noqa: BLE001 - at process end the context may be gone: the rest still ends
+                self.get_logger().warning(f"{e.request_id}: outcome at cleanup not published: {ex}")
+        self.counters["requests_closed_at_cleanup"] += len(left)
+        self.ask.close_all(Outcome.REJECTED, reason)
+        if left:
+            self.get_logger().warning(f"cleanup: {len(left)} requests awaiting their outcome answered REJECTED and "
+                                      "cancelled at the server")
 
     def _stop_worker(self, timeout: float) -> None:
         self._worker_stop.set()
@@ -302,6 +325,30 @@ class EdgeNode(ManagedNode):
         self.ask.on_answer(msg)
         self._ladder_outcome(msg)
 
+    def _on_cancel(self, msg: Cancel) -> None:
+        """A Cancel on this robot's cancel topic (ours heard back, or a topic user's): the request is
+        closed here too, so it is neither timed out nor awaited by its Ask goal."""
+        if not self.msg_auth.check(msg, self.cfg.robot_id, "Cancel", self.get_logger()):
+            self.counters["cancels_unauthenticated"] += 1
+            return
+        if msg.robot_id != self.cfg.robot_id:
+            raise ValueError(f"Cancel for robot_id {msg.robot_id[:40]!r} on robot {self.cfg.robot_id!r}'s topic")
+        if self.tracker.cancel(msg.request_id) is not None:
+            self.counters["requests_cancelled_by_topic"] += 1
+        self.ask.on_cancel_heard(msg.request_id)
+
+    def cancel_request(self, request_id: str, reason: str) -> None:
+        """Take back a request already published (an Ask goal cancelled after its prompt went out):
+        the server drops it and sends no answer; nothing more is awaited here."""
+        self.tracker.cancel(request_id)
+        self._send_cancel(request_id, reason)
+        self.counters["cancels_sent"] += 1
+
+    def _send_cancel(self, request_id: str, reason: str) -> None:
+        msg = Cancel(request_id=request_id, robot_id=self.cfg.robot_id, reason=reason[:256])
+        msg.header.stamp = ns_to_stamp(time.time_ns())
+        self.pub_cancel.publish(self._signed(msg))
+
     def _on_chunk(self, msg: ActionChunkMsg) -> None:
         if not self.msg_auth.check(msg, self.cfg.robot_id, "ActionChunk", self.get_logger()):
             self.counters["chunks_unauthenticated"] += 1
@@ -313,7 +360,10 @@ class EdgeNode(ManagedNode):
 
     def _outcome_heard(self, request_id: str, kind: str) -> None:
         heard = self.tracker.heard(request_id)
-        if heard in (Heard.LATE, Heard.DUPLICATE):
+        if heard is Heard.AFTER_CANCEL:
+            # The server answered before our Cancel reached it: that answer is not awaited any more.
+            self.counters["outcomes_after_cancel"] += 1
+        elif heard in (Heard.LATE, Heard.DUPLICATE):
             # Should never happen (the server drops requests past their deadline): counted, visible.
             self.counters[f"outcomes_{heard.value}"] += 1
             self.get_logger().warning(f"{request_id}: second outcome ({kind}, {heard.value})",
@@ -446,7 +496,10 @@ class EdgeNode(ManagedNode):
             return
         packet.deadline_ns = deadline_ns
         if ask is not None and not self.ask.features_ready(ask):
-            return    # its goal was cancelled while encoding: no features, so the server never generates it
+            # Its goal was cancelled while encoding: no features, and its Cancel is out (perhaps before
+            # the prompt: the server remembers it), so nothing more is awaited.
+            self.tracker.cancel(rid)
+            return
         features = self._signed(features_to_msg(packet, time.time_ns()))
         if rung is not None:
             self.ladder.sent(rid, rung, len(serialize_message(features)), started)

@@ -10,7 +10,9 @@ the transitions the way ros2/demos `lifecycle_py` does:
               parameter can be fixed (`ros2 param set`) and configure asked again
   activate    start taking work: input subscriptions, worker threads
   deactivate  stop taking new work; what the node already holds is still answered
-  cleanup     free the model and everything configure built
+  cleanup     answer whatever the node still holds, then free the model and everything configure
+              built (a publisher is given a moment for its last samples, e.g. those answers, to be
+              acknowledged before it goes: FLUSH_S in all per transition)
   shutdown    from any state, the same steps as far as they apply
 
 Parameters are declared in the constructor, so they can be set before configure. With the parameter
@@ -28,12 +30,14 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from typing import Callable
 
 from lifecycle_msgs.msg import Transition
 from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.duration import Duration
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
 from .core.config import AUTOSTART_HELP
@@ -41,6 +45,10 @@ from .core.diagnostics import Health, Level, status_name
 from .processes import NodeStop, Stopped
 
 CONFIGURE, ACTIVATE = "configure", "activate"
+# Before a transition (or the release at the end) destroys its publishers, they wait this long in all (not each) for subscribers
+# to acknowledge what they published last (the outcomes a cleanup just sent): a reliable writer
+# destroyed at once may drop them. Bounded, so a dead subscriber cannot hold up a stop.
+FLUSH_S = 0.5
 
 
 class ManagedNode(LifecycleNode):
@@ -51,6 +59,7 @@ class ManagedNode(LifecycleNode):
         self.declare_parameter("autostart", True, ParameterDescriptor(description=AUTOSTART_HELP))
         self._undo: dict[str, list[Callable[[], None]]] = {CONFIGURE: [], ACTIVATE: []}
         self._phase_lock = threading.Lock()     # transitions vs. the release at process end
+        self._flush_until = 0.0                 # monotonic: publishers flush until then (FLUSH_S per unwind)
         self.configured = False
         self.active = False
         self.finalized = False
@@ -85,7 +94,16 @@ class ManagedNode(LifecycleNode):
         self.undo_on(phase, lambda: self.destroy_timer(timer))
 
     def owned_publisher(self, phase: str, publisher) -> None:
-        self.undo_on(phase, lambda: self.destroy_publisher(publisher))
+        self.undo_on(phase, lambda: self._flush_and_destroy(publisher))
+
+    def _flush_and_destroy(self, publisher) -> None:
+        left = self._flush_until - time.monotonic()
+        if left > 0:
+            try:
+                publisher.wait_for_all_acked(Duration(nanoseconds=int(left * 1e9)))
+            except Exception as e:   # noqa: BLE001 - flushing is a courtesy; destroying must happen
+                self.get_logger().debug(f"flushing {publisher.topic_name}: {e}")
+        self.destroy_publisher(publisher)
 
     def lifecycle_health(self) -> list[Health] | None:
         """A status for an unconfigured node (its own health needs what configure builds), else None."""
@@ -114,12 +132,14 @@ class ManagedNode(LifecycleNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         with self._phase_lock:
+            self._flush_until = time.monotonic() + FLUSH_S
             self._stop_active()
         self.get_logger().info("deactivated (inactive): taking no new work")
         return TransitionCallbackReturn.SUCCESS
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         with self._phase_lock:
+            self._flush_until = time.monotonic() + FLUSH_S
             self._stop_configured()
         self.get_logger().info("cleaned up (unconfigured)")
         return TransitionCallbackReturn.SUCCESS
@@ -191,6 +211,7 @@ class ManagedNode(LifecycleNode):
             if self.released:
                 return
             self.released = True
+            self._flush_until = time.monotonic() + FLUSH_S
             self._stop_active()
             self._stop_configured()
 

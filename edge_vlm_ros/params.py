@@ -15,6 +15,9 @@ additional_constraints and by `ros2 param describe`):
 
 Several parameters set in one call (`set_parameters_atomically`) are judged together: change
 split_point none and codec jpeg, or low and high, in one call.
+
+Every refusal is counted per node and kind (read_only, invalid, not_applied) with its last reason
+(`parameter_refusals`); the node's /diagnostics status shows them (diagnostics.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import collections
 import dataclasses
 import enum
 import traceback
+import weakref
 from typing import Any, Callable, TypeVar
 
 from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
@@ -40,6 +44,22 @@ READ_ONLY_NOTE = (f"{READ_ONLY_REASON} (a set while the node runs is refused)")
 
 # apply(new_config, changed_names): raise ValueError (or RuntimeError) to refuse, with the reason.
 ApplyLive = Callable[[Any, frozenset], None]
+
+
+# Each node's on-set checks (one per declared config class), for its refusal counters.
+_CHECKS: "weakref.WeakKeyDictionary[Node, list[LiveParameters]]" = weakref.WeakKeyDictionary()
+
+
+def parameter_refusals(node: Node) -> tuple[dict[str, int], str]:
+    """(refused sets by kind, the newest refusal's reason) over every config class `node` declared
+    with declare_config; ({}, "") for a node without any."""
+    refused: collections.Counter[str] = collections.Counter()
+    last, last_n = "", -1
+    for check in _CHECKS.get(node, []):
+        refused.update(check.refused)
+        if check.last_reason and check.last_seq > last_n:
+            last, last_n = check.last_reason, check.last_seq
+    return dict(refused), last
 
 
 def _array_type(annotation: str) -> int:
@@ -93,7 +113,9 @@ def declare_config(node: Node, cls: type[C], apply_live: ApplyLive | None = None
         value = node.get_parameter(name).value
         values[name] = list(value) if isinstance(default, list) else value
     cfg = cls(**values)
-    node.add_on_set_parameters_callback(LiveParameters(node, cls, live, apply_live))
+    check = LiveParameters(node, cls, live, apply_live)
+    _CHECKS.setdefault(node, []).append(check)
+    node.add_on_set_parameters_callback(check)
     return cfg
 
 
@@ -104,10 +126,14 @@ def _value(p: Parameter, default: Any) -> Any:
 class LiveParameters:
     """The on-set-parameters callback of one config class on one node (see the module docstring)."""
 
+    _seq = 0       # refusals so far in this process (orders the "last" reason across classes)
+
     def __init__(self, node: Node, cls: type, live: frozenset[str], apply_live: ApplyLive | None) -> None:
         self.node, self.cls, self.live, self.apply_live = node, cls, live, apply_live
         self.defaults = {n: d for n, (d, _) in field_descriptions(cls).items()}
         self.refused: collections.Counter[str] = collections.Counter()   # read_only, invalid, not_applied
+        self.last_reason = ""          # the newest refusal's reason
+        self.last_seq = 0              # orders refusals across a node's config classes
         self.applied = 0
 
     def current(self) -> Any:
@@ -154,6 +180,8 @@ class LiveParameters:
 
     def _refuse(self, kind: str, reason: str) -> SetParametersResult:
         self.refused[kind] += 1
+        LiveParameters._seq += 1
+        self.last_reason, self.last_seq = reason, LiveParameters._seq
         self.node.get_logger().warning(f"parameter set refused: {reason}", throttle_duration_sec=1.0)
         return SetParametersResult(successful=False, reason=reason)
 

@@ -5,6 +5,8 @@
 - prompts, features and answers: reliable, small depth (each belongs to a request that must end
   in exactly one outcome; the depth bounds memory, back-pressure keeps it from being needed);
 - flow control: reliable + transient local, depth 1 (a robot that starts late learns PAUSE at once).
+- cancels: reliable, small depth, volatile (like requests: one per request taken back; a server that
+  starts later never held the request);
 - action chunks: reliable, small depth (like answers: one per request, never silently lost);
 - executed actions and robot state: reliable, depth 1-ish: in the lock-step sim every step waits for
   exactly one action, so losing one would stall a step until its timeout (on a real robot the newest
@@ -31,6 +33,7 @@ FEATURES = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=8, reliability=Reli
 ANSWER = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=20, reliability=ReliabilityPolicy.RELIABLE)
 FLOW = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
                   durability=DurabilityPolicy.TRANSIENT_LOCAL)
+CANCEL = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
 ACTION_CHUNK = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
 ACTION = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE)
 ROBOT_STATE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE)

@@ -1,7 +1,8 @@
 """Server node (seed 000, Algorithm 2): matches prompts with features, batches, generates, answers.
 
 For each robot r in the `robots` parameter:
-  subscribes /r/edge_vlm/prompt (Prompt) and /r/edge_vlm/features (VisualFeatures)
+  subscribes /r/edge_vlm/prompt (Prompt) and /r/edge_vlm/features (VisualFeatures), and
+             /r/edge_vlm/cancel (Cancel: drop that request wherever it is, no answer; see ServerEngine.cancel)
   publishes  /diagnostics (its health, ~1 Hz; ERROR with the reason if the model fails to load),
              /r/edge_vlm/answer (Answer) and /r/edge_vlm/flow_control (FlowControl; republished every
              heartbeat_period_s as the server's heartbeat, with the lease robots hold it alive for)
@@ -9,13 +10,15 @@ For each robot r in the `robots` parameter:
 Callbacks convert and hand over to core.server.ServerEngine (bounded inbox; never block); matching
 and batching run on the engine's worker threads. With `auth` (the default) a Prompt or
 VisualFeatures must carry a valid MAC under the key of the robot whose topic it arrived on, or it is
-dropped (counted per robot and reason) before it can reach the engine; everything published to robot
-r is signed with r's key.
+dropped (counted per robot and reason) before it can reach the engine; a Cancel too (an unsigned or
+forged cancel cannot drop anyone's request); everything published to robot r is signed with r's key.
 
 Managed (lifecycle) node: configure loads the model (a failure is logged, reported on /diagnostics
 and leaves the node unconfigured); activate starts serving and the heartbeat; deactivate refuses new
 prompts (REJECTED) but still answers every request already accepted; cleanup stops the engine and
-drops the model. With `autostart` (default) it configures and activates itself at start.
+drops the model: whatever the engine still holds, a batch being generated included, is answered
+ERROR "server cleaned up" first, so every accepted request gets exactly one outcome. With `autostart`
+(default) it configures and activates itself at start.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import threading
 import time
 import traceback
 
-from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, FlowControl, Prompt, VisualFeatures
+from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Cancel, FlowControl, Prompt, VisualFeatures
 
 from . import qos, topics
 from .conversions import (answer_to_msg, chunk_to_msg, features_request_id, msg_to_features, msg_to_prompt,
@@ -138,6 +141,8 @@ class ServerNode(ManagedNode):
             self.owned_subscription(CONFIGURE, self.guard.subscribe(
                 VisualFeatures, topics.for_robot(r, topics.FEATURES), lambda m, r=r: self._on_features(m, r),
                 qos.FEATURES))
+            self.owned_subscription(CONFIGURE, self.guard.subscribe(
+                Cancel, topics.for_robot(r, topics.CANCEL), lambda m, r=r: self._on_cancel(m, r), qos.CANCEL))
         self.owned_timer(CONFIGURE, self.create_timer(10.0, self._log_stats))
         if cfg.stats_path:
             self.owned_timer(CONFIGURE, self.create_timer(1.0, self._write_stats))
@@ -149,7 +154,7 @@ class ServerNode(ManagedNode):
         if self.engine is None:
             return
         if self._engine_started:
-            self.engine.stop(timeout=WORKER_JOIN_S)
+            self.engine.stop(timeout=WORKER_JOIN_S, reason="server cleaned up (lifecycle) before it was answered")
             self._engine_started = False
         if self.cfg.stats_path:
             self._write_stats()
@@ -206,6 +211,15 @@ class ServerNode(ManagedNode):
             self.engine.reject_features(route, request_id, stamp_or_zero(msg.header.stamp), e.reason, received)
             return
         self.engine.submit_features(packet, route, received)
+
+    def _on_cancel(self, msg: Cancel, route: str) -> None:
+        """A robot takes back a request (also while inactive: the accepted ones are still served)."""
+        if not self.msg_auth.check(msg, route, "Cancel", self.get_logger()):
+            return
+        verdict = self.engine.cancel(msg.request_id, msg.robot_id, route, msg.reason)
+        if not verdict.accepted:
+            self.guard.note(topics.for_robot(route, topics.CANCEL), f"cancel_{verdict.value}",
+                            f"{msg.request_id[:128]}: cancel refused ({verdict.value})")
 
     def _reply_invalid(self, msg, route: str, e: RequestError) -> None:
         topic = topics.for_robot(route, topics.PROMPT if isinstance(msg, Prompt) else topics.FEATURES)
@@ -270,6 +284,7 @@ class ServerNode(ManagedNode):
     def _write_stats(self) -> None:
         stats = self.engine.stats.as_dict()
         stats.update(flow_state=self._flow_state.name, pauses=self.engine.flow.pauses,
+                     open_by_status=self.engine.open_by_status(),
                      matched_depth=len(self.engine.matched), pause_threshold=self.cfg.pause_threshold,
                      inbox_dropped=self.engine.inbox.dropped, matched_dropped=self.engine.matched.dropped,
                      auth=self.msg_auth.enabled, auth_accepted=self.msg_auth.accepted,

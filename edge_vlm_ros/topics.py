@@ -15,6 +15,7 @@ ROBOT_STATE = "robot_state"          # sensor_msgs/JointState, robot/sim -> edge
 WRIST_CAMERA = "camera/wrist/image_raw"  # sensor_msgs/Image, the sim's wrist camera
 CODEC_SWITCH = "edge_vlm/codec_switch"  # std_msgs/String JSON, edge -> anyone: its codec ladder's rung changes
 EPISODE = "sim/episode"              # edge_vlm_ros/Episode, sim bridge -> edge, controller, evaluation
+CANCEL = "edge_vlm/cancel"         # edge_vlm_ros/Cancel, robot -> server: drop a request already sent
 ASK = "edge_vlm/ask"                 # edge_vlm_ros/action/Ask, served by the edge node: one question, its answer
 
 

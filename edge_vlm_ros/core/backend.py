@@ -21,6 +21,7 @@ with the image placeholder expanded to exactly as many slots as the model has vi
 from __future__ import annotations
 
 import logging
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,6 +41,9 @@ class GenerateItem:
     input_ids: list[int]           # prompt tokens, image placeholders already expanded (`prompt_ids`)
     image_features: torch.Tensor   # (n_image_tokens, text_hidden): visual tokens, in the model's dtype
     max_new_tokens: int
+    # Set (by another thread) when the request is cancelled: a backend that can stops generating this
+    # row at its next token; its tokens so far are returned and the engine discards them.
+    stop: threading.Event | None = None
 
 
 class LanguageBackend(ABC):
@@ -76,7 +80,9 @@ class LanguageBackend(ABC):
         """Greedy generation for a batch: each item's new tokens, at most its max_new_tokens and at
         least min_new_tokens (capped by max_new_tokens), cut at the first end-of-sequence token when
         min_new_tokens < max_new_tokens. A prompt whose image slots do not match its visual tokens
-        raises RequestError."""
+        raises RequestError. An item whose `stop` event is set while the batch generates should stop
+        at its next token (what it returns then is discarded); a backend that cannot stop a row
+        early simply finishes it."""
 
     @abstractmethod
     def decode_text(self, tokens: list[int]) -> str:
@@ -107,6 +113,32 @@ class ImagePrompt(Protocol):
     def image_placeholder(self, n_tokens: int) -> str:
         """What the model's processor puts in the text for one image of n_tokens visual tokens."""
         ...
+
+
+def rows_stopped(stops: list[threading.Event | None]) -> tuple[object, list[int | None]]:
+    """A transformers stopping-criteria list in which row i is done once stops[i] is set (a cancelled
+    request), and the list in which each stopped row's length at that moment is noted. generate()
+    pads a done row and ends when every row is done, so a batch of cancelled requests stops at the
+    next token and a cancelled row in a live batch is not waited for. (transformers is imported
+    here, not at module import: the edge imports this module too.)"""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    stopped_at: list[int | None] = [None] * len(stops)
+
+    none_done: list[torch.Tensor] = []      # the all-False answer, made once: the common case per token
+
+    class RowsStopped(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            for i, s in enumerate(stops):
+                if stopped_at[i] is None and s is not None and s.is_set():
+                    stopped_at[i] = int(input_ids.shape[1])    # tokens it has now (inputs_embeds: new ones only)
+            if all(at is None for at in stopped_at):
+                if not none_done:
+                    none_done.append(torch.zeros(len(stops), dtype=torch.bool, device=input_ids.device))
+                return none_done[0]
+            return torch.tensor([at is not None for at in stopped_at], dtype=torch.bool, device=input_ids.device)  # (B,)
+
+    return StoppingCriteriaList([RowsStopped()]), stopped_at
 
 
 class TransformersBackend(LanguageBackend):
@@ -166,13 +198,17 @@ class TransformersBackend(LanguageBackend):
             return []
         batch, mask = self.prefix_embeds(items)
         n_new = max(it.max_new_tokens for it in items)
+        stops = [it.stop for it in items]
+        extra, stopped_at = {}, [None] * len(items)
+        if any(s is not None for s in stops):
+            extra["stopping_criteria"], stopped_at = rows_stopped(stops)
         out = self.model.generate(inputs_embeds=batch, attention_mask=mask, max_new_tokens=n_new,
                                   min_new_tokens=min(min_new_tokens, n_new), do_sample=False,
-                                  pad_token_id=self.pad_token_id)
+                                  pad_token_id=self.pad_token_id, **extra)
         eos = self.eos_ids()
         results = []
-        for row, it in zip(out.tolist(), items):
-            row = row[: it.max_new_tokens]
+        for row, it, cut in zip(out.tolist(), items, stopped_at):
+            row = row[: it.max_new_tokens if cut is None else min(cut, it.max_new_tokens)]
             if min_new_tokens < it.max_new_tokens:
                 for i, t in enumerate(row):
                     if t in eos:

@@ -14,6 +14,12 @@ them (diagnostics.py). What decides a level:
   after having acted; never ERROR on its own (an absent server shows on the edge).
 
 "Grew since the last report" is kept by a `Growth` per watched total, owned by the node.
+
+Refused parameter sets (`ros2 param set` of a read-only parameter, or a value the node would not take)
+are shown on every node's status as counters and the last reason (`with_parameter_refusals`), without
+changing its level: a refused set changed nothing, the node goes on serving its previous
+configuration, and the person who asked was told why by the set itself. The counter is for whoever
+watches the fleet: a tool or a person retrying a refused set shows here.
 """
 
 from __future__ import annotations
@@ -52,6 +58,14 @@ def with_values(health: Health, extra: Mapping[str, object]) -> Health:
     """`health` with more key/values (a node's optional parts, e.g. the edge's codec ladder)."""
     return Health(health.name, health.hardware_id, health.level, health.message,
                   {**health.values, **_values(extra)})
+
+
+def with_parameter_refusals(health: Health, refused: Mapping[str, int], last_reason: str) -> Health:
+    """`health` with the node's refused parameter sets: the total, by kind (read_only, invalid,
+    not_applied), and the last reason. The level stays as it is (see the module doc)."""
+    return with_values(health, {"param_sets_refused": sum(refused.values()),
+                                "param_refusals": dict(refused),
+                                "last_param_refusal": (last_reason[:200] if last_reason else "-")})
 
 
 def status_name(node: str, who: str) -> str:
@@ -155,6 +169,8 @@ def server_health(server_id: str, host: str, model: str, model_error: str | None
         "rejects_by_reason": stats.get("validation_rejects", {}),
         "reasons": stats.get("reasons", {}),
         "past_deadline": stats.get("past_deadline", {}),
+        "cancelled": stats.get("cancelled", {}),
+        "cancel_refused": stats.get("cancel_refused", {}),
         "auth_dropped": {r: sum(v.values()) for r, v in auth_dropped.items()},
     }
     for r in robots:

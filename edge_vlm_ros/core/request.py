@@ -16,6 +16,7 @@ legal ones; anything else is a bug in the engine and raises `IllegalTransition`:
     every state that is not finished ──> FINISHED_TIMEOUT | FINISHED_REJECTED | FINISHED_ERROR
                                          (a reply with that outcome)
                                      ──> DROPPED_PAST_DEADLINE (no reply: the robot times out itself)
+                                     ──> DROPPED_CANCELLED (no reply: its robot took it back, msg/Cancel.msg)
 
 A finished record is terminal: a second finish is refused by the engine before it gets here (and
 counted), because every request ends in exactly one outcome.
@@ -31,6 +32,7 @@ ROS-free, and no locking here: the engine serialises transitions under its own l
 from __future__ import annotations
 
 import enum
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +64,7 @@ class RequestStatus(enum.Enum):
     FINISHED_REJECTED = "finished_rejected"
     FINISHED_ERROR = "finished_error"
     DROPPED_PAST_DEADLINE = "dropped_past_deadline"   # ended without a reply
+    DROPPED_CANCELLED = "dropped_cancelled"           # ended without a reply: its robot cancelled it
 
     @property
     def is_finished(self) -> bool:
@@ -69,7 +72,8 @@ class RequestStatus(enum.Enum):
 
 
 _FINISHED = frozenset({RequestStatus.FINISHED_OK, RequestStatus.FINISHED_TIMEOUT, RequestStatus.FINISHED_REJECTED,
-                       RequestStatus.FINISHED_ERROR, RequestStatus.DROPPED_PAST_DEADLINE})
+                       RequestStatus.FINISHED_ERROR, RequestStatus.DROPPED_PAST_DEADLINE,
+                       RequestStatus.DROPPED_CANCELLED})
 _FAILED = _FINISHED - {RequestStatus.FINISHED_OK}
 _NEXT: dict[RequestStatus, frozenset[RequestStatus]] = {
     RequestStatus.RECEIVED: frozenset({RequestStatus.WAITING_FOR_FEATURES, RequestStatus.WAITING_FOR_PROMPT}) | _FAILED,
@@ -135,6 +139,9 @@ class Request:
     # Bytes of each half while it is held unmatched, counted against its robot's max_bytes_per_robot.
     held: dict[str, int] = field(default_factory=dict)
     matched_t: float = 0.0           # monotonic: when both halves were there
+    # Set when the request is cancelled while it runs: the language model stops generating its row at
+    # the next token (core.backend.GenerateItem.stop).
+    stop: threading.Event = field(default_factory=threading.Event)
     finished_t: float = 0.0
     outcome: Outcome | None = None   # set when finished with a reply
     reason: str = ""
@@ -209,3 +216,13 @@ class Request:
         self.advance(RequestStatus.DROPPED_PAST_DEADLINE)
         self.reason, self.finished_t = "past its deadline", now
         self.prompt = self.features = None
+
+    def drop_cancelled(self, reason: str, now: float) -> None:
+        """Ended without a reply: its robot cancelled it (whoever cancelled gave it its outcome). A
+        batch generating it is told to stop its row."""
+        running = self.status is RequestStatus.RUNNING
+        self.advance(RequestStatus.DROPPED_CANCELLED)
+        self.reason, self.finished_t = reason, now
+        self.stop.set()
+        if not running:      # a running request's halves are the batch thread's until its batch ends
+            self.prompt = self.features = None

@@ -55,6 +55,8 @@ class Heard(enum.Enum):
     DUPLICATE = "duplicate"            # a second outcome from elsewhere for a request already closed
     UNKNOWN = "unknown"                # not an open request of this robot process: the robot's own local
                                        # outcomes heard back, or another process's (a restarted edge)
+    AFTER_CANCEL = "after_cancel"      # an outcome for a request the robot cancelled (the server had
+                                       # answered it before the cancel reached it): ignored
 
 
 class RequestTracker:
@@ -107,6 +109,8 @@ class RequestTracker:
             how = self._closed.get(request_id)
             if how is None:
                 result = Heard.UNKNOWN
+            elif how == "cancelled":
+                result = Heard.AFTER_CANCEL
             elif how == "timeout":
                 # Our own TIMEOUT heard back is the first message after expiry: not a second outcome.
                 self._closed[request_id] = "timeout_echoed"
@@ -117,6 +121,27 @@ class RequestTracker:
                 result = Heard.DUPLICATE
             self.counts[result.value] += 1
             return result
+
+    def cancel(self, request_id: str) -> OpenRequest | None:
+        """Close an open request the robot takes back (msg/Cancel.msg): its outcome is given by whoever
+        cancelled it, and nothing more is awaited. None when it was not open."""
+        with self._lock:
+            e = self._open.pop(request_id, None)
+            if e is not None:
+                self._remember_closed(request_id, "cancelled")
+                self.counts["cancelled"] += 1
+            return e
+
+    def close_all(self) -> list[OpenRequest]:
+        """Close and return every open request (the edge is being cleaned up: it answers each itself
+        and cancels it at the server)."""
+        with self._lock:
+            out = list(self._open.values())
+            self._open.clear()
+            for e in out:
+                self._remember_closed(e.request_id, "cancelled")
+            self.counts["closed_at_cleanup"] += len(out)
+            return out
 
     def expire(self) -> list[OpenRequest]:
         """Remove and return every open request past deadline + grace: the caller answers each TIMEOUT."""

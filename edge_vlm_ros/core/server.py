@@ -27,6 +27,18 @@ itself once the deadline and its grace have passed and a late answer would be a 
 half whose partner has not come is answered TIMEOUT shortly before its deadline (if its TTL has not
 already expired), so a request whose robot died half-way still gets its one outcome in time.
 
+Cancel (msg/Cancel.msg, `cancel`): a robot takes back a request it sent. The request is dropped
+wherever it is: its record ends DROPPED_CANCELLED with NO reply (whoever cancelled gave it its
+outcome: the robot's Ask goal ends CANCELED, a cleaned-up edge answers it itself), a half waiting
+for its partner is let go with the bytes it held, a queued request is skipped by the batch thread,
+and a running one has its row stopped at the next generated token (GenerateItem.stop) and its
+result discarded. A cancel for a request not seen yet (cancel and prompt travel on different topics,
+so they may arrive in either order) is remembered, a bounded number per robot for match_ttl_s, and
+drops the request when it comes. A cancel for a request that has ended, or whose robot_id is not the
+robot it arrived for, is refused; nothing else is touched. All of it is counted in
+`stats.cancelled` (by where the request was), `stats.cancel_refused` (by why) and
+`stats.cancel_effects` (generation stopped, tokens not generated, results discarded, halves dropped).
+
 Task "action" (a vision-language-action model): such a request is matched and batched like a visual
 question; the batch thread runs the language model once over the batch's action requests and the
 configured action head (core.vla.VLAPolicy) turns it into a chunk per request.
@@ -36,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import heapq
 import logging
 import math
@@ -90,6 +103,13 @@ class ServerStats:
     # and an emit callback that raised (the reply may not have reached the robot).
     duplicate_replies_blocked: int = 0
     emit_errors: int = 0
+    # Cancels: requests dropped by where they were (received, waiting, queued, running,
+    # before_arrival), cancels refused by why (finished, robot_id, unknown_route), and what they
+    # caused (generation_stopped rows, tokens_not_generated, results_discarded, halves_dropped,
+    # early_remembered / early_expired / early_evicted for cancels that came before their request).
+    cancelled: collections.Counter = field(default_factory=collections.Counter)
+    cancel_refused: collections.Counter = field(default_factory=collections.Counter)
+    cancel_effects: collections.Counter = field(default_factory=collections.Counter)
 
     def as_dict(self) -> dict:
         return {"prompts": self.prompts, "features": self.features, "answered": dict(self.answered),
@@ -97,12 +117,38 @@ class ServerStats:
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                 "max_matched_depth": self.max_matched_depth, "past_deadline": dict(self.past_deadline),
                 "validation_rejects": dict(self.validation_rejects), "max_held_bytes": dict(self.max_held_bytes),
-                "duplicate_replies_blocked": self.duplicate_replies_blocked, "emit_errors": self.emit_errors}
+                "duplicate_replies_blocked": self.duplicate_replies_blocked, "emit_errors": self.emit_errors,
+                "cancelled": dict(self.cancelled), "cancel_refused": dict(self.cancel_refused),
+                "cancel_effects": dict(self.cancel_effects)}
 
 
 # An unmatched half is answered TIMEOUT this long before its request's deadline: the sweep runs every
 # 0.1 s, and the answer must leave before the deadline passes or it would be dropped.
 DEADLINE_MARGIN_NS = 300_000_000
+
+# Longest request id a cancel may name (the edge's are 32 hex characters).
+MAX_REQUEST_ID = 128
+# Cancels remembered per robot for requests not seen yet (oldest forgotten first beyond this).
+EARLY_CANCELS_PER_ROBOT = 64
+# Where a cancelled request was, by its status (stats.cancelled keys).
+_CANCELLED_WHERE = {RequestStatus.RECEIVED: "received", RequestStatus.WAITING_FOR_FEATURES: "waiting",
+                    RequestStatus.WAITING_FOR_PROMPT: "waiting", RequestStatus.MATCHED: "queued",
+                    RequestStatus.RUNNING: "running"}
+
+
+class CancelVerdict(enum.Enum):
+    """What `ServerEngine.cancel` did with a cancel."""
+
+    DROPPED = "dropped"                  # the request was open: dropped, no reply
+    REMEMBERED = "remembered"            # not seen yet: dropped on arrival if it comes within match_ttl_s
+    FINISHED = "finished"                # refused: the request has ended already (its reply is out)
+    WRONG_ROBOT = "robot_id"             # refused: robot_id is not the robot it arrived for
+    UNKNOWN_ROUTE = "unknown_route"      # refused: not a robot this server serves
+    BAD_ID = "request_id"                # refused: empty, or longer than any request id (MAX_REQUEST_ID)
+
+    @property
+    def accepted(self) -> bool:
+        return self in (CancelVerdict.DROPPED, CancelVerdict.REMEMBERED)
 
 
 @dataclass
@@ -155,6 +201,12 @@ class ServerEngine:
         # instead of waiting for its TTL and answering the same request twice.
         self._finished: collections.OrderedDict[tuple[str, str], Request] = collections.OrderedDict()
         self._finished_cap = 4 * cfg.max_pending + cfg.queue_capacity
+        # Cancels that came before their request, per route: request_id -> expiry (monotonic), oldest
+        # first; bounded per robot (EARLY_CANCELS_PER_ROBOT), kept match_ttl_s.
+        self._early_cancels: dict[str, collections.OrderedDict[str, float]] = {}
+        # Records cancelled while a half of theirs was held by the matcher, for the matcher thread to
+        # let go (with the bytes held). Bounded: one pushed out is let go by the matcher's TTL instead.
+        self._cancelled_held: collections.deque[Request] = collections.deque(maxlen=cfg.max_pending + 64)
 
         # _stats_lock guards `stats` only (written by callbacks, the matcher and the batch thread,
         # read by the node's stats timer).
@@ -203,10 +255,11 @@ class ServerEngine:
             t.start()
             self._threads.append(t)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the threads and answer everything still queued, waiting up to `timeout` s in all
-        for a batch in progress. A node passes a short timeout to keep its 2 s stop budget: a batch
-        still generating then is left to its daemon thread and ends with the process."""
+    def stop(self, timeout: float = 30.0, reason: str = "server shutting down") -> None:
+        """Stop the threads and answer everything still held with ERROR `reason`, waiting up to
+        `timeout` s in all for a batch in progress to finish normally. A batch still generating then
+        is answered ERROR too and told to stop at its next token (its result, should it still come, is
+        dropped): after stop() every request the engine knew has had its one outcome."""
         self._running = False
         self.inbox.wake()
         self.matched.wake()
@@ -215,11 +268,17 @@ class ServerEngine:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         self._threads.clear()
         for a in self.inbox.drain():
-            self._finish(a.request, Outcome.ERROR, "server shutting down", late_ok=True)
+            self._finish(a.request, Outcome.ERROR, reason, late_ok=True)
         for r in self.matched.drain():
-            self._finish(r, Outcome.ERROR, "server shutting down", late_ok=True)
+            self._finish(r, Outcome.ERROR, reason, late_ok=True)
         for e in self.matcher.drain():
-            self._answer_expired(e.item, e.half, e.reason, Outcome.ERROR)
+            self._answer_expired(e.item, e.half, reason, Outcome.ERROR)
+        # What is left is running in a batch the join did not wait out.
+        with self._requests_lock:
+            left = list(self._open.values())
+        for r in left:
+            r.stop.set()
+            self._finish(r, Outcome.ERROR, reason, late_ok=True)
 
     def request(self, route: str, request_id: str) -> Request | None:
         """The record of a request, open or recently finished (None when unknown or long gone)."""
@@ -230,6 +289,11 @@ class ServerEngine:
         """Requests not yet ended (0 after stop() when every request got its outcome)."""
         with self._requests_lock:
             return len(self._open)
+
+    def open_by_status(self) -> dict[str, int]:
+        """Open requests by status (received, waiting_for_*, matched, running): where the work is now."""
+        with self._requests_lock:
+            return dict(collections.Counter(r.status.value for r in self._open.values()))
 
     def update_limits(self, cfg: ServerConfig) -> None:
         """Take the batch limits, thresholds and request limits of `cfg` (a live parameter change).
@@ -253,6 +317,75 @@ class ServerEngine:
         self.flow.update(len(self.matched))
 
     # ---- entry points (callback threads: never block) ----------------------------------------
+    def cancel(self, request_id: str, robot_id: str, route: str | None = None, reason: str = "") -> CancelVerdict:
+        """Drop the request `request_id` of robot `robot_id` (arrived on `route`, default robot_id)
+        wherever it is, with no reply (see the module doc). O(1) under the request lock; the
+        matcher thread lets go of a held half on its next turn."""
+        route = robot_id if route is None else route
+        reason = (reason or "cancelled by its robot")[:256]
+        if route not in self.cfg.robots:
+            verdict = CancelVerdict.UNKNOWN_ROUTE
+        elif not request_id or len(request_id) > MAX_REQUEST_ID:
+            verdict = CancelVerdict.BAD_ID
+        elif robot_id != route:
+            verdict = CancelVerdict.WRONG_ROBOT
+        else:
+            key, now = (route, request_id), time.monotonic()
+            with self._requests_lock:
+                req = self._open.get(key)
+                if req is None:
+                    if key in self._finished:
+                        verdict = CancelVerdict.FINISHED
+                    else:
+                        verdict = CancelVerdict.REMEMBERED
+                        evicted = self._remember_cancel(route, request_id, now)
+                else:
+                    verdict = CancelVerdict.DROPPED
+                    where = _CANCELLED_WHERE[req.status]
+                    # (a half being checked by the matcher now may still be held: let go of it too;
+                    # one held after this is let go by the matcher's TTL, without a reply)
+                    held = req.status in (RequestStatus.RECEIVED, RequestStatus.WAITING_FOR_FEATURES,
+                                          RequestStatus.WAITING_FOR_PROMPT)
+                    req.drop_cancelled(reason, now)
+                    self._retire(req)
+                    if held:
+                        self._cancelled_held.append(req)
+        with self._stats_lock:
+            if verdict is CancelVerdict.DROPPED:
+                self.stats.cancelled[where] += 1
+            elif verdict is CancelVerdict.REMEMBERED:
+                self.stats.cancel_effects["early_remembered"] += 1
+                for what, n in evicted.items():
+                    self.stats.cancel_effects[what] += n
+            else:
+                self.stats.cancel_refused[verdict.value] += 1
+        if verdict is CancelVerdict.DROPPED:
+            LOG.info("request %s of %s cancelled (%s): %s", request_id[:128], route, where, reason)
+        return verdict
+
+    def _remember_cancel(self, route: str, request_id: str, now: float) -> collections.Counter:
+        """Under _requests_lock: remember a cancel for a request not seen yet; returns what was forgotten
+        to make room (early_expired, early_evicted)."""
+        forgot: collections.Counter = collections.Counter()
+        early = self._early_cancels.setdefault(route, collections.OrderedDict())
+        while early and next(iter(early.values())) <= now:
+            early.popitem(last=False)
+            forgot["early_expired"] += 1
+        early[request_id] = now + self.cfg.match_ttl_s
+        early.move_to_end(request_id)
+        while len(early) > EARLY_CANCELS_PER_ROBOT:
+            early.popitem(last=False)
+            forgot["early_evicted"] += 1
+        return forgot
+
+    def _take_early_cancel(self, key: tuple[str, str], now: float) -> bool:
+        """Under _requests_lock: True when a cancel for this (new) request came first and is still fresh."""
+        early = self._early_cancels.get(key[0])
+        if not early:
+            return False
+        expiry = early.pop(key[1], None)
+        return expiry is not None and expiry > now
+
     def submit_prompt(self, prompt: PromptRequest, route: str) -> None:
         with self._stats_lock:
             self.stats.prompts += 1
@@ -302,12 +435,22 @@ class ServerEngine:
         now = time.monotonic()
         with self._requests_lock:
             req = self._open.get(key) or self._finished.get(key)
+            cancelled_before = False
             if req is None:
                 if len(self._open) >= self._open_cap:
                     req = None
                 else:
                     req = self._open[key] = Request(route, msg.request_id, now)
+                    cancelled_before = self._take_early_cancel(key, now)
             first = req is not None and req.note_submitted(half, msg)
+            if cancelled_before:
+                req.drop_cancelled("cancelled by its robot before it arrived", now)
+                self._retire(req)
+        if cancelled_before:
+            with self._stats_lock:
+                self.stats.cancelled["before_arrival"] += 1
+            LOG.info("request %s of %s dropped on arrival: cancelled before it came", msg.request_id[:128], route)
+            return None
         if req is None:
             self._finish(Request.stray_of(route, msg.request_id, msg.robot_id, msg.stamp_ns, now), Outcome.REJECTED,
                          f"server has {self._open_cap} requests open: overloaded")
@@ -357,6 +500,7 @@ class ServerEngine:
                 except Exception as e:  # a bug must not stop the server: answer and log it
                     LOG.error("matcher failed on %s: %s\n%s", a.half, e, traceback.format_exc())
                     self._finish(a.request, Outcome.ERROR, f"server error: {type(e).__name__}: {e}", late_ok=True)
+            self._let_go_cancelled()
             now = time.monotonic()
             if now >= next_sweep:
                 next_sweep = now + 0.1
@@ -364,6 +508,16 @@ class ServerEngine:
                     self._answer_expired(e.item, e.half, e.reason, Outcome.TIMEOUT)
                 self._sweep_deadlines()
             self._arrivals = self._expected_arrivals()
+
+    def _let_go_cancelled(self) -> None:
+        """Matcher thread: forget the held halves of requests cancelled since, with their bytes."""
+        while self._cancelled_held:
+            req = self._cancelled_held.popleft()
+            if self.matcher.discard(req.key):
+                for half in list(req.held):
+                    self._release(req, half)
+                with self._stats_lock:
+                    self.stats.cancel_effects["halves_dropped"] += 1
 
     def _expected_arrivals(self) -> list[tuple[float, float]]:
         """When each pending prompt's features are expected (matcher thread): its arrival plus the
@@ -465,6 +619,11 @@ class ServerEngine:
             return True
 
     def _count_late(self, req: Request, half: str) -> None:
+        if req.status is RequestStatus.DROPPED_CANCELLED:
+            with self._stats_lock:
+                self.stats.cancel_effects["halves_dropped"] += 1
+            LOG.info("dropping %s of cancelled request %s", half, req.request_id)
+            return
         with self._stats_lock:
             self.stats.reasons["late half of an answered request (dropped)"] += 1
         LOG.info("dropping %s of already answered request %s", half, req.request_id)
@@ -658,7 +817,7 @@ class ServerEngine:
         results: dict[int, object] = {}
         t_gen = time.monotonic()
         if text_idx:
-            items = [GenerateItem(prompts[i].input_ids, tokens[i], prompts[i].max_new_tokens)
+            items = [GenerateItem(prompts[i].input_ids, tokens[i], prompts[i].max_new_tokens, batch[i].stop)
                      for i in text_idx]
             min_new = max(it.max_new_tokens for it in items) if self.cfg.ignore_eos else 0
             results.update(zip(text_idx, self.lm.generate(items, min_new_tokens=min_new)))
@@ -670,6 +829,7 @@ class ServerEngine:
         with self._stats_lock:
             self.stats.batches += 1
             self.stats.batch_sizes[len(batch)] += 1
+        self._count_cancelled_rows(batch, prompts, results)
         for i, r in enumerate(batch):
             f = feats[i]
             timings = StageTimings(
@@ -683,10 +843,30 @@ class ServerEngine:
                 server_total_ms=(time.monotonic() - f.received_t) * 1e3,
                 batch_size=len(batch))
             out = results[i]
+            # After stop() (a lifecycle cleanup) this batch's requests have been answered already.
+            late_ok = not self._running
             if isinstance(out, RequestError):       # this row failed alone (e.g. the action head)
-                self._finish(r, out.outcome, out.reason, timings=timings)
+                self._finish(r, out.outcome, out.reason, timings=timings, late_ok=late_ok)
             else:
-                self._finish(r, Outcome.OK, result=out, timings=timings)
+                self._finish(r, Outcome.OK, result=out, timings=timings, late_ok=late_ok)
+
+    def _count_cancelled_rows(self, batch: list[Request], prompts: list, results: dict[int, object]) -> None:
+        """Rows cancelled while their batch ran: cut short (tokens not generated; without ignore_eos a
+        row that ended at its end-of-sequence token counts here too) or finished anyway."""
+        effects: collections.Counter = collections.Counter()
+        for i, r in enumerate(batch):
+            if r.status is not RequestStatus.DROPPED_CANCELLED:
+                continue
+            out = results.get(i)
+            want = prompts[i].max_new_tokens if r.kind is RequestKind.ANSWER else 0
+            if isinstance(out, list) and len(out) < want:
+                effects["generation_stopped"] += 1
+                effects["tokens_not_generated"] += want - len(out)
+            else:
+                effects["results_discarded"] += 1
+        if effects:
+            with self._stats_lock:
+                self.stats.cancel_effects.update(effects)
 
     # ---- finishing: the one place a request ends ------------------------------------------------
     def _finish(self, req: Request, outcome: Outcome, reason: str = "", result: object = None,
@@ -704,7 +884,9 @@ class ServerEngine:
             outcome, reason = Outcome.ERROR, reason or "no result produced"
         now_ns = time.time_ns()
         with self._requests_lock:
-            if req.is_finished:
+            if req.status is RequestStatus.DROPPED_CANCELLED:
+                verdict = "cancelled"        # no reply: its robot took it back (counted where it ended)
+            elif req.is_finished:
                 verdict = "late" if late_ok else "duplicate"
             elif req.tracked and req.past_deadline(now_ns):
                 req.drop_past_deadline(time.monotonic())
@@ -714,6 +896,8 @@ class ServerEngine:
                 req.finish(outcome, reason, time.monotonic())
                 self._retire(req)
                 verdict = "reply"
+        if verdict == "cancelled":
+            return False
         if verdict == "late":
             self._count_late(req, "a half")
             return False

@@ -7,18 +7,22 @@ robot's process cannot even open a writer on another robot's topics. Each securi
 
 - `/edge_vlm/<robot>`: everything that runs on robot <robot> in its namespace: the edge node, the
   LIBERO bridge or the real robot's drivers (camera, joint state), and a `RobotClient([robot])`.
-  It may publish only its own requests (`/<robot>/edge_vlm/prompt`, `/<robot>/edge_vlm/features`),
-  its own local-failure answers/action chunks and its own sensor topics, and read only its own
-  answers, flow control, action chunks and actions. Nothing of another robot.
-- `/edge_vlm/server`: reads every listed robot's prompts and features, publishes their answers,
-  flow control and action chunks.
+  It may publish only its own requests (`/<robot>/edge_vlm/prompt`, `/<robot>/edge_vlm/features`,
+  `/<robot>/edge_vlm/cancel`), its own local-failure answers/action chunks and its own sensor
+  topics, and read only its own answers, flow control, action chunks and actions. The edge serves
+  the robot's Ask action (`/<robot>/edge_vlm/ask`: sros2 "execute", i.e. its send_goal, cancel_goal
+  and get_result services and its feedback and status topics); the client calls it. Nothing of
+  another robot.
+- `/edge_vlm/server`: reads every listed robot's prompts, features and cancels, publishes their
+  answers, flow control and action chunks.
 - `/edge_vlm/controller`: reads answers, action chunks, episodes and robot state, publishes
   actions and instructions (`prompt_text`).
 - `/edge_vlm/replay` (with --replay): the rosbag replay node, publishing camera frames and prompt
   text into the robots' namespaces and reading their flow control.
 
 Every node also gets ROS's own infrastructure: /rosout, /parameter_events, /clock and its own
-parameter (and, Iron and later, type description) services.
+parameter (and, Iron and later, type description) services; every node of the package but the client
+publishes its health on /diagnostics.
 
     python -m edge_vlm_ros.tools.sros2 policy --robots robot_0 robot_1 --out policy.xml
     python -m edge_vlm_ros.tools.sros2 setup --keystore ~/edge_vlm_keystore --robots robot_0 robot_1
@@ -74,6 +78,8 @@ class Profile:
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
     reply: tuple[str, ...] = NODE_SERVICES
+    execute: tuple[str, ...] = ()    # actions it serves (sros2 grants their services and topics)
+    call: tuple[str, ...] = ()       # actions it calls
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,8 @@ class Enclave:
     profiles: tuple[Profile, ...]
 
     def grants(self, kind: str) -> set[str]:
-        """Fully qualified names this enclave may `kind` (publish | subscribe | reply); ~/ resolved."""
+        """Fully qualified names this enclave may `kind` (publish | subscribe | reply | execute | call);
+        ~/ resolved."""
         out: set[str] = set()
         for p in self.profiles:
             for name in getattr(p, kind):
@@ -112,9 +119,11 @@ def enclave_path(role: str, root: str = ENCLAVE_ROOT) -> str:
     return f"{root.rstrip('/')}/{role}"
 
 
-def _infra(publish: list[str], subscribe: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Adds ROS's own topics: logging, parameter events, simulated time."""
-    return (tuple(publish + ["/rosout", "/parameter_events"]),
+def _infra(publish: list[str], subscribe: list[str],
+           diagnostics: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Adds ROS's own topics: logging, parameter events, simulated time, and /diagnostics (every
+    node of the package reports its health there)."""
+    return (tuple(publish + ["/rosout", "/parameter_events"] + ([topics.DIAGNOSTICS] if diagnostics else [])),
             tuple(subscribe + ["/parameter_events", "/clock"]))
 
 
@@ -125,10 +134,14 @@ def robot_enclave(robot: str, root: str = ENCLAVE_ROOT) -> Enclave:
     def t(name: str) -> str:
         return topics.for_robot(r, name)
 
-    # Edge node: requests out, local failures as answers (chunks in action mode), sensors and flow in.
+    # Edge node: requests and cancels out, local failures as answers (chunks in action mode), sensors
+    # (raw or compressed camera), flow, its outcomes and cancels in; it serves the Ask action.
     edge = Profile(EDGE_NODE, ns, *_infra(
-        [t(topics.PROMPT), t(topics.FEATURES), t(topics.ANSWER), t(topics.ACTION_CHUNK), t(topics.CODEC_SWITCH)],
-        [t(topics.CAMERA), t(topics.PROMPT_TEXT), t(topics.FLOW), t(topics.ROBOT_STATE), t(topics.EPISODE)]))
+        [t(topics.PROMPT), t(topics.FEATURES), t(topics.CANCEL), t(topics.ANSWER), t(topics.ACTION_CHUNK),
+         t(topics.CODEC_SWITCH)],
+        [t(topics.CAMERA), t(topics.CAMERA_COMPRESSED), t(topics.PROMPT_TEXT), t(topics.FLOW), t(topics.ROBOT_STATE),
+         t(topics.EPISODE), t(topics.ANSWER), t(topics.ACTION_CHUNK), t(topics.CANCEL)]),
+        execute=(t(topics.ASK),))
     # The LIBERO bridge, or on a real robot its drivers: sensors and episodes out, executed actions in.
     bridge = Profile(BRIDGE_NODE, ns, *_infra(
         [t(topics.CAMERA), t(topics.WRIST_CAMERA), t(topics.ROBOT_STATE), t(topics.EPISODE)],
@@ -137,14 +150,14 @@ def robot_enclave(robot: str, root: str = ENCLAVE_ROOT) -> Enclave:
     client = Profile(CLIENT_NODE, "/", *_infra(
         [t(topics.CAMERA), t(topics.PROMPT_TEXT), t(topics.ROBOT_STATE)],
         [t(topics.ANSWER), t(topics.FLOW), t(topics.PROMPT), t(topics.ACTION_CHUNK), t(topics.ACTION),
-         t(topics.EPISODE)]))
+         t(topics.EPISODE)], diagnostics=False), call=(t(topics.ASK),))
     return Enclave(enclave_path(r, root), (edge, bridge, client))
 
 
 def server_enclave(robots: list[str], root: str = ENCLAVE_ROOT) -> Enclave:
     pub = [topics.for_robot(check_robot(r), n) for r in robots for n in (topics.ANSWER, topics.FLOW,
                                                                           topics.ACTION_CHUNK)]
-    sub = [topics.for_robot(r, n) for r in robots for n in (topics.PROMPT, topics.FEATURES)]
+    sub = [topics.for_robot(r, n) for r in robots for n in (topics.PROMPT, topics.FEATURES, topics.CANCEL)]
     return Enclave(enclave_path("server", root), (Profile(SERVER_NODE, "/", *_infra(pub, sub)),))
 
 
@@ -187,7 +200,9 @@ def policy_xml(encl: list[Enclave]) -> str:
             prof = ET.SubElement(profiles_el, "profile", ns=p.ns, node=p.node)
             for attr, names, list_tag, item_tag in (("publish", p.publish, "topics", "topic"),
                                                     ("subscribe", p.subscribe, "topics", "topic"),
-                                                    ("reply", p.reply, "services", "service")):
+                                                    ("reply", p.reply, "services", "service"),
+                                                    ("execute", p.execute, "actions", "action"),
+                                                    ("call", p.call, "actions", "action")):
                 if names:
                     group = ET.SubElement(prof, list_tag, {attr: "ALLOW"})
                     for name in sorted(set(names)):
@@ -197,6 +212,20 @@ def policy_xml(encl: list[Enclave]) -> str:
 
 
 # ---- keystore commands --------------------------------------------------------------------------
+
+def action_dds_topics(action: str, kind: str) -> dict[str, set[str]]:
+    """The DDS topics sros2 grants for an action it finds in a policy (its permissions template):
+    `execute` (a server) or `call` (a client) -> {"publish": ..., "subscribe": ...}. Used to check the
+    signed permissions; the policy itself names only the action."""
+    requests = {f"rq{action}/_action/{s}Request" for s in ("send_goal", "cancel_goal", "get_result")}
+    replies = {f"rr{action}/_action/{s}Reply" for s in ("send_goal", "cancel_goal", "get_result")}
+    topics_ = {f"rt{action}/_action/{t}" for t in ("feedback", "status")}
+    if kind == "execute":
+        return {"publish": replies | topics_, "subscribe": requests}
+    if kind == "call":
+        return {"publish": requests, "subscribe": replies | topics_}
+    raise ValueError(f"kind must be 'execute' or 'call', got {kind!r}")
+
 
 def setup_commands(keystore: Path, encl: list[Enclave], policy: Path) -> list[list[str]]:
     """`ros2 security` argv lists, in order (create_keystore is skipped by the script if it exists)."""

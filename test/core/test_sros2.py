@@ -48,8 +48,8 @@ def parse_policy(text: str) -> dict[str, dict[str, set[str]]]:
     return out
 
 
-def _infra_pub():
-    return {"/rosout", "/parameter_events"}
+def _infra_pub(diagnostics=True):
+    return {"/rosout", "/parameter_events"} | ({"/diagnostics"} if diagnostics else set())
 
 
 def _infra_sub():
@@ -63,17 +63,22 @@ def expected(robots, replay=False):
             "publish": _infra_pub() | {f"/{r}/edge_vlm/prompt", f"/{r}/edge_vlm/features", f"/{r}/edge_vlm/answer",
                                        f"/{r}/edge_vlm/action_chunk", f"/{r}/camera/image_raw",
                                        f"/{r}/camera/wrist/image_raw", f"/{r}/robot_state", f"/{r}/sim/episode",
-                                       f"/{r}/edge_vlm/prompt_text", f"/{r}/edge_vlm/codec_switch"},
-            "subscribe": _infra_sub() | {f"/{r}/camera/image_raw", f"/{r}/edge_vlm/prompt_text",
+                                       f"/{r}/edge_vlm/prompt_text", f"/{r}/edge_vlm/codec_switch",
+                                       f"/{r}/edge_vlm/cancel"},
+            "subscribe": _infra_sub() | {f"/{r}/camera/image_raw", f"/{r}/camera/image_raw/compressed",
+                                         f"/{r}/edge_vlm/prompt_text",
                                          f"/{r}/edge_vlm/flow_control", f"/{r}/robot_state", f"/{r}/sim/episode",
                                          f"/{r}/edge_vlm/action", f"/{r}/edge_vlm/answer",
-                                         f"/{r}/edge_vlm/action_chunk", f"/{r}/edge_vlm/prompt"},
+                                         f"/{r}/edge_vlm/action_chunk", f"/{r}/edge_vlm/prompt",
+                                         f"/{r}/edge_vlm/cancel"},
+            "execute": {f"/{r}/edge_vlm/ask"},
+            "call": {f"/{r}/edge_vlm/ask"},
             "reply": {f"{node}/{s}" for node in (f"/{r}/edge_vlm_edge", f"/{r}/edge_vlm_libero_bridge",
                                                  "/edge_vlm_client") for s in NODE_SERVICES}}
     exp["/edge_vlm/server"] = {
         "publish": _infra_pub() | {f"/{r}/edge_vlm/{t}" for r in robots for t in ("answer", "flow_control",
                                                                                     "action_chunk")},
-        "subscribe": _infra_sub() | {f"/{r}/edge_vlm/{t}" for r in robots for t in ("prompt", "features")},
+        "subscribe": _infra_sub() | {f"/{r}/edge_vlm/{t}" for r in robots for t in ("prompt", "features", "cancel")},
         "reply": {f"/edge_vlm_server/{s}" for s in NODE_SERVICES}}
     exp["/edge_vlm/controller"] = {
         "publish": _infra_pub() | {f"/{r}/edge_vlm/{t}" for r in robots for t in ("action", "prompt_text")},
@@ -113,24 +118,38 @@ def test_a_robot_cannot_touch_another_robots_topics():
         assert not requests or path.startswith("/edge_vlm/robot_"), path
 
 
+# Calls that open a topic or an action, and which grant each needs: (function name, argument of the
+# name, kind). `subscribe` is the nodes' CallbackGuard.subscribe (a create_subscription).
+_OPENERS = {"create_publisher": (1, "publish"), "create_subscription": (1, "subscribe"),
+            "subscribe": (1, "subscribe"), "ActionServer": (2, "execute"), "ActionClient": (2, "call")}
+
+
 def _used_topics(path: Path) -> dict[str, set[str]]:
-    """topics.NAME constants in each create_publisher / create_subscription call of a source file."""
-    used = {"publish": set(), "subscribe": set()}
+    """topics.NAME constants in each call of a source file that opens a topic or an action."""
+    used: dict[str, set[str]] = {"publish": set(), "subscribe": set(), "execute": set(), "call": set()}
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-                node.func.attr in ("create_publisher", "create_subscription") and len(node.args) >= 2:
-            names = {a.attr for a in ast.walk(node.args[1]) if isinstance(a, ast.Attribute) and a.attr.isupper()
-                     and isinstance(a.value, ast.Name) and a.value.id == "topics"}
-            if isinstance(node.args[1], ast.Constant):
-                names = {node.args[1].value}
-            # A name computed elsewhere (the replay's remapped outputs) is covered by the exact test.
-            used["publish" if node.func.attr == "create_publisher" else "subscribe"] |= names
+        if not isinstance(node, ast.Call):
+            continue
+        fname = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+        if fname not in _OPENERS:
+            continue
+        pos, kind = _OPENERS[fname]
+        if len(node.args) <= pos:
+            continue
+        arg = node.args[pos]
+        names = {a.attr for a in ast.walk(arg) if isinstance(a, ast.Attribute) and a.attr.isupper()
+                 and isinstance(a.value, ast.Name) and a.value.id == "topics"}
+        if isinstance(arg, ast.Constant):
+            names = {arg.value}
+        # A name computed elsewhere (the replay's remapped outputs) is covered by the exact test.
+        used[kind] |= names
     return used
 
 
 # Source file -> enclave role ("robot" = the robot's own enclave).
-NODE_ROLES = {"edge_node.py": "robot", "libero_bridge_node.py": "robot", "client.py": "robot",
-              "server_node.py": "server", "controller_node.py": "controller", "replay_node.py": "replay"}
+NODE_ROLES = {"edge_node.py": "robot", "ask_server.py": "robot", "libero_bridge_node.py": "robot",
+              "client.py": "robot", "server_node.py": "server", "controller_node.py": "controller",
+              "replay_node.py": "replay"}
 
 
 @pytest.mark.parametrize("source", sorted(NODE_ROLES))
@@ -141,9 +160,11 @@ def test_policy_covers_every_topic_the_nodes_use(source):
     role = NODE_ROLES[source]
     got = parse_policy(sros2.policy_xml(sros2.enclaves(ROBOTS, replay=True)))
     used = _used_topics(PKG / source)
-    assert used["publish"] | used["subscribe"], source
+    assert any(used.values()), source
     for kind, names in used.items():
         for name in names:
+            if name == "DIAGNOSTICS":
+                continue                       # (diagnostics.py's publisher: checked below)
             if name.startswith("/"):           # an absolute name (the replay's /clock)
                 wanted = [(f"/edge_vlm/{role}", name)]
             else:
@@ -151,6 +172,46 @@ def test_policy_covers_every_topic_the_nodes_use(source):
                 wanted = [(f"/edge_vlm/{r if role == 'robot' else role}", topics.for_robot(r, value)) for r in ROBOTS]
             for enclave, topic in wanted:
                 assert topic in got[enclave][kind], f"{source}: {enclave} may not {kind} {topic}"
+
+
+def test_every_node_may_publish_its_health_on_diagnostics():
+    got = parse_policy(sros2.policy_xml(sros2.enclaves(ROBOTS, replay=True)))
+    assert _used_topics(PKG / "diagnostics.py")["publish"] == {"DIAGNOSTICS"}
+    for path, grants in got.items():
+        assert "/diagnostics" in grants["publish"], path
+
+
+def test_ask_action_and_cancel_grants():
+    """The edge serves its robot's Ask action and the robot's client calls it; only the robot publishes
+    its cancels and only the server (and the robot's own edge) reads them."""
+    got = parse_policy(sros2.policy_xml(sros2.enclaves(ROBOTS, replay=True)))
+    for r, other in (("robot_0", "robot_1"), ("robot_1", "robot_0")):
+        mine = got[f"/edge_vlm/{r}"]
+        assert mine["execute"] == {f"/{r}/edge_vlm/ask"} and mine["call"] == {f"/{r}/edge_vlm/ask"}
+        assert f"/{other}/edge_vlm/ask" not in mine["execute"] | mine["call"]
+        assert f"/{r}/edge_vlm/cancel" in mine["publish"] and f"/{other}/edge_vlm/cancel" not in mine["publish"]
+        assert f"/{r}/edge_vlm/cancel" in got["/edge_vlm/server"]["subscribe"]
+    publishers = {path for path, g in got.items() for t in g["publish"] if t.endswith("/edge_vlm/cancel")}
+    assert publishers == {"/edge_vlm/robot_0", "/edge_vlm/robot_1"}
+    actions = {path for path, g in got.items() if g.get("execute") or g.get("call")}
+    assert actions == {"/edge_vlm/robot_0", "/edge_vlm/robot_1"}
+    # The policy names the action once per profile; sros2 expands it into its services and topics.
+    root = ET.fromstring(sros2.policy_xml(sros2.enclaves(["robot_0"])))
+    edge, = [p for p in root.iter("profile") if p.get("node") == "edge_vlm_edge"]
+    group, = edge.findall("actions")
+    assert group.attrib == {"execute": "ALLOW"} and [a.text for a in group] == ["/robot_0/edge_vlm/ask"]
+
+
+def test_action_dds_topics_are_sros2s_expansion():
+    server = sros2.action_dds_topics("/robot_0/edge_vlm/ask", "execute")
+    client = sros2.action_dds_topics("/robot_0/edge_vlm/ask", "call")
+    assert "rq/robot_0/edge_vlm/ask/_action/send_goalRequest" in server["subscribe"]
+    assert "rr/robot_0/edge_vlm/ask/_action/get_resultReply" in server["publish"]
+    assert {"rt/robot_0/edge_vlm/ask/_action/feedback", "rt/robot_0/edge_vlm/ask/_action/status"} <= server["publish"]
+    assert server["publish"] == client["subscribe"] and server["subscribe"] == client["publish"]
+    assert len(server["publish"]) == 5 and len(server["subscribe"]) == 3
+    with pytest.raises(ValueError, match="'serve'"):
+        sros2.action_dds_topics("/a", "serve")
 
 
 @pytest.mark.parametrize("bad", ["robot-0", "0robot", "", "a/b", "robot 0"])
@@ -245,8 +306,13 @@ def test_setup_with_real_sros2_creates_enclaves_with_exact_permissions(tmp_path)
             for el in grant.iter(kind):
                 got[kind] |= {t.text for t in el.iter("topic") if t.text != "ros_discovery_info"}
         services = exp[e.path]["reply"]
-        assert got["publish"] == {"rt" + t for t in exp[e.path]["publish"]} | {f"rr{s}Reply" for s in services}
-        assert got["subscribe"] == {"rt" + t for t in exp[e.path]["subscribe"]} | {f"rq{s}Request" for s in services}
+        want = {"publish": {"rt" + t for t in exp[e.path]["publish"]} | {f"rr{s}Reply" for s in services},
+                "subscribe": {"rt" + t for t in exp[e.path]["subscribe"]} | {f"rq{s}Request" for s in services}}
+        for kind in ("execute", "call"):
+            for action in exp[e.path].get(kind, ()):
+                for k, names in sros2.action_dds_topics(action, kind).items():
+                    want[k] |= names
+        assert got == want
     # A second run keeps the keystore (sros2 refuses to create one twice) and succeeds.
     assert sros2.run_setup(ks, encl, domain_id=42, log=lambda s: None)["ran"]
 

@@ -238,10 +238,15 @@ class LiberoBridgeNode(Node):
         os.replace(tmp, self.cfg.stats_path)
 
     def destroy_node(self) -> None:
+        # (also on a node whose constructor a stop signal interrupted: its parts may not exist yet)
         self._running = False
-        with self._cv:
-            self._cv.notify_all()
-        self._worker.join(timeout=WORKER_JOIN_S)
+        cv = getattr(self, "_cv", None)
+        if cv is not None:
+            with cv:
+                cv.notify_all()
+        worker = getattr(self, "_worker", None)
+        if worker is not None and worker.is_alive():
+            worker.join(timeout=WORKER_JOIN_S)
         super().destroy_node()
 
 

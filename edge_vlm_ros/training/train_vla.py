@@ -82,6 +82,7 @@ class TrainVLAConfig:
     shift_px: int = 4              # random image shift (pixels of the model's input), 0: none; "all" only
     threads: int = 2
     max_minutes: float = 50.0
+    until_step: int = 0            # stop this call at this step (a checkpoint; --resume continues); 0: steps
     checkpoint_dir: str = ""       # "" -> "<out>-checkpoints"
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -110,6 +111,8 @@ class TrainVLAConfig:
                              f"{self.max_demos_per_task} must be >= 0")
         if self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+        if not 0 <= self.until_step <= self.steps:
+            raise ValueError(f"until_step must be in [0, steps={self.steps}], got {self.until_step}")
         if self.train not in TRAIN_MODES:
             raise ValueError(f"train {self.train!r}: expected one of {TRAIN_MODES}")
 
@@ -411,6 +414,9 @@ def train(cfg: TrainVLAConfig, resume: bool = False) -> TrainVLAResult:
                dynamic_ncols=True, mininterval=2.0)
     step = start
     for step in bar:
+        if cfg.until_step and step >= cfg.until_step:
+            stopped_early = True
+            break
         if time.perf_counter() - t0 > cfg.max_minutes * 60:
             stopped_early = True
             LOG.warning("stopping at step %d of %d: --max-minutes %.1f reached", step, cfg.steps, cfg.max_minutes)
@@ -451,7 +457,7 @@ def command_line(cfg: TrainVLAConfig) -> str:
     parts = ["python -m edge_vlm_ros.training.train_vla", "--demos " + " ".join(cfg.demos), f"--out {cfg.out}",
              f"--seed {cfg.seed}"]
     for k, v in asdict(cfg).items():
-        if k not in ("demos", "out", "seed", "progress") and v != defaults[k]:
+        if k not in ("demos", "out", "seed", "progress", "until_step") and v != defaults[k]:
             parts.append(f"--{k.replace('_', '-')} {v}")
     return " ".join(parts)
 

@@ -83,7 +83,8 @@ def run_split(args, model: str, head: str, suite: str, work: Path, on_client=Non
     overrides = {
         "libero_bridge": {"suite": suite, "task_ids": args.tasks, "trials": args.trials, "first_trial": args.first_trial,
                           "max_steps": args.max_steps, "settle_steps": args.settle_steps,
-                          "image_size": args.image_size, "stats_path": str(bridge_stats)},
+                          "image_size": args.image_size, "stats_path": str(bridge_stats),
+                          **({"wrist_camera": False} if args.no_wrist else {})},
         "controller": {"stats_path": str(ctl_stats), "merge_policy": args.merge_policy},
         "edge": {}, "server": {},
     }
@@ -169,7 +170,8 @@ def run_monolithic(args, model: str, head: str, suite: str, cfg_dir: Path) -> di
     bcfg = from_mapping(LiberoBridgeConfig, {**doc["/**/edge_vlm_libero_bridge"]["ros__parameters"],
                                              "suite": suite, "task_ids": args.tasks, "trials": args.trials,
                                              "max_steps": args.max_steps, "settle_steps": args.settle_steps,
-                                             "image_size": args.image_size})
+                                             "image_size": args.image_size,
+                                             **({"wrist_camera": False} if args.no_wrist else {})})
     adapter = load_vlm(model)
     policy = VLAPolicy(adapter, load_action_head(head, dtype=adapter.dtype))
     sim = LiberoSim(suite, bcfg.image_size, bcfg.seed, bcfg.wrist_camera, bcfg.image_flip)
@@ -279,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=220, help="steps before an episode fails")
     ap.add_argument("--settle-steps", type=int, default=10, help="safe-action steps after each reset")
     ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--no-wrist", action="store_true",
+                    help="do not render the wrist camera (the policy reads agentview only; halves the render cost)")
     ap.add_argument("--merge-policy", default="temporal_ensembling")
     ap.add_argument("--model", default="", help="VLM folder or hub id (default: the shipped reference VLA)")
     ap.add_argument("--action-head", default="", help="action head folder (default: <model>/action_head)")

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="vla_demo_"))
     model, head = resolve_vla(args.model, args.action_head, False, work)
     run_args = argparse.Namespace(tasks=[args.task], trials=1, first_trial=args.trial, max_steps=args.max_steps,
-                                  settle_steps=10, image_size=128, merge_policy=args.merge_policy,
+                                  settle_steps=10, image_size=128, merge_policy=args.merge_policy, no_wrist=True,
                                   threads=args.threads, timeout_s=args.timeout_s)
     holder: dict[str, object] = {}
 

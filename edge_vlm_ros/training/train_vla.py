@@ -484,7 +484,80 @@ def save_vla(bc: BCModel, stats: NormStats, cfg: TrainVLAConfig, steps_done: int
             "command": command_line(cfg),
             "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)}}
     (out / "EDGE_VLM_MODEL.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_card(out, bc, cfg, info)
     return out
+
+
+RESULTS_BEGIN, RESULTS_END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def write_card(out: Path, bc: BCModel, cfg: TrainVLAConfig, info: dict) -> Path:
+    """README.md: what the model is, its data, how it was trained; the results section between the
+    markers is kept from an existing card (evaluation fills it, training does not know it)."""
+    card = out / "README.md"
+    results = "Not evaluated yet: see docs/vla.md for the command (tools.eval_libero)."
+    if card.is_file():
+        old = card.read_text()
+        if RESULTS_BEGIN in old and RESULTS_END in old:
+            results = old.split(RESULTS_BEGIN, 1)[1].split(RESULTS_END, 1)[0].strip()
+    hc = bc.head.config
+    vc, tc = bc.model.config.vision_config, bc.model.config.text_config
+    n_vlm = sum(p.numel() for p in bc.model.parameters()) / 1e6
+    n_head = sum(p.numel() for p in bc.head.parameters()) / 1e6
+    tasks = "\n".join(f"- {t}" for t in bc.instructions)
+    final = f"{info['final_l1']:.4f}" if info["final_l1"] is not None else "n/a"
+    trained = ("the whole model (vision tower, projector, language model, head)" if cfg.train == "all" else
+               "the action head only, on the frozen VLM's last hidden states (computed once)")
+    text = f"""# A reference VLA for LIBERO, trained by behaviour cloning on this CPU
+
+A LLaVA-family VLM with the package's continuous action-chunk head (OpenVLA-OFT style: {hc.chunk_size}
+pooled action queries over the language model's last hidden states, proprioception added to every
+query, an MLP to {hc.action_dim}-D actions), trained by `edge_vlm_ros.training.train_vla` on scripted-expert
+demonstrations. It is the VLA's embedded default: `tools.eval_libero`, `tools.vla_demo` and
+`vla.launch.py` (model_path `reference-vla`, action_head_path `default`) use it when no checkpoint is
+given. It acts only on the tasks below, in LIBERO's simulator, from its 128x128 agentview camera.
+
+## Architecture ({n_vlm:.2f} M VLM + {n_head:.2f} M head parameters, float32 safetensors)
+
+- VLM: `{cfg.base_model}` ({resolve_base_model(cfg.base_model)} at training time): CLIP ViT
+  {vc.image_size}x{vc.image_size}, patch {vc.patch_size}, hidden {vc.hidden_size}, {vc.num_hidden_layers} layers;
+  MLP projector; Llama LM, hidden {tc.hidden_size}, {tc.num_hidden_layers} layers. Prompt: the checkpoint's chat
+  template around the instruction, exactly what the server builds for an action request.
+- Head (`action_head/`): continuous, {hc.query_mode.value} queries, chunk {hc.chunk_size} x {hc.action_dim},
+  {hc.num_heads} cross-attention heads, MLP {hc.mlp_layers} layers of {hc.mlp_dim or hc.hidden_size}, proprio {hc.proprio_dim}-D
+  (eef position, axis-angle, gripper fingers), control period {hc.control_period_s} s (LIBERO's 20 Hz).
+- Normalisation (`norm_stats.json`): actions are regressed in [-1, 1] over the demonstrations'
+  per-dimension min..max (the head's `low`/`high`, also its output clamp); the robot state is
+  standardised, and that map is folded into the head's proprio projection, so it takes raw state.
+
+## Data
+
+{info["demonstrations"]} demonstrations ({info["samples"]} steps) from `--demos {" ".join(cfg.demos)}`
+(simulation/expert.py + training/collect_demos.py: successful scripted-expert episodes from LIBERO
+init states 20..49; init states 0..19 are never used for demonstrations). Tasks:
+
+{tasks}
+
+## Training
+
+```
+{info["command"]}
+```
+
+Trained: {trained}. {info["trained_steps"]} steps of {cfg.batch_size} samples (AdamW, lr {cfg.lr}, warm-up
+{cfg.warmup_steps}, cosine to {cfg.min_lr_ratio} x lr over {cfg.steps} steps), L1 on the normalised
+chunk; {cfg.threads} CPU thread(s): {info["train_minutes"]} min of training
+{"(stopped early by --max-minutes or --until-step)" if info["stopped_early"] else ""}. Final training L1 (mean of the last
+100 steps, normalised units): {final}. Seed {cfg.seed}.
+
+## Results
+
+{RESULTS_BEGIN}
+{results}
+{RESULTS_END}
+"""
+    card.write_text(text)
+    return card
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainVLAConfig, bool]:

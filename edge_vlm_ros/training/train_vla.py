@@ -506,6 +506,7 @@ def write_card(out: Path, bc: BCModel, cfg: TrainVLAConfig, info: dict) -> Path:
     n_head = sum(p.numel() for p in bc.head.parameters()) / 1e6
     tasks = "\n".join(f"- {t}" for t in bc.instructions)
     final = f"{info['final_l1']:.4f}" if info["final_l1"] is not None else "n/a"
+    early = " (stopped early by --max-minutes or --until-step)" if info["stopped_early"] else ""
     trained = ("the whole model (vision tower, projector, language model, head)" if cfg.train == "all" else
                "the action head only, on the frozen VLM's last hidden states (computed once)")
     text = f"""# A reference VLA for LIBERO, trained by behaviour cloning on this CPU
@@ -519,8 +520,8 @@ given. It acts only on the tasks below, in LIBERO's simulator, from its 128x128 
 
 ## Architecture ({n_vlm:.2f} M VLM + {n_head:.2f} M head parameters, float32 safetensors)
 
-- VLM: `{cfg.base_model}` ({resolve_base_model(cfg.base_model)} at training time): CLIP ViT
-  {vc.image_size}x{vc.image_size}, patch {vc.patch_size}, hidden {vc.hidden_size}, {vc.num_hidden_layers} layers;
+- VLM: started from `{cfg.base_model}` ({resolve_base_model(cfg.base_model)} at training time):
+  CLIP ViT {vc.image_size}x{vc.image_size}, patch {vc.patch_size}, hidden {vc.hidden_size}, {vc.num_hidden_layers} layers;
   MLP projector; Llama LM, hidden {tc.hidden_size}, {tc.num_hidden_layers} layers. Prompt: the checkpoint's chat
   template around the instruction, exactly what the server builds for an action request.
 - Head (`action_head/`): continuous, {hc.query_mode.value} queries, chunk {hc.chunk_size} x {hc.action_dim},
@@ -544,11 +545,10 @@ init states 20..49; init states 0..19 are never used for demonstrations). Tasks:
 {info["command"]}
 ```
 
-Trained: {trained}. {info["trained_steps"]} steps of {cfg.batch_size} samples (AdamW, lr {cfg.lr}, warm-up
-{cfg.warmup_steps}, cosine to {cfg.min_lr_ratio} x lr over {cfg.steps} steps), L1 on the normalised
-chunk; {cfg.threads} CPU thread(s): {info["train_minutes"]} min of training
-{"(stopped early by --max-minutes or --until-step)" if info["stopped_early"] else ""}. Final training L1 (mean of the last
-100 steps, normalised units): {final}. Seed {cfg.seed}.
+Trained: {trained}. {info["trained_steps"]} steps of {cfg.batch_size} samples (AdamW, lr {cfg.lr},
+warm-up {cfg.warmup_steps}, cosine to {cfg.min_lr_ratio} x lr over {cfg.steps} steps), L1 on the normalised
+chunk; {cfg.threads} CPU thread(s): {info["train_minutes"]} min of training{early}. Final training L1
+(mean of the last 100 steps, normalised units): {final}. Seed {cfg.seed}.
 
 ## Results
 

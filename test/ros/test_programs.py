@@ -52,7 +52,8 @@ def test_eval_libero_smoke(tmp_path, ros_env):
     require_libero()
     res_path = tmp_path / "eval.json"
     env = dict(ros_env, MUJOCO_GL="egl")
-    out = _run(["edge_vlm_ros.tools.eval_libero", "--monolithic", "--tasks", "0", "--trials", "1", "--max-steps", "2",
+    out = _run(["edge_vlm_ros.tools.eval_libero", "--monolithic", "--random-tiny", "--tasks", "0", "--trials", "1",
+                "--max-steps", "2",
                 "--settle-steps", "0", "--image-size", "32", "--chunk-size", "2", "--out", str(res_path)],
                env, tmp_path, 240)
     res = json.loads(res_path.read_text())

@@ -186,3 +186,20 @@ def test_action_head_default_needs_a_vla_folder(tmp_path):
     assert resolve_action_head("/ckpt/head", str(tmp_path)) == "/ckpt/head"
     with pytest.raises(FileNotFoundError, match="action_head"):
         resolve_action_head("default", str(tmp_path))
+
+
+def test_eval_defaults_to_the_shipped_vla_and_marks_untrained_tasks(tmp_path):
+    import json
+
+    from edge_vlm_ros.tools.eval_libero import mark_distribution, resolve_vla
+
+    model, head = resolve_vla("", "", False, tmp_path)
+    assert Path(model).name == "reference-vla" and Path(head) == Path(model) / "action_head"
+    (tmp_path / "EDGE_VLM_MODEL.json").write_text(json.dumps({"train_tasks": ["put the bowl on the plate"]}))
+    results = {"s": {"summary": {"tasks": {"0": {"instruction": "put the bowl on the plate"},
+                                           "1": {"instruction": "open the drawer"}}}}}
+    mark_distribution(results, str(tmp_path))
+    tasks = results["s"]["summary"]["tasks"]
+    assert tasks["0"]["in_distribution"] is True and tasks["1"]["in_distribution"] is False
+    mark_distribution(results, str(tmp_path / "nowhere"))
+    assert tasks["1"]["in_distribution"] is None

@@ -333,7 +333,8 @@ def _plan_vla(v: Values, cfg_dir: Path) -> list[PlannedNode]:
     robots = parse_robots("robots", v["robots"])
     head = v["action_head_path"]
     if not head:
-        raise ValueError("action_head_path is required (a folder with action_head_config.json)")
+        raise ValueError("action_head_path is required (a folder with action_head_config.json, or 'default': "
+                         "the model folder's action_head/)")
     if v["sim"] not in SIMS:
         raise ValueError(f"sim must be one of {SIMS}, got {v['sim']!r}")
     root = enclave_root(v["enclave_root"])
@@ -354,8 +355,10 @@ VLA = NodeSetDescription(
     "vla", "Vision-language-action: per robot its edge node in action mode (and, with sim:=libero, the LIBERO "
            "bridge), one server with an action head, one controller executing the chunks.",
     (Argument("robots", "Number of robots (robot_0 .. robot_{n-1}), or a YAML list of robot names", "1"),
-     Argument("model_path", "Hugging Face hub id or local folder of the VLM (edge and server)", "default"),
-     Argument("action_head_path", "Folder of the action head checkpoint (required)", ""),
+     Argument("model_path", "Hugging Face hub id or local folder of the VLM (edge and server); reference-vla: "
+                            "the shipped trained VLA", "reference-vla"),
+     Argument("action_head_path", "Folder of the action head checkpoint; default: the model folder's action_head/",
+              "default"),
      Argument("params_file", "VLA parameters layered over each node's own config file", config_file="vla.yaml"),
      Argument("sim", "libero: start a LIBERO bridge per robot; none: a real robot", "libero"),
      Argument("suite", "LIBERO suite of the bridge", "libero_spatial"),

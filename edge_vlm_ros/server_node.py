@@ -49,7 +49,7 @@ from .guard import CallbackGuard
 from .msg_auth import make_message_auth
 from .managed import ACTIVATE, CONFIGURE, ManagedNode
 from .params import declare_config, read_config
-from .core.model_paths import resolve_existing
+from .core.model_paths import resolve_action_head, resolve_existing
 from .spin import WORKER_JOIN_S, exit_code, exit_node, run_node
 
 
@@ -113,9 +113,10 @@ class ServerNode(ManagedNode):
         codebooks = load_codebooks(cfg.codebook_paths, adapter.fingerprint)
         head = None
         if cfg.action_head_path:
-            head = load_action_head(cfg.action_head_path, device=cfg.device, dtype=adapter.dtype)
+            head_path = resolve_action_head(cfg.action_head_path, model)
+            head = load_action_head(head_path, device=cfg.device, dtype=adapter.dtype)
             hc = head.config
-            self.get_logger().info(f"action head {hc.kind.value} from {cfg.action_head_path}: chunk "
+            self.get_logger().info(f"action head {hc.kind.value} from {head_path}: chunk "
                                    f"{hc.chunk_size} x {hc.action_dim}, period {hc.control_period_s} s, "
                                    f"proprio {hc.proprio_dim if hc.use_proprio else 'no'}")
         self._answer_pubs = {r: self.create_publisher(Answer, topics.for_robot(r, topics.ANSWER), qos.ANSWER)

@@ -8,8 +8,11 @@ starts from the suite's bundled init state `trial`; success is LIBERO's goal pre
     python -m edge_vlm_ros.tools.eval_libero ... --monolithic --out results/libero_mono.json
     python -m edge_vlm_ros.tools.eval_libero --model /ckpt/vlm --action-head /ckpt/head ...   # your checkpoint
 
-Without --model/--action-head a tiny VLA with RANDOM weights is built (success is then zero: the
-harness is what it exercises). The JSON has the success rate per task and suite, actions/s (policy
+Without --model/--action-head the shipped reference VLA (models/reference-vla, trained by
+training.train_vla on scripted-expert demonstrations of a few tasks) is evaluated; --random-tiny builds
+a tiny VLA with RANDOM weights instead (success is then zero: the harness is what it exercises). A
+task the model was not trained on (its instruction is not in the model's EDGE_VLM_MODEL.json
+train_tasks) still runs; the report marks it `in_distribution: false`. The JSON has the success rate per task and suite, actions/s (policy
 actions executed per wall second, sim included), chunk latency p50/p99 (request -> chunk, wall
 clock), and the peak memory (VmHWM) of every process.
 """
@@ -88,7 +91,9 @@ def _execution_overrides(args) -> dict:
 
 
 # ---- split pipeline ------------------------------------------------------------------------------
-def run_split(args, model: str, head: str, suite: str, work: Path) -> dict:
+def run_split(args, model: str, head: str, suite: str, work: Path, on_client=None) -> dict:
+    """The plan through real node processes. on_client(client): called once the client is up (a
+    caller may add subscriptions to client.node, e.g. to record the camera)."""
     from edge_vlm_ros.bringup import NodeSet
     from edge_vlm_ros.client import RobotClient, isolated_ros_env
     from edge_vlm_ros.core.auth import resolve_keys_dir
@@ -101,7 +106,8 @@ def run_split(args, model: str, head: str, suite: str, work: Path) -> dict:
     overrides = {
         "libero_bridge": {"suite": suite, "task_ids": args.tasks, "trials": args.trials, "first_trial": args.first_trial,
                           "max_steps": args.max_steps, "settle_steps": args.settle_steps,
-                          "image_size": args.image_size, "stats_path": str(bridge_stats)},
+                          "image_size": args.image_size, "stats_path": str(bridge_stats),
+                          **({"wrist_camera": False} if args.no_wrist else {})},
         "controller": {"stats_path": str(ctl_stats), **_execution_overrides(args)},
         "edge": {}, "server": {},
     }
@@ -124,6 +130,8 @@ def run_split(args, model: str, head: str, suite: str, work: Path) -> dict:
         feature_bytes: list[int] = []    # serialized VisualFeatures (every byte DDS carries per observation)
         client.node.create_subscription(VisualFeatures, topics.for_robot("robot_0", topics.FEATURES),
                                         lambda raw: feature_bytes.append(len(raw)), qos.FEATURES, raw=True)
+        if on_client is not None:
+            on_client(client)
         bar = tqdm(total=total, desc=f"{suite} (split)", unit="ep", file=sys.stderr)
         seen = 0
         deadline = time.monotonic() + args.timeout_s
@@ -192,7 +200,8 @@ def run_monolithic(args, model: str, head: str, suite: str, cfg_dir: Path) -> di
     bcfg = from_mapping(LiberoBridgeConfig, {**doc["/**/edge_vlm_libero_bridge"]["ros__parameters"],
                                              "suite": suite, "task_ids": args.tasks, "trials": args.trials,
                                              "max_steps": args.max_steps, "settle_steps": args.settle_steps,
-                                             "image_size": args.image_size})
+                                             "image_size": args.image_size,
+                                             **({"wrist_camera": False} if args.no_wrist else {})})
     adapter = load_vlm(model)
     policy = VLAPolicy(adapter, load_action_head(head, dtype=adapter.dtype))
     sim = LiberoSim(suite, bcfg.image_size, bcfg.seed, bcfg.wrist_camera, bcfg.image_flip)
@@ -251,6 +260,47 @@ def run_monolithic(args, model: str, head: str, suite: str, cfg_dir: Path) -> di
             "peak_memory_mb": {"monolithic": peak_memory_mb()}}
 
 
+def resolve_vla(model: str, head: str, random_tiny: bool, work: Path, chunk_size: int = 8) -> tuple[str, str]:
+    """(model, head) to evaluate: the given ones; a head 'default'/empty is <model>/action_head when
+    that exists; nothing given: the shipped reference VLA; --random-tiny or nothing shipped: a tiny
+    random VLA (success zero by construction)."""
+    from edge_vlm_ros.core.model_paths import REFERENCE_VLA_NAME, VLA_HEAD_DIR, reference_vla, resolve
+
+    if not random_tiny and not model and not head and reference_vla() is not None:
+        model = str(reference_vla())
+    elif model == REFERENCE_VLA_NAME:
+        model = resolve(model)
+    if model and not head and (Path(model) / VLA_HEAD_DIR / "action_head_config.json").is_file():
+        head = str(Path(model) / VLA_HEAD_DIR)
+    if random_tiny or not model or not head:
+        from edge_vlm_ros.fixtures.tiny_vla import build_tiny_vla
+
+        m, h = build_tiny_vla(work / "tiny_vla", chunk_size=chunk_size, model_path=model or None)
+        model, head = model or str(m), head or str(h)
+        print(f"tiny random VLA (success will be zero): model {model}, head {head}", file=sys.stderr)
+    return model, head
+
+
+def trained_tasks(model: str) -> list[str] | None:
+    """The instructions a VLA was trained on (EDGE_VLM_MODEL.json train_tasks), None when unknown."""
+    note = Path(model) / "EDGE_VLM_MODEL.json"
+    try:
+        tasks = json.loads(note.read_text()).get("train_tasks")
+    except (OSError, ValueError):
+        return None
+    return list(tasks) if isinstance(tasks, list) else None
+
+
+def mark_distribution(results: dict, model: str) -> None:
+    """Mark each task of each suite summary `in_distribution` (true, false, or None when unknown)."""
+    known = trained_tasks(model)
+    for r in results.values():
+        for t in r["summary"]["tasks"].values():
+            t["in_distribution"] = None if known is None else t["instruction"] in known
+            if known is not None and not t["in_distribution"]:
+                print(f"note: task {t['instruction']!r} is out of distribution for {model}", file=sys.stderr)
+
+
 @launcher_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -262,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=220, help="steps before an episode fails")
     ap.add_argument("--settle-steps", type=int, default=10, help="safe-action steps after each reset")
     ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--no-wrist", action="store_true",
+                    help="do not render the wrist camera (the policy reads agentview only; halves the render cost)")
     ap.add_argument("--merge-policy", default="temporal_ensembling")
     ap.add_argument("--execution", default="async", choices=("sync", "async", "delay_aware"),
                     help="controller execution mode (core/chunks.py)")
@@ -272,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="split mode: a node parameter, e.g. edge.codec=vq edge.codebook_path=cb.safetensors "
                          "server.codebook_paths=[cb.safetensors] edge.split_point=none edge.codec=jpeg")
     ap.add_argument("--blend-steps", type=int, default=None, help="delay_aware: blend length (default: config)")
-    ap.add_argument("--model", default="", help="VLM folder or hub id (default: build a tiny random one)")
-    ap.add_argument("--action-head", default="", help="action head folder (default: build a tiny random one)")
+    ap.add_argument("--model", default="", help="VLM folder or hub id (default: the shipped reference VLA)")
+    ap.add_argument("--action-head", default="", help="action head folder (default: <model>/action_head)")
+    ap.add_argument("--random-tiny", action="store_true", help="build a tiny VLA with random weights (harness runs)")
     ap.add_argument("--chunk-size", type=int, default=8, help="chunk size of the tiny head that is built")
     ap.add_argument("--monolithic", action="store_true", help="the unsplit reference policy in this process")
     ap.add_argument("--timeout-s", type=float, default=3600.0, help="split mode: give up after this long per suite")
@@ -290,19 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     from edge_vlm_ros.bringup import config_dir
 
     work = Path(tempfile.mkdtemp(prefix="eval_libero_"))
-    model, head = args.model, args.action_head
-    if not model or not head:
-        from edge_vlm_ros.fixtures.tiny_vla import build_tiny_vla
-
-        m, h = build_tiny_vla(work / "tiny_vla", chunk_size=args.chunk_size, model_path=model or None)
-        model, head = model or str(m), head or str(h)
-        print(f"tiny random VLA (success will be zero): model {model}, head {head}", file=sys.stderr)
+    model, head = resolve_vla(args.model, args.action_head, args.random_tiny, work, args.chunk_size)
     results = {}
     for suite in suites:
         if args.monolithic:
             results[suite] = run_monolithic(args, model, head, suite, config_dir())
         else:
             results[suite] = run_split(args, model, head, suite, work)
+    mark_distribution(results, model)
     head_cfg = json.loads((Path(head) / "action_head_config.json").read_text())
     n = sum(r["summary"]["episodes"] for r in results.values())
     out = {"mode": "monolithic" if args.monolithic else "split", "model": model, "action_head": head,

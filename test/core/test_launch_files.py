@@ -132,7 +132,7 @@ def test_argument_defaults_are_the_parameter_files_values(name):
 
 def test_bad_arguments_are_rejected_naming_the_value():
     for name, args, bad in [("all_in_one", {"robots": "0"}, "0"), ("vla", {"sim": "gazebo", **REQUIRED["vla"]}, "gazebo"),
-                            ("vla", {"robots": "1"}, "action_head_path"), ("server", {"robots": "[1robot]"}, "1robot"),
+                            ("vla", {"action_head_path": ""}, "action_head_path"), ("server", {"robots": "[1robot]"}, "1robot"),
                             ("replay", {"rate": "fast"}, "fast"), ("robot", {"auth": "maybe"}, "maybe"),
                             ("all_in_one", {"enclave_root": "sec"}, "sec"), ("robot", {"robto": "x"}, "robto")]:
         with pytest.raises(ValueError, match=bad):

@@ -53,7 +53,8 @@ def test_eval_libero_smoke(tmp_path, ros_env):
     require_libero()
     res_path = tmp_path / "eval.json"
     env = dict(ros_env, MUJOCO_GL="egl")
-    out = _run(["edge_vlm_ros.tools.eval_libero", "--monolithic", "--tasks", "0", "--trials", "1", "--max-steps", "2",
+    out = _run(["edge_vlm_ros.tools.eval_libero", "--monolithic", "--random-tiny", "--tasks", "0", "--trials", "1",
+                "--max-steps", "2",
                 "--settle-steps", "0", "--image-size", "32", "--chunk-size", "2", "--out", str(res_path)],
                env, tmp_path, 240)
     res = json.loads(res_path.read_text())
@@ -74,6 +75,7 @@ def test_eval_libero_split_smoke_with_codec_latency_and_bytes(tmp_path, ros_env)
     out = _run(["edge_vlm_ros.tools.eval_libero", "--tasks", "0", "--trials", "1", "--max-steps", "6",
                 "--settle-steps", "0", "--image-size", "32", "--chunk-size", "4", "--execution", "delay_aware",
                 "--inject-latency-ms", "100", "--set", "edge.codec=raw", "--set", "edge.codec_dtype=float16",
+                "--random-tiny",
                 "--timeout-s", "400", "--out", str(res_path)], env, tmp_path, 500)
     res = json.loads(res_path.read_text())
     assert res["mode"] == "split" and res["execution"] == "delay_aware" and res["inject_latency_ms"] == 100

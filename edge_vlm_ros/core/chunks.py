@@ -35,7 +35,10 @@ Execution (when to ask for the next chunk and where a new chunk starts):
   delay_aware  async, but the executor measures how many control steps each chunk arrives after its
                observation (the largest of the last few) and requests that many steps ahead (at
                least low_water_steps), so the next chunk lands before the current one runs out. A new
-               chunk's past actions are dropped (its timeline), and its first steps are blended into
+               chunk's past actions are dropped: as many as the robot executed policy actions since
+               the observation (steps it spent holding the safe action did not move it, so they do
+               not use up the chunk; with no starvation this is the observation's timeline), and its
+               first steps are blended into
                the committed actions of the chunk that was running: over blend_steps steps the new
                chunk's weight ramps from 1/(blend_steps+1) to 1 (Real-Time Chunking's soft masking,
                applied to the executed actions since a regression head cannot be inpainted); older
@@ -64,6 +67,7 @@ space, e.g. LIBERO's gripper legitimately flips from -1 to +1 in one step):
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import math
@@ -101,6 +105,7 @@ class MergePolicy(str, enum.Enum):
 
 EXECUTIONS = ("sync", "async", "delay_aware")
 DELAY_WINDOW = 4   # delay_aware: the request point follows the largest delay of this many recent chunks
+ACTING_HISTORY = 4096   # delay_aware: times of the recent ticks that executed a policy action
 
 
 class Verdict(str, enum.Enum):
@@ -396,6 +401,7 @@ class ChunkExecutor:
         self._live: list[_Live] = []
         self._pending: list[_Live] = []   # accepted, held by inject_latency_s (bounded by max_chunks)
         self._delays: list[int] = []      # delay_aware: steps from observation to release, recent chunks
+        self._acting_ticks: collections.deque[int] = collections.deque(maxlen=ACTING_HISTORY)  # delay_aware
         self._seq = 0
         self._counts: Counter[str] = Counter()
         self._safe = config.safe_action_array()
@@ -431,6 +437,7 @@ class ChunkExecutor:
             self._live.clear()
             self._pending.clear()
             self._delays.clear()
+            self._acting_ticks.clear()
             self._episode_id = episode_id
             self._episode_start_ns = now_ns
             self._reset_at_ns = now_ns
@@ -587,8 +594,9 @@ class ChunkExecutor:
             return SubmitResult(Verdict.DROPPED_DEADLINE, f"observation is {age_s:.3f} s old, deadline "
                                                           f"{cfg.max_chunk_age_s} s")
         live = _Live(c, self._seq, period_ns, m)
-        # (sync runs a chunk from its first action when it arrives: none of its steps is past)
-        first = live.index_at(now_ns) if cfg.execution != "sync" else 0
+        # (sync runs a chunk from its first action when it arrives, delay_aware from the first the robot
+        # has not executed since the observation: decided when it goes live)
+        first = live.index_at(now_ns) if cfg.execution == "async" else 0
         if first >= c.chunk_size:
             return SubmitResult(Verdict.DROPPED_NO_FUTURE_STEPS, f"all {c.chunk_size} steps (period "
                                 f"{c.control_period_s} s) went by during the {age_s:.3f} s since the observation")
@@ -603,21 +611,30 @@ class ChunkExecutor:
             if len(self._pending) > cfg.max_chunks:
                 del self._pending[0]
                 self._counts["chunks_evicted"] += 1
-        else:
-            self._go_live(live, now_ns)
+        elif not self._go_live(live, now_ns):
+            self._counts["chunks_expired_delayed"] += 1
         return SubmitResult(Verdict.ACCEPTED)
 
-    def _go_live(self, live: _Live, now_ns: int) -> None:
-        """A chunk starts to count: its timeline is fixed and the measured delay recorded."""
+    def _go_live(self, live: _Live, now_ns: int) -> bool:
+        """A chunk starts to count: its timeline is fixed and the measured delay recorded. False (and
+        not added) when none of its steps is left."""
         cfg = self.config
         if cfg.execution == "sync":
             live.start_ns = now_ns     # the robot waited: the chunk starts at its first action
+        elif cfg.execution == "delay_aware":
+            # The actions already in the past are those the robot executed since the observation;
+            # steps it spent holding the safe action did not move it, so they do not use up the chunk.
+            executed = sum(1 for t in self._acting_ticks if live.chunk.stamp_ns <= t < now_ns)
+            live.start_ns = now_ns - executed * live.period_ns
         self._delays = (self._delays + [max(0, (now_ns - live.chunk.stamp_ns) // live.period_ns)])[-DELAY_WINDOW:]
+        if live.index_at(now_ns) >= live.chunk.chunk_size:
+            return False
         self._live.append(live)
         if len(self._live) > cfg.max_chunks:
             self._live.sort(key=lambda x: x.key)
             del self._live[0]
             self._counts["chunks_evicted"] += 1
+        return True
 
     def _jump(self, row: np.ndarray, i: int) -> str:
         """Why the chunk's first action to run (row i) jumps too far from the reference; "" if it does not."""
@@ -675,10 +692,8 @@ class ChunkExecutor:
             if due:
                 self._pending = [lv for lv in self._pending if lv.release_ns > now_ns]
                 for lv in due:
-                    if cfg.execution != "sync" and lv.index_at(now_ns) >= lv.chunk.chunk_size:
+                    if not self._go_live(lv, now_ns):
                         self._counts["chunks_expired_delayed"] += 1   # every step went by in the delay
-                    else:
-                        self._go_live(lv, now_ns)
             # Retire the chunks whose last step went by.
             kept = []
             for lv in self._live:
@@ -724,6 +739,8 @@ class ChunkExecutor:
                 else:
                     status = TickStatus.STARVED
                     message = "chunks ran out before the next arrived: holding the safe action"
+            if status is TickStatus.ACTING and (not self._acting_ticks or self._acting_ticks[-1] != now_ns):
+                self._acting_ticks.append(now_ns)
             if status is not TickStatus.ACTING and cfg.hold_dims and self._last_action is not None:
                 action[cfg.hold_dims] = self._last_action[cfg.hold_dims]
             self._last_action = action.copy()

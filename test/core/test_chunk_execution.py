@@ -58,22 +58,40 @@ def test_delay_aware_requests_as_far_ahead_as_chunks_arrive_late_and_blends_the_
     ex = executor(execution="delay_aware", low_water_steps=1, blend_steps=3)
     assert ex.tick(0).needs_request
     ex.note_request("a", 0)
+    assert [ex.tick(t * P).status for t in (1, 2)] == [TickStatus.WAITING_FIRST] * 2
     assert ex.submit(chunk(rows(0, 10), 0, "a"), 3 * P).accepted     # 3 steps late
     needs = {}
-    for t in range(3, 10):
+    for t in range(3, 13):
         r = ex.tick(t * P)
-        needs[t] = r.needs_request
+        needs[t] = (r.action[0], r.needs_request)
         if r.needs_request:
             ex.note_request("b", t * P)
             break
-    # Chunk "a" ends at step 9; measured delay 3: asked when 3 steps remained (t=6), not at 1 (t=8).
-    assert needs == {3: False, 4: False, 5: False, 6: True}
-    assert ex.submit(chunk(rows(100, 10), 6 * P, "b"), 9 * P).accepted  # observation t=6, 3 late
-    # t=9: a's row 9 = 9, b's row 3 = 103: weights 1/4, then 2/4, 3/4 of the new chunk, then all new.
-    a9 = ex.tick(9 * P).action[0]
-    assert a9 == pytest.approx(0.25 * 103 + 0.75 * 9)
-    assert ex.tick(10 * P).action[0] == pytest.approx(104)  # a ran out at 9: only b covers step 10
+    # The robot held still for 3 steps: nothing of "a" was executed, so it runs from its first action.
+    # Measured delay 3: the next request goes out when 3 steps remain (t=9), not at 1 (t=11).
+    assert needs == {3: (0, False), 4: (1, False), 5: (2, False), 6: (3, False), 7: (4, False),
+                     8: (5, False), 9: (6, True)}
+    for t in (10, 11):
+        assert ex.tick(t * P).action[0] == t - 3
+    assert ex.submit(chunk(rows(100, 10), 9 * P, "b"), 12 * P).accepted   # observation t=9, 3 late
+    # The robot executed a's rows 6, 7, 8 since b's observation: b starts at its row 3, blended into
+    # a's row 9 with weight 1/4; a then ends and b runs alone.
+    assert ex.tick(12 * P).action[0] == pytest.approx(0.25 * 103 + 0.75 * 9)
+    assert ex.tick(13 * P).action[0] == pytest.approx(104)
     assert ex.counters()["chunks_blended"] == 1
+
+
+def test_delay_aware_does_not_skip_the_steps_the_robot_held_still():
+    """A 6-step delay on an 8-action chunk: async finds 2 actions left, delay_aware all 8 (the robot
+    did not move meanwhile, so the chunk's first action is still the one to run)."""
+    for mode, first in (("async", 6.0), ("delay_aware", 0.0)):
+        ex = executor(execution=mode, low_water_steps=0)
+        ex.tick(0)
+        ex.note_request("a", 0)
+        for t in range(1, 6):
+            ex.tick(t * P)
+        assert ex.submit(chunk(rows(0, 8), 0, "a"), 6 * P).accepted
+        assert ex.tick(6 * P).action[0] == first, mode
 
 
 def test_delay_aware_blend_ramps_over_blend_steps_while_both_chunks_cover():
@@ -81,7 +99,8 @@ def test_delay_aware_blend_ramps_over_blend_steps_while_both_chunks_cover():
     assert ex.tick(0).needs_request
     ex.note_request("a", 0)
     assert ex.submit(chunk(rows(0, 20), 0, "a"), 0).accepted
-    assert ex.submit(chunk(rows(100, 20), 2 * P, "b"), 4 * P).accepted
+    assert [ex.tick(t * P).action[0] for t in range(4)] == [0, 1, 2, 3]
+    assert ex.submit(chunk(rows(100, 20), 2 * P, "b"), 4 * P).accepted   # 2 actions executed since t=2
     got = [ex.tick(t * P).action[0] for t in range(4, 9)]
     # b's rows 2..6 = 102..106 against a's 4..8; new weights 1/4, 2/4, 3/4, 1, 1.
     want = [0.25 * 102 + 0.75 * 4, 0.5 * 103 + 0.5 * 5, 0.75 * 104 + 0.25 * 6, 105, 106]

@@ -46,7 +46,7 @@ from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, Rob
 
 from . import qos, topics
 from .conversions import check_episode, msg_to_answer, msg_to_chunk, ns_to_stamp, stamp_to_ns
-from .core.chunks import ChunkExecutor, ChunkExecutorConfig, TickStatus
+from .core.chunks import ChunkExecutor, ChunkExecutorConfig, TickStatus, Verdict
 from .core.config import ControllerConfig
 from .core.diagnostics import Growth, Health, controller_health
 from .core.types import Outcome
@@ -172,11 +172,21 @@ class ControllerNode(ManagedNode):
         if ra.held is not None:           # a new step while one was held: answer the held one first
             self._release(ra)
         res = ra.executor.tick(now_ns)
-        if res.needs_request and self._lockstep and ra.instruction:
+        if res.needs_request and ra.last_request_ns == now_ns:
+            ra.executor.cancel_request()       # one request per step (a step ticked again after its chunk)
+            res = dataclasses.replace(res, needs_request=False)
+        if res.needs_request:
+            ra.last_request_ns = now_ns
+        if res.needs_request and self._lockstep:
             # Lock step: the simulation waits for this step's action, so hold it until the chunk of the
-            # request sent now arrives (_on_chunk) or lockstep_wait_s runs out (_check_held).
-            ra.pub_prompt.publish(String(data=ra.instruction))
-            ra.request_wall_ns = time.time_ns()
+            # request sent now arrives (_on_chunk) or lockstep_wait_s runs out (_check_held). Without an
+            # instruction yet (the episode's start may arrive after its first state), hold it for the
+            # Episode message, which ticks again (_on_episode).
+            if ra.instruction:
+                ra.pub_prompt.publish(String(data=ra.instruction))
+                ra.request_wall_ns = time.time_ns()
+            else:
+                ra.executor.cancel_request()
             ra.held = (now_ns, res, time.monotonic())
             return
         self._publish_tick(ra, now_ns, res)
@@ -189,14 +199,15 @@ class ControllerNode(ManagedNode):
             ra.request_wall_ns = time.time_ns()
 
     def _release(self, ra: "_RobotActions", timed_out: bool = False) -> None:
-        """Answer a held lock-step tick: again on the same clock, now that its chunk is in (or not)."""
+        """Answer a held lock-step tick: again on the same clock, now that its chunk is in (or, timed
+        out, with what the tick had)."""
         now_ns, res, _ = ra.held
         ra.held = None
         if timed_out:
             ra.counts["lockstep_wait_timeouts"] += 1
             self._publish_tick(ra, now_ns, res)
         else:
-            self._publish_tick(ra, now_ns, ra.executor.tick(now_ns))
+            self._tick(ra, now_ns)
 
     def _check_held(self) -> None:
         for ra in self._robots.values():
@@ -235,20 +246,35 @@ class ControllerNode(ManagedNode):
         if not result.accepted:
             self.get_logger().warning(f"[{ra.robot}] action chunk {chunk.request_id}: {result.verdict.value}: "
                                       f"{result.detail}")
-        if ra.held is not None and not ra.executor.request_in_flight:
-            self._release(ra)     # the held lock-step tick's request is answered
+        if ra.held is not None:
+            if result.verdict is Verdict.DROPPED_EPISODE and ra.executor.request_in_flight:
+                # The edge stamped our request with the episode before (it had not yet heard this one's
+                # start): the chunk is refused, so ask again for this step.
+                ra.executor.cancel_request()
+                ra.last_request_ns = None
+                ra.counts["lockstep_rerequests"] += 1
+            if not ra.executor.request_in_flight:
+                self._release(ra)     # the held lock-step tick's request is answered
 
     def _on_episode(self, msg: Episode, ra: "_RobotActions") -> None:
         check_episode(msg)
         if msg.status != Episode.STATUS_RUNNING or msg.episode_id == ra.executor.episode_id:
             return
-        if ra.held is not None:
+        start_ns = stamp_to_ns(msg.header.stamp)
+        held, ra.held = ra.held, None
+        if held is not None and held[0] < start_ns:      # a step of the episode before: let it go
+            ra.held = held
             self._release(ra, timed_out=True)
-        ra.executor.reset(msg.episode_id, stamp_to_ns(msg.header.stamp))
+            held = None
+        ra.executor.reset(msg.episode_id, start_ns)
         ra.request_wall_ns = None
+        ra.last_request_ns = None
         if msg.instruction:
             ra.instruction = msg.instruction
         self.get_logger().info(f"[{ra.robot}] episode {msg.episode_id}: {ra.instruction!r}")
+        if held is not None:
+            # The episode's first state came before this message: tick that step again, in the new episode.
+            self._tick(ra, held[0])
 
     def action_stats(self) -> dict:
         out = {}
@@ -350,6 +376,7 @@ class _RobotActions:
     last_warn_ns: int | None = None
     last_status: TickStatus | None = None     # the newest tick's
     held: tuple | None = None                 # lock step: (sim ns, tick result, monotonic s) awaiting its chunk
+    last_request_ns: int | None = None        # tick time of the newest request (one per step)
     last_chunk_t: float | None = None         # monotonic time the newest chunk was accepted
     latencies_ms: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=10000))
     server_ms: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=10000))

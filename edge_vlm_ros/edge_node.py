@@ -96,6 +96,9 @@ ENCODER_FIELDS = frozenset({"split_point", "codec", "codec_dtype", "jpeg_quality
                             "token_stats_dtype"})
 
 
+# A frame and a robot state of the same stamp are one observation: wait this long for the later one.
+PAIRING_WAIT_S = 0.5
+
 class EdgeNode(ManagedNode):
     """A managed node (managed.ManagedNode). configure: keys, model, publishers, subscriptions and
     the deadline timer; activate: camera frames and prompts are taken, the encoder thread runs;
@@ -302,6 +305,7 @@ class EdgeNode(ManagedNode):
         check_proprio_state(msg)
         with self._lock:
             self._state = msg
+            self._lock.notify_all()      # a prompt may be waiting for this half of its observation
 
     def _on_flow(self, msg: FlowControl) -> None:
         if not self.msg_auth.check(msg, self.cfg.robot_id, "FlowControl", self.get_logger()):
@@ -420,6 +424,8 @@ class EdgeNode(ManagedNode):
         while self._prompts:
             text, t, deadline_ns = self._prompts[0]
             if self._frame is not None:
+                if not self._observation_paired(t):
+                    return None
                 self._prompts.popleft()
                 self._used_seq = self._frame_seq
                 return text, self._frame, deadline_ns
@@ -432,6 +438,20 @@ class EdgeNode(ManagedNode):
                 continue
             return None
         return None
+
+    def _observation_paired(self, asked_t: float) -> bool:
+        """Task "action" with proprio: do the newest frame and robot state belong to the same instant?
+        A simulator stamps both alike; one may still be in transit when a prompt arrives (a camera
+        frame is larger than the state), so wait a little (PAIRING_WAIT_S after the prompt) for the
+        other half of the observation rather than send a frame with another instant's state."""
+        if self.cfg.task != "action" or not self.cfg.send_proprio or self._state is None:
+            return True
+        if stamp_to_ns(self._frame.header.stamp) == stamp_to_ns(self._state.header.stamp):
+            return True
+        if time.monotonic() - asked_t < PAIRING_WAIT_S:
+            return False
+        self.counters["observations_unpaired"] += 1
+        return True
 
     def _work(self, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -174,7 +174,7 @@ def run_split(args, model: str, head: str, suite: str, work: Path, on_client=Non
             "bytes_per_observation": {"mean": float(np.mean(feature_bytes)) if feature_bytes else None,
                                       "n": len(feature_bytes)},
             "server_total_ms_p50": _pct(ctl["server_total_ms"], 50),
-            "controller": {"counters": ctl["counters"], "statuses": ctl["statuses"]},
+            "controller": {"counters": ctl["counters"], "statuses": ctl["statuses"], "other": ctl.get("other", {})},
             "peak_memory_mb": peaks}
 
 
@@ -235,6 +235,8 @@ def run_monolithic(args, model: str, head: str, suite: str, cfg_dir: Path) -> di
                                                              episode_id=eid, stamp_ns=sim_ns,
                                                              control_period_s=policy.control_period_s), sim_ns)
                             res = ex.tick(sim_ns)
+                            if res.needs_request:      # one request per step (as the controller node)
+                                ex.cancel_request()
                         acting += res.status is TickStatus.ACTING
                         rec["actions"].append([round(float(x), 6) for x in res.action])
                         obs, success = sim.step(res.action)

@@ -111,8 +111,10 @@ def test_split_lossless_episode_executes_the_monolithic_actions(tmp_path, ros_en
         (ep,) = res["suites"]["libero_spatial"]["summary"]["tasks"]["0"]["episodes"]
         eps[mode] = ep
     split, mono = eps["split"], eps["mono"]
+    ctl = json.loads((tmp_path / "split.json").read_text())["suites"]["libero_spatial"]["controller"]
     assert split["steps"] == mono["steps"] == 7, (split["steps"], mono["steps"])
     assert split.get("action_timeouts", 0) == 0
     # every step acted on a chunk (the lock step waited for each), and the actions are equal
-    np.testing.assert_allclose(np.asarray(split["actions"]), np.asarray(mono["actions"]), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(split["actions"]), np.asarray(mono["actions"]), rtol=0, atol=2e-5,
+                               err_msg=f"controller: {ctl}")
     assert np.abs(np.asarray(mono["actions"])[:, :6]).max() > 0    # a policy's actions, not the safe action

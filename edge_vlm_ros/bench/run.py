@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..processes import launcher_main
+from ..processes import deferred_stop, launcher_main
 
 MODES = {
     # quick: tiny models, a few minutes on a 2-core CPU
@@ -123,7 +123,8 @@ def run_graph(p: dict, model: str, bag: Path, best_b: int, out: Path, device: st
                 **common, "robot_id": r, "split_point": "projector", "codec": "raw",
                 "codec_dtype": "float16" if p["dtype"] != "float32" else "float32"}, cfgd / "robot.yaml"),
                 cpus=cpu_robot)
-        probe = Probe(robots)
+        with deferred_stop():      # a stop signal during construction must still leave a probe to close
+            probe = Probe(robots)
         if not probe.wait_ready(p.get("ready_timeout", 180.0)):
             raise RuntimeError(f"nodes not ready; exited: {group.dead()} (logs in {out / 'logs'})")
 

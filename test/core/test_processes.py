@@ -44,7 +44,9 @@ def _read_line(p: subprocess.Popen, timeout: float = 30.0) -> str:
 
 
 def test_stop_escalates_int_term_kill_and_touches_only_its_own():
-    obedient = "import time\nprint('up', flush=True)\ntime.sleep(60)\n"   # dies of SIGINT
+    # dies of SIGINT (its default handler set explicitly: a shell's background job inherits SIGINT ignored)
+    obedient = ("import signal, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                "print('up', flush=True)\ntime.sleep(60)\n")
     stubborn = ("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\ntime.sleep(60)\n")
     bystander = subprocess.Popen([*PY, obedient], stdout=subprocess.PIPE)

@@ -134,6 +134,11 @@ class EdgeNode(ManagedNode):
         self._last_request_t = 0.0
         self._episode_id = ""
         self._state: JointState | None = None
+        # Does this robot stamp its camera frames and states alike (a simulator, a synchronised
+        # driver)? Learned from the stamps seen: only then is a frame worth waiting for its state.
+        self._recent_frame_stamps: collections.deque[int] = collections.deque(maxlen=16)
+        self._recent_state_stamps: collections.deque[int] = collections.deque(maxlen=16)
+        self._stamps_aligned = False
 
     # ---- lifecycle (managed.ManagedNode) -------------------------------------------------------
     def configure(self) -> None:
@@ -268,6 +273,7 @@ class EdgeNode(ManagedNode):
                 self.counters["frames_replaced_while_paused"] += 1
             self._frame = msg
             self._frame_seq += 1
+            self._note_stamp(self._recent_frame_stamps, self._recent_state_stamps, msg)
             self.counters["frames"] += 1
             self._lock.notify_all()
 
@@ -305,6 +311,7 @@ class EdgeNode(ManagedNode):
         check_proprio_state(msg)
         with self._lock:
             self._state = msg
+            self._note_stamp(self._recent_state_stamps, self._recent_frame_stamps, msg)
             self._lock.notify_all()      # a prompt may be waiting for this half of its observation
 
     def _on_flow(self, msg: FlowControl) -> None:
@@ -439,12 +446,27 @@ class EdgeNode(ManagedNode):
             return None
         return None
 
+    def _note_stamp(self, mine: collections.deque[int], other: collections.deque[int],
+                    msg: Image | CompressedImage | JointState) -> None:
+        """Under the lock: remember a stamp; a frame and a state stamped alike mark the robot as one
+        that stamps its observations alike (only task "action" with proprio asks)."""
+        if self.cfg.task != "action" or not self.cfg.send_proprio or self._stamps_aligned:
+            return
+        ns = stamp_to_ns(msg.header.stamp)
+        mine.append(ns)
+        if ns != 0 and ns in other:
+            self._stamps_aligned = True
+
     def _observation_paired(self, asked_t: float) -> bool:
         """Task "action" with proprio: do the newest frame and robot state belong to the same instant?
         A simulator stamps both alike; one may still be in transit when a prompt arrives (a camera
         frame is larger than the state), so wait a little (PAIRING_WAIT_S after the prompt) for the
-        other half of the observation rather than send a frame with another instant's state."""
+        other half of the observation rather than send a frame with another instant's state. A robot
+        whose camera and joint states are stamped by their own drivers never stamps them alike: its
+        newest state goes with the frame at once (waiting could not find a better one)."""
         if self.cfg.task != "action" or not self.cfg.send_proprio or self._state is None:
+            return True
+        if not self._stamps_aligned:
             return True
         if stamp_to_ns(self._frame.header.stamp) == stamp_to_ns(self._state.header.stamp):
             return True

@@ -201,8 +201,8 @@ class ServerConfig:
                                      "reads N/r visual tokens at every split point. Empty: none.")
     max_batch_size: int = param(8, "Most requests generated together.", live=True)
     max_batch_wait_ms: float = param(5.0, "How long the batch worker waits for more requests after the first.", live=True)
-    pause_threshold: int = param(16, "Matched-queue depth at which PAUSE is published.", live=True)
-    resume_threshold: int = param(4, "Matched-queue depth at which RESUME follows a PAUSE (hysteresis).", live=True)
+    pause_threshold: int = param(16, "Backlog (requests taken in and not yet started: inbox, unmatched, matched) at which PAUSE is published.", live=True)
+    resume_threshold: int = param(4, "Backlog at which RESUME follows a PAUSE (hysteresis).", live=True)
     queue_capacity: int = param(64, "Hard bound of the matched queue; beyond it requests are rejected "
                                  "(overload). Leave room above pause_threshold for requests in flight.")
     inbox_capacity: int = param(256, "Bound of the receive inbox between callbacks and the matcher thread.")

@@ -196,6 +196,9 @@ class ServerEngine:
         # Open requests, (route, request_id) -> record. Bounded: every open request is in the inbox,
         # the matcher, the matched queue or a batch; beyond that bound a new one is refused.
         self._open: dict[tuple[str, str], Request] = {}
+        # Keys of the open requests taken into a batch: the rest of _open is the backlog that flow
+        # control watches (inbox, unmatched halves, matched queue).
+        self._running_keys: set[tuple[str, str]] = set()
         self._open_cap = cfg.inbox_capacity + cfg.max_pending + cfg.queue_capacity + cfg.max_batch_size
         # Recently finished requests (bounded, oldest dropped first): a late half of one is dropped
         # instead of waiting for its TTL and answering the same request twice.
@@ -290,6 +293,18 @@ class ServerEngine:
         with self._requests_lock:
             return len(self._open)
 
+    def backlog(self) -> int:
+        """Requests the server has taken in and not yet started: in the inbox, waiting for their other
+        half, or matched and queued. This is the depth PAUSE/RESUME judge: under overload a request
+        received but not yet matched is as much committed work as a matched one, and counting it
+        keeps what a PAUSE lets through bounded even when the matcher falls behind."""
+        with self._requests_lock:
+            return len(self._open) - len(self._running_keys)
+
+    def _update_flow(self) -> None:
+        """Judge PAUSE/RESUME on the backlog now (never under _requests_lock: it may publish)."""
+        self.flow.update(self.backlog())
+
     def open_by_status(self) -> dict[str, int]:
         """Open requests by status (received, waiting_for_*, matched, running): where the work is now."""
         with self._requests_lock:
@@ -314,7 +329,7 @@ class ServerEngine:
         with self._requests_lock:           # a batch holds up to max_batch_size open requests
             self._open_cap = cfg.inbox_capacity + cfg.max_pending + cfg.queue_capacity + cfg.max_batch_size
         self.cfg = cfg
-        self.flow.update(len(self.matched))
+        self._update_flow()
 
     # ---- entry points (callback threads: never block) ----------------------------------------
     def cancel(self, request_id: str, robot_id: str, route: str | None = None, reason: str = "") -> CancelVerdict:
@@ -435,12 +450,13 @@ class ServerEngine:
         now = time.monotonic()
         with self._requests_lock:
             req = self._open.get(key) or self._finished.get(key)
-            cancelled_before = False
+            cancelled_before = created = False
             if req is None:
                 if len(self._open) >= self._open_cap:
                     req = None
                 else:
                     req = self._open[key] = Request(route, msg.request_id, now)
+                    created = True
                     cancelled_before = self._take_early_cancel(key, now)
             first = req is not None and req.note_submitted(half, msg)
             if cancelled_before:
@@ -455,6 +471,8 @@ class ServerEngine:
             self._finish(Request.stray_of(route, msg.request_id, msg.robot_id, msg.stamp_ns, now), Outcome.REJECTED,
                          f"server has {self._open_cap} requests open: overloaded")
             return None
+        if created:
+            self._update_flow()      # a new request: PAUSE goes out from here when the matcher lags
         return Arrival(req, half, msg, received_ns, now, first)
 
     def _reject_overloaded(self, a: Arrival) -> None:
@@ -507,6 +525,7 @@ class ServerEngine:
                 for e in self.matcher.evict_expired():
                     self._answer_expired(e.item, e.half, e.reason, Outcome.TIMEOUT)
                 self._sweep_deadlines()
+                self._update_flow()    # requests ended while waiting (timeouts, cancels, deadlines)
             self._arrivals = self._expected_arrivals()
 
     def _let_go_cancelled(self) -> None:
@@ -607,7 +626,7 @@ class ServerEngine:
         depth = len(self.matched)
         with self._stats_lock:
             self.stats.max_matched_depth = max(self.stats.max_matched_depth, depth)
-        self.flow.update(depth)
+        self._update_flow()
 
     def _move(self, req: Request, step: Callable, *args) -> bool:
         """Apply a status step to an open request under the lock; False (nothing done) when it was
@@ -775,10 +794,11 @@ class ServerEngine:
                                                     wait_until=self._wait_until)
             if not batch:
                 continue
-            self.flow.update(len(self.matched))
+            self._update_flow()
             try:
                 batch = [r for r in batch if not self._drop_past_deadline(r, "queued", r.deadline_ns)]
-                batch = [r for r in batch if self._move(r, r.advance, RequestStatus.RUNNING)]
+                batch = [r for r in batch if self._move(r, self._start_running, r)]
+                self._update_flow()
                 if batch:
                     self._run_batch(batch, t_first)
             except Exception as e:   # a bug (an illegal transition too) must not stop the batch thread
@@ -948,11 +968,17 @@ class ServerEngine:
                 self.stats.emit_errors += 1
             LOG.error("emitting the reply for %s failed: %s\n%s", req.request_id, e, traceback.format_exc())
 
+    def _start_running(self, req: Request) -> None:
+        """Under _requests_lock: a request taken into a batch leaves the backlog."""
+        req.advance(RequestStatus.RUNNING)
+        self._running_keys.add(req.key)
+
     def _retire(self, req: Request) -> None:
         """Under _requests_lock: a request that just ended leaves the open table for the bounded
         table of recently finished ones (a stray record was never in either)."""
         if not req.tracked:
             return
+        self._running_keys.discard(req.key)
         if self._open.get(req.key) is req:
             del self._open[req.key]
         self._finished[req.key] = req

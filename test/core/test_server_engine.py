@@ -343,6 +343,38 @@ def test_a_second_reply_is_blocked_and_counted(harness):
     harness.engine.stats.duplicate_replies_blocked = 0     # seen; the teardown checks the rest
 
 
+def test_pause_counts_requests_not_yet_matched(adapter):
+    """Flow control judges the backlog, not the matched queue alone: announced prompts whose
+    features have not come yet (a matcher behind, features in transit) are committed work, so the
+    PAUSE goes out at the threshold with nothing matched; the RESUME follows once the backlog is
+    worked off, and every request is answered once."""
+    h = Harness(adapter, max_batch_size=2, pause_threshold=3, resume_threshold=1, queue_capacity=8,
+                match_ttl_s=30)
+    try:
+        pkts = []
+        for _ in range(4):
+            rid = _rid()
+            pkts.append((rid, h.packet(rid, "r0")))
+            h.prompt(rid, "r0")
+        deadline = time.monotonic() + 10
+        while not h.flow and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [e.state for e in h.flow] == [FlowState.PAUSE], h.flow
+        assert h.flow[0].depth == 3 and len(h.engine.matched) == 0
+        assert h.engine.backlog() == 4
+        for rid, pkt in pkts:
+            h.features(rid, "r0", pkt=pkt)
+        outcomes = [h.wait(rid, 60)[1].outcome for rid, _ in pkts]
+        assert outcomes == [Outcome.OK] * 4
+        deadline = time.monotonic() + 10
+        while h.flow[-1].state is not FlowState.RESUME and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [e.state for e in h.flow] == [FlowState.PAUSE, FlowState.RESUME]
+        assert h.engine.backlog() == 0
+    finally:
+        h.stop_and_check()
+
+
 def test_backpressure_pauses_and_bounds_the_queue(adapter):
     h = Harness(adapter, max_batch_size=1, pause_threshold=3, resume_threshold=1, queue_capacity=5,
                 default_max_new_tokens=24, ignore_eos=True, match_ttl_s=30)

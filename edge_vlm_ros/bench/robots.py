@@ -181,7 +181,7 @@ def engine_sweep(model: str, bag: Path, batches: list[int], n_requests: int, war
     torch.set_num_threads(threads)
     recorded = load_requests(str(bag))
     prompts = [msg_to_prompt(r.prompt) for r in recorded]
-    packets = [msg_to_features(r.features) for r in recorded]
+    packets = [msg_to_features(r.features, r.prompt.robot_id) for r in recorded]
     adapter = load_vlm(model, dtype=dtype, device=device)
     rows = []
     for b in batches:

@@ -14,7 +14,7 @@ import time
 
 from edge_vlm_ros.bag.io import bag_info
 from edge_vlm_ros.bench.procs import node_command
-from edge_vlm_ros.bench.robots import record_requests
+from edge_vlm_ros.bench.robots import engine_sweep, record_requests
 from edge_vlm_ros.bench.sim_robots import FEATURES_TOPIC, PROMPT_TOPIC, load_requests
 from edge_vlm_ros.bringup import config_dir
 from edge_vlm_ros.conversions import msg_to_features
@@ -35,6 +35,12 @@ def test_sim_robots_answered_ok_and_held_by_pause(ros_env, tmp_path, monkeypatch
     recorded = load_requests(str(bag))
     assert len(recorded) >= 3 and all(
         msg_to_features(r.features, "robot_0").split_point == "projector" for r in recorded)
+    # the benchmark's in-process reference reads the same bag (it broke once unnoticed: a changed
+    # conversion signature left only the full benchmark run to find it)
+    eng = engine_sweep(model, bag, [1, 2], n_requests=4, warmup=1, max_new_tokens=4, threads=1)
+    assert [r["max_batch_size"] for r in eng["rows"]] == [1, 2]
+    assert all(r["ok"] == r["requests"] == 4 and r["tokens_per_request"] == 4 for r in eng["rows"]), eng
+    assert eng["best_requests_per_s"] > 0 and eng["best_batch_size"] in (1, 2)
 
     ensure_keys(None, ROBOTS)
     stats = tmp_path / "server_stats.json"

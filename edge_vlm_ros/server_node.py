@@ -249,7 +249,7 @@ class ServerNode(ManagedNode):
 
     def _emit_flow(self, event: FlowEvent) -> None:
         self._flow_state, self._flow_depth = event.state, event.depth
-        self.get_logger().info(f"{event.state.name} at matched-queue depth {event.depth}")
+        self.get_logger().info(f"{event.state.name} at backlog {event.depth}")
         self._publish_flow()
 
     def _publish_flow(self) -> None:
@@ -259,7 +259,7 @@ class ServerNode(ManagedNode):
                 msg.header.stamp = ns_to_stamp(time.time_ns())
                 msg.server_id = self.cfg.server_id
                 msg.state = int(self._flow_state)
-                msg.queue_depth = len(self.engine.matched)
+                msg.queue_depth = self.engine.backlog()
                 msg.pause_threshold = self.cfg.pause_threshold
                 msg.resume_threshold = self.cfg.resume_threshold
                 msg.lease_s = float(self.cfg.lease_s)

@@ -46,7 +46,7 @@ from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Episode, Rob
 
 from . import qos, topics
 from .conversions import check_episode, msg_to_answer, msg_to_chunk, ns_to_stamp, stamp_to_ns
-from .core.chunks import ChunkExecutor, ChunkExecutorConfig, TickStatus, Verdict
+from .core.chunks import MAX_IN_FLIGHT, ChunkExecutor, ChunkExecutorConfig, TickStatus, Verdict
 from .core.config import ControllerConfig
 from .core.diagnostics import Growth, Health, controller_health
 from .core.types import Outcome
@@ -184,7 +184,7 @@ class ControllerNode(ManagedNode):
             # Episode message, which ticks again (_on_episode).
             if ra.instruction:
                 ra.pub_prompt.publish(String(data=ra.instruction))
-                ra.request_wall_ns = time.time_ns()
+                self._note_request_wall(ra)
             else:
                 ra.executor.cancel_request()
             ra.held = (now_ns, res, time.monotonic())
@@ -196,7 +196,14 @@ class ControllerNode(ManagedNode):
                 ra.counts["requests_without_instruction"] += 1
                 return
             ra.pub_prompt.publish(String(data=ra.instruction))
-            ra.request_wall_ns = time.time_ns()
+            self._note_request_wall(ra)
+
+    def _note_request_wall(self, ra: "_RobotActions") -> None:
+        """Wall time of a request just sent, for its chunk's latency; as many kept as may be in flight
+        (a request given up on makes room for the next)."""
+        ra.request_wall_ns.append(time.time_ns())
+        while len(ra.request_wall_ns) > self.executor_config.max_in_flight_chunks:
+            ra.request_wall_ns.popleft()
 
     def _release(self, ra: "_RobotActions", timed_out: bool = False) -> None:
         """Answer a held lock-step tick: again on the same clock, now that its chunk is in (or, timed
@@ -239,10 +246,9 @@ class ControllerNode(ManagedNode):
         result = ra.executor.submit(chunk, self._now_ns(ra))
         if result.accepted:
             ra.last_chunk_t = time.monotonic()
-        if chunk.robot_id == ra.robot and ra.request_wall_ns is not None:
-            ra.latencies_ms.append((now_wall - ra.request_wall_ns) / 1e6)
+        if chunk.robot_id == ra.robot and ra.request_wall_ns:   # answers come in the order asked
+            ra.latencies_ms.append((now_wall - ra.request_wall_ns.popleft()) / 1e6)
             ra.server_ms.append(chunk.timings.server_total_ms)
-            ra.request_wall_ns = None
         if not result.accepted:
             self.get_logger().warning(f"[{ra.robot}] action chunk {chunk.request_id}: {result.verdict.value}: "
                                       f"{result.detail}")
@@ -267,7 +273,7 @@ class ControllerNode(ManagedNode):
             self._release(ra, timed_out=True)
             held = None
         ra.executor.reset(msg.episode_id, start_ns)
-        ra.request_wall_ns = None
+        ra.request_wall_ns.clear()
         ra.last_request_ns = None
         if msg.instruction:
             ra.instruction = msg.instruction
@@ -372,7 +378,9 @@ class _RobotActions:
     pub_action: object = None
     pub_prompt: object = None
     last_state_ns: int | None = None
-    request_wall_ns: int | None = None
+    # wall times of the requests awaiting their chunk, oldest first (max_in_flight_chunks may be 2)
+    request_wall_ns: collections.deque = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=MAX_IN_FLIGHT))
     last_warn_ns: int | None = None
     last_status: TickStatus | None = None     # the newest tick's
     held: tuple | None = None                 # lock step: (sim ns, tick result, monotonic s) awaiting its chunk

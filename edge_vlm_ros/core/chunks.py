@@ -43,6 +43,14 @@ Execution (when to ask for the next chunk and where a new chunk starts):
                chunk's weight ramps from 1/(blend_steps+1) to 1 (Real-Time Chunking's soft masking,
                applied to the executed actions since a regression head cannot be inpainted); older
                chunks no longer count.
+               With max_in_flight_chunks 2 it may also ask again before the previous answer is in:
+               when the chunks live and asked for cover no more than the measured delay (a chunk
+               answering an observation at t covers up to t + N - 1 steps) and a request sent only
+               once the pending answer is in would arrive after they ran out, e.g. a 300 ms link at
+               20 Hz (6 steps) against an 8-action chunk (each answer leaves 2 actions); not with
+               4 steps (each answer leaves 4, enough for the next round trip). At most
+               max_in_flight_chunks requests are then unanswered or held at once; each chunk still
+               runs on its own observation's timeline and is blended in as above.
 
 For experiments, inject_latency_s holds every accepted chunk that long (controller clock) before it
 may run, as if the link added that much round-trip latency: with the LIBERO bridge's lock step on
@@ -106,6 +114,7 @@ class MergePolicy(str, enum.Enum):
 EXECUTIONS = ("sync", "async", "delay_aware")
 DELAY_WINDOW = 4   # delay_aware: the request point follows the largest delay of this many recent chunks
 ACTING_HISTORY = 4096   # delay_aware: times of the recent ticks that executed a policy action
+MAX_IN_FLIGHT = 2       # most chunks asked for and not yet running (max_in_flight_chunks' bound)
 
 
 class Verdict(str, enum.Enum):
@@ -148,7 +157,7 @@ class TickStatus(str, enum.Enum):
 TICK_COUNTERS = ("ticks", "safe_ticks", "requests", "request_timeouts", "chunks_completed",
                  "chunks_evicted", "episode_resets", "rate_clamped", "rate_rejected", "chunks_rate_rejected",
                  "states_unusable", "chunks_dropped_reconfigured", "chunks_delayed", "chunks_expired_delayed",
-                 "chunks_blended")
+                 "chunks_blended", "requests_overlapped")
 
 
 @dataclass(frozen=True, eq=False)
@@ -233,6 +242,11 @@ class ChunkExecutorConfig:
                                  "into the running chunk set by the measured latency).", live=True)
     blend_steps: int = _f(4, "delay_aware: steps over which a new chunk takes over from the running one "
                              "(0: the new chunk at once).", live=True)
+    max_in_flight_chunks: int = _f(1, "delay_aware: most chunks asked for and not yet running (requests "
+                                      "unanswered plus chunks held by inject_latency_s), 1 or 2. 1: the next "
+                                      "request waits for the previous answer; 2: when the measured delay is "
+                                      "longer than what the running and requested chunks cover, ask again "
+                                      "before the previous answer is in.", live=True)
     inject_latency_s: float = _f(0.0, "Experiments only: hold every accepted chunk this long (controller "
                                       "clock) before it may run, as if the link added that round-trip "
                                       "latency. 0 in deployment.", live=True)
@@ -293,6 +307,11 @@ class ChunkExecutorConfig:
             raise ValueError(f"execution {self.execution!r}: expected one of {list(EXECUTIONS)}")
         if self.blend_steps < 0:
             raise ValueError(f"blend_steps {self.blend_steps} must be >= 0")
+        if not 1 <= self.max_in_flight_chunks <= MAX_IN_FLIGHT:
+            raise ValueError(f"max_in_flight_chunks {self.max_in_flight_chunks} must be in 1..{MAX_IN_FLIGHT}")
+        if self.max_in_flight_chunks > 1 and self.execution != "delay_aware":
+            raise ValueError(f"max_in_flight_chunks {self.max_in_flight_chunks} needs execution delay_aware "
+                             f"(got {self.execution!r}): only it places chunks that overlap in flight")
         if not (math.isfinite(self.inject_latency_s) and 0 <= self.inject_latency_s <= 60):
             raise ValueError(f"inject_latency_s {self.inject_latency_s} must be in [0, 60]")
         # (a parameter file cannot type an empty list: it writes [-1], and negative entries mean none)
@@ -411,7 +430,8 @@ class ChunkExecutor:
         self._episode_start_ns: int | None = None  # first tick or reset time of this episode
         self._reset_at_ns: int | None = None       # observations before this belong to an old episode
         self._last_accept_ns: int | None = None
-        self._in_flight: _InFlight | None = None
+        self._in_flight: list[_InFlight] = []     # unanswered requests, oldest first (<= max_in_flight_chunks)
+        self._last_shape: tuple[int, int] | None = None   # (chunk_size, period_ns) of the last accepted chunk
         self._requested_for: int | None = None     # seq of the newest chunk when we last requested
         self._next_request_ns = -(2 ** 62)
         self._last_warn_ns: int | None = None
@@ -442,7 +462,7 @@ class ChunkExecutor:
             self._episode_start_ns = now_ns
             self._reset_at_ns = now_ns
             self._last_accept_ns = None
-            self._in_flight = None
+            self._in_flight = []
             self._requested_for = None
             self._next_request_ns = -(2 ** 62)
             self._last_action = None
@@ -464,12 +484,17 @@ class ChunkExecutor:
     def note_request(self, request_id: str, now_ns: int) -> None:
         """Record the id of the request just sent (after needs_request, or one the node sent on its own)."""
         with self._lock:
-            self._in_flight = _InFlight(request_id, now_ns)
+            if self._in_flight and self._in_flight[-1].request_id == "":
+                self._in_flight[-1] = _InFlight(request_id, now_ns)     # the one tick() asked for
+            else:
+                self._in_flight.append(_InFlight(request_id, now_ns))
+                del self._in_flight[:-self.config.max_in_flight_chunks]
 
     def cancel_request(self) -> None:
         """The node could not send the request tick() asked for (e.g. no observation yet)."""
         with self._lock:
-            self._in_flight = None
+            if self._in_flight:
+                self._in_flight.pop()
             self._requested_for = None
 
     def reconfigure(self, config: ChunkExecutorConfig) -> int:
@@ -530,13 +555,17 @@ class ChunkExecutor:
             result = self._judge(chunk, now_ns)
             self._counts[result.verdict.value] += 1
             ours = result.verdict not in (Verdict.DROPPED_ROBOT, Verdict.DROPPED_EPISODE)
-            if ours and self._in_flight is not None and self._in_flight.request_id in ("", chunk.request_id):
-                self._in_flight = None
+            # The request this chunk answers: the one with its id, else the oldest whose id is unknown.
+            answered = next((r for r in self._in_flight if r.request_id == chunk.request_id), None) or next(
+                (r for r in self._in_flight if r.request_id == ""), None)
+            if ours and answered is not None:
+                self._in_flight.remove(answered)
                 if not result.accepted:
                     self._requested_for = None
                     self._next_request_ns = now_ns + round(self.config.retry_interval_s * NS_PER_S)
             if result.accepted:
                 self._last_accept_ns = now_ns
+                self._last_shape = (chunk.chunk_size, round(chunk.control_period_s * NS_PER_S))
         if not result.accepted:
             LOG.warning("action chunk %s from robot %s: %s: %s", chunk.request_id, chunk.robot_id,
                         result.verdict.value, result.detail)
@@ -756,19 +785,24 @@ class ChunkExecutor:
 
     def _decide_request(self, now_ns: int, remaining: int) -> bool:
         cfg = self.config
-        if self._in_flight is not None:
-            if now_ns - self._in_flight.since_ns < cfg.request_timeout_s * NS_PER_S:
-                return False
+        timed_out = [r for r in self._in_flight if now_ns - r.since_ns >= cfg.request_timeout_s * NS_PER_S]
+        for r in timed_out:
             self._counts["request_timeouts"] += 1
-            LOG.warning("request %r unanswered for %.2f s: giving up on it", self._in_flight.request_id,
-                        (now_ns - self._in_flight.since_ns) / NS_PER_S)
-            self._in_flight = None
+            LOG.warning("request %r unanswered for %.2f s: giving up on it", r.request_id,
+                        (now_ns - r.since_ns) / NS_PER_S)
+            self._in_flight.remove(r)
+        if timed_out:
             self._requested_for = None
             self._next_request_ns = now_ns + round(cfg.retry_interval_s * NS_PER_S)
-        if now_ns < self._next_request_ns or self._pending:
+        outstanding = len(self._in_flight) + len(self._pending)   # asked for, not yet running
+        if outstanding >= cfg.max_in_flight_chunks or now_ns < self._next_request_ns:
             return False
         newest = self._live[-1].seq if self._live else None
-        if newest is not None:
+        if outstanding:
+            if not self._ask_ahead(now_ns, remaining):
+                return False
+            self._counts["requests_overlapped"] += 1
+        elif newest is not None:
             # Once per chunk: only when the newest chunk drops to the low-water mark, and not again
             # for that same chunk.
             if cfg.execution == "sync":
@@ -780,9 +814,26 @@ class ChunkExecutor:
             if remaining > low_water or self._requested_for == newest:
                 return False
         self._requested_for = newest
-        self._in_flight = _InFlight("", now_ns)
+        self._in_flight.append(_InFlight("", now_ns))
         self._counts["requests"] += 1
         return True
+
+    def _ask_ahead(self, now_ns: int, remaining: int) -> bool:
+        """delay_aware with a chunk already asked for: ask again now only if waiting for it would leave
+        the robot without actions. In steps from now, with d the measured delay: a chunk answering an
+        observation at t covers up to t + N - 1 (the robot acting all along; N and the period: those of
+        the last accepted chunk); the newest one asked for arrives in `arrive` steps, and a request sent
+        then would arrive d steps later. Ask when the chunks live and asked for cover at most d steps
+        (the request point of one in flight) and that later request would come after they run out."""
+        if self._last_shape is None or not self._delays:
+            return False                       # nothing measured yet: no basis to ask ahead
+        n, period_ns = self._last_shape
+        d = max(self._delays)
+        obs_ns = [r.since_ns for r in self._in_flight] + [lv.chunk.stamp_ns for lv in self._pending]
+        covered = max([remaining] + [(t + (n - 1) * period_ns - now_ns) // period_ns for t in obs_ns])
+        arrive = max([max(0, d - (now_ns - r.since_ns) // period_ns) for r in self._in_flight]
+                     + [max(0, -((now_ns - lv.release_ns) // period_ns)) for lv in self._pending])
+        return covered <= max(self.config.low_water_steps, d) and arrive + d > covered + 1
 
     def _blend(self, covering: list, now_ns: int) -> np.ndarray:
         """delay_aware: the newest chunk blended into the running one over blend_steps (A,) float64."""
@@ -833,4 +884,10 @@ class ChunkExecutor:
     @property
     def request_in_flight(self) -> bool:
         with self._lock:
-            return self._in_flight is not None
+            return bool(self._in_flight)
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests sent and not yet answered (at most max_in_flight_chunks)."""
+        with self._lock:
+            return len(self._in_flight)

@@ -11,8 +11,9 @@ the placement; edge and server refuse it for any other model or placement.
 
 Images: `--images DIR` takes every .png/.jpg/.jpeg/.bmp under DIR, or, when DIR is a data set
 written by tools/make_dataset (it has dataset.json), the images of its training split only.
-`--demos DIR` takes the agentview frames of the VLA demonstrations under DIR (training/demos.py
-files). `--generated N` draws training-split scenes 0..N-1 of data/scenes.py at the model's image size.
+`--demos DIR` takes the agentview frames of the VLA demonstrations under DIR (training/demos.py:
+LIBERO-layout HDF5 task files or the older npz folders). `--generated N` draws training-split
+scenes 0..N-1 of data/scenes.py at the model's image size.
 Calibrating on training images keeps the validation and test images unseen by the codebook.
 """
 
@@ -65,21 +66,20 @@ def folder_images(root: str | Path, limit: int = 0) -> Iterator[np.ndarray]:
 
 
 def demo_images(root: str | Path, every: int = 1, limit: int = 0) -> Iterator[np.ndarray]:
-    """Agentview frames of every demonstration (demo_<k>.npz, training/demos.py) under root: the
-    frames a VLA's edge sees, so a codebook for it is calibrated on its own camera's images.
-    Each file is validated as it is read (a bad one: ValueError naming the file and the field)."""
-    from .demos import read_demo
+    """Agentview frames (upright) of every demonstration under root (task files `<task>_demo.hdf5`
+    or the older demo_<k>.npz folders, training/demos.py): the frames a VLA's edge sees, so a codebook
+    for it is calibrated on its own camera's images. Each episode is validated as it is read (a bad
+    one: ValueError naming the file and the field)."""
+    from .demos import find_sources, iter_source
 
-    paths = sorted(Path(root).rglob("demo_*.npz"))
-    if not paths:
-        raise ValueError(f"no demonstrations (demo_<k>.npz) under {str(root)!r}")
     n = 0
-    for p in paths:
-        for frame in read_demo(str(p)).agentview[::max(1, every)]:
-            if limit and n >= limit:
-                return
-            n += 1
-            yield frame
+    for source in find_sources([root]):
+        for demo in iter_source(source):
+            for frame in demo.agentview[::max(1, every)]:
+                if limit and n >= limit:
+                    return
+                n += 1
+                yield frame
 
 
 def generated_images(n: int, image_size: int, seed: int = 0, split: str = "train") -> Iterator[np.ndarray]:
@@ -119,8 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", type=Path, help="folder of images, or a scene data set (train split used)")
     src.add_argument("--generated", type=int, help="number of generated training scenes")
-    src.add_argument("--demos", type=Path, help="folder of VLA demonstrations (demo_<k>.npz): their agentview "
-                                                "frames (--demo-every: every n-th frame)")
+    src.add_argument("--demos", type=Path, help="VLA demonstrations (<task>_demo.hdf5 files, demo_<k>.npz folders, "
+                                                "or a folder above them): their agentview frames "
+                                                "(--demo-every: every n-th frame)")
     ap.add_argument("--demo-every", type=int, default=4, help="--demos: take every n-th frame of each episode")
     ap.add_argument("--max-images", type=int, default=0, help="use at most this many images of --images (0: all)")
     ap.add_argument("--out", type=Path, required=True, help="codebook file (.safetensors or .npz)")

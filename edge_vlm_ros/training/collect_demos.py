@@ -14,16 +14,22 @@ What it does, per task:
 3. Render only the kept episodes: each recorded state is set in an offscreen env at the policy's
    resolution (agentview + wrist, flipped upright like LiberoSim), so the images are those of the
    exact trajectory that succeeded.
-4. Write `demo_<k>.npz` atomically (training/demos.py layout), drop its trajectory, update
-   `meta.json`.
+4. Stage each rendered episode as `demo_<k>.hdf5` (atomically), drop its trajectory; at the end of
+   the task write `<out>/<suite>/<task_name>_demo.hdf5` anew, atomically, in LIBERO's layout
+   (training/demos.py): the episodes it already had, the staged ones, and the collection record
+   (every expert attempt, the summary) in its `collection` attribute.
+
+Work in progress lives beside the task file in `<task_name>_demo.parts/` (meta.json,
+trajectories/, staged episodes); it is emptied and removed once everything is in the file.
 
 Init states: LIBERO ships 50 per task. The first `--eval-trials` (default 20, the evaluation's
 trials 0..19 of `eval_libero`) are never used here; demo k starts from init state
 `eval_trials + k mod (50 - eval_trials)`. Past that pool the same init states come back with other
 expert seeds (waypoint jitter, action noise), so the trajectories still differ.
 
-Deterministic: demo k, attempt a depend only on (seed, task, k, a). Resumable: a demo file that
-exists and validates is skipped, so a re-run continues where the last one stopped.
+Deterministic: demo k, attempt a depend only on (seed, task, k, a). Resumable: an episode already
+in the task file, or staged and valid, is skipped, so a re-run continues where the last one
+stopped (a run that finds everything done leaves the file untouched).
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ import numpy as np
 
 from edge_vlm_ros.simulation.expert import ExpertConfig, Phase, PickPlaceExpert
 from edge_vlm_ros.simulation.libero_sim import import_libero, quat_to_axis_angle
-from edge_vlm_ros.training.demos import Demo, demo_path, read_demo, task_dir, write_demo
+from edge_vlm_ros.training.demos import (PARTS_SUFFIX, Demo, TaskFileWriter, TaskInfo, read_task_file,
+                                         read_task_info, task_file, write_task_file)
 
 LOG = logging.getLogger(__name__)
 
@@ -173,6 +180,7 @@ def read_trajectory(path: str) -> Demo:
 def render_trajectory(env, traj: Demo) -> Demo:
     agent, wrist = render(env, list(traj.states))
     traj.agentview, traj.wrist = agent, wrist
+    traj.model_file = env.env.sim.model.get_xml()     # LIBERO's per-episode model_file attribute
     return traj
 
 
@@ -201,32 +209,86 @@ def _save_meta(path: str, meta: dict) -> None:
     os.replace(tmp, path)
 
 
+def parts_dir(final: str) -> str:
+    """The working folder beside a task file: meta.json, trajectories/, rendered demo_<k>.hdf5."""
+    return final[:-len(".hdf5")] + PARTS_SUFFIX
+
+
+def staged_path(parts: str, k: int) -> str:
+    """A rendered episode waiting to go into the task file: a task file of that one episode."""
+    return os.path.join(parts, f"demo_{k}.hdf5")
+
+
+def staged_index(name: str) -> int | None:
+    if name.startswith("demo_") and name.endswith(".hdf5") and name[5:-5].isdigit():
+        return int(name[5:-5])
+    return None
+
+
+def _existing(final: str) -> tuple[TaskInfo | None, set[int]]:
+    """The task file's attributes and episode numbers; (None, {}) when it is missing or unreadable
+    (then it is rebuilt from what was staged and what is rolled out again: demo k is deterministic)."""
+    if not os.path.exists(final):
+        return None, set()
+    try:
+        info, keys = read_task_info(final)
+        return info, set(keys)
+    except ValueError as e:
+        LOG.warning("rebuilding %s: %s", final, e)
+        return None, set()
+
+
+def task_info(envs: TaskEnvs, meta: dict, image_size: int) -> TaskInfo:
+    """The task file's attributes, as LIBERO's create_dataset writes them, plus our collection record."""
+    from libero.libero.envs import bddl_utils
+
+    problem = bddl_utils.get_problem_info(envs.bddl)
+    with open(envs.bddl) as f:
+        content = f.read()
+    env_kwargs = {"robots": ["Panda"], "controller": "OSC_POSE", "control_freq": 20, "camera_heights": image_size,
+                  "camera_widths": image_size, "camera_names": ["agentview", "robot0_eye_in_hand"]}
+    return TaskInfo(instruction=str(envs.task.language), problem_info=dict(problem),
+                    env_args={"type": 1, "env_name": problem["problem_name"], "problem_name": problem["problem_name"],
+                              "bddl_file": envs.bddl, "env_kwargs": env_kwargs},
+                    env_name=problem["problem_name"], bddl_file_name=envs.bddl, bddl_file_content=content,
+                    collection=meta)
+
+
+def assemble(final: str, parts: str, info: TaskInfo, keep: set[int], staged: list[int]) -> None:
+    """Write the task file anew, atomically: the episodes it already had and the staged ones (both
+    copied as stored); then drop what was staged."""
+    with TaskFileWriter(final, info) as w:
+        if keep:
+            w.copy_from(final, sorted(keep))
+        for k in staged:
+            w.copy_from(staged_path(parts, k), [k])
+    for k in staged:
+        os.remove(staged_path(parts, k))
+
+
 def collect_task(args: argparse.Namespace, suite: str, task_id: int, bar) -> dict:
     envs = TaskEnvs(suite, task_id, args.image_size, args.seed)
     try:
         name = envs.task.name
-        folder = task_dir(args.out, suite, name)
-        os.makedirs(folder, exist_ok=True)
-        meta_path = os.path.join(folder, "meta.json")
-        meta = _load_meta(meta_path)
+        final = task_file(args.out, suite, name)
+        parts = parts_dir(final)
+        os.makedirs(parts, exist_ok=True)
+        meta_path = os.path.join(parts, "meta.json")
+        old_info, in_file = _existing(final)
+        meta = _load_meta(meta_path) or (dict(old_info.collection) if old_info is not None else {})
         n_init = len(envs.init_states)
         if args.eval_trials >= n_init:
             raise ValueError(f"--eval-trials {args.eval_trials} leaves no init state of {n_init} for demonstrations")
         pool = n_init - args.eval_trials
-        meta.update({"suite": suite, "task_id": task_id, "task_name": name,
-                     "instruction": str(envs.task.language), "bddl_file": envs.bddl,
-                     "problem_name": envs.task.problem,
-                     "env_args": {"controller": "OSC_POSE", "control_freq": 20, "camera_heights": args.image_size,
-                                  "camera_widths": args.image_size, "camera_names": ["agentview", "robot0_eye_in_hand"],
-                                  "image_flip": "vertical"},
-                     "eval_init_states": list(range(args.eval_trials)), "seed": args.seed,
+        meta.update({"suite": suite, "task_id": task_id, "task_name": name, "image_size": args.image_size,
+                     "image_flip": "vertical", "eval_init_states": list(range(args.eval_trials)), "seed": args.seed,
                      "max_steps": args.max_steps})
         attempts: dict = meta.setdefault("attempts", {})
         todo = []   # (k, trajectory path) of successful rollouts still to render
         # stage 1: physics-only expert rollouts; each success is kept as a trajectory (no images)
         for k in range(args.per_task):
-            path, traj = demo_path(folder, k), traj_path(folder, k)
-            if _valid(path, read_demo):
+            path, traj = staged_path(parts, k), traj_path(parts, k)
+            if k in in_file or _valid(path, read_task_file):
                 bar.update(1)
                 continue
             if _valid(traj, read_trajectory):
@@ -261,12 +323,12 @@ def collect_task(args: argparse.Namespace, suite: str, task_id: int, bar) -> dic
             n_att = sum(len(v) for v in attempts.values())
             n_ok = sum(1 for v in attempts.values() for o in v if o["success"])
             bar.set_postfix(task=task_id, expert_success=f"{n_ok}/{n_att}", rendered=f"0/{len(todo)}")
-        # stage 2: render the kept trajectories at the policy's resolution
+        # stage 2: render the kept trajectories at the policy's resolution (staged as demo_<k>.npz)
         if args.stage != "rollout":
             for i, (k, traj) in enumerate(todo):
                 t0 = time.perf_counter()
                 demo = render_trajectory(envs.render_env, read_trajectory(traj))
-                write_demo(demo_path(folder, k), demo)
+                write_task_file(staged_path(parts, k), TaskInfo(instruction=demo.instruction), {k: demo})
                 os.remove(traj)
                 LOG.info("task %d demo %d: %d steps rendered in %.1f s", task_id, k, len(demo),
                          time.perf_counter() - t0)
@@ -274,14 +336,24 @@ def collect_task(args: argparse.Namespace, suite: str, task_id: int, bar) -> dic
                 bar.set_postfix(task=task_id, rendered=f"{i + 1}/{len(todo)}")
         n_att = sum(len(v) for v in attempts.values())
         n_ok = sum(1 for v in attempts.values() for o in v if o["success"])
-        n_demos = sum(1 for k in range(args.per_task) if os.path.exists(demo_path(folder, k)))
+        staged = sorted(k for n in os.listdir(parts) if (k := staged_index(n)) is not None and k not in in_file)
+        n_traj = sum(1 for k in range(args.per_task) if os.path.exists(traj_path(parts, k)))
         summary = {"suite": suite, "task_id": task_id, "instruction": str(envs.task.language),
                    "expert_attempts": n_att, "expert_successes": n_ok,
-                   "expert_success_rate": n_ok / n_att if n_att else None, "demos": n_demos,
-                   "trajectories_to_render": sum(1 for k in range(args.per_task)
-                                                 if os.path.exists(traj_path(folder, k)))}
+                   "expert_success_rate": n_ok / n_att if n_att else None,
+                   "demos": len(in_file | set(staged)), "trajectories_to_render": n_traj, "file": final}
         meta["summary"] = summary
-        _save_meta(meta_path, meta)
+        changed = bool(staged) or old_info is None or old_info.collection != json.loads(json.dumps(meta))
+        if args.stage == "rollout" or not (in_file or staged):
+            _save_meta(meta_path, meta)        # nothing to put into the task file yet
+        else:
+            if changed:
+                assemble(final, parts, task_info(envs, meta, args.image_size), in_file, staged)
+            if os.path.exists(meta_path):
+                os.remove(meta_path)           # the record lives in the file's `collection` attribute
+        for d in (os.path.join(parts, "trajectories"), parts):
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
         return summary
     finally:
         envs.close()
@@ -293,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", required=True, help="LIBERO suite, e.g. libero_spatial")
     ap.add_argument("--tasks", type=int, nargs="+", required=True, help="task ids of the suite")
     ap.add_argument("--per-task", type=int, default=50, help="demonstrations per task")
-    ap.add_argument("--out", required=True, help="output folder (<out>/<suite>/<task>_demo/demo_<k>.npz)")
+    ap.add_argument("--out", required=True, help="output folder (<out>/<suite>/<task>_demo.hdf5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-trials", type=int, default=20,
                     help="init states 0..N-1 are kept for evaluation and never used for demonstrations")

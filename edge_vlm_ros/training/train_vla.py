@@ -10,8 +10,9 @@ the next `chunk_size` actions. Loss: L1 in normalised action space (OpenVLA-OFT)
     python -m edge_vlm_ros.training.train_vla --demos /work/demos-expert/libero_spatial \
         --out models/reference-vla --seed 0 --max-minutes 30
 
-`--demos` takes task folders (`<task>_demo/` with demo_<k>.npz, written by training.collect_demos)
-or folders above them. Every file is read through training.demos.read_demo, which validates it: a
+`--demos` takes task files (`<task>_demo.hdf5` in LIBERO's layout, written by
+training.collect_demos, or LIBERO's own), the older task folders (`<task>_demo/` with
+demo_<k>.npz), or folders above them. Every episode is validated as it is read (training.demos): a
 truncated file, lengths that differ between images, actions and proprio, or another action dimension
 stop the run before any step, with the file and the field named.
 
@@ -50,7 +51,7 @@ import torch
 
 from edge_vlm_ros.core.action_heads import ActionHeadConfig, ContinuousActionHead, build_action_head
 from edge_vlm_ros.core.types import SplitPoint
-from edge_vlm_ros.training.demos import ACTION_DIM, PROPRIO_DIM, Demo, list_demos
+from edge_vlm_ros.training.demos import ACTION_DIM, PROPRIO_DIM, Demo, load_sources
 
 LOG = logging.getLogger(__name__)
 
@@ -134,27 +135,10 @@ class TrainVLAResult:
 
 
 # ---- data ----------------------------------------------------------------------------------------
-def find_task_folders(roots: Sequence[str]) -> list[Path]:
-    """Every folder holding demo_<k>.npz under the given roots (a root may itself be one), sorted."""
-    found: set[Path] = set()
-    for r in roots:
-        root = Path(r)
-        if not root.is_dir():
-            raise FileNotFoundError(f"demonstration folder {root} does not exist")
-        for dirpath, _dirs, files in os.walk(root):
-            if any(f.startswith("demo_") and f.endswith(".npz") for f in files):
-                found.add(Path(dirpath))
-    if not found:
-        raise ValueError(f"no demo_<k>.npz files under {list(roots)}")
-    return sorted(found)
-
-
 def load_demos(roots: Sequence[str], max_per_task: int = 0) -> list[Demo]:
-    """All demonstrations under roots, each validated by read_demo (the first bad file raises)."""
-    demos: list[Demo] = []
-    for folder in find_task_folders(roots):
-        got = list_demos(str(folder), ACTION_DIM)
-        demos.extend(got[:max_per_task] if max_per_task else got)
+    """All demonstrations under roots (task files, or the older npz folders), each validated as it
+    is read (the first bad file raises, naming the file and the field)."""
+    demos = load_sources(roots, ACTION_DIM, max_per_task)
     for d in demos:
         if not d.instruction:
             raise ValueError(f"a demonstration of {d.attrs.get('task_name', '?')} has no instruction in attrs")
@@ -563,7 +547,7 @@ chunk; {cfg.threads} CPU thread(s): {info["train_minutes"]} min of training{earl
 def parse_args(argv: list[str] | None = None) -> tuple[TrainVLAConfig, bool]:
     defaults = TrainVLAConfig(demos=["x"], out="x")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--demos", nargs="+", required=True, help="demonstration folders (task folders or above)")
+    ap.add_argument("--demos", nargs="+", required=True, help="demonstrations: <task>_demo.hdf5 files, demo_<k>.npz folders, or folders above them")
     ap.add_argument("--out", default="models/reference-vla", help="VLA folder to write")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")

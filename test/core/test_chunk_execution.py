@@ -145,3 +145,91 @@ def test_held_dimensions_keep_their_last_value_while_the_safe_action_is_held():
 def test_bad_execution_settings_are_refused_with_the_value(kw, msg):
     with pytest.raises(ValueError, match=msg):
         ChunkExecutorConfig(action_dim=2, **kw)
+
+
+def run_against_a_slow_server(ex: ChunkExecutor, delay_steps: int, steps: int) -> tuple[dict, list]:
+    """Ticks 0..steps-1; every request is answered `delay_steps` ticks later by an 8-action chunk for
+    the observation of the tick that asked (request r's rows: 100 r + i). Returns the first action
+    value per tick and the ticks that asked."""
+    answers: dict[int, tuple[int, int]] = {}   # arrival tick -> (observation tick, request number)
+    got, asked = {}, []
+    for t in range(steps):
+        if t in answers:
+            stamp, r = answers.pop(t)
+            assert ex.submit(chunk(rows(100 * r, 8), stamp * P, f"r{r}"), t * P).accepted
+        res = ex.tick(t * P)
+        got[t] = float(res.action[0])
+        if res.needs_request:
+            answers[t + delay_steps] = (t, len(asked))
+            asked.append(t)
+        if delay_steps == 0 and t in answers:    # answered within the step (lock step)
+            stamp, r = answers.pop(t)
+            assert ex.submit(chunk(rows(100 * r, 8), stamp * P, f"r{r}"), t * P).accepted
+        assert ex.requests_in_flight <= ex.config.max_in_flight_chunks
+    return got, asked
+
+
+def test_delay_aware_with_one_in_flight_waits_for_each_answer():
+    """A 6-step delay against 8-action chunks with max_in_flight_chunks 1 (the default, today's
+    behaviour): the next request goes out only once the previous chunk is in."""
+    ex = executor(execution="delay_aware", low_water_steps=0, blend_steps=0, safe_action=[-1.0, 0.0])
+    got, asked = run_against_a_slow_server(ex, 6, 26)
+    assert asked == [0, 7, 13, 19, 25]
+    # r0 arrives at 6 and runs whole (the robot had not moved); r1 (asked at 7, in at 13) skips the
+    # 6 actions executed since 7; r2 (asked at 13, in at 19) skips 2 (13 and 14 acted, 15..18 held).
+    want = [-1] * 6 + [0, 1, 2, 3, 4, 5, 6] + [106, 107] + [-1] * 4 + [202, 203, 204, 205, 206, 207] + [306]
+    assert [got[t] for t in range(26)] == want
+    assert ex.counters()["requests_overlapped"] == 0
+
+
+def test_delay_aware_with_two_in_flight_asks_again_before_the_answer_is_in():
+    """The same link with max_in_flight_chunks 2: while a request is out, another goes out as soon as
+    even the chunks asked for would not cover past the measured delay (6 steps); each chunk still
+    starts at the actions executed since its own observation."""
+    ex = executor(execution="delay_aware", low_water_steps=0, blend_steps=0, max_in_flight_chunks=2,
+                  safe_action=[-1.0, 0.0])
+    got, asked = run_against_a_slow_server(ex, 6, 26)
+    # 7: r0 has 6 steps left (the delay); 8: r1 (observation 7) would cover only up to 14 = 6 steps
+    # ahead, so r2 goes out before r1 is in; then 2 in flight until r1 arrives at 13, and so on.
+    assert asked == [0, 7, 8, 13, 14, 19, 20, 25]
+    want = ([-1] * 6 + [0, 1, 2, 3, 4, 5, 6]
+            + [106]            # 13: r1 (observation 7; 7..12 executed) from its row 6
+            + [206, 207]       # 14: r2 (observation 8; 8..13 executed) from its row 6
+            + [-1] * 3         # 16..18: both ran out, r3 is in at 19
+            + [303]            # 19: r3 (observation 13; 13, 14, 15 executed) from its row 3
+            + [403, 404, 405, 406, 407]   # 20: r4 (observation 14; 14, 15, 19 executed) from row 3
+            + [506])           # 25: r5 (observation 19; 19..24 executed) from row 6
+    assert [got[t] for t in range(26)] == want
+    assert ex.counters()["requests_overlapped"] == 6      # all but those at 0 and 7 went out with one out
+    ex.reset("ep1", 30 * P)
+    assert ex.requests_in_flight == 0
+
+
+def test_two_in_flight_change_nothing_when_one_keeps_up():
+    """A 4-step delay against 8-action chunks: each answer leaves 4 actions, enough to cover the next
+    round trip, so max_in_flight_chunks 2 sends the same requests and runs the same actions as 1."""
+    runs = [run_against_a_slow_server(executor(execution="delay_aware", low_water_steps=0, blend_steps=2,
+                                               max_in_flight_chunks=cap, safe_action=[-1.0, 0.0]), 4, 40)
+            for cap in (1, 2)]
+    assert runs[0] == runs[1]
+    got, asked = runs[0]
+    assert asked == [0, 7, 11, 15, 19, 23, 27, 31, 35, 39]
+    assert [got[t] for t in range(4)] == [-1] * 4 and min(got[t] for t in range(4, 40)) >= 0   # never starved
+
+
+def test_two_in_flight_count_chunks_held_by_injected_latency():
+    """With inject_latency_s the answers come at once but are held: a held chunk counts as in flight,
+    so at most two are asked for and not yet running."""
+    ex = executor(execution="delay_aware", low_water_steps=0, blend_steps=0, max_in_flight_chunks=2,
+                  inject_latency_s=0.6)
+    got, asked = run_against_a_slow_server(ex, 0, 26)
+    assert asked == [0, 7, 8, 13, 14, 19, 20, 25]          # the same schedule as a 6-step link
+    assert got[13] == 106 and got[14] == 206 and got[19] == 303
+
+
+@pytest.mark.parametrize("kw, msg", [({"max_in_flight_chunks": 0}, "max_in_flight_chunks 0"),
+                                     ({"max_in_flight_chunks": 3, "execution": "delay_aware"}, "1..2"),
+                                     ({"max_in_flight_chunks": 2, "execution": "async"}, "needs execution")])
+def test_bad_in_flight_settings_are_refused_with_the_value(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        ChunkExecutorConfig(action_dim=2, **kw)

@@ -47,7 +47,7 @@ def test_expert_succeeds_and_collection_writes_resumable_demo(tmp_path):
     is rendered, written, valid; a second run skips it."""
     require_libero()
     from edge_vlm_ros.training.collect_demos import main
-    from edge_vlm_ros.training.demos import read_demo
+    from edge_vlm_ros.training.demos import read_task_file
 
     out, report_path = str(tmp_path / "demos"), str(tmp_path / "report.json")
     # demo 0 starts from init state 20 (0..19 are evaluation's); one attempt: the expert must succeed
@@ -57,23 +57,26 @@ def test_expert_succeeds_and_collection_writes_resumable_demo(tmp_path):
     assert summary["expert_attempts"] == 1 and summary["expert_successes"] == 1, summary
     assert summary["demos"] == 1, summary
     folder = os.path.join(out, SUITE)
-    (task_folder,) = os.listdir(folder)
-    path = os.path.join(folder, task_folder, "demo_0.npz")
-    demo = read_demo(path)
+    (name,) = os.listdir(folder)              # the task file alone: the working folder is gone
+    assert name.endswith("_demo.hdf5") and summary["file"] == os.path.join(folder, name)
+    path = os.path.join(folder, name)
+    info, (demo,) = read_task_file(path)
     t = len(demo)
     assert demo.agentview.shape == (t, 32, 32, 3) and demo.wrist.shape == (t, 32, 32, 3)
     assert demo.proprio.shape == (t, 8) and demo.dones[-1] == 1
     assert demo.attrs["init_state_index"] == 20 and demo.attrs["instruction"].startswith("pick up the black bowl")
     assert demo.agentview.std() > 5   # a rendered scene, not a blank frame
+    assert "<mujoco" in demo.model_file   # LIBERO's model_file attribute: the scene's XML
     acts = demo.actions
     assert np.abs(acts).max() <= 1.0
     assert (acts[:, 6] == 1.0).any() and (acts[:, 6] == -1.0).any()   # it closed and opened the gripper
     assert demo.dones.sum() == 1 and demo.rewards[-1] == 1.0
-    meta = json.load(open(os.path.join(folder, task_folder, "meta.json")))
-    assert meta["eval_init_states"] == list(range(20)) and meta["summary"]["demos"] == 1
-    # resumable: a second run finds the valid file and leaves it untouched
+    assert info.instruction == demo.instruction and info.problem_info["problem_name"]
+    assert info.bddl_file_content.lstrip().startswith("(define")
+    assert info.collection["eval_init_states"] == list(range(20)) and info.collection["summary"]["demos"] == 1
+    # resumable: a second run finds the episode in the file and leaves the file untouched
     mtime = os.stat(path).st_mtime_ns
     assert main(["--suite", SUITE, "--tasks", str(TASK), "--per-task", "1", "--out", out, "--seed", "0",
                  "--image-size", "32", "--report", report_path]) == 0
     assert json.load(open(report_path))["tasks"][0]["demos"] == 1
-    assert os.stat(path).st_mtime_ns == mtime
+    assert os.stat(path).st_mtime_ns == mtime and os.listdir(folder) == [name]

@@ -147,6 +147,46 @@ def test_bad_demo_files_are_refused_naming_file_and_field(demos_dir, base_model,
     assert not (tmp_path / "out").exists() and not cfg.checkpoint_path.exists()   # nothing trained
 
 
+def test_task_files_train_exactly_like_the_npz_folders(demos_dir, base_model, tmp_path):
+    """The same demonstrations as LIBERO-layout HDF5 (training.demos convert) and as npz folders:
+    the same samples, the same losses step for step."""
+    from edge_vlm_ros.training import demos as dm
+
+    written = dm.convert(demos_dir, tmp_path / "h5")
+    assert sorted(Path(p).name for p in written) == ["task0_demo.hdf5", "task1_demo.hdf5"]
+    a = tv.train(config(demos_dir, base_model, tmp_path / "from_npz", steps=3, checkpoint_every=100))
+    b = tv.train(config(tmp_path / "h5", base_model, tmp_path / "from_hdf5", steps=3, checkpoint_every=100))
+    assert (a.n_demos, a.n_samples, a.tasks) == (b.n_demos, b.n_samples, b.tasks) == (4, 48, list(TASKS[::-1]))
+    assert a.losses == b.losses
+
+
+@pytest.mark.parametrize("kind, field", [("truncated", "file"), ("lengths", "obs/agentview_rgb"),
+                                         ("action_dim", "actions"), ("proprio", "obs/ee_states")])
+def test_bad_task_files_are_refused_naming_file_and_field(base_model, tmp_path, kind, field):
+    import h5py
+
+    from edge_vlm_ros.training import demos as dm
+
+    bad = tmp_path / "demos" / "task0_demo.hdf5"
+    dm.write_task_file(bad, dm.TaskInfo(instruction=TASKS[0]), {0: make_demo(0, 0), 1: make_demo(0, 1)})
+    if kind == "truncated":
+        data = bad.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    else:
+        with h5py.File(bad, "a") as f:
+            g = f["data/demo_1"]
+            name = {"lengths": "obs/agentview_rgb", "action_dim": "actions", "proprio": "obs/ee_states"}[kind]
+            old = g[name][()]
+            del g[name]
+            g.create_dataset(name, data={"lengths": old[:-2], "action_dim": old[:, :6], "proprio": old[:-1]}[kind])
+    cfg = config(tmp_path / "demos", base_model, tmp_path / "out")
+    with pytest.raises(ValueError) as e:
+        tv.train(cfg)
+    assert str(bad) in str(e.value) and repr(field) in str(e.value), str(e.value)
+    assert kind == "truncated" or "(data/demo_1)" in str(e.value)
+    assert not (tmp_path / "out").exists() and not cfg.checkpoint_path.exists()   # nothing trained
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="train 'lm'"):
         tv.TrainVLAConfig(demos=["d"], out="o", train="lm")

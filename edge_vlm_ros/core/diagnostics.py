@@ -129,6 +129,9 @@ def edge_health(robot_id: str, counters: Mapping[str, int], requests: Mapping[st
         "frames_in": counters.get("frames", 0),
         "frames_bad": counters.get("frames_bad", 0) + counters.get("bad_images", 0),
         "frames_replaced_while_paused": counters.get("frames_replaced_while_paused", 0),
+        # task "action": requests whose frame went with another instant's robot state after waiting
+        # for the state of its own stamp (only robots seen to stamp frame and state alike wait)
+        "observations_unpaired": counters.get("observations_unpaired", 0),
         "requests_sent": counters.get("requests", 0),
         "requests_answered": requests.get("answered", 0),
         "requests_expired": requests.get("timed_out", 0) + counters.get("timeouts_queued", 0),

@@ -17,6 +17,7 @@ from edge_vlm_ros.fixtures.tiny_vla import build_tiny_vla
 from edge_vlm_ros.vla_bringup import vla_specs
 
 from ros_harness import require_libero, running
+from test_param_refusals import Statuses
 
 CHUNK = 8
 SAFE = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]
@@ -42,6 +43,7 @@ def _overrides(model, head, **controller):
 def test_action_chunk_request_through_real_nodes(ros_env, tmp_path, tiny_vla):
     model, head = tiny_vla
     with running(ros_env, tmp_path, 1, _overrides(model, head), client_actions=True) as (_, client):
+        diag = Statuses(client.node)
         # The head takes proprioception and none was sent yet: a failure chunk, not silence.
         bad = client.ask_action("robot_0", _image(0), "pick up the black bowl", timeout=60)
         assert bad is not None, "no chunk"
@@ -61,6 +63,11 @@ def test_action_chunk_request_through_real_nodes(ros_env, tmp_path, tiny_vla):
         assert sorted(ids) == sorted(client.sent["robot_0"]) and len(set(ids)) == len(ids), (ids, client.sent)
         assert ok.control_period_s == pytest.approx(0.2)
         assert ok.timings.generate_ms > 0 and ok.timings.batch_size >= 1
+        # This robot stamps its state and its frames from different clocks (as a real robot's joint
+        # state and camera drivers do): the edge must send its newest state with the frame at once,
+        # not wait for a state of the frame's own stamp that never comes.
+        st = diag.wait("edge_vlm_ros: edge (robot_0)", lambda v: int(v.get("requests_sent", 0)) >= 2)
+        assert int(st["observations_unpaired"]) == 0, st
 
 
 def test_controller_holds_safe_action_when_server_goes_silent(ros_env, tmp_path, tiny_vla):

@@ -20,6 +20,10 @@ Rows:
   unnormalized; k=0 is the output of CLIP's pre-LayerNorm, a normalized feature), after block k's
   layer_norm1 (normalized; the per-token mean and std travel as fp16 side info and are counted),
   and after the projector. Codebooks are calibrated by k-means on training-split images only;
+- `vq variant`: for each --vq-variants spec, richer VQ at the same placements and K values:
+  `s<N>` residual stages, `g<M>` channel groups, `+static` / `+adaptive` entropy coding of the
+  indices (e.g. `s2`, `g4`, `s2+static`, `s3g2+adaptive`), to find the cheapest configuration in
+  honest bytes that keeps the answers;
 - `jpeg`: cloud-only baselines, JPEG at quality 90 and 10 (the paper's pair);
 - `alignedvq`: for each --alignedvq placement@K, the k-means codebook fine-tuned with AlignedVQ
   (EMA codebook, Dual Linear Projection, LoRA on the language model) on training questions, then
@@ -126,21 +130,55 @@ def placement_tag(split: SplitPoint) -> str:
     return str(split).replace(":", "").replace("/", "_")
 
 
+@dataclass(frozen=True)
+class VqVariant:
+    """A VQ configuration beyond one codebook: residual stages, channel groups, entropy coding."""
+
+    stages: int = 1
+    groups: int = 1
+    entropy: str = "none"
+
+    @classmethod
+    def parse(cls, spec: str) -> "VqVariant":
+        """`s2`, `g4`, `s2g2`, `s2+static`, `+adaptive` (one codebook, entropy coded)."""
+        import re
+
+        m = re.fullmatch(r"(?:s(\d+))?(?:g(\d+))?(?:\+(static|adaptive|none))?", spec.strip())
+        if m is None or not spec.strip():
+            raise ValueError(f"VQ variant {spec!r}: expected [s<stages>][g<groups>][+static|+adaptive], e.g. s2+static")
+        v = cls(int(m.group(1) or 1), int(m.group(2) or 1), m.group(3) or "none")
+        if v.stages < 1 or v.groups < 1:
+            raise ValueError(f"VQ variant {spec!r}: stages and groups must be >= 1")
+        return v
+
+    @property
+    def tag(self) -> str:
+        return "" if (self.stages, self.groups) == (1, 1) else f"_s{self.stages}g{self.groups}"
+
+    def describe(self) -> str:
+        parts = ([f"{self.stages} stages"] if self.stages > 1 else []) + \
+            ([f"{self.groups} groups"] if self.groups > 1 else []) + \
+            ([f"{self.entropy} entropy"] if self.entropy != "none" else [])
+        return ", ".join(parts) or "one codebook"
+
+
 def calibrate(adapter: VLMAdapter, split: SplitPoint, images: list[np.ndarray], ks: Sequence[int], out_dir: Path,
-              seed: int, iters: int, progress: bool) -> dict[int, Path]:
+              seed: int, iters: int, progress: bool, stages: int = 1, groups: int = 1) -> dict[int, Path]:
     """k-means codebooks at `split` for every K (existing files with matching metadata are reused)."""
     from ..codecs.codebook import load_codebook
     from ..training.calibrate_codebook import collect_features
     from ..training.train_codebook import train_codebook
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {k: out_dir / f"{placement_tag(split)}_K{k}.safetensors" for k in ks}
+    tag = VqVariant(stages, groups).tag
+    paths = {k: out_dir / f"{placement_tag(split)}_K{k}{tag}.safetensors" for k in ks}
     missing = []
     for k, p in paths.items():
         if p.is_file():
             try:
                 cb = load_codebook(p)
-                if cb.model_fingerprint == adapter.fingerprint and cb.placement == str(split) and cb.k == k:
+                if (cb.model_fingerprint == adapter.fingerprint and cb.placement == str(split) and cb.k == k
+                        and (cb.stages, cb.groups) == (stages, groups)):
                     continue
             except Exception as e:  # a corrupt or foreign file is recalibrated, not trusted
                 LOG.warning("recalibrating %s: %s", p, e)
@@ -153,8 +191,8 @@ def calibrate(adapter: VLMAdapter, split: SplitPoint, images: list[np.ndarray], 
                 raise ValueError(f"{rows.shape[0]} feature rows at {split} are fewer than K={k}: "
                                  "use more --calib-images")
             t0 = time.perf_counter()
-            cb = train_codebook(rows, k=k, seed=seed, iters=iters, model_fingerprint=adapter.fingerprint,
-                                placement=str(split), progress=progress)
+            cb = train_codebook(rows, k=k, groups=groups, stages=stages, seed=seed, iters=iters,
+                                model_fingerprint=adapter.fingerprint, placement=str(split), progress=progress)
             cb.save(paths[k])
             LOG.info("codebook %s: K=%d on %d rows in %.1f s", paths[k].name, k, rows.shape[0],
                      time.perf_counter() - t0)
@@ -172,7 +210,8 @@ def _encoder(row: Row, adapter: VLMAdapter) -> EdgeEncoder:
         return EdgeEncoder(ROBOT, row.split, codec, None)
     dlp = None
     if codec_class(row.codec).uses_codebook:
-        codec: FeatureCodec = make_codec(row.codec, codebook=row.codebook, adapter=adapter, split=row.split)
+        codec: FeatureCodec = make_codec(row.codec, codebook=row.codebook, adapter=adapter, split=row.split,
+                                         **row.options)
         dlp = find_dlp_part(row.codebook, "edge", codec.codebook_hash, adapter.fingerprint, str(row.split))
         if row.family == "alignedvq" and dlp is None:
             raise ValueError(f"{row.codebook} has no AlignedVQ edge part beside it")
@@ -392,6 +431,36 @@ def findings(report: dict[str, Any]) -> list[str]:
         out.append(f"normalized (layer_norm1) vs unnormalized (residual) at the same block and K: better in {wins}, "
                    f"worse in {losses}, no significant difference in {ties} of {wins + losses + ties} pairs; "
                    "the layer_norm1 rows also carry the per-token mean/std as side info")
+    return out + cheapest_within(report)
+
+
+# How close to lossless a compressed configuration must stay: after the projector the features are
+# what the language model reads, so half a point; at an early vision block the rest of the encoder
+# can absorb a little more, one point.
+MARGIN_POINTS = {"projector": 0.5, "vision_block": 1.0}
+
+
+def cheapest_within(report: dict[str, Any]) -> list[str]:
+    """Per placement: the fewest honest bytes among the quantized rows (vq, vq variants, AlignedVQ)
+    whose accuracy stays within MARGIN_POINTS of the lossless row at that placement."""
+    lossless = {r["placement"]: r for r in report["rows"] if r["family"] == "lossless"}
+    out = []
+    for pl in sorted({r["placement"] for r in report["rows"] if r["family"] in ("vq", "vq_variant", "alignedvq")}):
+        base = lossless.get(pl) or lossless.get(pl.split("/")[0])
+        margin = MARGIN_POINTS.get(SplitPoint.parse(pl).kind)
+        if base is None or margin is None:
+            continue
+        cands = [r for r in report["rows"] if r["placement"] == pl and r["family"] in ("vq", "vq_variant", "alignedvq")]
+        ok = [r for r in cands if 100 * (base["accuracy"] - r["accuracy"]) <= margin]
+        if ok:
+            best = min(ok, key=lambda r: r["bytes_per_image"])
+            out.append(f"{pl}: cheapest within {margin:g} point of lossless ({100 * base['accuracy']:.1f}%): "
+                       f"{best['name']} at {best['bytes_per_image']:.0f} B/image, {100 * best['accuracy']:.1f}%")
+        else:
+            top = max(cands, key=lambda r: r["accuracy"])
+            out.append(f"{pl}: no quantized configuration within {margin:g} point of lossless "
+                       f"({100 * base['accuracy']:.1f}%); the closest is {top['name']} at "
+                       f"{100 * top['accuracy']:.1f}%, {top['bytes_per_image']:.0f} B/image")
     return out
 
 
@@ -408,7 +477,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for r in report["rows"]:
         if r["bytes_per_image"] is None:
             continue
-        key = r["family"] if r["family"] != "vq" else f"vq {r['placement']} ({r['placement_kind']})"
+        key = r["family"] if r["family"] not in ("vq", "vq_variant") else \
+            f"{r['family'].replace('_', ' ')} {r['placement']} ({r['placement_kind']})"
         groups.setdefault(key, []).append(r)
     markers = "osD^v<>pP*Xh"
     for i, (key, rs) in enumerate(sorted(groups.items())):
@@ -468,6 +538,16 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             paths = calibrate(adapter, sp, calib, ks, cb_dir, args.seed, args.iters, progress)
             for k in ks:
                 rows.append(Row(f"vq {sp} K={k}", "vq", sp, "vq", k=k, codebook=str(paths[k])))
+    for spec in filter(None, (v.strip() for v in args.vq_variants.split(","))):
+        variant = VqVariant.parse(spec)
+        for sp in placements:
+            if calib is None:
+                calib = train_images(args.data, args.calib_images)
+            paths = calibrate(adapter, sp, calib, ks, cb_dir, args.seed, args.iters, progress,
+                              stages=variant.stages, groups=variant.groups)
+            for k in ks:
+                rows.append(Row(f"vq {sp} K={k} {spec}", "vq_variant", sp, "vq", k=k, codebook=str(paths[k]),
+                                options={"entropy": variant.entropy} if variant.entropy != "none" else {}))
     calibrate_s = time.perf_counter() - t_cal
 
     finetune_s = 0.0
@@ -509,7 +589,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
                                    args.batch_size, progress)
         same = sum(a == b for a, b in zip(preds, mono))
         r = {"name": row.name, "family": row.family, "placement": str(row.split), "placement_kind": row.placement_kind,
-             "codec": row.codec, "k": row.k, "codebook": row.codebook, **info, **score(preds, items),
+             "codec": row.codec, "k": row.k, "codebook": row.codebook, "options": dict(row.options),
+             **info, **score(preds, items),
              "same_as_monolithic": same / len(items), "differs_from_monolithic": len(items) - same}
         results.append(r)
         LOG.info("%-32s %8.0f B/image  %.1f%%  (= monolithic %d/%d)", row.name, r["bytes_per_image"],
@@ -539,6 +620,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--placements", default="",
                     help="VQ placements (comma separated split points; default: vision_block:0, early and late "
                          "block boundaries, the last block, layer_norm1 in the early and late blocks, projector)")
+    ap.add_argument("--vq-variants", default="",
+                    help="richer VQ rows at the same placements and K: comma-separated [s<stages>][g<groups>]"
+                         "[+static|+adaptive], e.g. s2,g4,s2+static (empty: none)")
     ap.add_argument("--calib-images", type=int, default=4000, help="training images the codebooks are fit on")
     ap.add_argument("--iters", type=int, default=20, help="k-means Lloyd iterations")
     ap.add_argument("--alignedvq", default="",

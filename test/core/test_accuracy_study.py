@@ -66,9 +66,12 @@ def test_study_rows_are_complete_lossless_rows_equal_monolithic_and_bytes_are_wh
     ln1 = [r for r in vq if r["placement"].endswith("/ln1")]
     assert all(r["side_info_bytes"] > 0 for r in ln1)          # the per-token mean/std travel and count
     assert all(r["side_info_bytes"] == 0 for r in vq if r not in ln1)
-    # one per K (ln1 vs residual at block 1, with its paired test) and the summary
-    assert len(report["findings"]) == 3 and all("McNemar" in f for f in report["findings"][:2])
-    assert "of 2 pairs" in report["findings"][2]
+    # one per K (ln1 vs residual at block 1, with its paired test) and the summary, then per placement
+    # the cheapest quantized row within its margin of lossless (or the closest one)
+    f = report["findings"]
+    assert len(f) == 6 and all("McNemar" in x for x in f[:2]) and "of 2 pairs" in f[2]
+    assert [x.split(" ")[0] for x in f[3:]] == ["projector:", "vision_block:1:", "vision_block:1/ln1:"]
+    assert all("of lossless" in x for x in f[3:])
     assert not any("_correct" in r for r in report["rows"])
     md = (out / "accuracy.md").read_text()
     assert "| monolithic |" in md and "vq vision_block:1/ln1 K=32" in md
@@ -78,6 +81,26 @@ def test_study_rows_are_complete_lossless_rows_equal_monolithic_and_bytes_are_wh
     before = {p.name: p.stat().st_mtime_ns for p in (out / "codebooks").iterdir()}
     assert A.main(argv[:-1] + ["--k", "16", "--no-progress"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "codebooks").iterdir()} == before
+
+
+def test_vq_variants_train_their_codebooks_and_code_their_indices(data_dir, tmp_path):
+    out = tmp_path / "variants"
+    assert A.main(["--model", str(REF), "--data", str(data_dir), "--out", str(out), "--k", "16",
+                   "--placements", "projector", "--vq-variants", "s2,g2+static", "--calib-images", "40",
+                   "--iters", "3", "--threads", "1", "--no-progress"]) == 0
+    report = json.loads((out / "accuracy.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    one, s2, g2 = rows["vq projector K=16"], rows["vq projector K=16 s2"], rows["vq projector K=16 g2+static"]
+    assert s2["family"] == g2["family"] == "vq_variant" and s2["failures"] == {} == g2["failures"]
+    cb2, cbg = load_codebook(s2["codebook"]), load_codebook(g2["codebook"])
+    assert (cb2.stages, cb2.groups, cb2.k) == (2, 1, 16) and (cbg.stages, cbg.groups) == (1, 2)
+    assert s2["codebook"] != one["codebook"] != g2["codebook"]
+    # two stages carry twice the 4-bit indices (bit-packed); the entropy-coded row says how it coded
+    assert s2["payload_bytes"] == 2 * one["payload_bytes"]
+    assert g2["options"] == {"entropy": "static"} and s2["options"] == {}
+    assert any(x.startswith("projector:") for x in report["findings"])
+    with pytest.raises(ValueError, match="VQ variant"):
+        A.VqVariant.parse("s2x")
 
 
 def test_alignedvq_row_serves_the_finetuned_codebook_with_its_parts_and_lora(data_dir, tmp_path):

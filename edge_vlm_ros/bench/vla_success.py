@@ -46,10 +46,13 @@ class Config:
     execution: str = "async"
     latency_ms: float = 0.0
     codebook_k: int = 0                                # vq: calibrate this codebook first
+    in_flight: int = 1                                 # delay_aware: requests in flight at once
 
     def argv(self) -> list[str]:
         out = ["--merge-policy", self.merge_policy, "--execution", self.execution,
                "--inject-latency-ms", str(self.latency_ms)]
+        if self.in_flight != 1:
+            out += ["--max-in-flight-chunks", str(self.in_flight)]
         if self.monolithic:
             out.append("--monolithic")
         for s in self.sets:
@@ -85,6 +88,9 @@ def configs(studies: list[str], ks: list[int], codebooks: dict[int, Path], merge
                 policy = merge if ex == "async" else "latest_only"
                 out.append(Config(f"+{ms} ms {ex}", "latency", sets=LOSSLESS, merge_policy=policy,
                                   execution=ex, latency_ms=float(ms)))
+        # a delay longer than what is left of a chunk: ask again before the late chunk arrives
+        out.append(Config("+300 ms delay_aware, 2 in flight", "latency", sets=LOSSLESS, merge_policy="latest_only",
+                          execution="delay_aware", latency_ms=300.0, in_flight=2))
     return out
 
 

@@ -87,6 +87,8 @@ def _execution_overrides(args) -> dict:
            "inject_latency_s": args.inject_latency_ms / 1000.0}
     if args.blend_steps is not None:
         out["blend_steps"] = args.blend_steps
+    if args.max_in_flight_chunks is not None:
+        out["max_in_flight_chunks"] = args.max_in_flight_chunks
     return out
 
 
@@ -326,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="split mode: a node parameter, e.g. edge.codec=vq edge.codebook_path=cb.safetensors "
                          "server.codebook_paths=[cb.safetensors] edge.split_point=none edge.codec=jpeg")
     ap.add_argument("--blend-steps", type=int, default=None, help="delay_aware: blend length (default: config)")
+    ap.add_argument("--max-in-flight-chunks", type=int, default=None, choices=(1, 2),
+                    help="delay_aware: requests in flight at once (2: ask again before a long-delayed chunk "
+                         "arrives; default: config)")
     ap.add_argument("--model", default="", help="VLM folder or hub id (default: the shipped reference VLA)")
     ap.add_argument("--action-head", default="", help="action head folder (default: <model>/action_head)")
     ap.add_argument("--random-tiny", action="store_true", help="build a tiny VLA with random weights (harness runs)")
@@ -358,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"mode": "monolithic" if args.monolithic else "split", "model": model, "action_head": head,
            "head_kind": head_cfg["kind"], "chunk_size": head_cfg["chunk_size"], "merge_policy": args.merge_policy,
            "execution": args.execution, "inject_latency_ms": args.inject_latency_ms, "blend_steps": args.blend_steps,
+           "max_in_flight_chunks": args.max_in_flight_chunks,
            "set": args.set, "max_steps": args.max_steps, "trials": args.trials, "tasks": args.tasks,
            "success_rate": (sum(r["summary"]["successes"] for r in results.values()) / n) if n else None,
            "suites": results, "work_dir": str(work)}

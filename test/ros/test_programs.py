@@ -74,11 +74,12 @@ def test_eval_libero_split_smoke_with_codec_latency_and_bytes(tmp_path, ros_env)
     env = dict(ros_env, MUJOCO_GL="egl")
     out = _run(["edge_vlm_ros.tools.eval_libero", "--tasks", "0", "--trials", "1", "--max-steps", "6",
                 "--settle-steps", "0", "--image-size", "32", "--chunk-size", "4", "--execution", "delay_aware",
-                "--inject-latency-ms", "100", "--set", "edge.codec=raw", "--set", "edge.codec_dtype=float16",
-                "--random-tiny",
+                "--inject-latency-ms", "100", "--max-in-flight-chunks", "2", "--set", "edge.codec=raw",
+                "--set", "edge.codec_dtype=float16", "--random-tiny",
                 "--timeout-s", "400", "--out", str(res_path)], env, tmp_path, 500)
     res = json.loads(res_path.read_text())
     assert res["mode"] == "split" and res["execution"] == "delay_aware" and res["inject_latency_ms"] == 100
+    assert res["max_in_flight_chunks"] == 2
     r = res["suites"]["libero_spatial"]
     assert r["summary"]["episodes"] == 1 and r["steps"] == 6, r
     b = r["bytes_per_observation"]

@@ -104,6 +104,10 @@ class Matcher(Generic[P, F]):
         """(key, time added, prompt) of every prompt still waiting for its features, oldest first."""
         return ((k, t, item) for k, (t, item) in self._prompts.items())
 
+    def pending_features(self):
+        """(key, time added, features) of every features half still waiting for its prompt, oldest first."""
+        return ((k, t, item) for k, (t, item) in self._features.items())
+
     def pending_of(self, group: Hashable) -> int:
         return self._per_group.get(group, 0)
 

@@ -130,6 +130,10 @@ DEADLINE_MARGIN_NS = 300_000_000
 MAX_REQUEST_ID = 128
 # Cancels remembered per robot for requests not seen yet (oldest forgotten first beyond this).
 EARLY_CANCELS_PER_ROBOT = 64
+# A half waiting for its partner counts in the flow-control backlog for at least this long (and
+# for twice its robot's usual prompt->features gap when that is longer); after that its partner
+# is overdue and it no longer holds the other robots back (ServerEngine._count_overdue).
+OVERDUE_MIN_S = 0.5
 # Where a cancelled request was, by its status (stats.cancelled keys).
 _CANCELLED_WHERE = {RequestStatus.RECEIVED: "received", RequestStatus.WAITING_FOR_FEATURES: "waiting",
                     RequestStatus.WAITING_FOR_PROMPT: "waiting", RequestStatus.MATCHED: "queued",
@@ -199,6 +203,10 @@ class ServerEngine:
         # Keys of the open requests taken into a batch: the rest of _open is the backlog that flow
         # control watches (inbox, unmatched halves, matched queue).
         self._running_keys: set[tuple[str, str]] = set()
+        # Requests waiting for a partner that is overdue (matcher thread, every sweep): not counted
+        # in the backlog, so that one robot's orphan prompts cannot hold every robot PAUSED.
+        self._overdue_waiting = 0
+        self.overdue_min_s = OVERDUE_MIN_S
         self._open_cap = cfg.inbox_capacity + cfg.max_pending + cfg.queue_capacity + cfg.max_batch_size
         # Recently finished requests (bounded, oldest dropped first): a late half of one is dropped
         # instead of waiting for its TTL and answering the same request twice.
@@ -299,7 +307,7 @@ class ServerEngine:
         received but not yet matched is as much committed work as a matched one, and counting it
         keeps what a PAUSE lets through bounded even when the matcher falls behind."""
         with self._requests_lock:
-            return len(self._open) - len(self._running_keys)
+            return max(0, len(self._open) - len(self._running_keys) - self._overdue_waiting)
 
     def _update_flow(self) -> None:
         """Judge PAUSE/RESUME on the backlog now (never under _requests_lock: it may publish)."""
@@ -525,8 +533,24 @@ class ServerEngine:
                 for e in self.matcher.evict_expired():
                     self._answer_expired(e.item, e.half, e.reason, Outcome.TIMEOUT)
                 self._sweep_deadlines()
+                self._count_overdue(now)
                 self._update_flow()    # requests ended while waiting (timeouts, cancels, deadlines)
             self._arrivals = self._expected_arrivals()
+
+    def _count_overdue(self, now: float) -> None:
+        """Matcher thread: how many held halves wait for a partner that is overdue. A half counts in
+        the backlog while its partner can still be in transit: OVERDUE_MIN_S, or twice its robot's
+        usual prompt->features gap when that is longer. A robot that announces requests and never
+        sends their features (a crashed encoder, or an insider flooding prompts) then cannot hold
+        the backlog at the pause threshold for every other robot until match_ttl_s evicts them."""
+        n = 0
+        for table in (self.matcher.pending_prompts(), self.matcher.pending_features()):
+            for _, t, req in table:
+                gap = self._gap_s.get(req.route, 0.0)
+                if now - t > max(self.overdue_min_s, 2.0 * gap):
+                    n += 1
+        with self._requests_lock:
+            self._overdue_waiting = n
 
     def _let_go_cancelled(self) -> None:
         """Matcher thread: forget the held halves of requests cancelled since, with their bytes."""

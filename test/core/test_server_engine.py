@@ -350,6 +350,7 @@ def test_pause_counts_requests_not_yet_matched(adapter):
     worked off, and every request is answered once."""
     h = Harness(adapter, max_batch_size=2, pause_threshold=3, resume_threshold=1, queue_capacity=8,
                 match_ttl_s=30)
+    h.engine.overdue_min_s = 30.0     # the features are withheld on purpose: still due, however slow the machine
     try:
         pkts = []
         for _ in range(4):
@@ -371,6 +372,31 @@ def test_pause_counts_requests_not_yet_matched(adapter):
             time.sleep(0.01)
         assert [e.state for e in h.flow] == [FlowState.PAUSE, FlowState.RESUME]
         assert h.engine.backlog() == 0
+    finally:
+        h.stop_and_check()
+
+
+def test_orphan_prompts_stop_holding_the_other_robots_once_overdue(adapter):
+    """A robot that announces requests and never sends their features (a crashed encoder, or an
+    insider flooding prompts) PAUSEs the robots only while its features could still be in transit;
+    once overdue its halves leave the backlog, the RESUME goes out, and the other robot is served
+    while the orphans wait for their TTL."""
+    h = Harness(adapter, max_batch_size=2, pause_threshold=3, resume_threshold=1, queue_capacity=8,
+                match_ttl_s=3.0)
+    h.engine.overdue_min_s = 0.3
+    try:
+        orphans = [_rid() for _ in range(5)]
+        for rid in orphans:
+            h.prompt(rid, "r1")
+        deadline = time.monotonic() + 10
+        while [e.state for e in h.flow] != [FlowState.PAUSE, FlowState.RESUME] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [e.state for e in h.flow] == [FlowState.PAUSE, FlowState.RESUME], h.flow
+        assert h.engine.backlog() == 0 and h.engine.open_requests() == 5
+        rid, _ = h.good("r0")
+        assert h.wait(rid, 30)[1].outcome is Outcome.OK
+        for o in orphans:      # the orphans still end, once each, at their TTL
+            assert h.wait(o, 30)[1].outcome is Outcome.TIMEOUT
     finally:
         h.stop_and_check()
 

@@ -163,8 +163,11 @@ class VqVariant:
 
 
 def calibrate(adapter: VLMAdapter, split: SplitPoint, images: list[np.ndarray], ks: Sequence[int], out_dir: Path,
-              seed: int, iters: int, progress: bool, stages: int = 1, groups: int = 1) -> dict[int, Path]:
-    """k-means codebooks at `split` for every K (existing files with matching metadata are reused)."""
+              seed: int, iters: int, progress: bool, stages: int = 1, groups: int = 1,
+              feature_cache: dict[str, torch.Tensor] | None = None) -> dict[int, Path]:
+    """k-means codebooks at `split` for every K (existing files with matching metadata are reused).
+    `feature_cache` keeps the calibration features per split point across calls (one encoder pass
+    per placement, however many codebook variants are fit on it)."""
     from ..codecs.codebook import load_codebook
     from ..training.calibrate_codebook import collect_features
     from ..training.train_codebook import train_codebook
@@ -184,7 +187,11 @@ def calibrate(adapter: VLMAdapter, split: SplitPoint, images: list[np.ndarray], 
                 LOG.warning("recalibrating %s: %s", p, e)
         missing.append(k)
     if missing:
-        feats = collect_features(adapter, split, images, total=len(images), progress=progress)   # (n, T, D)
+        feats = None if feature_cache is None else feature_cache.get(str(split))
+        if feats is None:
+            feats = collect_features(adapter, split, images, total=len(images), progress=progress)   # (n, T, D)
+            if feature_cache is not None:
+                feature_cache[str(split)] = feats
         rows = feats.reshape(-1, feats.shape[-1])
         for k in missing:
             if rows.shape[0] < k:
@@ -529,13 +536,15 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(Row(f"JPEG-{q}", "jpeg", SplitPoint("none"), "jpeg", options={"quality": q}))
 
     calib: list[np.ndarray] | None = None
+    features: dict[str, torch.Tensor] = {}      # calibration features per placement, computed once
     cb_dir = out / "codebooks"
     t_cal = time.perf_counter()
     for sp in placements:
         if ks:
             if calib is None:
                 calib = train_images(args.data, args.calib_images)
-            paths = calibrate(adapter, sp, calib, ks, cb_dir, args.seed, args.iters, progress)
+            paths = calibrate(adapter, sp, calib, ks, cb_dir, args.seed, args.iters, progress,
+                              feature_cache=features)
             for k in ks:
                 rows.append(Row(f"vq {sp} K={k}", "vq", sp, "vq", k=k, codebook=str(paths[k])))
     for spec in filter(None, (v.strip() for v in args.vq_variants.split(","))):
@@ -544,7 +553,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             if calib is None:
                 calib = train_images(args.data, args.calib_images)
             paths = calibrate(adapter, sp, calib, ks, cb_dir, args.seed, args.iters, progress,
-                              stages=variant.stages, groups=variant.groups)
+                              stages=variant.stages, groups=variant.groups, feature_cache=features)
             for k in ks:
                 rows.append(Row(f"vq {sp} K={k} {spec}", "vq_variant", sp, "vq", k=k, codebook=str(paths[k]),
                                 options={"entropy": variant.entropy} if variant.entropy != "none" else {}))

@@ -527,13 +527,17 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         adapter.check_split(p)
 
     rows: list[Row] = []
-    for sp in lossless_splits(adapter):
-        rows.append(Row(f"lossless {sp}", "lossless", sp, "raw", options={"dtype": "float32"}))
-    rows.append(Row("lossless image", "lossless", SplitPoint("none"), "image"))
-    for sp in lossless_splits(adapter):
-        rows.append(Row(f"fp16 {sp}", "raw_fp16", sp, "raw", options={"dtype": "float16"}))
-    for q in (90, 10):
-        rows.append(Row(f"JPEG-{q}", "jpeg", SplitPoint("none"), "jpeg", options={"quality": q}))
+    if args.baselines == "all":
+        for sp in lossless_splits(adapter):
+            rows.append(Row(f"lossless {sp}", "lossless", sp, "raw", options={"dtype": "float32"}))
+        rows.append(Row("lossless image", "lossless", SplitPoint("none"), "image"))
+        for sp in lossless_splits(adapter):
+            rows.append(Row(f"fp16 {sp}", "raw_fp16", sp, "raw", options={"dtype": "float16"}))
+        for q in (90, 10):
+            rows.append(Row(f"JPEG-{q}", "jpeg", SplitPoint("none"), "jpeg", options={"quality": q}))
+    else:   # "placements": the lossless row at each studied placement, the reference its margins are taken from
+        for sp in dict.fromkeys(SplitPoint.parse(str(p).split("/")[0]) for p in placements):
+            rows.append(Row(f"lossless {sp}", "lossless", sp, "raw", options={"dtype": "float32"}))
 
     calib: list[np.ndarray] | None = None
     features: dict[str, torch.Tensor] = {}      # calibration features per placement, computed once
@@ -632,6 +636,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--vq-variants", default="",
                     help="richer VQ rows at the same placements and K: comma-separated [s<stages>][g<groups>]"
                          "[+static|+adaptive], e.g. s2,g4,s2+static (empty: none)")
+    ap.add_argument("--baselines", default="all", choices=("all", "placements"),
+                    help="all: lossless and fp16 at every split point, the image, JPEG-90/10; placements: only "
+                         "the lossless row at each --placements split point (a focused codec search)")
     ap.add_argument("--calib-images", type=int, default=4000, help="training images the codebooks are fit on")
     ap.add_argument("--iters", type=int, default=20, help="k-means Lloyd iterations")
     ap.add_argument("--alignedvq", default="",

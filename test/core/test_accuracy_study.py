@@ -86,7 +86,8 @@ def test_study_rows_are_complete_lossless_rows_equal_monolithic_and_bytes_are_wh
 def test_vq_variants_train_their_codebooks_and_code_their_indices(data_dir, tmp_path):
     out = tmp_path / "variants"
     assert A.main(["--model", str(REF), "--data", str(data_dir), "--out", str(out), "--k", "16",
-                   "--placements", "projector", "--vq-variants", "s2,g2+static", "--calib-images", "40",
+                   "--placements", "projector", "--vq-variants", "s2,g2+static", "--baselines", "placements",
+                   "--calib-images", "40",
                    "--iters", "3", "--threads", "1", "--no-progress"]) == 0
     report = json.loads((out / "accuracy.json").read_text())
     rows = {r["name"]: r for r in report["rows"]}
@@ -99,6 +100,9 @@ def test_vq_variants_train_their_codebooks_and_code_their_indices(data_dir, tmp_
     assert s2["payload_bytes"] == 2 * one["payload_bytes"]
     assert g2["options"] == {"entropy": "static"} and s2["options"] == {}
     assert any(x.startswith("projector:") for x in report["findings"])
+    # focused: the monolithic reference and the lossless row at the placement, nothing else
+    assert {r["family"] for r in report["rows"]} == {"monolithic", "lossless", "vq", "vq_variant"}
+    assert [r["placement"] for r in report["rows"] if r["family"] == "lossless"] == ["projector"]
     with pytest.raises(ValueError, match="VQ variant"):
         A.VqVariant.parse("s2x")
 

@@ -248,7 +248,11 @@ class ServerNode(ManagedNode):
             self.get_logger().error(f"publishing answer {ans.request_id}: {e}\n{traceback.format_exc()}")
 
     def _emit_flow(self, event: FlowEvent) -> None:
-        self._flow_state, self._flow_depth = event.state, event.depth
+        # Transitions are decided under the flow controller's lock but announced after it, from
+        # whichever thread saw them (callback, matcher, batch worker): two may be announced out of
+        # order. So what goes out, now and in every heartbeat, is the controller's state when the
+        # message is built, never the event's: the last message always says the current state.
+        self._flow_depth = event.depth
         self.get_logger().info(f"{event.state.name} at backlog {event.depth}")
         self._publish_flow()
 
@@ -258,6 +262,7 @@ class ServerNode(ManagedNode):
                 msg = FlowControl()
                 msg.header.stamp = ns_to_stamp(time.time_ns())
                 msg.server_id = self.cfg.server_id
+                self._flow_state = self.engine.flow.state
                 msg.state = int(self._flow_state)
                 msg.queue_depth = self.engine.backlog()
                 msg.pause_threshold = self.cfg.pause_threshold

@@ -76,7 +76,9 @@ def test_two_robots_concurrently_every_request_answered_and_routed(ros_env, tmp_
 
 def test_backpressure_pause_resume_bounded_queue_all_answered(ros_env, tmp_path):
     stats_path = tmp_path / "server_stats.json"
-    pause, resume = 3, 1
+    # PAUSE at a backlog of 4, RESUME only when it is empty: each PAUSE then lasts at least three
+    # 40-token generations, long enough on a loaded machine for a late joiner to be created within it.
+    pause, resume = 4, 0
     overrides = {"edge": {"request_mode": "continuous", "standing_prompt": "describe the scene ."},
                  "server": {"max_batch_size": 1, "default_max_new_tokens": 40, "ignore_eos": True,
                             "pause_threshold": pause, "resume_threshold": resume, "queue_capacity": 32,

@@ -528,7 +528,7 @@ class EdgeNode(ManagedNode):
         try:
             if self.ladder is not None:
                 rung, encoder = self._ladder_choose(rgb)
-            packet = encoder.encode(rgb, rid, stamp_ns)
+            packet = encoder.encode(rgb, rid, stamp_ns, prompt=text)
         except Exception as e:
             self.counters["encode_errors"] += 1
             # The prompt is out: the server answers it TIMEOUT when its features do not come (or the

@@ -213,6 +213,10 @@ def _lifecycle(v: Values) -> dict[str, object]:
 
 SPLIT_ARGUMENT = Argument("split_point", "projector | vision_block:<k> | none (cloud-only)", "projector")
 CODEC_ARGUMENT = Argument("codec", "raw | vq (with split_point none: jpeg | image)", "raw")
+# Edge and server must hold the same file (its hash is part of the model fingerprint they compare).
+COMPRESSOR_ARGUMENT = Argument(
+    "compressor_path", "Token compressor file of the model (empty: none); the robots and the server hold the same "
+                       "one; with split_point token_compressor:<r> the robot ships N/r visual tokens", "")
 ENCLAVE_ROOT_ARGUMENT = Argument(
     "enclave_root", "SROS2 enclaves: <root>/robot_<i> per robot, <root>/server, <root>/controller "
                     "(used only with ROS_SECURITY_ENABLE=true)", ENCLAVE_ROOT)
@@ -227,7 +231,8 @@ def _edge(v: Values, robot: str, files: list[str], enclave: str, extra: Mapping[
 
 def _plan_robot(v: Values, cfg_dir: Path) -> list[PlannedNode]:
     robot = check_robot(v["robot"])
-    node = _edge(v, robot, [v["params_file"]], v["enclave"], {"split_point": "split_point", "codec": "codec"})
+    node = _edge(v, robot, [v["params_file"]], v["enclave"], {"split_point": "split_point", "codec": "codec",
+                                                              "compressor_path": "compressor_path"})
     node.remappings.append(("camera/image_raw", v["camera_topic"]))
     return [node]
 
@@ -237,7 +242,7 @@ ROBOT = NodeSetDescription(
     (Argument("robot", "Robot name: namespace of its topics and robot_id in its messages", "robot_0"),
      Argument("params_file", "Edge node parameters (YAML, ros__parameters)", config_file="robot.yaml"),
      Argument("model_path", "Hugging Face hub id or local folder; must match the server's model", "default"),
-     SPLIT_ARGUMENT, CODEC_ARGUMENT,
+     SPLIT_ARGUMENT, CODEC_ARGUMENT, COMPRESSOR_ARGUMENT,
      Argument("camera_topic", "sensor_msgs/Image topic the edge encodes (remapped)", "camera/image_raw"),
      Argument("enclave", "SROS2 enclave of the node (used only with ROS_SECURITY_ENABLE=true)",
               ENCLAVE_ROOT + "/{robot}"),
@@ -246,10 +251,11 @@ ROBOT = NodeSetDescription(
 
 
 def _plan_server(v: Values, cfg_dir: Path) -> list[PlannedNode]:
-    frm = {"robots": "robots", "model_path": "model_path", "device": "device", "dtype": "dtype", **_AUTH_FROM,
-           **_AUTOSTART_FROM}
+    frm = {"robots": "robots", "model_path": "model_path", "compressor_path": "compressor_path", "device": "device",
+           "dtype": "dtype", **_AUTH_FROM, **_AUTOSTART_FROM}
     params = {"robots": parse_robot_list("robots", v["robots"]), "model_path": v["model_path"],
-              "device": v["device"], "dtype": v["dtype"], **_auth(v), **_lifecycle(v)}
+              "compressor_path": v["compressor_path"], "device": v["device"], "dtype": v["dtype"], **_auth(v),
+              **_lifecycle(v)}
     return [PlannedNode("server", "/", [v["params_file"]], params, v["enclave"], from_arguments=frm, label="server")]
 
 
@@ -258,6 +264,7 @@ SERVER = NodeSetDescription(
     (Argument("robots", "Robot namespaces to serve, as a YAML list", "[robot_0]"),
      Argument("params_file", "Server node parameters (YAML, ros__parameters)", config_file="server.yaml"),
      Argument("model_path", "Hugging Face hub id or local folder (the robots' model)", "default"),
+     COMPRESSOR_ARGUMENT,
      Argument("device", "Torch device, e.g. cuda:0", "cpu"),
      Argument("dtype", "float32 | float16 | bfloat16", "float32"),
      Argument("enclave", "SROS2 enclave of the node (used only with ROS_SECURITY_ENABLE=true)",
@@ -269,11 +276,11 @@ SERVER = NodeSetDescription(
 def _server_and_controller(v: Values, cfg_dir: Path, robots: list[str], root: str, layer: list[str],
                            server_extra: dict[str, object], controller_from: Mapping[str, str] = ()
                            ) -> list[PlannedNode]:
-    srv_from = {"model_path": "model_path", **_AUTH_FROM, **_AUTOSTART_FROM}
+    srv_from = {"model_path": "model_path", "compressor_path": "compressor_path", **_AUTH_FROM, **_AUTOSTART_FROM}
     ctl_from = {**dict(controller_from), **_AUTH_FROM, **_AUTOSTART_FROM}
     server = PlannedNode("server", "/", [str(cfg_dir / PARAM_FILES["server"]), *layer],
-                         {"robots": robots, "model_path": v["model_path"], **server_extra, **_auth(v),
-                          **_lifecycle(v)},
+                         {"robots": robots, "model_path": v["model_path"], "compressor_path": v["compressor_path"],
+                          **server_extra, **_auth(v), **_lifecycle(v)},
                          f"{root}/server", from_arguments=srv_from, label="server")
     controller = PlannedNode("controller", "/", [str(cfg_dir / PARAM_FILES["controller"]), *layer],
                              {"robots": robots, **{p: v[a] for p, a in ctl_from.items()}, **_auth(v),
@@ -286,7 +293,8 @@ def _plan_all_in_one(v: Values, cfg_dir: Path) -> list[PlannedNode]:
     robots = parse_robots("robots", v["robots"])
     root = enclave_root(v["enclave_root"])
     edges = [_edge(v, r, [str(cfg_dir / PARAM_FILES["edge"])], f"{root}/{r}",
-                   {"split_point": "split_point", "codec": "codec"}) for r in robots]
+                   {"split_point": "split_point", "codec": "codec", "compressor_path": "compressor_path"})
+             for r in robots]
     return edges + _server_and_controller(v, cfg_dir, robots, root, [], {})
 
 
@@ -294,7 +302,8 @@ ALL_IN_ONE = NodeSetDescription(
     "all_in_one", "Everything on one host: N robots' edge nodes, one server, one controller.",
     (Argument("robots", "Number of robots (edge nodes robot_0 .. robot_{n-1}), or a YAML list of robot names", "1"),
      Argument("model_path", "Hugging Face hub id or local folder for every node", "default"),
-     SPLIT_ARGUMENT, CODEC_ARGUMENT, ENCLAVE_ROOT_ARGUMENT, *AUTH_ARGUMENTS, AUTOSTART_ARGUMENT),
+     SPLIT_ARGUMENT, CODEC_ARGUMENT, COMPRESSOR_ARGUMENT, ENCLAVE_ROOT_ARGUMENT, *AUTH_ARGUMENTS,
+     AUTOSTART_ARGUMENT),
     _plan_all_in_one)
 
 
@@ -341,7 +350,8 @@ def _plan_vla(v: Values, cfg_dir: Path) -> list[PlannedNode]:
     layer = [v["params_file"]]
     nodes = []
     for r in robots:
-        nodes.append(_edge(v, r, [str(cfg_dir / PARAM_FILES["edge"]), *layer], f"{root}/{r}"))
+        nodes.append(_edge(v, r, [str(cfg_dir / PARAM_FILES["edge"]), *layer], f"{root}/{r}",
+                           {"compressor_path": "compressor_path"}))
         if v["sim"] == "libero":
             # the bridge has no file of its own: its defaults are LiberoBridgeConfig's, vla.yaml sets the rest
             nodes.append(PlannedNode("libero_bridge", f"/{r}", list(layer), {"robot_id": r, "suite": v["suite"]},
@@ -359,6 +369,7 @@ VLA = NodeSetDescription(
                             "the shipped trained VLA", "reference-vla"),
      Argument("action_head_path", "Folder of the action head checkpoint; default: the model folder's action_head/",
               "default"),
+     COMPRESSOR_ARGUMENT,
      Argument("params_file", "VLA parameters layered over each node's own config file", config_file="vla.yaml"),
      Argument("sim", "libero: start a LIBERO bridge per robot; none: a real robot", "libero"),
      Argument("suite", "LIBERO suite of the bridge", "libero_spatial"),

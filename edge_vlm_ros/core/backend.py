@@ -44,6 +44,10 @@ class GenerateItem:
     # Set (by another thread) when the request is cancelled: a backend that can stops generating this
     # row at its next token; its tokens so far are returned and the engine discards them.
     stop: threading.Event | None = None
+    # (n_text_tokens, text_hidden) embeddings that take the place of the prompt's text-token embeddings
+    # (every position that is not an image slot, in order): a fusion module's visually grounded text
+    # (core/fusion.py). None: the prompt's own embeddings.
+    text_embeds: torch.Tensor | None = None
 
 
 class LanguageBackend(ABC):
@@ -235,6 +239,12 @@ class TransformersBackend(LanguageBackend):
                 raise RequestError(Outcome.ERROR, f"prompt has {int(slots.sum())} image slots but "
                                                   f"{it.image_features.shape[0]} visual tokens arrived")
             e = e.masked_scatter(slots[:, None], it.image_features.to(e.dtype))
+            if it.text_embeds is not None:
+                n_text = int((~slots).sum())
+                if tuple(it.text_embeds.shape) != (n_text, e.shape[1]):
+                    raise RequestError(Outcome.REJECTED, f"text embeddings of shape {list(it.text_embeds.shape)} "
+                                                         f"do not fit a prompt of {n_text} text tokens")
+                e = e.masked_scatter(~slots[:, None], it.text_embeds.to(e.device, e.dtype))
             embeds.append(e)
             masks.append(torch.ones(len(it.input_ids), dtype=torch.long, device=self.device))
         t_max = max(e.shape[0] for e in embeds)

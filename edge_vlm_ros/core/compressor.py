@@ -24,6 +24,11 @@ Where the compressor runs follows from the split point (core.types.SplitPoint):
   it carries without a compressor. Every split point of a compressed model gives the language model
   the same N/r tokens.
 
+A compressor file may also hold a fusion module (core/fusion.py, trained together with the
+compressor): the prompt's text tokens attend to the uncompressed visual tokens, which gives back part
+of what compression loses. It is part of the same file, the same content hash and so the same model
+fingerprint: an edge and a server only pair up when both run the same fusion too.
+
 A file that is not a compressor, belongs to another model, or whose contents do not match its hash is
 refused with a ValueError that says why.
 """
@@ -40,6 +45,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from .fusion import TextFusion
+
 FORMAT = "edge_vlm_ros.token_compressor"
 VERSION = 1
 # Neighbourhood (rows, cols) of patches merged into one token, per ratio.
@@ -48,6 +55,8 @@ GROUPS: dict[int, tuple[int, int]] = {2: (1, 2), 4: (2, 2), 8: (2, 4), 16: (4, 4
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Fields of the description that the compressor's behaviour depends on (hashed with the tensors).
 _HASHED = ("ratio", "grid", "dim", "hidden", "model_fingerprint", "lora_rank", "lora_alpha", "lora_modules")
+# Hashed only when the file has a fusion module (files without one keep the hash they always had).
+_HASHED_FUSION = ("fusion_rank", "fusion_heads")
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,8 @@ class CompressorSpec:
     lora_rank: int = 0               # 0: the language model is used as is
     lora_alpha: float = 0.0
     lora_modules: tuple[str, ...] = ()   # names (in the model) of the adapted nn.Linear layers
+    fusion_rank: int = 0             # 0: no fusion module; else its message width per text token
+    fusion_heads: int = 0
     info: Mapping[str, Any] = field(default_factory=dict)   # training notes; not hashed
 
     def __post_init__(self) -> None:
@@ -79,6 +90,11 @@ class CompressorSpec:
         if self.lora_rank < 0 or (self.lora_rank == 0) != (not self.lora_modules):
             raise ValueError(f"lora_rank {self.lora_rank} with {len(self.lora_modules)} adapted modules: "
                              f"both zero or both non-zero")
+        if self.fusion_rank < 0 or self.fusion_heads < 0 or (self.fusion_rank == 0) != (self.fusion_heads == 0):
+            raise ValueError(f"fusion_rank {self.fusion_rank} with fusion_heads {self.fusion_heads}: both zero "
+                             f"(no fusion module) or both positive")
+        if self.fusion_heads and self.dim % self.fusion_heads:
+            raise ValueError(f"fusion_heads {self.fusion_heads} does not divide the token width {self.dim}")
 
     @property
     def n_in(self) -> int:
@@ -90,7 +106,8 @@ class CompressorSpec:
 
     def hashed_meta(self) -> dict[str, Any]:
         d = asdict(self)
-        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in _HASHED}
+        keys = _HASHED + (_HASHED_FUSION if self.fusion_rank else ())
+        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keys}
 
 
 def square_grid(n_tokens: int) -> tuple[int, int]:
@@ -189,6 +206,7 @@ class CompressorFile:
     module: TokenCompressor
     lora_deltas: dict[str, torch.Tensor]     # module name -> (out, in) weight delta
     content_hash: str
+    fusion: TextFusion | None = None
 
 
 def content_hash(spec: CompressorSpec, tensors: Mapping[str, torch.Tensor]) -> str:
@@ -209,13 +227,20 @@ def variant_fingerprint(base_fingerprint: str, compressor_hash: str) -> str:
 
 
 def save_compressor(path: str | os.PathLike[str], spec: CompressorSpec, module: TokenCompressor,
-                    loras: Mapping[str, LoRA] | None = None) -> str:
-    """Write `path` (.safetensors): compressor weights, LoRA A/B per adapted layer, JSON description.
-    Returns the content hash."""
+                    loras: Mapping[str, LoRA] | None = None, fusion: TextFusion | None = None) -> str:
+    """Write `path` (.safetensors): compressor weights, LoRA A/B per adapted layer, the fusion module
+    when there is one, JSON description. Returns the content hash."""
     from safetensors.torch import save_file
 
+    if (fusion is not None) != bool(spec.fusion_rank) or (
+            fusion is not None and (fusion.rank, fusion.heads) != (spec.fusion_rank, spec.fusion_heads)):
+        raise ValueError(f"fusion module {None if fusion is None else (fusion.rank, fusion.heads)} does not match "
+                         f"the description (rank {spec.fusion_rank}, heads {spec.fusion_heads})")
     tensors = {f"compressor.{k}": v.detach().to("cpu", torch.float32).contiguous()
                for k, v in module.state_dict().items()}
+    if fusion is not None:
+        tensors.update({f"fusion.{k}": v.detach().to("cpu", torch.float32).contiguous()
+                        for k, v in fusion.state_dict().items()})
     for name, lora in (loras or {}).items():
         tensors[f"lora.{name}.A"] = lora.A.detach().to("cpu", torch.float32).contiguous()
         tensors[f"lora.{name}.B"] = lora.B.detach().to("cpu", torch.float32).contiguous()
@@ -254,7 +279,8 @@ def load_compressor(path: str | os.PathLike[str], expected_fingerprint: str | No
         spec = CompressorSpec(ratio=int(raw["ratio"]), grid=tuple(raw["grid"]), dim=int(raw["dim"]),
                               hidden=int(raw["hidden"]), model_fingerprint=str(raw["model_fingerprint"]),
                               lora_rank=int(raw["lora_rank"]), lora_alpha=float(raw["lora_alpha"]),
-                              lora_modules=tuple(raw["lora_modules"]), info=raw.get("info", {}))
+                              lora_modules=tuple(raw["lora_modules"]), fusion_rank=int(raw.get("fusion_rank", 0)),
+                              fusion_heads=int(raw.get("fusion_heads", 0)), info=raw.get("info", {}))
     except (KeyError, TypeError, ValueError) as e:
         raise bad(f"bad description: {e}") from None
     digest = content_hash(spec, tensors)
@@ -269,6 +295,17 @@ def load_compressor(path: str | os.PathLike[str], expected_fingerprint: str | No
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise bad(f"weights do not fit the description: {e}") from None
+    fusion = None
+    fusion_state = {k[len("fusion."):]: v for k, v in tensors.items() if k.startswith("fusion.")}
+    if spec.fusion_rank:
+        fusion = TextFusion(spec.dim, spec.fusion_heads, spec.fusion_rank)
+        try:
+            fusion.load_state_dict(fusion_state, strict=True)
+        except RuntimeError as e:
+            raise bad(f"fusion weights do not fit the description: {e}") from None
+        fusion.eval()
+    elif fusion_state:
+        raise bad(f"holds fusion tensors ({len(fusion_state)}) its description does not name")
     deltas = {}
     for name in spec.lora_modules:
         a, b = tensors.get(f"lora.{name}.A"), tensors.get(f"lora.{name}.B")
@@ -279,7 +316,7 @@ def load_compressor(path: str | os.PathLike[str], expected_fingerprint: str | No
         if not torch.isfinite(v).all():
             raise bad(f"tensor {k!r} has non-finite values")
     module.eval()
-    return CompressorFile(spec, module, deltas, digest)
+    return CompressorFile(spec, module, deltas, digest, fusion)
 
 
 def merge_lora(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> None:

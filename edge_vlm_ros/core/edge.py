@@ -5,6 +5,9 @@ point `none` (cloud-only baseline) no model is loaded on the robot: the image it
 For a split inside a block (`vision_block:k/ln1`) the per-token LayerNorm mean and std go into
 side_info (codecs/token_stats.py, `token_stats_dtype`): the server cannot rebuild the residual stream
 without them, and they count in the bytes on the wire like the payload.
+A model whose token compressor comes with a fusion module (core/fusion.py) needs the prompt at split
+`token_compressor:<r>`: the robot fuses the prompt's text tokens with the uncompressed visual tokens
+and ships the fusion message (T_text x rank float16) in side_info, beside the N/r compressed tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from .alignedvq import DLPPart, apply_alignedvq, find_dlp_part
 from ..codecs.base import FeatureCodec
 from ..codecs.registry import codec_from_config
 from .config import EdgeConfig
+from .fusion import pack_message
 from .split import VLMAdapter, drop_language_model, load_vlm
 from ..codecs.token_stats import STATS_DTYPES, pack_token_stats
 from .types import FeaturePacket, SplitPoint
@@ -79,13 +83,29 @@ class EdgeEncoder:
         on (robot_id, request_id), and authenticated messages carry it under the robot's key)."""
         return secrets.token_hex(16)
 
+    @property
+    def needs_prompt(self) -> bool:
+        """True when encode needs the request's prompt (fusion on the robot)."""
+        return self.split.kind == "token_compressor" and self.adapter is not None and self.adapter.fusion is not None
+
     @torch.no_grad()
-    def encode(self, rgb: np.ndarray, request_id: str, stamp_ns: int) -> FeaturePacket:
-        """rgb: (H, W, 3) uint8. Returns the packet to publish (sent_at is set by the caller)."""
+    def encode(self, rgb: np.ndarray, request_id: str, stamp_ns: int, prompt: str | None = None) -> FeaturePacket:
+        """rgb: (H, W, 3) uint8; prompt: the request's text (used where `needs_prompt`). Returns the
+        packet to publish (sent_at is set by the caller)."""
         t0 = time.perf_counter()
         if self.split.kind == "none":
             enc = self.codec.encode(rgb)
             t1 = t0
+        elif self.needs_prompt:
+            if prompt is None:
+                raise ValueError(f"split point {self.split} with a fusion module needs the request's prompt")
+            px = self.adapter.preprocess(rgb)
+            t1 = time.perf_counter()
+            full = self.adapter.edge_half(px, SplitPoint("projector"))[0]      # (1, N, D) uncompressed
+            feats = apply_alignedvq(self.dlp_edge, self.adapter.compressor(full)[0])   # (N/r, D)
+            message = self.adapter.fusion_message(self.adapter.fusion_prompt_ids(prompt), full[0])
+            enc = self.codec.encode(feats)
+            enc.side_info = pack_message(message)                               # (T_text, rank) float16
         else:
             px = self.adapter.preprocess(rgb)
             t1 = time.perf_counter()

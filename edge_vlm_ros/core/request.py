@@ -120,6 +120,7 @@ class FeatureHalf:
     decode_ms: float
     token_stats: torch.Tensor | None = None   # (T, 2) [mean, std] from side_info, splits inside a block
     nbytes: int = 0                           # counted against max_bytes_per_robot while unmatched
+    fusion_message: torch.Tensor | None = None   # (T_text, rank) from side_info, a fusion model's token_compressor
 
 
 @dataclass(eq=False)

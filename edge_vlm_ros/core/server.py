@@ -71,6 +71,7 @@ from .chunks import ActionChunk
 from .backend import GenerateItem, LanguageBackend
 from .split import VLMAdapter, check_features
 from ..codecs.token_stats import token_stats_from_side_info
+from .fusion import unpack_message
 from .types import (AnswerResult, EncodedTensor, FeaturePacket, Outcome, PromptRequest, RequestError, SplitPoint,
                     StageTimings, rejected)
 from .vla import ActionItem, VLAPolicy
@@ -762,20 +763,33 @@ class ServerEngine:
         except RequestError:
             self._count_reject("header")
             raise
-        # side_info (per-token statistics, small) is checked before the payload is decoded too.
-        stats = None
-        if not image:
+        # side_info (per-token statistics or a fusion message, small) is checked before the payload is
+        # decoded too; the fusion message's fit to the prompt is checked when the two halves meet.
+        stats = fused = None
+        if not image and split.kind == "token_compressor" and self.adapter.fusion is not None:
+            try:
+                fused = unpack_message(enc.side_info, self.adapter.fusion.rank, self._max_text_tokens())
+            except RequestError:
+                self._count_reject("fusion_message")
+                raise
+        elif not image:
             stats = token_stats_from_side_info(split, enc.side_info, int(enc.shape[0]))
         elif enc.side_info:
             raise rejected(f"side_info of {len(enc.side_info)} bytes is not expected with codec {enc.codec!r}")
-        nbytes = codec.decoded_nbytes(enc) + enc.payload_bytes()
+        nbytes = codec.decoded_nbytes(enc) + enc.payload_bytes() + (4 * fused.numel() if fused is not None else 0)
         self._check_room(req, FEATURES, nbytes)
         data = codec.decode(enc, limits)
         if not image:
             check_features(self.adapter, split, data)
             data = apply_alignedvq(self._dlp_post.get(enc.codebook_hash), data)
         return FeatureHalf(f, received_ns, received_t, split, data, (time.perf_counter() - t0) * 1e3,
-                           stats, nbytes)
+                           stats, nbytes, fused)
+
+    def _max_text_tokens(self) -> int:
+        """Most text tokens a prompt of this server can have: the template's plus max_prompt_tokens
+        (and a few for merges at the question's edges): the bound on a fusion message's rows."""
+        template = len(self.lm.prompt_ids("", self.n_image_tokens)) - self.n_image_tokens
+        return template + self.cfg.max_prompt_tokens + 8
 
     # ---- bytes held per robot (matcher thread) -------------------------------------------------
     def _count_reject(self, check: str) -> None:
@@ -856,13 +870,14 @@ class ServerEngine:
         vision_ms = (time.perf_counter() - t0) * 1e3
         # One batch may hold both kinds: text generation and the action head each run once over
         # their own rows (the vision half above was shared).
-        text_idx = [i for i, r in enumerate(batch) if r.kind is RequestKind.ANSWER]
-        action_idx = [i for i, r in enumerate(batch) if r.kind is RequestKind.ACTION]
         results: dict[int, object] = {}
+        text_embeds = self._fused_text(batch, prompts, feats, results) if self.adapter.fusion is not None else {}
+        text_idx = [i for i, r in enumerate(batch) if r.kind is RequestKind.ANSWER and i not in results]
+        action_idx = [i for i, r in enumerate(batch) if r.kind is RequestKind.ACTION and i not in results]
         t_gen = time.monotonic()
         if text_idx:
-            items = [GenerateItem(prompts[i].input_ids, tokens[i], prompts[i].max_new_tokens, batch[i].stop)
-                     for i in text_idx]
+            items = [GenerateItem(prompts[i].input_ids, tokens[i], prompts[i].max_new_tokens, batch[i].stop,
+                                  text_embeds.get(i)) for i in text_idx]
             min_new = max(it.max_new_tokens for it in items) if self.cfg.ignore_eos else 0
             results.update(zip(text_idx, self.lm.generate(items, min_new_tokens=min_new)))
         if action_idx:
@@ -893,6 +908,26 @@ class ServerEngine:
                 self._finish(r, out.outcome, out.reason, timings=timings, late_ok=late_ok)
             else:
                 self._finish(r, Outcome.OK, result=out, timings=timings, late_ok=late_ok)
+
+    @torch.no_grad()
+    def _fused_text(self, batch: list[Request], prompts: list, feats: list,
+                    results: dict[int, object]) -> dict[int, torch.Tensor]:
+        """Each row's fused text embeddings (core/fusion.py): the robot's message applied to the prompt
+        (token_compressor), or the whole fusion on the received tokens (projector). A row whose message
+        does not fit its prompt gets its RequestError in `results` and is not generated."""
+        out: dict[int, torch.Tensor] = {}
+        for i, (r, p, f) in enumerate(zip(batch, prompts, feats)):
+            try:
+                if r.kind is not RequestKind.ANSWER:
+                    raise rejected("action requests are not served by a model with a fusion module")
+                if f.split.kind == "token_compressor":
+                    out[i] = self.adapter.fused_text(p.input_ids, f.fusion_message)
+                else:
+                    out[i] = self.adapter.fuse_on_server(p.input_ids, f.data)
+            except RequestError as e:
+                self._count_reject("fusion_message")
+                results[i] = e
+        return out
 
     def _count_cancelled_rows(self, batch: list[Request], prompts: list, results: dict[int, object]) -> None:
         """Rows cancelled while their batch ran: cut short (tokens not generated; without ignore_eos a

@@ -16,6 +16,10 @@ Split points (see types.SplitPoint):
   (core/compressor.py, attached with `attach_compressor`) and ships N/r visual tokens; the server
   hands them to the language model as they are. A model with a compressor runs it at every split
   point (on the server for the others), so its language model always reads N/r tokens.
+  A compressor file with a fusion module (core/fusion.py) fuses the prompt's text tokens with the
+  uncompressed visual tokens: at `token_compressor:r` the robot computes the fusion message (it has
+  the prompt) and the server adds it to its text embeddings (`fused_text`); at `projector` the server
+  runs the whole module on the tokens it received. Other split points are refused for such a model.
 
 The halves are computed from the model's own modules in the order the model's forward uses them,
 so with a lossless codec the server's generated tokens equal `model.generate` on the same image and
@@ -43,6 +47,7 @@ import torch
 
 from .backend import TransformersBackend
 from .compressor import TokenCompressor, load_compressor, merge_lora, square_grid, variant_fingerprint
+from .fusion import TextFusion
 from .types import SplitPoint, rejected
 
 LOG = logging.getLogger(__name__)
@@ -71,6 +76,8 @@ class VLMAdapter(ABC):
         self.base_fingerprint = self.fingerprint
         self.compressor: TokenCompressor | None = None
         self.compressor_hash = ""
+        self.fusion: TextFusion | None = None          # from the compressor file, when it holds one
+        self.kept_text_embeddings: torch.nn.Module | None = None   # the robot's, for fusion (drop_language_model)
 
     @cached_property
     def language(self) -> TransformersBackend:
@@ -121,6 +128,10 @@ class VLMAdapter(ABC):
             if split.ratio != self.compressor.ratio:
                 raise ValueError(f"split point {split}: this model's compressor was trained for ratio "
                                  f"{self.compressor.ratio} (token_compressor:{self.compressor.ratio}), not {split.ratio}")
+        if self.fusion is not None and split.kind not in ("token_compressor", "projector"):
+            raise ValueError(f"split point {split}: this model's fusion module needs the uncompressed visual "
+                             f"tokens and the prompt together: token_compressor:{self.compressor.ratio} (fusion on "
+                             f"the robot) or projector (fusion on the server)")
         if split.kind == "vision_block" and not 0 <= split.block <= self.num_vision_blocks:
             raise ValueError(f"split point {split}: k must be in 0..{self.num_vision_blocks} for this model")
         if split.sub == "ln1":
@@ -226,6 +237,48 @@ class VLMAdapter(ABC):
         (B, N, Dt), or (B, N/r, Dt) through the compressor when the model has one."""
         tokens = self._head(h)
         return self.compressor(tokens) if self.compressor is not None else tokens
+
+    # ---- fusion (core/fusion.py) ----------------------------------------------------------------
+    def text_embeddings(self) -> torch.nn.Module:
+        """The language model's input embedding table (on the robot: the copy kept for fusion)."""
+        if self.has_language_model:
+            return self.model.get_input_embeddings()
+        if self.kept_text_embeddings is None:
+            raise RuntimeError(f"the language model of {self.source} was dropped with no text embeddings kept")
+        return self.kept_text_embeddings
+
+    def fusion_prompt_ids(self, question: str) -> list[int]:
+        """The prompt ids the server builds for `question` (image slots for the compressed tokens)."""
+        from .backend import TransformersBackend
+
+        n = self.edge_output_shape(SplitPoint("token_compressor", self.compressor.ratio))[0]
+        return TransformersBackend(self.model, self.processor, self, self.fingerprint).prompt_ids(question, n)
+
+    def _text_part(self, input_ids: list[int]) -> torch.Tensor:
+        """(T_text, D) embeddings of the prompt tokens that are not image slots (the fused ones)."""
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        return self.text_embeddings()(ids[ids != self.image_token_id])
+
+    def fusion_message(self, input_ids: list[int], visual: torch.Tensor) -> torch.Tensor:
+        """The robot's half of the fusion: prompt ids + (N, D) uncompressed visual tokens -> (T_text, rank)."""
+        if self.fusion is None:
+            raise ValueError(f"model {self.source} has no fusion module")
+        return self.fusion.message(self._text_part(input_ids)[None], visual[None].to(self.dtype))[0]
+
+    def fused_text(self, input_ids: list[int], message: torch.Tensor) -> torch.Tensor:
+        """The server's half: prompt ids + the robot's (T_text, rank) message -> (T_text, D) fused text
+        embeddings. A message that does not fit the prompt is rejected (RequestError) with both shapes."""
+        if self.fusion is None:
+            raise ValueError(f"model {self.source} has no fusion module")
+        text = self._text_part(input_ids)
+        if tuple(message.shape) != (text.shape[0], self.fusion.rank):
+            raise rejected(f"fused text embeddings of shape {list(message.shape)} do not fit the prompt: it has "
+                           f"{text.shape[0]} text tokens, so {[text.shape[0], self.fusion.rank]} was expected")
+        return self.fusion.apply(text[None], message[None].to(self.device))[0]
+
+    def fuse_on_server(self, input_ids: list[int], visual: torch.Tensor) -> torch.Tensor:
+        """The whole fusion module where the server has the uncompressed tokens (split projector)."""
+        return self.fused_text(input_ids, self.fusion_message(input_ids, visual))
 
     @torch.no_grad()
     def server_forward_images(self, images: list[np.ndarray]) -> torch.Tensor:
@@ -366,6 +419,18 @@ class LlavaAdapter(VLMAdapter):
         # with N/r tokens instead of the N its image processor would count.
         text = lm.prompt_text(question).replace(self.image_token, self.image_token * small.shape[1])
         inputs = self.processor.tokenizer([text], return_tensors="pt").to(self.device)
+        if self.fusion is not None:
+            # Fused text tokens in place of the text embeddings, the compressed tokens in the slots.
+            ids = inputs["input_ids"][0]                                                 # (T,)
+            embeds = self.model.get_input_embeddings()(ids)                               # (T, D)
+            text_pos = ids != self.image_token_id
+            fused = self.fusion(embeds[text_pos][None], tokens.reshape(1, -1, tokens.shape[-1]))[0]
+            embeds = embeds.masked_scatter(text_pos[:, None], fused.to(embeds.dtype))
+            embeds = embeds.masked_scatter(~text_pos[:, None], small[0].to(embeds.dtype))
+            out = self.model.generate(inputs_embeds=embeds[None], attention_mask=inputs["attention_mask"],
+                                      max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                      do_sample=False, pad_token_id=lm.pad_token_id)
+            return self._cut_at_eos(out[0].tolist(), max_new_tokens, min_new_tokens)
         out = self.model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                   mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[small[0]])},
                                   max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
@@ -547,16 +612,21 @@ def attach_compressor(adapter: VLMAdapter, path: str | Path) -> None:
     if adapter.has_language_model:
         merge_lora(adapter.model, loaded.lora_deltas)
     adapter.compressor = loaded.module.to(adapter.device, adapter.dtype)
+    adapter.fusion = loaded.fusion.to(adapter.device, adapter.dtype) if loaded.fusion is not None else None
     adapter.compressor_hash = loaded.content_hash
     adapter.fingerprint = variant_fingerprint(adapter.base_fingerprint, loaded.content_hash)
     adapter.__dict__.pop("language", None)          # a backend built before carries the old fingerprint
     adapter.__dict__.pop("_shape_cache", None)
-    LOG.info("token compressor %s: ratio %d (%d -> %d tokens), LoRA rank %d; fingerprint %s",
-             path, loaded.spec.ratio, loaded.spec.n_in, loaded.spec.n_out, loaded.spec.lora_rank, adapter.fingerprint)
+    LOG.info("token compressor %s: ratio %d (%d -> %d tokens), LoRA rank %d, fusion rank %d; fingerprint %s",
+             path, loaded.spec.ratio, loaded.spec.n_in, loaded.spec.n_out, loaded.spec.lora_rank,
+             loaded.spec.fusion_rank, adapter.fingerprint)
 
 
 def drop_language_model(adapter: VLMAdapter) -> None:
-    """Free the language model on the robot: the edge half never runs it (fingerprint is kept)."""
+    """Free the language model on the robot: the edge half never runs it (fingerprint is kept). A model
+    with a fusion module keeps its input embedding table: the robot embeds the prompt to fuse it."""
+    if adapter.fusion is not None and adapter.has_language_model:
+        adapter.kept_text_embeddings = adapter.model.get_input_embeddings()
     adapter.has_language_model = False
     adapter.__dict__.pop("language", None)      # a backend built before holds the LM's modules
     inner = adapter.model.model

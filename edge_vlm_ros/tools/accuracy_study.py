@@ -239,8 +239,13 @@ def run_pipeline(row: Row, edge_adapter: VLMAdapter, server_adapter: VLMAdapter,
     encoder = _encoder(row, edge_adapter)
     sizer = MessageSizer()
     packets, sizes, payload, side, enc_ms = [], [], [], [], []
-    for i, img in enumerate(tqdm(images, desc=f"{row.name}: edge", disable=not progress, leave=False)):
-        pkt = encoder.encode(img, f"{i:032x}", 0)     # an id of the edge's form: it is sized as sent
+    # A fusion message depends on the question too: then one message per question (sizes averaged
+    # over questions), else one per image, reused for each of its questions.
+    per_question = encoder.needs_prompt
+    jobs = [(images[j], it.question) for it, j in zip(items, image_of)] if per_question else \
+        [(img, None) for img in images]
+    for i, (img, question) in enumerate(tqdm(jobs, desc=f"{row.name}: edge", disable=not progress, leave=False)):
+        pkt = encoder.encode(img, f"{i:032x}", 0, prompt=question)     # an id of the edge's form: sized as sent
         packets.append(pkt)
         sizes.append(sizer(pkt))
         payload.append(len(pkt.encoded.payload))
@@ -282,7 +287,8 @@ def run_pipeline(row: Row, edge_adapter: VLMAdapter, server_adapter: VLMAdapter,
                 bar.update(len(answers) - bar.n)
             rid = f"q-{i}"
             engine.submit_prompt(PromptRequest(rid, ROBOT, it.question, 0, "vqa", max_new_tokens), ROBOT)
-            engine.submit_features(dataclasses.replace(packets[image_of[i]], request_id=rid), ROBOT)
+            engine.submit_features(dataclasses.replace(packets[i if per_question else image_of[i]], request_id=rid),
+                                   ROBOT)
         with cond:
             deadline = time.monotonic() + STALL_S
             while len(answers) < n and time.monotonic() < deadline:

@@ -12,6 +12,12 @@ at that placement. Bytes per image are the serialized, signed VisualFeatures mes
 field counted). `jpeg` is cloud-only (the image crosses the wire, the compressor runs on the server),
 so it is not a row here: docs/accuracy.md has its numbers.
 
+A compressor file with a fusion module (core/fusion.py) gives rows named `r<r>+fusion`: fusion on the
+robot (split `token_compressor:<r>`: N/r tokens plus the fusion message in side_info, one message per
+question since the message depends on it) and, with --server-fusion, fusion on the server (split
+`projector`: the N uncompressed tokens cross the wire, the server compresses and fuses), so the two
+placements are compared in bytes and accuracy with the same trained module.
+
 Throughput (--sweep): the server's language model alone, in process, over a batch of B requests with
 the visual tokens ready (the part the compressor shortens): prefill requests/s (one forward pass over
 the prompts) and generation requests/s (greedy, a fixed number of new tokens), median of --repeats
@@ -101,22 +107,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r = server.compressor.ratio if server.compressor is not None else 1
         split = SplitPoint("token_compressor", r) if r > 1 else SplitPoint("projector")
         n_tokens = int(server.server_forward_images([images[0]]).shape[1])
-        servers[f"r{r}"] = server
+        fusion = server.fusion is not None
+        tag = f"r{r}+fusion" if fusion else f"r{r}"
+        servers[tag] = server
         if args.throughput_only:
             continue
-        rows = [Row(f"r{r} raw fp32", "lossless", split, "raw", options={"dtype": "float32"}),
-                Row(f"r{r} raw fp16", "raw_fp16", split, "raw", options={"dtype": "float16"})]
+        rows = [Row(f"{tag} raw fp32", "lossless", split, "raw", options={"dtype": "float32"}),
+                Row(f"{tag} raw fp16", "raw_fp16", split, "raw", options={"dtype": "float16"})]
         if ks:
-            paths = calibrate(edge, split, calib, ks, out / "codebooks" / (f"r{r}" if r > 1 else "r1"), args.seed,
+            paths = calibrate(edge, split, calib, ks, out / "codebooks" / (tag if r > 1 else "r1"), args.seed,
                               args.iters, not args.no_progress)
-            rows += [Row(f"r{r} vq K={k}", "vq", split, "vq", k=k, codebook=str(p)) for k, p in paths.items()]
+            rows += [Row(f"{tag} vq K={k}", "vq", split, "vq", k=k, codebook=str(p)) for k, p in paths.items()]
+        if fusion and args.server_fusion:
+            proj = SplitPoint("projector")
+            rows.append(Row(f"{tag} server-fusion raw fp16", "raw_fp16", proj, "raw", options={"dtype": "float16"}))
+            if ks:
+                paths = calibrate(edge, proj, calib, ks, out / "codebooks" / f"{tag}-projector", args.seed,
+                                  args.iters, not args.no_progress)
+                rows += [Row(f"{tag} server-fusion vq K={k}", "vq", proj, "vq", k=k, codebook=str(p))
+                         for k, p in paths.items()]
         for row in rows:
             t0 = time.perf_counter()
             preds, info = run_pipeline(row, edge, server, images, items, image_of, args.max_new_tokens,
                                        args.batch_size, not args.no_progress)
             sc = score(preds, items)
             sc.pop("_correct")
-            rec = {"row": row.name, "ratio": r, "visual_tokens": n_tokens, "split": str(split), "codec": row.codec,
+            where = "none" if not fusion else ("server" if row.split.kind == "projector" else "edge")
+            rec = {"row": row.name, "ratio": r, "visual_tokens": n_tokens, "split": str(row.split), "fusion": where,
+                   "codec": row.codec,
                    "k": row.k, "compressor": cpath, **sc, **info, "seconds": round(time.perf_counter() - t0, 1)}
             rows_out.append(rec)
             LOG.info("%s: accuracy %.4f, %.0f B/image", row.name, sc["accuracy"], info["bytes_per_image"])
@@ -131,11 +149,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"Exact match on {report['questions']} {report['split']} questions; bytes per image = the signed, "
              "serialized VisualFeatures message.", "",
-             "| r | visual tokens | codec | exact match | bytes/image | payload B |", "|---:|---:|---|---:|---:|---:|"]
+             "| r | visual tokens | fusion | split | codec | exact match | bytes/image | payload B | side_info B |",
+             "|---:|---:|---|---|---|---:|---:|---:|---:|"]
     for r in report["rows"]:
-        codec = r["row"].split(" ", 1)[1]
-        lines.append(f"| {r['ratio']} | {r['visual_tokens']} | {codec} | {100 * r['accuracy']:.1f}% | "
-                     f"{r['bytes_per_image']:.0f} | {r['payload_bytes']:.0f} |")
+        codec = r["row"].split(" ")[-2:] if " vq " in r["row"] or " raw " in r["row"] else [r["codec"]]
+        lines.append(f"| {r['ratio']} | {r['visual_tokens']} | {r.get('fusion', 'none')} | {r['split']} | "
+                     f"{' '.join(codec)} | {100 * r['accuracy']:.1f}% | {r['bytes_per_image']:.0f} | "
+                     f"{r['payload_bytes']:.0f} | {r.get('side_info_bytes', 0):.0f} |")
     if report["throughput"]:
         lines += ["", f"Server language model, requests/s (prefill / greedy generation of {report['new_tokens']} "
                   f"tokens), {report['threads']} thread(s):", "",
@@ -167,6 +187,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per sweep point (median)")
     ap.add_argument("--throughput-only", action="store_true", help="only the sweep (no accuracy rows)")
     ap.add_argument("--no-baseline", action="store_true", help="leave out r = 1 (the model without a compressor)")
+    ap.add_argument("--server-fusion", action="store_true", help="for a compressor with a fusion module, also the "
+                    "rows with fusion on the server (split projector: the uncompressed tokens on the wire)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true")

@@ -12,6 +12,11 @@ placeholder expanded to N/r slots, exactly the prompt the server builds for a co
 and trains the compressor and a LoRA of the language model on the answers' tokens. The compressor
 starts as average pooling and the LoRA as zero, so step 0 is the pooled model.
 
+With --fusion-rank > 0 a fusion module (core/fusion.py) is trained together with them: every prompt
+token of the conversation that is not an image slot (the template and the questions, never the
+answers, which at inference are generated) is replaced by its fused form, computed from the N
+uncompressed tokens; it starts as the identity, so step 0 is unchanged. It is saved in the same file.
+
 Checkpoints (compressor, LoRA, optimiser, scheduler, step, RNG) go to --checkpoint-dir every
 --checkpoint-every steps; --resume continues from the latest. The run is a function of --seed,
 --threads and the data; --max-minutes is a safety cap, and a run it cuts short says so in the file's
@@ -37,6 +42,7 @@ import torch
 
 from ..core.compressor import (CompressorSpec, LoRAHooks, TokenCompressor, load_compressor, lora_modules,
                                save_compressor, square_grid)
+from ..core.fusion import TextFusion
 from ..core.split import VLMAdapter, load_vlm
 from ..core.types import SplitPoint
 from .train_reference import VqaExamples, answer_ids, batch_order, conversations, prompt_text
@@ -61,6 +67,8 @@ class CompressorTrainConfig:
     hidden: int = 0                 # MLP hidden width; 0 = the token width D
     lora_rank: int = 8              # 0: the language model stays frozen (compressor alone)
     lora_alpha: float = 16.0
+    fusion_rank: int = 0            # 0: no fusion module; else the width of its message per text token
+    fusion_heads: int = 4
     grad_clip: float = 1.0
     threads: int = 1
     max_minutes: float = 30.0
@@ -82,6 +90,8 @@ class CompressorTrainConfig:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        if self.fusion_rank < 0 or self.fusion_heads <= 0:
+            raise ValueError(f"fusion_rank must be >= 0 and fusion_heads > 0, got {self.fusion_rank}, {self.fusion_heads}")
         if self.hidden < 0 or self.lora_rank < 0:
             raise ValueError(f"hidden and lora_rank must be >= 0, got {self.hidden}, {self.lora_rank}")
         if self.max_minutes <= 0:
@@ -149,15 +159,22 @@ class CompressedConversations:
 
 
 def lm_loss(adapter: VLMAdapter, compressor: TokenCompressor, tokens: torch.Tensor,
-            batch: dict[str, torch.Tensor], slot_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+            batch: dict[str, torch.Tensor], slot_id: int,
+            fusion: TextFusion | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Answer loss of the language model given compressed visual tokens; also returns the logits.
 
     tokens (B, N, D) projector output; the compressed (B, N/r, D) replace the image slots of each row.
+    With `fusion`, the prompt tokens (label -100, not a slot, not padding) are replaced by their fused
+    form (the answers' tokens are left as they are: at inference they are generated, not fused).
     """
     small = compressor(tokens)                                           # (B, M, D)
     ids = batch["input_ids"]
     embeds = adapter.model.get_input_embeddings()(ids)                  # (B, T, D)
     slots = ids == slot_id
+    if fusion is not None:
+        prompt = (batch["labels"] == -100) & ~slots & (batch["attention_mask"] == 1)      # (B, T)
+        fused = fusion(embeds, tokens.to(embeds.dtype))                 # (B, T, D); per token, no text-text mixing
+        embeds = torch.where(prompt[..., None], fused, embeds)
     embeds = embeds.masked_scatter(slots[..., None], small.to(embeds.dtype))
     out = adapter.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                         position_ids=batch["position_ids"], labels=batch["labels"])
@@ -166,14 +183,15 @@ def lm_loss(adapter: VLMAdapter, compressor: TokenCompressor, tokens: torch.Tens
 
 @torch.no_grad()
 def teacher_forced_exact_match(adapter: VLMAdapter, compressor: TokenCompressor, tokens: torch.Tensor,
-                               data: VqaExamples, convs: CompressedConversations, limit: int) -> float:
+                               data: VqaExamples, convs: CompressedConversations, limit: int,
+                               fusion: TextFusion | None = None) -> float:
     """Fraction of single-turn validation questions answered exactly (teacher-forced greedy)."""
     n = min(limit, len(data)) if limit else len(data)
     right = 0
     for s in range(0, n, 128):
         idx = list(range(s, min(s + 128, n)))
         b = convs.batch([[(data.questions[i], data.answers[i])] for i in idx])
-        _, logits = lm_loss(adapter, compressor, tokens[data.image_of[idx]], b, convs.slot_id)
+        _, logits = lm_loss(adapter, compressor, tokens[data.image_of[idx]], b, convs.slot_id, fusion)
         pred = logits[:, :-1].argmax(-1)
         gold = b["labels"][:, 1:]
         right += int(((pred == gold) | (gold == -100)).all(-1).sum())
@@ -196,6 +214,8 @@ def command_line(cfg: CompressorTrainConfig) -> str:
     args = ["python", "-m", "edge_vlm_ros.training.train_compressor", "--model", cfg.model, "--data", cfg.data,
             "--out", cfg.out, "--ratio", str(cfg.ratio), "--seed", str(cfg.seed), "--steps", str(cfg.steps),
             "--batch-size", str(cfg.batch_size), "--lora-rank", str(cfg.lora_rank), "--threads", str(cfg.threads)]
+    if cfg.fusion_rank:
+        args += ["--fusion-rank", str(cfg.fusion_rank), "--fusion-heads", str(cfg.fusion_heads)]
     if cfg.limit_train:
         args += ["--limit-train", str(cfg.limit_train)]
     return shlex.join(args)
@@ -229,7 +249,9 @@ def train(cfg: CompressorTrainConfig, resume: bool = False) -> dict:
     compressor = TokenCompressor(cfg.ratio, grid, d, hidden)
     names = lora_modules(model, "model.language_model") if cfg.lora_rank else []
     hooks = LoRAHooks(model, names, cfg.lora_rank, cfg.lora_alpha) if names else None
-    params = list(compressor.parameters()) + (list(hooks.loras.parameters()) if hooks else [])
+    fusion = TextFusion(d, cfg.fusion_heads, cfg.fusion_rank) if cfg.fusion_rank else None
+    params = (list(compressor.parameters()) + (list(hooks.loras.parameters()) if hooks else [])
+              + (list(fusion.parameters()) if fusion is not None else []))
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     convs = CompressedConversations(adapter, n // cfg.ratio)
@@ -237,6 +259,8 @@ def train(cfg: CompressorTrainConfig, resume: bool = False) -> dict:
     if resume and (ck := _latest(cfg)) is not None:
         state = torch.load(ck, weights_only=False)
         compressor.load_state_dict(state["compressor"])
+        if fusion is not None:
+            fusion.load_state_dict(state["fusion"])
         if hooks is not None:
             hooks.loras.load_state_dict(state["lora"])
         opt.load_state_dict(state["optimizer"])
@@ -245,7 +269,7 @@ def train(cfg: CompressorTrainConfig, resume: bool = False) -> dict:
         start = int(state["step"])
         LOG.info("resumed from %s at step %d", ck, start)
     losses: list[float] = []
-    val_em = (teacher_forced_exact_match(adapter, compressor, val_tokens, val_data, convs, cfg.eval_examples)
+    val_em = (teacher_forced_exact_match(adapter, compressor, val_tokens, val_data, convs, cfg.eval_examples, fusion)
               if val_data is not None and start == 0 else None)
     val_em_start = val_em
     if val_em is not None:
@@ -256,6 +280,8 @@ def train(cfg: CompressorTrainConfig, resume: bool = False) -> dict:
                disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0)
     step = start
     compressor.train()
+    if fusion is not None:
+        fusion.train()
     for step in bar:
         if time.perf_counter() - t0 > cfg.max_minutes * 60:
             stopped_early = True
@@ -263,7 +289,7 @@ def train(cfg: CompressorTrainConfig, resume: bool = False) -> dict:
             break
         idx = batch_order(len(train_data.images), cfg.batch_size, step, cfg.seed)
         batch = convs.batch(conversations(train_data, idx, cfg.turns, step, cfg.seed))
-        loss, _ = lm_loss(adapter, compressor, tokens[torch.as_tensor(idx)], batch, convs.slot_id)
+        loss, _ = lm_loss(adapter, compressor, tokens[torch.as_tensor(idx)], batch, convs.slot_id, fusion)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -273,7 +299,8 @@ def train(cfg: CompressorTrainConfig, resume: bool = False) -> dict:
         post = {"loss": f"{np.mean(losses[-20:]):.3f}"}
         if val_data is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             compressor.eval()
-            val_em = teacher_forced_exact_match(adapter, compressor, val_tokens, val_data, convs, cfg.eval_examples)
+            val_em = teacher_forced_exact_match(adapter, compressor, val_tokens, val_data, convs, cfg.eval_examples,
+                                                fusion)
             compressor.train()
             LOG.info("step %d: loss %.4f, validation exact match %.3f", step + 1, np.mean(losses[-50:]), val_em)
         if val_em is not None:
@@ -282,6 +309,7 @@ def train(cfg: CompressorTrainConfig, resume: bool = False) -> dict:
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             cfg.checkpoint_path.mkdir(parents=True, exist_ok=True)
             torch.save({"step": step + 1, "compressor": compressor.state_dict(),
+                        "fusion": fusion.state_dict() if fusion is not None else {},
                         "lora": hooks.loras.state_dict() if hooks else {}, "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(), "config": asdict(cfg)},
                        cfg.checkpoint_path / f"step-{step + 1:06d}.pt")
@@ -292,6 +320,8 @@ def train(cfg: CompressorTrainConfig, resume: bool = False) -> dict:
     bar.close()
     seconds = time.perf_counter() - t0
     compressor.eval()
+    if fusion is not None:
+        fusion.eval()
     info = {"steps": step, "stopped_early": stopped_early, "train_minutes": round(seconds / 60, 2),
             "final_loss": round(float(np.mean(losses[-50:])), 4) if losses else None,
             "val_exact_match_teacher_forced": val_em, "val_exact_match_at_step_0": val_em_start,
@@ -299,11 +329,12 @@ def train(cfg: CompressorTrainConfig, resume: bool = False) -> dict:
             "train_questions": len(train_data), "command": command_line(cfg)}
     spec = CompressorSpec(ratio=cfg.ratio, grid=grid, dim=d, hidden=hidden, model_fingerprint=adapter.base_fingerprint,
                           lora_rank=cfg.lora_rank if names else 0, lora_alpha=cfg.lora_alpha if names else 0.0,
-                          lora_modules=tuple(names), info=info)
+                          lora_modules=tuple(names), fusion_rank=cfg.fusion_rank,
+                          fusion_heads=cfg.fusion_heads if cfg.fusion_rank else 0, info=info)
     loras = {name: hooks.loras[name.replace(".", "__")] for name in names} if hooks else {}
     if hooks is not None:
         hooks.close()
-    digest = save_compressor(cfg.out, spec, compressor, loras)
+    digest = save_compressor(cfg.out, spec, compressor, loras, fusion)
     load_compressor(cfg.out, adapter.base_fingerprint)          # what was written reads back
     LOG.info("wrote %s (ratio %d, %d -> %d tokens, hash %s) after %d steps in %.1f min", cfg.out, cfg.ratio, n,
              n // cfg.ratio, digest[:16], step, seconds / 60)

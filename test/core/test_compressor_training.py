@@ -109,3 +109,64 @@ def test_compressor_study_rows_and_sweep(data_dir, model64, tmp_path):
     assert [x["batch"] for x in sweep["r4"]["runs"]] == [1, 2]
     assert sweep["r1"]["runs"][0]["prompt_tokens"] - sweep["r4"]["runs"][0]["prompt_tokens"] == 64 - 16
     assert (tmp_path / "study" / "compressor_study.md").read_text().count("|") > 20
+
+
+def test_training_a_compressor_with_fusion_and_studying_it(data_dir, model64, tmp_path):
+    """--fusion-rank trains a fusion module with the compressor: the loss goes down, the module
+    leaves its identity start, the file holds it, and the split (fusion on the robot) equals the
+    single-process model; the study gives the fusion rows on both sides with the message counted."""
+    from edge_vlm_ros.codecs.raw import RawCodec
+    from edge_vlm_ros.codecs.registry import make_codec
+    from edge_vlm_ros.core.edge import EdgeEncoder
+    from edge_vlm_ros.core.fusion import unpack_message
+    from edge_vlm_ros.tools import compressor_study as S
+
+    out = tmp_path / "r4-fusion.safetensors"
+    cfg = C.CompressorTrainConfig(model=str(model64), data=str(data_dir), out=str(out), ratio=4, steps=16,
+                                  batch_size=8, lr=1e-2, warmup_steps=1, lora_rank=4, lora_alpha=8.0, fusion_rank=8,
+                                  fusion_heads=4, threads=1, checkpoint_every=8, eval_every=8, eval_examples=8,
+                                  progress=False)
+    threads = torch.get_num_threads()
+    try:
+        summary = C.train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    losses = summary["losses"]
+    assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), losses
+    base = load_vlm(model64)
+    loaded = load_compressor(out, base.base_fingerprint)
+    assert (loaded.spec.fusion_rank, loaded.spec.fusion_heads) == (8, 4) and "--fusion-rank 8" in loaded.spec.info["command"]
+    assert float(loaded.fusion.up.weight.detach().abs().max()) > 0         # trained away from the identity
+
+    server = load_vlm(model64, compressor=out)
+    edge = load_vlm(model64, compressor=out)
+    drop_language_model(edge)
+    split = SplitPoint("token_compressor", 4)
+    enc = EdgeEncoder("r0", split, make_codec("raw", dtype="float32"), edge)
+    lm = server.language
+    items, ref = [], []
+    for r in read_split(data_dir, "test")[:3]:
+        img = load_image(data_dir, r["image"])
+        ref.append(server.monolithic_generate(img, r["question"], 4, 4))
+        pkt = enc.encode(img, "x", 0, prompt=r["question"])
+        ids = lm.prompt_ids(r["question"], 16)
+        tok = RawCodec("float32").decode(pkt.encoded)                     # (16, 32)
+        msg = unpack_message(pkt.encoded.side_info, 8, 256)
+        items.append(GenerateItem(ids, tok, 4, text_embeds=server.fused_text(ids, msg)))
+    assert lm.generate(items, min_new_tokens=4) == ref
+
+    args = S.parse_args(["--model", str(model64), "--data", str(data_dir), "--compressors", str(out), "--limit", "6",
+                         "--k", "", "--out", str(tmp_path / "study"), "--sweep", "", "--max-new-tokens", "4",
+                         "--no-baseline", "--server-fusion", "--no-progress"])
+    try:
+        report = S.run(args)
+    finally:
+        torch.set_num_threads(threads)
+    rows = {r["row"]: r for r in report["rows"]}
+    assert set(rows) == {"r4+fusion raw fp32", "r4+fusion raw fp16", "r4+fusion server-fusion raw fp16"}
+    assert rows["r4+fusion raw fp32"]["fusion"] == "edge" and rows["r4+fusion server-fusion raw fp16"]["fusion"] == "server"
+    assert rows["r4+fusion raw fp32"]["payload_bytes"] == 16 * 32 * 4 and rows["r4+fusion raw fp32"]["side_info_bytes"] > 0
+    assert rows["r4+fusion server-fusion raw fp16"]["payload_bytes"] == 64 * 32 * 2
+    assert rows["r4+fusion server-fusion raw fp16"]["side_info_bytes"] == 0
+    # the same trained module on either side: the same answers (float32 on the robot vs float16 tokens aside)
+    assert all(r["questions"] == 6 and not r["failures"] for r in report["rows"]), [r["failures"] for r in report["rows"]]

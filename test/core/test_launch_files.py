@@ -31,18 +31,18 @@ REQUIRED = {"replay": {"bag_path": "/data/run1"}, "vla": {"action_head_path": "/
 
 # Non-default values for every argument of every node set (text as typed after `name:=`).
 CHANGED = {
-    "robot": {"robot": "arm_3", "model_path": "123", "split_point": "vision_block:2", "codec": "vq",
+    "robot": {"robot": "arm_3", "model_path": "123", "compressor_path": "/models/c-r4.safetensors", "split_point": "vision_block:2", "codec": "vq",
               "camera_topic": "/camera/color/image_raw", "enclave": "/sec/arm_3", "auth": "false",
               "auth_keys_dir": "/keys", "params_file": str(CONFIG / "robot.yaml"), "autostart": "false"},
-    "server": {"robots": "[robot_0, robot_1]", "model_path": "/models/vlm", "device": "cuda:0", "dtype": "float16",
+    "server": {"robots": "[robot_0, robot_1]", "model_path": "/models/vlm", "compressor_path": "/models/c.safetensors", "device": "cuda:0", "dtype": "float16",
                "enclave": "/sec/server", "auth": "false", "auth_keys_dir": "/keys",
                "params_file": str(CONFIG / "server.yaml"), "autostart": "false"},
-    "all_in_one": {"robots": "2", "model_path": "/models/vlm", "split_point": "none", "codec": "jpeg",
+    "all_in_one": {"robots": "2", "model_path": "/models/vlm", "compressor_path": "/models/c.safetensors", "split_point": "none", "codec": "jpeg",
                    "enclave_root": "/sec", "auth": "false", "auth_keys_dir": "/keys", "autostart": "false"},
     "replay": {"bag_path": "/data/run1", "robots": "[robot_0, robot_1]", "rate": "2.0", "loops": "3",
                "publish_clock": "true", "pause_on_flow_control": "false", "preload": "true", "log_level": "debug",
                "enclave": "/sec/replay", "params_file": str(CONFIG / "replay.yaml")},
-    "vla": {"robots": "[robot_0, robot_1]", "model_path": "/models/vlm", "action_head_path": "/models/head",
+    "vla": {"robots": "[robot_0, robot_1]", "model_path": "/models/vlm", "compressor_path": "/models/c.safetensors", "action_head_path": "/models/head",
             "sim": "none", "suite": "libero_object", "tick_source": "timer", "merge_policy": "average",
             "enclave_root": "/sec", "auth": "false", "auth_keys_dir": "/keys", "params_file": str(CONFIG / "vla.yaml"),
             "autostart": "false"},
@@ -274,3 +274,21 @@ def test_node_spec_from_plan_passes_only_given_arguments():
     spec = NodeSpec.from_plan(plan, {"split_point", "codec"})
     assert spec.params == {"robot_id": "robot_0", "split_point": "none", "codec": "jpeg"}
     assert spec.remappings == [("camera/image_raw", "camera/image_raw")]
+
+
+@pytest.mark.parametrize("name", ["all_in_one", "vla"])
+def test_compressor_path_reaches_every_edge_and_the_server_alike(name):
+    """Edges and the server must hold the same compressor file (its hash is in the fingerprint they
+    compare), so one argument sets it for all of them; the controller and bridges take none."""
+    path = "/models/compressors/reference-llava-r4.safetensors"
+    nodes = nodesets.NODE_SETS[name].plan({**REQUIRED.get(name, {}), "robots": "2", "compressor_path": path}, CONFIG)
+    takers = [n for n in nodes if n.role in ("edge", "server")]
+    assert sorted(n.role for n in takers) == ["edge", "edge", "server"]
+    for n in nodes:
+        if n.role in ("edge", "server"):
+            assert n.parameters["compressor_path"] == path and n.from_arguments["compressor_path"] == "compressor_path"
+        else:
+            assert "compressor_path" not in n.parameters, n.label
+    for name_, args in (("robot", {}), ("server", {})):
+        (node,) = nodesets.NODE_SETS[name_].plan({**args, "compressor_path": path}, CONFIG)
+        assert node.parameters["compressor_path"] == path

@@ -162,6 +162,22 @@ class VqVariant:
         return ", ".join(parts) or "one codebook"
 
 
+def parse_alignedvq_spec(spec: str) -> tuple[SplitPoint, int, VqVariant]:
+    """`vision_block:1@4096` or `vision_block:1@4096s4` (residual stages / channel groups of the base
+    codebook the fine-tuning starts from) -> (placement, K, layout); ValueError names the bad text."""
+    import re
+
+    pl, _, rest = spec.partition("@")
+    m = re.fullmatch(r"(\d*)((?:s\d+)?(?:g\d+)?)", rest.strip())
+    if m is None:
+        raise ValueError(f"--alignedvq {spec!r}: expected <placement>@<K>[s<stages>][g<groups>], "
+                         "e.g. vision_block:1@4096s4")
+    variant = VqVariant.parse(m.group(2)) if m.group(2) else VqVariant()
+    if variant.entropy != "none":
+        raise ValueError(f"--alignedvq {spec!r}: entropy coding is not a codebook layout")
+    return SplitPoint.parse(pl), int(m.group(1) or 256), variant
+
+
 def calibrate(adapter: VLMAdapter, split: SplitPoint, images: list[np.ndarray], ks: Sequence[int], out_dir: Path,
               seed: int, iters: int, progress: bool, stages: int = 1, groups: int = 1,
               feature_cache: dict[str, torch.Tensor] | None = None) -> dict[int, Path]:
@@ -571,12 +587,12 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
 
     finetune_s = 0.0
     for spec in filter(None, (s.strip() for s in args.alignedvq.split(","))):
-        pl, _, k_text = spec.partition("@")
-        sp, k = SplitPoint.parse(pl), int(k_text or 256)
+        sp, k, variant = parse_alignedvq_spec(spec)
         if calib is None:
             calib = train_images(args.data, args.calib_images)
-        base = calibrate(adapter, sp, calib, [k], cb_dir, args.seed, args.iters, progress)[k]
-        ft_dir = out / "alignedvq" / f"{placement_tag(sp)}_K{k}"
+        base = calibrate(adapter, sp, calib, [k], cb_dir, args.seed, args.iters, progress,
+                         stages=variant.stages, groups=variant.groups, feature_cache=features)[k]
+        ft_dir = out / "alignedvq" / f"{placement_tag(sp)}_K{k}{variant.tag}_steps{args.alignedvq_steps}"
         t0 = time.perf_counter()
         if not (ft_dir / "codebook.safetensors").is_file() or not (ft_dir / "lora").is_dir():
             from ..training.finetune_alignedvq import FinetuneConfig, finetune
@@ -586,7 +602,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
                                     lora_rank=args.alignedvq_lora_rank, seed=args.seed,
                                     threads=torch.get_num_threads(), progress=progress))
         finetune_s += time.perf_counter() - t0
-        rows.append(Row(f"AlignedVQ {sp} K={k}", "alignedvq", sp, "vq", k=k,
+        rows.append(Row(f"AlignedVQ {sp} K={k}" + (f" {variant.describe()}" if variant.tag else ""),
+                        "alignedvq", sp, "vq", k=k,
                         codebook=str(ft_dir / "codebook.safetensors"), lora=str(ft_dir / "lora")))
 
     t0 = time.perf_counter()
@@ -648,7 +665,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--calib-images", type=int, default=4000, help="training images the codebooks are fit on")
     ap.add_argument("--iters", type=int, default=20, help="k-means Lloyd iterations")
     ap.add_argument("--alignedvq", default="",
-                    help="AlignedVQ rows: comma-separated <placement>@<K> (e.g. vision_block:1@256); empty: none")
+                    help="AlignedVQ rows: comma-separated <placement>@<K>[s<stages>][g<groups>] (e.g. "
+                         "vision_block:1@256, vision_block:1@4096s4: the base codebook's layout); empty: none")
     ap.add_argument("--alignedvq-steps", type=int, default=300, help="AlignedVQ fine-tuning steps")
     ap.add_argument("--alignedvq-lora-rank", type=int, default=8, help="LoRA rank (0: DLP + codebook only)")
     ap.add_argument("--batch-size", type=int, default=32, help="server max batch size (and monolithic batch)")

@@ -110,11 +110,16 @@ def test_vq_variants_train_their_codebooks_and_code_their_indices(data_dir, tmp_
 def test_alignedvq_row_serves_the_finetuned_codebook_with_its_parts_and_lora(data_dir, tmp_path):
     out = tmp_path / "avq"
     assert A.main(["--model", str(REF), "--data", str(data_dir), "--out", str(out), "--k", "",
-                   "--alignedvq", "vision_block:1@16", "--alignedvq-steps", "2", "--calib-images", "40",
+                   "--alignedvq", "vision_block:1@16,vision_block:1@16s2", "--alignedvq-steps", "2",
+                   "--calib-images", "40",
                    "--iters", "3", "--threads", "1", "--no-progress"]) == 0
     report = json.loads((out / "accuracy.json").read_text())
-    (avq,) = [r for r in report["rows"] if r["family"] == "alignedvq"]
+    avq, avq2 = [r for r in report["rows"] if r["family"] == "alignedvq"]
     assert avq["failures"] == {} and avq["k"] == 16
+    # a residual-staged base: the fine-tuned codebook keeps both stages and codes two indices a token
+    assert avq2["failures"] == {} and "2 stages" in avq2["name"]
+    assert load_codebook(avq2["codebook"]).stages == 2
+    assert avq2["payload_bytes"] - avq["payload_bytes"] == 16 * 4 // 8     # 16 tokens, 4 more bits each
     base = load_codebook(out / "codebooks" / "vision_block1_K16.safetensors")
     tuned = load_codebook(avq["codebook"])
     assert tuned.content_hash == avq["codebook_hash"] != base.content_hash
@@ -122,6 +127,16 @@ def test_alignedvq_row_serves_the_finetuned_codebook_with_its_parts_and_lora(dat
     assert (ft / "codebook.dlp_edge.safetensors").is_file() and (ft / "codebook.dlp_server.safetensors").is_file()
     assert (ft / "lora").is_dir()
     assert not [r for r in report["rows"] if r["family"] == "vq"]
+
+
+def test_alignedvq_spec_names_placement_size_and_base_layout():
+    sp, k, v = A.parse_alignedvq_spec("vision_block:1@4096s4")
+    assert (str(sp), k, v.stages, v.groups) == ("vision_block:1", 4096, 4, 1)
+    sp, k, v = A.parse_alignedvq_spec("projector")
+    assert (str(sp), k, v.tag) == ("projector", 256, "")
+    for bad in ("projector@4096x", "projector@4096s2+static"):
+        with pytest.raises(ValueError, match="alignedvq"):
+            A.parse_alignedvq_spec(bad)
 
 
 def test_split_bag_holds_every_question_before_its_frame(data_dir):

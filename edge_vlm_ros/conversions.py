@@ -17,12 +17,13 @@ import numpy as np
 from builtin_interfaces.msg import Time
 from sensor_msgs.msg import Image
 
-from edge_vlm_ros.msg import (ActionChunk as ActionChunkMsg, Answer, Episode, FlowControl, Prompt,
+from edge_vlm_ros.msg import (ActionChunk as ActionChunkMsg, Answer, Episode, FeatureStream, FlowControl, Prompt,
                               StageTimings as StageTimingsMsg, VisualFeatures)
 
 from .codecs.registry import codec_by_wire_id, codec_class
 from .core import wire
 from .core.chunks import ActionChunk
+from .core.streams import StreamAnnouncer, StreamCache, unknown_stream_reason
 from .core.types import (AnswerResult, EncodedTensor, FeaturePacket, Outcome, PromptRequest, StageTimings,
                          rejected)
 
@@ -216,28 +217,84 @@ def msg_to_prompt(m: Prompt) -> PromptRequest:
                          deadline_ns=_rejected_stamp(m.deadline, "deadline"))
 
 
-def features_to_msg(f: FeaturePacket, sent_at_ns: int) -> VisualFeatures:
-    """The compact VisualFeatures of a packet (core/wire.py says what each field becomes). ValueError
-    naming the value that has no wire form: a request id that is not 32 lowercase hex digits, a
-    split point, codec, dtype or codec parameter without a number. `sent_at_ns` goes into
-    auth.stamp_ns, which signing replaces with its own clock (the same instant, to microseconds)."""
-    m = VisualFeatures()
-    m.header.stamp = ns_to_stamp(f.stamp_ns)
+def packet_stream(f: FeaturePacket) -> wire.StreamDescriptor:
+    """The stream a packet belongs to (core/wire.py says what each field becomes). ValueError naming
+    the value that has no wire form: a split point, codec, dtype or codec parameter without a number."""
     e = f.encoded
     cls = codec_class(e.codec)
-    m.split_kind, m.split_block = wire.split_to_wire(f.split_point)
-    m.codec, m.dtype = cls.wire_id, wire.dtype_to_wire(e.dtype)
+    kind, block = wire.split_to_wire(f.split_point)
+    shape = tuple(int(s) for s in e.shape)
+    if len(shape) > MAX_SHAPE_DIMS:
+        raise ValueError(f"shape {list(shape)} has more than {MAX_SHAPE_DIMS} dimensions")
+    desc = wire.StreamDescriptor(kind, block, cls.wire_id, wire.dtype_to_wire(e.dtype),
+                                 wire.digest_to_wire(f.model_fingerprint), wire.digest_to_wire(e.codebook_hash),
+                                 tuple(cls.params_to_wire(e.params)), shape)
+    desc.check()
+    return desc
+
+
+def stream_to_msg(d: wire.StreamDescriptor) -> FeatureStream:
+    m = FeatureStream()
+    m.split_kind, m.split_block, m.codec, m.dtype = d.split_kind, d.split_block, d.codec, d.dtype
+    m.model_fingerprint = as_uint8(d.model_fingerprint)
+    m.codebook_digest = as_uint8(d.codebook_digest)
+    m.codec_params = list(d.codec_params)
+    m.shape = list(d.shape)
+    return m
+
+
+def msg_to_stream(m: FeatureStream) -> wire.StreamDescriptor:
+    """A FeatureStream's values as they travel (interpreted per request by msg_to_features);
+    ValueError for a shape over MAX_SHAPE_DIMS."""
+    _check_len("shape", m.shape, MAX_SHAPE_DIMS)
+    return wire.StreamDescriptor(int(m.split_kind), int(m.split_block), int(m.codec), int(m.dtype),
+                                 _as_bytes(m.model_fingerprint), _as_bytes(m.codebook_digest),
+                                 tuple(int(v) for v in m.codec_params), tuple(int(v) for v in m.shape))
+
+
+def features_to_msg(f: FeaturePacket, sent_at_ns: int, announcer: StreamAnnouncer | None = None,
+                    describe: bool | None = None) -> VisualFeatures:
+    """The lean VisualFeatures of a packet: its stream id, and the stream's descriptor inline when
+    `announcer` says this message must carry it (always without an announcer: a self-describing
+    message, what tools and one-off senders publish); `describe` True/False decides it outright
+    (byte counts of either form). ValueError naming the value that has no wire
+    form (a request id that is not 32 lowercase hex digits, a split point, codec, dtype or codec
+    parameter without a number). `sent_at_ns` goes into auth.stamp_ns, which signing replaces with
+    its own clock (the same instant, to microseconds)."""
+    desc = packet_stream(f)
+    m = VisualFeatures()
+    m.header.stamp = ns_to_stamp(f.stamp_ns)
+    m.stream = desc.stream_id
+    if describe if describe is not None else (announcer is None or announcer.due(m.stream)):
+        m.description = [stream_to_msg(desc)]
+    e = f.encoded
     m.request_id = as_uint8(wire.request_id_to_bytes(f.request_id))
-    m.model_fingerprint = as_uint8(wire.digest_to_wire(f.model_fingerprint))
-    m.codebook_digest = as_uint8(wire.digest_to_wire(e.codebook_hash))
-    m.codec_params = cls.params_to_wire(e.params)
-    m.shape = [int(s) for s in e.shape]
     m.side_info = e.side_info
     m.payload = e.payload          # bytes -> uint8[] without a Python-level loop
     m.deadline = ns_to_stamp(f.deadline_ns)
     m.edge_preprocess_ms, m.edge_encode_ms = float(f.edge_preprocess_ms), float(f.edge_encode_ms)
     m.auth.stamp_ns = int(sent_at_ns)
     return m
+
+
+def restream(m: VisualFeatures) -> VisualFeatures:
+    """Set `stream` to the id of the inline descriptor (after editing it: tests and tools that build
+    deliberately odd streams). The message must carry its descriptor."""
+    if len(m.description) != 1:
+        raise ValueError("restream: the message carries no descriptor")
+    m.stream = msg_to_stream(m.description[0]).stream_id
+    return m
+
+
+def learn_stream(m: VisualFeatures, robot_id: str, streams: StreamCache) -> None:
+    """Remember the inline descriptor of `m` (if any) for `robot_id`; RequestError (REJECTED) when it
+    cannot be (its id is not the descriptor's, a shape over the limit)."""
+    if len(m.description) == 0:
+        return
+    try:
+        streams.learn(robot_id, int(m.stream), msg_to_stream(m.description[0]))
+    except ValueError as e:
+        raise rejected(str(e)) from None
 
 
 def as_uint8(data: bytes) -> np.ndarray:
@@ -258,26 +315,44 @@ def features_request_id(m: VisualFeatures) -> str:
     return wire.request_id_from_bytes(_as_bytes(m.request_id))
 
 
-def msg_to_features(m: VisualFeatures, robot_id: str) -> FeaturePacket:
+def msg_to_features(m: VisualFeatures, robot_id: str, streams: StreamCache | None = None) -> FeaturePacket:
     """RequestError (REJECTED) naming the bad value for features that cannot be a request's half:
-    an enum value that names nothing (split kind, codec, dtype), a codec parameter out of range.
-    `robot_id`: the robot namespace the message came in on (the message does not repeat it).
-    Whether payload, shape, dtype and codec agree is the codec's check, on the server's worker;
-    the digests are compared with the server's model and codebooks there too."""
-    _check_len("shape", m.shape, MAX_SHAPE_DIMS, rejected)
+    a stream neither described inline nor known to `streams`, an inline descriptor whose id is not
+    the one beside it, an enum value that names nothing (split kind, codec, dtype), a codec parameter
+    out of range. `robot_id`: the robot namespace the message came in on (the message does not
+    repeat it). `streams`: the descriptors this receiver was given (the inline one is learned into
+    it); None: the message must describe itself. Whether payload, shape, dtype and codec agree is
+    the codec's check, on the server's worker; the digests are compared with the server's model and
+    codebooks there too."""
     stamp_ns = _rejected_stamp(m.header.stamp)
+    if len(m.description) == 1:
+        try:
+            desc = msg_to_stream(m.description[0])
+            desc.check()
+        except ValueError as e:
+            raise rejected(str(e)) from None
+        if desc.stream_id != int(m.stream):
+            raise rejected(f"stream id {int(m.stream):08x} is not its descriptor's ({desc.stream_id:08x}): "
+                           "the descriptor and the id beside it disagree")
+        if streams is not None:
+            streams.learn(robot_id, desc.stream_id, desc)
+    else:
+        desc = None if streams is None else streams.get(robot_id, int(m.stream))
+        if desc is None:
+            raise rejected(unknown_stream_reason(robot_id, int(m.stream)) if streams is None
+                           else streams.unknown_reason(robot_id, int(m.stream)))
     try:
-        split = wire.split_from_wire(m.split_kind, m.split_block)
-        cls = codec_by_wire_id(m.codec)
-        dtype = wire.dtype_from_wire(m.dtype)
-        params = cls.params_from_wire(m.codec_params)
+        split = wire.split_from_wire(desc.split_kind, desc.split_block)
+        cls = codec_by_wire_id(desc.codec)
+        dtype = wire.dtype_from_wire(desc.dtype)
+        params = cls.params_from_wire(desc.codec_params)
         request_id = features_request_id(m)
-        fingerprint = wire.digest_from_wire(_as_bytes(m.model_fingerprint))
-        codebook = wire.digest_from_wire(_as_bytes(m.codebook_digest))
+        fingerprint = wire.digest_from_wire(desc.model_fingerprint)
+        codebook = wire.digest_from_wire(desc.codebook_digest)
     except ValueError as e:
         raise rejected(str(e)) from None
     sent_ns = int(m.auth.stamp_ns)
-    enc = EncodedTensor(codec=cls.name, dtype=dtype, shape=tuple(int(s) for s in m.shape),
+    enc = EncodedTensor(codec=cls.name, dtype=dtype, shape=desc.shape,
                         payload=_as_bytes(m.payload), side_info=_as_bytes(m.side_info),
                         codebook_hash=codebook, params=params)
     return FeaturePacket(request_id=request_id, robot_id=robot_id, split_point=str(split),

@@ -78,6 +78,7 @@ from .core.diagnostics import EDGE_LOCAL_REJECTS, Growth, Health, edge_health, w
 from .core.edge import EdgeEncoder
 from .core.edge_ladder import CodecLadder
 from .core.requests import Heard, LeaseStatus, RequestTracker, ServerLease
+from .core.streams import StreamAnnouncer
 from .core.types import AnswerResult, Outcome, PromptRequest
 from .diagnostics import DiagnosticsPublisher
 from .guard import CallbackGuard
@@ -131,6 +132,7 @@ class EdgeNode(ManagedNode):
         self._standing_prompt = self.cfg.standing_prompt
         self.tracker = RequestTracker(self.cfg.max_in_flight, self.cfg.deadline_grace_s)
         self.lease = ServerLease(self.cfg.server_lease_s)
+        self.streams = StreamAnnouncer(self.cfg.stream_announce_s)   # which messages describe their stream
         self._last_request_t = 0.0
         self._episode_id = ""
         self._state: JointState | None = None
@@ -320,6 +322,9 @@ class EdgeNode(ManagedNode):
             return
         # An unknown state raises here (counted by the guard): it neither pauses nor renews the lease.
         self.lease.renew(msg.server_id, flow_paused(msg), float(msg.lease_s))
+        if self.streams.receiver_seen((msg.server_id, int(msg.instance))):
+            self.get_logger().info(f"server {msg.server_id[:64]!r} instance {int(msg.instance):08x}: "
+                                   "feature streams described again on their next message")
         self._log_lease_change()
         with self._lock:
             self._lock.notify_all()
@@ -542,7 +547,7 @@ class EdgeNode(ManagedNode):
             # the prompt: the server remembers it), so nothing more is awaited.
             self.tracker.cancel(rid)
             return
-        features = self._signed(features_to_msg(packet, time.time_ns()))
+        features = self._signed(features_to_msg(packet, time.time_ns(), self.streams))
         if rung is not None:
             self.ladder.sent(rid, rung, len(serialize_message(features)), started)
         self.pub_features.publish(features)
@@ -578,6 +583,8 @@ class EdgeNode(ManagedNode):
         health = edge_health(self.cfg.robot_id, counters, dict(self.tracker.counts), len(self.tracker),
                              self.lease.view(), age, self._rejects.update(rejected), self.diagnostics.uptime_s(),
                              startup_grace_s=max(10.0, 2 * self.cfg.server_lease_s))
+        health = with_values(health, {"features_described": self.streams.described,
+                                      "features_lean": self.streams.lean})
         if self.ladder is not None:
             health = with_values(health, self.ladder.state())
         return [health]

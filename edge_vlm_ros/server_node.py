@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import secrets
 import socket
 import threading
 import time
@@ -34,14 +35,15 @@ import traceback
 from edge_vlm_ros.msg import ActionChunk as ActionChunkMsg, Answer, Cancel, FlowControl, Prompt, VisualFeatures
 
 from . import qos, topics
-from .conversions import (answer_to_msg, chunk_to_msg, features_request_id, msg_to_features, msg_to_prompt,
-                          ns_to_stamp, stamp_or_zero)
+from .conversions import (answer_to_msg, chunk_to_msg, features_request_id, learn_stream, msg_to_features,
+                          msg_to_prompt, ns_to_stamp, stamp_or_zero)
 from .core.action_heads import load_action_head
 from .core.chunks import ActionChunk
 from .core.config import ServerConfig
 from .core.diagnostics import Growth, Health, server_health
 from .core.flow import FlowEvent, FlowState
 from .core.server import ServerEngine
+from .core.streams import StreamCache
 from .core.split import load_vlm
 from .core.types import AnswerResult, RequestError, rejected
 from .diagnostics import DiagnosticsPublisher
@@ -82,6 +84,10 @@ class ServerNode(ManagedNode):
         self._flow_state = FlowState.RESUME
         self._flow_depth = 0
         self._pub_lock = threading.Lock()
+        # The feature streams each robot described (core/streams.py); FlowControl.instance tells the
+        # robots this process is new, so they describe their streams again.
+        self.streams = StreamCache()
+        self._instance = secrets.randbits(32)
         self._accepting = False           # active: new prompts go to the engine
         # (route, request_id) of prompts handed to the engine, newest last (bounded): while inactive,
         # only their features are still taken.
@@ -131,6 +137,8 @@ class ServerNode(ManagedNode):
         self._flow_state = FlowState.RESUME
         self._flow_depth = 0
         self._accepted.clear()
+        # self.streams outlives a reconfigure: descriptors are the robots' facts, not the model's (a
+        # stream of another model is refused per request by its fingerprint).
         self.engine = ServerEngine(adapter, cfg, self._emit_answer, self._emit_flow, codebooks,
                                    emit_chunk=self._emit_chunk, action_head=head)
         self.undo_on(CONFIGURE, self._drop_engine)
@@ -198,13 +206,17 @@ class ServerNode(ManagedNode):
         if not self.msg_auth.check(msg, route, "VisualFeatures", self.get_logger()):
             return
         request_id = features_request_id(msg)
+        try:
+            learn_stream(msg, route, self.streams)      # before anything drops it: later messages name it
+        except RequestError:
+            pass                                        # msg_to_features below refuses it with the reason
         if not self._accepting and (route, request_id) not in self._accepted:
             # its prompt was refused (or never came): the engine must not hold it and answer it again
             self.guard.note(topics.for_robot(route, topics.FEATURES), "inactive",
                             f"{request_id}: features of a request not accepted (server inactive)")
             return
         try:
-            packet = msg_to_features(msg, route)
+            packet = msg_to_features(msg, route, self.streams)
         except RequestError as e:
             # Unreadable (a number in its header names nothing): the engine ends its request REJECTED,
             # the one outcome, even when its prompt is already waiting for it.
@@ -262,6 +274,7 @@ class ServerNode(ManagedNode):
                 msg = FlowControl()
                 msg.header.stamp = ns_to_stamp(time.time_ns())
                 msg.server_id = self.cfg.server_id
+                msg.instance = self._instance
                 self._flow_state = self.engine.flow.state
                 msg.state = int(self._flow_state)
                 msg.queue_depth = self.engine.backlog()
@@ -294,7 +307,8 @@ class ServerNode(ManagedNode):
                      matched_depth=len(self.engine.matched), pause_threshold=self.cfg.pause_threshold,
                      inbox_dropped=self.engine.inbox.dropped, matched_dropped=self.engine.matched.dropped,
                      auth=self.msg_auth.enabled, auth_accepted=self.msg_auth.accepted,
-                     auth_dropped=self.msg_auth.dropped_by_robot(), bad_messages=self.guard.counts())
+                     auth_dropped=self.msg_auth.dropped_by_robot(), bad_messages=self.guard.counts(),
+                     feature_streams=self.streams.counts(), feature_streams_evicted=self.streams.evicted)
         tmp = self.cfg.stats_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(stats, f)

@@ -171,7 +171,7 @@ def engine_sweep(model: str, bag: Path, batches: list[int], n_requests: int, war
     them) all at once, per max_batch_size: requests/s and the best of them."""
     import torch
 
-    from ..conversions import msg_to_features, msg_to_prompt
+    from ..conversions import msg_to_prompt
     from ..core.config import ServerConfig
     from ..core.server import ServerEngine
     from ..core.split import load_vlm
@@ -181,7 +181,7 @@ def engine_sweep(model: str, bag: Path, batches: list[int], n_requests: int, war
     torch.set_num_threads(threads)
     recorded = load_requests(str(bag))
     prompts = [msg_to_prompt(r.prompt) for r in recorded]
-    packets = [msg_to_features(r.features, r.prompt.robot_id) for r in recorded]
+    packets = [r.packet(r.prompt.robot_id) for r in recorded]
     adapter = load_vlm(model, dtype=dtype, device=device)
     rows = []
     for b in batches:

@@ -52,14 +52,16 @@ from dataclasses import dataclass
 from rclpy.node import Node
 from rclpy.serialization import deserialize_message
 
-from edge_vlm_ros.msg import Answer, FlowControl, Prompt, VisualFeatures
+from edge_vlm_ros.msg import Answer, FeatureStream, FlowControl, Prompt, VisualFeatures
 
 from .. import qos, topics
 from ..bag.cdr import read_raw_bag
-from ..conversions import as_uint8, features_request_id, flow_paused, ns_to_stamp
+from ..conversions import as_uint8, features_request_id, flow_paused, msg_to_features, msg_to_stream, ns_to_stamp
 from ..core import wire
 from ..core.config import AUTH_HELP, param
 from ..core.requests import Heard, LeaseStatus, RequestTracker, ServerLease
+from ..core.streams import StreamAnnouncer, StreamCache
+from ..core.types import FeaturePacket
 from ..guard import CallbackGuard
 from ..msg_auth import make_message_auth
 from ..params import declare_config
@@ -127,6 +129,13 @@ class RecordedRequest:
 
     prompt: Prompt
     features: VisualFeatures
+    description: FeatureStream       # the descriptor of the features' stream (from a described message)
+
+    def packet(self, robot_id: str) -> FeaturePacket:
+        """The features as a server reads them (described or lean, with the stream's descriptor)."""
+        cache = StreamCache()
+        cache.learn(robot_id, int(self.features.stream), msg_to_stream(self.description))
+        return msg_to_features(self.features, robot_id, cache)
 
 
 def load_requests(bag_path: str) -> list[RecordedRequest]:
@@ -134,6 +143,8 @@ def load_requests(bag_path: str) -> list[RecordedRequest]:
     ValueError when the bag holds no complete pair."""
     prompts: dict[str, Prompt] = {}
     out: list[RecordedRequest] = []
+    pending: list[tuple[Prompt, VisualFeatures]] = []
+    described: dict[int, FeatureStream] = {}     # stream id -> its descriptor, from any message carrying it
     unpaired = 0
     for rec in read_raw_bag(bag_path, [PROMPT_TOPIC, FEATURES_TOPIC]):
         if rec.msgtype == PROMPT_TYPE:
@@ -145,10 +156,18 @@ def load_requests(bag_path: str) -> list[RecordedRequest]:
             if p is None:
                 unpaired += 1
                 continue
-            out.append(RecordedRequest(p, f))
+            if len(f.description) == 1:
+                described[int(f.stream)] = f.description[0]
+            pending.append((p, f))
         else:
             raise ValueError(f"{rec.topic} in {bag_path!r} holds {rec.msgtype}, expected {PROMPT_TYPE} "
                              f"or {FEATURES_TYPE}")
+    undescribed = sorted({int(f.stream) for _, f in pending if int(f.stream) not in described})
+    if undescribed:
+        raise ValueError(f"request bag {bag_path!r}: features of stream(s) {', '.join(f'{i:08x}' for i in undescribed)} "
+                         "but no message describing them (record from the edge's start, or with "
+                         "stream_announce_s shorter than the recording)")
+    out = [RecordedRequest(p, f, described[int(f.stream)]) for p, f in pending]
     if not out:
         raise ValueError(f"request bag {bag_path!r} has no Prompt + VisualFeatures pair "
                          f"({len(prompts)} prompts and {unpaired} features without their partner)")
@@ -156,8 +175,9 @@ def load_requests(bag_path: str) -> list[RecordedRequest]:
 
 
 def reissue(src: RecordedRequest, robot_id: str, request_id: str, now_ns: int,
-            deadline_ns: int) -> tuple[Prompt, VisualFeatures]:
-    """New, unsigned messages carrying src's content for robot_id: fresh id, stamps and deadline.
+            deadline_ns: int, describe: bool = True) -> tuple[Prompt, VisualFeatures]:
+    """New, unsigned messages carrying src's content for robot_id: fresh id, stamps and deadline;
+    the stream's descriptor inline when `describe` (as a real edge's StreamAnnouncer decides).
     The large arrays are shared with src (never modified), not copied."""
     sp, sf = src.prompt, src.features
     p = Prompt()
@@ -169,9 +189,9 @@ def reissue(src: RecordedRequest, robot_id: str, request_id: str, now_ns: int,
     f = VisualFeatures()
     f.header.stamp = p.header.stamp
     f.request_id = as_uint8(wire.request_id_to_bytes(request_id))
-    f.split_kind, f.split_block, f.codec, f.dtype = sf.split_kind, sf.split_block, sf.codec, sf.dtype
-    f.model_fingerprint, f.codebook_digest, f.codec_params = sf.model_fingerprint, sf.codebook_digest, sf.codec_params
-    f.shape, f.payload, f.side_info = sf.shape, sf.payload, sf.side_info
+    f.stream = sf.stream
+    f.description = [src.description] if describe else []
+    f.payload, f.side_info = sf.payload, sf.side_info
     f.edge_preprocess_ms, f.edge_encode_ms = sf.edge_preprocess_ms, sf.edge_encode_ms
     f.deadline = p.deadline
     f.auth.stamp_ns = time.time_ns()      # the publish time (signing sets it again)
@@ -191,6 +211,7 @@ class _Robot:
         self.index = index
         self.tracker = RequestTracker(cfg.max_in_flight, cfg.deadline_grace_s)
         self.lease = ServerLease(cfg.server_lease_s)
+        self.streams = StreamAnnouncer()      # a real edge's default period
         self.sent = 0
         self.next_due = 0.0               # open loop: monotonic time of the next slot
         self.heard_flow = False
@@ -250,6 +271,7 @@ class SimRobotsNode(Node):
         st = self.robots[robot]
         heard = time.time()     # before renew: a RESUME's interval ends before any send it allows
         st.lease.renew(msg.server_id, flow_paused(msg), float(msg.lease_s))
+        st.streams.receiver_seen((msg.server_id, int(msg.instance)))
         with self._lock:
             st.heard_flow = True
             st.max_depth = max(st.max_depth, int(msg.queue_depth))
@@ -407,7 +429,7 @@ class SimRobotsNode(Node):
             st.counters["refused_in_flight"] += 1
             return
         src = self.recorded[(st.sent + st.index) % len(self.recorded)]
-        prompt, feats = reissue(src, st.name, rid, now_ns, deadline_ns)
+        prompt, feats = reissue(src, st.name, rid, now_ns, deadline_ns, st.streams.due(int(src.features.stream)))
         with self._lock:
             self.pending[rid] = (st.name, now_ns, phase)
         st.pub_prompt.publish(self.msg_auth.sign(prompt, st.name))

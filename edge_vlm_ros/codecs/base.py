@@ -122,13 +122,13 @@ class ConfigOption:
         return self.check(value) if self.check is not None else None
 
 
-# VisualFeatures.codec_params is uint8[CODEC_PARAM_SLOTS]: a codec's parameters, one slot each.
+# FeatureStream.codec_params is uint8[CODEC_PARAM_SLOTS]: a codec's parameters, one slot each.
 CODEC_PARAM_SLOTS = 3
 
 
 @dataclass(frozen=True)
 class WireParam:
-    """One codec parameter as it travels: one uint8 slot of VisualFeatures.codec_params.
+    """One codec parameter as it travels: one uint8 slot of FeatureStream.codec_params.
 
     name: its key in EncodedTensor.params; choices: the values the slot's numbers stand for (the
     slot holds index + 1), or, when empty, an integer in lo..hi (lo >= 1) carried as itself. A
@@ -177,7 +177,7 @@ class FeatureCodec(ABC):
     config_options: ClassVar[tuple[ConfigOption, ...]] = ()
     uses_codebook: ClassVar[bool] = False
     # The codec's number in VisualFeatures.codec (1..255, unique, never reused: a receiver refuses
-    # numbers it does not know) and its parameters' slots in VisualFeatures.codec_params, in order.
+    # numbers it does not know) and its parameters' slots in FeatureStream.codec_params, in order.
     wire_id: ClassVar[int]
     wire_params: ClassVar[tuple[WireParam, ...]] = ()
 
@@ -194,7 +194,7 @@ class FeatureCodec(ABC):
 
     @classmethod
     def params_from_wire(cls, slots: Sequence[int]) -> dict[str, str]:
-        """VisualFeatures.codec_params -> EncodedTensor.params; ValueError naming a slot whose value
+        """FeatureStream.codec_params -> EncodedTensor.params; ValueError naming a slot whose value
         means nothing for this codec (out of range, or non-zero where the codec has no parameter)."""
         slots = [int(v) for v in slots]
         if len(slots) != CODEC_PARAM_SLOTS:

@@ -104,6 +104,12 @@ class EdgeConfig:
     server_lease_s: float = param(3.0, "Server liveness: a server that sends no FlowControl heartbeat for this "
                                     "long (when its message gives no lease_s) is gone: its PAUSE lapses and "
                                     "new requests get TIMEOUT 'server unavailable' at once.")
+    stream_announce_s: float = param(5.0, "Feature streams (README 'Wire format'): a VisualFeatures message "
+                                       "carries its stream's descriptor (split point, codec, dtype, model, "
+                                       "codebook, shape) inline in the stream's first message, to every server "
+                                       "instance new to this robot, and again every this many seconds (a "
+                                       "server that missed it learns it within the period); the others carry "
+                                       "a 4-byte id. 0: every message describes itself.")
     ask_max_goals: int = param(4, "Most Ask action goals (edge_vlm/ask) in progress at once; a goal beyond it "
                                   "ends at once with outcome REJECTED and the reason.")
     image_transport: str = param("raw", "Camera input, named as image_transport names its transports: raw "
@@ -178,6 +184,8 @@ class EdgeConfig:
                              f"{self.max_in_flight} (>= 1)")
         if self.auth_max_age_s <= 0:
             raise ValueError(f"auth_max_age_s={self.auth_max_age_s} must be > 0")
+        if not (math.isfinite(self.stream_announce_s) and self.stream_announce_s >= 0):
+            raise ValueError(f"stream_announce_s={self.stream_announce_s} must be finite and >= 0")
         # YAML cannot type an empty list, so config files write [""]: empty entries mean nothing.
         object.__setattr__(self, "codec_ladder", [e for e in self.codec_ladder if e.strip()])
         if not (math.isfinite(self.latency_target_ms) and self.latency_target_ms > 0

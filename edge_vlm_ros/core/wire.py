@@ -29,6 +29,8 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
+import struct
+from dataclasses import dataclass
 
 from .types import SUB_POSITIONS, SplitPoint
 
@@ -163,3 +165,58 @@ def dtype_from_wire(value: int) -> str:
         return WireDtype(int(value)).name.lower()
     except ValueError:
         raise ValueError(f"unknown dtype {int(value)} (known: {_names(WireDtype)})") from None
+
+
+# ---- feature streams --------------------------------------------------------------------------------
+#
+# Most of what identifies features (split point, codec, dtype, model fingerprint, codebook digest,
+# codec parameters, shape) is the same for every message a robot sends until its configuration
+# changes. It travels as a *stream descriptor*: inline in the first message of a stream (and again
+# every stream_announce_s, and to every new server instance), as a 4-byte stream id in the others.
+# The id is the descriptor's content address (a hash of its fields), so it means one descriptor for
+# the life of a robot and across restarts; the receiver recomputes it and refuses a message whose
+# descriptor and id disagree.
+
+STREAM_ID_BYTES = 4
+_STREAM_MAGIC = b"edge_vlm_ros/stream/1\0"
+
+
+@dataclass(frozen=True)
+class StreamDescriptor:
+    """The wire values of a FeatureStream (msg/FeatureStream.msg), exactly as they travel: nothing
+    is interpreted here, so a descriptor naming an unknown codec still has an id (and the request
+    that uses it is refused with the value, as an inline header would be)."""
+
+    split_kind: int
+    split_block: int
+    codec: int
+    dtype: int
+    model_fingerprint: bytes        # 8 bytes
+    codebook_digest: bytes          # 8 bytes
+    codec_params: tuple[int, ...]   # 3 slots
+    shape: tuple[int, ...]
+
+    def canonical(self) -> bytes:
+        """The bytes its id hashes: every field, fixed width, in definition order."""
+        return b"".join((_STREAM_MAGIC, bytes((self.split_kind, self.split_block, self.codec, self.dtype)),
+                         self.model_fingerprint, self.codebook_digest, bytes(self.codec_params),
+                         struct.pack(f"<I{len(self.shape)}I", len(self.shape), *self.shape)))
+
+    @property
+    def stream_id(self) -> int:
+        """First 32 bits of SHA-256 over canonical(); never 0 (0 is 'no stream')."""
+        v = int.from_bytes(hashlib.sha256(self.canonical()).digest()[:STREAM_ID_BYTES], "big")
+        return v or 1
+
+    def check(self) -> None:
+        """ValueError for a descriptor that cannot even be hashed (field sizes, value ranges)."""
+        if len(self.model_fingerprint) != DIGEST_BYTES or len(self.codebook_digest) != DIGEST_BYTES:
+            raise ValueError(f"stream descriptor digests have {len(self.model_fingerprint)} and "
+                             f"{len(self.codebook_digest)} bytes, expected {DIGEST_BYTES}")
+        for name in ("split_kind", "split_block", "codec", "dtype"):
+            if not 0 <= getattr(self, name) <= 255:
+                raise ValueError(f"stream descriptor {name} = {getattr(self, name)} is not a uint8")
+        if any(not 0 <= v <= 255 for v in self.codec_params):
+            raise ValueError(f"stream descriptor codec_params {list(self.codec_params)} are not uint8")
+        if any(not 0 <= s < 2 ** 32 for s in self.shape):
+            raise ValueError(f"stream descriptor shape {list(self.shape)} is not uint32")

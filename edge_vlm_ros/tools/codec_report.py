@@ -63,11 +63,12 @@ FIXED_QUESTION = "describe the image ."
 # ---- message size ------------------------------------------------------------------------------
 
 
-def cdr_size(p: FeaturePacket, frame_id: str = "") -> int:
-    """Serialized size of a VisualFeatures message (XCDR1, 4-byte encapsulation header).
+def cdr_size(p: FeaturePacket, frame_id: str = "", described: bool = False) -> int:
+    """Serialized size of a VisualFeatures message (XCDR1, 4-byte encapsulation header), lean (the
+    stream's id only) or `described` (its FeatureStream inline, as in a stream's first message).
 
-    Field order and types as in msg/VisualFeatures.msg (the compact layout of core/wire.py; the
-    README's "Wire format" walks through it byte by byte); alignment is relative to the end of the
+    Field order and types as in msg/VisualFeatures.msg and msg/FeatureStream.msg (the README's
+    "Wire format" walks through it byte by byte); alignment is relative to the end of the
     encapsulation header, strings carry a uint32 length and a NUL.
     """
     off = 0
@@ -92,9 +93,14 @@ def cdr_size(p: FeaturePacket, frame_id: str = "") -> int:
     e = p.encoded
     off += 8                                   # header.stamp (int32 sec, uint32 nanosec)
     string(frame_id)                           # header.frame_id
-    off += 4                                   # split_kind, split_block, codec, dtype (uint8 each)
-    off += 16 + 8 + 8 + 3                      # request_id, model_fingerprint, codebook_digest, codec_params
-    seq(4 * len(e.shape), 4)                   # uint32[] shape
+    align(4)
+    off += 4                                   # stream (uint32)
+    seq(0, 1)                                  # description: FeatureStream[<=1], its length
+    if described:
+        off += 4                               # split_kind, split_block, codec, dtype (uint8 each)
+        off += 8 + 8 + 3                       # model_fingerprint, codebook_digest, codec_params
+        seq(4 * len(e.shape), 4)               # uint32[] shape
+    off += 16                                  # request_id
     seq(len(e.side_info), 1)
     seq(len(e.payload), 1)
     align(4)
@@ -124,20 +130,29 @@ class MessageSizer:
             from ..msg_auth import sign_with_key
 
             # Signed as the edge signs it: the MAC and its header are bytes the receiver needs.
-            self._ser = lambda p: len(serialize_message(sign_with_key(features_to_msg(p, time.time_ns()),
-                                                                      p.robot_id, bytes(32))))
+            # Lean (the stream's id): what every request but a stream's described ones costs.
+            self._ser = lambda p, described=False: len(serialize_message(sign_with_key(
+                features_to_msg(p, time.time_ns(), describe=described), p.robot_id, bytes(32))))
             self.method = "rclpy.serialization.serialize_message(VisualFeatures), signed"
         except Exception as e:  # no ROS in this environment: count the fields instead
             LOG.info("rclpy not importable (%s): message sizes computed from the CDR field layout", e)
-            self._ser = cdr_size
+            self._ser = lambda p, described=False: cdr_size(p, described=described)
             self.method = "CDR field layout (rclpy not importable)"
         self.checked: dict[str, int] = {}
 
     def __call__(self, p: FeaturePacket) -> int:
+        """The lean message's bytes (what a request costs once its stream is described)."""
         n = self._ser(p)
         if not self.checked:       # the layout formula must agree with the real serializer
-            self.checked = {"serialized": n, "cdr_size_formula": cdr_size(p)}
+            self.checked = {"serialized": n, "cdr_size_formula": cdr_size(p),
+                            "described_serialized": self._ser(p, True),
+                            "described_cdr_size_formula": cdr_size(p, described=True)}
         return n
+
+    def described(self, p: FeaturePacket) -> int:
+        """The same message with its stream's descriptor inline (a stream's first message, one every
+        stream_announce_s, and one to each new server instance)."""
+        return self._ser(p, True)
 
 
 # ---- configurations -----------------------------------------------------------------------------
@@ -273,7 +288,8 @@ def run_report(adapter: VLMAdapter, configs: list[Config], images: list[np.ndarr
             total = sizer(pkt)
             rows.append({"payload": len(enc.payload), "side_info": len(enc.side_info),
                          "overhead": total - len(enc.payload) - len(enc.side_info),
-                         "header_beyond_cdr_minimum": header_bytes(total, enc), "total": total})
+                         "header_beyond_cdr_minimum": header_bytes(total, enc), "total": total,
+                         "described_total": sizer.described(pkt)})
             ref = reference_visual[i]
             num += float(((visual.float() - ref) ** 2).sum())
             den += float((ref ** 2).sum())

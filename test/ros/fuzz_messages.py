@@ -99,15 +99,19 @@ def leaves(msg: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, 
     """(path, extreme values) for every leaf field of msg, nested messages walked."""
     for name, ftype in msg.get_fields_and_field_types().items():
         vals = leaf_values(ftype)
-        if vals is None:
-            yield from leaves(getattr(msg, name), prefix + (name,))
+        value = getattr(msg, name)
+        if isinstance(value, list) and value and hasattr(value[0], "get_fields_and_field_types"):
+            for i, elem in enumerate(value):          # a sequence of messages: each element walked
+                yield from leaves(elem, prefix + (name, i))
+        elif vals is None:
+            yield from leaves(value, prefix + (name,))
         elif vals:
             yield prefix + (name,), vals
 
 
 def _set(msg: Any, path: tuple[str, ...], value: Any) -> None:
     for name in path[:-1]:
-        msg = getattr(msg, name)
+        msg = msg[name] if isinstance(name, int) else getattr(msg, name)
     setattr(msg, path[-1], value)
 
 
@@ -118,7 +122,7 @@ def variants(base: Any) -> Iterator[tuple[str, Any]]:
         for i, v in enumerate(vals):
             m = copy.deepcopy(base)
             _set(m, path, v)
-            yield f"{'.'.join(path)}[{i}]", m
+            yield f"{'.'.join(map(str, path))}[{i}]", m
         _set(all_at_once, path, vals[min(1, len(vals) - 1)])
     yield "all fields extreme", all_at_once
 
@@ -132,7 +136,9 @@ def largest_field(msg: Any) -> int:
     best = 0
     for name, ftype in msg.get_fields_and_field_types().items():
         v = getattr(msg, name)
-        if leaf_values(ftype) is None:
+        if isinstance(v, list) and v and hasattr(v[0], "get_fields_and_field_types"):
+            best = max([best, len(v)] + [largest_field(e) for e in v])
+        elif leaf_values(ftype) is None:
             best = max(best, largest_field(v))
         elif hasattr(v, "__len__"):
             best = max(best, len(v))

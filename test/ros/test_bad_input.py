@@ -15,7 +15,7 @@ import numpy as np
 from sensor_msgs.msg import Image
 
 from edge_vlm_ros import qos, topics
-from edge_vlm_ros.conversions import as_uint8, features_to_msg, ns_to_stamp, prompt_to_msg
+from edge_vlm_ros.conversions import as_uint8, features_to_msg, ns_to_stamp, prompt_to_msg, restream
 from edge_vlm_ros.codecs.registry import codec_class, make_codec
 from edge_vlm_ros.core.edge import EdgeEncoder
 from edge_vlm_ros.core.split import load_vlm
@@ -33,10 +33,28 @@ def _publish(pub, msg, keys_dir):
     pub.publish(sign_with_key(msg, "robot_0", load_key(keys_dir, "robot_0")))
 
 
+def _described_as(**fields):
+    """A wire edit: the message's stream descriptor says `fields` (and its id is its own again)."""
+    def edit(m: VisualFeatures) -> None:
+        for name, value in fields.items():
+            setattr(m.description[0], name, value)
+        restream(m)
+    return edit
+
+
 def _foreign_codebook(m: VisualFeatures) -> None:
     """VQ indices under a codebook digest the server holds no codebook for."""
-    m.codec, m.codec_params = codec_class("vq").wire_id, [12, 1, 0]
-    m.codebook_digest = as_uint8(bytes.fromhex("5eed5eed5eed5eed"))
+    _described_as(codec=codec_class("vq").wire_id, codec_params=[12, 1, 0],
+                  codebook_digest=as_uint8(bytes.fromhex("5eed5eed5eed5eed")))(m)
+
+
+def _undescribed_stream(m: VisualFeatures) -> None:
+    """A lean message naming a stream this robot never described."""
+    m.description, m.stream = [], 0x0badf00d
+
+
+def _id_not_its_descriptors(m: VisualFeatures) -> None:
+    m.description[0].shape = [1, 2, 3]        # edited, id left as it was
 
 
 def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env, tmp_path):
@@ -77,7 +95,7 @@ def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env,
         deadline = time.monotonic() + 60
         while True:
             probe = uuid.uuid4().hex
-            send(probe, wire=lambda m: setattr(m, "codec", 250))
+            send(probe, wire=_described_as(codec=250))
             if client.wait_for(lambda probe=probe: answered(probe), 2.0):
                 break
             assert time.monotonic() < deadline, "the server never answered a hand-made request"
@@ -89,7 +107,7 @@ def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env,
         cases = {
             "bad-size": (dict(mutate=lambda p: setattr(p.encoded, "payload", p.encoded.payload[:-6])),
                          Outcome.REJECTED, "payload is"),
-            "bad-codec": (dict(wire=lambda m: setattr(m, "codec", 200)), Outcome.REJECTED, "unknown codec 200"),
+            "bad-codec": (dict(wire=_described_as(codec=200)), Outcome.REJECTED, "unknown codec 200"),
             "bad-model": (dict(mutate=lambda p: setattr(p, "model_fingerprint", "ffffffffffffffff")),
                           Outcome.REJECTED, "fingerprint"),
             # The compact header's other mismatches: a codebook this server does not hold, a shape
@@ -97,8 +115,12 @@ def test_each_bad_input_gets_its_outcome_while_good_requests_are_served(ros_env,
             "bad-codebook": (dict(wire=_foreign_codebook), Outcome.REJECTED, "codebook hash '5eed5eed5eed5eed' is not held"),
             "bad-shape": (dict(mutate=lambda p: setattr(p.encoded, "shape", (p.encoded.shape[0] + 1, p.encoded.shape[1]))),
                           Outcome.REJECTED, "features declare shape"),
-            "bad-split": (dict(wire=lambda m: setattr(m, "split_kind", 9)), Outcome.REJECTED, "unknown split_kind 9"),
-            "bad-dtype": (dict(wire=lambda m: setattr(m, "dtype", 77)), Outcome.REJECTED, "unknown dtype 77"),
+            "bad-split": (dict(wire=_described_as(split_kind=9)), Outcome.REJECTED, "unknown split_kind 9"),
+            "bad-dtype": (dict(wire=_described_as(dtype=77)), Outcome.REJECTED, "unknown dtype 77"),
+            # Feature streams: a stream never described, a descriptor whose id is another's.
+            "unknown-stream": (dict(wire=_undescribed_stream), Outcome.REJECTED,
+                               "stream 0badf00d, which robot_0 has not described"),
+            "stream-id": (dict(wire=_id_not_its_descriptors), Outcome.REJECTED, "is not its descriptor's"),
             "long-prompt": (dict(text="y" * 400), Outcome.REJECTED, "characters, limit"),
             "no-prompt": (dict(prompt=False), Outcome.TIMEOUT, "features waited"),
             "no-features": (dict(features=False), Outcome.TIMEOUT, "prompt waited"),

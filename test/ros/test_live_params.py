@@ -21,7 +21,8 @@ from edge_vlm_ros import qos, topics
 from edge_vlm_ros.bringup import NodeSet, NodeSpec, PARAM_FILES, config_dir
 from edge_vlm_ros.client import RobotClient
 from edge_vlm_ros.codecs.codebook import Codebook
-from edge_vlm_ros.conversions import chunk_to_msg, features_request_id, msg_to_features, stamp_to_ns
+from edge_vlm_ros.conversions import chunk_to_msg, features_request_id, learn_stream, msg_to_features, stamp_to_ns
+from edge_vlm_ros.core.streams import StreamCache
 from edge_vlm_ros.core.chunks import ActionChunk, ChunkExecutorConfig
 from edge_vlm_ros.core.config import ControllerConfig, EdgeConfig, ServerConfig, field_descriptions, live_fields
 from edge_vlm_ros.core.split import load_vlm
@@ -138,7 +139,13 @@ class Wire:
             found[:] = [f for f in self.features if features_request_id(f) == request_id]
             return bool(found)
         assert self.wait_for(seen, timeout), f"no VisualFeatures for {request_id}"
-        p = msg_to_features(found[0], "robot_0")
+        # read as the server reads it: its stream may have been described by an earlier message
+        streams = StreamCache()
+        with self._cond:
+            heard = list(self.features)
+        for f in heard:
+            learn_stream(f, "robot_0", streams)
+        p = msg_to_features(found[0], "robot_0", streams)
         return types.SimpleNamespace(split_point=p.split_point, **vars(p.encoded))
 
     def prompt_of(self, request_id, timeout=30.0) -> tuple[int, Prompt]:
@@ -166,7 +173,10 @@ def edge_and_server(ros_env, tmp_path):
     adapter = load_vlm(model)
     cb_proj = _lossless_codebook(adapter, "projector", tmp_path / "cb_projector.safetensors")
     cb_block = _lossless_codebook(adapter, "vision_block:0", tmp_path / "cb_block0.safetensors")
-    overrides = {"edge": {"model_path": str(model), "codec_dtype": "float32", "max_new_tokens": 4},
+    # stream_announce_s 0: every VisualFeatures describes its stream, so this test's own listener
+    # (subscribed after the edge's first messages) reads each one on its own
+    overrides = {"edge": {"model_path": str(model), "codec_dtype": "float32", "max_new_tokens": 4,
+                          "stream_announce_s": 0.0},
                  "server": {"model_path": str(model), "ignore_eos": True, "max_batch_size": 1,
                             "codebook_paths": [cb_proj]}}
     with running(ros_env, tmp_path, 1, overrides) as (nodes, client):

@@ -17,7 +17,6 @@ from edge_vlm_ros.bench.procs import node_command
 from edge_vlm_ros.bench.robots import engine_sweep, record_requests
 from edge_vlm_ros.bench.sim_robots import FEATURES_TOPIC, PROMPT_TOPIC, load_requests
 from edge_vlm_ros.bringup import config_dir
-from edge_vlm_ros.conversions import msg_to_features
 from edge_vlm_ros.core.auth import ensure_keys
 from edge_vlm_ros.core.model_paths import resolve
 
@@ -34,7 +33,7 @@ def test_sim_robots_answered_ok_and_held_by_pause(ros_env, tmp_path, monkeypatch
     assert info.topics[PROMPT_TOPIC].count >= 3 and info.topics[FEATURES_TOPIC].count >= 3, rec
     recorded = load_requests(str(bag))
     assert len(recorded) >= 3 and all(
-        msg_to_features(r.features, "robot_0").split_point == "projector" for r in recorded)
+        r.packet("robot_0").split_point == "projector" for r in recorded)
     # the benchmark's in-process reference reads the same bag (it broke once unnoticed: a changed
     # conversion signature left only the full benchmark run to find it)
     eng = engine_sweep(model, bag, [1, 2], n_requests=4, warmup=1, max_new_tokens=4, threads=1)

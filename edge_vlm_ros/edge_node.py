@@ -593,8 +593,8 @@ class EdgeNode(ManagedNode):
     def _ladder_choose(self, rgb) -> tuple[str, EdgeEncoder]:
         """Worker thread: the rung for this request; the first call sizes every rung on this frame."""
         if not self.ladder.measured:
-            record = self.ladder.measure(rgb, lambda p: len(serialize_message(
-                self._signed(features_to_msg(p, time.time_ns())))))
+            record = self.ladder.measure(rgb, lambda p: len(serialize_message(   # a request's (lean) message
+                self._signed(features_to_msg(p, time.time_ns(), describe=False)))))
             self._publish_switch(record)
         return self.ladder.choose()
 

@@ -320,11 +320,13 @@ class EdgeNode(ManagedNode):
         if not self.msg_auth.check(msg, self.cfg.robot_id, "FlowControl", self.get_logger()):
             self.counters["flow_unauthenticated"] += 1
             return
-        # An unknown state raises here (counted by the guard): it neither pauses nor renews the lease.
-        self.lease.renew(msg.server_id, flow_paused(msg), float(msg.lease_s))
+        # A server instance not heard before knows none of this robot's streams: forget that they were
+        # described *before* the lease it grants lets a request out (a lean message must not reach it).
         if self.streams.receiver_seen((msg.server_id, int(msg.instance))):
             self.get_logger().info(f"server {msg.server_id[:64]!r} instance {int(msg.instance):08x}: "
                                    "feature streams described again on their next message")
+        # An unknown state raises here (counted by the guard): it neither pauses nor renews the lease.
+        self.lease.renew(msg.server_id, flow_paused(msg), float(msg.lease_s))
         self._log_lease_change()
         with self._lock:
             self._lock.notify_all()

@@ -270,8 +270,8 @@ class SimRobotsNode(Node):
             return
         st = self.robots[robot]
         heard = time.time()     # before renew: a RESUME's interval ends before any send it allows
+        st.streams.receiver_seen((msg.server_id, int(msg.instance)))     # before the lease lets requests out
         st.lease.renew(msg.server_id, flow_paused(msg), float(msg.lease_s))
-        st.streams.receiver_seen((msg.server_id, int(msg.instance)))
         with self._lock:
             st.heard_flow = True
             st.max_depth = max(st.max_depth, int(msg.queue_depth))

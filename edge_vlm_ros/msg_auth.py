@@ -2,7 +2,8 @@
 
 Canonical bytes: the message type's name, then every field in definition order, each encoded by its
 declared type (fixed-width little-endian numbers, length-prefixed strings and sequences, nested
-messages recursively), with `auth.mac` left out. They are computed from the field values, not from
+messages recursively), with `auth.mac` left out and, in its place, the name of the robot whose key
+signs it (the topic's robot: every receiver knows it, so it is covered, not sent). They are computed from the field values, not from
 the middleware's serialization, so a robot on Fast DDS and a server on Cyclone DDS (or another
 distribution) agree on them.
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .core.auth import MAC_BYTES, Authenticator, Verdict, is_unsigned, new_stamp_and_nonce
+from .core.auth import MAC_BYTES, Authenticator, Verdict, is_unsigned, new_stamp
 
 LOG = logging.getLogger(__name__)
 
@@ -96,48 +97,58 @@ def _encode_value(value: Any, ftype: str, out: _Sink) -> None:
         for v in items:
             _encode_value(v, elem, out)
         return
-    _encode_msg(value, out, top=False)          # a nested message type, e.g. std_msgs/Header
+    _encode_msg(value, out, None)               # a nested message type, e.g. std_msgs/Header
 
 
-def _encode_msg(msg: Any, out: _Sink, top: bool) -> None:
+def _encode_msg(msg: Any, out: _Sink, key_id: str | None) -> None:
     for name, ftype in msg.get_fields_and_field_types().items():
         value = getattr(msg, name)
-        if top and name == "auth":
-            _encode_str(value.key_id, out)
-            out.write(struct.pack("<qQ", value.stamp_ns, value.nonce))
+        if key_id is not None and name == "auth":
+            _encode_str(key_id, out)
+            out.write(struct.pack("<q", value.stamp_ns))
             continue
         _encode_value(value, ftype, out)
 
 
-def _feed(msg: Any, update) -> None:
+def _feed(msg: Any, key_id: str, update) -> None:
     cls = type(msg)
     sink = _Sink(update)
     sink.write(f"{cls.__module__.split('.')[0]}/msg/{cls.__name__}".encode() + b"\0")
-    _encode_msg(msg, sink, top=True)
+    _encode_msg(msg, sink, key_id)
     sink.flush()
 
 
-def canonical_bytes(msg: Any) -> bytes:
-    """The bytes a MAC covers: the type name and every field except auth.mac."""
+def canonical_bytes(msg: Any, key_id: str) -> bytes:
+    """The bytes a MAC covers: the type name, every field except auth.mac, and in auth's place the
+    signing robot's name and the stamp."""
     parts: list[bytes] = []
-    _feed(msg, lambda b: parts.append(bytes(b)))
+    _feed(msg, key_id, lambda b: parts.append(bytes(b)))
     return b"".join(parts)
 
 
-def message_mac(key: bytes, msg: Any) -> bytes:
+def message_mac(key: bytes, msg: Any, key_id: str) -> bytes:
     """HMAC-SHA256 of msg's canonical bytes, streamed (no copy of large arrays), truncated to
     MAC_BYTES (core/auth.py says why)."""
     h = hmac.new(key, digestmod=hashlib.sha256)
-    _feed(msg, h.update)
+    _feed(msg, key_id, h.update)
     return h.digest()[:MAC_BYTES]
 
 
 def sign_with_key(msg: Any, key_id: str, key: bytes) -> Any:
-    """Fill msg.auth (key id, fresh stamp and nonce, MAC) with `key`; returns msg."""
-    stamp, nonce = new_stamp_and_nonce()
-    msg.auth.key_id, msg.auth.stamp_ns, msg.auth.nonce = key_id, stamp, nonce
-    msg.auth.mac = np.frombuffer(message_mac(key, msg), np.uint8)     # uint8[16]: an array, not bytes
+    """Fill msg.auth (fresh stamp, MAC) with robot `key_id`'s `key`; returns msg. Publish it on
+    that robot's topics: receivers verify under the topic's robot."""
+    msg.auth.stamp_ns = new_stamp()
+    msg.auth.mac = np.frombuffer(message_mac(key, msg, key_id), np.uint8)   # uint8[16]: an array, not bytes
     return msg
+
+
+_WHY = {
+    Verdict.UNSIGNED: " (no MAC: the sender runs with auth off?)",
+    Verdict.BAD_MAC: " (forged, altered, or signed with another robot's key: is the right key file on "
+                     "both hosts?)",
+    Verdict.STALE: " (stamp outside the freshness window: are both hosts' clocks synchronized?)",
+    Verdict.REPLAY: " (a copy of a message already accepted)",
+}
 
 
 class MessageAuth:
@@ -165,16 +176,16 @@ class MessageAuth:
             return Verdict.OK
         assert self.auth is not None
         a = msg.auth
-        key = self.auth.keys.get(a.key_id)
+        key = self.auth.keys.get(expected_key_id)
         mac = bytes(a.mac)
-        if is_unsigned(mac) or key is None or a.key_id != expected_key_id:
-            return self.auth.verify(a.key_id, expected_key_id, int(a.stamp_ns), int(a.nonce), b"", mac)
+        if is_unsigned(mac) or key is None:
+            return self.auth.verify(expected_key_id, int(a.stamp_ns), b"", mac)
         try:
-            expected = message_mac(key, msg)
+            expected = message_mac(key, msg, expected_key_id)
         except Exception as e:   # a field value the encoder cannot take: not a message we signed
             LOG.debug("canonical bytes failed: %s", e)
             return Verdict.BAD_MAC
-        return self.auth.verify_mac(a.key_id, expected_key_id, int(a.stamp_ns), int(a.nonce), expected, mac)
+        return self.auth.verify_mac(expected_key_id, int(a.stamp_ns), expected, mac)
 
     def check(self, msg: Any, expected_key_id: str, what: str, logger: Any = None) -> bool:
         """True if `msg` may be used. Otherwise counts and (throttled) logs the drop."""
@@ -187,8 +198,8 @@ class MessageAuth:
         now = time.monotonic()
         if now - self._last_log.get(key, -1e9) >= self._log_period_s:
             self._last_log[key] = now
-            text = (f"dropped {what} on robot {expected_key_id!r}'s topic: {verdict.value} "
-                    f"(key_id {str(msg.auth.key_id)[:40]!r}); {self.dropped[key]} such drops so far")
+            text = (f"dropped {what} on robot {expected_key_id!r}'s topic: {verdict.value}"
+                    f"{_WHY.get(verdict, '')}; {self.dropped[key]} such drops so far")
             (logger.warning if logger is not None else LOG.warning)(text)
         return False
 

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = {}
         for kind, msg in _messages(n, d, dtype).items():
             sign = _time(lambda m=msg: sign_with_key(m, "robot_0", key), args.repeats)
-            # A fresh verifier per call would hide the replay cache; re-sign so each nonce is new.
+            # A fresh verifier per call would hide the replay cache; re-sign so each message is new.
             verifier = MessageAuth(Authenticator({"robot_0": key}, max_age_s=60.0, replay_capacity=100_000))
 
             def verify(m=msg, verifier=verifier):

@@ -5,11 +5,18 @@ answer a robot's question with its own image, reject a genuine request, pause ev
 a controller execute its actions. Each robot therefore shares one secret key with the server
 (a file per robot, readable only by its owner). Every message between them carries
 
-    key_id    the robot whose key signed it,
     stamp_ns  the sender's wall clock (a freshness window bounds replays in time),
-    nonce     64 random bits (a replay cache rejects a second copy inside the window),
-    mac       HMAC-SHA256 over the message's canonical bytes (everything above included),
-              truncated to its first 16 bytes.
+    mac       HMAC-SHA256 over the message's canonical bytes (the stamp included, and the name of
+              the robot whose key signed it), truncated to its first 16 bytes.
+
+Which key: always the robot's whose topic the message travels on. Every receiver knows that robot
+from the topic it subscribed to, so the key's name is not sent; it is part of the bytes the MAC
+covers (a message signed for one robot never verifies as another's, whatever keys they hold).
+
+Replays: a replayed message is an exact copy, MAC included. The receiver remembers the MACs it
+accepted while their stamps are inside the window and refuses a second copy. Two different genuine
+messages never share a MAC (2^-128), even with equal stamps, so no nonce is needed to tell them
+apart; a changed stamp is a changed MAC, which a replayer without the key cannot make.
 
 Why 16 bytes: a MAC is checked online, so a forger must guess: each guess is one message the
 receiver drops and counts, and a 128-bit tag leaves 2^-128 per guess. NIST SP 800-107 (Rev. 1,
@@ -35,6 +42,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -48,11 +56,10 @@ class Verdict(str, enum.Enum):
 
     OK = "ok"
     UNSIGNED = "unsigned"            # no MAC at all
-    UNKNOWN_KEY = "unknown_key"      # signed with a key this receiver does not hold
-    WRONG_KEY = "wrong_key"          # signed with another robot's key than the topic's robot
-    BAD_MAC = "bad_mac"              # forged or altered
+    UNKNOWN_KEY = "unknown_key"      # this receiver holds no key for the topic's robot
+    BAD_MAC = "bad_mac"              # forged, altered, or signed with another robot's key
     STALE = "stale"                  # stamp outside the freshness window
-    REPLAY = "replay"                # this (key, nonce) was seen inside the window
+    REPLAY = "replay"                # this MAC was accepted once already inside the window
 
     @property
     def accepted(self) -> bool:
@@ -143,16 +150,25 @@ def is_unsigned(mac: bytes) -> bool:
     return not any(mac)
 
 
-def new_stamp_and_nonce() -> tuple[int, int]:
-    return time.time_ns(), secrets.randbits(64)
+_stamp_lock = threading.Lock()
+_last_stamp = 0
+
+
+def new_stamp() -> int:
+    """The wall clock in ns, strictly increasing within this process: two messages signed here never
+    share a stamp, so even two identical messages (a repeated Cancel) have different MACs."""
+    global _last_stamp
+    with _stamp_lock:
+        _last_stamp = max(time.time_ns(), _last_stamp + 1)
+        return _last_stamp
 
 
 class ReplayGuard:
-    """Freshness window plus a bounded cache of recent nonces per key.
+    """Freshness window plus a bounded cache of the MACs accepted recently, per key.
 
-    A nonce is remembered while its stamp is inside the window. When a key's cache is full, the
+    A MAC is remembered while its stamp is inside the window. When a key's cache is full, the
     oldest entry is dropped and its stamp becomes a floor: anything not newer than the floor is
-    refused, so a forgotten nonce can never be replayed (the cost is refusing reordered messages
+    refused, so a forgotten MAC can never be replayed (the cost is refusing reordered messages
     older than the floor, which only a flood of more than `capacity` messages per window causes).
     """
 
@@ -163,15 +179,17 @@ class ReplayGuard:
         self.max_age_ns = int(max_age_s * 1e9)
         self.capacity = capacity
         self.clock = clock
-        self._seen: dict[str, collections.OrderedDict[int, int]] = {}
+        self._seen: dict[str, collections.OrderedDict[bytes, int]] = {}
         self._floor: dict[str, int] = {}
 
-    def check(self, key_id: str, stamp_ns: int, nonce: int) -> Verdict:
+    def check(self, key_id: str, stamp_ns: int, tag: bytes) -> Verdict:
+        """`tag`: the message's (verified) MAC, which identifies it."""
         now = self.clock()
         if abs(now - stamp_ns) > self.max_age_ns:
             return Verdict.STALE
         seen = self._seen.setdefault(key_id, collections.OrderedDict())
-        if nonce in seen or stamp_ns <= self._floor.get(key_id, -1):
+        tag = bytes(tag)
+        if tag in seen or stamp_ns <= self._floor.get(key_id, -1):
             return Verdict.REPLAY
         horizon = now - self.max_age_ns
         while seen and next(iter(seen.values())) < horizon:
@@ -179,7 +197,7 @@ class ReplayGuard:
         while len(seen) >= self.capacity:
             _, old = seen.popitem(last=False)
             self._floor[key_id] = max(self._floor.get(key_id, -1), old)
-        seen[nonce] = stamp_ns
+        seen[tag] = stamp_ns
         return Verdict.OK
 
 
@@ -189,8 +207,6 @@ class Authenticator:
     def __init__(self, keys: dict[str, bytes], max_age_s: float = 10.0, replay_capacity: int = 4096) -> None:
         self.keys = dict(keys)
         self.guard = ReplayGuard(max_age_s, replay_capacity)
-        import threading
-
         self._lock = threading.Lock()
 
     @classmethod
@@ -203,29 +219,24 @@ class Authenticator:
             raise KeyError(f"no key for {key_id!r} (holding {sorted(self.keys)})")
         return compute_mac(key, data)
 
-    def verify(self, key_id: str, expected_key_id: str, stamp_ns: int, nonce: int, data: bytes,
-               mac: bytes) -> Verdict:
-        """`data` must already cover key_id, stamp and nonce (the canonical bytes)."""
+    def verify(self, key_id: str, stamp_ns: int, data: bytes, mac: bytes) -> Verdict:
+        """`key_id`: the robot whose topic the message came on; `data` its canonical bytes, which
+        cover key_id and the stamp."""
         if is_unsigned(mac):
             return Verdict.UNSIGNED
-        if key_id != expected_key_id:
-            return Verdict.WRONG_KEY
         key = self.keys.get(key_id)
         if key is None:
             return Verdict.UNKNOWN_KEY
-        return self.verify_mac(key_id, expected_key_id, stamp_ns, nonce, compute_mac(key, data), mac)
+        return self.verify_mac(key_id, stamp_ns, compute_mac(key, data), mac)
 
-    def verify_mac(self, key_id: str, expected_key_id: str, stamp_ns: int, nonce: int, expected_mac: bytes,
-                   mac: bytes) -> Verdict:
+    def verify_mac(self, key_id: str, stamp_ns: int, expected_mac: bytes, mac: bytes) -> Verdict:
         """As verify, with the MAC of the canonical bytes already computed (streamed) by the caller."""
         if is_unsigned(mac):
             return Verdict.UNSIGNED
-        if key_id != expected_key_id:
-            return Verdict.WRONG_KEY
         if key_id not in self.keys:
             return Verdict.UNKNOWN_KEY
         if len(mac) != MAC_BYTES or not hmac.compare_digest(expected_mac, bytes(mac)):
             return Verdict.BAD_MAC
         # Only a message with a valid MAC may enter the replay cache: forgeries cannot fill it.
         with self._lock:
-            return self.guard.check(key_id, stamp_ns, nonce)
+            return self.guard.check(key_id, stamp_ns, mac)

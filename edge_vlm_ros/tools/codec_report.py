@@ -101,15 +101,14 @@ def cdr_size(p: FeaturePacket, frame_id: str = "", described: bool = False) -> i
         off += 8 + 8 + 3                       # model_fingerprint, codebook_digest, codec_params
         seq(4 * len(e.shape), 4)               # uint32[] shape
     off += 16                                  # request_id
-    seq(len(e.side_info), 1)
-    seq(len(e.payload), 1)
     align(4)
     off += 8                                   # deadline
     off += 8                                   # edge_preprocess_ms, edge_encode_ms (float32)
-    # auth (MessageAuth), as signed on the wire: key_id = robot_id, int64 stamp, uint64 nonce, 16-byte MAC
-    string(p.robot_id)
+    # auth (MessageAuth), as signed on the wire: int64 stamp, 16-byte MAC (the key is the topic's robot)
     align(8)
-    off += 16 + MAC_BYTES
+    off += 8 + MAC_BYTES
+    seq(len(e.side_info), 1)
+    seq(len(e.payload), 1)
     return 4 + off
 
 

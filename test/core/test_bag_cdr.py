@@ -15,7 +15,7 @@ PROMPT = "edge_vlm_ros/msg/Prompt"
 
 def _prompt_bytes(ts, text: str, rid: str) -> bytes:
     T = ts.types
-    auth = T["edge_vlm_ros/msg/MessageAuth"](key_id="robot_0", stamp_ns=5, nonce=7, mac=np.arange(16, dtype=np.uint8))
+    auth = T["edge_vlm_ros/msg/MessageAuth"](stamp_ns=5, mac=np.arange(16, dtype=np.uint8))
     header = T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=1, nanosec=2), frame_id="")
     msg = T[PROMPT](header=header, request_id=rid, robot_id="robot_0", text=text, task="vqa", max_new_tokens=3,
                     episode_id="", proprio=np.zeros(0, "float32"),

@@ -4,7 +4,7 @@ key and attacks robot `--victim` while it is being served.
 It reads the victim's Prompts (they are authenticated, not secret) and, for every request id it sees,
 immediately publishes on the victim's topics: the genuine Prompt again (replay), a Prompt with its own
 question and forged features of the right shape (unsigned, signed with the key it does hold, and with
-that key while claiming to be the victim), malformed features, and, on the robot it controls
+that key in the victim's name), malformed features, and, on the robot it controls
 (`--insider`, whose key it holds), halves that claim the victim's robot id and request id. It also
 spams PAUSE and fake OK answers to the victim and random ids it makes up. At SIGTERM or after
 `--seconds` it writes what it sent as JSON to `--out`.
@@ -60,6 +60,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     n, d = args.shape
     seen: collections.deque[str] = collections.deque(maxlen=64)
+    made_up: collections.deque[str] = collections.deque(maxlen=64)     # ids this process invented
 
     def features(rid: str, robot: str, shape=(n, d)) -> VisualFeatures:
         # The message names no robot: it is the namespace it goes out on (and the key that signs it).
@@ -82,9 +83,7 @@ def main() -> None:
         pub_f.publish(features(rid, v))
         pub_p.publish(sign_with_key(prompt(rid, v), ins, insider_key))  # another robot's key
         pub_f.publish(sign_with_key(features(rid, v), ins, insider_key))
-        forged = sign_with_key(features(rid, v), ins, insider_key)      # claims the victim's key
-        forged.auth.key_id = v
-        pub_f.publish(forged)
+        pub_f.publish(sign_with_key(features(rid, v), v, insider_key))  # as the victim, with its own key
         sent["unsigned_or_wrong_key"] += 5
         # On its own robot's topic its key is valid: halves naming the victim and its request id.
         pub_ip.publish(sign_with_key(prompt(rid, v), ins, insider_key))
@@ -99,7 +98,7 @@ def main() -> None:
         sent["fake_answers"] += 2
 
     def on_prompt(m: Prompt) -> None:
-        if m.auth.key_id == v and m.request_id not in seen:     # the victim's own request
+        if m.request_id not in seen and m.request_id not in made_up:    # the victim's own request
             seen.append(m.request_id)
             attack(m.request_id, m)
 
@@ -134,6 +133,7 @@ def main() -> None:
         pub_flow.publish(sign_with_key(f, ins, insider_key))
         sent["pause"] += 2
         rid = secrets.token_hex(16)                                      # made-up ids
+        made_up.append(rid)
         pub_p.publish(prompt(rid, v))
         pub_f.publish(sign_with_key(features(rid, v), ins, insider_key))
         sent["random_ids"] += 1

@@ -90,14 +90,14 @@ def test_spoofer_cannot_hijack_reject_or_pause_a_robot(ros_env, tmp_path):
         assert all(a.outcome is Outcome.OK and "pwned" not in a.text for a in answers)
         assert all(s == 0 for _, s, _ in client.flow["robot_0"]), "an authenticated PAUSE reached robot_0"
         dropped_here = client.auth_dropped["robot_0"]
-        assert dropped_here.get("unsigned", 0) > 0 and dropped_here.get("wrong_key", 0) > 0, dropped_here
+        assert dropped_here.get("unsigned", 0) > 0 and dropped_here.get("bad_mac", 0) > 0, dropped_here
         # The insider's halves naming robot_0 were refused on robot_1's route, never finishing robot_0's.
         r1 = [a for _, a in client.answers["robot_1"]]
         assert r1 and all(a.outcome is not Outcome.OK or a.robot_id == "robot_1" for a in r1)
         assert any("does not match the namespace" in a.reason for a in r1), [a.reason for a in r1][:5]
         stats = json.loads(stats_path.read_text())
         dropped = stats["auth_dropped"]["robot_0"]
-        for reason in ("unsigned", "wrong_key", "bad_mac", "replay"):
+        for reason in ("unsigned", "bad_mac", "replay"):
             assert dropped.get(reason, 0) > 0, (reason, dropped)
 
 
@@ -144,7 +144,7 @@ def test_controller_executes_only_chunks_signed_with_the_robots_key(ros_env, tmp
         nodes.stop()
     stats = json.loads((tmp_path / "ctl.json").read_text())
     assert stats["auth_dropped"]["robot_0"].get("unsigned", 0) > 0
-    assert stats["auth_dropped"]["robot_0"].get("wrong_key", 0) > 0
+    assert stats["auth_dropped"]["robot_0"].get("bad_mac", 0) > 0      # signed with robot_1's key
 
 
 # ---- in-process checks of the primitives --------------------------------------------------------
@@ -169,36 +169,56 @@ def test_every_field_is_covered_and_each_verdict_is_reached():
     m = Prompt()
     m.request_id, m.robot_id, m.text, m.proprio = "x" * 32, "robot_0", "what is it ?", [0.5, 1.5]
     sign_with_key(m, "robot_0", keys["robot_0"])
-    base = canonical_bytes(m)
+    base = canonical_bytes(m, "robot_0")
+    assert canonical_bytes(m, "robot_1") != base, "the signing robot's name is not covered"
     # Changing any field (nested ones too) changes the canonical bytes, so the MAC no longer holds.
     for mutate in (lambda p: setattr(p, "text", "what is it !"), lambda p: setattr(p, "proprio", [0.5, 1.25]),
                    lambda p: setattr(p.header.stamp, "nanosec", 1), lambda p: setattr(p, "max_new_tokens", 3),
-                   lambda p: setattr(p.auth, "nonce", p.auth.nonce ^ 1), lambda p: setattr(p, "robot_id", "robot_1")):
+                   lambda p: setattr(p.auth, "stamp_ns", p.auth.stamp_ns + 1),
+                   lambda p: setattr(p, "robot_id", "robot_1")):
         c = deserialize_message(serialize_message(m), Prompt)
-        assert canonical_bytes(c) == base
+        assert canonical_bytes(c, "robot_0") == base
         mutate(c)
-        assert canonical_bytes(c) != base
-        assert auth.verify(c, "robot_0") in (Verdict.BAD_MAC, Verdict.WRONG_KEY)
+        assert canonical_bytes(c, "robot_0") != base
+        assert auth.verify(c, "robot_0") is Verdict.BAD_MAC
     assert auth.verify(m, "robot_0") is Verdict.OK
     assert auth.verify(m, "robot_0") is Verdict.REPLAY
-    assert auth.verify(m, "robot_1") is Verdict.WRONG_KEY
+    assert auth.verify(sign_with_key(Prompt(), "robot_0", keys["robot_0"]), "robot_1") is Verdict.BAD_MAC
     assert auth.verify(Prompt(), "robot_0") is Verdict.UNSIGNED
     stale = sign_with_key(Prompt(), "robot_0", keys["robot_0"])
     stale.auth.stamp_ns -= 6_000_000_000
     stale.auth.mac = [0] * 16          # all zero: unsigned (a fixed-size field cannot be empty)
-    stale.auth.mac = list(compute_mac(keys["robot_0"], canonical_bytes(stale)))
+    stale.auth.mac = list(compute_mac(keys["robot_0"], canonical_bytes(stale, "robot_0")))
     assert auth.verify(stale, "robot_0") is Verdict.STALE
     unknown = MessageAuth(Authenticator({"robot_0": keys["robot_0"]}))
     assert unknown.verify(sign_with_key(Prompt(), "robot_1", keys["robot_1"]), "robot_1") is Verdict.UNKNOWN_KEY
+
+
+def test_the_key_name_is_covered_and_identical_messages_are_not_replays():
+    """The key's name is not sent, but covered: two robots that (wrongly) share one key still cannot
+    speak for each other. And a sender that signs the same content twice (a repeated Cancel) gets two
+    stamps, so neither copy is taken for a replay of the other; a real copy still is."""
+    same = b"s" * 32
+    auth = MessageAuth(Authenticator({"robot_0": same, "robot_1": same}, max_age_s=5.0))
+    m = sign_with_key(Prompt(), "robot_0", same)
+    assert auth.verify(deserialize_message(serialize_message(m), Prompt), "robot_1") is Verdict.BAD_MAC
+    twice = [sign_with_key(Prompt(), "robot_0", same) for _ in range(50)]
+    assert len({t.auth.stamp_ns for t in twice}) == 50
+    assert all(auth.verify(t, "robot_0") is Verdict.OK for t in twice)
+    assert all(auth.verify(t, "robot_0") is Verdict.REPLAY for t in twice)
 
 
 def test_replay_cache_is_bounded_and_never_forgets_unsafely():
     now = [10_000_000_000]
     g = ReplayGuard(max_age_s=5.0, capacity=4, clock=lambda: now[0])
     stamps = [now[0] - 100 + i for i in range(6)]
-    assert all(g.check("r", s, i) is Verdict.OK for i, s in enumerate(stamps))
+    def tag(i: int) -> bytes:
+        return i.to_bytes(16, "little")
+
+    assert all(g.check("r", s, tag(i)) is Verdict.OK for i, s in enumerate(stamps))
     assert len(g._seen["r"]) <= 4
-    # Nonces 0 and 1 were evicted; their stamps are under the floor, so their replay is still refused.
-    assert g.check("r", stamps[0], 0) is Verdict.REPLAY and g.check("r", stamps[1], 1) is Verdict.REPLAY
-    assert g.check("r", now[0] + 6_000_000_000, 99) is Verdict.STALE
-    assert g.check("r", now[0] + 1, 100) is Verdict.OK
+    # MACs 0 and 1 were evicted; their stamps are under the floor, so their replay is still refused.
+    assert g.check("r", stamps[0], tag(0)) is Verdict.REPLAY and g.check("r", stamps[1], tag(1)) is Verdict.REPLAY
+    assert g.check("r", stamps[5], tag(5)) is Verdict.REPLAY                 # still remembered
+    assert g.check("r", now[0] + 6_000_000_000, tag(99)) is Verdict.STALE
+    assert g.check("r", now[0] + 1, tag(100)) is Verdict.OK

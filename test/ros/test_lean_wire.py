@@ -158,27 +158,31 @@ def test_signed_compact_fields_are_covered_by_the_mac():
 
 def test_bytes_on_the_wire_at_clip_l_shapes():
     """The README's "Wire format" numbers: 577 tokens of VQ K=4096 (12 bits) are 866 payload bytes;
-    signed, the lean message is 980 bytes, 106 beyond the DDS/CDR minimum (4-byte encapsulation, the
-    payload's 4-byte length): 44 of them authentication (MAC, key id, stamp, nonce), 62 everything
-    else. A described message (the stream's first, one every stream_announce_s) is 1,020 bytes."""
+    signed, the lean message is 958 bytes, 84 beyond the DDS/CDR minimum (4-byte encapsulation, the
+    payload's 4-byte length): 24 of them authentication (stamp, MAC; the key is the topic's robot),
+    60 everything else. A described message (the stream's first, one every stream_announce_s) is
+    998 bytes."""
     p = _packet()
     signed = sign_with_key(features_to_msg(p, time.time_ns(), describe=False), "robot_0", KEY)
     n = len(serialize_message(signed))
-    assert n == cdr_size(p) == 980
-    assert header_bytes(n, p.encoded) == 106
+    assert n == cdr_size(p) == 958
+    assert header_bytes(n, p.encoded) == 84
     described = len(serialize_message(sign_with_key(features_to_msg(p, 0), "robot_0", KEY)))
-    assert described == cdr_size(p, described=True) == 1020
+    assert described == cdr_size(p, described=True) == 998
     assert features_request_id(signed) == RID
-    # Whatever the lengths of payload and side_info, the lean header is 100 fixed bytes plus alignment
-    # (at most 3 after each byte array, 4 before the 8-byte auth fields); described, 40 more.
+    # Whatever the payload's length, the lean header is 84 fixed bytes, plus the alignment a
+    # side_info whose length is not a multiple of 4 leaves before the payload (at most 3): the byte
+    # arrays come last, so nothing after them is aligned. Described, 36-40 more (the descriptor and
+    # the alignment of the 8-byte stamp after it).
     for n in (1, 2, 3, 24, 866, 1155):
-        for k in (0, 1, 68, 2308):
+        for k in (0, 1, 3, 68, 2308):
             q = _packet(payload=bytes(n), side_info=bytes(k), split="vision_block:1/ln1")
             for described in (False, True):
                 size = len(serialize_message(sign_with_key(features_to_msg(q, 0, describe=described),
                                                            "robot_0", KEY)))
-                lo = 104 + 36 * described
-                assert size == cdr_size(q, described=described) and lo <= header_bytes(size, q.encoded) <= lo + 10, \
+                lo = 84 + 36 * described
+                assert size == cdr_size(q, described=described), (n, k, described)
+                assert lo + (-k) % 4 <= header_bytes(size, q.encoded) <= lo + (-k) % 4 + 4 * described, \
                     (n, k, described)
 
 

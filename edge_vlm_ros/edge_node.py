@@ -470,9 +470,13 @@ class EdgeNode(ManagedNode):
         frame is larger than the state), so wait a little (PAIRING_WAIT_S after the prompt) for the
         other half of the observation rather than send a frame with another instant's state. A robot
         whose camera and joint states are stamped by their own drivers never stamps them alike: its
-        newest state goes with the frame at once (waiting could not find a better one)."""
-        if self.cfg.task != "action" or not self.cfg.send_proprio or self._state is None:
+        newest state goes with the frame at once (waiting could not find a better one). Before the
+        first state arrives (a robot's first request races its first joint state), wait as long for
+        it: a request without proprio is one the server's action head refuses."""
+        if self.cfg.task != "action" or not self.cfg.send_proprio:
             return True
+        if self._state is None:
+            return time.monotonic() - asked_t >= PAIRING_WAIT_S
         if not self._stamps_aligned:
             return True
         if stamp_to_ns(self._frame.header.stamp) == stamp_to_ns(self._state.header.stamp):

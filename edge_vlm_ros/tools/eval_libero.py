@@ -305,8 +305,8 @@ def mark_distribution(results: dict, model: str) -> None:
                 print(f"note: task {t['instruction']!r} is out of distribution for {model}", file=sys.stderr)
 
 
-@launcher_main
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """eval_libero's command line (also what tools.vla_demo builds its split run from)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", action="append", default=None,
                     help="LIBERO suite (repeatable): libero_spatial, libero_object, libero_goal, libero_10")
@@ -339,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=3600.0, help="split mode: give up after this long per suite")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (a shared CPU: 1)")
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
+    return ap
+
+
+@launcher_main
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.monolithic and any(not x.startswith("controller.") for x in args.set):
         ap.error("--monolithic has no edge, server or bridge nodes: --set applies to split runs")

@@ -99,6 +99,17 @@ def stage_table(chunks: list) -> dict[str, dict[str, float]]:
     return out
 
 
+def split_run_args(args: argparse.Namespace, work: Path) -> argparse.Namespace:
+    """The eval_libero run of this demo's one episode, parsed by eval_libero's own parser (so every
+    setting run_split reads exists, with eval_libero's defaults)."""
+    from edge_vlm_ros.tools.eval_libero import build_parser
+
+    return build_parser().parse_args([
+        "--suite", args.suite, "--tasks", str(args.task), "--trials", "1", "--first-trial", str(args.trial),
+        "--max-steps", str(args.max_steps), "--merge-policy", args.merge_policy, "--no-wrist",
+        "--threads", str(args.threads), "--timeout-s", str(args.timeout_s), "--out", str(work / "episode.json")])
+
+
 @launcher_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="vla_demo_"))
     model, head = resolve_vla(args.model, args.action_head, False, work)
-    run_args = argparse.Namespace(tasks=[args.task], trials=1, first_trial=args.trial, max_steps=args.max_steps,
-                                  settle_steps=10, image_size=128, merge_policy=args.merge_policy, no_wrist=True,
-                                  threads=args.threads, timeout_s=args.timeout_s)
+    run_args = split_run_args(args, work)
     holder: dict[str, object] = {}
 
     def on_client(client) -> None:

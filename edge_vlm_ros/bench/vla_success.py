@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -122,12 +123,14 @@ def row_of(cfg: Config, res: dict) -> dict:
     ok = sum(s["summary"]["successes"] for s in suites)
     per_task = {f"{suite}:{t}": v["success_rate"] for suite, s in res["suites"].items()
                 for t, v in s["summary"]["tasks"].items()}
+    per_task_counts = {f"{suite}:{t}": [v["successes"], v["trials"]] for suite, s in res["suites"].items()
+                       for t, v in s["summary"]["tasks"].items() if "successes" in v and "trials" in v}
     b = [s.get("bytes_per_observation", {}).get("mean") for s in suites]
     b = [x for x in b if x is not None]
     aps = [s["actions_per_s"] for s in suites if s.get("actions_per_s")]
     lat = [s["chunk_latency_ms"] for s in suites]
     return {"name": cfg.name, "study": cfg.study, "episodes": n, "successes": ok,
-            "success_rate": ok / n if n else None, "per_task": per_task,
+            "success_rate": ok / n if n else None, "per_task": per_task, "per_task_counts": per_task_counts,
             "bytes_per_observation": (sum(b) / len(b)) if b else (0.0 if cfg.monolithic else None),
             "actions_per_s": (sum(aps) / len(aps)) if aps else None,
             "chunk_latency_p50_ms": lat[0]["p50"] if lat else None,
@@ -146,11 +149,12 @@ def tables(rows: list[dict]) -> str:
         rs = [r for r in rows if r["study"] == study]
         if not rs:
             continue
-        out += [f"### {study}", "", "| configuration | success | bytes/observation | actions/s | chunk latency "
-                "p50 / p99 (ms) |", "|---|---|---|---|---|"]
+        out += [f"### {study}", "", "| configuration | success | per task | bytes/observation | actions/s | "
+                "chunk latency p50 / p99 (ms) |", "|---|---|---|---|---|---|"]
         for r in rs:
+            tasks = " · ".join(f"{a}/{b}" for a, b in r.get("per_task_counts", {}).values()) or "-"
             out.append(f"| {r['name']} | {r['successes']}/{r['episodes']} = {_fmt(100 * r['success_rate'], '.0f')}% | "
-                       f"{_fmt(r['bytes_per_observation'], ',.0f')} | {_fmt(r['actions_per_s'], '.2f')} | "
+                       f"{tasks} | {_fmt(r['bytes_per_observation'], ',.0f')} | {_fmt(r['actions_per_s'], '.2f')} | "
                        f"{_fmt(r['chunk_latency_p50_ms'], '.0f')} / {_fmt(r['chunk_latency_p99_ms'], '.0f')} |")
         out.append("")
     return "\n".join(out)
@@ -199,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--first-trial", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=220)
+    ap.add_argument("--no-wrist", action="store_true",
+                    help="do not render the wrist camera (a policy that reads agentview only: half the render cost)")
     ap.add_argument("--merge-policy", default="temporal_ensembling", help="merge policy of the codec study")
     ap.add_argument("--only", nargs="*", default=None, help="run only configurations whose name contains one of these")
     ap.add_argument("--threads", type=int, default=1)
@@ -216,8 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         todo = [c for c in todo if any(s in c.name for s in args.only)]
     rows = []
+    done_as: dict[tuple[str, ...], Path] = {}      # identical runs (argv) are run once
     for cfg in todo:
         path = args.out / f"{slug(cfg.name)}.json"
+        same = done_as.get(tuple(cfg.argv()))
+        if not path.exists() and same is not None:
+            # e.g. the lossless codec row, the temporal-ensembling merge row and "+0 ms async" are one run
+            shutil.copyfile(same, path)
+            print(f"[vla_success] {cfg.name}: the same run as {same.name}", file=sys.stderr, flush=True)
         if not path.exists():
             cmd = [sys.executable, "-m", "edge_vlm_ros.tools.eval_libero", "--suite", args.suite, "--tasks",
                    *map(str, args.tasks), "--trials", str(args.trials), "--first-trial", str(args.first_trial),
@@ -227,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--model", args.model]
             if args.action_head:
                 cmd += ["--action-head", args.action_head]
+            if args.no_wrist:
+                cmd.append("--no-wrist")
             print(f"[vla_success] {cfg.name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
             t0 = time.monotonic()
             rc = _run(slug(cfg.name), cmd)
@@ -234,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[vla_success] {cfg.name}: eval_libero failed (exit {rc})", file=sys.stderr)
                 continue
             print(f"[vla_success] {cfg.name}: done in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+        done_as.setdefault(tuple(cfg.argv()), path)
         rows.append(row_of(cfg, json.loads(path.read_text())))
     meta = {"suite": args.suite, "tasks": args.tasks, "trials": args.trials, "first_trial": args.first_trial,
-            "max_steps": args.max_steps, "model": args.model, "action_head": args.action_head,
+            "max_steps": args.max_steps, "no_wrist": args.no_wrist, "model": args.model, "action_head": args.action_head,
             "codebooks": {str(k): str(v) for k, v in codebooks.items()}}
     (args.out / "vla_success.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = tables(rows)

@@ -10,7 +10,8 @@ def _eval_result(successes: list[bool], bytes_mean: float | None, aps: float = 3
     eps = [{"task_id": 0, "success": s} for s in successes]
     return {"suites": {"libero_spatial": {
         "summary": {"episodes": len(eps), "successes": sum(successes),
-                    "tasks": {"0": {"success_rate": sum(successes) / len(eps)}}},
+                    "tasks": {"0": {"success_rate": sum(successes) / len(eps), "trials": len(eps),
+                                    "successes": sum(successes)}}},
         "bytes_per_observation": {"mean": bytes_mean, "n": 10 if bytes_mean else 0},
         "actions_per_s": aps, "chunk_latency_ms": {"p50": 40.0, "p99": 90.0, "n": 10}}}}
 
@@ -51,5 +52,24 @@ def test_existing_results_become_rows_tables_and_a_plot_without_running_anything
     assert (lossless["successes"], lossless["episodes"], lossless["bytes_per_observation"]) == (2, 4, 8464.0)
     assert by["cloud JPEG-90"]["success_rate"] == 0.0
     md = (out / "vla_success.md").read_text()
-    assert "| split raw float32 (lossless) | 2/4 = 50% | 8,464 | 3.00 | 40 / 90 |" in md
+    assert "| split raw float32 (lossless) | 2/4 = 50% | 2/4 | 8,464 | 3.00 | 40 / 90 |" in md
     assert (out / "vla_success.png").stat().st_size > 1000
+
+
+def test_identical_configurations_are_run_once(tmp_path):
+    """The lossless codec row, the temporal-ensembling merge row and "+0 ms async" are the same run
+    (same eval_libero arguments): the study runs it once and reuses its result for the others."""
+    cs = vs.configs(["codecs", "merge", "latency"], [], {}, "temporal_ensembling")
+    by = {c.name: c for c in cs}
+    same = ["split raw float32 (lossless)", "merge temporal_ensembling", "+0 ms async"]
+    assert len({tuple(by[n].argv()) for n in same}) == 1
+    assert by["merge latest_only"].argv() != by[same[0]].argv()
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "split_raw_float32__lossless.json").write_text(json.dumps(_eval_result([True, False, True], 8464.0)))
+    # nothing else exists: a run would start eval_libero (and fail here without --model); reuse needs none
+    assert vs.main(["--out", str(out), "--studies", "codecs", "merge", "latency", "--k", "--only", "lossless",
+                    "temporal_ensembling", "+0 ms async"]) == 0
+    rows = json.loads((out / "vla_success.json").read_text())["rows"]
+    assert [(r["name"], r["successes"], r["episodes"]) for r in rows] == [(n, 2, 3) for n in same]
+    assert (out / "merge_temporal_ensembling.json").read_text() == (out / "split_raw_float32__lossless.json").read_text()

@@ -1,11 +1,18 @@
 """Behaviour cloning of the package's own VLA on demonstration files: a small LLaVA (vision tower,
-projector, language model) plus the continuous chunk head with proprioception, trained end to end.
+projector, language model) plus an action head with proprioception, trained end to end.
 
 What the robot will run is what is trained: the camera frame goes through the checkpoint's own image
 processor, the vision half, the projector; the visual tokens replace the image slots of the same
 prompt the server builds (`LanguageBackend.prompt_ids`), the language model runs once, and the
 pooled action head (core.action_heads) reads its last hidden states and the robot state to predict
 the next `chunk_size` actions. Loss: L1 in normalised action space (OpenVLA-OFT).
+
+`--head discrete` trains the second variant (OpenVLA): the chunk's N x A actions become tokens (one
+of `n_bins` uniform bins per dimension over the demonstrations' range, the vocabulary's last
+`n_bins` ids), the robot state one embedding after the prompt, and the language model learns to emit
+the tokens itself: teacher-forced cross-entropy over exactly the sequence the server then decodes
+greedily (prompt, proprio embedding, action tokens; core/action_heads.DiscreteActionHead.generate).
+The LM is what learns, so it needs `--train all`.
 
     python -m edge_vlm_ros.training.train_vla --demos /work/demos-expert/libero_spatial \
         --out models/reference-vla --seed 0 --max-minutes 30
@@ -49,7 +56,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from edge_vlm_ros.core.action_heads import ActionHeadConfig, ContinuousActionHead, build_action_head
+from edge_vlm_ros.core.action_heads import (ActionHead, ActionHeadConfig, DiscreteActionHead,
+                                            build_action_head)
 from edge_vlm_ros.core.types import SplitPoint
 from edge_vlm_ros.training.demos import ACTION_DIM, PROPRIO_DIM, Demo, load_sources
 
@@ -60,6 +68,7 @@ STATS_NAME = "norm_stats.json"
 STATE_NAME = "training_state.pt"
 CONTROL_PERIOD_S = 0.05        # LIBERO's 20 Hz control
 TRAIN_MODES = ("all", "head")
+HEAD_KINDS = ("continuous", "discrete")
 
 
 @dataclass
@@ -80,6 +89,8 @@ class TrainVLAConfig:
     mlp_layers: int = 3
     num_heads: int = 4
     train: str = "all"             # "all": vision tower, projector, LM and head; "head": the head on a frozen VLM
+    head: str = "continuous"       # "continuous": OFT-style regression head; "discrete": OpenVLA action tokens
+    n_bins: int = 256              # discrete: bins per action dimension (the vocabulary's last n_bins ids)
     shift_px: int = 4              # random image shift (pixels of the model's input), 0: none; "all" only
     threads: int = 2
     max_minutes: float = 50.0
@@ -116,6 +127,13 @@ class TrainVLAConfig:
             raise ValueError(f"until_step must be in [0, steps={self.steps}], got {self.until_step}")
         if self.train not in TRAIN_MODES:
             raise ValueError(f"train {self.train!r}: expected one of {TRAIN_MODES}")
+        if self.head not in HEAD_KINDS:
+            raise ValueError(f"head {self.head!r}: expected one of {HEAD_KINDS}")
+        if self.head == "discrete" and self.train != "all":
+            raise ValueError("a discrete head's actions are the language model's own tokens: it trains with "
+                             "--train all (--train head would train only its proprio projection)")
+        if not 2 <= self.n_bins <= 1 << 16:
+            raise ValueError(f"n_bins must be in 2..65536, got {self.n_bins}")
 
     @property
     def checkpoint_path(self) -> Path:
@@ -226,7 +244,7 @@ class BCModel:
     so the head sees at run time the hidden states it was trained on (checked by the tests).
     """
 
-    def __init__(self, adapter, head: ContinuousActionHead, instructions: Sequence[str]) -> None:
+    def __init__(self, adapter, head: ActionHead, instructions: Sequence[str]) -> None:
         self.adapter = adapter
         self.model = adapter.model
         self.head = head
@@ -262,8 +280,10 @@ class BCModel:
             mask[sl, t_max - x.shape[1]:] = m
         return hidden, mask
 
-    def forward_hidden(self, pixels: torch.Tensor, prompts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """pixels (B, 3, S, S), prompt indices (B,) -> LM last hidden (B, T, H), attention mask (B, T)."""
+    def forward_hidden(self, pixels: torch.Tensor, prompts: Sequence[int],
+                       suffix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixels (B, 3, S, S), prompt indices (B,) -> LM last hidden (B, T, H), attention mask (B, T).
+        suffix (B, S, H): embeddings appended after the left-padded prompts (the server's layout)."""
         feats, _ = self.adapter.edge_half(pixels, self.split)                    # (B, n_img, H)
         embed = self.model.get_input_embeddings()
         rows = []
@@ -276,17 +296,36 @@ class BCModel:
         x = torch.stack([torch.cat([pad.expand(t_max - r.shape[0], -1), r]) for r in rows])   # (B, T, H)
         mask = torch.stack([torch.cat([torch.zeros(t_max - r.shape[0], dtype=torch.long),
                                        torch.ones(r.shape[0], dtype=torch.long)]) for r in rows])  # (B, T)
+        if suffix is not None:
+            x = torch.cat([x, suffix.to(x.dtype)], dim=1)                                   # (B, T + S, H)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], suffix.shape[1])], dim=1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.decoder(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state
         return hidden, mask
 
+    def action_logits(self, pixels: torch.Tensor, prompts: Sequence[int], proprio: torch.Tensor,
+                      tokens: torch.Tensor) -> torch.Tensor:
+        """Discrete head, teacher forced: the LM's logits (B, N * A, V) predicting each of `tokens`
+        (B, N * A) after the prompt and the proprio embedding (the sequence greedy decoding builds)."""
+        head = self.head
+        assert isinstance(head, DiscreteActionHead)
+        p = head.prefix_embeds(len(prompts), proprio)                              # (B, 1, H) or None
+        given = self.model.get_input_embeddings()(tokens[:, :-1])                  # (B, N * A - 1, H)
+        suffix = given if p is None else torch.cat([p.to(given.dtype), given], dim=1)
+        hidden, _ = self.forward_hidden(pixels, prompts, suffix)
+        n = tokens.shape[1]
+        return self.model.lm_head(hidden[:, -n:])                                  # (B, N * A, V)
+
     def loss(self, pixels: torch.Tensor, prompts: Sequence[int], proprio: torch.Tensor,
              chunks: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.head, DiscreteActionHead):
+            logits = self.action_logits(pixels, prompts, proprio, self.head.encode(chunks))
+            return self.head.loss(logits, chunks)
         hidden, mask = self.forward_hidden(pixels, prompts)
         return self.head.loss(hidden, mask, chunks, proprio)
 
 
-def fold_proprio_normalisation(head: ContinuousActionHead, stats: NormStats) -> ContinuousActionHead:
+def fold_proprio_normalisation(head: ActionHead, stats: NormStats) -> ActionHead:
     """A copy of the head that takes raw robot state: W((p - m) / s) + b == (W / s) p + (b - W (m / s))."""
     out = copy.deepcopy(head)
     proj = out.proprio_proj
@@ -352,12 +391,20 @@ def build(cfg: TrainVLAConfig, demos: Sequence[Demo]) -> tuple[BCModel, DemoSet,
     if adapter.family != "llava":
         raise ValueError(f"train_vla trains LLaVA-family models, {cfg.base_model} is {adapter.family}")
     stats = NormStats.of(demos)
-    hc = ActionHeadConfig(kind="continuous", chunk_size=cfg.chunk_size, action_dim=ACTION_DIM,
-                          hidden_size=adapter.language.hidden_size, low=stats.action_low, high=stats.action_high,
-                          control_period_s=CONTROL_PERIOD_S, use_proprio=True, proprio_dim=PROPRIO_DIM,
-                          mlp_dim=cfg.mlp_dim, mlp_layers=cfg.mlp_layers, num_heads=cfg.num_heads)
+    common = dict(chunk_size=cfg.chunk_size, action_dim=ACTION_DIM, hidden_size=adapter.language.hidden_size,
+                  low=stats.action_low, high=stats.action_high, control_period_s=CONTROL_PERIOD_S,
+                  use_proprio=True, proprio_dim=PROPRIO_DIM)
+    if cfg.head == "discrete":
+        vocab = len(adapter.processor.tokenizer)                 # OpenVLA: the tokenizer's size
+        logits = int(adapter.model.get_output_embeddings().weight.shape[0])
+        if vocab > logits or vocab < cfg.n_bins:
+            raise ValueError(f"{cfg.base_model}: a vocabulary of {vocab} ids ({logits} logits) cannot hold "
+                             f"{cfg.n_bins} action bins")
+        hc = ActionHeadConfig(kind="discrete", n_bins=cfg.n_bins, vocab_size=vocab, **common)
+    else:
+        hc = ActionHeadConfig(kind="continuous", mlp_dim=cfg.mlp_dim, mlp_layers=cfg.mlp_layers,
+                              num_heads=cfg.num_heads, **common)
     head = build_action_head(hc, seed=cfg.seed)
-    assert isinstance(head, ContinuousActionHead)
     data = DemoSet(demos, adapter, cfg.chunk_size, stats)
     return BCModel(adapter, head, data.instructions), data, stats
 
@@ -393,6 +440,7 @@ def train(cfg: TrainVLAConfig, resume: bool = False) -> TrainVLAResult:
     bc.head.train()
     params = [p for _, p in named]
     stopped_early = False
+    loss_name = "ce" if cfg.head == "discrete" else "l1"
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc="train_vla",
                dynamic_ncols=True, mininterval=2.0)
@@ -420,9 +468,11 @@ def train(cfg: TrainVLAConfig, resume: bool = False) -> TrainVLAResult:
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        bar.set_postfix({"l1": f"{np.mean(losses[-50:]):.4f}", "lr": f"{sched.get_last_lr()[0]:.1e}"}, refresh=False)
+        bar.set_postfix({loss_name: f"{np.mean(losses[-50:]):.4f}", "lr": f"{sched.get_last_lr()[0]:.1e}"},
+                        refresh=False)
         if (step + 1) % cfg.log_every == 0:
-            LOG.info("step %d: L1 %.4f (mean of the last %d)", step + 1, np.mean(losses[-cfg.log_every:]), cfg.log_every)
+            LOG.info("step %d: %s %.4f (mean of the last %d)", step + 1, loss_name, np.mean(losses[-cfg.log_every:]),
+                     cfg.log_every)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             _save_checkpoint(bc, opt, sched, step + 1, losses, cfg)
     else:
@@ -464,7 +514,8 @@ def save_vla(bc: BCModel, stats: NormStats, cfg: TrainVLAConfig, steps_done: int
                     "it acts only on the tasks listed in train_tasks", "family": "llava", "language_model": "llama",
             "vla": {"action_head": HEAD_DIR, "norm_stats": STATS_NAME}, "seed": cfg.seed,
             "trained_steps": steps_done, "stopped_early": stopped_early, "train_minutes": round(seconds / 60, 2),
-            "final_l1": final, "demonstrations": n_demos, "samples": n_samples, "train_tasks": bc.instructions,
+            "loss": "cross_entropy" if cfg.head == "discrete" else "l1",
+            ("final_ce" if cfg.head == "discrete" else "final_l1"): final, "demonstrations": n_demos, "samples": n_samples, "train_tasks": bc.instructions,
             "command": command_line(cfg),
             "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)}}
     (out / "EDGE_VLM_MODEL.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -489,15 +540,37 @@ def write_card(out: Path, bc: BCModel, cfg: TrainVLAConfig, info: dict) -> Path:
     n_vlm = sum(p.numel() for p in bc.model.parameters()) / 1e6
     n_head = sum(p.numel() for p in bc.head.parameters()) / 1e6
     tasks = "\n".join(f"- {t}" for t in bc.instructions)
-    final = f"{info['final_l1']:.4f}" if info["final_l1"] is not None else "n/a"
+    final_v = info.get("final_ce", info.get("final_l1"))
+    final = f"{final_v:.4f}" if final_v is not None else "n/a"
     early = " (stopped early by --max-minutes or --until-step)" if info["stopped_early"] else ""
     trained = ("the whole model (vision tower, projector, language model, head)" if cfg.train == "all" else
                "the action head only, on the frozen VLM's last hidden states (computed once)")
+    if hc.kind.value == "discrete":
+        what = (f"the package's discrete action head (OpenVLA style: the language model emits the\n"
+                f"chunk's {hc.chunk_size} x {hc.action_dim} actions as tokens, {hc.n_bins} bins per dimension, after "
+                f"a proprioception embedding)")
+        head_line = (f"discrete, {hc.n_bins} uniform bins per dimension = token ids [{hc.token_offset}, "
+                     f"{hc.token_offset + hc.n_bins}) of a\n  vocabulary of {hc.vocab_size}, chunk {hc.chunk_size} x "
+                     f"{hc.action_dim} = {hc.chunk_size * hc.action_dim} tokens decoded greedily, proprio "
+                     f"{hc.proprio_dim}-D as one embedding after the prompt")
+        norm = ("actions are binned over the demonstrations' per-dimension\n  min..max (the head's `low`/`high`); "
+                "each token decodes to its bin's centre")
+        loss = "cross-entropy of the action tokens (teacher forced)"
+        final_name = "cross-entropy (mean of the last 100 steps, nats per token)"
+    else:
+        what = (f"the package's continuous action-chunk head (OpenVLA-OFT style: {hc.chunk_size}\n"
+                f"pooled action queries over the language model's last hidden states, proprioception added to every\n"
+                f"query, an MLP to {hc.action_dim}-D actions)")
+        head_line = (f"continuous, {hc.query_mode.value} queries, chunk {hc.chunk_size} x {hc.action_dim},\n"
+                     f"  {hc.num_heads} cross-attention heads, MLP {hc.mlp_layers} layers of "
+                     f"{hc.mlp_dim or hc.hidden_size}, proprio {hc.proprio_dim}-D")
+        norm = ("actions are regressed in [-1, 1] over the demonstrations'\n  per-dimension min..max (the head's "
+                "`low`/`high`, also its output clamp)")
+        loss = "L1 on the normalised\nchunk"
+        final_name = "L1\n(mean of the last 100 steps, normalised units)"
     text = f"""# A reference VLA for LIBERO, trained by behaviour cloning on this CPU
 
-A LLaVA-family VLM with the package's continuous action-chunk head (OpenVLA-OFT style: {hc.chunk_size}
-pooled action queries over the language model's last hidden states, proprioception added to every
-query, an MLP to {hc.action_dim}-D actions), trained by `edge_vlm_ros.training.train_vla` on scripted-expert
+A LLaVA-family VLM with {what}, trained by `edge_vlm_ros.training.train_vla` on scripted-expert
 demonstrations. It is the VLA's embedded default: `tools.eval_libero`, `tools.vla_demo` and
 `vla.launch.py` (model_path `reference-vla`, action_head_path `default`) use it when no checkpoint is
 given. It acts only on the tasks below, in LIBERO's simulator, from its 128x128 agentview camera.
@@ -508,11 +581,9 @@ given. It acts only on the tasks below, in LIBERO's simulator, from its 128x128 
   CLIP ViT {vc.image_size}x{vc.image_size}, patch {vc.patch_size}, hidden {vc.hidden_size}, {vc.num_hidden_layers} layers;
   MLP projector; Llama LM, hidden {tc.hidden_size}, {tc.num_hidden_layers} layers. Prompt: the checkpoint's chat
   template around the instruction, exactly what the server builds for an action request.
-- Head (`action_head/`): continuous, {hc.query_mode.value} queries, chunk {hc.chunk_size} x {hc.action_dim},
-  {hc.num_heads} cross-attention heads, MLP {hc.mlp_layers} layers of {hc.mlp_dim or hc.hidden_size}, proprio {hc.proprio_dim}-D
+- Head (`action_head/`): {head_line}
   (eef position, axis-angle, gripper fingers), control period {hc.control_period_s} s (LIBERO's 20 Hz).
-- Normalisation (`norm_stats.json`): actions are regressed in [-1, 1] over the demonstrations'
-  per-dimension min..max (the head's `low`/`high`, also its output clamp); the robot state is
+- Normalisation (`norm_stats.json`): {norm}; the robot state is
   standardised, and that map is folded into the head's proprio projection, so it takes raw state.
 
 ## Data
@@ -530,9 +601,7 @@ init states 20..49; init states 0..19 are never used for demonstrations). Tasks:
 ```
 
 Trained: {trained}. {info["trained_steps"]} steps of {cfg.batch_size} samples (AdamW, lr {cfg.lr},
-warm-up {cfg.warmup_steps}, cosine to {cfg.min_lr_ratio} x lr over {cfg.steps} steps), L1 on the normalised
-chunk; {cfg.threads} CPU thread(s): {info["train_minutes"]} min of training{early}. Final training L1
-(mean of the last 100 steps, normalised units): {final}. Seed {cfg.seed}.
+warm-up {cfg.warmup_steps}, cosine to {cfg.min_lr_ratio} x lr over {cfg.steps} steps), {loss}; {cfg.threads} CPU thread(s): {info["train_minutes"]} min of training{early}. Final training {final_name}: {final}. Seed {cfg.seed}.
 
 ## Results
 
@@ -568,7 +637,8 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"out": str(r.out), "steps": r.steps_done, "stopped_early": r.stopped_early,
                       "train_minutes": round(r.train_seconds / 60, 2), "demonstrations": r.n_demos,
                       "samples": r.n_samples,
-                      "final_l1": round(float(np.mean(r.losses[-100:])), 4) if r.losses else None}))
+                      ("final_ce" if cfg.head == "discrete" else "final_l1"):
+                          round(float(np.mean(r.losses[-100:])), 4) if r.losses else None}))
 
 
 if __name__ == "__main__":

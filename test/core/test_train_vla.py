@@ -114,6 +114,50 @@ def test_training_decreases_the_loss_and_serving_matches_training(demos_dir, bas
     assert lo[6] == pytest.approx(-1.0) and hi[6] == pytest.approx(1.0)
 
 
+def test_discrete_head_trains_and_the_server_decodes_what_training_scored(demos_dir, base_model, tmp_path):
+    """--head discrete (OpenVLA action tokens): the cross-entropy falls, resume is exact, and the
+    saved folder served by VLAPolicy (greedy, KV-cached decoding after the prompt and the proprio
+    embedding) emits at every position the token that training's teacher-forced logits rank first,
+    i.e. training scores exactly the sequence the server decodes."""
+    from edge_vlm_ros.core.action_heads import DiscreteActionHead, load_action_head
+    from edge_vlm_ros.core.split import load_vlm
+    from edge_vlm_ros.core.vla import VLAPolicy
+
+    kw = dict(head="discrete", n_bins=32, chunk_size=2, steps=40, warmup_steps=4, lr=3e-3, checkpoint_every=20,
+              shift_px=0)
+    r = tv.train(config(demos_dir, base_model, tmp_path / "vla", **kw))
+    assert np.mean(r.losses[-8:]) < 0.7 * np.mean(r.losses[:4]), r.losses
+    parts = tv.train(config(demos_dir, base_model, tmp_path / "parts", until_step=20, **kw))
+    rest = tv.train(config(demos_dir, base_model, tmp_path / "parts", **kw), resume=True)
+    assert parts.losses + rest.losses == r.losses
+    out = tmp_path / "vla"
+    info = __import__("json").loads((out / "EDGE_VLM_MODEL.json").read_text())
+    assert info["loss"] == "cross_entropy" and "final_ce" in info
+    assert "discrete, 32 uniform bins" in (out / "README.md").read_text()
+    adapter = load_vlm(out)
+    head = load_action_head(out / "action_head")
+    assert isinstance(head, DiscreteActionHead) and head.config.vocab_size == len(adapter.processor.tokenizer)
+    policy = VLAPolicy(adapter, head)
+    demo = make_demo(0, 1)
+    served = policy.act(demo.agentview[5], demo.instruction, demo.proprio[5])            # (N, A) bin centres
+    assert served.shape == (2, 7)
+    ids = head.encode(torch.from_numpy(served)[None].double())                         # (1, N * A) the decoded ids
+    stats = tv.NormStats(**info_stats(out))
+    data = tv.DemoSet([demo], adapter, 2, stats)
+    unfolded = tv.build_action_head(head.config)
+    unfolded.load_state_dict(torch.load(sorted((tmp_path / "vla-checkpoints").glob("step-*.pt"))[-1],
+                                        weights_only=True)["head"])
+    bc = tv.BCModel(adapter, unfolded, data.instructions)
+    with torch.no_grad():
+        logits = bc.action_logits(data.pixels[5:6].float(), [0], data.proprio[5:6], ids)  # (1, N * A, V)
+    allowed = logits[..., head.config.token_offset:head.config.token_offset + head.config.n_bins]
+    assert torch.equal(allowed.argmax(-1) + head.config.token_offset, ids)
+
+
+def info_stats(out: Path) -> dict:
+    return __import__("json").loads((out / "norm_stats.json").read_text())
+
+
 def _bad_copy(src: Path, dst: Path, change) -> None:
     with np.load(src, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
@@ -194,6 +238,12 @@ def test_config_rejects_bad_values():
         tv.TrainVLAConfig(demos=["d"], out="o", steps=5, warmup_steps=1, until_step=9)
     with pytest.raises(ValueError, match="demos"):
         tv.TrainVLAConfig(demos=[], out="o")
+    with pytest.raises(ValueError, match="head 'oft'"):
+        tv.TrainVLAConfig(demos=["d"], out="o", head="oft")
+    with pytest.raises(ValueError, match="--train all"):
+        tv.TrainVLAConfig(demos=["d"], out="o", head="discrete", train="head")
+    with pytest.raises(ValueError, match="n_bins"):
+        tv.TrainVLAConfig(demos=["d"], out="o", head="discrete", n_bins=1)
 
 
 def test_the_shipped_vla_loads_and_predicts_a_chunk():

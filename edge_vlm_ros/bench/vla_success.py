@@ -207,12 +207,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="do not render the wrist camera (a policy that reads agentview only: half the render cost)")
     ap.add_argument("--merge-policy", default="temporal_ensembling", help="merge policy of the codec study")
     ap.add_argument("--only", nargs="*", default=None, help="run only configurations whose name contains one of these")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: tables and plot from the configurations whose results are in --out")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout-s", type=float, default=36000.0, help="per configuration")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     codebooks: dict[int, Path] = {}
-    if "codecs" in args.studies and args.k:
+    if args.report_only:
+        codebooks = {k: args.out / f"codebook_projector_k{k}.safetensors" for k in args.k}
+    elif "codecs" in args.studies and args.k:
         if args.demos is None or not args.model:
             ap.error("the codec study's VQ rows need --demos and --model (codebooks are calibrated on the "
                      "demonstrations for that model); or pass --k with no values")
@@ -230,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             # e.g. the lossless codec row, the temporal-ensembling merge row and "+0 ms async" are one run
             shutil.copyfile(same, path)
             print(f"[vla_success] {cfg.name}: the same run as {same.name}", file=sys.stderr, flush=True)
+        if not path.exists() and args.report_only:
+            continue
         if not path.exists():
             cmd = [sys.executable, "-m", "edge_vlm_ros.tools.eval_libero", "--suite", args.suite, "--tasks",
                    *map(str, args.tasks), "--trials", str(args.trials), "--first-trial", str(args.first_trial),

@@ -73,3 +73,16 @@ def test_identical_configurations_are_run_once(tmp_path):
     rows = json.loads((out / "vla_success.json").read_text())["rows"]
     assert [(r["name"], r["successes"], r["episodes"]) for r in rows] == [(n, 2, 3) for n in same]
     assert (out / "merge_temporal_ensembling.json").read_text() == (out / "split_raw_float32__lossless.json").read_text()
+
+
+def test_report_only_runs_nothing_and_reports_what_exists(tmp_path):
+    """A partial study (some configurations run): --report-only builds the tables from those and
+    starts no evaluation for the rest (nothing here could run one: no model, no demonstrations)."""
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "monolithic.json").write_text(json.dumps(_eval_result([True, True, False], None)))
+    (out / "split_vq_K_256.json").write_text(json.dumps(_eval_result([True, False, False], 127.0)))
+    assert vs.main(["--out", str(out), "--report-only", "--k", "256", "1024"]) == 0
+    rows = json.loads((out / "vla_success.json").read_text())["rows"]
+    assert [(r["name"], r["successes"]) for r in rows] == [("monolithic", 2), ("split vq K=256", 1)]
+    assert sorted(p.name for p in out.glob("*.json")) == ["monolithic.json", "split_vq_K_256.json", "vla_success.json"]

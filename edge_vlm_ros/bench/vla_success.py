@@ -129,12 +129,16 @@ def row_of(cfg: Config, res: dict) -> dict:
     b = [x for x in b if x is not None]
     aps = [s["actions_per_s"] for s in suites if s.get("actions_per_s")]
     lat = [s["chunk_latency_ms"] for s in suites]
+    acted = sum(s.get("policy_actions") or 0 for s in suites)
+    steps = sum(s.get("steps") or 0 for s in suites)
     return {"name": cfg.name, "study": cfg.study, "episodes": n, "successes": ok,
             "success_rate": ok / n if n else None, "per_task": per_task, "per_task_counts": per_task_counts,
             "bytes_per_observation": (sum(b) / len(b)) if b else (0.0 if cfg.monolithic else None),
             "actions_per_s": (sum(aps) / len(aps)) if aps else None,
             "chunk_latency_p50_ms": lat[0]["p50"] if lat else None,
             "chunk_latency_p99_ms": lat[0]["p99"] if lat else None,
+            # share of the executed steps that ran a policy action (the rest held the safe action)
+            "acting_share": acted / steps if steps else None,
             "merge_policy": cfg.merge_policy, "execution": cfg.execution, "latency_ms": cfg.latency_ms,
             "sets": cfg.sets, "monolithic": cfg.monolithic}
 
@@ -150,12 +154,13 @@ def tables(rows: list[dict]) -> str:
         if not rs:
             continue
         out += [f"### {study}", "", "| configuration | success | per task | bytes/observation | actions/s | "
-                "chunk latency p50 / p99 (ms) |", "|---|---|---|---|---|---|"]
+                "chunk latency p50 / p99 (ms) | acting |", "|---|---|---|---|---|---|---|"]
         for r in rs:
             tasks = " · ".join(f"{a}/{b}" for a, b in r.get("per_task_counts", {}).values()) or "-"
             out.append(f"| {r['name']} | {r['successes']}/{r['episodes']} = {_fmt(100 * r['success_rate'], '.0f')}% | "
                        f"{tasks} | {_fmt(r['bytes_per_observation'], ',.0f')} | {_fmt(r['actions_per_s'], '.2f')} | "
-                       f"{_fmt(r['chunk_latency_p50_ms'], '.0f')} / {_fmt(r['chunk_latency_p99_ms'], '.0f')} |")
+                       f"{_fmt(r['chunk_latency_p50_ms'], '.0f')} / {_fmt(r['chunk_latency_p99_ms'], '.0f')} | "
+                       f"{_fmt(r.get('acting_share'), '.0%')} |")
         out.append("")
     return "\n".join(out)
 

@@ -13,7 +13,8 @@ def _eval_result(successes: list[bool], bytes_mean: float | None, aps: float = 3
                     "tasks": {"0": {"success_rate": sum(successes) / len(eps), "trials": len(eps),
                                     "successes": sum(successes)}}},
         "bytes_per_observation": {"mean": bytes_mean, "n": 10 if bytes_mean else 0},
-        "actions_per_s": aps, "chunk_latency_ms": {"p50": 40.0, "p99": 90.0, "n": 10}}}}
+        "actions_per_s": aps, "chunk_latency_ms": {"p50": 40.0, "p99": 90.0, "n": 10},
+        "policy_actions": 30, "steps": 40}}}
 
 
 def test_configurations_of_each_study(tmp_path):
@@ -52,7 +53,9 @@ def test_existing_results_become_rows_tables_and_a_plot_without_running_anything
     assert (lossless["successes"], lossless["episodes"], lossless["bytes_per_observation"]) == (2, 4, 8464.0)
     assert by["cloud JPEG-90"]["success_rate"] == 0.0
     md = (out / "vla_success.md").read_text()
-    assert "| split raw float32 (lossless) | 2/4 = 50% | 2/4 | 8,464 | 3.00 | 40 / 90 |" in md
+    assert "| split raw float32 (lossless) | 2/4 = 50% | 2/4 | 8,464 | 3.00 | 40 / 90 | 75% |" in md
+    header, rule = md.splitlines()[2:4]
+    assert header.count("|") == rule.count("|") == 8
     assert (out / "vla_success.png").stat().st_size > 1000
 
 

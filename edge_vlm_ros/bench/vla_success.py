@@ -185,6 +185,11 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.axhline(100 * mono[0]["success_rate"], ls="--", lw=1, color="grey", label="monolithic")
         ax.legend()
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())        # 100, 1000, 10000: no overlapping minor labels
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(0, 105)
     ax.set_xlabel("honest bytes per observation (serialized VisualFeatures)")
     ax.set_ylabel("task success (%)")
     ax.set_title("VLA success through the split against bytes on the wire")

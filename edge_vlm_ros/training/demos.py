@@ -198,6 +198,14 @@ def _attr_text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def _untimed_group(parent, name: str):
+    """`parent.create_group(name)` without a timestamp in the group's object header."""
+    h5py = _h5py()
+    gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+    gcpl.set_obj_track_times(False)
+    return h5py.Group(h5py.h5g.create(parent.id, name.encode(), gcpl=gcpl))
+
+
 class TaskFileWriter:
     """Writes one task's `<task_name>_demo.hdf5` under a temporary name and renames it into place
     on a clean exit, so a crash never leaves a half-written file under the final name.
@@ -221,9 +229,14 @@ class TaskFileWriter:
     def __enter__(self) -> "TaskFileWriter":
         h5py = _h5py()
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        # v108: object headers that hold attributes over 64 KiB (a scene's model_file XML)
-        self._file = h5py.File(self._tmp, "w", libver=("v108", "latest"))
-        self._data = self._file.create_group("data")
+        # v108: object headers that hold attributes over 64 KiB (a scene's model_file XML).
+        # No object carries its creation time, so the same episodes always give the same bytes.
+        fcpl = h5py.h5p.create(h5py.h5p.FILE_CREATE)
+        fcpl.set_obj_track_times(False)   # the root group
+        fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+        fapl.set_libver_bounds(h5py.h5f.LIBVER_V18, h5py.h5f.LIBVER_LATEST)
+        self._file = h5py.File(h5py.h5f.create(self._tmp.encode(), h5py.h5f.ACC_TRUNC, fcpl=fcpl, fapl=fapl))
+        self._data = _untimed_group(self._file, "data")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -263,7 +276,8 @@ class TaskFileWriter:
         a = _arrays(demo)
         where = f"{self.path} (data/demo_{k})"
         _validate(where, a, self.action_dim)
-        g = self._data.create_group(self._claim(k))
+        g = _untimed_group(self._data, self._claim(k))
+        _untimed_group(g, "obs")
         for name, arr in a.items():
             if name in IMAGES:   # one compressed chunk per frame: a reader can take any frame alone
                 g.create_dataset(name, data=arr, chunks=(1,) + arr.shape[1:], compression="gzip",

@@ -8,23 +8,26 @@ Subscribes (relative, so one instance per robot namespace):
   edge_vlm/flow_control (FlowControl, from the server)
   with task "action" also: robot_state (sensor_msgs/JointState, proprio when send_proprio) and
   sim/episode (Episode: the episode id each request is stamped with)
-  edge_vlm/answer (Answer) and, with task "action", edge_vlm/action_chunk (ActionChunk): the outcomes
-  of its own requests, so it knows which are done
+  edge_vlm/server_answer (Answer) and, with task "action", edge_vlm/server_action_chunk (ActionChunk):
+  the server's outcomes of its requests, relayed (below); edge_vlm/answer and edge_vlm/action_chunk
+  heard back for its Ask goals and codec ladder
 Publishes: edge_vlm/prompt (Prompt), edge_vlm/features (VisualFeatures), /diagnostics (its health, ~1 Hz),
   edge_vlm/cancel (Cancel: a request already sent is taken back: its Ask goal was cancelled, or the
   node is being cleaned up; heard back too, so a Cancel from a topic user holding the robot's key
   closes the request here as well),
   edge_vlm/codec_switch (std_msgs/String, JSON: with codec_ladder, the first rung and every switch),
-  edge_vlm/answer (Answer, only for requests that end on the robot itself; with task "action" such
-  failures go out as an ActionChunk on edge_vlm/action_chunk instead)
+  edge_vlm/answer (Answer) or, with task "action", edge_vlm/action_chunk (ActionChunk): the one
+  outcome of every request, the server's relayed unchanged (its MAC still valid) or the robot's own
 Serves: edge_vlm/ask (action Ask, ask_server.py): one question as a goal, with its stages as
   feedback and its own answer as the result; encoded by the same worker, before topic prompts
 
 One outcome per request even when the server never answers (core.requests): every request carries a
 deadline (request_timeout_s after its prompt arrived, wall clock, in the Prompt and VisualFeatures);
-the edge tracks the requests it published until it hears their outcome, and answers TIMEOUT itself
-for any still open at deadline + deadline_grace_s (the server never answers after the deadline, so
-there is never a second outcome). FlowControl is the server's heartbeat: a PAUSE lapses when no
+the edge tracks the requests it published until the server's outcome comes, and answers TIMEOUT
+itself for any still open at deadline + deadline_grace_s. The edge is the only publisher of the
+robot's outcomes: a server outcome is relayed only while its request is open here, so one that
+comes after the robot's own TIMEOUT (a slow link, a starved process, clocks apart) is dropped and
+counted (`outcomes_late_after_timeout`), never published as a second outcome. FlowControl is the server's heartbeat: a PAUSE lapses when no
 heartbeat comes for the server's lease; then new and queued requests get TIMEOUT "server
 unavailable" at once, without being published, until a server is heard again.
 
@@ -130,7 +133,12 @@ class EdgeNode(ManagedNode):
         # (text, arrival monotonic time, deadline wall-clock ns)
         self._prompts: collections.deque[tuple[str, float, int]] = collections.deque()
         self._standing_prompt = self.cfg.standing_prompt
-        self.tracker = RequestTracker(self.cfg.max_in_flight, self.cfg.deadline_grace_s)
+        self.tracker = RequestTracker(self.cfg.max_in_flight, self.cfg.deadline_grace_s,
+                                      after=getattr(self, "tracker", None))
+        # MACs of the outcomes this edge published (relayed or its own), so that hearing them back is
+        # not mistaken for a replay; bounded (a MAC never heard back is forgotten in turn).
+        self._own_outcomes: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._own_lock = threading.Lock()
         self.lease = ServerLease(self.cfg.server_lease_s)
         self.streams = StreamAnnouncer(self.cfg.stream_announce_s)   # which messages describe their stream
         self._last_request_t = 0.0
@@ -171,11 +179,17 @@ class EdgeNode(ManagedNode):
             self.owned_publisher(CONFIGURE, self.pub_chunk)
         # Heard while inactive too: the requests already published still get their outcome.
         self.owned_subscription(CONFIGURE, self.guard.subscribe(FlowControl, topics.FLOW, self._on_flow, qos.FLOW))
-        # Our own outcomes (the server's and ours): which requests are done.
+        # The server's outcomes come to us; each one still awaited is relayed to the robot's users
+        # (the edge is the only publisher of this robot's outcomes: one per request, whatever the clocks).
+        self.owned_subscription(CONFIGURE, self.guard.subscribe(Answer, topics.SERVER_ANSWER, self._on_server_answer,
+                                                                qos.ANSWER))
+        # Every outcome published to the robot's users (relayed and local), heard back: Ask goals, the ladder.
         self.owned_subscription(CONFIGURE, self.guard.subscribe(Answer, topics.ANSWER, self._on_answer, qos.ANSWER))
         # Cancels of our requests (our own heard back, or a topic user's): nothing more is awaited for them.
         self.owned_subscription(CONFIGURE, self.guard.subscribe(Cancel, topics.CANCEL, self._on_cancel, qos.CANCEL))
         if cfg.task == "action":
+            self.owned_subscription(CONFIGURE, self.guard.subscribe(ActionChunkMsg, topics.SERVER_ACTION_CHUNK,
+                                                                    self._on_server_chunk, qos.ACTION_CHUNK))
             self.owned_subscription(CONFIGURE, self.guard.subscribe(ActionChunkMsg, topics.ACTION_CHUNK,
                                                                     self._on_chunk, qos.ACTION_CHUNK))
         # Inputs: subscribed from configure on (so an activation finds them matched), taken only while
@@ -331,14 +345,52 @@ class EdgeNode(ManagedNode):
         with self._lock:
             self._lock.notify_all()
 
-    def _on_answer(self, msg: Answer) -> None:
+    def _on_server_answer(self, msg: Answer) -> None:
         # Only an authenticated outcome closes a request: a forged one must not rob it of its TIMEOUT.
         if not self.msg_auth.check(msg, self.cfg.robot_id, "Answer", self.get_logger()):
             self.counters["answers_unauthenticated"] += 1
             return
-        if msg.outcome == Answer.OUTCOME_REJECTED:
-            self.counters["answers_rejected"] += 1
-        self._outcome_heard(msg.request_id, "answer")
+        if self._relay(msg.request_id, "answer"):
+            self._publish_outcome(self.pub_answer, msg)     # as the server signed it
+            if msg.outcome == Answer.OUTCOME_REJECTED:
+                self.counters["answers_rejected"] += 1
+
+    def _on_server_chunk(self, msg: ActionChunkMsg) -> None:
+        if not self.msg_auth.check(msg, self.cfg.robot_id, "ActionChunk", self.get_logger()):
+            self.counters["chunks_unauthenticated"] += 1
+            return
+        if self._relay(msg.request_id, "action chunk"):
+            self._publish_outcome(self.pub_chunk, msg)
+
+    def _publish_outcome(self, pub, msg) -> None:
+        """Publish one of the robot's outcomes on its answer or chunk topic (already signed)."""
+        if self.msg_auth.enabled:
+            with self._own_lock:
+                self._own_outcomes[bytes(msg.auth.mac)] = None
+                while len(self._own_outcomes) > 4 * self.cfg.max_in_flight + 256:
+                    self._own_outcomes.popitem(last=False)
+        pub.publish(msg)
+
+    def _heard_outcome_ok(self, msg, what: str) -> bool:
+        """An outcome heard on the robot's own topic: one this edge published (its MAC remembered; a
+        second copy is then a replay), or one from a topic user holding the robot's key (checked)."""
+        if self.msg_auth.enabled:
+            with self._own_lock:
+                own = self._own_outcomes.pop(bytes(msg.auth.mac), 0) is None
+            if own:
+                # Entered in the replay cache if it is not there yet (a local outcome), so that a copy
+                # published again later is refused as a replay; a relayed one is there already.
+                self.msg_auth.verify(msg, self.cfg.robot_id)
+                return True
+        if self.msg_auth.check(msg, self.cfg.robot_id, what, self.get_logger()):
+            return True
+        self.counters["outcomes_unauthenticated"] += 1
+        return False
+
+    def _on_answer(self, msg: Answer) -> None:
+        """An outcome on the robot's answer topic (relayed or local, heard back): Ask goals and the ladder."""
+        if not self._heard_outcome_ok(msg, "Answer"):
+            return
         self._last_answer_t = time.monotonic()
         self.ask.on_answer(msg)
         self._ladder_outcome(msg)
@@ -368,24 +420,33 @@ class EdgeNode(ManagedNode):
         self.pub_cancel.publish(self._signed(msg))
 
     def _on_chunk(self, msg: ActionChunkMsg) -> None:
-        if not self.msg_auth.check(msg, self.cfg.robot_id, "ActionChunk", self.get_logger()):
-            self.counters["chunks_unauthenticated"] += 1
+        if not self._heard_outcome_ok(msg, "ActionChunk"):
             return
-        self._outcome_heard(msg.request_id, "action chunk")
         self._last_answer_t = time.monotonic()
         self.ask.on_chunk(msg)
         self._ladder_outcome(msg)
 
-    def _outcome_heard(self, request_id: str, kind: str) -> None:
+    def _relay(self, request_id: str, kind: str) -> bool:
+        """A server outcome for `request_id`: True when it is the request's one outcome (the request
+        was open here; it is closed now and the caller publishes it to the robot's users). Anything
+        else is dropped, counted and logged: the robot already gave that request its outcome. A request
+        this process never opened (sent before the edge restarted) gets the server's outcome as its one."""
         heard = self.tracker.heard(request_id)
+        if heard is Heard.CLOSED:
+            return True
+        self.counters[f"outcomes_{heard.value}"] += 1
+        if heard is Heard.UNKNOWN:
+            # Not opened by this process (the edge restarted, or another holder of the robot's key
+            # asked): nothing here gave it an outcome, so the server's is its one outcome.
+            self.get_logger().info(f"{request_id}: server {kind} for a request this edge process did not "
+                                   "open (sent before a restart?): passed on", throttle_duration_sec=2.0)
+            return True
         if heard is Heard.AFTER_CANCEL:
-            # The server answered before our Cancel reached it: that answer is not awaited any more.
-            self.counters["outcomes_after_cancel"] += 1
-        elif heard in (Heard.LATE, Heard.DUPLICATE):
-            # Should never happen (the server drops requests past their deadline): counted, visible.
-            self.counters[f"outcomes_{heard.value}"] += 1
-            self.get_logger().warning(f"{request_id}: second outcome ({kind}, {heard.value})",
-                                      throttle_duration_sec=2.0)
+            return False   # the server answered before our Cancel reached it: not awaited any more
+        why = {Heard.LATE: "after the robot's own timeout (raise deadline_grace_s if this repeats)",
+               Heard.DUPLICATE: "a second server outcome"}[heard]
+        self.get_logger().warning(f"{request_id}: server {kind} dropped, {why}", throttle_duration_sec=2.0)
+        return False
 
     # ---- deadlines and server liveness (timer) ----------------------------------------------
     def _check_deadlines(self) -> None:
@@ -564,11 +625,11 @@ class EdgeNode(ManagedNode):
         """Publish an outcome decided on the robot (the one outcome of `rid`: callers make sure)."""
         self.get_logger().warning(f"{rid}: {outcome.name.lower()}: {reason}", throttle_duration_sec=1.0)
         if self.cfg.task == "action":
-            self.pub_chunk.publish(self._signed(chunk_to_msg(ActionChunk.failure(
+            self._publish_outcome(self.pub_chunk, self._signed(chunk_to_msg(ActionChunk.failure(
                 outcome, reason, request_id=rid, robot_id=self.cfg.robot_id,
                 episode_id=self._episode_id if episode_id is None else episode_id, stamp_ns=stamp_ns))))
             return
-        self.pub_answer.publish(self._signed(answer_to_msg(
+        self._publish_outcome(self.pub_answer, self._signed(answer_to_msg(
             AnswerResult(rid, self.cfg.robot_id, outcome, reason, stamp_ns=stamp_ns))))
 
     def _signed(self, msg):

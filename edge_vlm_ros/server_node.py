@@ -4,9 +4,11 @@ For each robot r in the `robots` parameter:
   subscribes /r/edge_vlm/prompt (Prompt) and /r/edge_vlm/features (VisualFeatures), and
              /r/edge_vlm/cancel (Cancel: drop that request wherever it is, no answer; see ServerEngine.cancel)
   publishes  /diagnostics (its health, ~1 Hz; ERROR with the reason if the model fails to load),
-             /r/edge_vlm/answer (Answer) and /r/edge_vlm/flow_control (FlowControl; republished every
-             heartbeat_period_s as the server's heartbeat, with the lease robots hold it alive for)
-             /r/edge_vlm/action_chunk (ActionChunk), for prompts with task "action" (action_head_path)
+             /r/edge_vlm/server_answer (Answer) and /r/edge_vlm/flow_control (FlowControl; republished
+             every heartbeat_period_s as the server's heartbeat, with the lease robots hold it alive for)
+             /r/edge_vlm/server_action_chunk (ActionChunk), for prompts with task "action" (action_head_path)
+  The robot's edge relays each answer or chunk to /r/edge_vlm/answer or /r/edge_vlm/action_chunk
+  while the request is still awaited there (it alone publishes outcomes to the robot's users).
 Callbacks convert and hand over to core.server.ServerEngine (bounded inbox; never block); matching
 and batching run on the engine's worker threads. With `auth` (the default) a Prompt or
 VisualFeatures must carry a valid MAC under the key of the robot whose topic it arrived on, or it is
@@ -125,11 +127,12 @@ class ServerNode(ManagedNode):
             self.get_logger().info(f"action head {hc.kind.value} from {head_path}: chunk "
                                    f"{hc.chunk_size} x {hc.action_dim}, period {hc.control_period_s} s, "
                                    f"proprio {hc.proprio_dim if hc.use_proprio else 'no'}")
-        self._answer_pubs = {r: self.create_publisher(Answer, topics.for_robot(r, topics.ANSWER), qos.ANSWER)
+        # To each robot's edge, which publishes every request's one outcome to the robot's users.
+        self._answer_pubs = {r: self.create_publisher(Answer, topics.for_robot(r, topics.SERVER_ANSWER), qos.ANSWER)
                              for r in cfg.robots}
         self._flow_pubs = {r: self.create_publisher(FlowControl, topics.for_robot(r, topics.FLOW), qos.FLOW)
                            for r in cfg.robots}
-        self._chunk_pubs = {r: self.create_publisher(ActionChunkMsg, topics.for_robot(r, topics.ACTION_CHUNK),
+        self._chunk_pubs = {r: self.create_publisher(ActionChunkMsg, topics.for_robot(r, topics.SERVER_ACTION_CHUNK),
                                                      qos.ACTION_CHUNK) for r in cfg.robots}
         for pubs in (self._answer_pubs, self._flow_pubs, self._chunk_pubs):
             for pub in pubs.values():

@@ -10,7 +10,8 @@ them, with none of the encoding.
 Per robot r it is a real participant on the robot's topics, as the edge node is:
   publishes  /r/edge_vlm/prompt (Prompt), then /r/edge_vlm/features (VisualFeatures);
   subscribes /r/edge_vlm/flow_control (FlowControl: PAUSE/RESUME and the server's lease) and
-             /r/edge_vlm/answer (Answer: the outcome of each request, for latency).
+             /r/edge_vlm/server_answer (Answer: the server's outcome of each request, for latency;
+             where a real robot's edge hears it).
 Every recorded pair is re-issued, never replayed verbatim: a fresh request id, frame stamp, deadline
 and sent_at, the robot's own robot_id, and a MAC under the robot's key (the server rejects a replay
 of a signed message, rightly). What the server sees differs from an edge's traffic only in the
@@ -248,7 +249,8 @@ class SimRobotsNode(Node):
                                                     qos.FEATURES)
             self.guard.subscribe(FlowControl, topics.for_robot(r, topics.FLOW),
                                  lambda m, r=r: self._on_flow(m, r), qos.FLOW)
-            self.guard.subscribe(Answer, topics.for_robot(r, topics.ANSWER),
+            # These robots stand in for edges: they hear the server's outcomes where an edge does.
+            self.guard.subscribe(Answer, topics.for_robot(r, topics.SERVER_ANSWER),
                                  lambda m, r=r: self._on_answer(m, r), qos.ANSWER)
         self.create_timer(0.1, self._check_deadlines)
         self.finished = threading.Event()

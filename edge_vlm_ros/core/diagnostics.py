@@ -137,6 +137,12 @@ def edge_health(robot_id: str, counters: Mapping[str, int], requests: Mapping[st
         "requests_expired": requests.get("timed_out", 0) + counters.get("timeouts_queued", 0),
         "requests_rejected": rejected,
         "requests_open": open_requests,
+        # server outcomes the edge did not pass on: after its own TIMEOUT (a grace too short for the
+        # link, or clocks apart) or for a request closed already (counted, logged)
+        "server_outcomes_late": counters.get("outcomes_late_after_timeout", 0),
+        "server_outcomes_dropped": counters.get("outcomes_duplicate", 0),
+        # passed on: for requests this edge process did not open (sent before it restarted)
+        "server_outcomes_not_opened_here": counters.get("outcomes_unknown", 0),
         "last_answer_age_s": "never" if last_answer_age_s is None else round(last_answer_age_s, 2),
         "server_lease": lease.status.value,
         "server_id": lease.server_id or "-",

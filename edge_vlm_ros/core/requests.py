@@ -3,23 +3,25 @@
 A robot cannot rely on the server to answer: the server may be killed, restarted, partitioned or
 overloaded. Two pieces make the outcome the robot's own responsibility:
 
-- `RequestTracker`: every request the edge publishes is entered with its deadline; the edge marks
-  it done when it hears the request's outcome on its own answer (or action chunk) topic, and gives
-  every request still open at deadline + grace a local TIMEOUT. The table is bounded: a robot with
-  that many requests open refuses new ones locally instead of publishing them.
+- `RequestTracker`: every request the edge publishes is entered with its deadline; the server's
+  outcome closes it (and only then is that outcome passed on to the robot's users), and every
+  request still open at deadline + grace gets a local TIMEOUT instead. Closing is one atomic step,
+  so whichever comes first is the request's one outcome and the other is dropped. The table is
+  bounded: a robot with that many requests open refuses new ones locally instead of publishing them.
 - `ServerLease`: the server's FlowControl messages are heartbeats. Each one renews a lease of
   `lease_s` seconds (measured on the robot's own monotonic clock from the moment it is heard, so
   no clock agreement is needed for it). A PAUSE holds only while the lease does: a server that dies
   while it has the robots paused cannot keep them paused, and the next heartbeat of a restarted
   server brings the robot back on its own.
 
-Why exactly one outcome, and the clock assumption: the Prompt carries its deadline as wall-clock
-time. The server never answers a request after its deadline (it drops it and counts the drop), and
-the robot answers TIMEOUT itself only at deadline + grace. As long as the robot's and the server's
-wall clocks agree to within the grace minus the answer's transit time (NTP or chrony keep hosts
-within milliseconds), a server answer and the robot's own TIMEOUT can never both happen. A request
-already published is never timed out early because the lease expired: a server that is only cut
-off (not dead) might still answer before the deadline.
+Why exactly one outcome: the edge is the only publisher of the robot's outcomes, and it publishes
+a server outcome only when this tracker closes the request with it. No clock assumption is needed
+for that. The clocks matter for how often the server's work is wasted: the Prompt carries its
+deadline as wall-clock time, the server never answers after it (it drops the request and counts the
+drop), and the robot gives up only at deadline + grace, so with clocks that agree (NTP or chrony keep
+hosts within milliseconds) and a grace that covers an answer's transit, a server answer is never
+dropped as late. A request already published is never timed out early because the lease expired:
+a server that is only cut off (not dead) might still answer before the deadline.
 """
 
 from __future__ import annotations
@@ -48,13 +50,14 @@ class OpenRequest:
 
 
 class Heard(enum.Enum):
-    """What an outcome heard on the robot's own answer topic meant."""
+    """What a server outcome for one of the robot's requests meant (only CLOSED is passed on)."""
 
     CLOSED = "closed"                  # the first outcome of an open request: it is done now
-    LATE = "late_after_timeout"        # an outcome for a request the robot already timed out (a second outcome)
-    DUPLICATE = "duplicate"            # a second outcome from elsewhere for a request already closed
-    UNKNOWN = "unknown"                # not an open request of this robot process: the robot's own local
-                                       # outcomes heard back, or another process's (a restarted edge)
+    LATE = "late_after_timeout"        # for a request the robot already timed out itself: dropped
+    DUPLICATE = "duplicate"            # a second server outcome for a request already closed
+    UNKNOWN = "unknown"                # not opened here: a request of this robot's edge before it
+                                       # restarted, or of another holder of the robot's key. The edge
+                                       # cannot have given it an outcome: passed on, once
     AFTER_CANCEL = "after_cancel"      # an outcome for a request the robot cancelled (the server had
                                        # answered it before the cancel reached it): ignored
 
@@ -66,7 +69,10 @@ class RequestTracker:
     """
 
     def __init__(self, capacity: int, grace_s: float, clock: Callable[[], float] = time.monotonic,
-                 wall_ns: Callable[[], int] = time.time_ns, remember: int = 4096) -> None:
+                 wall_ns: Callable[[], int] = time.time_ns, remember: int = 4096,
+                 after: "RequestTracker | None" = None) -> None:
+        """`after`: the tracker this one replaces (the node was reconfigured); how its requests ended
+        is kept, so an outcome for one of them is still known as late or after a cancel."""
         if capacity < 1:
             raise ValueError(f"capacity {capacity} < 1")
         if not (math.isfinite(grace_s) and grace_s >= 0):
@@ -78,6 +84,10 @@ class RequestTracker:
         self._open: collections.OrderedDict[str, OpenRequest] = collections.OrderedDict()
         # How recently closed requests ended (bounded): tells a late second outcome from an echo.
         self._closed: collections.OrderedDict[str, str] = collections.OrderedDict()
+        if after is not None:
+            with after._lock:
+                self._closed.update(after._closed)
+                self._closed.update((rid, "cancelled") for rid in after._open)   # closed at cleanup
         self._remember = remember
         self._lock = threading.Lock()
         self.counts: collections.Counter[str] = collections.Counter()
@@ -108,14 +118,12 @@ class RequestTracker:
                 return Heard.CLOSED
             how = self._closed.get(request_id)
             if how is None:
+                # Not opened by this tracker: its outcome is passed on once (a second is a duplicate).
+                self._remember_closed(request_id, "unknown")
                 result = Heard.UNKNOWN
             elif how == "cancelled":
                 result = Heard.AFTER_CANCEL
             elif how == "timeout":
-                # Our own TIMEOUT heard back is the first message after expiry: not a second outcome.
-                self._closed[request_id] = "timeout_echoed"
-                result = Heard.UNKNOWN
-            elif how == "timeout_echoed":
                 result = Heard.LATE
             else:
                 result = Heard.DUPLICATE

@@ -134,13 +134,15 @@ def robot_enclave(robot: str, root: str = ENCLAVE_ROOT) -> Enclave:
     def t(name: str) -> str:
         return topics.for_robot(r, name)
 
-    # Edge node: requests and cancels out, local failures as answers (chunks in action mode), sensors
-    # (raw or compressed camera), flow, its outcomes and cancels in; it serves the Ask action.
+    # Edge node: requests and cancels out, every outcome out (the only publisher of answers and chunks
+    # on the robot), sensors (raw or compressed camera), flow, the server's outcomes, its own outcomes
+    # heard back and cancels in; it serves the Ask action.
     edge = Profile(EDGE_NODE, ns, *_infra(
         [t(topics.PROMPT), t(topics.FEATURES), t(topics.CANCEL), t(topics.ANSWER), t(topics.ACTION_CHUNK),
          t(topics.CODEC_SWITCH)],
         [t(topics.CAMERA), t(topics.CAMERA_COMPRESSED), t(topics.PROMPT_TEXT), t(topics.FLOW), t(topics.ROBOT_STATE),
-         t(topics.EPISODE), t(topics.ANSWER), t(topics.ACTION_CHUNK), t(topics.CANCEL)]),
+         t(topics.EPISODE), t(topics.SERVER_ANSWER), t(topics.SERVER_ACTION_CHUNK), t(topics.ANSWER),
+         t(topics.ACTION_CHUNK), t(topics.CANCEL)]),
         execute=(t(topics.ASK),))
     # The LIBERO bridge, or on a real robot its drivers: sensors and episodes out, executed actions in.
     bridge = Profile(BRIDGE_NODE, ns, *_infra(
@@ -155,8 +157,8 @@ def robot_enclave(robot: str, root: str = ENCLAVE_ROOT) -> Enclave:
 
 
 def server_enclave(robots: list[str], root: str = ENCLAVE_ROOT) -> Enclave:
-    pub = [topics.for_robot(check_robot(r), n) for r in robots for n in (topics.ANSWER, topics.FLOW,
-                                                                          topics.ACTION_CHUNK)]
+    pub = [topics.for_robot(check_robot(r), n) for r in robots for n in (topics.SERVER_ANSWER, topics.FLOW,
+                                                                          topics.SERVER_ACTION_CHUNK)]
     sub = [topics.for_robot(r, n) for r in robots for n in (topics.PROMPT, topics.FEATURES, topics.CANCEL)]
     return Enclave(enclave_path("server", root), (Profile(SERVER_NODE, "/", *_infra(pub, sub)),))
 

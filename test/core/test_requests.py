@@ -41,11 +41,11 @@ def test_request_times_out_only_after_deadline_plus_grace():
     [e] = tr.expire()
     assert (e.request_id, e.stamp_ns, e.episode_id) == ("a", 5, "ep")
     assert len(tr) == 0 and tr.expire() == []
-    # The robot's own TIMEOUT comes back on its answer topic first; any answer after that is a second
-    # outcome: reported, never a new close.
-    assert tr.heard("a") is Heard.UNKNOWN
+    # A server outcome after the robot's own TIMEOUT is late: reported, never a new close (the edge
+    # drops it instead of publishing a second outcome).
     assert tr.heard("a") is Heard.LATE
-    assert tr.counts["late_after_timeout"] == 1 and tr.counts["timed_out"] == 1
+    assert tr.heard("a") is Heard.LATE
+    assert tr.counts["late_after_timeout"] == 2 and tr.counts["timed_out"] == 1 and len(tr) == 0
 
 
 def test_answer_closes_and_a_repeat_is_a_duplicate():
@@ -55,7 +55,20 @@ def test_answer_closes_and_a_repeat_is_a_duplicate():
     c.advance(10)
     assert tr.expire() == []                      # answered: never timed out
     assert tr.heard("a") is Heard.DUPLICATE
-    assert tr.heard("never-sent") is Heard.UNKNOWN
+    assert tr.heard("never-sent") is Heard.UNKNOWN     # passed on once (sent before a restart) ...
+    assert tr.heard("never-sent") is Heard.DUPLICATE   # ... a second one is not
+
+
+def test_a_reconfigured_tracker_remembers_how_requests_ended():
+    c, tr = tracker(grace_s=0.0)
+    tr.open("timed", tr.deadline_after(0.0))
+    tr.open("still_open", tr.deadline_after(100.0))
+    c.advance(1)
+    assert [e.request_id for e in tr.expire()] == ["timed"]
+    tr2 = RequestTracker(4, 0.0, clock=c.mono, wall_ns=c.wall_ns, after=tr)
+    assert tr2.heard("timed") is Heard.LATE
+    assert tr2.heard("still_open") is Heard.AFTER_CANCEL      # answered by the edge at cleanup
+    assert tr2.heard("other") is Heard.UNKNOWN
 
 
 def test_table_is_bounded_and_refuses_instead_of_evicting():

@@ -70,14 +70,15 @@ def expected(robots, replay=False):
                                          f"/{r}/edge_vlm/flow_control", f"/{r}/robot_state", f"/{r}/sim/episode",
                                          f"/{r}/edge_vlm/action", f"/{r}/edge_vlm/answer",
                                          f"/{r}/edge_vlm/action_chunk", f"/{r}/edge_vlm/prompt",
+                                         f"/{r}/edge_vlm/server_answer", f"/{r}/edge_vlm/server_action_chunk",
                                          f"/{r}/edge_vlm/cancel"},
             "execute": {f"/{r}/edge_vlm/ask"},
             "call": {f"/{r}/edge_vlm/ask"},
             "reply": {f"{node}/{s}" for node in (f"/{r}/edge_vlm_edge", f"/{r}/edge_vlm_libero_bridge",
                                                  "/edge_vlm_client") for s in NODE_SERVICES}}
     exp["/edge_vlm/server"] = {
-        "publish": _infra_pub() | {f"/{r}/edge_vlm/{t}" for r in robots for t in ("answer", "flow_control",
-                                                                                    "action_chunk")},
+        "publish": _infra_pub() | {f"/{r}/edge_vlm/{t}" for r in robots for t in ("server_answer", "flow_control",
+                                                                                    "server_action_chunk")},
         "subscribe": _infra_sub() | {f"/{r}/edge_vlm/{t}" for r in robots for t in ("prompt", "features", "cancel")},
         "reply": {f"/edge_vlm_server/{s}" for s in NODE_SERVICES}}
     exp["/edge_vlm/controller"] = {
@@ -110,10 +111,12 @@ def test_a_robot_cannot_touch_another_robots_topics():
     # The server's outputs and the controller's actions are not the robot's to publish.
     assert "/robot_0/edge_vlm/flow_control" not in r0["publish"]
     assert "/robot_0/edge_vlm/action" not in r0["publish"]
-    # Only the server publishes flow control; only robots publish requests.
+    # Only the server publishes flow control and its outcomes; only robots publish requests and the
+    # outcomes the robot's users see (the edge is their one publisher).
     for path, g in got.items():
-        flows = {t for t in g["publish"] if t.endswith("/flow_control")}
-        requests = {t for t in g["publish"] if t.endswith(("/edge_vlm/prompt", "/edge_vlm/features"))}
+        flows = {t for t in g["publish"] if t.endswith(("/flow_control", "/server_answer", "/server_action_chunk"))}
+        requests = {t for t in g["publish"] if t.endswith(("/edge_vlm/prompt", "/edge_vlm/features",
+                                                           "/edge_vlm/answer", "/edge_vlm/action_chunk"))}
         assert not flows or path == "/edge_vlm/server", path
         assert not requests or path.startswith("/edge_vlm/robot_"), path
 

@@ -6,7 +6,8 @@ immediately publishes on the victim's topics: the genuine Prompt again (replay),
 question and forged features of the right shape (unsigned, signed with the key it does hold, and with
 that key in the victim's name), malformed features, and, on the robot it controls
 (`--insider`, whose key it holds), halves that claim the victim's robot id and request id. It also
-spams PAUSE and fake OK answers to the victim and random ids it makes up. At SIGTERM or after
+spams PAUSE and fake OK answers to the victim (on its answer topic and on the
+server's answer topic its edge relays from) and random ids it makes up. At SIGTERM or after
 `--seconds` it writes what it sent as JSON to `--out`.
 """
 
@@ -57,6 +58,8 @@ def main() -> None:
     pub_flow = node.create_publisher(FlowControl, topics.for_robot(v, topics.FLOW), qos.FLOW)
     pub_ans = node.create_publisher(Answer, topics.for_robot(v, topics.ANSWER), qos.ANSWER)
     pub_chunk = node.create_publisher(ActionChunk, topics.for_robot(v, topics.ACTION_CHUNK), qos.ACTION_CHUNK)
+    # The server's door to the victim's edge: a relayed forgery would close the request before its answer.
+    pub_srv_ans = node.create_publisher(Answer, topics.for_robot(v, topics.SERVER_ANSWER), qos.ANSWER)
     rng = np.random.default_rng(0)
     n, d = args.shape
     seen: collections.deque[str] = collections.deque(maxlen=64)
@@ -93,9 +96,10 @@ def main() -> None:
         ans = Answer()
         ans.header.stamp = ns_to_stamp(time.time_ns())
         ans.request_id, ans.robot_id, ans.outcome, ans.text = rid, v, Answer.OUTCOME_OK, "pwned"
-        pub_ans.publish(ans)
-        pub_ans.publish(sign_with_key(ans, ins, insider_key))
-        sent["fake_answers"] += 2
+        for pub in (pub_ans, pub_srv_ans):
+            pub.publish(ans)
+            pub.publish(sign_with_key(ans, ins, insider_key))
+        sent["fake_answers"] += 4
 
     def on_prompt(m: Prompt) -> None:
         if m.request_id not in seen and m.request_id not in made_up:    # the victim's own request

@@ -91,7 +91,8 @@ def test_spoofer_cannot_hijack_reject_or_pause_a_robot(ros_env, tmp_path):
         assert all(s == 0 for _, s, _ in client.flow["robot_0"]), "an authenticated PAUSE reached robot_0"
         dropped_here = client.auth_dropped["robot_0"]
         assert dropped_here.get("unsigned", 0) > 0 and dropped_here.get("bad_mac", 0) > 0, dropped_here
-        # The insider's halves naming robot_0 were refused on robot_1's route, never finishing robot_0's.
+        # The insider's halves naming robot_0 were refused on robot_1's route, never finishing robot_0's
+        # (robot_1's edge did not open them, so it passes the server's refusals on as their outcomes).
         r1 = [a for _, a in client.answers["robot_1"]]
         assert r1 and all(a.outcome is not Outcome.OK or a.robot_id == "robot_1" for a in r1)
         assert any("does not match the namespace" in a.reason for a in r1), [a.reason for a in r1][:5]

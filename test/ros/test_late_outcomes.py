@@ -1,0 +1,138 @@
+"""One outcome per request when the server's answer comes after the robot gave up (real edge process).
+
+The edge is the only publisher of a robot's outcomes: a server outcome is relayed only while its
+request is still open on the robot. Here the server is `LateServer`, a stand-in (in this test's
+process) for a server whose wall clock runs behind the robot's, or whose answers sit in a starved
+process or a slow link: it answers every request correctly signed, but only after the request's
+deadline + grace by the robot's clock. Each request must end in exactly one outcome on the robot's
+answer topic, the edge's own TIMEOUT, and the edge must count and drop every late answer. A second
+part shows the relay is not just dropping everything: answers on time go through unchanged.
+"""
+
+import json
+import threading
+import time
+
+import numpy as np
+
+from edge_vlm_ros import qos, topics
+from edge_vlm_ros.bringup import NodeSet, build_specs
+from edge_vlm_ros.client import RobotClient
+from edge_vlm_ros.conversions import ns_to_stamp
+from edge_vlm_ros.core.auth import load_key
+from edge_vlm_ros.core.types import Outcome
+from edge_vlm_ros.msg import Answer, FlowControl, Prompt
+from edge_vlm_ros.msg_auth import sign_with_key
+from edge_vlm_ros.tools.default_model import ensure
+from diagnostic_msgs.msg import DiagnosticArray
+
+ROBOT = "robot_0"
+TIMEOUT_S, GRACE_S = 1.0, 0.3
+LATE_S = 0.5                 # how long after the robot's give-up time the stand-in answers
+
+
+class LateServer:
+    """Answers each Prompt of ROBOT with a signed OK answer at `answer_at(deadline)`, and keeps the
+    robot's lease alive with signed RESUME heartbeats (a live server, not a dead one)."""
+
+    def __init__(self, node, key: bytes) -> None:
+        self.key = key
+        self.late = True
+        self.sent: dict[str, int] = {}          # request id -> wall ns the answer went out
+        self._due: list[tuple[int, str]] = []
+        self._lock = threading.Lock()
+        self.pub_answer = node.create_publisher(Answer, topics.for_robot(ROBOT, topics.SERVER_ANSWER), qos.ANSWER)
+        self.pub_flow = node.create_publisher(FlowControl, topics.for_robot(ROBOT, topics.FLOW), qos.FLOW)
+        node.create_subscription(Prompt, topics.for_robot(ROBOT, topics.PROMPT), self._on_prompt, qos.REQUEST)
+        node.create_timer(0.02, self._tick)
+        self._next_beat = 0.0
+
+    def _on_prompt(self, m: Prompt) -> None:
+        deadline_ns = m.deadline.sec * 1_000_000_000 + m.deadline.nanosec
+        at = deadline_ns + round((GRACE_S + LATE_S) * 1e9) if self.late else time.time_ns()
+        with self._lock:
+            self._due.append((at, m.request_id))
+
+    def _tick(self) -> None:
+        now = time.time_ns()
+        if time.monotonic() >= self._next_beat:
+            self._next_beat = time.monotonic() + 0.2
+            f = FlowControl()
+            f.header.stamp = ns_to_stamp(now)
+            f.server_id, f.instance, f.state, f.lease_s = "late_server", 7, FlowControl.RESUME, 2.0
+            self.pub_flow.publish(sign_with_key(f, ROBOT, self.key))
+        with self._lock:
+            due = [d for d in self._due if d[0] <= now]
+            self._due = [d for d in self._due if d[0] > now]
+        for _, rid in due:
+            a = Answer()
+            a.header.stamp = ns_to_stamp(now)
+            a.request_id, a.robot_id, a.outcome, a.text = rid, ROBOT, Answer.OUTCOME_OK, "an answer"
+            self.pub_answer.publish(sign_with_key(a, ROBOT, self.key))
+            self.sent[rid] = now
+
+
+def _image(seed):
+    return np.random.RandomState(seed).randint(0, 256, (32, 32, 3), np.uint8)
+
+
+def test_server_answer_after_the_robots_timeout_is_dropped_not_published(ros_env, tmp_path):
+    ensure()
+    keys = tmp_path / "keys"
+    overrides = {"edge": {"request_timeout_s": TIMEOUT_S, "deadline_grace_s": GRACE_S, "max_new_tokens": 4}}
+    specs = [s for s in build_specs(1, overrides, with_controller=False, keys_dir=keys) if s.role == "edge"]
+    nodes = NodeSet(specs, env=ros_env, log_dir=tmp_path / "logs").start()
+    client = RobotClient([ROBOT], "test_late_outcomes", auth_keys_dir=str(keys))
+    health: list[dict] = []
+
+    def on_diag(msg: DiagnosticArray) -> None:
+        for st in msg.status:
+            if ROBOT in st.name and "edge" in st.name:
+                health.append({kv.key: kv.value for kv in st.values})
+
+    client.node.create_subscription(DiagnosticArray, topics.DIAGNOSTICS, on_diag, 10)
+    server = LateServer(client.node, load_key(keys, ROBOT))
+    try:
+        assert client.wait_ready(120, abort=lambda: bool(nodes.poll())), nodes.poll()
+        n_late = 4
+        for i in range(n_late):
+            client.send_image(ROBOT, _image(i))
+            time.sleep(0.05)
+            client.send_prompt(ROBOT, f"what is in the image ? {i}")
+            time.sleep(0.3)
+        assert client.wait_for(lambda: len(client.sent[ROBOT]) == n_late, 30), client.sent
+        late_ids = list(client.sent[ROBOT])
+        # every late answer has gone out, and had time to arrive and be dropped
+        assert client.wait_for(lambda: set(late_ids) <= set(server.sent), TIMEOUT_S + GRACE_S + LATE_S + 30)
+        time.sleep(1.0)
+        with client._lock:
+            outcomes = [a for _, a in client.answers[ROBOT]]
+        assert sorted(a.request_id for a in outcomes) == sorted(late_ids), [(a.request_id, a.outcome) for a in outcomes]
+        assert all(a.outcome is Outcome.TIMEOUT and "no answer from the server" in a.reason for a in outcomes), \
+            [(a.outcome, a.reason) for a in outcomes]
+
+        # Answers on time are relayed as the server sent them (MAC intact: the client checks it).
+        server.late = False
+        for i in range(3):
+            client.send_image(ROBOT, _image(10 + i))
+            time.sleep(0.05)
+            client.send_prompt(ROBOT, f"and now ? {i}")
+            time.sleep(0.3)
+        assert client.wait_for(lambda: len(client.sent[ROBOT]) == n_late + 3, 30)
+        on_time = client.sent[ROBOT][n_late:]
+        assert client.wait_for(lambda: {a.request_id for _, a in client.answers[ROBOT]} >= set(on_time), 30)
+        time.sleep(TIMEOUT_S + GRACE_S + 0.5)       # a TIMEOUT after the answer would show up now
+        with client._lock:
+            outcomes = [a for _, a in client.answers[ROBOT]]
+        for rid in on_time:
+            mine = [a for a in outcomes if a.request_id == rid]
+            assert len(mine) == 1 and mine[0].outcome is Outcome.OK and mine[0].text == "an answer", mine
+        assert not client.auth_dropped.get(ROBOT), client.auth_dropped
+        assert client.wait_for(lambda: health and int(health[-1].get("server_outcomes_late", 0)) == n_late, 10), \
+            health[-1:] or "no edge diagnostics"
+    finally:
+        client.close()
+        nodes.stop()
+    log = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    assert "server answer dropped, after the robot's own timeout" in log
+    (tmp_path / "late.json").write_text(json.dumps({"late": n_late, "health": health[-1]}))

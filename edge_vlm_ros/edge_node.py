@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import threading
 import time
 import traceback
@@ -74,23 +75,28 @@ from . import qos, topics
 from .ask_server import AskJob, AskServer
 from .conversions import (answer_to_msg, check_episode, check_proprio_state, chunk_to_msg, features_to_msg, flow_paused,
                           image_to_rgb, msg_to_timings, ns_to_stamp, prompt_to_msg, stamp_to_ns)
+from .core.auth import Authenticator
 from .core.camera import check_compressed, decode_compressed
 from .core.chunks import ActionChunk
 from .core.config import EdgeConfig
 from .core.diagnostics import EDGE_LOCAL_REJECTS, Growth, Health, edge_health, with_values
 from .core.edge import EdgeEncoder
 from .core.edge_ladder import CodecLadder
-from .core.requests import Heard, LeaseStatus, RequestTracker, ServerLease
+from .core.requests import Heard, LeaseStatus, OutcomeJournal, RequestTracker, ServerLease
 from .core.streams import StreamAnnouncer
 from .core.types import AnswerResult, Outcome, PromptRequest
 from .diagnostics import DiagnosticsPublisher
 from .guard import CallbackGuard
-from .msg_auth import make_message_auth
+from .msg_auth import MessageAuth, make_message_auth
 from .managed import ACTIVATE, CONFIGURE, ManagedNode
 from .params import declare_config, read_config
 from .core.model_paths import resolve, resolve_existing
 from .spin import WORKER_JOIN_S, exit_code, exit_node, run_node
 
+# An outcome recovered from the server's history at start-up is published this long after configure:
+# the robot's subscribers (controller, users) need a moment to discover this process's publisher, and
+# the robot's answer topic is volatile (a sample sent before they match is lost to them).
+RECOVERED_HOLD_S = 2.0
 # deactivate waits this long for the request being encoded to go out (at process end: WORKER_JOIN_S)
 DEACTIVATE_JOIN_S = 10.0
 
@@ -121,6 +127,7 @@ class EdgeNode(ManagedNode):
         self._rejects = Growth()
         self._worker: threading.Thread | None = None
         self._worker_stop = threading.Event()
+        self._journal: OutcomeJournal | None = None       # opened at the first configure
         self._reset_requests()
         self.guard = CallbackGuard(self)
         self.diagnostics = DiagnosticsPublisher(self, self._health)
@@ -134,11 +141,13 @@ class EdgeNode(ManagedNode):
         self._prompts: collections.deque[tuple[str, float, int]] = collections.deque()
         self._standing_prompt = self.cfg.standing_prompt
         self.tracker = RequestTracker(self.cfg.max_in_flight, self.cfg.deadline_grace_s,
-                                      after=getattr(self, "tracker", None))
+                                      after=getattr(self, "tracker", None), journal=self._journal)
         # MACs of the outcomes this edge published (relayed or its own), so that hearing them back is
         # not mistaken for a replay; bounded (a MAC never heard back is forgotten in turn).
         self._own_outcomes: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._own_lock = threading.Lock()
+        self._held: list[tuple[float, object]] = []      # recovered outcomes waiting for discovery
+        self._configured_t = time.monotonic()
         self.lease = ServerLease(self.cfg.server_lease_s)
         self.streams = StreamAnnouncer(self.cfg.stream_announce_s)   # which messages describe their stream
         self._last_request_t = 0.0
@@ -160,8 +169,16 @@ class EdgeNode(ManagedNode):
         self.get_logger().info(f"robot {cfg.robot_id}: split {cfg.split_point}, codec {cfg.codec}, model {model}")
         ladder = CodecLadder(cfg, model, max_tracked=2 * cfg.max_in_flight) if cfg.codec_ladder else None
         encoder = ladder.first if ladder is not None else EdgeEncoder.from_config(cfg, model)
+        # The server's outcomes are checked with a freshness window as long as a request can be
+        # awaited: an edge process started again after a kill recovers those sent while it was down
+        # (the server's transient-local history) as long as their requests could still be awaited.
+        outcome_auth = (MessageAuth(Authenticator(msg_auth.auth.keys, self._outcome_window_s(cfg)))
+                        if msg_auth.enabled else msg_auth)
         self.cfg, self.msg_auth, self.encoder, self.ladder = cfg, msg_auth, encoder, ladder
+        self.outcome_auth = outcome_auth
         self.undo_on(CONFIGURE, self._drop_model)
+        if self._journal is None:
+            self._journal = self._open_journal(cfg)
         with self._lock:
             self._reset_requests()
 
@@ -182,14 +199,14 @@ class EdgeNode(ManagedNode):
         # The server's outcomes come to us; each one still awaited is relayed to the robot's users
         # (the edge is the only publisher of this robot's outcomes: one per request, whatever the clocks).
         self.owned_subscription(CONFIGURE, self.guard.subscribe(Answer, topics.SERVER_ANSWER, self._on_server_answer,
-                                                                qos.ANSWER))
+                                                                qos.SERVER_OUTCOME))
         # Every outcome published to the robot's users (relayed and local), heard back: Ask goals, the ladder.
         self.owned_subscription(CONFIGURE, self.guard.subscribe(Answer, topics.ANSWER, self._on_answer, qos.ANSWER))
         # Cancels of our requests (our own heard back, or a topic user's): nothing more is awaited for them.
         self.owned_subscription(CONFIGURE, self.guard.subscribe(Cancel, topics.CANCEL, self._on_cancel, qos.CANCEL))
         if cfg.task == "action":
             self.owned_subscription(CONFIGURE, self.guard.subscribe(ActionChunkMsg, topics.SERVER_ACTION_CHUNK,
-                                                                    self._on_server_chunk, qos.ACTION_CHUNK))
+                                                                    self._on_server_chunk, qos.SERVER_OUTCOME))
             self.owned_subscription(CONFIGURE, self.guard.subscribe(ActionChunkMsg, topics.ACTION_CHUNK,
                                                                     self._on_chunk, qos.ACTION_CHUNK))
         # Inputs: subscribed from configure on (so an activation finds them matched), taken only while
@@ -210,6 +227,23 @@ class EdgeNode(ManagedNode):
                                                                 qos.USER_PROMPT))
         self.owned_timer(CONFIGURE, self.create_timer(0.1, self._check_deadlines))
         self.owned_timer(CONFIGURE, self.create_timer(10.0, self._log_counters))
+
+    def _open_journal(self, cfg: EdgeConfig) -> OutcomeJournal | None:
+        if cfg.outcome_journal_dir == "none":
+            self.get_logger().warning("outcome_journal_dir: none: an edge process started again after a kill "
+                                      "may repeat an outcome its predecessor published")
+            return None
+        folder = cfg.outcome_journal_dir or os.path.join(
+            os.environ.get("ROS_HOME") or os.path.join(os.path.expanduser("~"), ".ros"), "edge_vlm_ros")
+        path = os.path.join(folder, f"{cfg.robot_id}.outcomes")
+        try:
+            journal = OutcomeJournal(path)
+        except OSError as e:
+            self.get_logger().error(f"outcome journal {path}: {e}; running without one (an edge process started "
+                                    "again after a kill may repeat an outcome)")
+            return None
+        self.get_logger().info(f"outcome journal {path}: {len(journal.loaded)} ids of an earlier process")
+        return journal
 
     def _drop_model(self) -> None:
         self.encoder = None
@@ -345,21 +379,37 @@ class EdgeNode(ManagedNode):
         with self._lock:
             self._lock.notify_all()
 
+    @staticmethod
+    def _outcome_window_s(cfg: EdgeConfig) -> float:
+        return cfg.auth_max_age_s + cfg.request_timeout_s + cfg.deadline_grace_s
+
+    def _stale(self, msg) -> bool:
+        """A server outcome signed longer ago than any request can be awaited: what the server's
+        recent history (transient local) holds from long before this process. Counted, not logged."""
+        if time.time_ns() - int(msg.auth.stamp_ns) > self._outcome_window_s(self.cfg) * 1e9:
+            self.counters["outcomes_stale"] += 1
+            return True
+        return False
+
     def _on_server_answer(self, msg: Answer) -> None:
+        if self._stale(msg):
+            return
         # Only an authenticated outcome closes a request: a forged one must not rob it of its TIMEOUT.
-        if not self.msg_auth.check(msg, self.cfg.robot_id, "Answer", self.get_logger()):
+        if not self.outcome_auth.check(msg, self.cfg.robot_id, "Answer", self.get_logger()):
             self.counters["answers_unauthenticated"] += 1
             return
-        if self._relay(msg.request_id, "answer"):
+        if self._relay(msg.request_id, "answer", msg):
             self._publish_outcome(self.pub_answer, msg)     # as the server signed it
             if msg.outcome == Answer.OUTCOME_REJECTED:
                 self.counters["answers_rejected"] += 1
 
     def _on_server_chunk(self, msg: ActionChunkMsg) -> None:
-        if not self.msg_auth.check(msg, self.cfg.robot_id, "ActionChunk", self.get_logger()):
+        if self._stale(msg):
+            return
+        if not self.outcome_auth.check(msg, self.cfg.robot_id, "ActionChunk", self.get_logger()):
             self.counters["chunks_unauthenticated"] += 1
             return
-        if self._relay(msg.request_id, "action chunk"):
+        if self._relay(msg.request_id, "action chunk", msg):
             self._publish_outcome(self.pub_chunk, msg)
 
     def _publish_outcome(self, pub, msg) -> None:
@@ -426,7 +476,7 @@ class EdgeNode(ManagedNode):
         self.ask.on_chunk(msg)
         self._ladder_outcome(msg)
 
-    def _relay(self, request_id: str, kind: str) -> bool:
+    def _relay(self, request_id: str, kind: str, msg=None) -> bool:
         """A server outcome for `request_id`: True when it is the request's one outcome (the request
         was open here; it is closed now and the caller publishes it to the robot's users). Anything
         else is dropped, counted and logged: the robot already gave that request its outcome. A request
@@ -440,16 +490,41 @@ class EdgeNode(ManagedNode):
             # asked): nothing here gave it an outcome, so the server's is its one outcome.
             self.get_logger().info(f"{request_id}: server {kind} for a request this edge process did not "
                                    "open (sent before a restart?): passed on", throttle_duration_sec=2.0)
+            hold_until = self._configured_t + RECOVERED_HOLD_S
+            if msg is not None and time.monotonic() < hold_until:
+                # Heard at start-up (the server's history): this process's publisher is still being
+                # discovered by the robot's subscribers, so it goes out once they have had time to match.
+                with self._own_lock:
+                    if len(self._held) < 4 * qos.SERVER_OUTCOME.depth:
+                        self._held.append((hold_until, msg))
+                        return False
+                self.counters["outcomes_recovered_dropped"] += 1
+                return False
             return True
-        if heard is Heard.AFTER_CANCEL:
-            return False   # the server answered before our Cancel reached it: not awaited any more
+        if heard in (Heard.AFTER_CANCEL, Heard.ENDED_BEFORE):
+            # the server answered before our Cancel reached it, or an earlier edge process published
+            # this request's outcome (the server's recent history, heard again after a restart)
+            return False
         why = {Heard.LATE: "after the robot's own timeout (raise deadline_grace_s if this repeats)",
                Heard.DUPLICATE: "a second server outcome"}[heard]
         self.get_logger().warning(f"{request_id}: server {kind} dropped, {why}", throttle_duration_sec=2.0)
         return False
 
     # ---- deadlines and server liveness (timer) ----------------------------------------------
+    def _release_held(self) -> None:
+        """Outcomes recovered from the server's history at start-up, once subscribers had time to match."""
+        now = time.monotonic()
+        with self._own_lock:
+            due = [m for t, m in self._held if t <= now]
+            self._held = [(t, m) for t, m in self._held if t > now]
+        for m in due:
+            self.counters["outcomes_recovered"] += 1
+            # Signed again, now, by the edge (it holds the robot's key): the server signed it while no
+            # edge was up, longer ago than the robot's subscribers' freshness window may allow.
+            self._publish_outcome(self.pub_answer if isinstance(m, Answer) else self.pub_chunk, self._signed(m))
+
     def _check_deadlines(self) -> None:
+        self._release_held()
         self._log_lease_change()
         view = self.lease.view()
         for e in self.tracker.expire():
@@ -638,7 +713,8 @@ class EdgeNode(ManagedNode):
     def _log_counters(self) -> None:
         self.get_logger().info(f"counters: {dict(self.counters)} requests: {dict(self.tracker.counts)} "
                                f"open={len(self.tracker)} {self.lease.view().describe()} "
-                               f"auth_dropped={self.msg_auth.dropped_by_robot()}")
+                               f"auth_dropped={self.msg_auth.dropped_by_robot()} "
+                               f"server_outcomes_auth_dropped={self.outcome_auth.dropped_by_robot()}")
 
     def _health(self) -> list[Health]:
         unconfigured = self.lifecycle_health()

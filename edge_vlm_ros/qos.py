@@ -8,6 +8,8 @@
 - cancels: reliable, small depth, volatile (like requests: one per request taken back; a server that
   starts later never held the request);
 - action chunks: reliable, small depth (like answers: one per request, never silently lost);
+- the server's answers and chunks to the robot's edge: reliable + transient local, depth 32 (an edge
+  process started again after a kill recovers what the server sent while it was down);
 - executed actions and robot state: reliable, depth 1-ish: in the lock-step sim every step waits for
   exactly one action, so losing one would stall a step until its timeout (on a real robot the newest
   wins anyway);
@@ -31,6 +33,11 @@ REQUEST = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=Reli
 # features out of the server's reader history before its callback drops them.
 FEATURES = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=8, reliability=ReliabilityPolicy.RELIABLE)
 ANSWER = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=20, reliability=ReliabilityPolicy.RELIABLE)
+# The server's outcomes to a robot's edge: transient local, so an edge process started again after a
+# kill still gets the outcomes the server sent while it was down (its journal drops the ones it had
+# already published); the depth bounds what a restarted edge can recover.
+SERVER_OUTCOME = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=32, reliability=ReliabilityPolicy.RELIABLE,
+                            durability=DurabilityPolicy.TRANSIENT_LOCAL)
 FLOW = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
                   durability=DurabilityPolicy.TRANSIENT_LOCAL)
 CANCEL = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)

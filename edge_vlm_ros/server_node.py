@@ -128,12 +128,13 @@ class ServerNode(ManagedNode):
                                    f"{hc.chunk_size} x {hc.action_dim}, period {hc.control_period_s} s, "
                                    f"proprio {hc.proprio_dim if hc.use_proprio else 'no'}")
         # To each robot's edge, which publishes every request's one outcome to the robot's users.
-        self._answer_pubs = {r: self.create_publisher(Answer, topics.for_robot(r, topics.SERVER_ANSWER), qos.ANSWER)
+        self._answer_pubs = {r: self.create_publisher(Answer, topics.for_robot(r, topics.SERVER_ANSWER),
+                                                      qos.SERVER_OUTCOME)
                              for r in cfg.robots}
         self._flow_pubs = {r: self.create_publisher(FlowControl, topics.for_robot(r, topics.FLOW), qos.FLOW)
                            for r in cfg.robots}
         self._chunk_pubs = {r: self.create_publisher(ActionChunkMsg, topics.for_robot(r, topics.SERVER_ACTION_CHUNK),
-                                                     qos.ACTION_CHUNK) for r in cfg.robots}
+                                                     qos.SERVER_OUTCOME) for r in cfg.robots}
         for pubs in (self._answer_pubs, self._flow_pubs, self._chunk_pubs):
             for pub in pubs.values():
                 self.owned_publisher(CONFIGURE, pub)

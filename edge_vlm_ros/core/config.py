@@ -101,6 +101,12 @@ class EdgeConfig:
                                       "within this).")
     max_in_flight: int = param(128, "Most published requests awaiting their outcome; beyond it new requests "
                                  "are rejected on the robot (bounds the edge's request table).")
+    outcome_journal_dir: str = param("", "Where the edge writes the ids of the requests it has given their "
+                                         "outcome (<dir>/<robot_id>.outcomes, the newest 4096 kept), so that an "
+                                         "edge process started again after a kill does not publish a second "
+                                         "outcome for them from the server's recent answers. '' = "
+                                         "$ROS_HOME/edge_vlm_ros (~/.ros/edge_vlm_ros); 'none' = off (then a "
+                                         "restarted edge may repeat an outcome its predecessor published).")
     server_lease_s: float = param(3.0, "Server liveness: a server that sends no FlowControl heartbeat for this "
                                     "long (when its message gives no lease_s) is gone: its PAUSE lapses and "
                                     "new requests get TIMEOUT 'server unavailable' at once.")

@@ -140,7 +140,10 @@ def edge_health(robot_id: str, counters: Mapping[str, int], requests: Mapping[st
         # server outcomes the edge did not pass on: after its own TIMEOUT (a grace too short for the
         # link, or clocks apart) or for a request closed already (counted, logged)
         "server_outcomes_late": counters.get("outcomes_late_after_timeout", 0),
-        "server_outcomes_dropped": counters.get("outcomes_duplicate", 0),
+        # (a second copy, one an earlier edge process published, one older than the freshness window)
+        "server_outcomes_dropped": sum(counters.get(k, 0) for k in ("outcomes_duplicate",
+                                                                    "outcomes_ended_before_restart",
+                                                                    "outcomes_stale")),
         # passed on: for requests this edge process did not open (sent before it restarted)
         "server_outcomes_not_opened_here": counters.get("outcomes_unknown", 0),
         "last_answer_age_s": "never" if last_answer_age_s is None else round(last_answer_age_s, 2),

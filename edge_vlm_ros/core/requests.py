@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import collections
 import enum
+import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -58,8 +60,51 @@ class Heard(enum.Enum):
     UNKNOWN = "unknown"                # not opened here: a request of this robot's edge before it
                                        # restarted, or of another holder of the robot's key. The edge
                                        # cannot have given it an outcome: passed on, once
+    ENDED_BEFORE = "ended_before_restart"  # given its outcome by an earlier edge process (journal): dropped
     AFTER_CANCEL = "after_cancel"      # an outcome for a request the robot cancelled (the server had
                                        # answered it before the cancel reached it): ignored
+
+
+class OutcomeJournal:
+    """The ids of the requests a robot's edge has given their outcome, on disk, so that an edge process
+    that is killed and started again still knows them (a server outcome for one is then dropped, not
+    published a second time). One line per id, appended before the outcome is published: a kill
+    between the two loses that outcome rather than doubling it. Bounded: past 2 x `keep` lines the
+    file is rewritten with the newest `keep` (atomically, by rename). Not thread-safe by itself (the
+    tracker calls it under its lock)."""
+
+    def __init__(self, path: str, keep: int = 4096) -> None:
+        self.path, self.keep = path, keep
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                lines = [ln.strip() for ln in f]
+        except FileNotFoundError:
+            lines = []
+        self.loaded = [ln for ln in lines if ln and len(ln) <= 128][-keep:]
+        self._lines = len(lines)
+        self._file = open(path, "a", encoding="ascii")
+
+    def append(self, request_id: str) -> None:
+        self._file.write(request_id.replace("\n", " ")[:128] + "\n")
+        self._file.flush()
+        self._lines += 1
+        if self._lines > 2 * self.keep:
+            self._compact()
+
+    def _compact(self) -> None:
+        self._file.close()
+        with open(self.path, encoding="ascii", errors="replace") as f:
+            newest = [ln.strip() for ln in f if ln.strip()][-self.keep:]
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write("".join(ln + "\n" for ln in newest))
+        os.replace(tmp, self.path)
+        self._lines = len(newest)
+        self._file = open(self.path, "a", encoding="ascii")
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class RequestTracker:
@@ -70,9 +115,11 @@ class RequestTracker:
 
     def __init__(self, capacity: int, grace_s: float, clock: Callable[[], float] = time.monotonic,
                  wall_ns: Callable[[], int] = time.time_ns, remember: int = 4096,
-                 after: "RequestTracker | None" = None) -> None:
+                 after: "RequestTracker | None" = None, journal: OutcomeJournal | None = None) -> None:
         """`after`: the tracker this one replaces (the node was reconfigured); how its requests ended
-        is kept, so an outcome for one of them is still known as late or after a cancel."""
+        is kept, so an outcome for one of them is still known as late or after a cancel.
+        `journal`: every request closed here is written there first, and the ids it holds from an
+        earlier process count as ended (Heard.ENDED_BEFORE)."""
         if capacity < 1:
             raise ValueError(f"capacity {capacity} < 1")
         if not (math.isfinite(grace_s) and grace_s >= 0):
@@ -84,6 +131,9 @@ class RequestTracker:
         self._open: collections.OrderedDict[str, OpenRequest] = collections.OrderedDict()
         # How recently closed requests ended (bounded): tells a late second outcome from an echo.
         self._closed: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self.journal = journal
+        if journal is not None:
+            self._closed.update((rid, "journal") for rid in journal.loaded[-remember:])
         if after is not None:
             with after._lock:
                 self._closed.update(after._closed)
@@ -125,6 +175,8 @@ class RequestTracker:
                 result = Heard.AFTER_CANCEL
             elif how == "timeout":
                 result = Heard.LATE
+            elif how == "journal":
+                result = Heard.ENDED_BEFORE
             else:
                 result = Heard.DUPLICATE
             self.counts[result.value] += 1
@@ -174,6 +226,13 @@ class RequestTracker:
             return len(self._open)
 
     def _remember_closed(self, request_id: str, how: str) -> None:
+        if self.journal is not None:
+            try:
+                self.journal.append(request_id)
+            except OSError as e:      # a full or read-only disk must not stop the robot's outcomes
+                self.counts["journal_errors"] += 1
+                if self.counts["journal_errors"] == 1:
+                    logging.getLogger(__name__).error("outcome journal %s: %s", self.journal.path, e)
         self._closed[request_id] = how
         self._closed.move_to_end(request_id)
         while len(self._closed) > self._remember:

@@ -174,3 +174,38 @@ def test_changed_reports_each_transition_once():
     v = ls.changed()
     assert v.status is LeaseStatus.EXPIRED and not v.paused
     assert ls.changed() is None
+
+
+def test_journal_carries_ended_requests_into_the_next_process(tmp_path):
+    from edge_vlm_ros.core.requests import OutcomeJournal
+
+    path = str(tmp_path / "j" / "robot_0.outcomes")
+    c, _ = tracker()
+    tr = RequestTracker(8, 0.0, clock=c.mono, wall_ns=c.wall_ns, journal=OutcomeJournal(path))
+    tr.open("answered", tr.deadline_after(5.0))
+    tr.open("timed", tr.deadline_after(0.0))
+    tr.open("in_flight", tr.deadline_after(5.0))
+    assert tr.heard("answered") is Heard.CLOSED
+    c.advance(1)
+    assert [e.request_id for e in tr.expire()] == ["timed"]
+    assert tr.heard("foreign") is Heard.UNKNOWN            # passed on: journaled as well
+    # The process is killed here (nothing closed, nothing flushed beyond what append wrote).
+    tr2 = RequestTracker(8, 0.0, clock=c.mono, wall_ns=c.wall_ns, journal=OutcomeJournal(path))
+    for rid in ("answered", "timed", "foreign"):
+        assert tr2.heard(rid) is Heard.ENDED_BEFORE, rid
+    # Never closed before the kill: the server's outcome is this request's one outcome, once.
+    assert tr2.heard("in_flight") is Heard.UNKNOWN
+    assert tr2.heard("in_flight") is Heard.DUPLICATE
+
+
+def test_journal_is_bounded_and_keeps_the_newest(tmp_path):
+    from edge_vlm_ros.core.requests import OutcomeJournal
+
+    path = tmp_path / "r.outcomes"
+    j = OutcomeJournal(str(path), keep=10)
+    for i in range(35):
+        j.append(f"id{i}")
+    j.close()
+    lines = path.read_text().split()
+    assert len(lines) <= 20 and lines[-1] == "id34"
+    assert OutcomeJournal(str(path), keep=10).loaded == [f"id{i}" for i in range(25, 35)]

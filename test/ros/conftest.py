@@ -36,9 +36,11 @@ def _allocate_domain():
 
 
 @pytest.fixture
-def ros_env(monkeypatch):
+def ros_env(monkeypatch, tmp_path_factory):
     domain, lock = _allocate_domain()
     env = isolated_ros_env(domain)
+    # The test's own ROS_HOME: what nodes keep there (the edges' outcome journals) is the test's alone.
+    env["ROS_HOME"] = str(tmp_path_factory.mktemp("ros_home"))
     for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "RMW_IMPLEMENTATION"):
         monkeypatch.setenv(k, env[k])
     monkeypatch.delenv("ROS_LOCALHOST_ONLY", raising=False)

@@ -59,7 +59,7 @@ def main() -> None:
     pub_ans = node.create_publisher(Answer, topics.for_robot(v, topics.ANSWER), qos.ANSWER)
     pub_chunk = node.create_publisher(ActionChunk, topics.for_robot(v, topics.ACTION_CHUNK), qos.ACTION_CHUNK)
     # The server's door to the victim's edge: a relayed forgery would close the request before its answer.
-    pub_srv_ans = node.create_publisher(Answer, topics.for_robot(v, topics.SERVER_ANSWER), qos.ANSWER)
+    pub_srv_ans = node.create_publisher(Answer, topics.for_robot(v, topics.SERVER_ANSWER), qos.SERVER_OUTCOME)
     rng = np.random.default_rng(0)
     n, d = args.shape
     seen: collections.deque[str] = collections.deque(maxlen=64)

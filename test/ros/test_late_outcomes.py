@@ -38,10 +38,12 @@ class LateServer:
     def __init__(self, node, key: bytes) -> None:
         self.key = key
         self.late = True
+        self.delay_s: float | None = None       # set: answer this long after the prompt instead
         self.sent: dict[str, int] = {}          # request id -> wall ns the answer went out
         self._due: list[tuple[int, str]] = []
         self._lock = threading.Lock()
-        self.pub_answer = node.create_publisher(Answer, topics.for_robot(ROBOT, topics.SERVER_ANSWER), qos.ANSWER)
+        self.pub_answer = node.create_publisher(Answer, topics.for_robot(ROBOT, topics.SERVER_ANSWER),
+                                                   qos.SERVER_OUTCOME)
         self.pub_flow = node.create_publisher(FlowControl, topics.for_robot(ROBOT, topics.FLOW), qos.FLOW)
         node.create_subscription(Prompt, topics.for_robot(ROBOT, topics.PROMPT), self._on_prompt, qos.REQUEST)
         node.create_timer(0.02, self._tick)
@@ -49,7 +51,10 @@ class LateServer:
 
     def _on_prompt(self, m: Prompt) -> None:
         deadline_ns = m.deadline.sec * 1_000_000_000 + m.deadline.nanosec
-        at = deadline_ns + round((GRACE_S + LATE_S) * 1e9) if self.late else time.time_ns()
+        if self.delay_s is not None:
+            at = time.time_ns() + round(self.delay_s * 1e9)
+        else:
+            at = deadline_ns + round((GRACE_S + LATE_S) * 1e9) if self.late else time.time_ns()
         with self._lock:
             self._due.append((at, m.request_id))
 
@@ -136,3 +141,44 @@ def test_server_answer_after_the_robots_timeout_is_dropped_not_published(ros_env
     log = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
     assert "server answer dropped, after the robot's own timeout" in log
     (tmp_path / "late.json").write_text(json.dumps({"late": n_late, "health": health[-1]}))
+
+
+def test_edge_killed_with_a_request_in_flight_recovers_its_answer_once(ros_env, tmp_path):
+    """The edge is SIGKILLed right after publishing a request and the server answers while no edge is
+    up: the edge started again gets that answer from the server's history and passes it on, once;
+    the answer its predecessor had already published is in the same history and is not repeated."""
+    ensure()
+    keys = tmp_path / "keys"
+    overrides = {"edge": {"request_timeout_s": 60.0, "deadline_grace_s": 1.0, "max_new_tokens": 4}}
+    specs = [s for s in build_specs(1, overrides, with_controller=False, keys_dir=keys) if s.role == "edge"]
+    nodes = NodeSet(specs, env=ros_env, log_dir=tmp_path / "logs").start()
+    client = RobotClient([ROBOT], "test_edge_killed", auth_keys_dir=str(keys))
+    server = LateServer(client.node, load_key(keys, ROBOT))
+    server.delay_s = 0.2
+    try:
+        assert client.wait_ready(120, abort=lambda: bool(nodes.poll())), nodes.poll()
+        client.send_image(ROBOT, _image(0))
+        time.sleep(0.05)
+        client.send_prompt(ROBOT, "answered before the kill ?")
+        assert client.wait_for(lambda: len(client.answers[ROBOT]) == 1, 30), client.answers
+        first = client.sent[ROBOT][0]
+
+        server.delay_s = 2.0
+        client.send_image(ROBOT, _image(1))
+        time.sleep(0.05)
+        client.send_prompt(ROBOT, "answered while the edge is down ?")
+        assert client.wait_for(lambda: len(client.sent[ROBOT]) == 2, 30), client.sent
+        [edge_name] = [s.name or s.role for s in specs]
+        nodes.kill(edge_name)
+        in_flight = client.sent[ROBOT][1]
+        assert client.wait_for(lambda: in_flight in server.sent, 10)     # answered while no edge is up
+        nodes.restart(edge_name)
+        assert client.wait_for(lambda: any(a.request_id == in_flight for _, a in client.answers[ROBOT]), 90), \
+            (nodes.poll(), client.answers, client.auth_dropped)
+        time.sleep(2.0)        # a repeated outcome for either request would have come by now
+        with client._lock:
+            got = [(a.request_id, a.outcome) for _, a in client.answers[ROBOT]]
+        assert sorted(got) == sorted([(first, Outcome.OK), (in_flight, Outcome.OK)]), got
+    finally:
+        client.close()
+        nodes.stop()

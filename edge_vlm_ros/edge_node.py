@@ -757,7 +757,9 @@ class EdgeNode(ManagedNode):
         self.pub_codec_switch.publish(String(data=json.dumps(record, sort_keys=True)))
 
     def destroy_node(self) -> None:
-        self.ask.destroy()
+        ask = getattr(self, "ask", None)    # absent when a stop signal cut the constructor short
+        if ask is not None:
+            ask.destroy()
         super().destroy_node()
 
     # ---- live parameters (params.declare_config) -------------------------------------------------

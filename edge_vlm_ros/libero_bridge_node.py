@@ -96,6 +96,9 @@ class LiberoBridgeNode(Node):
         try:
             time.sleep(cfg.start_delay_s)
             self._wait_for_subscribers()
+            if not self._running:     # stopped while waiting: build no simulator
+                self.done.set()
+                return
             sim = LiberoSim(cfg.suite, cfg.image_size, cfg.seed, cfg.wrist_camera, cfg.image_flip)
         except Exception as e:
             self.get_logger().error(f"cannot start LIBERO: {e}\n{traceback.format_exc()}")

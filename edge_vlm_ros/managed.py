@@ -55,8 +55,9 @@ class ManagedNode(LifecycleNode):
     """A lifecycle node whose transitions are hooks plus an undo stack per phase."""
 
     def __init__(self, node_name: str) -> None:
-        super().__init__(node_name)
-        self.declare_parameter("autostart", True, ParameterDescriptor(description=AUTOSTART_HELP))
+        # The state comes before rclpy's constructor: that constructor registers the node with the
+        # context, and a stop signal during it (Stopped) makes rclpy's shutdown destroy the half-built
+        # node, whose release must find its state.
         self._undo: dict[str, list[Callable[[], None]]] = {CONFIGURE: [], ACTIVATE: []}
         self._phase_lock = threading.Lock()     # transitions vs. the release at process end
         self._flush_until = 0.0                 # monotonic: publishers flush until then (FLUSH_S per unwind)
@@ -68,6 +69,8 @@ class ManagedNode(LifecycleNode):
         # The process's stop signals (spin.run_node sets them): a configure asked over the service,
         # while the node spins, may load a model for seconds; a stop signal must cut it short.
         self.stop_signals: NodeStop | None = None
+        super().__init__(node_name)
+        self.declare_parameter("autostart", True, ParameterDescriptor(description=AUTOSTART_HELP))
 
     # ---- what a subclass implements -----------------------------------------------------------
     def configure(self) -> None:

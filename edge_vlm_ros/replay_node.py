@@ -239,10 +239,16 @@ class ReplayNode(Node):
         return out
 
     def destroy_node(self) -> None:
-        self._stop.set()
-        if self._replayer is not None:
-            self._replayer.stop()
-        self._thread.join(timeout=WORKER_JOIN_S)
+        # (also on a node whose constructor a stop signal cut short: its parts may not exist yet)
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+        replayer = getattr(self, "_replayer", None)
+        if replayer is not None:
+            replayer.stop()
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread.is_alive():
+            thread.join(timeout=WORKER_JOIN_S)
         super().destroy_node()
 
 

@@ -12,6 +12,7 @@ message from a real one.
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import threading
@@ -70,7 +71,9 @@ class RobotClient:
     """
 
     def __init__(self, robots: list[str], node_name: str = "edge_vlm_client", actions: bool = False,
-                 auth_keys_dir: str | None = None, auth_max_age_s: float = 10.0) -> None:
+                 auth_keys_dir: str | None = None, auth_max_age_s: float = 10.0, relay_hop: bool = False) -> None:
+        """relay_hop: also listen to the server's outcomes before the edge relays them
+        (edge_vlm/server_answer), so relay_hops_ms can tell what the edge's relay adds."""
         # An own context: it reads ROS_DOMAIN_ID now, so clients of different domains can follow
         # one another (tests) or coexist in one process.
         self._context = rclpy.Context()
@@ -109,6 +112,12 @@ class RobotClient:
                 FlowControl, topics.for_robot(r, topics.FLOW), lambda m, r=r: self._on_flow(m, r), qos.FLOW)
             self._subs[r, topics.PROMPT] = self.guard.subscribe(
                 Prompt, topics.for_robot(r, topics.PROMPT), lambda m, r=r: self._on_sent(m, r), qos.REQUEST)
+        # relay_hop=True: when each server answer was heard here directly (request id -> ns), bounded.
+        self.server_answer_ns: collections.OrderedDict[str, int] = collections.OrderedDict()
+        if relay_hop:
+            for r in robots:
+                self.guard.subscribe(Answer, topics.for_robot(r, topics.SERVER_ANSWER), self._on_server_answer,
+                                     qos.SERVER_OUTCOME)
         # actions=True: also the VLA topics (action chunks, executed actions, episodes; robot state out).
         self.chunks: dict[str, list[tuple[int, ActionChunk]]] = defaultdict(list)     # robot -> [(recv_ns, c)]
         self.actions: dict[str, list[tuple[int, RobotAction]]] = defaultdict(list)    # robot -> [(recv_ns, m)]
@@ -162,6 +171,21 @@ class RobotClient:
             else:
                 self.answers[robot].append((time.time_ns(), a))
             self._lock.notify_all()
+
+    def _on_server_answer(self, msg: Answer) -> None:
+        t = time.time_ns()
+        with self._lock:
+            self.server_answer_ns.setdefault(msg.request_id, t)
+            while len(self.server_answer_ns) > 65536:
+                self.server_answer_ns.popitem(last=False)
+
+    def relay_hops_ms(self, answers: list[tuple[int, AnswerResult]]) -> list[float]:
+        """For answers [(recv_ns, answer)] received here on the robot's answer topic: how much later
+        each arrived than the same request's server answer, heard here directly (one clock; relay_hop
+        on). That is the edge's relay: its receive, checks, journal line, publish and one more DDS hop."""
+        with self._lock:
+            return [(t - self.server_answer_ns[a.request_id]) / 1e6 for t, a in answers
+                    if a.request_id in self.server_answer_ns]
 
     def _append(self, target: list, item, stamped: bool = True) -> None:
         with self._lock:

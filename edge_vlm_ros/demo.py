@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     client = None
     try:
         nodes.start()
-        client = RobotClient(robots, "edge_vlm_demo", auth_keys_dir=str(keys_dir))
+        client = RobotClient(robots, "edge_vlm_demo", auth_keys_dir=str(keys_dir), relay_hop=True)
         if not client.wait_ready(args.timeout, abort=lambda: bool(nodes.poll()), probe=True):
             print(f"nodes did not come up within {args.timeout:g} s; exited: {nodes.poll()}; see {log_dir}")
             return 1
@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"(split {args.split}, codec {codec})")
             print(f"per-request overhead p50 {statistics.median(r[3] for r in ok):.1f} ms (end-to-end minus edge "
                   f"and server compute)")
+            hops = client.relay_hops_ms([x for r in robots for x in client.answers[r]])
+            if hops:
+                print(f"of which the edge's relay of the server's answer p50 {statistics.median(hops):.1f} ms, max "
+                      f"{max(hops):.1f} ms (server answer and relayed answer both heard here, {len(hops)} requests)")
         dropped = client.auth_dropped
         if dropped:
             print(f"messages dropped for failing authentication: {dropped}")

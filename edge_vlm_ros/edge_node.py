@@ -501,9 +501,10 @@ class EdgeNode(ManagedNode):
                 self.counters["outcomes_recovered_dropped"] += 1
                 return False
             return True
-        if heard in (Heard.AFTER_CANCEL, Heard.ENDED_BEFORE):
-            # the server answered before our Cancel reached it, or an earlier edge process published
-            # this request's outcome (the server's recent history, heard again after a restart)
+        if heard in (Heard.AFTER_CANCEL, Heard.ENDED_BEFORE, Heard.REDELIVERED):
+            # the server answered before our Cancel reached it, or an earlier edge process (or this
+            # process before a reconfigure) published this request's outcome: the server's recent
+            # history, heard again by a new subscription
             return False
         why = {Heard.LATE: "after the robot's own timeout (raise deadline_grace_s if this repeats)",
                Heard.DUPLICATE: "a second server outcome"}[heard]

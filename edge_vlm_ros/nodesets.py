@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from .core.config import check_robot_name
+
 PACKAGE = "edge_vlm_ros"
 ENCLAVE_ROOT = "/edge_vlm"
 # role -> ROS node name (each node's own default name; the launch files and bringup both pass it)
@@ -35,7 +37,6 @@ NODE_NAMES = {"edge": "edge_vlm_edge", "server": "edge_vlm_server", "controller"
 # role -> its own parameter file in config/
 PARAM_FILES = {"edge": "robot.yaml", "server": "server.yaml", "controller": "controller.yaml",
                "replay": "replay.yaml"}
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _TEMPLATE = re.compile(r"\{([a-z_]+)\}")
 
 
@@ -103,10 +104,7 @@ def parse_number(name: str, text: str, kind: type) -> int | float:
 
 
 def check_robot(robot: str) -> str:
-    if not isinstance(robot, str) or not _NAME.match(robot):
-        raise ValueError(f"robot name {robot!r} is not a ROS name token (letters, digits, _; not starting "
-                         f"with a digit): it is the robot's namespace and enclave")
-    return robot
+    return check_robot_name(robot)
 
 
 def parse_robot_list(name: str, text: str) -> list[str]:

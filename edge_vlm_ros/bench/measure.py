@@ -28,7 +28,7 @@ STAGES = ("edge_preprocess_ms", "edge_encode_ms", "transport_ms", "server_decode
 
 class Probe(RobotClient):
     def __init__(self, robots: list[str], node_name: str = "edge_vlm_bench", decode_features: bool = False) -> None:
-        super().__init__(robots, node_name)
+        super().__init__(robots, node_name, relay_hop=True)
         self._feat_lock = threading.Lock()
         self.feature_bytes: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)  # robot -> [(ns, n)]
         # decode_features: also keep request_id -> (frame stamp, sent_at) of every VisualFeatures, so

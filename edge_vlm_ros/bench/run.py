@@ -86,7 +86,7 @@ def run_graph(p: dict, model: str, bag: Path, best_b: int, out: Path, device: st
     the fair emulation of two devices on a 2-core machine; otherwise they share every CPU."""
     from ..bringup import config_dir
     from ..client import isolated_ros_env
-    from .measure import Probe, summarise, table_one
+    from .measure import Probe, latency_summary, summarise, table_one
     from .procs import ProcessGroup, bench_env, node_command
 
     env = bench_env(isolated_ros_env(), p["threads"])
@@ -162,11 +162,13 @@ def run_graph(p: dict, model: str, bag: Path, best_b: int, out: Path, device: st
             if len(answers) < need:
                 errors.append(f"{tag} {name}: {len(answers)} answers of {need} (replay exit {rc})")
             win = answers[p["warmup"]:p["warmup"] + p["measured"]]
+            # what the edge's relay of the server's answers adds (both topics heard here, same run)
+            s["relay_hop_ms"] = latency_summary(probe.relay_hops_ms(win))
             if len(rs) > 1:
                 s["per_robot_requests"] = {r: sum(a.robot_id == r for _, a in win) for r in rs}
             s["_window_answers"] = win
-            print(f"[graph {tag}] {name}: {s['requests_per_s']} req/s, e2e p50 {s['e2e_ms']['p50']} ms, "
-                  f"pauses {s['pauses']}, outcomes {s['outcomes_all']}", flush=True)
+            print(f"[graph {tag}] {name}: {s['requests_per_s']} req/s, e2e p50 {s['e2e_ms']['p50']} ms "
+                  f"(edge relay hop p50 {s['relay_hop_ms']['p50']} ms), pauses {s['pauses']}, outcomes {s['outcomes_all']}", flush=True)
             return s
 
         cloud = drive("cloud_only", [CLOUD_ROBOT])

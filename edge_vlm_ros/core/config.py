@@ -8,6 +8,7 @@ bring-up tool and tests build the same dataclasses from the same YAML.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
@@ -52,6 +53,17 @@ AUTOSTART_HELP = ("Configure and activate at start (true); false leaves the node
 IMAGE_TRANSPORTS = ("raw", "compressed")
 
 DEFAULT_MODEL = "default"  # resolved by tools.default_model to the embedded default model folder
+
+_ROBOT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,127}")
+
+
+def check_robot_name(robot: str) -> str:
+    """A robot name is its namespace, its SROS2 enclave and the file name of its key and outcome
+    journal: a ROS name token (ASCII letter, then letters, digits, _; at most 128), never a path."""
+    if not isinstance(robot, str) or not _ROBOT_NAME.fullmatch(robot):
+        raise ValueError(f"robot name {robot!r} is not a ROS name token (an ASCII letter, then letters, digits "
+                         f"or _, at most 128): it is the robot's namespace, enclave and key file name")
+    return robot
 
 
 @dataclass(frozen=True)
@@ -159,6 +171,7 @@ class EdgeConfig:
         return out
 
     def __post_init__(self) -> None:
+        check_robot_name(self.robot_id)
         sp = SplitPoint.parse(self.split_point)
         if self.ask_max_goals < 1:
             raise ValueError(f"ask_max_goals {self.ask_max_goals} < 1")
@@ -257,8 +270,7 @@ class ServerConfig:
         if not self.robots or len(set(self.robots)) != len(self.robots):
             raise ValueError(f"robots must be a non-empty list of distinct names, got {self.robots!r}")
         for r in self.robots:
-            if not r.replace("_", "").isalnum():
-                raise ValueError(f"robot name {r!r} must be a valid ROS namespace token ([A-Za-z0-9_])")
+            check_robot_name(r)
         if self.max_batch_size < 1 or self.max_batch_wait_ms < 0:
             raise ValueError(f"max_batch_size={self.max_batch_size}, max_batch_wait_ms={self.max_batch_wait_ms}")
         if not 0 <= self.resume_threshold < self.pause_threshold <= self.queue_capacity:
@@ -309,6 +321,8 @@ class ControllerConfig:
     def __post_init__(self) -> None:
         if not self.robots:
             raise ValueError("robots must not be empty")
+        for r in self.robots:
+            check_robot_name(r)
         if self.tick_source not in ("timer", "robot_state"):
             raise ValueError(f"tick_source {self.tick_source!r}: expected 'timer' or 'robot_state'")
         if not (math.isfinite(self.lockstep_wait_s) and 0 <= self.lockstep_wait_s <= 600):
@@ -345,6 +359,7 @@ class LiberoBridgeConfig:
     stats_path: str = param("", "If set, per-episode results are written here as JSON.")
 
     def __post_init__(self) -> None:
+        check_robot_name(self.robot_id)
         if not self.task_ids or any(t < 0 for t in self.task_ids):
             raise ValueError(f"task_ids must be a non-empty list of indices >= 0, got {self.task_ids}")
         if self.trials < 1 or self.first_trial < 0 or self.max_steps < 1 or self.settle_steps < 0:
@@ -433,8 +448,7 @@ class ReplayNodeConfig:
         if len(set(self.robots)) != len(self.robots):
             raise ValueError(f"robots must be distinct, got {self.robots!r}")
         for r in self.robots:
-            if not r.replace("_", "").isalnum():
-                raise ValueError(f"robot name {r!r} must be a valid ROS namespace token ([A-Za-z0-9_])")
+            check_robot_name(r)
         if self.publish_clock and not self.clock_hz > 0:
             raise ValueError(f"clock_hz must be > 0 with publish_clock, got {self.clock_hz}")
         if self.preload_limit_mb < 1:

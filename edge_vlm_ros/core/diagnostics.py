@@ -144,6 +144,8 @@ def edge_health(robot_id: str, counters: Mapping[str, int], requests: Mapping[st
         "server_outcomes_dropped": sum(counters.get(k, 0) for k in ("outcomes_duplicate",
                                                                     "outcomes_ended_before_restart",
                                                                     "outcomes_stale")),
+        # the server's kept history delivered again after a reconfigure (expected; nothing lost)
+        "server_outcomes_redelivered": counters.get("outcomes_redelivered", 0),
         # passed on: for requests this edge process did not open (sent before it restarted)
         "server_outcomes_not_opened_here": counters.get("outcomes_unknown", 0),
         "last_answer_age_s": "never" if last_answer_age_s is None else round(last_answer_age_s, 2),

@@ -63,6 +63,9 @@ class Heard(enum.Enum):
     ENDED_BEFORE = "ended_before_restart"  # given its outcome by an earlier edge process (journal): dropped
     AFTER_CANCEL = "after_cancel"      # an outcome for a request the robot cancelled (the server had
                                        # answered it before the cancel reached it): ignored
+    REDELIVERED = "redelivered"        # a server outcome an earlier configuration of this process heard
+                                       # already (the server's kept history, delivered again to the
+                                       # subscription a reconfigure made): ignored
 
 
 class OutcomeJournal:
@@ -107,6 +110,10 @@ class OutcomeJournal:
         self._file.close()
 
 
+# How a closed request ended when a server outcome for it has been heard already.
+_HEARD = frozenset({"answered", "unknown", "heard_late", "heard_before"})
+
+
 class RequestTracker:
     """Open requests with their deadlines, bounded; thread-safe (callbacks, worker and timer share it).
 
@@ -136,7 +143,10 @@ class RequestTracker:
             self._closed.update((rid, "journal") for rid in journal.loaded[-remember:])
         if after is not None:
             with after._lock:
-                self._closed.update(after._closed)
+                # A server outcome the previous configuration heard comes again with the server's
+                # history: expected, not a second outcome. One never heard keeps how its request ended.
+                self._closed.update((rid, "heard_before" if how in _HEARD else how)
+                                    for rid, how in after._closed.items())
                 self._closed.update((rid, "cancelled") for rid in after._open)   # closed at cleanup
         self._remember = remember
         self._lock = threading.Lock()
@@ -175,8 +185,11 @@ class RequestTracker:
                 result = Heard.AFTER_CANCEL
             elif how == "timeout":
                 result = Heard.LATE
+                self._closed[request_id] = "heard_late"    # a copy of it is then a duplicate
             elif how == "journal":
                 result = Heard.ENDED_BEFORE
+            elif how == "heard_before":
+                result = Heard.REDELIVERED
             else:
                 result = Heard.DUPLICATE
             self.counts[result.value] += 1

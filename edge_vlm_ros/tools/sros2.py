@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Callable
 
 from edge_vlm_ros import topics
+from edge_vlm_ros.core.config import check_robot_name
 
 POLICY_VERSION = "0.2.0"          # the sros2 policy format this writes (policy.xsd's fixed version)
 ENCLAVE_ROOT = "/edge_vlm"
@@ -108,10 +109,7 @@ def resolve(name: str, ns: str, node: str) -> str:
 
 
 def check_robot(robot: str) -> str:
-    if not _NAME.match(robot):
-        raise ValueError(f"robot name {robot!r} is not a ROS name token (letters, digits, _; not starting "
-                         f"with a digit): it is the robot's namespace and enclave")
-    return robot
+    return check_robot_name(robot)
 
 
 def enclave_path(role: str, root: str = ENCLAVE_ROOT) -> str:

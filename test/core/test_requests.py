@@ -44,8 +44,9 @@ def test_request_times_out_only_after_deadline_plus_grace():
     # A server outcome after the robot's own TIMEOUT is late: reported, never a new close (the edge
     # drops it instead of publishing a second outcome).
     assert tr.heard("a") is Heard.LATE
-    assert tr.heard("a") is Heard.LATE
-    assert tr.counts["late_after_timeout"] == 2 and tr.counts["timed_out"] == 1 and len(tr) == 0
+    assert tr.heard("a") is Heard.DUPLICATE          # a copy of that late outcome
+    assert tr.counts["late_after_timeout"] == 1 and tr.counts["duplicate"] == 1 and tr.counts["timed_out"] == 1 \
+        and len(tr) == 0
 
 
 def test_answer_closes_and_a_repeat_is_a_duplicate():
@@ -65,9 +66,24 @@ def test_a_reconfigured_tracker_remembers_how_requests_ended():
     tr.open("still_open", tr.deadline_after(100.0))
     c.advance(1)
     assert [e.request_id for e in tr.expire()] == ["timed"]
+    tr.open("answered", tr.deadline_after(100.0))
+    assert tr.heard("answered") is Heard.CLOSED
+    tr.open("late_heard", tr.deadline_after(0.0))
+    c.advance(1)
+    assert [e.request_id for e in tr.expire()] == ["late_heard"]
+    assert tr.heard("late_heard") is Heard.LATE
+    assert tr.heard("late_heard") is Heard.DUPLICATE          # the same late outcome twice: a copy
+    assert tr.heard("someone_elses") is Heard.UNKNOWN
     tr2 = RequestTracker(4, 0.0, clock=c.mono, wall_ns=c.wall_ns, after=tr)
-    assert tr2.heard("timed") is Heard.LATE
+    assert tr2.heard("timed") is Heard.LATE                   # its server outcome was never heard
     assert tr2.heard("still_open") is Heard.AFTER_CANCEL      # answered by the edge at cleanup
+    # heard by the previous configuration: the server's history delivered again, quietly ignored
+    for rid in ("answered", "late_heard", "someone_elses"):
+        assert tr2.heard(rid) is Heard.REDELIVERED
+        assert tr2.heard(rid) is Heard.REDELIVERED
+    tr3 = RequestTracker(4, 0.0, clock=c.mono, wall_ns=c.wall_ns, after=tr2)   # and after another one
+    assert tr3.heard("answered") is Heard.REDELIVERED
+    assert tr3.heard("timed") is Heard.REDELIVERED            # heard (late) by tr2
     assert tr2.heard("other") is Heard.UNKNOWN
 
 

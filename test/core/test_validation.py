@@ -388,3 +388,21 @@ def test_bytes_held_per_robot_are_capped_and_released(adapter, decode_calls):
         assert s.wait("again").outcome is Outcome.OK
     finally:
         s.engine.stop()
+
+
+@pytest.mark.parametrize("bad", ["../etc/passwd", "robot/0", "robót", "0robot", "_robot", "", "robot-1", "r" * 129,
+                                 "robot_0\n"])
+def test_a_robot_name_that_is_not_a_ros_name_token_is_refused_by_every_node_config(bad):
+    """A robot name is a namespace, an enclave and the file name of its key and outcome journal: a
+    name that could walk out of a folder (or is no ROS token) is refused before anything uses it."""
+    from edge_vlm_ros.core.config import ControllerConfig, EdgeConfig, LiberoBridgeConfig, ReplayNodeConfig
+    makers = [lambda: EdgeConfig(robot_id=bad), lambda: ServerConfig(robots=[bad]),
+              lambda: ControllerConfig(robots=[bad]), lambda: LiberoBridgeConfig(robot_id=bad)]
+    if bad and bad.strip() == bad:    # the replay strips names and drops empty ones (YAML's [""])
+        makers.append(lambda: ReplayNodeConfig(bag_path="x", robots=[bad]))
+    for make in makers:
+        with pytest.raises(ValueError, match="not a ROS name token"):
+            make()
+    for good in ("robot_0", "R2", "r" * 128):
+        assert EdgeConfig(robot_id=good).robot_id == good
+        assert ServerConfig(robots=[good]).robots == [good]

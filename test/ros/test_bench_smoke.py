@@ -47,6 +47,9 @@ def test_quick_subset_writes_complete_results(ros_env, tmp_path):
         assert set(s["stages_ms"]) == set(STAGES) and s["stages_ms"]["generate_ms"]["mean"] > 0
         assert s["features_bytes"]["mean"] > 0 and isinstance(s["pauses"], int)
         assert s["replay"]["counters"]["images"] > 0
+        # the edge's relay hop, measured on both topics for every measured request, and below e2e
+        hop = s["relay_hop_ms"]
+        assert hop["n"] == 6 and 0 < hop["p50"] < s["e2e_ms"]["p50"], (hop, s["e2e_ms"])
     # the cloud-only robot sends a JPEG; the split robot sends features of the model's shape
     assert cs["cloud_only"]["stages_ms"]["edge_encode_ms"]["mean"] < cs["split"]["stages_ms"]["edge_encode_ms"]["mean"]
     t1 = cs["table_one"]

@@ -131,3 +131,8 @@ def test_cleanup_and_deactivate_answer_every_request_held_exactly_once(ros_env, 
         assert_one_outcome_each(client)
         assert sorted(a.request_id for a in local) == sorted([topic_rid, goal_rid])
         assert slow_rid in client.sent[ROBOT]
+        # The edge's new configuration subscribed again and got the server's kept history: the answers
+        # the previous configuration relayed come once more, and are dropped quietly (not "a second
+        # server outcome", which means a server answered one request twice).
+        edge_log = next((tmp_path / "logs").glob("edge*.log")).read_text()
+        assert "a second server outcome" not in edge_log, edge_log[-3000:]

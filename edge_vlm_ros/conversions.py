@@ -259,11 +259,12 @@ def features_to_msg(f: FeaturePacket, sent_at_ns: int, announcer: StreamAnnounce
     message, what tools and one-off senders publish); `describe` True/False decides it outright
     (byte counts of either form). ValueError naming the value that has no wire
     form (a request id that is not 32 lowercase hex digits, a split point, codec, dtype or codec
-    parameter without a number). `sent_at_ns` goes into auth.stamp_ns, which signing replaces with
-    its own clock (the same instant, to microseconds)."""
+    parameter without a number). `sent_at_ns` goes into auth.stamp_ns:
+    the clock the deadline is counted from: sign it with that stamp (MessageAuth.sign(stamp_ns=)).
+    The edge's stage timings stay on the robot (the edge adds them to the relayed outcome)."""
     desc = packet_stream(f)
     m = VisualFeatures()
-    m.header.stamp = ns_to_stamp(f.stamp_ns)
+    m.stamp = ns_to_stamp(f.stamp_ns)
     m.stream = desc.stream_id
     if describe if describe is not None else (announcer is None or announcer.due(m.stream)):
         m.description = [stream_to_msg(desc)]
@@ -271,10 +272,22 @@ def features_to_msg(f: FeaturePacket, sent_at_ns: int, announcer: StreamAnnounce
     m.request_id = as_uint8(wire.request_id_to_bytes(f.request_id))
     m.side_info = e.side_info
     m.payload = e.payload          # bytes -> uint8[] without a Python-level loop
-    m.deadline = ns_to_stamp(f.deadline_ns)
-    m.edge_preprocess_ms, m.edge_encode_ms = float(f.edge_preprocess_ms), float(f.edge_encode_ms)
+    m.deadline_ms = deadline_to_wire(f.deadline_ns, int(sent_at_ns))
     m.auth.stamp_ns = int(sent_at_ns)
     return m
+
+
+def deadline_to_wire(deadline_ns: int, sent_at_ns: int) -> int:
+    """VisualFeatures.deadline_ms: whole ms from the signing stamp to the deadline, rounded down (the
+    server may only think it earlier); 0 for none, 1 for one already due, at most 2^32 - 1 (49 days)."""
+    if not deadline_ns:
+        return 0
+    return min(max(1, (int(deadline_ns) - int(sent_at_ns)) // 1_000_000), 0xFFFFFFFF)
+
+
+def deadline_from_wire(deadline_ms: int, sent_at_ns: int) -> int:
+    """The absolute deadline (ns) of a VisualFeatures; 0: none."""
+    return int(sent_at_ns) + int(deadline_ms) * 1_000_000 if deadline_ms else 0
 
 
 def restream(m: VisualFeatures) -> VisualFeatures:
@@ -324,7 +337,7 @@ def msg_to_features(m: VisualFeatures, robot_id: str, streams: StreamCache | Non
     it); None: the message must describe itself. Whether payload, shape, dtype and codec agree is
     the codec's check, on the server's worker; the digests are compared with the server's model and
     codebooks there too."""
-    stamp_ns = _rejected_stamp(m.header.stamp)
+    stamp_ns = _rejected_stamp(m.stamp, "stamp")
     if len(m.description) == 1:
         try:
             desc = msg_to_stream(m.description[0])
@@ -352,13 +365,15 @@ def msg_to_features(m: VisualFeatures, robot_id: str, streams: StreamCache | Non
     except ValueError as e:
         raise rejected(str(e)) from None
     sent_ns = int(m.auth.stamp_ns)
+    if m.deadline_ms and sent_ns <= 0:
+        raise rejected(f"deadline_ms {int(m.deadline_ms)} without auth.stamp_ns to count it from")
     enc = EncodedTensor(codec=cls.name, dtype=dtype, shape=desc.shape,
                         payload=_as_bytes(m.payload), side_info=_as_bytes(m.side_info),
                         codebook_hash=codebook, params=params)
     return FeaturePacket(request_id=request_id, robot_id=robot_id, split_point=str(split),
                          model_fingerprint=fingerprint, encoded=enc, stamp_ns=stamp_ns,
-                         sent_at_ns=sent_ns if sent_ns > 0 else 0, edge_preprocess_ms=float(m.edge_preprocess_ms),
-                         edge_encode_ms=float(m.edge_encode_ms), deadline_ns=_rejected_stamp(m.deadline, "deadline"))
+                         sent_at_ns=sent_ns if sent_ns > 0 else 0,
+                         deadline_ns=deadline_from_wire(m.deadline_ms, sent_ns))
 
 
 def timings_to_msg(t: StageTimings) -> StageTimingsMsg:

@@ -75,7 +75,7 @@ from . import qos, topics
 from .ask_server import AskJob, AskServer
 from .conversions import (answer_to_msg, check_episode, check_proprio_state, chunk_to_msg, features_to_msg, flow_paused,
                           image_to_rgb, msg_to_timings, ns_to_stamp, prompt_to_msg, stamp_to_ns)
-from .core.auth import Authenticator
+from .core.auth import Authenticator, new_stamp
 from .core.camera import check_compressed, decode_compressed
 from .core.chunks import ActionChunk
 from .core.config import EdgeConfig
@@ -147,6 +147,9 @@ class EdgeNode(ManagedNode):
         self._own_outcomes: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._own_lock = threading.Lock()
         self._held: list[tuple[float, object]] = []      # recovered outcomes waiting for discovery
+        # request id -> (edge_preprocess_ms, edge_encode_ms) of the features published for it: the
+        # edge's stage timings stay here and are added to the request's relayed outcome (bounded)
+        self._edge_ms: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
         self._configured_t = time.monotonic()
         self.lease = ServerLease(self.cfg.server_lease_s)
         self.streams = StreamAnnouncer(self.cfg.stream_announce_s)   # which messages describe their stream
@@ -399,7 +402,7 @@ class EdgeNode(ManagedNode):
             self.counters["answers_unauthenticated"] += 1
             return
         if self._relay(msg.request_id, "answer", msg):
-            self._publish_outcome(self.pub_answer, msg)     # as the server signed it
+            self._publish_outcome(self.pub_answer, self._with_edge_timings(msg))
             if msg.outcome == Answer.OUTCOME_REJECTED:
                 self.counters["answers_rejected"] += 1
 
@@ -410,7 +413,18 @@ class EdgeNode(ManagedNode):
             self.counters["chunks_unauthenticated"] += 1
             return
         if self._relay(msg.request_id, "action chunk", msg):
-            self._publish_outcome(self.pub_chunk, msg)
+            self._publish_outcome(self.pub_chunk, self._with_edge_timings(msg))
+
+    def _with_edge_timings(self, msg):
+        """A server outcome to relay, with this edge's stage timings of its request added (they do not
+        travel to the server) and signed again by the edge; as the server signed it when the edge has
+        none (a request this process did not encode)."""
+        with self._own_lock:
+            edge_ms = self._edge_ms.pop(msg.request_id, None)
+        if edge_ms is None:
+            return msg
+        msg.timings.edge_preprocess_ms, msg.timings.edge_encode_ms = edge_ms
+        return self._signed(msg)
 
     def _publish_outcome(self, pub, msg) -> None:
         """Publish one of the robot's outcomes on its answer or chunk topic (already signed)."""
@@ -690,7 +704,12 @@ class EdgeNode(ManagedNode):
             # the prompt: the server remembers it), so nothing more is awaited.
             self.tracker.cancel(rid)
             return
-        features = self._signed(features_to_msg(packet, time.time_ns(), self.streams))
+        stamp = new_stamp()      # the deadline inside is counted from the signing stamp
+        features = self.msg_auth.sign(features_to_msg(packet, stamp, self.streams), self.cfg.robot_id, stamp)
+        with self._own_lock:
+            self._edge_ms[rid] = (float(packet.edge_preprocess_ms), float(packet.edge_encode_ms))
+            while len(self._edge_ms) > 4 * self.cfg.max_in_flight + 256:
+                self._edge_ms.popitem(last=False)
         if rung is not None:
             self.ladder.sent(rid, rung, len(serialize_message(features)), started)
         self.pub_features.publish(features)
@@ -738,7 +757,7 @@ class EdgeNode(ManagedNode):
         """Worker thread: the rung for this request; the first call sizes every rung on this frame."""
         if not self.ladder.measured:
             record = self.ladder.measure(rgb, lambda p: len(serialize_message(   # a request's (lean) message
-                self._signed(features_to_msg(p, time.time_ns(), describe=False)))))
+                self._signed(features_to_msg(p, new_stamp(), describe=False)))))
             self._publish_switch(record)
         return self.ladder.choose()
 

@@ -134,10 +134,11 @@ def message_mac(key: bytes, msg: Any, key_id: str) -> bytes:
     return h.digest()[:MAC_BYTES]
 
 
-def sign_with_key(msg: Any, key_id: str, key: bytes) -> Any:
+def sign_with_key(msg: Any, key_id: str, key: bytes, stamp_ns: int | None = None) -> Any:
     """Fill msg.auth (fresh stamp, MAC) with robot `key_id`'s `key`; returns msg. Publish it on
-    that robot's topics: receivers verify under the topic's robot."""
-    msg.auth.stamp_ns = new_stamp()
+    that robot's topics: receivers verify under the topic's robot. `stamp_ns`: a stamp the message
+    already counts from (VisualFeatures.deadline_ms), taken from new_stamp() by the caller."""
+    msg.auth.stamp_ns = new_stamp() if stamp_ns is None else int(stamp_ns)
     msg.auth.mac = np.frombuffer(message_mac(key, msg, key_id), np.uint8)   # uint8[16]: an array, not bytes
     return msg
 
@@ -165,10 +166,10 @@ class MessageAuth:
         self._log_period_s = log_period_s
         self._last_log: dict[tuple[str, str], float] = {}
 
-    def sign(self, msg: Any, key_id: str) -> Any:
+    def sign(self, msg: Any, key_id: str, stamp_ns: int | None = None) -> Any:
         if self.enabled:
             assert self.auth is not None
-            sign_with_key(msg, key_id, self.auth.keys[key_id])
+            sign_with_key(msg, key_id, self.auth.keys[key_id], stamp_ns)
         return msg
 
     def verify(self, msg: Any, expected_key_id: str) -> Verdict:

@@ -225,7 +225,7 @@ class ServerNode(ManagedNode):
             # Unreadable (a number in its header names nothing): the engine ends its request REJECTED,
             # the one outcome, even when its prompt is already waiting for it.
             self.guard.note(topics.for_robot(route, topics.FEATURES), "rejected", e.reason)
-            self.engine.reject_features(route, request_id, stamp_or_zero(msg.header.stamp), e.reason, received)
+            self.engine.reject_features(route, request_id, stamp_or_zero(msg.stamp), e.reason, received)
             return
         self.engine.submit_features(packet, route, received)
 

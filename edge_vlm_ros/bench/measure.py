@@ -49,7 +49,7 @@ class Probe(RobotClient):
 
             m = deserialize_message(raw, VisualFeatures)
             # auth.stamp_ns: the publish time (the edge signs as it publishes)
-            sent = (features_request_id(m), stamp_to_ns(m.header.stamp), int(m.auth.stamp_ns))
+            sent = (features_request_id(m), stamp_to_ns(m.stamp), int(m.auth.stamp_ns))
         with self._feat_lock:
             self.feature_bytes[robot].append((t, len(raw)))
             if sent is not None:

@@ -57,7 +57,9 @@ from edge_vlm_ros.msg import Answer, FeatureStream, FlowControl, Prompt, VisualF
 
 from .. import qos, topics
 from ..bag.cdr import read_raw_bag
-from ..conversions import as_uint8, features_request_id, flow_paused, msg_to_features, msg_to_stream, ns_to_stamp
+from ..conversions import (as_uint8, deadline_to_wire, features_request_id, flow_paused, msg_to_features, msg_to_stream,
+                           ns_to_stamp)
+from ..core.auth import new_stamp
 from ..core import wire
 from ..core.config import AUTH_HELP, param
 from ..core.requests import Heard, LeaseStatus, RequestTracker, ServerLease
@@ -188,14 +190,13 @@ def reissue(src: RecordedRequest, robot_id: str, request_id: str, now_ns: int,
     p.episode_id, p.proprio = sp.episode_id, sp.proprio
     p.deadline = ns_to_stamp(deadline_ns)
     f = VisualFeatures()
-    f.header.stamp = p.header.stamp
+    f.stamp = p.header.stamp
     f.request_id = as_uint8(wire.request_id_to_bytes(request_id))
     f.stream = sf.stream
     f.description = [src.description] if describe else []
     f.payload, f.side_info = sf.payload, sf.side_info
-    f.edge_preprocess_ms, f.edge_encode_ms = sf.edge_preprocess_ms, sf.edge_encode_ms
-    f.deadline = p.deadline
-    f.auth.stamp_ns = time.time_ns()      # the publish time (signing sets it again)
+    f.auth.stamp_ns = new_stamp()      # the publish time: sign with this stamp (the deadline counts from it)
+    f.deadline_ms = deadline_to_wire(deadline_ns, f.auth.stamp_ns)
     return p, f
 
 
@@ -435,7 +436,7 @@ class SimRobotsNode(Node):
         with self._lock:
             self.pending[rid] = (st.name, now_ns, phase)
         st.pub_prompt.publish(self.msg_auth.sign(prompt, st.name))
-        st.pub_features.publish(self.msg_auth.sign(feats, st.name))
+        st.pub_features.publish(self.msg_auth.sign(feats, st.name, feats.auth.stamp_ns))
         st.sent += 1
         st.counters["sent"] += 1
 

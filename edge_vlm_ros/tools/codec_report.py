@@ -63,24 +63,19 @@ FIXED_QUESTION = "describe the image ."
 # ---- message size ------------------------------------------------------------------------------
 
 
-def cdr_size(p: FeaturePacket, frame_id: str = "", described: bool = False) -> int:
+def cdr_size(p: FeaturePacket, described: bool = False) -> int:
     """Serialized size of a VisualFeatures message (XCDR1, 4-byte encapsulation header), lean (the
     stream's id only) or `described` (its FeatureStream inline, as in a stream's first message).
 
     Field order and types as in msg/VisualFeatures.msg and msg/FeatureStream.msg (the README's
     "Wire format" walks through it byte by byte); alignment is relative to the end of the
-    encapsulation header, strings carry a uint32 length and a NUL.
+    encapsulation header.
     """
     off = 0
 
     def align(n: int) -> None:
         nonlocal off
         off += (-off) % n
-
-    def string(s: str) -> None:
-        nonlocal off
-        align(4)
-        off += 4 + len(s.encode()) + 1
 
     def seq(n_bytes: int, elem: int) -> None:
         nonlocal off
@@ -91,22 +86,18 @@ def cdr_size(p: FeaturePacket, frame_id: str = "", described: bool = False) -> i
         off += n_bytes
 
     e = p.encoded
-    off += 8                                   # header.stamp (int32 sec, uint32 nanosec)
-    string(frame_id)                           # header.frame_id
-    align(4)
+    off += 8                                   # stamp (int32 sec, uint32 nanosec)
+    # auth (MessageAuth), as signed on the wire: int64 stamp, 16-byte MAC (the key is the topic's robot)
+    align(8)
+    off += 8 + MAC_BYTES
     off += 4                                   # stream (uint32)
+    off += 4                                   # deadline_ms (uint32)
     seq(0, 1)                                  # description: FeatureStream[<=1], its length
     if described:
         off += 4                               # split_kind, split_block, codec, dtype (uint8 each)
         off += 8 + 8 + 3                       # model_fingerprint, codebook_digest, codec_params
         seq(4 * len(e.shape), 4)               # uint32[] shape
     off += 16                                  # request_id
-    align(4)
-    off += 8                                   # deadline
-    off += 8                                   # edge_preprocess_ms, edge_encode_ms (float32)
-    # auth (MessageAuth), as signed on the wire: int64 stamp, 16-byte MAC (the key is the topic's robot)
-    align(8)
-    off += 8 + MAC_BYTES
     seq(len(e.side_info), 1)
     seq(len(e.payload), 1)
     return 4 + off
@@ -131,7 +122,8 @@ class MessageSizer:
             # Signed as the edge signs it: the MAC and its header are bytes the receiver needs.
             # Lean (the stream's id): what every request but a stream's described ones costs.
             self._ser = lambda p, described=False: len(serialize_message(sign_with_key(
-                features_to_msg(p, time.time_ns(), describe=described), p.robot_id, bytes(32))))
+                features_to_msg(p, time.time_ns(), describe=described), p.robot_id, bytes(32),
+                time.time_ns())))
             self.method = "rclpy.serialization.serialize_message(VisualFeatures), signed"
         except Exception as e:  # no ROS in this environment: count the fields instead
             LOG.info("rclpy not importable (%s): message sizes computed from the CDR field layout", e)

@@ -6,7 +6,8 @@ process) for a server whose wall clock runs behind the robot's, or whose answers
 process or a slow link: it answers every request correctly signed, but only after the request's
 deadline + grace by the robot's clock. Each request must end in exactly one outcome on the robot's
 answer topic, the edge's own TIMEOUT, and the edge must count and drop every late answer. A second
-part shows the relay is not just dropping everything: answers on time go through unchanged.
+part shows the relay is not just dropping everything: answers on time go through, with the
+edge's own stage timings added.
 """
 
 import json
@@ -116,8 +117,11 @@ def test_server_answer_after_the_robots_timeout_is_dropped_not_published(ros_env
         assert all(a.outcome is Outcome.TIMEOUT and "no answer from the server" in a.reason for a in outcomes), \
             [(a.outcome, a.reason) for a in outcomes]
 
-        # Answers on time are relayed as the server sent them (MAC intact: the client checks it).
+        # Answers on time are relayed as the server sent them, with the edge's stage timings added (they
+        # stay on the robot; the stand-in server sends zeros) and signed again by the edge (the client
+        # checks the MAC).
         server.late = False
+        server.delay_s = 0.5     # after the features are out, as a real server's answer is
         for i in range(3):
             client.send_image(ROBOT, _image(10 + i))
             time.sleep(0.05)
@@ -132,6 +136,7 @@ def test_server_answer_after_the_robots_timeout_is_dropped_not_published(ros_env
         for rid in on_time:
             mine = [a for a in outcomes if a.request_id == rid]
             assert len(mine) == 1 and mine[0].outcome is Outcome.OK and mine[0].text == "an answer", mine
+            assert mine[0].timings.edge_encode_ms > 0 and mine[0].timings.edge_preprocess_ms > 0, mine[0].timings
         assert not client.auth_dropped.get(ROBOT), client.auth_dropped
         assert client.wait_for(lambda: health and int(health[-1].get("server_outcomes_late", 0)) == n_late, 10), \
             health[-1:] or "no edge diagnostics"

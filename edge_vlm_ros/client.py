@@ -18,6 +18,7 @@ import random
 import threading
 import time
 from collections import defaultdict
+from typing import Callable
 
 import logging
 
@@ -60,6 +61,19 @@ def isolated_ros_env(domain_id: int | None = None) -> dict[str, str]:
 
 
 PROBE_TEXT = "edge_vlm_ros client readiness probe"
+
+
+def _stamp_recorder(record: collections.OrderedDict, lock) -> Callable:
+    """A subscription callback that records, per request id, its Answer's signing stamp (the wall clock
+    of whoever published it: the server, or the edge that relayed it and signed it again), or the
+    time it reached this process when it is unsigned."""
+    def note(msg: Answer) -> None:
+        t = int(msg.auth.stamp_ns) or time.time_ns()
+        with lock:
+            record.setdefault(msg.request_id, t)
+            while len(record) > 65536:
+                record.popitem(last=False)
+    return note
 
 
 class RobotClient:
@@ -112,12 +126,17 @@ class RobotClient:
                 FlowControl, topics.for_robot(r, topics.FLOW), lambda m, r=r: self._on_flow(m, r), qos.FLOW)
             self._subs[r, topics.PROMPT] = self.guard.subscribe(
                 Prompt, topics.for_robot(r, topics.PROMPT), lambda m, r=r: self._on_sent(m, r), qos.REQUEST)
-        # relay_hop=True: when each server answer was heard here directly (request id -> ns), bounded.
-        self.server_answer_ns: collections.OrderedDict[str, int] = collections.OrderedDict()
+        # relay_hop=True: when the server published each request's answer and when the edge published
+        # it again (request id -> signing stamp, bounded): messages' own stamps, so neither this
+        # executor's callback order nor its load enters.
+        self._rx_ns: dict[str, collections.OrderedDict[str, int]] = {"server": collections.OrderedDict(),
+                                                                       "relayed": collections.OrderedDict()}
         if relay_hop:
             for r in robots:
-                self.guard.subscribe(Answer, topics.for_robot(r, topics.SERVER_ANSWER), self._on_server_answer,
-                                     qos.SERVER_OUTCOME)
+                for which, topic, profile in (("server", topics.SERVER_ANSWER, qos.SERVER_OUTCOME),
+                                              ("relayed", topics.ANSWER, qos.ANSWER)):
+                    self.guard.subscribe(Answer, topics.for_robot(r, topic),
+                                         _stamp_recorder(self._rx_ns[which], self._lock), profile)
         # actions=True: also the VLA topics (action chunks, executed actions, episodes; robot state out).
         self.chunks: dict[str, list[tuple[int, ActionChunk]]] = defaultdict(list)     # robot -> [(recv_ns, c)]
         self.actions: dict[str, list[tuple[int, RobotAction]]] = defaultdict(list)    # robot -> [(recv_ns, m)]
@@ -172,20 +191,17 @@ class RobotClient:
                 self.answers[robot].append((time.time_ns(), a))
             self._lock.notify_all()
 
-    def _on_server_answer(self, msg: Answer) -> None:
-        t = time.time_ns()
-        with self._lock:
-            self.server_answer_ns.setdefault(msg.request_id, t)
-            while len(self.server_answer_ns) > 65536:
-                self.server_answer_ns.popitem(last=False)
-
     def relay_hops_ms(self, answers: list[tuple[int, AnswerResult]]) -> list[float]:
-        """For answers [(recv_ns, answer)] received here on the robot's answer topic: how much later
-        each arrived than the same request's server answer, heard here directly (one clock; relay_hop
-        on). That is the edge's relay: its receive, checks, journal line, publish and one more DDS hop."""
+        """For answers [(recv_ns, answer)] received here on the robot's answer topic (relay_hop on):
+        from the server's publishing of the request's answer to the edge's publishing of it to the
+        robot's users (both messages' signing stamps). That is what the relay adds: one DDS hop to
+        the edge and the edge's receive, checks, journal line and signing; the last hop, to the
+        subscriber, is as long as the one a direct server answer would have taken. Signing stamps of
+        two hosts differ by their clocks' offset: on one host (the demo, the benchmarks) it is exact."""
         with self._lock:
-            return [(t - self.server_answer_ns[a.request_id]) / 1e6 for t, a in answers
-                    if a.request_id in self.server_answer_ns]
+            server, relayed = self._rx_ns["server"], self._rx_ns["relayed"]
+            return [(relayed[a.request_id] - server[a.request_id]) / 1e6 for _, a in answers
+                    if a.request_id in server and a.request_id in relayed]
 
     def _append(self, target: list, item, stamped: bool = True) -> None:
         with self._lock:

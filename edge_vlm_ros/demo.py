@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             hops = client.relay_hops_ms([x for r in robots for x in client.answers[r]])
             if hops:
                 print(f"of which the edge's relay of the server's answer p50 {statistics.median(hops):.1f} ms, max "
-                      f"{max(hops):.1f} ms (server answer and relayed answer both heard here, {len(hops)} requests)")
+                      f"{max(hops):.1f} ms (server's publish to the edge's, {len(hops)} requests)")
         dropped = client.auth_dropped
         if dropped:
             print(f"messages dropped for failing authentication: {dropped}")

@@ -140,8 +140,12 @@ class EdgeNode(ManagedNode):
         # (text, arrival monotonic time, deadline wall-clock ns)
         self._prompts: collections.deque[tuple[str, float, int]] = collections.deque()
         self._standing_prompt = self.cfg.standing_prompt
+        # Requests an earlier process of this edge published and did not end (it was killed) are
+        # open here too; their outcome, the server's or a local timeout, is held until the robot's
+        # subscribers have matched this process's publishers.
         self.tracker = RequestTracker(self.cfg.max_in_flight, self.cfg.deadline_grace_s,
-                                      after=getattr(self, "tracker", None), journal=self._journal)
+                                      after=getattr(self, "tracker", None), journal=self._journal,
+                                      inherit_hold_s=RECOVERED_HOLD_S)
         # MACs of the outcomes this edge published (relayed or its own), so that hearing them back is
         # not mistaken for a replay; bounded (a MAC never heard back is forgotten in turn).
         self._own_outcomes: collections.OrderedDict[bytes, None] = collections.OrderedDict()
@@ -245,7 +249,8 @@ class EdgeNode(ManagedNode):
             self.get_logger().error(f"outcome journal {path}: {e}; running without one (an edge process started "
                                     "again after a kill may repeat an outcome)")
             return None
-        self.get_logger().info(f"outcome journal {path}: {len(journal.loaded)} ids of an earlier process")
+        self.get_logger().info(f"outcome journal {path}: {len(journal.loaded)} ids of an earlier process ended, "
+                               f"{len(journal.unfinished)} still open (taken over)")
         return journal
 
     def _drop_model(self) -> None:
@@ -499,7 +504,7 @@ class EdgeNode(ManagedNode):
         if heard is Heard.CLOSED:
             return True
         self.counters[f"outcomes_{heard.value}"] += 1
-        if heard is Heard.UNKNOWN:
+        if heard in (Heard.UNKNOWN, Heard.INHERITED):
             # Not opened by this process (the edge restarted, or another holder of the robot's key
             # asked): nothing here gave it an outcome, so the server's is its one outcome.
             self.get_logger().info(f"{request_id}: server {kind} for a request this edge process did not "
@@ -546,6 +551,9 @@ class EdgeNode(ManagedNode):
             self.counters["timeouts_no_answer"] += 1
             why = (f"server unavailable: {view.describe()}" if view.status is not LeaseStatus.ALIVE
                    else f"no answer from the server ({view.describe()})")
+            if e.inherited:
+                self.counters["timeouts_inherited"] += 1
+                why = f"published by an earlier process of this edge, which ended before its outcome; {why}"
             self._local_answer(e.request_id, e.stamp_ns, Outcome.TIMEOUT,
                                f"{why}; no outcome by the request's deadline ({self.cfg.request_timeout_s:g} s) "
                                f"+ {self.cfg.deadline_grace_s:g} s grace", episode_id=e.episode_id)

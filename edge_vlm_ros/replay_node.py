@@ -18,8 +18,10 @@ says PAUSE: the server's back-pressure reaches the camera source instead of drop
 Start: camera frames are best effort and volatile, so frames published before a robot's edge has
 matched are lost. The replay therefore waits (at most wait_for_subscribers_s) until every robot has
 a subscriber on one of its image topics (an edge reads one transport, so a bag holding both the raw
-and the compressed stream does not wait for the one nobody reads) and, with pause_on_flow_control,
-until every robot's flow state was heard; it starts as soon as both hold.
+and the compressed stream does not wait for the one nobody reads), on one of its prompt topics when
+the bag holds prompts, and, with pause_on_flow_control, until every robot's flow state was heard;
+then it gives the subscribers match_settle_s to match its publishers on their side (a subscriber the
+replay has matched may not have matched the replay yet, and drops what arrives before), and starts.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class ReplayNode(Node):
         self._pubs: dict[str, list[Publisher]] = {}
         # Per robot ("" without robots): its image publishers; its edge subscribes one of them.
         self._image_pubs: dict[str, list[tuple[str, Publisher]]] = {r: [] for r in cfg.robots or [""]}
+        # Per robot: its prompt publishers (an edge subscribes the prompt topic the bag's prompts go to).
+        self._prompt_pubs: dict[str, list[tuple[str, Publisher]]] = {r: [] for r in cfg.robots or [""]}
         for t in played:
             msgtype = info.topics[t].msgtype
             if msgtype in _IMAGE_TYPES:
@@ -77,7 +81,10 @@ class ReplayNode(Node):
                 for r, o, p in zip(cfg.robots or [""] * len(outs), outs, pubs):
                     self._image_pubs[r].append((o, p))
             elif msgtype == STRING_TYPE:
-                pubs = [self.create_publisher(String, o, qos.USER_PROMPT) for o in cfg.output_topics(t)]
+                outs = cfg.output_topics(t)
+                pubs = [self.create_publisher(String, o, qos.USER_PROMPT) for o in outs]
+                for r, o, p in zip(cfg.robots or [""] * len(outs), outs, pubs):
+                    self._prompt_pubs[r].append((o, p))
             else:
                 raise ValueError(f"topic {t} has type {msgtype}, which the replay cannot publish "
                                  f"(it plays {', '.join(_IMAGE_TYPES + (STRING_TYPE,))})")
@@ -125,9 +132,11 @@ class ReplayNode(Node):
 
     # ---- replay thread -----------------------------------------------------------------------
     def _unready(self) -> list[str]:
-        """What the start still waits for: robots none of whose image topics has a subscriber, and
-        robots whose flow state was not heard (with pause_on_flow_control)."""
-        missing = [f"a subscriber on one of {[o for o, _ in pubs]}" for pubs in self._image_pubs.values()
+        """What the start still waits for: robots none of whose image topics has a subscriber, robots
+        with prompts in the bag none of whose prompt topics has one, and robots whose flow state was
+        not heard (with pause_on_flow_control)."""
+        missing = [f"a subscriber on one of {[o for o, _ in pubs]}"
+                   for pubs in (*self._image_pubs.values(), *self._prompt_pubs.values())
                    if pubs and not any(p.get_subscription_count() > 0 for _, p in pubs)]
         if self.cfg.pause_on_flow_control:
             with self._flow_lock:
@@ -141,7 +150,11 @@ class ReplayNode(Node):
         deadline = t0 + cfg.wait_for_subscribers_s
         while not self._stop.is_set() and time.monotonic() < deadline:
             if not self._unready():
-                self.get_logger().info(f"every robot is listening after {time.monotonic() - t0:.2f} s: starting")
+                self.get_logger().info(f"every robot is listening after {time.monotonic() - t0:.2f} s: starting "
+                                       f"in {cfg.match_settle_s:g} s")
+                # This node has matched each subscriber; the subscriber matches this node's publisher
+                # on its own side, a moment later (DDS discovery is two-sided), and drops what comes first.
+                self._stop.wait(cfg.match_settle_s)
                 return
             time.sleep(0.02)
         if cfg.wait_for_subscribers_s > 0 and (missing := self._unready()):

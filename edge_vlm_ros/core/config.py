@@ -113,10 +113,11 @@ class EdgeConfig:
                                       "within this).")
     max_in_flight: int = param(128, "Most published requests awaiting their outcome; beyond it new requests "
                                  "are rejected on the robot (bounds the edge's request table).")
-    outcome_journal_dir: str = param("", "Where the edge writes the ids of the requests it has given their "
-                                         "outcome (<dir>/<robot_id>.outcomes, the newest 4096 kept), so that an "
-                                         "edge process started again after a kill does not publish a second "
-                                         "outcome for them from the server's recent answers. '' = "
+    outcome_journal_dir: str = param("", "Where the edge writes the requests it opens and the ids of those it "
+                                         "has given their outcome (<dir>/<robot_id>.outcomes, the newest 4096 "
+                                         "lines kept), so that an edge process started again after a kill does "
+                                         "not publish a second outcome for them from the server's recent answers, "
+                                         "and ends the requests its predecessor left open. '' = "
                                          "$ROS_HOME/edge_vlm_ros (~/.ros/edge_vlm_ros); 'none' = off (then a "
                                          "restarted edge may repeat an outcome its predecessor published).")
     server_lease_s: float = param(3.0, "Server liveness: a server that sends no FlowControl heartbeat for this "
@@ -424,10 +425,15 @@ class ReplayNodeConfig:
                               "from the replay); otherwise the bag's stamp, shifted by the loop span.")
     wait_for_subscribers_s: float = param(10.0, "Before the first message, wait up to this long until each "
                                              "robot has a subscriber on one of its image topics (its edge "
-                                             "reads one: raw or compressed) and, with "
+                                             "reads one: raw or compressed), on one of its prompt topics "
+                                             "when the bag holds prompts, and, with "
                                              "pause_on_flow_control, a flow state from every robot's "
                                              "server; the replay starts as soon as they are there. 0 = do "
                                              "not wait.")
+    match_settle_s: float = param(0.5, "Once every robot's subscribers are there, wait this long before the "
+                                       "first message: DDS discovery is two-sided, and a subscriber the "
+                                       "replay has matched drops what arrives before it has matched the "
+                                       "replay's publisher in turn.")
     start_delay_s: float = param(0.0, "Extra wait before the first message.")
     shutdown_when_done: bool = param(True, "Exit the node when the replay has ended (as `ros2 bag play`).")
     stats_path: str = param("", "If set, the replay statistics are written as JSON to this file at the end.")
@@ -453,9 +459,9 @@ class ReplayNodeConfig:
             raise ValueError(f"clock_hz must be > 0 with publish_clock, got {self.clock_hz}")
         if self.preload_limit_mb < 1:
             raise ValueError(f"preload_limit_mb must be >= 1, got {self.preload_limit_mb}")
-        if self.wait_for_subscribers_s < 0 or self.start_delay_s < 0:
-            raise ValueError(f"wait_for_subscribers_s={self.wait_for_subscribers_s} and start_delay_s="
-                             f"{self.start_delay_s} must be >= 0")
+        if not (self.wait_for_subscribers_s >= 0 and self.start_delay_s >= 0 and self.match_settle_s >= 0):
+            raise ValueError(f"wait_for_subscribers_s={self.wait_for_subscribers_s}, match_settle_s="
+                             f"{self.match_settle_s} and start_delay_s={self.start_delay_s} must be >= 0")
 
     def remap_dict(self) -> dict[str, str]:
         out = {}

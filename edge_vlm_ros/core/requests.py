@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import json
 import logging
 import math
 import os
@@ -49,6 +50,7 @@ class OpenRequest:
     stamp_ns: int = 0         # camera frame stamp (echoed in the local outcome)
     episode_id: str = ""      # task "action": echoed in the local failure chunk
     opened_t: float = 0.0
+    inherited: bool = False   # published by an earlier process of this robot's edge (journal)
 
 
 class Heard(enum.Enum):
@@ -57,6 +59,8 @@ class Heard(enum.Enum):
     CLOSED = "closed"                  # the first outcome of an open request: it is done now
     LATE = "late_after_timeout"        # for a request the robot already timed out itself: dropped
     DUPLICATE = "duplicate"            # a second server outcome for a request already closed
+    INHERITED = "inherited"            # the first outcome of a request an earlier edge process published
+                                       # and ended (killed) before its outcome: it is done now
     UNKNOWN = "unknown"                # not opened here: a request of this robot's edge before it
                                        # restarted, or of another holder of the robot's key. The edge
                                        # cannot have given it an outcome: passed on, once
@@ -69,14 +73,22 @@ class Heard(enum.Enum):
 
 
 class OutcomeJournal:
-    """The ids of the requests a robot's edge has given their outcome, on disk, so that an edge process
-    that is killed and started again still knows them (a server outcome for one is then dropped, not
-    published a second time). One line per id, appended before the outcome is published: a kill
-    between the two loses that outcome rather than doubling it. Bounded: past 2 x `keep` lines the
-    file is rewritten with the newest `keep` (atomically, by rename). Not thread-safe by itself (the
-    tracker calls it under its lock)."""
+    """What a robot's edge published, on disk, so that an edge process that is killed and started
+    again still knows it. Two kinds of line, appended under the tracker's lock:
+      `+{"id": ..., "deadline_ns": ..., "stamp_ns": ..., "episode": ...}` a request opened, written
+        before its Prompt is published;
+      `<id>` the request has its outcome, written before that outcome is published.
+    A kill between a line and its publication loses that outcome rather than doubling it. The next
+    process treats every id with an outcome as ended (a server outcome for one is dropped, not
+    published a second time) and takes over the requests opened without one (`unfinished`): it
+    passes on the server's outcome for them, or times them out itself at their deadline, so a request
+    the robot saw announced ends in one outcome even when its edge died in the middle. Requests whose
+    deadline passed more than `max_age_s` before the journal is read are left alone (nobody awaits
+    them any more). Bounded: past 2 x `keep` lines the file is rewritten with the newest `keep`
+    (atomically, by rename)."""
 
-    def __init__(self, path: str, keep: int = 4096) -> None:
+    def __init__(self, path: str, keep: int = 4096, max_age_s: float = 600.0,
+                 wall_ns: Callable[[], int] = time.time_ns) -> None:
         self.path, self.keep = path, keep
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         try:
@@ -84,12 +96,38 @@ class OutcomeJournal:
                 lines = [ln.strip() for ln in f]
         except FileNotFoundError:
             lines = []
-        self.loaded = [ln for ln in lines if ln and len(ln) <= 128][-keep:]
+        self.loaded: list[str] = []            # ids given their outcome by an earlier process
+        opened: dict[str, dict] = {}
+        for ln in lines:
+            if ln.startswith("+"):
+                e = _parse_open(ln[1:])
+                if e is not None:
+                    opened[e["id"]] = e
+            elif ln and len(ln) <= 128:
+                self.loaded.append(ln)
+        self.loaded = self.loaded[-keep:]
+        ended = set(self.loaded)
+        oldest_ns = wall_ns() - round(max_age_s * NS_PER_S)
+        self.unfinished: list[dict] = [e for rid, e in opened.items()
+                                       if rid not in ended and e["deadline_ns"] >= oldest_ns][-keep:]
         self._lines = len(lines)
         self._file = open(path, "a", encoding="ascii")
 
+    def opened(self, request_id: str, deadline_ns: int, stamp_ns: int, episode_id: str) -> None:
+        self._write("+" + json.dumps({"id": request_id[:128], "deadline_ns": int(deadline_ns),
+                                      "stamp_ns": int(stamp_ns), "episode": episode_id[:256]},
+                                     ensure_ascii=True, separators=(",", ":")))
+
     def append(self, request_id: str) -> None:
-        self._file.write(request_id.replace("\n", " ")[:128] + "\n")
+        self._write(request_id.replace("\n", " ")[:128].lstrip("+"))
+
+    def take_unfinished(self) -> list[dict]:
+        """The requests an earlier process left open, once (the first tracker built on this journal)."""
+        out, self.unfinished = self.unfinished, []
+        return out
+
+    def _write(self, line: str) -> None:
+        self._file.write(line + "\n")
         self._file.flush()
         self._lines += 1
         if self._lines > 2 * self.keep:
@@ -110,6 +148,19 @@ class OutcomeJournal:
         self._file.close()
 
 
+def _parse_open(text: str) -> dict | None:
+    """An open line's fields, or None for a line that is not one (a torn last line after a kill)."""
+    try:
+        e = json.loads(text)
+        rid, deadline, stamp, episode = e["id"], e["deadline_ns"], e.get("stamp_ns", 0), e.get("episode", "")
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not (isinstance(rid, str) and 0 < len(rid) <= 128 and isinstance(deadline, int)
+            and isinstance(stamp, int) and isinstance(episode, str)):
+        return None
+    return {"id": rid, "deadline_ns": deadline, "stamp_ns": stamp, "episode": episode}
+
+
 # How a closed request ended when a server outcome for it has been heard already.
 _HEARD = frozenset({"answered", "unknown", "heard_late", "heard_before"})
 
@@ -122,11 +173,14 @@ class RequestTracker:
 
     def __init__(self, capacity: int, grace_s: float, clock: Callable[[], float] = time.monotonic,
                  wall_ns: Callable[[], int] = time.time_ns, remember: int = 4096,
-                 after: "RequestTracker | None" = None, journal: OutcomeJournal | None = None) -> None:
+                 after: "RequestTracker | None" = None, journal: OutcomeJournal | None = None,
+                 inherit_hold_s: float = 0.0) -> None:
         """`after`: the tracker this one replaces (the node was reconfigured); how its requests ended
         is kept, so an outcome for one of them is still known as late or after a cancel.
-        `journal`: every request closed here is written there first, and the ids it holds from an
-        earlier process count as ended (Heard.ENDED_BEFORE)."""
+        `journal`: every request opened and closed here is written there first; the ids it holds from
+        an earlier process with an outcome count as ended (Heard.ENDED_BEFORE), and the requests that
+        process left open are open here (inherited: their server outcome is Heard.INHERITED, or they
+        time out at their deadline + grace, but not before `inherit_hold_s` from now)."""
         if capacity < 1:
             raise ValueError(f"capacity {capacity} < 1")
         if not (math.isfinite(grace_s) and grace_s >= 0):
@@ -151,6 +205,15 @@ class RequestTracker:
         self._remember = remember
         self._lock = threading.Lock()
         self.counts: collections.Counter[str] = collections.Counter()
+        if journal is not None:
+            now, wall = clock(), wall_ns()
+            for e in journal.take_unfinished():
+                if e["id"] in self._closed or len(self._open) >= capacity:
+                    continue
+                give_up = max(now + inherit_hold_s, now + (e["deadline_ns"] - wall) / NS_PER_S + grace_s)
+                self._open[e["id"]] = OpenRequest(e["id"], e["deadline_ns"], give_up, e["stamp_ns"], e["episode"],
+                                                  now, inherited=True)
+                self.counts["inherited"] += 1
 
     def deadline_after(self, timeout_s: float) -> int:
         """The wall-clock deadline (ns) `timeout_s` from now."""
@@ -165,6 +228,7 @@ class RequestTracker:
             if len(self._open) >= self.capacity or request_id in self._open:
                 self.counts["refused_table_full" if request_id not in self._open else "refused_duplicate_id"] += 1
                 return False
+            self._journal_open(request_id, deadline_ns, stamp_ns, episode_id)
             self._open[request_id] = OpenRequest(request_id, deadline_ns, give_up, stamp_ns, episode_id, now)
             self.counts["opened"] += 1
             return True
@@ -172,10 +236,11 @@ class RequestTracker:
     def heard(self, request_id: str) -> Heard:
         """An outcome for `request_id` was heard on the robot's answer topic."""
         with self._lock:
-            if self._open.pop(request_id, None) is not None:
+            e = self._open.pop(request_id, None)
+            if e is not None:
                 self._remember_closed(request_id, "answered")
                 self.counts["answered"] += 1
-                return Heard.CLOSED
+                return Heard.INHERITED if e.inherited else Heard.CLOSED
             how = self._closed.get(request_id)
             if how is None:
                 # Not opened by this tracker: its outcome is passed on once (a second is a duplicate).
@@ -238,14 +303,25 @@ class RequestTracker:
         with self._lock:
             return len(self._open)
 
+    def _journal_open(self, request_id: str, deadline_ns: int, stamp_ns: int, episode_id: str) -> None:
+        if self.journal is not None:
+            try:
+                self.journal.opened(request_id, deadline_ns, stamp_ns, episode_id)
+            except OSError as e:
+                self._journal_error(e)
+
+    def _journal_error(self, e: OSError) -> None:
+        # a full or read-only disk must not stop the robot's outcomes
+        self.counts["journal_errors"] += 1
+        if self.counts["journal_errors"] == 1:
+            logging.getLogger(__name__).error("outcome journal %s: %s", self.journal.path, e)
+
     def _remember_closed(self, request_id: str, how: str) -> None:
         if self.journal is not None:
             try:
                 self.journal.append(request_id)
-            except OSError as e:      # a full or read-only disk must not stop the robot's outcomes
-                self.counts["journal_errors"] += 1
-                if self.counts["journal_errors"] == 1:
-                    logging.getLogger(__name__).error("outcome journal %s: %s", self.journal.path, e)
+            except OSError as e:
+                self._journal_error(e)
         self._closed[request_id] = how
         self._closed.move_to_end(request_id)
         while len(self._closed) > self._remember:

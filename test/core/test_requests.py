@@ -197,7 +197,7 @@ def test_journal_carries_ended_requests_into_the_next_process(tmp_path):
 
     path = str(tmp_path / "j" / "robot_0.outcomes")
     c, _ = tracker()
-    tr = RequestTracker(8, 0.0, clock=c.mono, wall_ns=c.wall_ns, journal=OutcomeJournal(path))
+    tr = RequestTracker(8, 0.0, clock=c.mono, wall_ns=c.wall_ns, journal=OutcomeJournal(path, wall_ns=c.wall_ns))
     tr.open("answered", tr.deadline_after(5.0))
     tr.open("timed", tr.deadline_after(0.0))
     tr.open("in_flight", tr.deadline_after(5.0))
@@ -206,12 +206,67 @@ def test_journal_carries_ended_requests_into_the_next_process(tmp_path):
     assert [e.request_id for e in tr.expire()] == ["timed"]
     assert tr.heard("foreign") is Heard.UNKNOWN            # passed on: journaled as well
     # The process is killed here (nothing closed, nothing flushed beyond what append wrote).
-    tr2 = RequestTracker(8, 0.0, clock=c.mono, wall_ns=c.wall_ns, journal=OutcomeJournal(path))
+    tr2 = RequestTracker(8, 0.0, clock=c.mono, wall_ns=c.wall_ns, journal=OutcomeJournal(path, wall_ns=c.wall_ns))
     for rid in ("answered", "timed", "foreign"):
         assert tr2.heard(rid) is Heard.ENDED_BEFORE, rid
-    # Never closed before the kill: the server's outcome is this request's one outcome, once.
-    assert tr2.heard("in_flight") is Heard.UNKNOWN
+    # Never closed before the kill: taken over (open here); the server's outcome is its one outcome, once.
+    assert len(tr2) == 1 and tr2.counts["inherited"] == 1
+    assert tr2.heard("in_flight") is Heard.INHERITED
     assert tr2.heard("in_flight") is Heard.DUPLICATE
+
+
+def test_requests_a_killed_edge_left_open_time_out_in_the_next_process(tmp_path):
+    """The edge published a request and was killed; no server answers it. The next process answers
+    it TIMEOUT at its deadline + grace (not before its start-up hold), with the stamp and episode
+    it was published with; once, and not again in the process after that."""
+    from edge_vlm_ros.core.requests import OutcomeJournal
+
+    path = str(tmp_path / "robot_0.outcomes")
+    c, _ = tracker()
+    tr = RequestTracker(8, 1.0, clock=c.mono, wall_ns=c.wall_ns, journal=OutcomeJournal(path, wall_ns=c.wall_ns))
+    assert tr.open("soon", tr.deadline_after(0.5), stamp_ns=123, episode_id="ep 7")
+    assert tr.open("later", tr.deadline_after(10.0))
+    assert tr.open("done", tr.deadline_after(10.0))
+    assert tr.heard("done") is Heard.CLOSED
+    # killed; started again 0.2 s later
+    c.advance(0.2)
+    j = OutcomeJournal(path, wall_ns=c.wall_ns)
+    assert sorted(e["id"] for e in j.unfinished) == ["later", "soon"]
+    tr2 = RequestTracker(8, 1.0, clock=c.mono, wall_ns=c.wall_ns, journal=j, inherit_hold_s=2.0)
+    assert len(tr2) == 2
+    c.advance(1.5)                        # "soon" is past deadline + grace, but the hold is not over
+    assert tr2.expire() == []
+    c.advance(0.6)
+    [e] = tr2.expire()
+    assert (e.request_id, e.stamp_ns, e.episode_id, e.inherited) == ("soon", 123, "ep 7", True)
+    assert tr2.heard("soon") is Heard.LATE
+    c.advance(9.0)
+    assert [e.request_id for e in tr2.expire()] == ["later"]
+    # A third process: nothing left to take over, everything ended.
+    tr3 = RequestTracker(8, 1.0, clock=c.mono, wall_ns=c.wall_ns, journal=OutcomeJournal(path, wall_ns=c.wall_ns))
+    assert len(tr3) == 0
+    for rid in ("soon", "later", "done"):
+        assert tr3.heard(rid) is Heard.ENDED_BEFORE
+
+
+def test_journal_leaves_old_or_torn_open_lines_alone(tmp_path):
+    """A request whose deadline passed long before the edge started again is not taken over (nobody
+    awaits it); a line torn by the kill, or not an open line at all, is skipped."""
+    from edge_vlm_ros.core.requests import OutcomeJournal
+
+    path = tmp_path / "r.outcomes"
+    c, _ = tracker()
+    j = OutcomeJournal(str(path), max_age_s=60.0, wall_ns=c.wall_ns)
+    j.opened("old", c.wall_ns() + 1_000_000_000, 0, "")
+    j.opened("recent", c.wall_ns() + 100 * 1_000_000_000, 5, "e")
+    j.close()
+    with open(path, "a") as f:
+        f.write('+{"id": "torn", "deadl\n+[1, 2]\n+{"id": "", "deadline_ns": 5}\n')
+    c.advance(120.0)
+    j2 = OutcomeJournal(str(path), max_age_s=60.0, wall_ns=c.wall_ns)
+    assert [e["id"] for e in j2.unfinished] == ["recent"]
+    assert j2.loaded == []
+    assert j2.take_unfinished()[0]["stamp_ns"] == 5 and j2.take_unfinished() == []
 
 
 def test_journal_is_bounded_and_keeps_the_newest(tmp_path):

@@ -40,6 +40,8 @@ class LateServer:
         self.key = key
         self.late = True
         self.delay_s: float | None = None       # set: answer this long after the prompt instead
+        self.silent = False                     # set: heartbeats only, no request is ever answered
+        self.prompts: list[str] = []            # request ids of the prompts heard
         self.sent: dict[str, int] = {}          # request id -> wall ns the answer went out
         self._due: list[tuple[int, str]] = []
         self._lock = threading.Lock()
@@ -51,6 +53,9 @@ class LateServer:
         self._next_beat = 0.0
 
     def _on_prompt(self, m: Prompt) -> None:
+        self.prompts.append(m.request_id)
+        if self.silent:
+            return
         deadline_ns = m.deadline.sec * 1_000_000_000 + m.deadline.nanosec
         if self.delay_s is not None:
             at = time.time_ns() + round(self.delay_s * 1e9)
@@ -187,3 +192,47 @@ def test_edge_killed_with_a_request_in_flight_recovers_its_answer_once(ros_env, 
     finally:
         client.close()
         nodes.stop()
+
+
+def test_edge_killed_with_a_request_no_server_answers_times_out_in_the_next_process(ros_env, tmp_path):
+    """The edge is SIGKILLed right after publishing a request that no server ever answers (the server
+    lost it, or never got its features). The robot saw the request announced, so it is owed one
+    outcome: the edge started again takes the request over from its outcome journal and answers it
+    TIMEOUT at its deadline + grace, once, saying why."""
+    ensure()
+    keys = tmp_path / "keys"
+    timeout_s, grace_s = 6.0, 0.5
+    overrides = {"edge": {"request_timeout_s": timeout_s, "deadline_grace_s": grace_s, "max_new_tokens": 4}}
+    specs = [s for s in build_specs(1, overrides, with_controller=False, keys_dir=keys) if s.role == "edge"]
+    nodes = NodeSet(specs, env=ros_env, log_dir=tmp_path / "logs").start()
+    client = RobotClient([ROBOT], "test_edge_killed_silent", auth_keys_dir=str(keys))
+    server = LateServer(client.node, load_key(keys, ROBOT))
+    server.delay_s = 0.2
+    try:
+        assert client.wait_ready(120, abort=lambda: bool(nodes.poll())), nodes.poll()
+        server.silent = True
+        client.send_image(ROBOT, _image(0))
+        time.sleep(0.05)
+        client.send_prompt(ROBOT, "answered by nobody ?")
+        assert client.wait_for(lambda: len(client.sent[ROBOT]) == 1, 30), client.sent
+        lost = client.sent[ROBOT][0]
+        assert client.wait_for(lambda: lost in server.prompts, 10)
+        [edge_name] = [s.name or s.role for s in specs]
+        t_kill = time.monotonic()
+        nodes.kill(edge_name)
+        nodes.restart(edge_name)
+        assert client.wait_for(lambda: any(a.request_id == lost for _, a in client.answers[ROBOT]), 90), \
+            (nodes.poll(), client.answers, client.auth_dropped)
+        waited = time.monotonic() - t_kill
+        time.sleep(2.0)        # a second outcome would have come by now
+        with client._lock:
+            got = [a for _, a in client.answers[ROBOT]]
+        assert [a.request_id for a in got] == [lost], [(a.request_id, a.outcome, a.reason) for a in got]
+        assert got[0].outcome is Outcome.TIMEOUT and "earlier process of this edge" in got[0].reason, got[0].reason
+        assert not client.auth_dropped.get(ROBOT), client.auth_dropped
+    finally:
+        client.close()
+        nodes.stop()
+    log = (tmp_path / "logs" / f"{edge_name}.log").read_text()
+    assert "1 still open (taken over)" in log, log[-3000:]
+    (tmp_path / "inherited.json").write_text(json.dumps({"timeout_s": timeout_s, "outcome_after_kill_s": waited}))

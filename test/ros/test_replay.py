@@ -164,3 +164,37 @@ def test_replay_publishes_compressed_images_as_recorded_and_starts_promptly(ros_
         assert s["first_publish_s"] is not None and s["first_publish_s"] < 5.0, s
         replay_log = (tmp_path / "logs" / "replay.log").read_text()
         assert "every robot is listening" in replay_log and "starting after" not in replay_log, replay_log[-2000:]
+
+
+def test_replay_waits_for_a_prompt_reader_not_only_an_image_reader(ros_env, tmp_path):
+    """Someone else (a viewer, a recorder) reading the camera topic is not the robot's edge: a bag with
+    prompts waits for a reader of the prompt topic too, and says so when it starts without one."""
+    import rclpy
+    from sensor_msgs.msg import Image
+
+    from edge_vlm_ros import qos, topics
+
+    bag = tmp_path / "foreign_bag"
+    write_foreign_bag(bag, n_frames=3, prompt_at=(1,))
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = rclpy.create_node("camera_viewer", context=ctx)
+    node.create_subscription(Image, topics.for_robot("robot_0", topics.CAMERA), lambda m: None, qos.CAMERA)
+    cmd = [sys.executable, "-m", "edge_vlm_ros.replay_node", "--ros-args",
+           "-p", f"bag_path:={bag}", "-p", "robots:=[robot_0]", "-p", "wait_for_subscribers_s:=3.0",
+           "-p", "pause_on_flow_control:=false"]
+    (tmp_path / "logs").mkdir()
+    with open(tmp_path / "logs" / "replay.log", "w") as log:
+        replay = subprocess.Popen(cmd, env=ros_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                  cwd=tmp_path)
+    try:
+        rc = replay.wait(timeout=60)
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+            replay.wait()
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+    text = (tmp_path / "logs" / "replay.log").read_text()
+    assert rc == 0, text[-2000:]
+    assert "starting after 3 s without a subscriber on one of ['/robot_0/edge_vlm/prompt_text']" in text, text

@@ -378,7 +378,7 @@ class _RobotActions:
     pub_action: object = None
     pub_prompt: object = None
     last_state_ns: int | None = None
-    # wall times of the requests awaiting their chunk, oldest first (max_in_flight_chunks may be 2)
+    # wall times of the requests awaiting their chunk, oldest first (max_in_flight_chunks may be up to 4)
     request_wall_ns: collections.deque = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=MAX_IN_FLIGHT))
     last_warn_ns: int | None = None

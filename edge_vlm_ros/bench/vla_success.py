@@ -90,8 +90,11 @@ def configs(studies: list[str], ks: list[int], codebooks: dict[int, Path], merge
                 out.append(Config(f"+{ms} ms {ex}", "latency", sets=LOSSLESS, merge_policy=policy,
                                   execution=ex, latency_ms=float(ms)))
         # a delay longer than what is left of a chunk: ask again before the late chunk arrives
-        out.append(Config("+300 ms delay_aware, 2 in flight", "latency", sets=LOSSLESS, merge_policy="latest_only",
-                          execution="delay_aware", latency_ms=300.0, in_flight=2))
+        # (300 ms = 6 steps at 20 Hz against 8-action chunks: each answer leaves 2 actions; 3 in flight
+        # keep the robot acting every step)
+        for n in (2, 3):
+            out.append(Config(f"+300 ms delay_aware, {n} in flight", "latency", sets=LOSSLESS,
+                              merge_policy="latest_only", execution="delay_aware", latency_ms=300.0, in_flight=n))
     return out
 
 

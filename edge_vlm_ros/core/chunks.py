@@ -43,14 +43,17 @@ Execution (when to ask for the next chunk and where a new chunk starts):
                chunk's weight ramps from 1/(blend_steps+1) to 1 (Real-Time Chunking's soft masking,
                applied to the executed actions since a regression head cannot be inpainted); older
                chunks no longer count.
-               With max_in_flight_chunks 2 it may also ask again before the previous answer is in:
-               when the chunks live and asked for cover no more than the measured delay (a chunk
-               answering an observation at t covers up to t + N - 1 steps) and a request sent only
-               once the pending answer is in would arrive after they ran out, e.g. a 300 ms link at
-               20 Hz (6 steps) against an 8-action chunk (each answer leaves 2 actions); not with
-               4 steps (each answer leaves 4, enough for the next round trip). At most
-               max_in_flight_chunks requests are then unanswered or held at once; each chunk still
-               runs on its own observation's timeline and is blended in as above.
+               With max_in_flight_chunks 2-4 it may also ask again before the previous answer is
+               in: when the chunks live and asked for cover fewer steps ahead than the measured
+               delay d (a chunk answering an observation at t covers up to t + N - 1), so that a
+               request sent one step later would arrive after they ran out, and a request sent only
+               once the pending answer is in would too. E.g. a 300 ms link at 20 Hz (6 steps)
+               against 8-action chunks: each answer leaves 2 actions, so requests go out every 2
+               steps and 3 in flight keep the robot acting every step (2 in flight: 2 of every 6
+               steps hold); with 4 steps each answer leaves 4, enough for the next round trip, and
+               nothing is asked ahead. At most max_in_flight_chunks requests are then unanswered
+               or held at once; each chunk still runs on its own observation's timeline and is
+               blended in as above.
 
 For experiments, inject_latency_s holds every accepted chunk that long (controller clock) before it
 may run, as if the link added that much round-trip latency: with the LIBERO bridge's lock step on
@@ -114,7 +117,7 @@ class MergePolicy(str, enum.Enum):
 EXECUTIONS = ("sync", "async", "delay_aware")
 DELAY_WINDOW = 4   # delay_aware: the request point follows the largest delay of this many recent chunks
 ACTING_HISTORY = 4096   # delay_aware: times of the recent ticks that executed a policy action
-MAX_IN_FLIGHT = 2       # most chunks asked for and not yet running (max_in_flight_chunks' bound)
+MAX_IN_FLIGHT = 4       # most chunks asked for and not yet running (max_in_flight_chunks' bound)
 
 
 class Verdict(str, enum.Enum):
@@ -243,10 +246,12 @@ class ChunkExecutorConfig:
     blend_steps: int = _f(4, "delay_aware: steps over which a new chunk takes over from the running one "
                              "(0: the new chunk at once).", live=True)
     max_in_flight_chunks: int = _f(1, "delay_aware: most chunks asked for and not yet running (requests "
-                                      "unanswered plus chunks held by inject_latency_s), 1 or 2. 1: the next "
-                                      "request waits for the previous answer; 2: when the measured delay is "
-                                      "longer than what the running and requested chunks cover, ask again "
-                                      "before the previous answer is in.", live=True)
+                                      "unanswered plus chunks held by inject_latency_s), 1-4. 1: the next "
+                                      "request waits for the previous answer; more: when the measured delay "
+                                      "is longer than what the running and requested chunks cover, ask again "
+                                      "before the previous answer is in (a delay of d steps against N-action "
+                                      "chunks needs about d / (N - d) + 1 in flight to act every step).",
+                                   live=True)
     inject_latency_s: float = _f(0.0, "Experiments only: hold every accepted chunk this long (controller "
                                       "clock) before it may run, as if the link added that round-trip "
                                       "latency. 0 in deployment.", live=True)
@@ -823,8 +828,10 @@ class ChunkExecutor:
         the robot without actions. In steps from now, with d the measured delay: a chunk answering an
         observation at t covers up to t + N - 1 (the robot acting all along; N and the period: those of
         the last accepted chunk); the newest one asked for arrives in `arrive` steps, and a request sent
-        then would arrive d steps later. Ask when the chunks live and asked for cover at most d steps
-        (the request point of one in flight) and that later request would come after they run out."""
+        then would arrive d steps later. Ask when the chunks live and asked for cover fewer than d
+        steps (a request sent one step later would arrive after they run out: asking earlier only
+        bunches the requests, each extending the cover by one step) and that later request would
+        come after they run out."""
         if self._last_shape is None or not self._delays:
             return False                       # nothing measured yet: no basis to ask ahead
         n, period_ns = self._last_shape
@@ -833,7 +840,7 @@ class ChunkExecutor:
         covered = max([remaining] + [(t + (n - 1) * period_ns - now_ns) // period_ns for t in obs_ns])
         arrive = max([max(0, d - (now_ns - r.since_ns) // period_ns) for r in self._in_flight]
                      + [max(0, -((now_ns - lv.release_ns) // period_ns)) for lv in self._pending])
-        return covered <= max(self.config.low_water_steps, d) and arrive + d > covered + 1
+        return covered <= max(self.config.low_water_steps, d - 1) and arrive + d > covered + 1
 
     def _blend(self, covering: list, now_ns: int) -> np.ndarray:
         """delay_aware: the newest chunk blended into the running one over blend_steps (A,) float64."""

@@ -328,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="split mode: a node parameter, e.g. edge.codec=vq edge.codebook_path=cb.safetensors "
                          "server.codebook_paths=[cb.safetensors] edge.split_point=none edge.codec=jpeg")
     ap.add_argument("--blend-steps", type=int, default=None, help="delay_aware: blend length (default: config)")
-    ap.add_argument("--max-in-flight-chunks", type=int, default=None, choices=(1, 2),
-                    help="delay_aware: requests in flight at once (2: ask again before a long-delayed chunk "
+    ap.add_argument("--max-in-flight-chunks", type=int, default=None, choices=(1, 2, 3, 4),
+                    help="delay_aware: requests in flight at once (2-4: ask again before a long-delayed chunk "
                          "arrives; default: config)")
     ap.add_argument("--model", default="", help="VLM folder or hub id (default: the shipped reference VLA)")
     ap.add_argument("--action-head", default="", help="action head folder (default: <model>/action_head)")

@@ -184,25 +184,39 @@ def test_delay_aware_with_one_in_flight_waits_for_each_answer():
 
 def test_delay_aware_with_two_in_flight_asks_again_before_the_answer_is_in():
     """The same link with max_in_flight_chunks 2: while a request is out, another goes out as soon as
-    even the chunks asked for would not cover past the measured delay (6 steps); each chunk still
-    starts at the actions executed since its own observation."""
+    a request sent one step later would arrive after the chunks live and asked for run out (they
+    cover 5 steps ahead, under the measured delay of 6); each chunk still starts at the actions
+    executed since its own observation."""
     ex = executor(execution="delay_aware", low_water_steps=0, blend_steps=0, max_in_flight_chunks=2,
                   safe_action=[-1.0, 0.0])
     got, asked = run_against_a_slow_server(ex, 6, 26)
-    # 7: r0 has 6 steps left (the delay); 8: r1 (observation 7) would cover only up to 14 = 6 steps
-    # ahead, so r2 goes out before r1 is in; then 2 in flight until r1 arrives at 13, and so on.
-    assert asked == [0, 7, 8, 13, 14, 19, 20, 25]
+    # 7: r0 has 6 steps left (the delay); 9: r1 (observation 7) covers up to 14, 5 steps ahead, so r2
+    # goes out before r1 is in (in at 15: just as r1 runs out); then 2 in flight until r1 arrives.
+    assert asked == [0, 7, 9, 13, 15, 19, 21, 25]
     want = ([-1] * 6 + [0, 1, 2, 3, 4, 5, 6]
-            + [106]            # 13: r1 (observation 7; 7..12 executed) from its row 6
-            + [206, 207]       # 14: r2 (observation 8; 8..13 executed) from its row 6
-            + [-1] * 3         # 16..18: both ran out, r3 is in at 19
-            + [303]            # 19: r3 (observation 13; 13, 14, 15 executed) from its row 3
-            + [403, 404, 405, 406, 407]   # 20: r4 (observation 14; 14, 15, 19 executed) from row 3
+            + [106, 107]       # 13: r1 (observation 7; 7..12 executed) from its row 6
+            + [206, 207]       # 15: r2 (observation 9; 9..14 executed) from its row 6
+            + [-1] * 2         # 17, 18: both ran out, r3 is in at 19
+            + [304, 305]       # 19: r3 (observation 13; 13..16 executed) from its row 4
+            + [404, 405, 406, 407]   # 21: r4 (observation 15; 15, 16, 19, 20 executed) from row 4
             + [506])           # 25: r5 (observation 19; 19..24 executed) from row 6
     assert [got[t] for t in range(26)] == want
     assert ex.counters()["requests_overlapped"] == 6      # all but those at 0 and 7 went out with one out
     ex.reset("ep1", 30 * P)
     assert ex.requests_in_flight == 0
+
+
+def test_delay_aware_with_three_in_flight_never_starves_on_a_6_step_link():
+    """8-action chunks over a 6-step link leave 2 actions each: with 3 requests in flight, one every
+    2 steps, every step after the first chunk runs a policy action (the row of its chunk that the
+    steps executed since the observation leave)."""
+    ex = executor(execution="delay_aware", low_water_steps=0, blend_steps=0, max_in_flight_chunks=3,
+                  safe_action=[-1.0, 0.0])
+    got, asked = run_against_a_slow_server(ex, 6, 40)
+    assert asked == [0, 7] + list(range(9, 40, 2))
+    assert [got[t] for t in range(6)] == [-1] * 6 and min(got[t] for t in range(6, 40)) >= 0   # never starved
+    assert [got[t] for t in range(13, 19)] == [106, 107, 206, 207, 306, 307]
+    assert ex.requests_in_flight <= 3
 
 
 def test_two_in_flight_change_nothing_when_one_keeps_up():
@@ -223,12 +237,12 @@ def test_two_in_flight_count_chunks_held_by_injected_latency():
     ex = executor(execution="delay_aware", low_water_steps=0, blend_steps=0, max_in_flight_chunks=2,
                   inject_latency_s=0.6)
     got, asked = run_against_a_slow_server(ex, 0, 26)
-    assert asked == [0, 7, 8, 13, 14, 19, 20, 25]          # the same schedule as a 6-step link
-    assert got[13] == 106 and got[14] == 206 and got[19] == 303
+    assert asked == [0, 7, 9, 13, 15, 19, 21, 25]          # the same schedule as a 6-step link
+    assert got[13] == 106 and got[15] == 206 and got[19] == 304
 
 
 @pytest.mark.parametrize("kw, msg", [({"max_in_flight_chunks": 0}, "max_in_flight_chunks 0"),
-                                     ({"max_in_flight_chunks": 3, "execution": "delay_aware"}, "1..2"),
+                                     ({"max_in_flight_chunks": 5, "execution": "delay_aware"}, "1..4"),
                                      ({"max_in_flight_chunks": 2, "execution": "async"}, "needs execution")])
 def test_bad_in_flight_settings_are_refused_with_the_value(kw, msg):
     with pytest.raises(ValueError, match=msg):

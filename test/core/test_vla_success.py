@@ -29,12 +29,14 @@ def test_configurations_of_each_study(tmp_path):
     assert [c.merge_policy for c in cs if c.study == "merge"] == ["latest_only", "average", "temporal_ensembling"]
     lat = [(c.latency_ms, c.execution) for c in cs if c.study == "latency"]
     assert lat == [(ms, ex) for ms in (0.0, 100.0, 300.0) for ex in ("sync", "async", "delay_aware")] + \
-        [(300.0, "delay_aware")]
+        [(300.0, "delay_aware")] * 2
     argv = cs[names.index("+300 ms delay_aware")].argv()
     assert argv[argv.index("--inject-latency-ms") + 1] == "300.0" and "--monolithic" not in argv
     assert "--max-in-flight-chunks" not in argv
     two = cs[names.index("+300 ms delay_aware, 2 in flight")].argv()
     assert two[two.index("--max-in-flight-chunks") + 1] == "2" and two[two.index("--execution") + 1] == "delay_aware"
+    three = cs[names.index("+300 ms delay_aware, 3 in flight")].argv()
+    assert three[three.index("--max-in-flight-chunks") + 1] == "3"
     assert "--monolithic" in cs[0].argv()
 
 

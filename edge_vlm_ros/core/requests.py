@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import fcntl
 import json
 import logging
 import math
@@ -72,6 +73,10 @@ class Heard(enum.Enum):
                                        # subscription a reconfigure made): ignored
 
 
+class JournalInUse(RuntimeError):
+    """Another live process holds this robot's outcome journal."""
+
+
 class OutcomeJournal:
     """What a robot's edge published, on disk, so that an edge process that is killed and started
     again still knows it. Two kinds of line, appended under the tracker's lock:
@@ -91,6 +96,7 @@ class OutcomeJournal:
                  wall_ns: Callable[[], int] = time.time_ns) -> None:
         self.path, self.keep = path, keep
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._lock_file()
         try:
             with open(path, encoding="ascii", errors="replace") as f:
                 lines = [ln.strip() for ln in f]
@@ -112,6 +118,21 @@ class OutcomeJournal:
                                        if rid not in ended and e["deadline_ns"] >= oldest_ns][-keep:]
         self._lines = len(lines)
         self._file = open(path, "a", encoding="ascii")
+
+    def _lock_file(self) -> None:
+        """Two live edge processes of one robot on one host would take over each other's open
+        requests and both publish outcomes: `<path>.lock` is held with an exclusive lock for the
+        process's life (released by the kernel when the process ends, however it ends)."""
+        self._lock_fd = open(self.path + ".lock", "a")
+        try:
+            fcntl.flock(self._lock_fd.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_fd.close()
+            raise JournalInUse(f"outcome journal {self.path} is held by another live process: is a second "
+                               "edge running for this robot (robot_id) on this host? Stop it, or give each "
+                               "robot its own robot_id") from None
+        except OSError:
+            pass            # a file system without locks: run unlocked
 
     def opened(self, request_id: str, deadline_ns: int, stamp_ns: int, episode_id: str) -> None:
         self._write("+" + json.dumps({"id": request_id[:128], "deadline_ns": int(deadline_ns),
@@ -146,6 +167,7 @@ class OutcomeJournal:
 
     def close(self) -> None:
         self._file.close()
+        self._lock_fd.close()
 
 
 def _parse_open(text: str) -> dict | None:

@@ -205,7 +205,9 @@ def test_journal_carries_ended_requests_into_the_next_process(tmp_path):
     c.advance(1)
     assert [e.request_id for e in tr.expire()] == ["timed"]
     assert tr.heard("foreign") is Heard.UNKNOWN            # passed on: journaled as well
-    # The process is killed here (nothing closed, nothing flushed beyond what append wrote).
+    # The process is killed here (nothing closed, nothing flushed beyond what append wrote; the
+    # kernel drops its lock on the journal).
+    tr.journal.close()
     tr2 = RequestTracker(8, 0.0, clock=c.mono, wall_ns=c.wall_ns, journal=OutcomeJournal(path, wall_ns=c.wall_ns))
     for rid in ("answered", "timed", "foreign"):
         assert tr2.heard(rid) is Heard.ENDED_BEFORE, rid
@@ -229,6 +231,7 @@ def test_requests_a_killed_edge_left_open_time_out_in_the_next_process(tmp_path)
     assert tr.open("done", tr.deadline_after(10.0))
     assert tr.heard("done") is Heard.CLOSED
     # killed; started again 0.2 s later
+    tr.journal.close()
     c.advance(0.2)
     j = OutcomeJournal(path, wall_ns=c.wall_ns)
     assert sorted(e["id"] for e in j.unfinished) == ["later", "soon"]
@@ -243,6 +246,7 @@ def test_requests_a_killed_edge_left_open_time_out_in_the_next_process(tmp_path)
     c.advance(9.0)
     assert [e.request_id for e in tr2.expire()] == ["later"]
     # A third process: nothing left to take over, everything ended.
+    j.close()
     tr3 = RequestTracker(8, 1.0, clock=c.mono, wall_ns=c.wall_ns, journal=OutcomeJournal(path, wall_ns=c.wall_ns))
     assert len(tr3) == 0
     for rid in ("soon", "later", "done"):
@@ -280,3 +284,31 @@ def test_journal_is_bounded_and_keeps_the_newest(tmp_path):
     lines = path.read_text().split()
     assert len(lines) <= 20 and lines[-1] == "id34"
     assert OutcomeJournal(str(path), keep=10).loaded == [f"id{i}" for i in range(25, 35)]
+
+
+def test_a_second_live_process_cannot_hold_the_same_journal(tmp_path):
+    """Two live edges of one robot on one host would each take over the other's open requests: the
+    second is refused with a reason; once the first is gone (closed or killed), the journal is free."""
+    import subprocess
+    import sys
+
+    from edge_vlm_ros.core.requests import JournalInUse, OutcomeJournal
+
+    path = str(tmp_path / "robot_0.outcomes")
+    first = OutcomeJournal(path)
+    with pytest.raises(JournalInUse, match="second edge running for this robot"):
+        OutcomeJournal(path)
+    first.close()
+    OutcomeJournal(path).close()
+    # held by another process, which is then SIGKILLed: the kernel releases the lock
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from edge_vlm_ros.core.requests import "
+                               f"OutcomeJournal; j = OutcomeJournal({path!r}); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(JournalInUse):
+            OutcomeJournal(path)
+    finally:
+        holder.kill()
+        holder.wait()
+    OutcomeJournal(path).close()

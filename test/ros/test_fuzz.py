@@ -344,6 +344,9 @@ def test_fuzz_replay_node(ros_env, tmp_path):
     frames = []
     client.node.create_subscription(Image, topics.for_robot(ROBOT, topics.CAMERA),
                                     lambda m: client._append(frames, m), qos.CAMERA)
+    # The bag holds prompts too: the replay starts once a reader of each is matched, as an edge is.
+    client.node.create_subscription(String, topics.for_robot(ROBOT, topics.PROMPT_TEXT), lambda m: None,
+                                    qos.USER_PROMPT)
     log = tmp_path / "replay.log"
     proc = _start("edge_vlm_ros.replay_node", {"bag_path": str(bag), "robots": f"[{ROBOT}]", "loops": 0,
                                               "wait_for_subscribers_s": 60.0}, ros_env, log, tmp_path)

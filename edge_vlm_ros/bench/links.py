@@ -271,11 +271,15 @@ def run_one_codec(robot: str, edge_params: dict, *, model: str, images: list[Pat
     `edge_params_file`: an extra parameters file for the edge (lists a -p argument cannot carry)."""
     from ..bag.netns import NetnsLink
     from ..bringup import config_dir
+    from ..core.auth import default_keys_dir, ensure_keys
     from .procs import node_command, peak_rss_mb
 
     cfg = LinkConfig(ns_a=ns[0], ns_b=ns[1], rate_kbit=rates_kbit[0], net=net)
     res: dict = {}
     log_dir.mkdir(parents=True, exist_ok=True)
+    # The server and the robot's edge authenticate with the default keys of the environment they get:
+    # the key exists before either starts (the server refuses to configure without it).
+    ensure_keys(default_keys_dir(env), [robot])
     with NetnsLink(cfg) as link:
         sparams = {**server_params, "robots": [robot]}
         if vq_codebook:
@@ -310,7 +314,11 @@ def run_one_codec(robot: str, edge_params: dict, *, model: str, images: list[Pat
             time.sleep(0.5)
         server_rss = peak_rss_mb(server.pid) or server_rss
         if w.poll() is None:
-            res["error"] = f"{robot}: link worker did not finish within {budget:.0f} s (server exit {server.poll()})"
+            if server.poll() is not None:
+                res["error"] = (f"{robot}: the server exited (code {server.returncode}) before the link worker "
+                                f"finished; its log: {log_dir / f'links_server_{robot}.log'}")
+            else:
+                res["error"] = f"{robot}: link worker did not finish within {budget:.0f} s"
             stop_processes([w], int_grace=20.0)  # on SIGINT the worker stops the edge it started
         server_log.close()
         wlog.close()

@@ -44,6 +44,7 @@ import secrets
 import stat
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 KEY_BYTES = 32
@@ -66,12 +67,15 @@ class Verdict(str, enum.Enum):
         return self is Verdict.OK
 
 
-def default_keys_dir() -> Path:
-    """$EDGE_VLM_KEYS_DIR, else $XDG_CONFIG_HOME/edge_vlm_ros/keys (~/.config/edge_vlm_ros/keys)."""
-    env = os.environ.get("EDGE_VLM_KEYS_DIR")
+def default_keys_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """$EDGE_VLM_KEYS_DIR, else $XDG_CONFIG_HOME/edge_vlm_ros/keys (~/.config/edge_vlm_ros/keys), read
+    from `environ` (default: this process's environment; a launcher passes the one its children get)."""
+    environ = os.environ if environ is None else environ
+    env = environ.get("EDGE_VLM_KEYS_DIR")
     if env:
         return Path(env)
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    home = environ.get("HOME") or os.path.expanduser("~")
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
     return Path(base) / "edge_vlm_ros" / "keys"
 
 
@@ -98,13 +102,25 @@ def create_key(keys_dir: str | os.PathLike | None, robot_id: str, overwrite: boo
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if path.exists() and not overwrite:
         return path
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, (secrets.token_hex(KEY_BYTES) + "\n").encode())
+        os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    if overwrite:
+        os.replace(tmp, path)
+        return path
+    # Two processes creating the same robot's key at once (a launcher and a node it started, two
+    # launchers) must end with one key both use: link() publishes only if nothing is there yet,
+    # and the loser keeps the winner's key instead of replacing the key the winner already loaded.
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
     return path
 
 

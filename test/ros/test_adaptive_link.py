@@ -41,10 +41,14 @@ def test_edge_steps_down_its_ladder_when_the_link_slows_and_publishes_the_switch
     params_file.write_text("/**:\n  ros__parameters:\n    codec_ladder: [" +
                            ", ".join(f'"{e}"' for e in LADDER) + "]\n")
     tag = os.getpid() % 100000
+    # A keys folder with no key in it, as on a fresh machine: the run must create the robot's key
+    # before the server (which refuses to configure without one) and the edge start, and both must
+    # use that same key.
+    env = {**ros_env, "EDGE_VLM_KEYS_DIR": str(tmp_path / "keys")}
     res = run_one_codec(
         "robot_adapt", {"latency_target_ms": 1500.0, "ladder_dwell_s": 60.0}, model=model, images=paths,
         question="What is in the image?", rates_kbit=[10000], n=0, warmup=3, max_new_tokens=4, timeout_s=30.0,
-        log_dir=tmp_path / "logs", out_dir=tmp_path, env=ros_env, domain_id=int(ros_env["ROS_DOMAIN_ID"]),
+        log_dir=tmp_path / "logs", out_dir=tmp_path, env=env, domain_id=int(ros_env["ROS_DOMAIN_ID"]),
         server_params={"model_path": model, "ignore_eos": True, "default_max_new_tokens": 4, "max_batch_size": 1},
         edge_device="cpu", vq_codebook="", ready_timeout=180.0, net="198.19.61",
         schedule=[[10000, 3], [96, 6]], edge_params_file=params_file, ns=(f"evt_r{tag}", f"evt_s{tag}"))
@@ -53,6 +57,7 @@ def test_edge_steps_down_its_ladder_when_the_link_slows_and_publishes_the_switch
     sched = res["schedule"]
     reqs = sched["requests"]
     assert [x["outcome"] for x in reqs] == ["ok"] * 9, (reqs, logs)
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["robot_adapt.key"]
 
     events = sched["codec_switches"]
     start = next(e for e in events if e["event"] == "start")

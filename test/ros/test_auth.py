@@ -19,8 +19,8 @@ from rclpy.serialization import deserialize_message, serialize_message
 from edge_vlm_ros.bringup import NodeSet, NodeSpec, PARAM_FILES, config_dir
 from edge_vlm_ros.client import RobotClient
 from edge_vlm_ros.conversions import chunk_to_msg
-from edge_vlm_ros.core.auth import (Authenticator, ReplayGuard, Verdict, compute_mac, create_key, ensure_keys,
-                                   load_key)
+from edge_vlm_ros.core.auth import (Authenticator, ReplayGuard, Verdict, compute_mac, create_key,
+                                   default_keys_dir, ensure_keys, load_key)
 from edge_vlm_ros.core.chunks import ActionChunk
 from edge_vlm_ros.core.split import load_vlm
 from edge_vlm_ros.core.types import Outcome
@@ -162,6 +162,35 @@ def test_key_files_are_private_and_refused_when_readable(tmp_path):
         load_key(tmp_path / "k", "robot_9")
     with pytest.raises(ValueError):
         create_key(tmp_path / "k", "../etc/passwd")
+
+
+def _create_and_read(args):
+    keys_dir, barrier = args
+    barrier.wait()
+    create_key(keys_dir, "robot_0")
+    return load_key(keys_dir, "robot_0")
+
+
+def test_processes_creating_one_robots_key_at_once_all_end_with_the_same_key(tmp_path):
+    """A launcher and the node it starts (or two launchers) may both find the key missing: whoever
+    loses the race must use the winner's key, never replace the one the winner already loaded."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    for attempt in range(5):
+        keys_dir = tmp_path / f"k{attempt}"
+        n = 8
+        barrier = ctx.Manager().Barrier(n)
+        with ctx.Pool(n) as pool:
+            loaded = pool.map(_create_and_read, [(keys_dir, barrier)] * n)
+        assert len(set(loaded)) == 1 and loaded[0] == load_key(keys_dir, "robot_0"), \
+            f"attempt {attempt}: {len(set(loaded))} different keys in use"
+        assert [p.name for p in keys_dir.iterdir()] == ["robot_0.key"], "a temporary file was left behind"
+
+
+def test_default_keys_dir_is_read_from_the_environment_the_children_get(tmp_path):
+    assert default_keys_dir({"EDGE_VLM_KEYS_DIR": str(tmp_path / "a")}) == tmp_path / "a"
+    assert default_keys_dir({"XDG_CONFIG_HOME": str(tmp_path)}) == tmp_path / "edge_vlm_ros" / "keys"
+    assert default_keys_dir({"HOME": str(tmp_path)}) == tmp_path / ".config" / "edge_vlm_ros" / "keys"
 
 
 def test_every_field_is_covered_and_each_verdict_is_reached():

@@ -82,7 +82,7 @@ from .core.config import EdgeConfig
 from .core.diagnostics import EDGE_LOCAL_REJECTS, Growth, Health, edge_health, with_values
 from .core.edge import EdgeEncoder
 from .core.edge_ladder import CodecLadder
-from .core.requests import Heard, LeaseStatus, OutcomeJournal, RequestTracker, ServerLease
+from .core.requests import Heard, LeaseStatus, OutcomeJournal, RequestTracker, ServerLease, default_journal_dir
 from .core.streams import StreamAnnouncer
 from .core.types import AnswerResult, Outcome, PromptRequest
 from .diagnostics import DiagnosticsPublisher
@@ -240,8 +240,9 @@ class EdgeNode(ManagedNode):
             self.get_logger().warning("outcome_journal_dir: none: an edge process started again after a kill "
                                       "may repeat an outcome its predecessor published")
             return None
-        folder = cfg.outcome_journal_dir or os.path.join(
-            os.environ.get("ROS_HOME") or os.path.join(os.path.expanduser("~"), ".ros"), "edge_vlm_ros")
+        # One journal per robot per DDS domain: graphs on different domains are different systems (two
+        # evaluations or test runs side by side may each have a robot_0); one domain has one robot_0.
+        folder = cfg.outcome_journal_dir or default_journal_dir(self.context.get_domain_id())
         path = os.path.join(folder, f"{cfg.robot_id}.outcomes")
         try:
             journal = OutcomeJournal(path)

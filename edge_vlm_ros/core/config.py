@@ -118,7 +118,7 @@ class EdgeConfig:
                                          "lines kept), so that an edge process started again after a kill does "
                                          "not publish a second outcome for them from the server's recent answers, "
                                          "and ends the requests its predecessor left open. '' = "
-                                         "$ROS_HOME/edge_vlm_ros (~/.ros/edge_vlm_ros); 'none' = off (then a "
+                                         "$ROS_HOME/edge_vlm_ros/domain_<ROS_DOMAIN_ID> (~/.ros/...); 'none' = off (then a "
                                          "restarted edge may repeat an outcome its predecessor published).")
     server_lease_s: float = param(3.0, "Server liveness: a server that sends no FlowControl heartbeat for this "
                                     "long (when its message gives no lease_s) is gone: its PAUSE lapses and "

@@ -73,6 +73,13 @@ class Heard(enum.Enum):
                                        # subscription a reconfigure made): ignored
 
 
+def default_journal_dir(domain_id: int, environ=None) -> str:
+    """$ROS_HOME/edge_vlm_ros/domain_<id> (~/.ros/edge_vlm_ros/domain_<id>): the edge's outcome journals."""
+    environ = os.environ if environ is None else environ
+    home = environ.get("ROS_HOME") or os.path.join(os.path.expanduser("~"), ".ros")
+    return os.path.join(home, "edge_vlm_ros", f"domain_{int(domain_id)}")
+
+
 class JournalInUse(RuntimeError):
     """Another live process holds this robot's outcome journal."""
 
@@ -129,8 +136,8 @@ class OutcomeJournal:
         except BlockingIOError:
             self._lock_fd.close()
             raise JournalInUse(f"outcome journal {self.path} is held by another live process: is a second "
-                               "edge running for this robot (robot_id) on this host? Stop it, or give each "
-                               "robot its own robot_id") from None
+                               "edge running for this robot (robot_id) on this host and DDS domain? Stop it, give "
+                               "each robot its own robot_id, or each edge its own outcome_journal_dir") from None
         except OSError:
             pass            # a file system without locks: run unlocked
 

@@ -49,3 +49,16 @@ def ros_env(monkeypatch, tmp_path_factory):
     finally:
         lock.close()     # releases the domain (the test's processes are stopped by now)
 
+
+
+@pytest.fixture
+def other_domain_env(ros_env):
+    """A second private DDS domain on this host, sharing ros_env's ROS_HOME (another system beside the
+    test's: what a second evaluation or test run side by side looks like)."""
+    domain, lock = _allocate_domain()
+    env = isolated_ros_env(domain)
+    env["ROS_HOME"] = ros_env["ROS_HOME"]
+    try:
+        yield env
+    finally:
+        lock.close()

@@ -236,3 +236,47 @@ def test_edge_killed_with_a_request_no_server_answers_times_out_in_the_next_proc
     log = (tmp_path / "logs" / f"{edge_name}.log").read_text()
     assert "1 still open (taken over)" in log, log[-3000:]
     (tmp_path / "inherited.json").write_text(json.dumps({"timeout_s": timeout_s, "outcome_after_kill_s": waited}))
+
+
+def test_edges_of_one_robot_id_on_two_domains_keep_their_own_journals_a_second_on_one_domain_is_refused(
+        ros_env, other_domain_env, tmp_path):
+    """Two systems side by side on one host (two evaluations, two test runs: private DDS domains, one
+    ROS_HOME) may each have a robot_0: each edge journals in its own domain's folder and both serve.
+    A second edge of robot_0 on the same domain would take over the first one's open requests: it is
+    refused at configure and exits, saying why, while the first keeps running."""
+    ensure()
+    keys = tmp_path / "keys"
+    overrides = {"edge": {"max_new_tokens": 4}}
+
+    def edge_set(env, log):
+        specs = [s for s in build_specs(1, overrides, with_controller=False, keys_dir=keys) if s.role == "edge"]
+        return NodeSet(specs, env=env, log_dir=tmp_path / log).start(), tmp_path / log / "edge_robot_0.log"
+
+    sets = []
+    try:
+        for env, log in ((ros_env, "a"), (other_domain_env, "b")):
+            nodes, path = edge_set(env, log)
+            sets.append(nodes)
+            deadline = time.monotonic() + 120
+            while "outcome journal" not in (path.read_text() if path.exists() else ""):
+                assert not nodes.poll() and time.monotonic() < deadline, (nodes.poll(), path.read_text())
+                time.sleep(0.2)
+        home = ros_env["ROS_HOME"]
+        for env, log in ((ros_env, "a"), (other_domain_env, "b")):
+            text = (tmp_path / log / "edge_robot_0.log").read_text()
+            assert f"{home}/edge_vlm_ros/domain_{env['ROS_DOMAIN_ID']}/robot_0.outcomes" in text, text
+        time.sleep(1.0)
+        assert not sets[0].poll() and not sets[1].poll(), (sets[0].poll(), sets[1].poll())
+
+        third, path = edge_set(ros_env, "c")
+        sets.append(third)
+        deadline = time.monotonic() + 120
+        while not third.poll():
+            assert time.monotonic() < deadline, path.read_text()
+            time.sleep(0.2)
+        assert third.poll()[0][1] != 0 and "second edge running for this robot" in path.read_text(), \
+            path.read_text()
+        assert not sets[0].poll(), "the first edge stopped"
+    finally:
+        for nodes in sets:
+            nodes.stop()

@@ -119,8 +119,12 @@ def create_key(keys_dir: str | os.PathLike | None, robot_id: str, overwrite: boo
         os.link(tmp, path)
     except FileExistsError:
         pass
+    except OSError:
+        # a file system without hard links: publish by rename unless a key appeared meanwhile
+        if not path.exists():
+            os.replace(tmp, path)
     finally:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     return path
 
 

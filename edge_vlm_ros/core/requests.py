@@ -73,10 +73,9 @@ class Heard(enum.Enum):
                                        # subscription a reconfigure made): ignored
 
 
-def default_journal_dir(domain_id: int, environ=None) -> str:
+def default_journal_dir(domain_id: int) -> str:
     """$ROS_HOME/edge_vlm_ros/domain_<id> (~/.ros/edge_vlm_ros/domain_<id>): the edge's outcome journals."""
-    environ = os.environ if environ is None else environ
-    home = environ.get("ROS_HOME") or os.path.join(os.path.expanduser("~"), ".ros")
+    home = os.environ.get("ROS_HOME") or os.path.join(os.path.expanduser("~"), ".ros")
     return os.path.join(home, "edge_vlm_ros", f"domain_{int(domain_id)}")
 
 

@@ -65,7 +65,10 @@ def test_spoofer_cannot_hijack_reject_or_pause_a_robot(ros_env, tmp_path):
                          reference.fingerprint, "--shape", str(n_tokens), str(dim))
         try:
             # The spoofer must be on the graph (reading the victim's prompts) before the victim asks.
-            assert client.wait_for(lambda: client.node.count_subscribers("/robot_0/edge_vlm/prompt") >= 3, 60)
+            # (by its node name: counting readers passes as soon as the edge and server are there).
+            assert client.wait_for(lambda: any(
+                i.node_name == "not_a_robot"
+                for i in client.node.get_subscriptions_info_by_topic("/robot_0/edge_vlm/prompt")), 60), _stop(spoof)
             time.sleep(1.0)
             questions = ["what color is the shape ?", "how many shapes are there ?", "is there a circle ?"]
             asked = []

@@ -13,6 +13,7 @@ message from a real one.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import random
 import threading
@@ -156,6 +157,11 @@ class RobotClient:
         self._executor = make_executor(self._context)
         self._executor.add_node(self.node)
         self._stop = threading.Event()
+        # Entities made while the spin thread runs wait at this gate (see _quiesced).
+        self._gate = threading.Condition()
+        self._gate_requests = 0
+        self._spin_parked = False
+        self.spin_errors = 0          # exceptions spin_once raised (logged; the loop goes on)
         self._spin = threading.Thread(target=self._spin_loop, daemon=True)
         self._spin.start()
 
@@ -163,7 +169,53 @@ class RobotClient:
         # spin_once in a loop, not executor.spin(): the EventsExecutor's spin() on a thread of its own
         # was seen to hold off this process's other threads and to hang shutdown().
         while not self._stop.is_set() and self._context.ok():
-            self._executor.spin_once(timeout_sec=0.1)
+            with self._gate:
+                while self._gate_requests and not self._stop.is_set():
+                    self._spin_parked = True
+                    self._gate.notify_all()
+                    self._gate.wait(0.1)
+                self._spin_parked = False
+            try:
+                self._executor.spin_once(timeout_sec=0.1)
+            except Exception as e:   # noqa: BLE001 - a dead spin thread would be a client that hears nothing
+                if self._stop.is_set() or not self._context.ok():
+                    break
+                self.spin_errors += 1
+                self.node.get_logger().error(f"spin: {type(e).__name__}: {e} (spinning on; {self.spin_errors} so far)",
+                                             throttle_duration_sec=5.0)
+                time.sleep(0.01)
+
+    @contextlib.contextmanager
+    def _quiesced(self):
+        """Hold the spin thread between two spin_once calls while the body runs. rclpy's ActionClient
+        registers itself with the node before its constructor has finished (its lock is set last), so
+        one made while another thread spins can be polled half-built: the spin thread then died with
+        "'ActionClient' object has no attribute '_lock'" and the client heard nothing more (seen in CI)."""
+        if threading.current_thread() is self._spin:
+            yield                       # from a callback: the spin thread is not polling meanwhile
+            return
+        with self._gate:
+            self._gate_requests += 1
+            while not self._spin_parked and self._spin.is_alive() and not self._stop.is_set():
+                self._gate.wait(0.05)
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._gate_requests -= 1
+                self._gate.notify_all()
+
+    def _ask_client(self, robot: str) -> ActionClient:
+        """The client of `robot`'s Ask action, made on first use (made with the spin thread held)."""
+        with self._lock:
+            client = self._ask_clients.get(robot)
+        if client is None:
+            with self._quiesced(), self._lock:
+                client = self._ask_clients.get(robot)
+                if client is None:
+                    client = self._ask_clients[robot] = ActionClient(self.node, Ask,
+                                                                     topics.for_robot(robot, topics.ASK))
+        return client
 
     @property
     def auth_dropped(self) -> dict[str, dict[str, int]]:
@@ -359,11 +411,7 @@ class RobotClient:
         goal (ask_client.AskGoal): .wait(timeout) gives its Ask.Result, the answer to exactly this
         question; .feedback its stages; .cancel() takes it back. `rgb`: ask about this image instead of
         the robot's newest camera frame. Any number at once, from any thread."""
-        with self._lock:
-            if robot not in self._ask_clients:
-                self._ask_clients[robot] = ActionClient(self.node, Ask, topics.for_robot(robot, topics.ASK))
-            client = self._ask_clients[robot]
-        return send_ask(client, make_goal(question, rgb, task, max_new_tokens), server_timeout)
+        return send_ask(self._ask_client(robot), make_goal(question, rgb, task, max_new_tokens), server_timeout)
 
     def _ask(self, robot: str, rgb: np.ndarray, text: str, timeout: float, settle_s: float, attempts: int,
              records: dict) -> AnswerResult | ActionChunk | None:

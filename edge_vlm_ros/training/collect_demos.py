@@ -46,10 +46,12 @@ import numpy as np
 
 from edge_vlm_ros.simulation.expert import ExpertConfig, Phase, PickPlaceExpert
 from edge_vlm_ros.simulation.libero_sim import import_libero, quat_to_axis_angle
-from edge_vlm_ros.training.demos import (PARTS_SUFFIX, Demo, TaskFileWriter, TaskInfo, read_task_file,
+from edge_vlm_ros.training.demos import (CAMERAS, PARTS_SUFFIX, Demo, TaskFileWriter, TaskInfo, read_task_file,
                                          read_task_info, task_file, write_task_file)
 
 LOG = logging.getLogger(__name__)
+
+CAMERA_NAMES = {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}   # ours -> robosuite's
 
 # LIBERO's evaluation horizons per suite (seed 001 / OpenVLA-OFT protocol)
 MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520}
@@ -58,7 +60,8 @@ MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "l
 class TaskEnvs:
     """A physics-only env for rollouts and, made on first use, an offscreen one for rendering."""
 
-    def __init__(self, suite_name: str, task_id: int, image_size: int, seed: int) -> None:
+    def __init__(self, suite_name: str, task_id: int, image_size: int, seed: int,
+                 cameras: tuple[str, ...] = CAMERAS) -> None:
         benchmark, get_path, self._render_cls = import_libero()
         from libero.libero.envs.env_wrapper import ControlEnv
 
@@ -73,6 +76,7 @@ class TaskEnvs:
         self.init_states = self.suite.get_task_init_states(task_id)
         self.image_size = image_size
         self.seed = seed
+        self.cameras = tuple(cameras)
         self._control_cls = ControlEnv
         self._physics = None
         self._render = None
@@ -90,7 +94,8 @@ class TaskEnvs:
     def render_env(self):
         if self._render is None:
             self._render = self._render_cls(bddl_file_name=self.bddl, camera_heights=self.image_size,
-                                            camera_widths=self.image_size, hard_reset=False)
+                                            camera_widths=self.image_size, hard_reset=False,
+                                            camera_names=[CAMERA_NAMES[c] for c in self.cameras])
             self._render.seed(self.seed)
             self._render.reset()
         return self._render
@@ -127,15 +132,17 @@ def rollout(env, init_state: np.ndarray, expert: PickPlaceExpert, max_steps: int
     return rec
 
 
-def render(env, states: list[np.ndarray], flip: str = "vertical") -> tuple[np.ndarray, np.ndarray]:
-    """(T, H, W, 3) agentview and wrist images of recorded states, upright like LiberoSim's."""
-    agent, wrist = [], []
+def render(env, states: list[np.ndarray], flip: str = "vertical",
+           cameras: tuple[str, ...] = CAMERAS) -> tuple[np.ndarray, np.ndarray | None]:
+    """(T, H, W, 3) agentview and wrist images of recorded states, upright like LiberoSim's; the
+    wrist images are None when `cameras` leaves the wrist out (the env then renders only agentview)."""
+    frames: dict[str, list] = {c: [] for c in cameras}
     for s in states:
         obs = env.regenerate_obs_from_state(s)
-        for key, out in (("agentview_image", agent), ("robot0_eye_in_hand_image", wrist)):
-            img = obs[key]
+        for c, out in frames.items():
+            img = obs[f"{CAMERA_NAMES[c]}_image"]
             out.append(np.ascontiguousarray(img[::-1] if flip == "vertical" else img[::-1, ::-1]))
-    return np.stack(agent), np.stack(wrist)
+    return np.stack(frames["agentview"]), (np.stack(frames["wrist"]) if "wrist" in frames else None)
 
 
 def traj_path(folder: str, k: int) -> str:
@@ -177,9 +184,11 @@ def read_trajectory(path: str) -> Demo:
                 attrs=json.loads(arrays["attrs"].tobytes().decode("utf-8")))
 
 
-def render_trajectory(env, traj: Demo) -> Demo:
-    agent, wrist = render(env, list(traj.states))
+def render_trajectory(env, traj: Demo, cameras: tuple[str, ...] = CAMERAS) -> Demo:
+    agent, wrist = render(env, list(traj.states), cameras=cameras)
     traj.agentview, traj.wrist = agent, wrist
+    if tuple(cameras) != CAMERAS:       # only then: the default episode's bytes stay as they were
+        traj.attrs["cameras"] = list(cameras)
     traj.model_file = env.env.sim.model.get_xml()     # LIBERO's per-episode model_file attribute
     return traj
 
@@ -238,7 +247,7 @@ def _existing(final: str) -> tuple[TaskInfo | None, set[int]]:
         return None, set()
 
 
-def task_info(envs: TaskEnvs, meta: dict, image_size: int) -> TaskInfo:
+def task_info(envs: TaskEnvs, meta: dict, image_size: int, cameras: tuple[str, ...] = CAMERAS) -> TaskInfo:
     """The task file's attributes, as LIBERO's create_dataset writes them, plus our collection record."""
     from libero.libero.envs import bddl_utils
 
@@ -246,7 +255,7 @@ def task_info(envs: TaskEnvs, meta: dict, image_size: int) -> TaskInfo:
     with open(envs.bddl) as f:
         content = f.read()
     env_kwargs = {"robots": ["Panda"], "controller": "OSC_POSE", "control_freq": 20, "camera_heights": image_size,
-                  "camera_widths": image_size, "camera_names": ["agentview", "robot0_eye_in_hand"]}
+                  "camera_widths": image_size, "camera_names": [CAMERA_NAMES[c] for c in cameras]}
     return TaskInfo(instruction=str(envs.task.language), problem_info=dict(problem),
                     env_args={"type": 1, "env_name": problem["problem_name"], "problem_name": problem["problem_name"],
                               "bddl_file": envs.bddl, "env_kwargs": env_kwargs},
@@ -267,7 +276,8 @@ def assemble(final: str, parts: str, info: TaskInfo, keep: set[int], staged: lis
 
 
 def collect_task(args: argparse.Namespace, suite: str, task_id: int, bar) -> dict:
-    envs = TaskEnvs(suite, task_id, args.image_size, args.seed)
+    cameras = tuple(args.cameras)
+    envs = TaskEnvs(suite, task_id, args.image_size, args.seed, cameras)
     try:
         name = envs.task.name
         final = task_file(args.out, suite, name)
@@ -280,6 +290,14 @@ def collect_task(args: argparse.Namespace, suite: str, task_id: int, bar) -> dic
         if args.eval_trials >= n_init:
             raise ValueError(f"--eval-trials {args.eval_trials} leaves no init state of {n_init} for demonstrations")
         pool = n_init - args.eval_trials
+        had = tuple(meta.get("cameras", CAMERAS))
+        if had != cameras and (in_file or any(staged_index(n) is not None for n in os.listdir(parts))):
+            raise ValueError(f"{final}: its episodes record cameras {list(had)}, this run asks for {list(cameras)}; "
+                             f"use another --out or the same --cameras")
+        if cameras != CAMERAS:
+            meta["cameras"] = list(cameras)
+        else:
+            meta.pop("cameras", None)
         meta.update({"suite": suite, "task_id": task_id, "task_name": name, "image_size": args.image_size,
                      "image_flip": "vertical", "eval_init_states": list(range(args.eval_trials)), "seed": args.seed,
                      "max_steps": args.max_steps})
@@ -327,7 +345,7 @@ def collect_task(args: argparse.Namespace, suite: str, task_id: int, bar) -> dic
         if args.stage != "rollout":
             for i, (k, traj) in enumerate(todo):
                 t0 = time.perf_counter()
-                demo = render_trajectory(envs.render_env, read_trajectory(traj))
+                demo = render_trajectory(envs.render_env, read_trajectory(traj), cameras)
                 write_task_file(staged_path(parts, k), TaskInfo(instruction=demo.instruction), {k: demo})
                 os.remove(traj)
                 LOG.info("task %d demo %d: %d steps rendered in %.1f s", task_id, k, len(demo),
@@ -348,7 +366,7 @@ def collect_task(args: argparse.Namespace, suite: str, task_id: int, bar) -> dic
             _save_meta(meta_path, meta)        # nothing to put into the task file yet
         else:
             if changed:
-                assemble(final, parts, task_info(envs, meta, args.image_size), in_file, staged)
+                assemble(final, parts, task_info(envs, meta, args.image_size, cameras), in_file, staged)
             if os.path.exists(meta_path):
                 os.remove(meta_path)           # the record lives in the file's `collection` attribute
         for d in (os.path.join(parts, "trajectories"), parts):
@@ -375,7 +393,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="rollout: expert episodes only (trajectories, no images); render: only render kept ones")
     ap.add_argument("--report", default=None, help="also write the JSON summary here")
     ap.add_argument("--image-size", type=int, default=128, help="render resolution (the policy's)")
+    ap.add_argument("--cameras", choices=("agentview,wrist", "agentview"), default="agentview,wrist",
+                    help="cameras to render: 'agentview' alone renders half the frames, for policies that do not "
+                         "see the wrist camera (the reference VLA); the episodes then declare it in their attrs")
     args = ap.parse_args(argv)
+    args.cameras = tuple(args.cameras.split(","))
     for name in ("per_task", "max_attempts", "image_size"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -63,6 +63,8 @@ ARRAYS = ("actions", "obs/agentview_rgb", "obs/eye_in_hand_rgb", "obs/ee_states"
           "obs/joint_states", "states", "rewards", "dones")
 FIELDS = ARRAYS + ("attrs",)
 IMAGES = ("obs/agentview_rgb", "obs/eye_in_hand_rgb")
+WRIST = "obs/eye_in_hand_rgb"
+CAMERAS = ("agentview", "wrist")   # what an episode records unless its attrs' "cameras" say otherwise
 HDF5_SUFFIXES = (".hdf5", ".h5")
 PARTS_SUFFIX = ".parts"        # collect_demos' working folder beside a task file (never read as data)
 OURS = "opencv"                # the image convention we write: upright
@@ -72,7 +74,7 @@ OURS = "opencv"                # the image convention we write: upright
 class Demo:
     actions: np.ndarray          # (T, 7) float32
     agentview: np.ndarray        # (T, H, W, 3) uint8, upright
-    wrist: np.ndarray            # (T, H, W, 3) uint8, upright
+    wrist: np.ndarray | None     # (T, H, W, 3) uint8, upright; None in an agentview-only episode
     ee_states: np.ndarray        # (T, 6) float32
     gripper_states: np.ndarray   # (T, 2) float32
     joint_states: np.ndarray     # (T, 7) float32
@@ -115,11 +117,31 @@ def _fail(where: str, name: str, why: str) -> ValueError:
     return ValueError(f"demonstration {where}: field {name!r}: {why}")
 
 
+def _declared_wrist(where: str, attrs: dict) -> bool:
+    if "cameras" in attrs:
+        check_cameras(where, attrs["cameras"])
+    return has_wrist(attrs)
+
+
+def has_wrist(attrs: dict) -> bool:
+    """Whether an episode records the wrist camera: yes unless its attrs' "cameras" leave it out
+    (collect_demos --cameras agentview writes such episodes, for policies that see agentview only)."""
+    return "wrist" in attrs.get("cameras", CAMERAS)
+
+
+def check_cameras(where: str, cameras) -> list[str]:
+    """A "cameras" declaration: a list of known camera names that includes agentview."""
+    if not isinstance(cameras, (list, tuple)) or not all(isinstance(c, str) for c in cameras) \
+            or not set(cameras) <= set(CAMERAS) or "agentview" not in cameras or len(set(cameras)) != len(cameras):
+        raise _fail(where, "cameras", f"{cameras!r}: expected agentview and optionally wrist, of {list(CAMERAS)}")
+    return list(cameras)
+
+
 def _arrays(demo: Demo) -> dict[str, np.ndarray]:
-    return {
+    a = {
         "actions": np.asarray(demo.actions, np.float32),
         "obs/agentview_rgb": np.asarray(demo.agentview, np.uint8),
-        "obs/eye_in_hand_rgb": np.asarray(demo.wrist, np.uint8),
+        "obs/eye_in_hand_rgb": None if demo.wrist is None else np.asarray(demo.wrist, np.uint8),
         "obs/ee_states": np.asarray(demo.ee_states, np.float32),
         "obs/gripper_states": np.asarray(demo.gripper_states, np.float32),
         "obs/joint_states": np.asarray(demo.joint_states, np.float32),
@@ -127,13 +149,19 @@ def _arrays(demo: Demo) -> dict[str, np.ndarray]:
         "rewards": np.asarray(demo.rewards, np.float32),
         "dones": np.asarray(demo.dones, np.uint8),
     }
+    if a[WRIST] is None:
+        del a[WRIST]
+    return a
 
 
-def _validate(where: str, a: dict[str, np.ndarray], action_dim: int) -> None:
-    """The episode's arrays (ARRAYS) against each other and the head's action dimension."""
+def _validate(where: str, a: dict[str, np.ndarray], action_dim: int, wrist: bool = True) -> None:
+    """The episode's arrays (ARRAYS) against each other and the head's action dimension; the wrist
+    images are required unless the episode declares itself agentview-only (`wrist` False)."""
     for name in ARRAYS:
-        if name not in a:
+        if name not in a and (wrist or name != WRIST):
             raise _fail(where, name, "missing")
+    if not wrist and WRIST in a:
+        raise _fail(where, WRIST, "present in an episode whose attrs declare no wrist camera")
     act = a["actions"]
     if act.ndim != 2 or act.shape[1] != action_dim:
         raise _fail(where, "actions", f"shape {act.shape}, expected (T, {action_dim})")
@@ -143,6 +171,8 @@ def _validate(where: str, a: dict[str, np.ndarray], action_dim: int) -> None:
     if t < 1:
         raise _fail(where, "actions", "empty episode")
     for name in IMAGES:
+        if name not in a:
+            continue
         img = a[name]
         if img.dtype != np.uint8 or img.ndim != 4 or img.shape[-1] != 3:
             raise _fail(where, name, f"shape {img.shape} dtype {img.dtype}, expected (T, H, W, 3) uint8")
@@ -158,7 +188,7 @@ def _validate(where: str, a: dict[str, np.ndarray], action_dim: int) -> None:
         if a[name].ndim != 1 or not np.issubdtype(a[name].dtype, np.number):
             raise _fail(where, name, f"shape {a[name].shape} dtype {a[name].dtype}, expected (T,) numbers")
     for name in ARRAYS[1:]:
-        if a[name].shape[0] != t:
+        if name in a and a[name].shape[0] != t:
             raise _fail(where, name, f"length {a[name].shape[0]} != {t} actions")
 
 
@@ -166,7 +196,7 @@ def _demo(a: dict[str, np.ndarray], attrs: dict, model_file: str = "") -> Demo:
     """A Demo of validated arrays, in the dtypes the Demo promises (LIBERO writes float64 proprio
     and uint8 rewards)."""
     return Demo(actions=a["actions"].astype(np.float32, copy=False),
-                agentview=a["obs/agentview_rgb"], wrist=a["obs/eye_in_hand_rgb"],
+                agentview=a["obs/agentview_rgb"], wrist=a.get(WRIST),
                 ee_states=a["obs/ee_states"].astype(np.float32, copy=False),
                 gripper_states=a["obs/gripper_states"].astype(np.float32, copy=False),
                 joint_states=a["obs/joint_states"].astype(np.float32, copy=False),
@@ -275,7 +305,7 @@ class TaskFileWriter:
     def add(self, k: int, demo: Demo) -> None:
         a = _arrays(demo)
         where = f"{self.path} (data/demo_{k})"
-        _validate(where, a, self.action_dim)
+        _validate(where, a, self.action_dim, _declared_wrist(where, demo.attrs))
         g = _untimed_group(self._data, self._claim(k))
         _untimed_group(g, "obs")
         for name, arr in a.items():
@@ -308,7 +338,8 @@ def write_task_file(path: str | os.PathLike, info: TaskInfo, demos: Sequence[tup
     """Every episode validated, then the whole file written atomically."""
     items = sorted(demos.items()) if isinstance(demos, dict) else list(demos)
     for k, d in items:
-        _validate(f"{path} (data/demo_{k})", _arrays(d), action_dim)
+        where = f"{path} (data/demo_{k})"
+        _validate(where, _arrays(d), action_dim, _declared_wrist(where, d.attrs))
     with TaskFileWriter(path, info, action_dim) as w:
         for k, d in items:
             w.add(k, d)
@@ -363,23 +394,27 @@ def _read_episode(path: str, data, k: int, instruction: str, flip: bool, action_
     h5py = _h5py()
     where = f"{path} (data/demo_{k})"
     g = data[f"demo_{k}"]
+    attrs = _json_object(where, "demo_info", _attr_text(g.attrs["demo_info"])) if "demo_info" in g.attrs else {}
+    wrist = _declared_wrist(where, attrs)
     arrays = {}
     for name in ARRAYS:
+        if name == WRIST and not wrist and name not in g:
+            continue
         if name not in g or not isinstance(g[name], h5py.Dataset):
             raise _fail(where, name, "missing")
         try:
             arrays[name] = g[name][()]
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise _fail(where, name, f"unreadable or truncated ({e})") from e
-    _validate(where, arrays, action_dim)
+    _validate(where, arrays, action_dim, wrist)
     t = arrays["actions"].shape[0]
     if "num_samples" in g.attrs and int(g.attrs["num_samples"]) != t:
         raise _fail(where, "num_samples", f"{int(g.attrs['num_samples'])} != {t} actions")
-    attrs = _json_object(where, "demo_info", _attr_text(g.attrs["demo_info"])) if "demo_info" in g.attrs else {}
     attrs.setdefault("instruction", instruction)
     if flip:   # LIBERO's own datasets store MuJoCo's upside-down frames
         for name in IMAGES:
-            arrays[name] = np.ascontiguousarray(arrays[name][:, ::-1])
+            if name in arrays:
+                arrays[name] = np.ascontiguousarray(arrays[name][:, ::-1])
     return _demo(arrays, attrs, _attr_text(g.attrs.get("model_file", "")))
 
 
@@ -417,7 +452,7 @@ def write_demo(path: str, demo: Demo, action_dim: int = ACTION_DIM) -> None:
     """One episode as `demo_<k>.npz` (the older layout; collect_demos stages rendered episodes this
     way before they go into the task file). Validated, then written atomically."""
     arrays = _arrays(demo)
-    _validate(path, arrays, action_dim)
+    _validate(path, arrays, action_dim, _declared_wrist(path, demo.attrs))
     arrays["attrs"] = np.frombuffer(json.dumps(demo.attrs, sort_keys=True).encode("utf-8"), dtype=np.uint8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -435,13 +470,13 @@ def read_demo(path: str, action_dim: int = ACTION_DIM) -> Demo:
         raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         raise _fail(path, "file", f"unreadable or truncated ({type(e).__name__}: {e})") from e
-    for name in FIELDS:
-        if name not in arrays:
-            raise _fail(path, name, "missing")
-    _validate(path, arrays, action_dim)
+    if "attrs" not in arrays:
+        raise _fail(path, "attrs", "missing")
     if arrays["attrs"].dtype != np.uint8 or arrays["attrs"].ndim != 1:
         raise _fail(path, "attrs", f"expected UTF-8 JSON bytes, got {arrays['attrs'].dtype} {arrays['attrs'].shape}")
-    return _demo(arrays, _json_object(path, "attrs", arrays["attrs"].tobytes()))
+    attrs = _json_object(path, "attrs", arrays.pop("attrs").tobytes())
+    _validate(path, arrays, action_dim, _declared_wrist(path, attrs))
+    return _demo(arrays, attrs)
 
 
 def demo_path(task_dir: str, k: int) -> str:

@@ -441,3 +441,52 @@ def test_collection_assembles_the_task_file_from_what_it_had_and_what_was_staged
     assert info == INFO and [d.model_file != "" for d in back] == [False, False, True, True]
     for s_, d in zip((0, 1, 2, 4), back):
         assert_equal(with_model(make_demo(seed=s_)) if s_ in (2, 4) else make_demo(seed=s_), d)
+
+
+def agentview_only(seed: int = 0) -> Demo:
+    d = make_demo(seed=seed)
+    d.wrist = None
+    d.attrs["cameras"] = ["agentview"]
+    return d
+
+
+def test_agentview_only_episodes_round_trip(tmp_path):
+    """collect_demos --cameras agentview: episodes that declare no wrist camera are written and read
+    back without one, in both layouts; everything else about them is checked as usual."""
+    d = agentview_only()
+    npz = str(tmp_path / "t" / "demo_0.npz")
+    write_demo(npz, d)
+    back = read_demo(npz)
+    assert back.wrist is None and back.attrs["cameras"] == ["agentview"]
+    np.testing.assert_array_equal(back.agentview, d.agentview)
+    path = str(tmp_path / "task_demo.hdf5")
+    dm.write_task_file(path, TaskInfo(instruction=d.instruction), {0: d, 1: make_demo(seed=1)})
+    with h5py.File(path, "r") as f:
+        assert "obs/eye_in_hand_rgb" not in f["data/demo_0"] and "obs/eye_in_hand_rgb" in f["data/demo_1"]
+    _, (a, b) = dm.read_task_file(path)
+    assert a.wrist is None and b.wrist is not None
+    np.testing.assert_array_equal(a.agentview, d.agentview)
+
+
+def test_wrist_must_match_the_declared_cameras(tmp_path):
+    # declared agentview-only but carrying wrist images, or declaring both and lacking them: refused, named
+    d = make_demo()
+    d.attrs["cameras"] = ["agentview"]
+    with pytest.raises(ValueError, match="'obs/eye_in_hand_rgb': present in an episode whose attrs declare no wrist"):
+        write_demo(str(tmp_path / "demo_0.npz"), d)
+    d = make_demo()
+    d.wrist = None
+    with pytest.raises(ValueError, match="'obs/eye_in_hand_rgb': missing"):
+        dm.write_task_file(str(tmp_path / "a_demo.hdf5"), TaskInfo(instruction="x"), {0: d})
+    for bad in (["wrist"], ["agentview", "depth"], "agentview", ["agentview", "agentview"]):
+        d = agentview_only()
+        d.attrs["cameras"] = bad
+        with pytest.raises(ValueError, match="'cameras'"):
+            write_demo(str(tmp_path / "demo_0.npz"), d)
+    # a file whose episode lost its wrist dataset while its attrs still promise one: missing
+    path = str(tmp_path / "b_demo.hdf5")
+    dm.write_task_file(path, TaskInfo(instruction="x"), {0: make_demo()})
+    with h5py.File(path, "r+") as f:
+        del f["data/demo_0/obs/eye_in_hand_rgb"]
+    with pytest.raises(ValueError, match=r"demo_0\).*'obs/eye_in_hand_rgb': missing"):
+        dm.read_task_file(path)

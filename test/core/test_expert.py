@@ -80,3 +80,17 @@ def test_expert_succeeds_and_collection_writes_resumable_demo(tmp_path):
                  "--image-size", "32", "--report", report_path]) == 0
     assert json.load(open(report_path))["tasks"][0]["demos"] == 1
     assert os.stat(path).st_mtime_ns == mtime and os.listdir(folder) == [name]
+    # --cameras agentview: the same episode, its agentview frames bit-identical, no wrist camera
+    # rendered; a rerun asking for both cameras into that folder is refused, naming the file
+    out2 = str(tmp_path / "demos-agentview")
+    assert main(["--suite", SUITE, "--tasks", str(TASK), "--per-task", "1", "--out", out2, "--seed", "0",
+                 "--image-size", "32", "--max-attempts", "1", "--cameras", "agentview"]) == 0
+    info2, (only,) = read_task_file(os.path.join(out2, SUITE, name))
+    assert only.wrist is None and only.attrs["cameras"] == ["agentview"]
+    np.testing.assert_array_equal(only.agentview, demo.agentview)
+    np.testing.assert_array_equal(only.actions, demo.actions)
+    assert info2.env_args["env_kwargs"]["camera_names"] == ["agentview"]
+    assert info2.collection["cameras"] == ["agentview"]
+    with pytest.raises(ValueError, match="record cameras \\['agentview'\\]"):
+        main(["--suite", SUITE, "--tasks", str(TASK), "--per-task", "2", "--out", out2, "--seed", "0",
+              "--image-size", "32", "--max-attempts", "1"])

@@ -85,6 +85,7 @@ class TrainConfig:
     eval_every: int = 500
     eval_examples: int = 512
     limit_train: int = 0  # 0 = all training questions; tests use a few
+    init_from: str = ""  # a trained model folder to start from (warm start; see warm_start)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -396,6 +397,57 @@ def build_model(cfg: TrainConfig, out: Path):
     return model, processor
 
 
+POS_EMBED = "embeddings.position_embedding.weight"   # the vision tower's (CLS + grid) position table
+
+
+def _resize_positions(table: torch.Tensor, n_new: int, where: str) -> torch.Tensor:
+    """A CLIP position table (1 + g*g, D) resized to (1 + G*G, D): the CLS row kept, the g x g grid
+    interpolated bicubically to G x G (the usual way a ViT is moved to a higher resolution)."""
+    g, grid_new = math.isqrt(table.shape[0] - 1), math.isqrt(n_new - 1)
+    if g * g != table.shape[0] - 1 or grid_new * grid_new != n_new - 1:
+        raise ValueError(f"{where}: position tables of {table.shape[0]} and {n_new} rows are not CLS + a square grid")
+    grid = table[1:].T.reshape(1, table.shape[1], g, g)
+    grid = torch.nn.functional.interpolate(grid, size=(grid_new, grid_new), mode="bicubic", align_corners=False)
+    return torch.cat([table[:1], grid.reshape(table.shape[1], -1).T], dim=0)
+
+
+def warm_start(model, processor, init_from: str) -> dict:
+    """Load a trained model's weights into `model` (built by build_model), e.g. reference-llava (64 px,
+    16 tokens) into a 128 px / 64-token model of the same recipe: every tensor must have the same
+    shape except the vision position table, whose grid is interpolated. The tokenizers must be the
+    same (the embeddings are indexed by its ids). Returns what was done, for the model card."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    where = f"--init-from {init_from}"
+    try:
+        src = LlavaForConditionalGeneration.from_pretrained(init_from)
+        src_tok = AutoTokenizer.from_pretrained(init_from)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{where}: not a LLaVA model folder ({e})") from e
+    if src_tok.get_vocab() != processor.tokenizer.get_vocab():
+        raise ValueError(f"{where}: its tokenizer differs from this recipe's ({len(src_tok)} vs "
+                         f"{len(processor.tokenizer)} tokens): the embeddings would be indexed wrongly")
+    theirs = src.state_dict()
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(theirs))
+    if missing:
+        raise ValueError(f"{where}: has no {missing[0]} ({len(missing)} tensors missing): another architecture")
+    resized = []
+    new = {}
+    for key, t in ours.items():
+        w = theirs[key]
+        if w.shape == t.shape:
+            new[key] = w
+        elif key.endswith(POS_EMBED) and w.ndim == 2 and w.shape[1] == t.shape[1]:
+            new[key] = _resize_positions(w, t.shape[0], where)
+            resized.append(f"{key}: {tuple(w.shape)} -> {tuple(t.shape)}")
+        else:
+            raise ValueError(f"{where}: {key} is {tuple(w.shape)}, this recipe's is {tuple(t.shape)}")
+    model.load_state_dict(new)
+    LOG.info("warm start from %s (%d tensors; resized %s)", init_from, len(new), resized or "none")
+    return {"init_from": init_from, "tensors": len(new), "resized": resized}
+
+
 def lr_lambda(cfg: TrainConfig):
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -517,6 +569,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
         LOG.info("resumed from %s at step %d", ck, start)
+    elif cfg.init_from:
+        warm_start(model, processor, cfg.init_from)
     model.train()
     params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
     losses: list[float] = []

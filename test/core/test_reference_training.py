@@ -134,3 +134,50 @@ def test_resume_continues_exactly_where_the_checkpoint_left_off(data_dir, tmp_pa
     finally:
         torch.set_num_threads(threads)
     assert resumed.losses == full.losses[5:]
+
+
+def test_warm_start_moves_a_trained_model_to_more_visual_tokens(data_dir, tmp_path) -> None:
+    """--init-from: a 64 px / 16-token model's weights start a 128 px / 64-token model of the same
+    recipe: every tensor copied, the vision position grid interpolated 4x4 -> 8x8 (CLS row kept);
+    another architecture or tokenizer is refused, naming what differs; the run trains from there."""
+    from transformers import LlavaForConditionalGeneration
+
+    threads = torch.get_num_threads()
+    data128 = tmp_path / "scenes128"
+    write_dataset(data128, seed=1, n_train=12, n_val=4, n_test=4, image_size=128)
+    try:
+        T.train(_tiny(data_dir, tmp_path / "small", steps=4, eval_examples=0))
+        src = LlavaForConditionalGeneration.from_pretrained(tmp_path / "small").state_dict()
+        cfg = _tiny(data128, tmp_path / "big", image_size=128, steps=3, eval_examples=0,
+                    init_from=str(tmp_path / "small"))
+        model, processor = T.build_model(cfg, tmp_path / "big")
+        done = T.warm_start(model, processor, cfg.init_from)
+        ours = model.state_dict()
+        (pos,) = [k for k in ours if k.endswith(T.POS_EMBED)]
+        assert done["resized"] == [f"{pos}: (17, 32) -> (65, 32)"]
+        for k, v in ours.items():
+            if k != pos:
+                assert torch.equal(v, src[k]), k
+        torch.testing.assert_close(ours[pos][0], src[pos][0])               # CLS
+        grid = ours[pos][1:].reshape(8, 8, -1)
+        # bicubic 4x4 -> 8x8 keeps the mean of each 2x2 block close to the source cell
+        torch.testing.assert_close(grid.mean((0, 1)), src[pos][1:].mean(0), atol=0.05, rtol=0)
+        # another width, another vocabulary: refused before anything is loaded
+        other = _tiny(data128, tmp_path / "wide", image_size=128, text_hidden=64)
+        m2, p2 = T.build_model(other, tmp_path / "wide")
+        with pytest.raises(ValueError, match=r"--init-from .*small: model\.\S+ is \(32, 32\), this recipe's is \(64, 32\)"):
+            T.warm_start(m2, p2, str(tmp_path / "small"))
+        vocab = _tiny(data128, tmp_path / "vocab", image_size=128, vocab_size=300)
+        m3, p3 = T.build_model(vocab, tmp_path / "vocab")
+        with pytest.raises(ValueError, match="tokenizer differs"):
+            T.warm_start(m3, p3, str(tmp_path / "small"))
+        with pytest.raises(ValueError, match="not a LLaVA model folder"):
+            T.warm_start(m3, p3, str(data128))
+        # and the whole run: trains from the warm start, the card's command says where it began
+        result = T.train(cfg)
+        assert result.steps_done == 3
+        note = json.loads((tmp_path / "big" / "EDGE_VLM_MODEL.json").read_text())
+        assert note["train_config"]["init_from"] == str(tmp_path / "small")
+        assert f"--init-from {tmp_path / 'small'}" in (tmp_path / "big" / "README.md").read_text()
+    finally:
+        torch.set_num_threads(threads)

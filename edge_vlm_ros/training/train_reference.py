@@ -664,12 +664,21 @@ def _write_card(out: Path, cfg: TrainConfig, model, steps_done: int, stopped_ear
     if "<!-- accuracy:begin -->" in old:
         accuracy = "<!-- accuracy:begin -->" + old.split("<!-- accuracy:begin -->", 1)[1].split("<!-- accuracy:end -->", 1)[0]
         accuracy += "<!-- accuracy:end -->"
-    card = f"""# reference-llava: a small LLaVA trained on procedural shape scenes
+    if cfg.init_from:
+        origin = (f"trained on a CPU by edge_vlm_ros's `edge_vlm_ros.training.train_reference`, starting from the "
+                  f"weights of `{cfg.init_from}` (`--init-from`: every tensor copied, the vision tower's position "
+                  f"grid interpolated to this resolution's). It answers short questions about images of simple "
+                  f"shapes and nothing else: it has never seen a photograph.")
+    else:
+        origin = ("trained from scratch, on a CPU, by edge_vlm_ros's `edge_vlm_ros.training.train_reference`. "
+                  "It answers short questions about images of simple shapes and nothing else: it has never seen a "
+                  "photograph.")
+    if out.name == "reference-llava":
+        origin += (" It is the project's embedded default model and the yardstick for how much accuracy each "
+                   "split point and feature codec costs.")
+    card = f"""# {out.name}: a small LLaVA trained on procedural shape scenes
 
-A `LlavaForConditionalGeneration` trained from scratch, on a CPU, by edge_vlm_ros's
-`edge_vlm_ros.training.train_reference`. It is the project's embedded default model and the yardstick
-for how much accuracy each split point and feature codec costs. It answers short questions about
-images of simple shapes and nothing else: it has never seen a photograph.
+A `LlavaForConditionalGeneration` {origin}
 
 ## Architecture ({n_params / 1e6:.2f} M parameters, float32 safetensors)
 

@@ -178,6 +178,8 @@ def test_warm_start_moves_a_trained_model_to_more_visual_tokens(data_dir, tmp_pa
         assert result.steps_done == 3
         note = json.loads((tmp_path / "big" / "EDGE_VLM_MODEL.json").read_text())
         assert note["train_config"]["init_from"] == str(tmp_path / "small")
-        assert f"--init-from {tmp_path / 'small'}" in (tmp_path / "big" / "README.md").read_text()
+        card = (tmp_path / "big" / "README.md").read_text()
+        assert f"--init-from {tmp_path / 'small'}" in card and card.startswith("# big: ")
+        assert f"starting from the weights of `{tmp_path / 'small'}`" in card and "from scratch" not in card
     finally:
         torch.set_num_threads(threads)

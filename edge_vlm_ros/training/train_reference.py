@@ -712,7 +712,7 @@ a 3x3 grid on plain or textured noisy grey backgrounds; questions about color, s
 position and presence. {split_text}.
 
 ```
-python -m edge_vlm_ros.tools.make_dataset --out {cfg.data} --seed {data.get("seed", 0)} \\
+python -m edge_vlm_ros.tools.make_dataset --out {cfg.data} --seed {data.get("seed", 0)} --image-size {data.get("image_size", cfg.image_size)} \\
     --n-train {splits.get("train", {}).get("scenes", "?")} --n-val {splits.get("validation", {}).get("scenes", "?")} \\
     --n-test {splits.get("test", {}).get("scenes", "?")}
 ```

@@ -432,6 +432,9 @@ def warm_start(model, processor, init_from: str) -> dict:
     missing = sorted(set(ours) - set(theirs))
     if missing:
         raise ValueError(f"{where}: has no {missing[0]} ({len(missing)} tensors missing): another architecture")
+    extra = sorted(set(theirs) - set(ours))
+    if extra:   # e.g. more layers: loading the first ones only would be a silent truncation
+        raise ValueError(f"{where}: has {extra[0]} ({len(extra)} tensors this recipe lacks): another architecture")
     resized = []
     new = {}
     for key, t in ours.items():

@@ -167,6 +167,15 @@ def test_warm_start_moves_a_trained_model_to_more_visual_tokens(data_dir, tmp_pa
         m2, p2 = T.build_model(other, tmp_path / "wide")
         with pytest.raises(ValueError, match=r"--init-from .*small: model\.\S+ is \(32, 32\), this recipe's is \(64, 32\)"):
             T.warm_start(m2, p2, str(tmp_path / "small"))
+        deeper = _tiny(data128, tmp_path / "deeper", image_size=128, vision_layers=3)
+        m4, p4 = T.build_model(deeper, tmp_path / "deeper")
+        with pytest.raises(ValueError, match="has no .*layers.2.* another architecture"):
+            T.warm_start(m4, p4, str(tmp_path / "small"))
+        shallower = _tiny(data_dir, tmp_path / "shallow", vision_layers=2, text_layers=1)
+        T.train(_tiny(data_dir, tmp_path / "deep", steps=3, eval_examples=0, vision_layers=3))
+        m5, p5 = T.build_model(shallower, tmp_path / "shallow")
+        with pytest.raises(ValueError, match="tensors this recipe lacks"):
+            T.warm_start(m5, p5, str(tmp_path / "deep"))
         vocab = _tiny(data128, tmp_path / "vocab", image_size=128, vocab_size=300)
         m3, p3 = T.build_model(vocab, tmp_path / "vocab")
         with pytest.raises(ValueError, match="tokenizer differs"):

@@ -179,14 +179,24 @@ def plot(rows: list[dict], path: Path) -> None:
     if not rs:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rs:
-        ax.scatter(r["bytes_per_observation"], 100 * r["success_rate"])
-        ax.annotate(r["name"], (r["bytes_per_observation"], 100 * r["success_rate"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+    import math
+
+    xs = [math.log10(r["bytes_per_observation"]) for r in rs]
+    lo, hi = min(xs), max(xs)
+    placed: list[tuple[float, float]] = []
+    for r, x in sorted(zip(rs, xs), key=lambda t: t[1]):
+        y = 100 * r["success_rate"]
+        ax.scatter(r["bytes_per_observation"], y)
+        # a label near another (within 0.35 decade and 6 points) goes below it instead of on top of it
+        near = sum(1 for px, py in placed if abs(px - x) < 0.35 and abs(py - y) < 6)
+        right = hi > lo and (x - lo) / (hi - lo) > 0.6          # labels of the right-most points grow leftwards
+        ax.annotate(r["name"], (r["bytes_per_observation"], y), fontsize=7, ha="right" if right else "left",
+                    xytext=(-4 if right else 4, 3 - 11 * near), textcoords="offset points")
+        placed.append((x, y))
     mono = [r for r in rows if r["monolithic"] and r["success_rate"] is not None]
     if mono:
         ax.axhline(100 * mono[0]["success_rate"], ls="--", lw=1, color="grey", label="monolithic")
-        ax.legend()
+        ax.legend(loc="lower right")
     ax.set_xscale("log")
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
